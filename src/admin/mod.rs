@@ -1,0 +1,84 @@
+//! The plain-HTTP admin listener every role exposes on a local address: `/metrics`
+//! (Prometheus text format), `/healthz` and `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// What the admin endpoints read.
+pub struct AdminState {
+    /// The metrics registry of the role.
+    pub registry: Registry,
+    /// Readiness: `Ok` when ready, or why not.
+    pub ready: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
+}
+
+/// Binds the admin listener and serves it until `shutdown` changes.
+pub async fn serve(
+    addr: SocketAddr,
+    state: Arc<AdminState>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+                _ = shutdown.changed() => return,
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(&state, req)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
+
+fn handle(state: &AdminState, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/metrics" => {
+            let mut out = String::new();
+            if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &state.registry) {
+                return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
+            }
+            let mut r = text(StatusCode::OK, out);
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => match (state.ready)() {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}

@@ -1,0 +1,219 @@
+//! The CA's admin socket: `DATADIR/admin.sock`, mode 0600. Filesystem permissions are the
+//! authorisation (as with SPIRE's admin socket). One JSON request line, one JSON answer line.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use super::api::{check_workload_id, CaState};
+use super::ledger::{new_token, token_hash, TokenRecord};
+use super::metrics::OutcomeLabels;
+use crate::clock::rfc3339;
+use crate::identity::{parse_workload_id, Serial};
+
+/// Longest join-token lifetime the CA hands out.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// An admin request.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdminRequest {
+    /// Create a single-use join token bound to `spiffe_id`.
+    Token { spiffe_id: String, ttl_secs: u64 },
+    /// Revoke an issued leaf by serial (hex).
+    Revoke { serial: String },
+}
+
+/// An admin answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AdminResponse {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl AdminResponse {
+    fn ok() -> Self {
+        AdminResponse {
+            ok: true,
+            token: None,
+            expires_at: None,
+            sequence: None,
+            error: None,
+        }
+    }
+
+    fn err(e: impl Into<String>) -> Self {
+        AdminResponse {
+            ok: false,
+            error: Some(e.into()),
+            ..Self::ok()
+        }
+    }
+}
+
+/// Binds the admin socket (replacing a stale one) with mode 0600 and serves it.
+pub fn serve(
+    path: &Path,
+    state: Arc<CaState>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+                _ = shutdown.changed() => return,
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve_one(stream, &state).await {
+                    tracing::warn!(error = %e, "admin connection failed");
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn serve_one(stream: UnixStream, state: &CaState) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(r.take(16 * 1024))
+        .read_line(&mut line)
+        .await?;
+    let resp = match serde_json::from_str::<AdminRequest>(&line) {
+        Ok(req) => execute(state, req).await,
+        Err(e) => AdminResponse::err(format!("malformed admin request: {e}")),
+    };
+    let outcome = if resp.ok { "ok" } else { "error" };
+    state
+        .metrics
+        .admin_ops
+        .get_or_create(&OutcomeLabels {
+            outcome: outcome.into(),
+        })
+        .inc();
+    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+    out.push(b'\n');
+    w.write_all(&out).await
+}
+
+use tokio::io::AsyncReadExt as _;
+
+#[derive(Serialize)]
+struct AdminAudit<'a> {
+    time: String,
+    event: &'a str,
+    spiffe_id: Option<String>,
+    serial: Option<String>,
+    client: &'a str,
+    outcome: &'a str,
+    reason: Option<String>,
+}
+
+async fn execute(state: &CaState, req: AdminRequest) -> AdminResponse {
+    let now = state.clock.now();
+    let (event, id, serial, resp) = match req {
+        AdminRequest::Token {
+            spiffe_id,
+            ttl_secs,
+        } => {
+            let resp = make_token(state, &spiffe_id, ttl_secs).await;
+            ("token", Some(spiffe_id), None, resp)
+        }
+        AdminRequest::Revoke { serial } => {
+            let resp = match Serial::parse_hex(&serial) {
+                None => AdminResponse::err(format!("serial {serial:?} is not hex")),
+                Some(s) => match state.ledger.revoke(s, crate::clock::unix_secs(now)).await {
+                    Ok(seq) => AdminResponse {
+                        sequence: Some(seq),
+                        ..AdminResponse::ok()
+                    },
+                    Err(e) => AdminResponse::err(e.to_string()),
+                },
+            };
+            ("revoke", None, Some(serial), resp)
+        }
+    };
+    state.audit.record(&AdminAudit {
+        time: rfc3339(now),
+        event,
+        spiffe_id: id,
+        serial,
+        client: "admin-socket",
+        outcome: if resp.ok { "ok" } else { "error" },
+        reason: resp.error.clone(),
+    });
+    resp
+}
+
+async fn make_token(state: &CaState, spiffe_id: &str, ttl_secs: u64) -> AdminResponse {
+    let id = match parse_workload_id(spiffe_id) {
+        Ok(id) => id,
+        Err(e) => return AdminResponse::err(e.to_string()),
+    };
+    if let Err(why) = check_workload_id(&state.authority, &id) {
+        return AdminResponse::err(why);
+    }
+    let ttl = Duration::from_secs(ttl_secs);
+    if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+        return AdminResponse::err(format!(
+            "token ttl must be between 1s and {}",
+            humantime::format_duration(MAX_TOKEN_TTL)
+        ));
+    }
+    let token = new_token();
+    let now = state.clock.now();
+    let expires = now + ttl;
+    let record = TokenRecord {
+        spiffe_id: id.to_string(),
+        expires_at: crate::clock::unix_secs(expires),
+        created_at: crate::clock::unix_secs(now),
+        used: None,
+    };
+    match state.ledger.add_token(token_hash(&token), record).await {
+        Ok(()) => AdminResponse {
+            token: Some(token),
+            expires_at: Some(rfc3339(expires)),
+            ..AdminResponse::ok()
+        },
+        Err(e) => AdminResponse::err(e.to_string()),
+    }
+}
+
+/// Client side: sends one request to the admin socket of a running CA.
+pub async fn call(socket: &Path, req: &AdminRequest) -> Result<AdminResponse, String> {
+    let stream = UnixStream::connect(socket).await.map_err(|e| {
+        format!(
+            "cannot reach the CA admin socket {}: {e} (is `trustline ca serve` running with this --data dir, and are you allowed to open the socket?)",
+            socket.display()
+        )
+    })?;
+    let (r, mut w) = stream.into_split();
+    let mut out = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    out.push(b'\n');
+    w.write_all(&out).await.map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(r)
+        .read_line(&mut line)
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_str(&line).map_err(|e| format!("bad answer from CA: {e}"))
+}

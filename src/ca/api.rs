@@ -1,0 +1,466 @@
+//! The CA's HTTP API: `POST /v1/svid`, `GET /v1/bundle`, `GET /v1/revoked`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+
+use super::authority::{parse_csr, Authority, CsrError, LeafUsage};
+use super::ledger::{token_hash, Authorisation, IssuedRecord, Ledger, LedgerError, TokenSpend};
+use super::metrics::CaMetrics;
+use crate::audit::AuditLog;
+use crate::clock::{rfc3339, unix_secs, Clock};
+use crate::identity::{CertInfo, SpiffeId, REGION_PATH_PREFIX};
+
+/// Largest accepted request body.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// Everything a request handler needs.
+pub struct CaState {
+    pub authority: Authority,
+    pub ledger: Ledger,
+    pub audit: AuditLog,
+    pub metrics: CaMetrics,
+    pub clock: Clock,
+    pub svid_ttl: Duration,
+    pub rate: RateLimiter,
+}
+
+/// Facts about one client connection, taken once after the TLS handshake.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The client certificate's facts, when one was presented (rustls verified its chain).
+    pub svid: Option<Result<CertInfo, String>>,
+}
+
+/// A JSON error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub error: &'static str,
+    pub detail: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: &'static str, detail: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            error,
+            detail: detail.into(),
+        }
+    }
+    fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", detail)
+    }
+    fn unauthorized(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
+    }
+    fn outcome(&self) -> &'static str {
+        match self.status {
+            StatusCode::BAD_REQUEST => "bad_request",
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::FORBIDDEN => "forbidden",
+            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+            _ => "error",
+        }
+    }
+}
+
+impl From<CsrError> for ApiError {
+    fn from(e: CsrError) -> Self {
+        ApiError::bad_request(e.to_string())
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(e: LedgerError) -> Self {
+        match e {
+            LedgerError::TokenUnknown | LedgerError::TokenUsed | LedgerError::TokenExpired => {
+                ApiError::unauthorized(e.to_string())
+            }
+            LedgerError::TokenWrongId => ApiError::bad_request(e.to_string()),
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        }
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn error_response(e: &ApiError) -> Resp {
+    let body = serde_json::json!({"error": e.error, "detail": e.detail}).to_string();
+    respond(e.status, "application/json", body)
+}
+
+/// One CA audit event (fixed schema).
+#[derive(Serialize)]
+struct AuditEvent<'a> {
+    time: String,
+    event: &'a str,
+    spiffe_id: Option<String>,
+    serial: Option<String>,
+    client: String,
+    outcome: &'a str,
+    reason: Option<String>,
+}
+
+/// Whether a SPIFFE ID may hold a workload SVID from this CA.
+pub fn check_workload_id(authority: &Authority, id: &SpiffeId) -> Result<(), String> {
+    if !id.is_member_of(&authority.trust_domain) {
+        return Err(format!(
+            "{id} is not in trust domain {}",
+            authority.trust_domain
+        ));
+    }
+    if id.path().is_empty() {
+        return Err(format!("{id} has no path; workload IDs need one"));
+    }
+    if id.path() == "/trustline/ca" || id.path().starts_with(REGION_PATH_PREFIX) {
+        return Err(format!("{id} is reserved for trustline's own CAs"));
+    }
+    Ok(())
+}
+
+/// Routes one request.
+pub async fn handle(state: &CaState, peer: &Peer, req: Request<hyper::body::Incoming>) -> Resp {
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/v1/svid") => {
+            let started = Instant::now();
+            let resp = match svid(state, peer, req).await {
+                Ok(r) => r,
+                Err((e, id)) => {
+                    state.metrics.count(e.outcome());
+                    audit(
+                        state,
+                        peer,
+                        "deny",
+                        id.as_ref(),
+                        None,
+                        e.outcome(),
+                        Some(&e.detail),
+                    );
+                    tracing::info!(client = %peer.addr, status = %e.status, detail = %e.detail, "SVID request refused");
+                    error_response(&e)
+                }
+            };
+            state
+                .metrics
+                .svid_latency
+                .observe(started.elapsed().as_secs_f64());
+            resp
+        }
+        (&Method::GET, "/v1/bundle") => bundle(state, &req),
+        (&Method::GET, "/v1/revoked") => revoked(state),
+        (_, "/v1/svid" | "/v1/bundle" | "/v1/revoked") => error_response(&ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{} is not allowed here", req.method()),
+        )),
+        (_, path) => error_response(&ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no such endpoint {path}"),
+        )),
+    }
+}
+
+fn audit(
+    state: &CaState,
+    peer: &Peer,
+    event: &str,
+    id: Option<&SpiffeId>,
+    serial: Option<String>,
+    outcome: &str,
+    reason: Option<&str>,
+) {
+    state.audit.record(&AuditEvent {
+        time: rfc3339(state.clock.now()),
+        event,
+        spiffe_id: id.map(|i| i.to_string()),
+        serial,
+        client: peer.addr.to_string(),
+        outcome,
+        reason: reason.map(str::to_string),
+    });
+}
+
+enum Auth {
+    Token { spend: TokenSpend, id: SpiffeId },
+    Svid(CertInfo),
+}
+
+async fn read_body(req: Request<hyper::body::Incoming>) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body over {MAX_BODY} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request(format!("reading body: {e}"))),
+    }
+}
+
+fn authorise(state: &CaState, peer: &Peer, bearer: Option<&str>) -> Result<Auth, ApiError> {
+    if let Some(token) = bearer {
+        let hash = token_hash(token);
+        let rec = state
+            .ledger
+            .token(&hash)?
+            .ok_or_else(|| ApiError::unauthorized("unknown join token"))?;
+        let now = state.clock.unix();
+        if rec.used.is_some() {
+            return Err(ApiError::unauthorized("join token already used"));
+        }
+        if rec.expires_at <= now {
+            return Err(ApiError::unauthorized("join token expired"));
+        }
+        let id = SpiffeId::new(&rec.spiffe_id).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })?;
+        return Ok(Auth::Token {
+            spend: TokenSpend {
+                hash,
+                spiffe_id: rec.spiffe_id,
+                now,
+            },
+            id,
+        });
+    }
+    match &peer.svid {
+        None => Err(ApiError::unauthorized(
+            "no authorisation: send `Authorization: Bearer <join token>` or present your current SVID as client certificate",
+        )),
+        Some(Err(why)) => Err(ApiError::unauthorized(format!("client certificate: {why}"))),
+        Some(Ok(info)) => {
+            check_workload_id(&state.authority, &info.id)
+                .map_err(|why| ApiError::new(StatusCode::FORBIDDEN, "forbidden", why))?;
+            if state.ledger.is_revoked(&info.serial) {
+                return Err(ApiError::unauthorized(format!(
+                    "client certificate {} is revoked",
+                    info.serial
+                )));
+            }
+            // A keep-alive connection can outlive the certificate it was opened with.
+            if info.not_after <= state.clock.now() {
+                return Err(ApiError::unauthorized("client certificate expired"));
+            }
+            Ok(Auth::Svid(info.clone()))
+        }
+    }
+}
+
+fn bearer(req: &Request<hyper::body::Incoming>) -> Result<Option<String>, ApiError> {
+    let Some(v) = req.headers().get(AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| ApiError::unauthorized("Authorization header is not text"))?;
+    match v.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(Some(token.trim().to_string()))
+        }
+        _ => Err(ApiError::unauthorized(
+            "Authorization header must be `Bearer <join token>`",
+        )),
+    }
+}
+
+async fn svid(
+    state: &CaState,
+    peer: &Peer,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Resp, (ApiError, Option<SpiffeId>)> {
+    let no_id = |e: ApiError| (e, None);
+    if !state.rate.allow(peer.addr.ip()) {
+        return Err(no_id(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests from this client; retry later",
+        )));
+    }
+    let bearer = bearer(&req).map_err(no_id)?;
+    let body = read_body(req).await.map_err(no_id)?;
+    let csr = parse_csr(&body).map_err(|e| no_id(e.into()))?;
+    let requested = csr.requested.clone();
+    let with_id = |e: ApiError| (e, Some(requested.clone()));
+    let auth = authorise(state, peer, bearer.as_deref()).map_err(with_id)?;
+    let (authorised, event, authorisation) = match &auth {
+        Auth::Token { id, spend } => (
+            id.clone(),
+            "issue",
+            Authorisation::Token {
+                token_hash: crate::util::hex(&spend.hash[..8]),
+            },
+        ),
+        Auth::Svid(info) => (
+            info.id.clone(),
+            "renew",
+            Authorisation::Svid {
+                serial: info.serial.to_string(),
+            },
+        ),
+    };
+    if requested != authorised {
+        return Err(with_id(
+            CsrError::Mismatch {
+                requested: requested.to_string(),
+                authorised: authorised.to_string(),
+            }
+            .into(),
+        ));
+    }
+    let now = state.clock.now();
+    let issued = state
+        .authority
+        .sign_leaf(
+            &authorised,
+            &csr.public_key,
+            state.svid_ttl,
+            now,
+            LeafUsage::Svid,
+        )
+        .map_err(|e| {
+            with_id(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+            ))
+        })?;
+    let record = IssuedRecord {
+        spiffe_id: authorised.to_string(),
+        not_after: unix_secs(issued.not_after),
+        issued_at: unix_secs(now),
+        authorisation,
+    };
+    let spend = match auth {
+        Auth::Token { spend, .. } => Some(spend),
+        Auth::Svid(_) => None,
+    };
+    state
+        .ledger
+        .record_issue(issued.serial.clone(), record, spend)
+        .await
+        .map_err(|e| with_id(e.into()))?;
+    let outcome = if event == "issue" {
+        "issued"
+    } else {
+        "renewed"
+    };
+    state.metrics.count(outcome);
+    audit(
+        state,
+        peer,
+        event,
+        Some(&authorised),
+        Some(issued.serial.to_string()),
+        "ok",
+        None,
+    );
+    tracing::info!(client = %peer.addr, id = %authorised, serial = %issued.serial, not_after = %rfc3339(issued.not_after), "SVID {outcome}");
+    let pem = crate::identity::chain_to_pem(&state.authority.chain_for(&issued.leaf));
+    Ok(respond(
+        StatusCode::OK,
+        "application/pem-certificate-chain",
+        pem,
+    ))
+}
+
+fn wants_json(req: &Request<hyper::body::Incoming>) -> bool {
+    req.headers()
+        .get(ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/json"))
+}
+
+fn bundle(state: &CaState, req: &Request<hyper::body::Incoming>) -> Resp {
+    if wants_json(req) {
+        let doc = super::bundle_json::spiffe_bundle(&state.authority.bundle, 300);
+        respond(StatusCode::OK, "application/json", doc.to_string())
+    } else {
+        respond(
+            StatusCode::OK,
+            "application/x-pem-file",
+            state.authority.bundle.to_pem(),
+        )
+    }
+}
+
+fn revoked(state: &CaState) -> Resp {
+    let (seq, list) = state.ledger.revoked_list(state.clock.unix());
+    let revoked: Vec<_> = list
+        .iter()
+        .map(|(s, na)| serde_json::json!({"serial": s.to_string(), "not_after": na}))
+        .collect();
+    let body = serde_json::json!({"sequence": seq, "revoked": revoked}).to_string();
+    respond(StatusCode::OK, "application/json", body)
+}
+
+/// A token bucket per client IP address.
+pub struct RateLimiter {
+    per_sec: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    /// `per_sec` requests per second with bursts of twice that; 0 turns limiting off.
+    pub fn new(per_sec: u32) -> Self {
+        RateLimiter {
+            per_sec: per_sec as f64,
+            burst: (per_sec as f64 * 2.0).max(1.0),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token for `ip`; false when its bucket is empty.
+    pub fn allow(&self, ip: IpAddr) -> bool {
+        if self.per_sec == 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 100_000 {
+            // Forget idle clients rather than grow without bound.
+            map.retain(|_, (_, t)| now.duration_since(*t) < Duration::from_secs(60));
+        }
+        let (tokens, last) = map.entry(ip).or_insert((self.burst, now));
+        *tokens =
+            (*tokens + now.duration_since(*last).as_secs_f64() * self.per_sec).min(self.burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Configuration of `trustline ca serve`: flags, or the same keys in a TOML file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{load_toml, ConfigError};
+use crate::util::parse_duration;
+
+/// Shortest SVID lifetime accepted (tests of rotation use seconds).
+pub const MIN_SVID_TTL: Duration = Duration::from_secs(5);
+/// Longest SVID lifetime accepted.
+pub const MAX_SVID_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// The keys of a CA config file; every one is also a flag of `ca serve`, and a flag wins.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaServeFile {
+    /// The CA directory (`ca init --out`).
+    pub ca: Option<PathBuf>,
+    /// Where the ledger, the admin socket and the audit log live.
+    pub data: Option<PathBuf>,
+    /// HTTPS API address.
+    pub listen: Option<String>,
+    /// Lifetime of issued SVIDs, e.g. `24h`.
+    pub svid_ttl: Option<String>,
+    /// Extra DNS names or IPs for the server certificate.
+    pub san: Option<Vec<String>>,
+    /// Prometheus listener (`off` to disable).
+    pub metrics_listen: Option<String>,
+    /// Audit log file (default `DATA/audit.log`).
+    pub audit_log: Option<PathBuf>,
+    /// SVID requests per second per client IP (0 = unlimited).
+    pub rate_limit: Option<u32>,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct CaServeConfig {
+    pub ca_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub svid_ttl: Duration,
+    pub san: Vec<String>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub audit_log: Option<PathBuf>,
+    pub rate_limit: u32,
+}
+
+/// Defaults of `ca serve`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+pub const DEFAULT_METRICS: &str = "127.0.0.1:15021";
+pub const DEFAULT_SVID_TTL: &str = "24h";
+pub const DEFAULT_RATE_LIMIT: u32 = 50;
+
+impl CaServeConfig {
+    /// Merges flags (`flags`) over the optional file, then validates.
+    pub fn resolve(flags: CaServeFile, file: Option<&Path>) -> Result<Self, ConfigError> {
+        let from_file = match file {
+            Some(p) => load_toml::<CaServeFile>(p)?,
+            None => CaServeFile::default(),
+        };
+        // Where each value came from, for error messages.
+        let src = |flag_set: bool| if flag_set { None } else { file };
+        let ca_src = src(flags.ca.is_some());
+        let ca_dir = flags.ca.or(from_file.ca).ok_or_else(|| {
+            ConfigError::field(file, "ca", "missing: give --ca DIR or `ca = \"DIR\"`")
+        })?;
+        let data_dir = flags.data.or(from_file.data).ok_or_else(|| {
+            ConfigError::field(file, "data", "missing: give --data DIR or `data = \"DIR\"`")
+        })?;
+        if !ca_dir.join("ca.crt").exists() {
+            return Err(ConfigError::field(
+                ca_src,
+                "ca",
+                format!(
+                    "{} has no ca.crt (make one with `trustline ca init`)",
+                    ca_dir.display()
+                ),
+            ));
+        }
+        let listen_src = src(flags.listen.is_some());
+        let listen = flags
+            .listen
+            .or(from_file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen = listen.parse().map_err(|_| {
+            ConfigError::field(
+                listen_src,
+                "listen",
+                format!("{listen:?} is not an address like 127.0.0.1:8443"),
+            )
+        })?;
+        let ttl_src = src(flags.svid_ttl.is_some());
+        let ttl = flags
+            .svid_ttl
+            .or(from_file.svid_ttl)
+            .unwrap_or_else(|| DEFAULT_SVID_TTL.into());
+        let svid_ttl =
+            parse_duration(&ttl).map_err(|e| ConfigError::field(ttl_src, "svid_ttl", e))?;
+        if !(MIN_SVID_TTL..=MAX_SVID_TTL).contains(&svid_ttl) {
+            return Err(ConfigError::field(
+                ttl_src,
+                "svid_ttl",
+                format!("{ttl} is outside 5s..90d"),
+            ));
+        }
+        let metrics_src = src(flags.metrics_listen.is_some());
+        let metrics = flags
+            .metrics_listen
+            .or(from_file.metrics_listen)
+            .unwrap_or_else(|| DEFAULT_METRICS.into());
+        let metrics_listen = if metrics == "off" {
+            None
+        } else {
+            Some(metrics.parse().map_err(|_| {
+                ConfigError::field(
+                    metrics_src,
+                    "metrics_listen",
+                    format!("{metrics:?} is not an address (or `off`)"),
+                )
+            })?)
+        };
+        let mut san = from_file.san.unwrap_or_default();
+        san.extend(flags.san.unwrap_or_default());
+        for name in &san {
+            let ok = name.parse::<std::net::IpAddr>().is_ok()
+                || (!name.is_empty()
+                    && name.split('.').all(|l| {
+                        !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    }));
+            if !ok {
+                return Err(ConfigError::field(
+                    file,
+                    "san",
+                    format!("{name:?} is not a DNS name or IP address"),
+                ));
+            }
+        }
+        Ok(CaServeConfig {
+            ca_dir,
+            data_dir,
+            listen,
+            svid_ttl,
+            san,
+            metrics_listen,
+            audit_log: flags.audit_log.or(from_file.audit_log),
+            rate_limit: flags
+                .rate_limit
+                .or(from_file.rate_limit)
+                .unwrap_or(DEFAULT_RATE_LIMIT),
+        })
+    }
+}

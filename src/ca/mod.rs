@@ -1,0 +1,15 @@
+//! The CA service: template, signing, HTTP API, ledger, tokens, revocation.
+//!
+//! The CA knows nothing of the data path. [`authority`] makes and loads CAs and signs leaves;
+//! [`ledger`] makes issuance durable; [`api`] and [`server`] serve HTTPS; [`admin`] is the
+//! local admin socket; [`client`] is what workloads (and the sidecar) use to get SVIDs.
+
+pub mod admin;
+pub mod api;
+pub mod authority;
+pub mod bundle_json;
+pub mod client;
+pub mod config;
+pub mod ledger;
+pub mod metrics;
+pub mod server;

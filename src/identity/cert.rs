@@ -1,0 +1,85 @@
+//! Reading the facts trustline relies on out of an X.509 certificate.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::pki_types::CertificateDer;
+use x509_parser::extensions::GeneralName;
+
+use super::{IdentityError, Serial, SpiffeId};
+
+/// Path prefix of the SPIFFE ID carried by a regional intermediate CA.
+pub const REGION_PATH_PREFIX: &str = "/trustline/region/";
+
+/// What a certificate says about itself (not yet whether anyone vouches for it).
+#[derive(Clone, Debug)]
+pub struct CertInfo {
+    /// The single SPIFFE URI SAN.
+    pub id: SpiffeId,
+    /// The serial number.
+    pub serial: Serial,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+    /// Basic constraints say CA:TRUE.
+    pub is_ca: bool,
+}
+
+fn to_time(ts: i64) -> SystemTime {
+    if ts >= 0 {
+        UNIX_EPOCH + Duration::from_secs(ts as u64)
+    } else {
+        UNIX_EPOCH
+    }
+}
+
+/// Parses a certificate and extracts its SPIFFE facts. Requires exactly one URI SAN holding a
+/// valid SPIFFE ID; other SAN types (DNS, IP) are allowed beside it.
+pub fn inspect_cert(der: &CertificateDer<'_>) -> Result<CertInfo, IdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| IdentityError::Malformed(e.to_string()))?;
+    let sans = cert
+        .subject_alternative_name()
+        .map_err(|e| IdentityError::Malformed(format!("subjectAltName: {e}")))?;
+    let uris: Vec<&str> = sans
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some(*u),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if uris.len() != 1 {
+        return Err(IdentityError::UriSanCount(uris.len()));
+    }
+    let id = SpiffeId::new(uris[0])
+        .map_err(|e| IdentityError::BadSanId(format!("{:?}: {e}", uris[0])))?;
+    let is_ca = cert
+        .basic_constraints()
+        .map_err(|e| IdentityError::Malformed(format!("basicConstraints: {e}")))?
+        .map(|bc| bc.value.ca)
+        .unwrap_or(false);
+    let validity = cert.validity();
+    Ok(CertInfo {
+        id,
+        serial: Serial::from_bytes(cert.tbs_certificate.raw_serial()),
+        not_before: to_time(validity.not_before.timestamp()),
+        not_after: to_time(validity.not_after.timestamp()),
+        is_ca,
+    })
+}
+
+/// The region recorded by the issuing intermediate of a chain (leaf first): the last segment of
+/// an intermediate's `spiffe://TD/trustline/region/NAME` URI SAN. `None` for chains issued
+/// directly by a root. Only meaningful for a chain that was verified.
+pub fn region_of_chain(chain: &[CertificateDer<'_>]) -> Option<String> {
+    chain.iter().skip(1).find_map(|c| {
+        let info = inspect_cert(c).ok()?;
+        let name = info.id.path().strip_prefix(REGION_PATH_PREFIX)?;
+        (info.is_ca && !name.is_empty() && !name.contains('/')).then(|| name.to_string())
+    })
+}

@@ -1,0 +1,275 @@
+//! SPIFFE identities and X.509-SVIDs: the typed values every role passes around.
+//!
+//! Parse at the edge, pass typed values inside: a [`SpiffeId`] is always valid (the `spiffe`
+//! crate's type), a [`Serial`] is normalised, and an [`Svid`] holds a chain whose leaf was checked
+//! against the SVID profile (exactly one SPIFFE URI SAN, not a CA).
+
+mod cert;
+
+pub use cert::{inspect_cert, region_of_chain, CertInfo, REGION_PATH_PREFIX};
+pub use spiffe::{SpiffeId, TrustDomain};
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::RootCertStore;
+
+/// What can be wrong with an identity, a certificate or a bundle.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("invalid SPIFFE ID {value:?}: {reason}")]
+    BadId { value: String, reason: String },
+    #[error("invalid trust domain {value:?}: {reason}")]
+    BadTrustDomain { value: String, reason: String },
+    #[error("certificate is not a valid X.509 DER certificate: {0}")]
+    Malformed(String),
+    #[error("certificate has {0} URI SANs; an X.509-SVID has exactly one")]
+    UriSanCount(usize),
+    #[error("certificate's URI SAN is not a valid SPIFFE ID: {0}")]
+    BadSanId(String),
+    #[error("certificate is a CA certificate; a leaf SVID must have CA:FALSE")]
+    LeafIsCa,
+    #[error("SPIFFE ID {id} is not in trust domain {expected}")]
+    WrongTrustDomain { id: String, expected: String },
+    #[error("chain does not verify against the trust bundle: {0}")]
+    Untrusted(String),
+    #[error("empty certificate chain")]
+    EmptyChain,
+    #[error("no certificate found in {0}")]
+    NoCertificates(String),
+    #[error("PEM in {what}: {reason}")]
+    Pem { what: String, reason: String },
+}
+
+/// Parses any SPIFFE ID (trust-domain-only IDs included).
+pub fn parse_id(value: &str) -> Result<SpiffeId, IdentityError> {
+    SpiffeId::new(value).map_err(|e| IdentityError::BadId {
+        value: value.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Parses the SPIFFE ID of a workload: a valid SPIFFE ID with a non-empty path.
+pub fn parse_workload_id(value: &str) -> Result<SpiffeId, IdentityError> {
+    let id = parse_id(value)?;
+    if id.path().is_empty() {
+        return Err(IdentityError::BadId {
+            value: value.to_string(),
+            reason: "a workload ID needs a path, e.g. spiffe://example.org/ns/default/sa/web"
+                .to_string(),
+        });
+    }
+    Ok(id)
+}
+
+/// Parses a trust domain name such as `example.org`.
+pub fn parse_trust_domain(value: &str) -> Result<TrustDomain, IdentityError> {
+    if value.contains("://") {
+        return Err(IdentityError::BadTrustDomain {
+            value: value.to_string(),
+            reason: "give the bare name, e.g. example.org".to_string(),
+        });
+    }
+    TrustDomain::new(value).map_err(|e| IdentityError::BadTrustDomain {
+        value: value.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// A certificate serial number, normalised (no leading zero bytes), printed as lowercase hex.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Serial(Vec<u8>);
+
+impl Serial {
+    /// From the raw big-endian bytes of a certificate's serial.
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        let first = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+        Serial(bytes[first..].to_vec())
+    }
+
+    /// Parses hex as printed by trustline or by `openssl x509 -serial` (colons allowed).
+    pub fn parse_hex(s: &str) -> Option<Self> {
+        crate::util::unhex(s.trim()).map(|b| Self::from_bytes(&b))
+    }
+
+    /// The normalised big-endian bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Display for Serial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&crate::util::hex(&self.0))
+    }
+}
+
+impl fmt::Debug for Serial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Serial({self})")
+    }
+}
+
+/// An X.509-SVID with its private key. The key never leaves the process that made it, and it is
+/// never printed: `Debug` shows the identity only.
+pub struct Svid {
+    /// Leaf first, then intermediates (not the root).
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key of the leaf.
+    pub key: PrivateKeyDer<'static>,
+    /// Facts of the leaf.
+    pub info: CertInfo,
+}
+
+impl Svid {
+    /// The leaf's SPIFFE ID.
+    pub fn id(&self) -> &SpiffeId {
+        &self.info.id
+    }
+
+    /// The chain as PEM, leaf first.
+    pub fn chain_pem(&self) -> String {
+        chain_to_pem(&self.chain)
+    }
+}
+
+impl Clone for Svid {
+    fn clone(&self) -> Self {
+        Svid {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            info: self.info.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for Svid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Svid")
+            .field("id", &self.info.id.to_string())
+            .field("serial", &self.info.serial)
+            .field("not_after", &crate::clock::rfc3339(self.info.not_after))
+            .finish_non_exhaustive()
+    }
+}
+
+/// PEM encoding of a list of certificates.
+pub fn chain_to_pem(chain: &[CertificateDer<'_>]) -> String {
+    use base64::Engine as _;
+    let mut out = String::new();
+    for c in chain {
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(c.as_ref());
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).unwrap_or_default());
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
+}
+
+/// Reads every certificate in a PEM text; `what` names the source in errors.
+pub fn certs_from_pem(
+    pem: &[u8],
+    what: &str,
+) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| IdentityError::Pem {
+            what: what.to_string(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(IdentityError::NoCertificates(what.to_string()));
+    }
+    Ok(certs)
+}
+
+/// The trust roots of a trust domain, ready for verification.
+#[derive(Clone, Debug)]
+pub struct Bundle {
+    /// The trust domain these roots speak for.
+    pub trust_domain: TrustDomain,
+    /// The root certificates.
+    pub roots: Vec<CertificateDer<'static>>,
+    store: Arc<RootCertStore>,
+}
+
+impl Bundle {
+    /// Builds a bundle from root certificates.
+    pub fn new(
+        trust_domain: TrustDomain,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, IdentityError> {
+        let mut store = RootCertStore::empty();
+        for r in &roots {
+            store
+                .add(r.clone())
+                .map_err(|e| IdentityError::Untrusted(format!("bad root certificate: {e}")))?;
+        }
+        Ok(Bundle {
+            trust_domain,
+            roots,
+            store: Arc::new(store),
+        })
+    }
+
+    /// Reads a bundle PEM file; `what` names it in errors.
+    pub fn from_pem(
+        trust_domain: TrustDomain,
+        pem: &[u8],
+        what: &str,
+    ) -> Result<Self, IdentityError> {
+        Self::new(trust_domain, certs_from_pem(pem, what)?)
+    }
+
+    /// The roots as a rustls store.
+    pub fn store(&self) -> Arc<RootCertStore> {
+        self.store.clone()
+    }
+
+    /// The roots as PEM.
+    pub fn to_pem(&self) -> String {
+        chain_to_pem(&self.roots)
+    }
+
+    /// Verifies an SVID chain (leaf first) against these roots at `now`: path to a root, validity,
+    /// the SVID profile of the leaf, and membership of this trust domain.
+    pub fn verify_svid_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: SystemTime,
+    ) -> Result<CertInfo, IdentityError> {
+        let (leaf, intermediates) = chain.split_first().ok_or(IdentityError::EmptyChain)?;
+        let info = inspect_cert(leaf)?;
+        if info.is_ca {
+            return Err(IdentityError::LeafIsCa);
+        }
+        if !info.id.is_member_of(&self.trust_domain) {
+            return Err(IdentityError::WrongTrustDomain {
+                id: info.id.to_string(),
+                expected: self.trust_domain.to_string(),
+            });
+        }
+        let parsed = rustls::server::ParsedCertificate::try_from(leaf)
+            .map_err(|e| IdentityError::Untrusted(e.to_string()))?;
+        let now = UnixTime::since_unix_epoch(
+            now.duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        let algs = crate::tls::provider().signature_verification_algorithms.all;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.store,
+            intermediates,
+            now,
+            algs,
+        )
+        .map_err(|e| IdentityError::Untrusted(e.to_string()))?;
+        Ok(info)
+    }
+}

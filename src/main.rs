@@ -1,0 +1,278 @@
+//! The `trustline` binary: parse the command line, load and validate configuration, call the
+//! role. Errors become one clear message and a non-zero exit code.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use trustline::ca::admin::{self, AdminRequest};
+use trustline::ca::authority;
+use trustline::ca::config::{CaServeConfig, CaServeFile};
+use trustline::clock::Clock;
+use trustline::identity::parse_trust_domain;
+use trustline::util::parse_duration;
+
+#[derive(Parser)]
+#[command(
+    name = "trustline",
+    version,
+    about = "Zero-trust service-mesh data plane: SPIFFE mTLS 1.3 sidecar, CA and gateways"
+)]
+#[command(
+    after_help = "Examples:\n  trustline demo                       run a whole mesh on loopback\n  trustline ca init --trust-domain example.org --out ca/root\n  trustline ca serve --ca ca/root --data ca/data --listen 127.0.0.1:8443"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The certificate authority: init, serve, token, revoke.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Runs a whole mesh on loopback and prints what happens.
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Makes a root CA, or a regional intermediate signed by a root.
+    #[command(
+        after_help = "Examples:\n  trustline ca init --trust-domain example.org --out ca/root\n  trustline ca init --root ca/root --region eu-west --out ca/eu-west"
+    )]
+    Init(InitArgs),
+    /// Serves the CA's HTTPS API (TLS 1.3 only).
+    #[command(
+        after_help = "Examples:\n  trustline ca serve --ca ca/eu-west --data /var/lib/trustline-ca --listen 0.0.0.0:8443 --san ca.eu-west.internal\n  trustline ca serve --config ca.toml"
+    )]
+    Serve(ServeArgs),
+    /// Prints a single-use join token bound to one SPIFFE ID (talks to the running server).
+    #[command(
+        after_help = "Example:\n  trustline ca token --data ca/data --spiffe-id spiffe://example.org/ns/shop/sa/web --ttl 15m"
+    )]
+    Token(TokenArgs),
+    /// Revokes an issued leaf certificate by serial (talks to the running server).
+    #[command(after_help = "Example:\n  trustline ca revoke --data ca/data --serial 3f9a...")]
+    Revoke(RevokeArgs),
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// Trust domain of a new root, e.g. example.org.
+    #[arg(long, conflicts_with_all = ["root", "region"], required_unless_present = "root")]
+    trust_domain: Option<String>,
+    /// Directory of the root that signs a regional intermediate.
+    #[arg(long, requires = "region")]
+    root: Option<PathBuf>,
+    /// Region name recorded in the intermediate (spiffe://TD/trustline/region/NAME).
+    #[arg(long, requires = "root")]
+    region: Option<String>,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Lifetime (default 10 years for a root, 1 year for an intermediate).
+    #[arg(long)]
+    ttl: Option<String>,
+    /// Replace an existing key.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// CA directory (from `ca init`).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Data directory: ledger, admin socket, audit log.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// HTTPS API address [default: 127.0.0.1:8443].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Lifetime of issued SVIDs [default: 24h].
+    #[arg(long)]
+    svid_ttl: Option<String>,
+    /// Extra DNS name or IP for the server certificate (repeatable).
+    #[arg(long)]
+    san: Vec<String>,
+    /// Prometheus metrics address, or `off` [default: 127.0.0.1:15021].
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Audit log file [default: DATA/audit.log].
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+    /// SVID requests per second per client IP, 0 for no limit [default: 50].
+    #[arg(long)]
+    rate_limit: Option<u32>,
+    /// TOML file with any of the keys above (flags win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// Data directory of the running CA.
+    #[arg(long)]
+    data: PathBuf,
+    /// The SPIFFE ID the token is bound to.
+    #[arg(long)]
+    spiffe_id: String,
+    /// Token lifetime.
+    #[arg(long, default_value = "15m")]
+    ttl: String,
+}
+
+#[derive(Args)]
+struct RevokeArgs {
+    /// Data directory of the running CA.
+    #[arg(long)]
+    data: PathBuf,
+    /// Serial number in hex (as printed by trustline or `openssl x509 -serial`).
+    #[arg(long)]
+    serial: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own story; its components only log warnings unless RUST_LOG says more.
+    let default_level = if matches!(cli.command, Command::Demo) {
+        "warn"
+    } else {
+        "info"
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Demo => trustline::demo::run().await,
+        Command::Ca(CaCommand::Init(a)) => ca_init(a),
+        Command::Ca(CaCommand::Serve(a)) => ca_serve(a).await,
+        Command::Ca(CaCommand::Token(a)) => {
+            let ttl = parse_duration(&a.ttl)
+                .map_err(anyhow::Error::msg)
+                .context("--ttl")?;
+            let resp = admin::call(
+                &a.data.join("admin.sock"),
+                &AdminRequest::Token {
+                    spiffe_id: a.spiffe_id,
+                    ttl_secs: ttl.as_secs(),
+                },
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            match (resp.ok, resp.token) {
+                (true, Some(t)) => {
+                    println!("{t}");
+                    Ok(())
+                }
+                _ => bail!(
+                    "{}",
+                    resp.error.unwrap_or_else(|| "no token returned".into())
+                ),
+            }
+        }
+        Command::Ca(CaCommand::Revoke(a)) => {
+            let resp = admin::call(
+                &a.data.join("admin.sock"),
+                &AdminRequest::Revoke {
+                    serial: a.serial.clone(),
+                },
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            if !resp.ok {
+                bail!("{}", resp.error.unwrap_or_default());
+            }
+            println!(
+                "revoked {} (revocation list sequence {})",
+                a.serial,
+                resp.sequence.unwrap_or_default()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn ca_init(a: InitArgs) -> anyhow::Result<()> {
+    let ttl = a
+        .ttl
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .map_err(anyhow::Error::msg)
+        .context("--ttl")?;
+    let paths = match (a.trust_domain, a.root, a.region) {
+        (Some(td), None, None) => {
+            let td = parse_trust_domain(&td).context("--trust-domain")?;
+            let ttl = ttl.unwrap_or(Duration::from_secs(10 * 365 * 24 * 3600));
+            authority::init_root(&td, &a.out, ttl, a.force)?
+        }
+        (None, Some(root), Some(region)) => {
+            let ttl = ttl.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+            authority::init_intermediate(&root, &region, &a.out, ttl, a.force)?
+        }
+        _ => bail!("give either --trust-domain TD, or --root ROOTDIR --region NAME"),
+    };
+    println!(
+        "wrote {} (key {}, mode 0600)",
+        paths.cert.display(),
+        paths.key.display()
+    );
+    println!("trust bundle for workloads: {}", paths.bundle.display());
+    if paths.chain.exists() {
+        println!("chain (intermediate + root): {}", paths.chain.display());
+    }
+    Ok(())
+}
+
+async fn ca_serve(a: ServeArgs) -> anyhow::Result<()> {
+    let flags = CaServeFile {
+        ca: a.ca,
+        data: a.data,
+        listen: a.listen,
+        svid_ttl: a.svid_ttl,
+        san: (!a.san.is_empty()).then_some(a.san),
+        metrics_listen: a.metrics_listen,
+        audit_log: a.audit_log,
+        rate_limit: a.rate_limit,
+    };
+    let config = CaServeConfig::resolve(flags, a.config.as_deref())?;
+    let bound = trustline::ca::server::build(config, Clock::system()).await?;
+    println!("trustline CA serving https://{}", bound.api);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    bound.shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! rustls configuration shared by every role: one provider (aws-lc-rs), TLS 1.3 only, hybrid
+//! post-quantum key exchange preferred, and the SPIFFE server verifier.
+//!
+//! The stock `WebPkiServerVerifier` checks DNS names, which X.509-SVIDs do not carry, so clients
+//! use [`SpiffeServerVerifier`]: the chain to the bundle, then exactly one URI SAN, then the
+//! expected ID or trust domain. The server side uses rustls' `WebPkiClientVerifier` (path only)
+//! and each role checks the SPIFFE ID after the handshake.
+
+use std::sync::{Arc, OnceLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{aws_lc_rs, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::identity::{inspect_cert, SpiffeId, TrustDomain};
+
+/// The only protocol version trustline speaks.
+pub static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// The crypto provider: aws-lc-rs, key exchange X25519MLKEM768 first, then X25519, then P-256.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            let mut p = aws_lc_rs::default_provider();
+            p.kx_groups = vec![
+                aws_lc_rs::kx_group::X25519MLKEM768,
+                aws_lc_rs::kx_group::X25519,
+                aws_lc_rs::kx_group::SECP256R1,
+            ];
+            Arc::new(p)
+        })
+        .clone()
+}
+
+/// Which server identities a client accepts.
+#[derive(Clone, Debug)]
+pub enum ExpectedPeer {
+    /// Exactly one of these SPIFFE IDs.
+    AnyOf(Vec<SpiffeId>),
+    /// Any ID of this trust domain.
+    TrustDomain(TrustDomain),
+}
+
+impl ExpectedPeer {
+    /// Whether `id` is acceptable.
+    pub fn accepts(&self, id: &SpiffeId) -> bool {
+        match self {
+            ExpectedPeer::AnyOf(ids) => ids.contains(id),
+            ExpectedPeer::TrustDomain(td) => id.is_member_of(td),
+        }
+    }
+}
+
+/// Client-side verifier of a server's X.509-SVID: chain to the bundle, exactly one SPIFFE URI
+/// SAN, leaf not a CA, and the ID expected for this destination. The TLS server name is ignored.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    expected: ExpectedPeer,
+    provider: Arc<CryptoProvider>,
+}
+
+impl SpiffeServerVerifier {
+    /// A verifier trusting `roots` and accepting `expected`.
+    pub fn new(roots: Arc<RootCertStore>, expected: ExpectedPeer) -> Self {
+        Self {
+            roots,
+            expected,
+            provider: provider(),
+        }
+    }
+}
+
+fn other_err(msg: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(std::io::Error::other(msg)),
+    )))
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let info = inspect_cert(end_entity).map_err(|e| other_err(e.to_string()))?;
+        if info.is_ca {
+            return Err(other_err(
+                "server presented a CA certificate as its leaf".into(),
+            ));
+        }
+        if !self.expected.accepts(&info.id) {
+            return Err(other_err(format!(
+                "server identity {} is not the expected {:?}",
+                info.id, self.expected
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

@@ -135,6 +135,7 @@ pub fn parse_csr(pem: &[u8]) -> Result<Csr, CsrError> {
 }
 
 /// Files of a CA directory.
+#[derive(Debug, Clone)]
 pub struct CaPaths {
     pub cert: PathBuf,
     pub key: PathBuf,

@@ -47,7 +47,7 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Decodes hex (either case, optional `:` separators as printed by openssl).
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
     let s: String = s.chars().filter(|c| *c != ':').collect();
-    if s.is_empty() || s.len() % 2 != 0 {
+    if s.is_empty() || !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

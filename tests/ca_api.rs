@@ -426,7 +426,10 @@ async fn an_svid_from_another_ca_cannot_renew() {
         Err(_) => true,
         Ok(mut conn) => conn.post_csr(&csr, None).await.is_err(),
     };
-    assert!(refused, "a certificate from another CA must not get through TLS");
+    assert!(
+        refused,
+        "a certificate from another CA must not get through TLS"
+    );
     assert_eq!(ca.bound.state.ledger.issued().unwrap().len(), 0);
 }
 

@@ -78,7 +78,15 @@ pub fn serve(
     tokio::spawn(async move {
         loop {
             let stream = tokio::select! {
-                r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "admin accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
                 _ = shutdown.changed() => return,
             };
             let state = state.clone();

@@ -76,6 +76,7 @@ pub struct Csr {
 }
 
 const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+const OID_RSA: &str = "1.2.840.113549.1.1.1";
 const OID_ED25519: &str = "1.3.101.112";
 const OID_P256: &str = "1.2.840.10045.3.1.7";
 const OID_P384: &str = "1.3.132.0.34";
@@ -97,20 +98,20 @@ pub fn parse_csr(pem: &[u8]) -> Result<Csr, CsrError> {
     }
     let spki = &req.certification_request_info.subject_pki;
     let alg = spki.algorithm.algorithm.to_id_string();
-    let curve = spki
-        .algorithm
-        .parameters
-        .as_ref()
-        .and_then(|p| p.as_oid().ok())
+    let curve = (alg == OID_EC_PUBLIC_KEY)
+        .then(|| spki.algorithm.parameters.as_ref()?.as_oid().ok())
+        .flatten()
         .map(|o| o.to_id_string());
     match (alg.as_str(), curve.as_deref()) {
         (OID_EC_PUBLIC_KEY, Some(OID_P256 | OID_P384)) | (OID_ED25519, None) => {}
-        (a, c) => {
-            return Err(CsrError::UnsupportedKey(match c {
-                Some(c) => format!("{a} on curve {c}"),
-                None => a.to_string(),
-            }))
+        (OID_RSA, _) => return Err(CsrError::UnsupportedKey("RSA".into())),
+        (OID_EC_PUBLIC_KEY, c) => {
+            return Err(CsrError::UnsupportedKey(format!(
+                "ECDSA on curve {}",
+                c.unwrap_or("(unnamed)")
+            )))
         }
+        (a, _) => return Err(CsrError::UnsupportedKey(format!("algorithm {a}"))),
     }
     req.verify_signature().map_err(|_| CsrError::BadSignature)?;
     let mut uris = Vec::new();
@@ -180,7 +181,7 @@ fn ca_params(
     p.distinguished_name = dn;
     p.not_before = now - BACKDATE;
     p.not_after = now + ttl;
-    p.serial_number = Some(random_serial().into());
+    p.serial_number = Some(random_serial());
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -382,7 +383,7 @@ impl Authority {
         p.distinguished_name = DistinguishedName::new();
         p.not_before = OffsetDateTime::from(now - BACKDATE);
         p.not_after = OffsetDateTime::from(not_after);
-        p.serial_number = Some(serial.clone().into());
+        p.serial_number = Some(serial.clone());
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.use_authority_key_identifier_extension = true;

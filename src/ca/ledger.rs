@@ -133,7 +133,9 @@ type Job = (Op, oneshot::Sender<Result<Done, LedgerError>>);
 /// The ledger handle; cheap to share behind an `Arc`.
 pub struct Ledger {
     db: Arc<Database>,
-    jobs: mpsc::Sender<Job>,
+    /// `None` only while dropping: closing the channel ends the writer.
+    jobs: Option<mpsc::Sender<Job>>,
+    writer: Option<std::thread::JoinHandle<()>>,
     revoked: Arc<RwLock<HashMap<Serial, u64>>>,
     seq: Arc<AtomicU64>,
 }
@@ -160,13 +162,14 @@ impl Ledger {
             revoked: revoked.clone(),
             seq: seq.clone(),
         };
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(db_err)?;
         Ok(Ledger {
             db,
-            jobs,
+            jobs: Some(jobs),
+            writer: Some(writer),
             revoked,
             seq,
         })
@@ -174,7 +177,8 @@ impl Ledger {
 
     async fn submit(&self, op: Op) -> Result<Done, LedgerError> {
         let (tx, rx) = oneshot::channel();
-        self.jobs.send((op, tx)).map_err(|_| LedgerError::Closed)?;
+        let jobs = self.jobs.as_ref().ok_or(LedgerError::Closed)?;
+        jobs.send((op, tx)).map_err(|_| LedgerError::Closed)?;
         rx.await.map_err(|_| LedgerError::Closed)?
     }
 
@@ -261,6 +265,16 @@ impl Ledger {
             out.push(serde_json::from_slice(v.value()).map_err(db_err)?);
         }
         Ok(out)
+    }
+}
+
+impl Drop for Ledger {
+    /// Stops the writer and waits for it, so the database file lock is free once dropped.
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
     }
 }
 

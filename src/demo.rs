@@ -1,8 +1,9 @@
 //! `trustline demo`: the main job out of the box, on loopback only.
 //!
-//! Today it shows the identity layer: a root CA and a regional intermediate are made in a temporary
-//! directory, a CA server issues SVIDs from join tokens to two workloads (keys made in memory, CSR
-//! flow), one renews over mTLS with its current SVID, and a reused token is refused.
+//! A root CA and a regional intermediate are made in a temporary directory; a CA server issues
+//! SVIDs from join tokens (keys made in memory, CSR flow); one workload renews over mTLS with its
+//! current SVID and a reused token is refused. Then three sample services run, each with its
+//! sidecar (explicit mode): `frontend` may call `checkout`, `batch` may not.
 
 use std::path::Path;
 use std::time::Duration;
@@ -129,8 +130,169 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         Err(e) => println!("  refused: {e}"),
         Ok(_) => anyhow::bail!("a used token was accepted"),
     }
+    let ca_url = ca.api.to_string();
+    mesh(&Site {
+        dir,
+        td: &td,
+        root: &root,
+        ca_url: &ca_url,
+        data: &data,
+    })
+    .await?;
     let issued = ca.state.ledger.issued()?.len();
     println!("\nledger: {issued} certificates issued (CA server certificate not counted); audit log {}/audit.log", data.display());
     ca.shutdown();
+    Ok(())
+}
+
+/// A tiny app: answers every connection with one line naming itself.
+async fn app(name: &'static str) -> anyhow::Result<std::net::SocketAddr> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 256];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+                let _ = s
+                    .write_all(format!("{name} got {req:?}\n").as_bytes())
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Where the demo's PKI and CA live.
+struct Site<'a> {
+    dir: &'a Path,
+    td: &'a crate::identity::TrustDomain,
+    root: &'a Path,
+    ca_url: &'a str,
+    data: &'a Path,
+}
+
+async fn sidecar(
+    site: &Site<'_>,
+    name: &str,
+    inbound: Option<(std::net::SocketAddr, Vec<crate::identity::SpiffeId>)>,
+    services: Vec<crate::proxy::config::Service>,
+) -> anyhow::Result<crate::proxy::Bound> {
+    use crate::identity::manager::{IdentityConfig, IdentitySource};
+    use crate::proxy::config::{Inbound, Listener, SidecarConfig};
+    let Site {
+        dir,
+        td,
+        root,
+        ca_url,
+        data,
+    } = *site;
+    let id = parse_workload_id(&format!("spiffe://{td}/ns/shop/sa/{name}"))?;
+    let token_file = dir.join(format!("{name}.token"));
+    crate::util::write_secret(&token_file, token(data, &id.to_string()).await?.as_bytes())?;
+    let bundle = Bundle::from_pem(
+        td.clone(),
+        &std::fs::read(root.join("bundle.pem"))?,
+        "bundle.pem",
+    )?;
+    let listeners = services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Listener {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            service: i,
+            address: s.addresses[0],
+        })
+        .collect();
+    let config = SidecarConfig {
+        trust_domain: td.clone(),
+        identity: IdentityConfig {
+            id,
+            bundle,
+            source: IdentitySource::Ca {
+                url: format!("https://{ca_url}"),
+                token_file,
+            },
+            refresh: Duration::from_secs(30),
+        },
+        region: Some("eu-west".into()),
+        resumption: true,
+        drain_timeout: Duration::from_secs(1),
+        handshake_timeout: Duration::from_secs(5),
+        workers: 1,
+        admin: "127.0.0.1:0".parse()?,
+        outbound: None,
+        inbound: inbound.map(|(app, allow)| Inbound {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            allow,
+            app_address: Some(app),
+        }),
+        services,
+        listeners,
+    };
+    let bound = crate::proxy::build(config, Clock::system()).await?;
+    for _ in 0..200 {
+        if bound.identity.ready().is_ok() {
+            return Ok(bound);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("sidecar {name} did not become ready")
+}
+
+async fn call(addr: std::net::SocketAddr, msg: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return "connection failed".into();
+    };
+    let _ = s.write_all(msg.as_bytes()).await;
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_string(&mut out)).await;
+    if out.is_empty() {
+        "connection closed without an answer".into()
+    } else {
+        out.trim().to_string()
+    }
+}
+
+async fn mesh(site: &Site<'_>) -> anyhow::Result<()> {
+    use crate::proxy::config::Service;
+    let td = site.td;
+    println!("\n6. Three services with sidecars (mTLS 1.3, SPIFFE IDs checked on both ends):");
+    let checkout_app = app("checkout").await?;
+    let frontend_id = parse_workload_id(&format!("spiffe://{td}/ns/shop/sa/frontend"))?;
+    let checkout = sidecar(
+        site,
+        "checkout",
+        Some((checkout_app, vec![frontend_id])),
+        vec![],
+    )
+    .await?;
+    let checkout_in = checkout.inbound.expect("inbound");
+    let svc = Service {
+        name: "checkout".into(),
+        addresses: vec![checkout_in],
+        spiffe_ids: vec![checkout.identity.id().clone()],
+    };
+    let frontend = sidecar(site, "frontend", None, vec![svc.clone()]).await?;
+    let batch = sidecar(site, "batch", None, vec![svc]).await?;
+    println!(
+        "  checkout sidecar: inbound {checkout_in}, allows only {}/ns/shop/sa/frontend",
+        td
+    );
+    let reply = call(frontend.listeners[0], "order #1").await;
+    println!(
+        "\n  frontend ({}) -> checkout ({}):\n    allowed, app replied: {reply}",
+        frontend.identity.id(),
+        checkout.identity.id()
+    );
+    let reply = call(batch.listeners[0], "order #2").await;
+    let denied = checkout.metrics.failures("inbound", "not_allowed");
+    println!("  batch ({}) -> checkout:\n    refused by checkout's sidecar (not in its allow list; denials counted: {denied}); caller saw: {reply}", batch.identity.id());
+    for s in [&frontend, &batch, &checkout] {
+        s.drain(Duration::from_millis(200)).await;
+    }
     Ok(())
 }

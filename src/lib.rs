@@ -13,5 +13,6 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod identity;
+pub mod proxy;
 pub mod tls;
 pub mod util;

@@ -12,6 +12,7 @@ use trustline::ca::authority;
 use trustline::ca::config::{CaServeConfig, CaServeFile};
 use trustline::clock::Clock;
 use trustline::identity::parse_trust_domain;
+use trustline::proxy::config::SidecarConfig;
 use trustline::util::parse_duration;
 
 #[derive(Parser)]
@@ -35,6 +36,23 @@ enum Command {
     Ca(CaCommand),
     /// Runs a whole mesh on loopback and prints what happens.
     Demo,
+    /// The per-workload proxy: inbound and outbound mTLS 1.3 with SPIFFE identities.
+    #[command(
+        after_help = "Example:\n  trustline sidecar --config /etc/trustline/sidecar.toml\n\nSee config/sidecar-*.toml for annotated examples."
+    )]
+    Sidecar(SidecarArgs),
+    /// Installs (or prints, or removes) the iptables rules that send a pod's TCP through the sidecar.
+    #[command(
+        after_help = "Examples:\n  trustline redirect --proxy-uid 1337 --dry-run\n  trustline redirect --proxy-uid 1337 --exclude-inbound-ports 15020\n  trustline redirect --remove"
+    )]
+    Redirect(trustline::proxy::redirect::RedirectArgs),
+}
+
+#[derive(Args)]
+struct SidecarArgs {
+    /// Sidecar configuration (TOML).
+    #[arg(long)]
+    config: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -137,6 +155,17 @@ struct RevokeArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The sidecar's config says how many worker threads it gets; load it before the runtime.
+    let sidecar = match &cli.command {
+        Command::Sidecar(a) => match SidecarConfig::load(&a.config) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
     // The demo prints its own story; its components only log warnings unless RUST_LOG says more.
     let default_level = if matches!(cli.command, Command::Demo) {
         "warn"
@@ -161,7 +190,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = match sidecar {
+        Some(config) => rt.block_on(sidecar_run(config)),
+        None => rt.block_on(run(cli)),
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -173,6 +206,8 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo => trustline::demo::run().await,
+        Command::Sidecar(_) => unreachable!("handled before the runtime starts"),
+        Command::Redirect(a) => trustline::proxy::redirect::run(&a).map_err(Into::into),
         Command::Ca(CaCommand::Init(a)) => ca_init(a),
         Command::Ca(CaCommand::Serve(a)) => ca_serve(a).await,
         Command::Ca(CaCommand::Token(a)) => {
@@ -267,13 +302,34 @@ async fn ca_serve(a: ServeArgs) -> anyhow::Result<()> {
     let config = CaServeConfig::resolve(flags, a.config.as_deref())?;
     let bound = trustline::ca::server::build(config, Clock::system()).await?;
     println!("trustline CA serving https://{}", bound.api);
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    bound.shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+async fn sidecar_run(config: SidecarConfig) -> anyhow::Result<()> {
+    let drain = config.drain_timeout;
+    let bound = trustline::proxy::build(config, Clock::system()).await?;
+    println!(
+        "trustline sidecar {}: admin http://{}/readyz",
+        bound.identity.id(),
+        bound.admin
+    );
+    wait_for_signal().await?;
+    tracing::info!(open = bound.active_connections(), deadline = ?drain, "draining");
+    let cut = bound.drain(drain).await;
+    tracing::info!(cut_off = cut, "drained");
+    Ok(())
+}
+
+/// Waits for SIGTERM or Ctrl-C.
+async fn wait_for_signal() -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    tracing::info!("shutting down");
-    bound.shutdown();
-    tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
 }

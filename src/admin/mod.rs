@@ -12,12 +12,17 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// A role-specific JSON endpoint: returns the body.
+pub type JsonRoute = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// What the admin endpoints read.
 pub struct AdminState {
     /// The metrics registry of the role.
     pub registry: Registry,
     /// Readiness: `Ok` when ready, or why not.
     pub ready: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
+    /// Extra JSON endpoints by path (e.g. `/identity`).
+    pub json: Vec<(&'static str, JsonRoute)>,
 }
 
 /// Binds the admin listener and serves it until `shutdown` changes.
@@ -79,6 +84,16 @@ fn handle(state: &AdminState, req: Request<hyper::body::Incoming>) -> Response<F
                 format!("not ready: {why}\n"),
             ),
         },
-        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        path => match state.json.iter().find(|(p, _)| *p == path) {
+            Some((_, route)) => {
+                let mut r = text(StatusCode::OK, format!("{}\n", route()));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            None => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        },
     }
 }

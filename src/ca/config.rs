@@ -10,7 +10,7 @@ use crate::config::{load_toml, ConfigError};
 use crate::util::parse_duration;
 
 /// Shortest SVID lifetime accepted (tests of rotation use seconds).
-pub const MIN_SVID_TTL: Duration = Duration::from_secs(5);
+pub const MIN_SVID_TTL: Duration = Duration::from_secs(2);
 /// Longest SVID lifetime accepted.
 pub const MAX_SVID_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 
@@ -104,7 +104,7 @@ impl CaServeConfig {
             return Err(ConfigError::field(
                 ttl_src,
                 "svid_ttl",
-                format!("{ttl} is outside 5s..90d"),
+                format!("{ttl} is outside 2s..90d"),
             ));
         }
         let metrics_src = src(flags.metrics_listen.is_some());

@@ -165,6 +165,7 @@ pub async fn build(config: CaServeConfig, clock: Clock) -> Result<Bound, ServeEr
             let admin_state = Arc::new(crate::admin::AdminState {
                 registry,
                 ready: Box::new(|| Ok(())),
+                json: Vec::new(),
             });
             Some(
                 crate::admin::serve(addr, admin_state, shutdown_rx.clone())

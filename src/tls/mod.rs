@@ -13,6 +13,8 @@ use rustls::crypto::{aws_lc_rs, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
+pub mod mesh;
+
 use crate::identity::{inspect_cert, SpiffeId, TrustDomain};
 
 /// The only protocol version trustline speaks.

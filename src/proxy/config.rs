@@ -1,0 +1,426 @@
+//! `trustline sidecar --config FILE`: the TOML file and its validation.
+//!
+//! ```toml
+//! trust_domain = "example.org"
+//! spiffe_id = "spiffe://example.org/ns/shop/sa/web"
+//! bundle = "bundle.pem"          # trust roots (relative paths are relative to this file)
+//!
+//! [identity]
+//! source = "ca"                  # or "files"
+//! ca_url = "https://127.0.0.1:8443"
+//! token_file = "web.token"
+//!
+//! [inbound]
+//! listen = "0.0.0.0:15006"
+//! allow = ["spiffe://example.org/ns/shop/sa/frontend"]
+//!
+//! [[service]]
+//! name = "checkout"
+//! addresses = ["10.0.0.7:8080"]
+//! spiffe_ids = ["spiffe://example.org/ns/shop/sa/checkout"]
+//! ```
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{load_toml, ConfigError};
+use crate::identity::manager::{IdentityConfig, IdentitySource};
+use crate::identity::{parse_trust_domain, parse_workload_id, Bundle, SpiffeId, TrustDomain};
+use crate::util::parse_duration;
+
+/// Default admin listener.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15020";
+/// Default transparent outbound listener.
+pub const DEFAULT_OUTBOUND: &str = "127.0.0.1:15001";
+/// Default inbound listener.
+pub const DEFAULT_INBOUND: &str = "0.0.0.0:15006";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SidecarFile {
+    trust_domain: String,
+    spiffe_id: String,
+    region: Option<String>,
+    bundle: PathBuf,
+    resumption: Option<bool>,
+    drain_timeout: Option<String>,
+    handshake_timeout: Option<String>,
+    workers: Option<usize>,
+    identity: IdentityFile,
+    #[serde(default)]
+    admin: AdminFile,
+    outbound: Option<OutboundFile>,
+    inbound: Option<InboundFile>,
+    #[serde(default, rename = "service")]
+    services: Vec<ServiceFile>,
+    #[serde(default, rename = "listener")]
+    listeners: Vec<ListenerFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityFile {
+    source: String,
+    ca_url: Option<String>,
+    token_file: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    poll_interval: Option<String>,
+    refresh_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminFile {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutboundFile {
+    listen: Option<String>,
+    unknown_destination: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InboundFile {
+    listen: Option<String>,
+    #[serde(default)]
+    allow: Vec<String>,
+    app_address: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceFile {
+    name: String,
+    addresses: Vec<String>,
+    spiffe_ids: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenerFile {
+    listen: String,
+    service: String,
+    address: Option<String>,
+}
+
+/// What the outbound side does with a destination that is not a known service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownDestination {
+    /// Close the connection (default).
+    Refuse,
+    /// Forward in plain text (logged).
+    Passthrough,
+}
+
+/// A known service: where it is and who it must be.
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub name: String,
+    pub addresses: Vec<SocketAddr>,
+    pub spiffe_ids: Vec<SpiffeId>,
+}
+
+/// An explicit-mode listener: plain text in on `listen`, mTLS out to `service` at `address`.
+#[derive(Clone, Debug)]
+pub struct Listener {
+    pub listen: SocketAddr,
+    pub service: usize,
+    pub address: SocketAddr,
+}
+
+/// The inbound side.
+#[derive(Clone, Debug)]
+pub struct Inbound {
+    pub listen: SocketAddr,
+    /// Callers allowed in (default deny: empty means nobody).
+    pub allow: Vec<SpiffeId>,
+    /// Where connections that were not redirected go (explicit mode).
+    pub app_address: Option<SocketAddr>,
+}
+
+/// The validated sidecar configuration.
+#[derive(Clone, Debug)]
+pub struct SidecarConfig {
+    pub trust_domain: TrustDomain,
+    pub identity: IdentityConfig,
+    pub region: Option<String>,
+    pub resumption: bool,
+    pub drain_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub workers: usize,
+    pub admin: SocketAddr,
+    pub outbound: Option<(SocketAddr, UnknownDestination)>,
+    pub inbound: Option<Inbound>,
+    pub services: Vec<Service>,
+    pub listeners: Vec<Listener>,
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    dir: PathBuf,
+}
+
+impl Ctx<'_> {
+    fn err(&self, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::field(Some(self.file), &field.into(), reason)
+    }
+    fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+    fn addr(&self, field: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+        v.parse().map_err(|_| {
+            self.err(
+                field,
+                format!("{v:?} is not an address like 127.0.0.1:8080"),
+            )
+        })
+    }
+    fn duration(
+        &self,
+        field: &str,
+        v: Option<&str>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(v) => parse_duration(v).map_err(|e| self.err(field, e)),
+        }
+    }
+    fn id(&self, field: &str, v: &str, td: &TrustDomain) -> Result<SpiffeId, ConfigError> {
+        let id = parse_workload_id(v).map_err(|e| self.err(field, e.to_string()))?;
+        if !id.is_member_of(td) {
+            return Err(self.err(field, format!("{id} is not in trust domain {td}")));
+        }
+        Ok(id)
+    }
+}
+
+impl SidecarConfig {
+    /// Reads and validates a sidecar config file.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let raw: SidecarFile = load_toml(file)?;
+        let ctx = Ctx {
+            file,
+            dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
+        };
+        let td = parse_trust_domain(&raw.trust_domain)
+            .map_err(|e| ctx.err("trust_domain", e.to_string()))?;
+        let id = ctx.id("spiffe_id", &raw.spiffe_id, &td)?;
+        let bundle_path = ctx.path(&raw.bundle);
+        let bundle_pem = std::fs::read(&bundle_path)
+            .map_err(|e| ctx.err("bundle", format!("{}: {e}", bundle_path.display())))?;
+        let bundle = Bundle::from_pem(td.clone(), &bundle_pem, &bundle_path.display().to_string())
+            .map_err(|e| ctx.err("bundle", e.to_string()))?;
+        let source = identity_source(&ctx, &raw.identity)?;
+        let refresh = ctx.duration(
+            "identity.refresh_interval",
+            raw.identity.refresh_interval.as_deref(),
+            Duration::from_secs(30),
+        )?;
+        let services = services(&ctx, &raw.services, &td)?;
+        let listeners = listeners(&ctx, &raw.listeners, &services)?;
+        let outbound = match &raw.outbound {
+            None => None,
+            Some(o) => {
+                let listen = ctx.addr(
+                    "outbound.listen",
+                    o.listen.as_deref().unwrap_or(DEFAULT_OUTBOUND),
+                )?;
+                let unknown = match o.unknown_destination.as_deref().unwrap_or("refuse") {
+                    "refuse" => UnknownDestination::Refuse,
+                    "passthrough" => UnknownDestination::Passthrough,
+                    other => {
+                        return Err(ctx.err(
+                            "outbound.unknown_destination",
+                            format!("{other:?}: expected \"refuse\" or \"passthrough\""),
+                        ))
+                    }
+                };
+                Some((listen, unknown))
+            }
+        };
+        let inbound = match &raw.inbound {
+            None => None,
+            Some(i) => Some(Inbound {
+                listen: ctx.addr(
+                    "inbound.listen",
+                    i.listen.as_deref().unwrap_or(DEFAULT_INBOUND),
+                )?,
+                allow: i
+                    .allow
+                    .iter()
+                    .enumerate()
+                    .map(|(n, v)| ctx.id(&format!("inbound.allow[{n}]"), v, &td))
+                    .collect::<Result<_, _>>()?,
+                app_address: i
+                    .app_address
+                    .as_deref()
+                    .map(|a| ctx.addr("inbound.app_address", a))
+                    .transpose()?,
+            }),
+        };
+        if inbound.is_none() && outbound.is_none() && listeners.is_empty() {
+            return Err(ctx.err(
+                "(file)",
+                "nothing to do: configure [inbound], [outbound] or a [[listener]]",
+            ));
+        }
+        let workers = raw.workers.unwrap_or(1);
+        if !(1..=64).contains(&workers) {
+            return Err(ctx.err("workers", format!("{workers}: expected 1..=64")));
+        }
+        Ok(SidecarConfig {
+            identity: IdentityConfig {
+                id,
+                bundle,
+                source,
+                refresh,
+            },
+            trust_domain: td,
+            region: raw.region,
+            resumption: raw.resumption.unwrap_or(true),
+            drain_timeout: ctx.duration(
+                "drain_timeout",
+                raw.drain_timeout.as_deref(),
+                Duration::from_secs(10),
+            )?,
+            handshake_timeout: ctx.duration(
+                "handshake_timeout",
+                raw.handshake_timeout.as_deref(),
+                Duration::from_secs(10),
+            )?,
+            workers,
+            admin: ctx.addr(
+                "admin.listen",
+                raw.admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN),
+            )?,
+            outbound,
+            inbound,
+            services,
+            listeners,
+        })
+    }
+}
+
+fn identity_source(ctx: &Ctx<'_>, f: &IdentityFile) -> Result<IdentitySource, ConfigError> {
+    let need = |v: &Option<PathBuf>, field: &str| {
+        v.as_deref().map(|p| ctx.path(p)).ok_or_else(|| {
+            ctx.err(
+                format!("identity.{field}"),
+                format!("required for source = {:?}", f.source),
+            )
+        })
+    };
+    match f.source.as_str() {
+        "ca" => {
+            let url = f
+                .ca_url
+                .clone()
+                .ok_or_else(|| ctx.err("identity.ca_url", "required for source = \"ca\""))?;
+            if !url.starts_with("https://") {
+                return Err(ctx.err("identity.ca_url", format!("{url:?} must start with https://")));
+            }
+            Ok(IdentitySource::Ca {
+                url,
+                token_file: need(&f.token_file, "token_file")?,
+            })
+        }
+        "files" => Ok(IdentitySource::Files {
+            cert: need(&f.cert, "cert")?,
+            key: need(&f.key, "key")?,
+            poll: ctx.duration("identity.poll_interval", f.poll_interval.as_deref(), Duration::from_secs(2))?,
+        }),
+        "workload-api" => Err(ctx.err(
+            "identity.source",
+            "\"workload-api\" is not supported yet; use \"ca\" or \"files\" (e.g. with spiffe-helper)",
+        )),
+        other => Err(ctx.err("identity.source", format!("{other:?}: expected \"ca\" or \"files\""))),
+    }
+}
+
+fn services(
+    ctx: &Ctx<'_>,
+    raw: &[ServiceFile],
+    td: &TrustDomain,
+) -> Result<Vec<Service>, ConfigError> {
+    let mut seen: HashMap<SocketAddr, &str> = HashMap::new();
+    let mut out = Vec::new();
+    for (i, s) in raw.iter().enumerate() {
+        let f = |field: &str| format!("service[{i}] ({}).{field}", s.name);
+        if s.spiffe_ids.is_empty() {
+            return Err(ctx.err(
+                f("spiffe_ids"),
+                "at least one SPIFFE ID the service must present",
+            ));
+        }
+        let mut addresses = Vec::new();
+        for (n, a) in s.addresses.iter().enumerate() {
+            let addr = ctx.addr(&f(&format!("addresses[{n}]")), a)?;
+            if let Some(other) = seen.insert(addr, &s.name) {
+                return Err(ctx.err(
+                    f(&format!("addresses[{n}]")),
+                    format!("{addr} is also an address of service {other}"),
+                ));
+            }
+            addresses.push(addr);
+        }
+        out.push(Service {
+            name: s.name.clone(),
+            addresses,
+            spiffe_ids: s
+                .spiffe_ids
+                .iter()
+                .enumerate()
+                .map(|(n, v)| ctx.id(&f(&format!("spiffe_ids[{n}]")), v, td))
+                .collect::<Result<_, _>>()?,
+        });
+    }
+    Ok(out)
+}
+
+fn listeners(
+    ctx: &Ctx<'_>,
+    raw: &[ListenerFile],
+    services: &[Service],
+) -> Result<Vec<Listener>, ConfigError> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let service = services
+                .iter()
+                .position(|s| s.name == l.service)
+                .ok_or_else(|| {
+                    ctx.err(
+                        format!("listener[{i}].service"),
+                        format!("no [[service]] named {:?}", l.service),
+                    )
+                })?;
+            let address = match &l.address {
+                Some(a) => ctx.addr(&format!("listener[{i}].address"), a)?,
+                None => *services[service].addresses.first().ok_or_else(|| {
+                    ctx.err(
+                        format!("listener[{i}].address"),
+                        format!("service {:?} has no addresses", l.service),
+                    )
+                })?,
+            };
+            Ok(Listener {
+                listen: ctx.addr(&format!("listener[{i}].listen"), &l.listen)?,
+                service,
+                address,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,133 @@
+//! The inbound side: mTLS 1.3 server, SPIFFE checks (in the verifier), allow list, app.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use super::metrics::{Dir, Flow};
+use super::{accept_loop, original_dst, splice, Shared};
+use crate::identity::{inspect_cert, region_of_chain};
+use crate::tls::mesh::failure_reason;
+
+const DIR: &str = "inbound";
+
+pub(super) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop_accepting: watch::Receiver<bool>,
+    stop_all: watch::Receiver<bool>,
+) {
+    accept_loop(
+        listener,
+        shared,
+        stop_accepting,
+        stop_all,
+        |tcp, peer, shared| {
+            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+            let span = tracing::info_span!("conn", id, dir = DIR, %peer);
+            async move { handle(tcp, shared).await }.instrument(span)
+        },
+    )
+    .await
+}
+
+async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
+    let m = &shared.metrics;
+    if let Err(why) = shared.identity.ready() {
+        m.fail(DIR, "not_ready");
+        tracing::warn!(reason = "not_ready", detail = %why, "inbound connection refused");
+        return;
+    }
+    let inbound = shared.config.inbound.as_ref().expect("inbound configured");
+    // Redirected by iptables: the app listens on the original port on localhost.
+    let target = match original_dst(&tcp) {
+        Some(orig) => SocketAddr::from(([127, 0, 0, 1], orig.port())),
+        None => match inbound.app_address {
+            Some(a) => a,
+            None => {
+                m.fail(DIR, "no_app_address");
+                tracing::warn!(
+                    reason = "no_app_address",
+                    "connection was not redirected and no inbound.app_address is set"
+                );
+                return;
+            }
+        },
+    };
+    let started = Instant::now();
+    let handshake = tokio::time::timeout(
+        shared.config.handshake_timeout,
+        shared.server_tls.accept(tcp),
+    )
+    .await;
+    let mut tls = match handshake {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            let reason = failure_reason(&e);
+            m.fail(DIR, reason);
+            tracing::warn!(reason, detail = %e, "inbound handshake refused");
+            return;
+        }
+        Err(_) => {
+            m.fail(DIR, "handshake_timeout");
+            tracing::warn!(reason = "handshake_timeout", "inbound handshake timed out");
+            return;
+        }
+    };
+    m.handshake
+        .get_or_create(&Dir { direction: DIR })
+        .observe(started.elapsed().as_secs_f64());
+    let chain = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(<[_]>::to_vec)
+        .unwrap_or_default();
+    // The verifier already required one valid SPIFFE URI SAN; read it back for the decision.
+    let Some(info) = chain.first().and_then(|c| inspect_cert(c).ok()) else {
+        m.fail(DIR, "no_client_certificate");
+        return;
+    };
+    let region = region_of_chain(&chain);
+    if !inbound.allow.contains(&info.id) {
+        m.fail(DIR, "not_allowed");
+        tracing::warn!(reason = "not_allowed", peer_id = %info.id, peer_region = ?region, serial = %info.serial, "inbound connection denied by allow list (default deny)");
+        return;
+    }
+    tracing::info!(peer_id = %info.id, peer_region = ?region, serial = %info.serial, %target, "inbound connection allowed");
+    let mut app = match TcpStream::connect(target).await {
+        Ok(a) => a,
+        Err(e) => {
+            m.fail(DIR, "app_unreachable");
+            tracing::warn!(reason = "app_unreachable", %target, error = %e, "cannot reach the app");
+            return;
+        }
+    };
+    let _ = app.set_nodelay(true);
+    m.opened.get_or_create(&Dir { direction: DIR }).inc();
+    let result = splice(&mut app, &mut tls).await;
+    m.closed.get_or_create(&Dir { direction: DIR }).inc();
+    match result {
+        Ok((to_peer, from_peer)) => {
+            m.bytes
+                .get_or_create(&Flow {
+                    direction: DIR,
+                    flow: "to_peer",
+                })
+                .inc_by(to_peer);
+            m.bytes
+                .get_or_create(&Flow {
+                    direction: DIR,
+                    flow: "from_peer",
+                })
+                .inc_by(from_peer);
+            tracing::debug!(to_peer, from_peer, "inbound connection closed");
+        }
+        Err(e) => tracing::debug!(error = %e, "inbound connection ended with error"),
+    }
+}

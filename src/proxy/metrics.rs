@@ -1,0 +1,106 @@
+//! The sidecar's Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Direction of a proxied connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Dir {
+    pub direction: &'static str,
+}
+
+/// Direction and reason of a failed connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Failure {
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+/// Bytes by direction of the connection and of the flow.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Flow {
+    pub direction: &'static str,
+    /// `to_peer` (towards the mesh side) or `from_peer`.
+    pub flow: &'static str,
+}
+
+/// Metrics of `trustline sidecar`.
+#[derive(Clone)]
+pub struct ProxyMetrics {
+    pub opened: Family<Dir, Counter>,
+    pub closed: Family<Dir, Counter>,
+    pub failed: Family<Failure, Counter>,
+    pub bytes: Family<Flow, Counter>,
+    pub handshake: Family<Dir, Histogram, fn() -> Histogram>,
+    pub svid_expiry: Gauge,
+    pub rotations: Counter,
+}
+
+fn handshake_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.00025, 2.0, 14))
+}
+
+impl ProxyMetrics {
+    /// Creates and registers the metrics.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = ProxyMetrics {
+            opened: Family::default(),
+            closed: Family::default(),
+            failed: Family::default(),
+            bytes: Family::default(),
+            handshake: Family::new_with_constructor(handshake_histogram as fn() -> Histogram),
+            svid_expiry: Gauge::default(),
+            rotations: Counter::default(),
+        };
+        registry.register(
+            "trustline_connections_opened",
+            "Connections accepted into the mesh",
+            m.opened.clone(),
+        );
+        registry.register(
+            "trustline_connections_closed",
+            "Connections that ended after being established",
+            m.closed.clone(),
+        );
+        registry.register(
+            "trustline_connections_failed",
+            "Connections refused or failed, by reason",
+            m.failed.clone(),
+        );
+        registry.register("trustline_bytes", "Bytes proxied", m.bytes.clone());
+        registry.register(
+            "trustline_handshake_duration_seconds",
+            "mTLS handshake latency",
+            m.handshake.clone(),
+        );
+        registry.register(
+            "trustline_svid_expiry_timestamp_seconds",
+            "Expiry of the current SVID (Unix time)",
+            m.svid_expiry.clone(),
+        );
+        registry.register(
+            "trustline_svid_rotations",
+            "SVIDs published",
+            m.rotations.clone(),
+        );
+        m
+    }
+
+    /// Counts a failure.
+    pub fn fail(&self, direction: &'static str, reason: &'static str) {
+        self.failed
+            .get_or_create(&Failure { direction, reason })
+            .inc();
+    }
+
+    /// Reads a failure count (for tests and logs).
+    pub fn failures(&self, direction: &'static str, reason: &'static str) -> u64 {
+        self.failed
+            .get_or_create(&Failure { direction, reason })
+            .get()
+    }
+}

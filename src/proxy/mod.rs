@@ -1,0 +1,366 @@
+//! `trustline sidecar`: the per-workload proxy.
+//!
+//! - **Outbound** (transparent, default 15001): `SO_ORIGINAL_DST` → known service → mTLS 1.3 with
+//!   the service's expected SPIFFE ID → splice. Unknown destinations are refused (or passed
+//!   through in plain text if configured), always logged.
+//! - **Explicit listeners** (`[[listener]]`): plain text on a local port → mTLS to one service,
+//!   for hosts without interception (like ghostunnel).
+//! - **Inbound** (default 15006): mTLS 1.3 server requiring an X.509-SVID of our trust domain,
+//!   then the allow list (default deny), then the app on localhost at the original port.
+//!
+//! The identity task ([`crate::identity::manager`]) publishes the SVID; every handshake reads
+//! the newest. Until one is held, `/readyz` fails and connections are closed at once.
+
+pub mod config;
+mod inbound;
+pub mod metrics;
+mod outbound;
+pub mod redirect;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+
+use crate::clock::{unix_secs, Clock};
+use crate::identity::manager::{self, Identity};
+use crate::tls::mesh::{self, PeerChecks};
+use crate::tls::ExpectedPeer;
+use config::SidecarConfig;
+use metrics::ProxyMetrics;
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Counts live connections so a drain can wait for them.
+#[derive(Default)]
+pub struct Tracker {
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+/// Held by a live connection; dropping it counts the connection out.
+pub struct Tracked(Arc<Tracker>);
+
+impl Tracker {
+    fn enter(self: &Arc<Self>) -> Tracked {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        Tracked(self.clone())
+    }
+
+    /// Connections in flight.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// What every connection handler shares.
+pub(crate) struct Shared {
+    pub config: SidecarConfig,
+    pub identity: Arc<Identity>,
+    pub metrics: ProxyMetrics,
+    pub tracker: Arc<Tracker>,
+    pub server_tls: tokio_rustls::TlsAcceptor,
+    /// One client config per service (its expected identities).
+    pub client_tls: Vec<tokio_rustls::TlsConnector>,
+    pub next_id: AtomicU64,
+}
+
+/// A running sidecar: real addresses, identity, metrics, and the drain handle.
+pub struct Bound {
+    pub admin: SocketAddr,
+    pub inbound: Option<SocketAddr>,
+    pub outbound: Option<SocketAddr>,
+    /// Explicit listeners, in config order.
+    pub listeners: Vec<SocketAddr>,
+    pub identity: Arc<Identity>,
+    pub metrics: ProxyMetrics,
+    tracker: Arc<Tracker>,
+    stop_accepting: watch::Sender<bool>,
+    stop_all: watch::Sender<bool>,
+}
+
+impl Bound {
+    /// Stops accepting, waits for open connections to finish up to `deadline`, then stops the
+    /// remaining tasks (open connections are closed). Returns the connections cut off.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        let _ = self.stop_accepting.send(true);
+        let wait = async {
+            loop {
+                let idle = self.tracker.idle.notified();
+                if self.tracker.active() == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        let _ = tokio::time::timeout(deadline, wait).await;
+        let left = self.tracker.active();
+        let _ = self.stop_all.send(true);
+        left
+    }
+
+    /// Connections in flight.
+    pub fn active_connections(&self) -> usize {
+        self.tracker.active()
+    }
+}
+
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), ProxyError> {
+    let err = |source| ProxyError::Bind { what, addr, source };
+    let l = TcpListener::bind(addr).await.map_err(err)?;
+    let local = l.local_addr().map_err(err)?;
+    Ok((l, local))
+}
+
+/// Starts the identity task, binds every listener and serves. Returns once bound.
+pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyError> {
+    let (stop_all, stop_all_rx) = watch::channel(false);
+    let (stop_accepting, stop_accepting_rx) = watch::channel(false);
+    let identity = manager::start(config.identity.clone(), clock.clone(), stop_all_rx.clone());
+    let mut registry = Registry::default();
+    let metrics = ProxyMetrics::new(&mut registry);
+    let checks = PeerChecks {
+        trust_domain: config.trust_domain.clone(),
+        revoked: identity.revoked.clone(),
+    };
+    let bundle = identity.bundle().clone();
+    let server = mesh::server_config(
+        &bundle,
+        checks.clone(),
+        identity.resolver.clone(),
+        config.resumption,
+        &clock,
+    )?;
+    let client_tls = config
+        .services
+        .iter()
+        .map(|s| {
+            mesh::client_config(
+                &bundle,
+                ExpectedPeer::AnyOf(s.spiffe_ids.clone()),
+                checks.clone(),
+                identity.resolver.clone(),
+                config.resumption,
+                &clock,
+            )
+            .map(|c| tokio_rustls::TlsConnector::from(Arc::new(c)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let admin = crate::admin::serve(
+        config.admin,
+        admin_state(registry, &identity, &clock),
+        stop_all_rx.clone(),
+    )
+    .await
+    .map_err(|source| ProxyError::Bind {
+        what: "admin",
+        addr: config.admin,
+        source,
+    })?;
+    let shared = Arc::new(Shared {
+        identity: identity.clone(),
+        metrics: metrics.clone(),
+        tracker: Arc::new(Tracker::default()),
+        server_tls: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        client_tls,
+        next_id: AtomicU64::new(1),
+        config,
+    });
+    tokio::spawn(watch_rotations(
+        identity.clone(),
+        metrics.clone(),
+        stop_all_rx.clone(),
+    ));
+
+    let inbound = match shared.config.inbound.clone() {
+        Some(i) => {
+            let (l, addr) = bind("inbound", i.listen).await?;
+            tokio::spawn(inbound::serve(
+                l,
+                shared.clone(),
+                stop_accepting_rx.clone(),
+                stop_all_rx.clone(),
+            ));
+            Some(addr)
+        }
+        None => None,
+    };
+    let outbound = match shared.config.outbound {
+        Some((listen, _)) => {
+            let (l, addr) = bind("outbound", listen).await?;
+            tokio::spawn(outbound::serve_transparent(
+                l,
+                shared.clone(),
+                stop_accepting_rx.clone(),
+                stop_all_rx.clone(),
+            ));
+            Some(addr)
+        }
+        None => None,
+    };
+    let mut listeners = Vec::new();
+    for (n, lc) in shared.config.listeners.clone().into_iter().enumerate() {
+        let (l, addr) = bind("listener", lc.listen).await?;
+        tokio::spawn(outbound::serve_explicit(
+            l,
+            n,
+            shared.clone(),
+            stop_accepting_rx.clone(),
+            stop_all_rx.clone(),
+        ));
+        listeners.push(addr);
+    }
+    tracing::info!(id = %identity.id(), %admin, ?inbound, ?outbound, ?listeners, "sidecar listening");
+    Ok(Bound {
+        admin,
+        inbound,
+        outbound,
+        listeners,
+        identity,
+        metrics,
+        tracker: shared.tracker.clone(),
+        stop_accepting,
+        stop_all,
+    })
+}
+
+fn admin_state(
+    registry: Registry,
+    identity: &Arc<Identity>,
+    clock: &Clock,
+) -> Arc<crate::admin::AdminState> {
+    let ready_id = identity.clone();
+    let info_id = identity.clone();
+    let clock = clock.clone();
+    Arc::new(crate::admin::AdminState {
+        registry,
+        ready: Box::new(move || ready_id.ready()),
+        json: vec![(
+            "/identity",
+            Box::new(move || match info_id.current() {
+                None => serde_json::json!({"spiffe_id": info_id.id().to_string(), "ready": false}),
+                Some(s) => {
+                    let left = s
+                        .info
+                        .not_after
+                        .duration_since(clock.now())
+                        .unwrap_or_default();
+                    serde_json::json!({
+                        "spiffe_id": s.id().to_string(),
+                        "serial": s.info.serial.to_string(),
+                        "not_after": crate::clock::rfc3339(s.info.not_after),
+                        "region": crate::identity::region_of_chain(&s.chain),
+                        // How long traffic can go on if the CA stayed down from now.
+                        "seconds_left_if_ca_down": left.as_secs(),
+                        "ready": left > Duration::ZERO,
+                    })
+                }
+            }),
+        )],
+    })
+}
+
+async fn watch_rotations(
+    identity: Arc<Identity>,
+    metrics: ProxyMetrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut rx = identity.rotations();
+    loop {
+        if let Some(s) = identity.current() {
+            metrics.svid_expiry.set(unix_secs(s.info.not_after) as i64);
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = stop.changed() => return,
+        }
+        metrics.rotations.inc();
+    }
+}
+
+/// Accepts until told to stop; hands each connection to `handle`.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop_accepting: watch::Receiver<bool>,
+    stop_all: watch::Receiver<bool>,
+    handle: F,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr, Arc<Shared>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = stop_accepting.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let guard = shared.tracker.enter();
+        let fut = handle(tcp, peer, shared.clone());
+        let mut stop = stop_all.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            tokio::select! {
+                _ = fut => {}
+                _ = stop.changed() => {}
+            }
+        });
+    }
+}
+
+/// The original destination of a redirected connection, `None` when it was not redirected.
+pub(crate) fn original_dst(tcp: &tokio::net::TcpStream) -> Option<SocketAddr> {
+    let local = tcp.local_addr().ok()?;
+    let sock = socket2::SockRef::from(tcp);
+    let orig = if local.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    }
+    .ok()?
+    .as_socket()?;
+    (orig != local).then_some(orig)
+}
+
+/// Copies both ways until both sides are done; returns (to_peer, from_peer) byte counts.
+pub(crate) async fn splice<A, B>(app: &mut A, peer: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(app, peer, 16 * 1024, 16 * 1024).await
+}

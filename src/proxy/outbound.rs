@@ -1,0 +1,166 @@
+//! The outbound side: transparent (iptables) and explicit listeners, mTLS 1.3 client.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use super::config::UnknownDestination;
+use super::metrics::{Dir, Flow};
+use super::{accept_loop, original_dst, splice, Shared};
+use crate::tls::mesh::failure_reason;
+
+const DIR: &str = "outbound";
+
+pub(super) async fn serve_transparent(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop_accepting: watch::Receiver<bool>,
+    stop_all: watch::Receiver<bool>,
+) {
+    accept_loop(
+        listener,
+        shared,
+        stop_accepting,
+        stop_all,
+        |tcp, peer, shared| {
+            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+            let span = tracing::info_span!("conn", id, dir = DIR, %peer);
+            async move { transparent(tcp, shared).await }.instrument(span)
+        },
+    )
+    .await
+}
+
+pub(super) async fn serve_explicit(
+    listener: TcpListener,
+    index: usize,
+    shared: Arc<Shared>,
+    stop_accepting: watch::Receiver<bool>,
+    stop_all: watch::Receiver<bool>,
+) {
+    accept_loop(listener, shared, stop_accepting, stop_all, move |tcp, peer, shared| {
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let l = shared.config.listeners[index].clone();
+        let span = tracing::info_span!("conn", id, dir = DIR, %peer, service = %shared.config.services[l.service].name);
+        async move { to_service(tcp, l.service, l.address, shared).await }.instrument(span)
+    })
+    .await
+}
+
+async fn transparent(tcp: TcpStream, shared: Arc<Shared>) {
+    let m = &shared.metrics;
+    let Some(orig) = original_dst(&tcp) else {
+        m.fail(DIR, "not_redirected");
+        tracing::warn!(
+            reason = "not_redirected",
+            "outbound connection has no original destination"
+        );
+        return;
+    };
+    match shared
+        .config
+        .services
+        .iter()
+        .position(|s| s.addresses.contains(&orig))
+    {
+        Some(service) => to_service(tcp, service, orig, shared).await,
+        None => match shared.config.outbound.map(|o| o.1) {
+            Some(UnknownDestination::Passthrough) => passthrough(tcp, orig, shared).await,
+            _ => {
+                m.fail(DIR, "unknown_destination");
+                tracing::warn!(reason = "unknown_destination", destination = %orig, "refused: not a known service");
+            }
+        },
+    }
+}
+
+async fn passthrough(mut tcp: TcpStream, orig: SocketAddr, shared: Arc<Shared>) {
+    tracing::warn!(destination = %orig, "unknown destination passed through in PLAIN TEXT (outbound.unknown_destination = \"passthrough\")");
+    let m = &shared.metrics;
+    match TcpStream::connect(orig).await {
+        Ok(mut up) => {
+            m.opened
+                .get_or_create(&Dir {
+                    direction: "passthrough",
+                })
+                .inc();
+            let _ = splice(&mut tcp, &mut up).await;
+            m.closed
+                .get_or_create(&Dir {
+                    direction: "passthrough",
+                })
+                .inc();
+        }
+        Err(e) => {
+            m.fail("passthrough", "upstream_unreachable");
+            tracing::warn!(error = %e, "passthrough destination unreachable");
+        }
+    }
+}
+
+fn server_name(service: &str) -> ServerName<'static> {
+    ServerName::try_from(service.to_string())
+        .unwrap_or_else(|_| ServerName::try_from("mesh.invalid").expect("valid name"))
+}
+
+async fn to_service(mut app: TcpStream, service: usize, addr: SocketAddr, shared: Arc<Shared>) {
+    let m = &shared.metrics;
+    if let Err(why) = shared.identity.ready() {
+        m.fail(DIR, "not_ready");
+        tracing::warn!(reason = "not_ready", detail = %why, "outbound connection refused");
+        return;
+    }
+    let svc = &shared.config.services[service];
+    let started = Instant::now();
+    let up = match TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => {
+            m.fail(DIR, "upstream_unreachable");
+            tracing::warn!(reason = "upstream_unreachable", %addr, error = %e, "cannot reach the service");
+            return;
+        }
+    };
+    let _ = up.set_nodelay(true);
+    let connect = shared.client_tls[service].connect(server_name(&svc.name), up);
+    let mut tls = match tokio::time::timeout(shared.config.handshake_timeout, connect).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            let reason = failure_reason(&e);
+            m.fail(DIR, reason);
+            tracing::warn!(reason, detail = %e, service = %svc.name, %addr, "outbound handshake failed");
+            return;
+        }
+        Err(_) => {
+            m.fail(DIR, "handshake_timeout");
+            tracing::warn!(reason = "handshake_timeout", %addr, "outbound handshake timed out");
+            return;
+        }
+    };
+    m.handshake
+        .get_or_create(&Dir { direction: DIR })
+        .observe(started.elapsed().as_secs_f64());
+    tracing::debug!(service = %svc.name, %addr, "outbound mTLS established");
+    m.opened.get_or_create(&Dir { direction: DIR }).inc();
+    let result = splice(&mut app, &mut tls).await;
+    m.closed.get_or_create(&Dir { direction: DIR }).inc();
+    if let Ok((to_peer, from_peer)) = result {
+        m.bytes
+            .get_or_create(&Flow {
+                direction: DIR,
+                flow: "to_peer",
+            })
+            .inc_by(to_peer);
+        m.bytes
+            .get_or_create(&Flow {
+                direction: DIR,
+                flow: "from_peer",
+            })
+            .inc_by(from_peer);
+    }
+}

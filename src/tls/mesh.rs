@@ -1,0 +1,305 @@
+//! The mesh's mTLS 1.3 configurations: SPIFFE checks on both ends, the newest SVID on every
+//! handshake, revocations honoured, and a short reason for every refusal.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::ResolvesClientCert;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use super::{provider, ExpectedPeer, TLS13_ONLY};
+use crate::clock::Clock;
+use crate::identity::{inspect_cert, Bundle, Serial, TrustDomain};
+
+/// ALPN protocol marking mesh traffic between sidecars.
+pub const MESH_ALPN: &[u8] = b"trustline/1";
+
+/// Revoked serials, replaced whole on each refresh.
+pub type RevokedSet = Arc<ArcSwap<HashSet<Serial>>>;
+
+/// Why a peer certificate was refused by a SPIFFE check (carried inside rustls errors).
+#[derive(Debug, thiserror::Error)]
+#[error("{detail}")]
+pub struct SpiffeRejection {
+    /// A short, stable label for metrics: `bad_spiffe_id`, `wrong_trust_domain`, `leaf_is_ca`,
+    /// `unexpected_identity`.
+    pub reason: &'static str,
+    /// What exactly was wrong.
+    pub detail: String,
+}
+
+fn reject(reason: &'static str, detail: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+        SpiffeRejection { reason, detail },
+    ))))
+}
+
+/// A short label for a failed handshake, for metrics and logs.
+pub fn failure_reason(e: &std::io::Error) -> &'static str {
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => "eof_during_handshake",
+            std::io::ErrorKind::TimedOut => "timeout",
+            _ => "io",
+        };
+    };
+    tls_reason(tls)
+}
+
+/// A short label for a rustls error.
+pub fn tls_reason(e: &rustls::Error) -> &'static str {
+    use rustls::Error as E;
+    match e {
+        E::NoCertificatesPresented => "no_client_certificate",
+        E::InvalidCertificate(c) => match c {
+            CertificateError::UnknownIssuer => "unknown_issuer",
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not_yet_valid"
+            }
+            CertificateError::Revoked => "revoked",
+            CertificateError::BadSignature => "bad_signature",
+            CertificateError::Other(o) => {
+                o.0.downcast_ref::<SpiffeRejection>()
+                    .map(|r| r.reason)
+                    .unwrap_or("bad_certificate")
+            }
+            _ => "bad_certificate",
+        },
+        E::PeerIncompatible(_) => "incompatible_peer",
+        E::AlertReceived(_) => "alert_received",
+        E::InappropriateHandshakeMessage { .. } | E::InappropriateMessage { .. } => {
+            "protocol_error"
+        }
+        E::NoApplicationProtocol => "no_alpn",
+        _ => "tls_error",
+    }
+}
+
+/// The SPIFFE checks both ends apply to a peer's leaf after the path check.
+#[derive(Clone, Debug)]
+pub struct PeerChecks {
+    /// The trust domain every peer must belong to.
+    pub trust_domain: TrustDomain,
+    /// Serials that must be refused.
+    pub revoked: RevokedSet,
+}
+
+impl PeerChecks {
+    fn check(&self, leaf: &CertificateDer<'_>) -> Result<crate::identity::CertInfo, rustls::Error> {
+        let info = inspect_cert(leaf).map_err(|e| reject("bad_spiffe_id", e.to_string()))?;
+        if info.is_ca {
+            return Err(reject(
+                "leaf_is_ca",
+                format!("{} is a CA certificate", info.id),
+            ));
+        }
+        if !info.id.is_member_of(&self.trust_domain) {
+            return Err(reject(
+                "wrong_trust_domain",
+                format!("{} is not in trust domain {}", info.id, self.trust_domain),
+            ));
+        }
+        if self.revoked.load().contains(&info.serial) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        Ok(info)
+    }
+}
+
+/// Server side: the client must present a certificate chaining to the bundle (webpki) that is
+/// an X.509-SVID of our trust domain and not revoked. Who may talk to whom is decided after.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    checks: PeerChecks,
+}
+
+impl SpiffeClientVerifier {
+    /// Trusts `bundle`, applies `checks`.
+    pub fn new(bundle: &Bundle, checks: PeerChecks) -> Result<Self, rustls::Error> {
+        let inner = WebPkiClientVerifier::builder_with_provider(bundle.store(), provider())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        Ok(Self { inner, checks })
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        self.checks.check(end_entity)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Client side: the server's chain, SPIFFE profile, trust domain, revocation, then the
+/// expected identity of the destination.
+#[derive(Debug)]
+pub struct MeshServerVerifier {
+    inner: super::SpiffeServerVerifier,
+    checks: PeerChecks,
+}
+
+impl MeshServerVerifier {
+    /// Verifies servers against `bundle`, expecting `expected`.
+    pub fn new(bundle: &Bundle, expected: ExpectedPeer, checks: PeerChecks) -> Self {
+        Self {
+            inner: super::SpiffeServerVerifier::new(bundle.store(), expected),
+            checks,
+        }
+    }
+}
+
+impl ServerCertVerifier for MeshServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.checks.check(end_entity)?;
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(m, c, d)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(m, c, d)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Hands the newest SVID to every handshake, as server and as client. Empty until the
+/// identity task publishes one: handshakes then fail (fail closed).
+#[derive(Debug, Default)]
+pub struct SvidResolver(pub ArcSwapOption<CertifiedKey>);
+
+impl ResolvesServerCert for SvidResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.load_full()
+    }
+}
+
+impl ResolvesClientCert for SvidResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.0.load_full()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Inbound (server) mTLS configuration.
+pub fn server_config(
+    bundle: &Bundle,
+    checks: PeerChecks,
+    resolver: Arc<SvidResolver>,
+    resumption: bool,
+    clock: &Clock,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let verifier = SpiffeClientVerifier::new(bundle, checks)?;
+    let mut cfg = rustls::ServerConfig::builder_with_details(provider(), Arc::new(clock.clone()))
+        .with_protocol_versions(TLS13_ONLY)?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(resolver);
+    cfg.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    if resumption {
+        // Resumed sessions skip certificate verification, so tickets live far shorter than
+        // any SVID (rustls' ticketer rotates keys every 6 h; sessions are accepted for 12 h at
+        // most): keep tickets, but the cache is per process and small.
+        cfg.send_tls13_tickets = 1;
+        cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
+    } else {
+        cfg.send_tls13_tickets = 0;
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    }
+    Ok(cfg)
+}
+
+/// Outbound (client) mTLS configuration for one destination.
+pub fn client_config(
+    bundle: &Bundle,
+    expected: ExpectedPeer,
+    checks: PeerChecks,
+    resolver: Arc<SvidResolver>,
+    resumption: bool,
+    clock: &Clock,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let verifier = MeshServerVerifier::new(bundle, expected, checks);
+    let mut cfg = rustls::ClientConfig::builder_with_details(provider(), Arc::new(clock.clone()))
+        .with_protocol_versions(TLS13_ONLY)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(resolver);
+    cfg.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    cfg.resumption = if resumption {
+        rustls::client::Resumption::in_memory_sessions(256)
+    } else {
+        rustls::client::Resumption::disabled()
+    };
+    Ok(cfg)
+}

@@ -58,10 +58,25 @@ pub const DEFAULT_RATE_LIMIT: u32 = 50;
 impl CaServeConfig {
     /// Merges flags (`flags`) over the optional file, then validates.
     pub fn resolve(flags: CaServeFile, file: Option<&Path>) -> Result<Self, ConfigError> {
-        let from_file = match file {
+        let mut from_file = match file {
             Some(p) => load_toml::<CaServeFile>(p)?,
             None => CaServeFile::default(),
         };
+        // Relative paths in a file are relative to the file, as in the sidecar's config.
+        if let Some(dir) = file.and_then(Path::parent) {
+            for p in [
+                &mut from_file.ca,
+                &mut from_file.data,
+                &mut from_file.audit_log,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            }
+        }
         // Where each value came from, for error messages.
         let src = |flag_set: bool| if flag_set { None } else { file };
         let ca_src = src(flags.ca.is_some());

@@ -1,0 +1,114 @@
+//! The example configurations in `config/` are valid, and bad sidecar configs are refused with
+//! the file, the field and the reason.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use trustline::ca::authority;
+use trustline::ca::config::{CaServeConfig, CaServeFile};
+use trustline::identity::parse_trust_domain;
+use trustline::proxy::config::SidecarConfig;
+
+fn example(name: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config")
+        .join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// A temp dir with a root CA, its bundle copied to `bundle.pem` beside the configs.
+fn world() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let td = parse_trust_domain("example.org").unwrap();
+    let root = dir.path().join("pki/root");
+    authority::init_root(&td, &root, Duration::from_secs(86400), false).unwrap();
+    authority::init_intermediate(
+        &root,
+        "eu-west",
+        &dir.path().join("pki/eu-west"),
+        Duration::from_secs(3600),
+        false,
+    )
+    .unwrap();
+    std::fs::copy(root.join("bundle.pem"), dir.path().join("bundle.pem")).unwrap();
+    let p = dir.path().to_path_buf();
+    (dir, p)
+}
+
+#[test]
+fn example_ca_config_is_valid() {
+    let (_keep, dir) = world();
+    let file = dir.join("ca.toml");
+    std::fs::write(&file, example("ca.toml")).unwrap();
+    let c = CaServeConfig::resolve(CaServeFile::default(), Some(&file)).unwrap();
+    assert_eq!(c.ca_dir, dir.join("pki/eu-west"));
+    assert_eq!(c.svid_ttl, Duration::from_secs(24 * 3600));
+}
+
+#[test]
+fn example_sidecar_config_is_valid() {
+    let (_keep, dir) = world();
+    let file = dir.join("sidecar.toml");
+    std::fs::write(&file, example("sidecar-explicit.toml")).unwrap();
+    let c = SidecarConfig::load(&file).unwrap();
+    assert_eq!(
+        c.identity.id.to_string(),
+        "spiffe://example.org/ns/shop/sa/frontend"
+    );
+    assert_eq!(c.services[0].name, "checkout");
+    assert_eq!(c.listeners[0].listen.port(), 7001);
+    assert_eq!(c.inbound.unwrap().allow.len(), 1);
+}
+
+fn refused(dir: &Path, text: &str) -> String {
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, text).unwrap();
+    SidecarConfig::load(&file).unwrap_err().to_string()
+}
+
+#[test]
+fn bad_sidecar_configs_name_file_field_and_reason() {
+    let (_keep, dir) = world();
+    let good = example("sidecar-explicit.toml");
+    let cases = [
+        (
+            good.replace("drain_timeout", "drain_timout"),
+            "drain_timout",
+        ),
+        (
+            good.replace(
+                "spiffe://example.org/ns/shop/sa/frontend",
+                "spiffe://example.org/ns//sa/x",
+            ),
+            "spiffe_id",
+        ),
+        (
+            good.replace(
+                "spiffe://example.org/ns/shop/sa/gateway",
+                "spiffe://other.org/ns/a/sa/b",
+            ),
+            "inbound.allow[0]",
+        ),
+        (good.replace("127.0.0.1:16006", "nowhere"), "addresses[0]"),
+        (
+            good.replace("service = \"checkout\"", "service = \"nope\""),
+            "listener[0].service",
+        ),
+        (
+            good.replace("source = \"ca\"", "source = \"magic\""),
+            "identity.source",
+        ),
+        (
+            good.replace("bundle = \"bundle.pem\"", "bundle = \"missing.pem\""),
+            "bundle",
+        ),
+        (good.replace("workers = 1", "workers = 0"), "workers"),
+    ];
+    for (text, field) in cases {
+        let err = refused(&dir, &text);
+        assert!(
+            err.contains("bad.toml") && err.contains(field),
+            "{field}: {err}"
+        );
+    }
+}

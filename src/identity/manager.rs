@@ -22,7 +22,7 @@ use tracing::Instrument;
 use super::{certs_from_pem, Bundle, Serial, SpiffeId, Svid};
 use crate::ca::client::CaClient;
 use crate::clock::{rfc3339, Clock};
-use crate::tls::mesh::{RevokedSet, SvidResolver};
+use crate::tls::mesh::{RevokedSet, SvidResolver, Trust};
 
 /// Longest wait between renewal attempts.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(150);
@@ -60,22 +60,23 @@ pub struct Identity {
     current: ArcSwapOption<Svid>,
     rotations: watch::Sender<u64>,
     id: SpiffeId,
-    bundle: Bundle,
+    trust: Arc<Trust>,
     clock: Clock,
 }
 
 impl Identity {
     /// An identity with nothing published yet.
-    pub fn new(id: SpiffeId, bundle: Bundle, clock: Clock) -> Arc<Self> {
-        Arc::new(Identity {
+    pub fn new(id: SpiffeId, bundle: Bundle, clock: Clock) -> Result<Arc<Self>, String> {
+        let trust = Trust::new(bundle).map_err(|e| format!("trust bundle: {e}"))?;
+        Ok(Arc::new(Identity {
             resolver: Arc::new(SvidResolver::default()),
             revoked: Arc::new(ArcSwap::from_pointee(HashSet::new())),
             current: ArcSwapOption::empty(),
             rotations: watch::channel(0).0,
             id,
-            bundle,
+            trust,
             clock,
-        })
+        }))
     }
 
     /// The SVID in use, if any.
@@ -83,9 +84,14 @@ impl Identity {
         self.current.load_full()
     }
 
-    /// The bundle this identity trusts.
-    pub fn bundle(&self) -> &Bundle {
-        &self.bundle
+    /// The bundle in force (refreshed from the CA).
+    pub fn bundle(&self) -> Arc<Bundle> {
+        self.trust.bundle()
+    }
+
+    /// The shared trust state the TLS verifiers read.
+    pub fn trust(&self) -> Arc<Trust> {
+        self.trust.clone()
     }
 
     /// The SPIFFE ID this sidecar runs as.
@@ -110,7 +116,8 @@ impl Identity {
     /// Validates `svid` (chain to the bundle, our SPIFFE ID, key matches) and publishes it.
     pub fn publish(&self, svid: Svid) -> Result<(), String> {
         let info = self
-            .bundle
+            .trust
+            .bundle()
             .verify_svid_chain(&svid.chain, self.clock.now())
             .map_err(|e| e.to_string())?;
         if info.id != self.id {
@@ -143,8 +150,8 @@ pub fn start(
     config: IdentityConfig,
     clock: Clock,
     shutdown: watch::Receiver<bool>,
-) -> Arc<Identity> {
-    let identity = Identity::new(config.id.clone(), config.bundle.clone(), clock.clone());
+) -> Result<Arc<Identity>, String> {
+    let identity = Identity::new(config.id.clone(), config.bundle.clone(), clock.clone())?;
     let span = tracing::info_span!("identity", id = %config.id);
     match &config.source {
         IdentitySource::Ca { url, token_file } => {
@@ -160,7 +167,7 @@ pub fn start(
                         .instrument(span.clone()),
                     );
                     tokio::spawn(
-                        revocation_loop(identity.clone(), client, config.refresh, shutdown)
+                        refresh_loop(identity.clone(), client, config.refresh, shutdown)
                             .instrument(span),
                     );
                 }
@@ -176,7 +183,7 @@ pub fn start(
             );
         }
     }
-    identity
+    Ok(identity)
 }
 
 /// When to renew an SVID received at `now`: 50 % ±10 % of what is left of its lifetime.
@@ -259,7 +266,8 @@ async fn first_svid(
         .map_err(|e| e.to_string())
 }
 
-async fn revocation_loop(
+/// Refreshes the revocation list and the trust bundle from the CA every `every`.
+async fn refresh_loop(
     identity: Arc<Identity>,
     client: CaClient,
     every: Duration,
@@ -272,10 +280,28 @@ async fn revocation_loop(
                 tracing::warn!(error = %e, "refreshing the revocation list failed; keeping the last one")
             }
         }
+        if let Err(e) = refresh_bundle(&identity, &client).await {
+            tracing::warn!(error = %e, "refreshing the trust bundle failed; keeping the last one");
+        }
         if !sleep_or_stop(every, &mut shutdown).await {
             return;
         }
     }
+}
+
+async fn refresh_bundle(identity: &Identity, client: &CaClient) -> Result<(), String> {
+    let pem = client.fetch_bundle_pem().await.map_err(|e| e.to_string())?;
+    let current = identity.bundle();
+    let fresh = Bundle::from_pem(current.trust_domain.clone(), &pem, "CA bundle")
+        .map_err(|e| e.to_string())?;
+    if fresh.roots != current.roots {
+        identity
+            .trust
+            .set_bundle(fresh)
+            .map_err(|e| e.to_string())?;
+        tracing::info!("trust bundle updated from the CA");
+    }
+    Ok(())
 }
 
 /// Fetches `GET /v1/revoked` and parses the serials.

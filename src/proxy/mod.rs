@@ -44,6 +44,8 @@ pub enum ProxyError {
     },
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("identity: {0}")]
+    Identity(String),
 }
 
 /// Counts live connections so a drain can wait for them.
@@ -142,16 +144,17 @@ async fn bind(
 pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyError> {
     let (stop_all, stop_all_rx) = watch::channel(false);
     let (stop_accepting, stop_accepting_rx) = watch::channel(false);
-    let identity = manager::start(config.identity.clone(), clock.clone(), stop_all_rx.clone());
+    let identity = manager::start(config.identity.clone(), clock.clone(), stop_all_rx.clone())
+        .map_err(ProxyError::Identity)?;
     let mut registry = Registry::default();
     let metrics = ProxyMetrics::new(&mut registry);
     let checks = PeerChecks {
         trust_domain: config.trust_domain.clone(),
         revoked: identity.revoked.clone(),
     };
-    let bundle = identity.bundle().clone();
+    let trust = identity.trust();
     let server = mesh::server_config(
-        &bundle,
+        trust.clone(),
         checks.clone(),
         identity.resolver.clone(),
         config.resumption,
@@ -162,7 +165,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         .iter()
         .map(|s| {
             mesh::client_config(
-                &bundle,
+                trust.clone(),
                 ExpectedPeer::AnyOf(s.spiffe_ids.clone()),
                 checks.clone(),
                 identity.resolver.clone(),

@@ -34,6 +34,55 @@ pub struct SpiffeRejection {
     pub detail: String,
 }
 
+/// The error for a server whose SPIFFE ID is not the one expected for the destination.
+pub fn unexpected_identity(detail: String) -> rustls::Error {
+    reject("unexpected_identity", detail)
+}
+
+/// The trust bundle in force, replaceable while connections run (bundle refresh). Verifiers read
+/// it on every handshake.
+pub struct Trust {
+    bundle: ArcSwap<Bundle>,
+    client_verifier: ArcSwap<Arc<dyn ClientCertVerifier>>,
+}
+
+impl std::fmt::Debug for Trust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trust")
+            .field("roots", &self.bundle.load().roots.len())
+            .finish()
+    }
+}
+
+fn webpki_client_verifier(bundle: &Bundle) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+    WebPkiClientVerifier::builder_with_provider(bundle.store(), provider())
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))
+}
+
+impl Trust {
+    /// Trust in `bundle`.
+    pub fn new(bundle: Bundle) -> Result<Arc<Self>, rustls::Error> {
+        Ok(Arc::new(Trust {
+            client_verifier: ArcSwap::from_pointee(webpki_client_verifier(&bundle)?),
+            bundle: ArcSwap::from_pointee(bundle),
+        }))
+    }
+
+    /// The bundle in force.
+    pub fn bundle(&self) -> Arc<Bundle> {
+        self.bundle.load_full()
+    }
+
+    /// Replaces the bundle; new handshakes use it at once.
+    pub fn set_bundle(&self, bundle: Bundle) -> Result<(), rustls::Error> {
+        self.client_verifier
+            .store(Arc::new(webpki_client_verifier(&bundle)?));
+        self.bundle.store(Arc::new(bundle));
+        Ok(())
+    }
+}
+
 fn reject(reason: &'static str, detail: String) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
         SpiffeRejection { reason, detail },
@@ -117,23 +166,21 @@ impl PeerChecks {
 /// an X.509-SVID of our trust domain and not revoked. Who may talk to whom is decided after.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    trust: Arc<Trust>,
     checks: PeerChecks,
 }
 
 impl SpiffeClientVerifier {
-    /// Trusts `bundle`, applies `checks`.
-    pub fn new(bundle: &Bundle, checks: PeerChecks) -> Result<Self, rustls::Error> {
-        let inner = WebPkiClientVerifier::builder_with_provider(bundle.store(), provider())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        Ok(Self { inner, checks })
+    /// Trusts `trust`'s bundle (as it is at each handshake), applies `checks`.
+    pub fn new(trust: Arc<Trust>, checks: PeerChecks) -> Self {
+        Self { trust, checks }
     }
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        // No CA hints: SVID holders have one certificate, and the bundle can change.
+        &[]
     }
 
     fn verify_client_cert(
@@ -142,7 +189,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
+        self.trust
+            .client_verifier
+            .load()
             .verify_client_cert(end_entity, intermediates, now)?;
         self.checks.check(end_entity)?;
         Ok(ClientCertVerified::assertion())
@@ -165,11 +214,18 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -177,15 +233,17 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 /// expected identity of the destination.
 #[derive(Debug)]
 pub struct MeshServerVerifier {
-    inner: super::SpiffeServerVerifier,
+    trust: Arc<Trust>,
+    expected: ExpectedPeer,
     checks: PeerChecks,
 }
 
 impl MeshServerVerifier {
-    /// Verifies servers against `bundle`, expecting `expected`.
-    pub fn new(bundle: &Bundle, expected: ExpectedPeer, checks: PeerChecks) -> Self {
+    /// Verifies servers against `trust`'s bundle, expecting `expected`.
+    pub fn new(trust: Arc<Trust>, expected: ExpectedPeer, checks: PeerChecks) -> Self {
         Self {
-            inner: super::SpiffeServerVerifier::new(bundle.store(), expected),
+            trust,
+            expected,
             checks,
         }
     }
@@ -196,22 +254,32 @@ impl ServerCertVerifier for MeshServerVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let bundle = self.trust.bundle();
+        super::verify_spiffe_server(
+            &bundle.store(),
+            &self.expected,
+            end_entity,
+            intermediates,
+            now,
+        )?;
+        // Trust domain and revocation after the path, so an unknown issuer is reported as such.
         self.checks.check(end_entity)?;
-        self.inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
         &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(m, c, d)
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -220,11 +288,18 @@ impl ServerCertVerifier for MeshServerVerifier {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(m, c, d)
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &provider().signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -255,13 +330,13 @@ impl ResolvesClientCert for SvidResolver {
 
 /// Inbound (server) mTLS configuration.
 pub fn server_config(
-    bundle: &Bundle,
+    trust: Arc<Trust>,
     checks: PeerChecks,
     resolver: Arc<SvidResolver>,
     resumption: bool,
     clock: &Clock,
 ) -> Result<rustls::ServerConfig, rustls::Error> {
-    let verifier = SpiffeClientVerifier::new(bundle, checks)?;
+    let verifier = SpiffeClientVerifier::new(trust, checks);
     let mut cfg = rustls::ServerConfig::builder_with_details(provider(), Arc::new(clock.clone()))
         .with_protocol_versions(TLS13_ONLY)?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -282,14 +357,14 @@ pub fn server_config(
 
 /// Outbound (client) mTLS configuration for one destination.
 pub fn client_config(
-    bundle: &Bundle,
+    trust: Arc<Trust>,
     expected: ExpectedPeer,
     checks: PeerChecks,
     resolver: Arc<SvidResolver>,
     resumption: bool,
     clock: &Clock,
 ) -> Result<rustls::ClientConfig, rustls::Error> {
-    let verifier = MeshServerVerifier::new(bundle, expected, checks);
+    let verifier = MeshServerVerifier::new(trust, expected, checks);
     let mut cfg = rustls::ClientConfig::builder_with_details(provider(), Arc::new(clock.clone()))
         .with_protocol_versions(TLS13_ONLY)?
         .dangerous()

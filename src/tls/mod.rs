@@ -75,6 +75,38 @@ impl SpiffeServerVerifier {
     }
 }
 
+/// The server-side SPIFFE check shared by every client verifier: chain to `roots`, exactly one
+/// SPIFFE URI SAN, leaf not a CA, identity accepted by `expected`. The TLS server name is ignored.
+pub fn verify_spiffe_server(
+    roots: &RootCertStore,
+    expected: &ExpectedPeer,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+) -> Result<ServerCertVerified, rustls::Error> {
+    let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        roots,
+        intermediates,
+        now,
+        provider().signature_verification_algorithms.all,
+    )?;
+    let info = inspect_cert(end_entity).map_err(|e| other_err(e.to_string()))?;
+    if info.is_ca {
+        return Err(other_err(
+            "server presented a CA certificate as its leaf".into(),
+        ));
+    }
+    if !expected.accepts(&info.id) {
+        return Err(mesh::unexpected_identity(format!(
+            "server identity {} is not the expected {expected:?}",
+            info.id
+        )));
+    }
+    Ok(ServerCertVerified::assertion())
+}
+
 fn other_err(msg: String) -> rustls::Error {
     rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
         Arc::new(std::io::Error::other(msg)),
@@ -90,27 +122,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        let info = inspect_cert(end_entity).map_err(|e| other_err(e.to_string()))?;
-        if info.is_ca {
-            return Err(other_err(
-                "server presented a CA certificate as its leaf".into(),
-            ));
-        }
-        if !self.expected.accepts(&info.id) {
-            return Err(other_err(format!(
-                "server identity {} is not the expected {:?}",
-                info.id, self.expected
-            )));
-        }
-        Ok(ServerCertVerified::assertion())
+        verify_spiffe_server(&self.roots, &self.expected, end_entity, intermediates, now)
     }
 
     fn verify_tls12_signature(

@@ -1,0 +1,500 @@
+//! Policy files (TOML): parsing and validation that reports every problem at once.
+//!
+//! ```toml
+//! [service.checkout]
+//! default = "deny"           # optional; deny once there is an allow rule
+//! http_ports = [8080]        # decided per HTTP request on these ports
+//!
+//! [[service.checkout.rule]]
+//! name = "frontend-reads"
+//! action = "allow"           # allow | deny | audit
+//! from = ["spiffe://example.org/ns/shop/sa/frontend", "spiffe://example.org/ns/web/*"]
+//! not_from = ["spiffe://example.org/ns/web/sa/legacy"]
+//! ports = [8080]
+//! methods = ["GET"]
+//! paths = ["/api/*"]
+//! regions = ["eu-west"]
+//! hours = ["Mon-Fri 07:00-19:00 Europe/Berlin"]
+//! mode = "dry-run"           # optional: evaluated and logged, not enforced
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::matchers::{PathPattern, Principal, TimeWindow};
+use super::{Action, DefaultAction, Mode, Rule, ServicePolicy};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    service: BTreeMap<String, Spanned<RawService>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    default: Option<String>,
+    #[serde(default)]
+    http_ports: Vec<u16>,
+    #[serde(default)]
+    rule: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: String,
+    action: String,
+    mode: Option<String>,
+    #[serde(default)]
+    from: Vec<String>,
+    #[serde(default)]
+    not_from: Vec<String>,
+    #[serde(default)]
+    ports: Vec<u16>,
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
+    #[serde(default)]
+    regions: Vec<String>,
+    #[serde(default)]
+    hours: Vec<String>,
+}
+
+/// How bad an issue is: errors make the file unusable, warnings do not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// One problem found in a policy file.
+#[derive(Clone, Debug)]
+pub struct Issue {
+    pub severity: Severity,
+    pub file: PathBuf,
+    pub line: usize,
+    pub service: Option<String>,
+    pub rule: Option<String>,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sev = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(f, "{}:{}: {sev}", self.file.display(), self.line)?;
+        if let Some(s) = &self.service {
+            write!(f, ": service {s}")?;
+        }
+        if let Some(r) = &self.rule {
+            write!(f, ", rule {r:?}")?;
+        }
+        write!(f, ", {}: {}", self.field, self.message)
+    }
+}
+
+/// A policy file that cannot be used, with every error found.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .issues.iter().filter(|i| i.severity == Severity::Error).map(|i| i.to_string()).collect::<Vec<_>>().join("\n"))]
+pub struct PolicyError {
+    pub issues: Vec<Issue>,
+}
+
+/// A validated policy: every protected service of one file, plus its warnings.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub services: BTreeMap<String, ServicePolicy>,
+    pub warnings: Vec<Issue>,
+}
+
+impl Policy {
+    /// The policy of `service`, if the file has one.
+    pub fn service(&self, service: &str) -> Option<&ServicePolicy> {
+        self.services.get(service)
+    }
+}
+
+/// Reads and validates a policy file.
+pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+    let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
+        issues: vec![Issue {
+            severity: Severity::Error,
+            file: path.to_path_buf(),
+            line: 0,
+            service: None,
+            rule: None,
+            field: "(file)".into(),
+            message: e.to_string(),
+        }],
+    })?;
+    parse(&text, path)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+struct Checker<'a> {
+    file: &'a Path,
+    issues: Vec<Issue>,
+}
+
+impl Checker<'_> {
+    fn push(
+        &mut self,
+        severity: Severity,
+        line: usize,
+        service: &str,
+        rule: Option<&str>,
+        field: &str,
+        message: String,
+    ) {
+        self.issues.push(Issue {
+            severity,
+            file: self.file.to_path_buf(),
+            line,
+            service: Some(service.to_string()),
+            rule: rule.map(str::to_string),
+            field: field.to_string(),
+            message,
+        });
+    }
+}
+
+/// Parses and validates policy text; `path` names it in issues.
+pub fn parse(text: &str, path: &Path) -> Result<Policy, PolicyError> {
+    let raw: RawFile = toml::from_str(text).map_err(|e| PolicyError {
+        issues: vec![Issue {
+            severity: Severity::Error,
+            file: path.to_path_buf(),
+            line: e.span().map(|s| line_of(text, s.start)).unwrap_or(0),
+            service: None,
+            rule: None,
+            field: e
+                .span()
+                .map(|s| {
+                    text[s]
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string()
+                })
+                .unwrap_or_else(|| "(document)".into()),
+            message: e.message().trim().to_string(),
+        }],
+    })?;
+    let mut c = Checker {
+        file: path,
+        issues: Vec::new(),
+    };
+    let mut services = BTreeMap::new();
+    for (name, svc) in raw.service {
+        let line = line_of(text, svc.span().start);
+        if let Some(sp) = service_policy(&mut c, text, &name, svc.into_inner(), line) {
+            services.insert(name, sp);
+        }
+    }
+    let (errors, warnings): (Vec<_>, Vec<_>) = c
+        .issues
+        .into_iter()
+        .partition(|i| i.severity == Severity::Error);
+    if !errors.is_empty() {
+        let mut issues = errors;
+        issues.extend(warnings);
+        return Err(PolicyError { issues });
+    }
+    Ok(Policy { services, warnings })
+}
+
+fn service_policy(
+    c: &mut Checker<'_>,
+    text: &str,
+    name: &str,
+    raw: RawService,
+    line: usize,
+) -> Option<ServicePolicy> {
+    let before = c
+        .issues
+        .iter()
+        .filter(|i| i.severity == Severity::Error)
+        .count();
+    let mut rules = Vec::new();
+    let mut names = BTreeMap::new();
+    for spanned in raw.rule {
+        let rline = line_of(text, spanned.span().start);
+        let r = spanned.into_inner();
+        if let Some(prev) = names.insert(r.name.clone(), rline) {
+            c.push(
+                Severity::Error,
+                rline,
+                name,
+                Some(&r.name),
+                "name",
+                format!("duplicate rule name (also on line {prev})"),
+            );
+        }
+        if let Some(rule) = rule(c, name, r, rline, &raw.http_ports) {
+            rules.push(rule);
+        }
+    }
+    let has_allow = rules
+        .iter()
+        .any(|r| r.action == Action::Allow && r.mode == Mode::Enforce);
+    let default = match raw.default.as_deref() {
+        None if has_allow => DefaultAction::Deny,
+        None => DefaultAction::Allow,
+        Some("deny") => DefaultAction::Deny,
+        Some("allow") => DefaultAction::Allow,
+        Some("audit") => DefaultAction::Audit,
+        Some(other) => {
+            c.push(
+                Severity::Error,
+                line,
+                name,
+                None,
+                "default",
+                format!("{other:?}: expected \"deny\", \"allow\" or \"audit\""),
+            );
+            DefaultAction::Deny
+        }
+    };
+    if default == DefaultAction::Allow && raw.default.is_none() && rules.is_empty() {
+        c.push(
+            Severity::Warning,
+            line,
+            name,
+            None,
+            "rule",
+            "no rules: every caller is allowed".into(),
+        );
+    }
+    shadowing(c, name, &rules);
+    let errors = c
+        .issues
+        .iter()
+        .filter(|i| i.severity == Severity::Error)
+        .count();
+    (errors == before).then(|| ServicePolicy {
+        index: super::eval::Index::build(&rules),
+        name: name.to_string(),
+        default,
+        http_ports: raw.http_ports,
+        rules,
+    })
+}
+
+fn each<T>(
+    c: &mut Checker<'_>,
+    svc: &str,
+    rule: &str,
+    line: usize,
+    field: &str,
+    items: &[String],
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for (i, s) in items.iter().enumerate() {
+        match parse(s) {
+            Ok(v) => out.push(v),
+            Err(e) => c.push(
+                Severity::Error,
+                line,
+                svc,
+                Some(rule),
+                &format!("{field}[{i}]"),
+                e,
+            ),
+        }
+    }
+    out
+}
+
+fn rule(
+    c: &mut Checker<'_>,
+    svc: &str,
+    r: RawRule,
+    line: usize,
+    http_ports: &[u16],
+) -> Option<Rule> {
+    let n = r.name.as_str();
+    let before = c.issues.len();
+    if n.is_empty() || n == "default" {
+        c.push(
+            Severity::Error,
+            line,
+            svc,
+            Some(n),
+            "name",
+            "a rule needs a name other than \"default\"".into(),
+        );
+    }
+    let action = match r.action.as_str() {
+        "allow" => Action::Allow,
+        "deny" => Action::Deny,
+        "audit" => Action::Audit,
+        other => {
+            c.push(
+                Severity::Error,
+                line,
+                svc,
+                Some(n),
+                "action",
+                format!("{other:?}: expected \"allow\", \"deny\" or \"audit\""),
+            );
+            Action::Deny
+        }
+    };
+    let mode = match r.mode.as_deref() {
+        None | Some("enforce") => Mode::Enforce,
+        Some("dry-run") => Mode::DryRun,
+        Some(other) => {
+            c.push(
+                Severity::Error,
+                line,
+                svc,
+                Some(n),
+                "mode",
+                format!("{other:?}: expected \"enforce\" or \"dry-run\""),
+            );
+            Mode::Enforce
+        }
+    };
+    let from = each(c, svc, n, line, "from", &r.from, Principal::parse);
+    let not_from = each(c, svc, n, line, "not_from", &r.not_from, Principal::parse);
+    let paths = each(c, svc, n, line, "paths", &r.paths, PathPattern::parse);
+    let hours = each(c, svc, n, line, "hours", &r.hours, TimeWindow::parse);
+    let methods = each(c, svc, n, line, "methods", &r.methods, |m| {
+        let up = m.to_ascii_uppercase();
+        if !up.is_empty() && up.bytes().all(|b| b.is_ascii_uppercase()) {
+            Ok(up)
+        } else {
+            Err(format!("{m:?} is not an HTTP method"))
+        }
+    });
+    let regions = each(c, svc, n, line, "regions", &r.regions, |s| {
+        crate::ca::authority::validate_region(s)
+            .map(|_| s.to_string())
+            .map_err(|e| e.to_string())
+    });
+    if r.ports.contains(&0) {
+        c.push(
+            Severity::Error,
+            line,
+            svc,
+            Some(n),
+            "ports",
+            "port 0 is not a port".into(),
+        );
+    }
+    let rule = Rule {
+        name: r.name.clone(),
+        action,
+        mode,
+        from,
+        not_from,
+        ports: r.ports,
+        methods,
+        paths,
+        regions,
+        hours,
+        line,
+    };
+    never_matches(c, svc, &rule, http_ports);
+    (c.issues[before..]
+        .iter()
+        .all(|i| i.severity != Severity::Error))
+    .then_some(rule)
+}
+
+/// Rules that can never match are errors: they are almost always a typo.
+fn never_matches(c: &mut Checker<'_>, svc: &str, r: &Rule, http_ports: &[u16]) {
+    let n = Some(r.name.as_str());
+    if r.is_l7() {
+        let ports: Vec<u16> = if r.ports.is_empty() {
+            http_ports.to_vec()
+        } else {
+            r.ports.clone()
+        };
+        if http_ports.is_empty() || !ports.iter().any(|p| http_ports.contains(p)) {
+            c.push(Severity::Error, r.line, svc, n, "methods/paths", "the rule matches HTTP methods or paths, but none of its ports is in the service's http_ports, so it can never match".into());
+        }
+    }
+    for (i, p) in r.from.iter().enumerate() {
+        if r.not_from.iter().any(|x| p.within(x)) {
+            c.push(
+                Severity::Error,
+                r.line,
+                svc,
+                n,
+                &format!("from[{i}]"),
+                format!("{p} is excluded again by not_from, so this entry never matches"),
+            );
+        }
+    }
+    if !r.from.is_empty()
+        && r.from
+            .iter()
+            .all(|p| r.not_from.iter().any(|x| p.within(x)))
+    {
+        c.push(
+            Severity::Error,
+            r.line,
+            svc,
+            n,
+            "from",
+            "every caller in from is excluded by not_from: the rule can never match".into(),
+        );
+    }
+}
+
+/// An ALLOW rule whose every request is also matched by an earlier-or-later DENY (which is
+/// evaluated first) is dead: warn about it.
+fn shadowing(c: &mut Checker<'_>, svc: &str, rules: &[Rule]) {
+    let covers = |d: &Rule, a: &Rule| -> bool {
+        let principals = if d.from.is_empty() {
+            true
+        } else {
+            !a.from.is_empty() && a.from.iter().all(|p| d.from.iter().any(|q| p.within(q)))
+        };
+        principals
+            && d.not_from.is_empty()
+            && (d.ports.is_empty()
+                || (!a.ports.is_empty() && a.ports.iter().all(|p| d.ports.contains(p))))
+            && (d.methods.is_empty()
+                || (!a.methods.is_empty() && a.methods.iter().all(|m| d.methods.contains(m))))
+            && d.paths.is_empty()
+            && d.hours.is_empty()
+            && (d.regions.is_empty()
+                || (!a.regions.is_empty() && a.regions.iter().all(|r| d.regions.contains(r))))
+    };
+    let denies: Vec<&Rule> = rules
+        .iter()
+        .filter(|d| d.action == Action::Deny && d.mode == Mode::Enforce)
+        .collect();
+    if denies.is_empty() {
+        return;
+    }
+    for a in rules.iter().filter(|r| r.action == Action::Allow) {
+        if let Some(d) = denies.iter().find(|d| covers(d, a)) {
+            c.push(
+                Severity::Warning,
+                a.line,
+                svc,
+                Some(&a.name),
+                "action",
+                format!("shadowed by deny rule {:?} (line {}): deny rules are evaluated first, so this allow never takes effect", d.name, d.line),
+            );
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The matchers a rule is made of: principals, paths and time windows. Parsed once, matched
+//! without allocating.
+
+use std::fmt;
+
+use jiff::civil::{Time, Weekday};
+use jiff::tz::TimeZone;
+use jiff::Timestamp;
+
+/// A principal pattern of `from` / `not_from`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Principal {
+    /// Any caller with a verified identity: `*`.
+    Any,
+    /// One SPIFFE ID, exactly.
+    Exact(String),
+    /// Every ID under a path prefix, written `spiffe://td/ns/shop/*` and stored as
+    /// `spiffe://td/ns/shop/`. `spiffe://td/*` is the whole trust domain.
+    Prefix(String),
+}
+
+impl Principal {
+    /// Parses `*`, an exact SPIFFE ID, or one with a trailing `/*`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "*" {
+            return Ok(Principal::Any);
+        }
+        if let Some(base) = s.strip_suffix("/*") {
+            // The part before `/*` must itself be a valid SPIFFE ID (trust domain or path).
+            let id = crate::identity::parse_id(base).map_err(|e| e.to_string())?;
+            return Ok(Principal::Prefix(format!("{id}/")));
+        }
+        if s.contains('*') {
+            return Err(format!(
+                "{s:?}: `*` is only allowed alone or as a trailing `/*` segment"
+            ));
+        }
+        let id = crate::identity::parse_workload_id(s).map_err(|e| e.to_string())?;
+        Ok(Principal::Exact(id.to_string()))
+    }
+
+    /// Whether the caller `id` (canonical SPIFFE ID text) matches.
+    pub fn matches(&self, id: &str) -> bool {
+        match self {
+            Principal::Any => true,
+            Principal::Exact(e) => e == id,
+            Principal::Prefix(p) => id.starts_with(p.as_str()),
+        }
+    }
+
+    /// Whether every ID this pattern matches is also matched by `other`.
+    pub fn within(&self, other: &Principal) -> bool {
+        match (self, other) {
+            (_, Principal::Any) => true,
+            (Principal::Any, _) => false,
+            (Principal::Exact(a), o) => o.matches(a),
+            (Principal::Prefix(a), Principal::Prefix(b)) => a.starts_with(b.as_str()),
+            (Principal::Prefix(_), Principal::Exact(_)) => false,
+        }
+    }
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Principal::Any => f.write_str("*"),
+            Principal::Exact(e) => f.write_str(e),
+            Principal::Prefix(p) => write!(f, "{p}*"),
+        }
+    }
+}
+
+/// An HTTP path pattern: exact, or a prefix written with a trailing `*` (`/api/*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathPattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl PathPattern {
+    /// Parses `/exact` or `/prefix/*` (also `*` for any path).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "*" {
+            return Ok(PathPattern::Prefix(String::new()));
+        }
+        if !s.starts_with('/') {
+            return Err(format!("{s:?}: a path starts with `/`"));
+        }
+        match s.strip_suffix('*') {
+            Some(p) if !p.contains('*') => Ok(PathPattern::Prefix(p.to_string())),
+            Some(_) => Err(format!("{s:?}: `*` is only allowed at the end")),
+            None if s.contains('*') => Err(format!("{s:?}: `*` is only allowed at the end")),
+            None => Ok(PathPattern::Exact(s.to_string())),
+        }
+    }
+
+    /// Whether `path` (without query) matches.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathPattern::Exact(e) => e == path,
+            PathPattern::Prefix(p) => path.starts_with(p.as_str()),
+        }
+    }
+}
+
+impl fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PathPattern::Exact(e) => f.write_str(e),
+            PathPattern::Prefix(p) => write!(f, "{p}*"),
+        }
+    }
+}
+
+/// A weekly time window in a time zone: `Mon-Fri 07:00-19:00 Europe/Berlin`.
+/// Days: `Mon`..`Sun`, ranges (`Mon-Fri`) and lists (`Sat,Sun`). The end is exclusive; an end
+/// before the start wraps past midnight (the day is the start's day).
+#[derive(Clone, Debug)]
+pub struct TimeWindow {
+    /// Bit i set: weekday i (Monday = 0) included.
+    days: u8,
+    start: Time,
+    end: Time,
+    tz: TimeZone,
+    text: String,
+}
+
+const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+fn day_index(s: &str) -> Result<u8, String> {
+    let l = s.to_ascii_lowercase();
+    DAYS.iter()
+        .position(|d| l.starts_with(d) && l.len() >= 3)
+        .map(|i| i as u8)
+        .ok_or_else(|| format!("{s:?} is not a weekday (Mon..Sun)"))
+}
+
+fn parse_days(s: &str) -> Result<u8, String> {
+    let mut bits = 0u8;
+    for part in s.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (day_index(a)?, day_index(b)?);
+                let mut d = a;
+                loop {
+                    bits |= 1 << d;
+                    if d == b {
+                        break;
+                    }
+                    d = (d + 1) % 7;
+                }
+            }
+            None => bits |= 1 << day_index(part)?,
+        }
+    }
+    Ok(bits)
+}
+
+fn parse_hhmm(s: &str) -> Result<Time, String> {
+    let (h, m) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not HH:MM"))?;
+    let h: i8 = h.parse().map_err(|_| format!("{s:?} is not HH:MM"))?;
+    let m: i8 = m.parse().map_err(|_| format!("{s:?} is not HH:MM"))?;
+    if h == 24 && m == 0 {
+        return Ok(Time::MAX);
+    }
+    Time::new(h, m, 0, 0).map_err(|_| format!("{s:?} is not a time of day"))
+}
+
+impl TimeWindow {
+    /// Parses `DAYS HH:MM-HH:MM [ZONE]` (zone defaults to UTC).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split_whitespace().collect();
+        let (days, range, zone) = match parts.as_slice() {
+            [d, r] => (*d, *r, "UTC"),
+            [d, r, z] => (*d, *r, *z),
+            _ => {
+                return Err(format!(
+                    "{s:?}: expected \"Mon-Fri 07:00-19:00 Europe/Berlin\""
+                ))
+            }
+        };
+        let days = parse_days(days).map_err(|e| format!("{s:?}: {e}"))?;
+        let (a, b) = range
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?}: expected a time range like 07:00-19:00"))?;
+        let (start, end) = (parse_hhmm(a)?, parse_hhmm(b)?);
+        if start == end {
+            return Err(format!("{s:?}: the window is empty (start equals end)"));
+        }
+        let tz =
+            TimeZone::get(zone).map_err(|e| format!("{s:?}: unknown time zone {zone:?}: {e}"))?;
+        Ok(TimeWindow {
+            days,
+            start,
+            end,
+            tz,
+            text: s.to_string(),
+        })
+    }
+
+    /// Whether the instant `at` falls in the window.
+    pub fn contains(&self, at: Timestamp) -> bool {
+        let local = self.tz.to_datetime(at);
+        let t = local.time();
+        let day = |w: Weekday| self.days & (1 << (w.to_monday_zero_offset() as u8)) != 0;
+        if self.start < self.end {
+            day(local.weekday()) && t >= self.start && t < self.end
+        } else {
+            // Overnight: the part after midnight belongs to the previous day's window.
+            (day(local.weekday()) && t >= self.start)
+                || (day(local.weekday().previous()) && t < self.end)
+        }
+    }
+}
+
+impl fmt::Display for TimeWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}

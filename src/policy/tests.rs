@@ -1,0 +1,399 @@
+//! Table tests of policy evaluation: every field and the order of precedence, time injected.
+
+use std::path::Path;
+
+use jiff::Timestamp;
+
+use super::eval::Http;
+use super::*;
+
+const FRONT: &str = "spiffe://example.org/ns/shop/sa/frontend";
+const ADMIN: &str = "spiffe://example.org/ns/ops/sa/admin";
+const LEGACY: &str = "spiffe://example.org/ns/web/sa/legacy";
+const WEB: &str = "spiffe://example.org/ns/web/sa/portal";
+
+const POLICY: &str = r#"
+[service.checkout]
+http_ports = [8080]
+
+[[service.checkout.rule]]
+name = "no-legacy"
+action = "deny"
+from = ["spiffe://example.org/ns/web/sa/legacy"]
+
+[[service.checkout.rule]]
+name = "no-deletes-from-web"
+action = "deny"
+from = ["spiffe://example.org/ns/web/*"]
+methods = ["DELETE"]
+ports = [8080]
+
+[[service.checkout.rule]]
+name = "frontend-api"
+action = "allow"
+from = ["spiffe://example.org/ns/shop/sa/frontend"]
+ports = [8080]
+methods = ["GET", "POST"]
+paths = ["/api/*", "/healthz"]
+
+[[service.checkout.rule]]
+name = "web-any"
+action = "allow"
+from = ["spiffe://example.org/ns/web/*"]
+not_from = ["spiffe://example.org/ns/web/sa/batch"]
+ports = [8080]
+
+[[service.checkout.rule]]
+name = "ops-in-eu-office-hours"
+action = "allow"
+from = ["spiffe://example.org/ns/ops/*"]
+ports = [9090]
+regions = ["eu-west"]
+hours = ["Mon-Fri 07:00-19:00 Europe/Berlin"]
+
+[[service.checkout.rule]]
+name = "trial-deny-post"
+action = "deny"
+mode = "dry-run"
+from = ["*"]
+ports = [8080]
+methods = ["POST"]
+
+[[service.checkout.rule]]
+name = "watch-admin"
+action = "audit"
+from = ["spiffe://example.org/ns/ops/sa/admin"]
+
+[service.open]
+
+[service.mapping]
+default = "audit"
+"#;
+
+fn policy() -> Policy {
+    parse(POLICY, Path::new("test.toml")).unwrap()
+}
+
+/// Monday 2026-11-23 10:00 in Berlin is 09:00 UTC.
+fn monday_10_berlin() -> Timestamp {
+    "2026-11-23T09:00:00Z".parse().unwrap()
+}
+
+fn facts<'a>(
+    peer: &'a str,
+    port: u16,
+    http: Option<(&'a str, &'a str)>,
+    region: Option<&'a str>,
+    at: Timestamp,
+) -> Facts<'a> {
+    Facts {
+        peer,
+        region,
+        port,
+        http: http.map(|(method, path)| Http { method, path }),
+        at,
+    }
+}
+
+#[test]
+fn evaluation_table() {
+    let p = policy();
+    let svc = p.service("checkout").unwrap();
+    let mon = monday_10_berlin();
+    let sat: Timestamp = "2026-11-28T09:00:00Z".parse().unwrap();
+    let mon_evening: Timestamp = "2026-11-23T18:30:00Z".parse().unwrap(); // 19:30 Berlin
+    use Outcome::{Allow, Deny};
+    let table: Vec<(Facts, Outcome, &str)> = vec![
+        // exact principal, method and path prefix
+        (
+            facts(FRONT, 8080, Some(("GET", "/api/orders")), None, mon),
+            Allow,
+            "frontend-api",
+        ),
+        (
+            facts(FRONT, 8080, Some(("GET", "/healthz")), None, mon),
+            Allow,
+            "frontend-api",
+        ),
+        (
+            facts(FRONT, 8080, Some(("GET", "/admin")), None, mon),
+            Deny,
+            "default",
+        ),
+        (
+            facts(FRONT, 8080, Some(("PUT", "/api/orders")), None, mon),
+            Deny,
+            "default",
+        ),
+        // an L7 rule never matches a bare connection
+        (facts(FRONT, 8080, None, None, mon), Deny, "default"),
+        // ports
+        (
+            facts(FRONT, 9999, Some(("GET", "/api/x")), None, mon),
+            Deny,
+            "default",
+        ),
+        // deny first, even though web-any would allow
+        (facts(LEGACY, 8080, None, None, mon), Deny, "no-legacy"),
+        (
+            facts(WEB, 8080, Some(("DELETE", "/api/x")), None, mon),
+            Deny,
+            "no-deletes-from-web",
+        ),
+        (
+            facts(WEB, 8080, Some(("GET", "/api/x")), None, mon),
+            Allow,
+            "web-any",
+        ),
+        (facts(WEB, 8080, None, None, mon), Allow, "web-any"),
+        // not_from
+        (
+            facts(
+                "spiffe://example.org/ns/web/sa/batch",
+                8080,
+                None,
+                None,
+                mon,
+            ),
+            Deny,
+            "default",
+        ),
+        // prefix is per path segment: ns/webx is not under ns/web/
+        (
+            facts("spiffe://example.org/ns/webx/sa/a", 8080, None, None, mon),
+            Deny,
+            "default",
+        ),
+        // other trust domain with the same path
+        (
+            facts("spiffe://other.org/ns/web/sa/portal", 8080, None, None, mon),
+            Deny,
+            "default",
+        ),
+        // regions and hours
+        (
+            facts(ADMIN, 9090, None, Some("eu-west"), mon),
+            Allow,
+            "ops-in-eu-office-hours",
+        ),
+        (
+            facts(ADMIN, 9090, None, Some("us-east"), mon),
+            Deny,
+            "default",
+        ),
+        (facts(ADMIN, 9090, None, None, mon), Deny, "default"),
+        (
+            facts(ADMIN, 9090, None, Some("eu-west"), sat),
+            Deny,
+            "default",
+        ),
+        (
+            facts(ADMIN, 9090, None, Some("eu-west"), mon_evening),
+            Deny,
+            "default",
+        ),
+    ];
+    for (f, outcome, rule) in table {
+        let d = evaluate(svc, &f);
+        assert_eq!((d.outcome, d.rule), (outcome, rule), "{f:?}");
+    }
+}
+
+#[test]
+fn dry_run_and_audit_rules_report_without_enforcing() {
+    let p = policy();
+    let svc = p.service("checkout").unwrap();
+    let d = evaluate(
+        svc,
+        &facts(
+            FRONT,
+            8080,
+            Some(("POST", "/api/pay")),
+            None,
+            monday_10_berlin(),
+        ),
+    );
+    assert_eq!((d.outcome, d.rule), (Outcome::Allow, "frontend-api"));
+    assert_eq!(d.dry_run, vec![("trial-deny-post", Outcome::Deny)]);
+    assert!(!d.audit);
+    let d = evaluate(
+        svc,
+        &facts(ADMIN, 9090, None, Some("eu-west"), monday_10_berlin()),
+    );
+    assert!(d.audit, "the audit rule matched");
+}
+
+#[test]
+fn defaults_allow_without_allow_rules_and_audit_allows_and_logs() {
+    let p = policy();
+    let at = monday_10_berlin();
+    let d = evaluate(p.service("open").unwrap(), &facts(FRONT, 1, None, None, at));
+    assert_eq!(
+        (d.outcome, d.rule, d.audit),
+        (Outcome::Allow, "default", false)
+    );
+    let d = evaluate(
+        p.service("mapping").unwrap(),
+        &facts(FRONT, 1, None, None, at),
+    );
+    assert_eq!(
+        (d.outcome, d.rule, d.audit),
+        (Outcome::Allow, "default", true)
+    );
+    assert_eq!(p.service("checkout").unwrap().default, DefaultAction::Deny);
+}
+
+#[test]
+fn time_windows_wrap_midnight_and_respect_zones() {
+    use super::matchers::TimeWindow;
+    let w = TimeWindow::parse("Fri 22:00-06:00 UTC").unwrap();
+    let at = |s: &str| s.parse::<Timestamp>().unwrap();
+    assert!(w.contains(at("2026-11-27T23:00:00Z"))); // Friday night
+    assert!(w.contains(at("2026-11-28T05:59:00Z"))); // Saturday early, Friday's window
+    assert!(!w.contains(at("2026-11-28T06:00:00Z")));
+    assert!(!w.contains(at("2026-11-28T23:00:00Z"))); // Saturday night
+    let ny = TimeWindow::parse("Mon-Fri 09:00-17:00 America/New_York").unwrap();
+    assert!(ny.contains(at("2026-11-23T14:30:00Z"))); // 09:30 EST
+    assert!(!ny.contains(at("2026-11-23T13:30:00Z"))); // 08:30 EST
+    for bad in [
+        "Mon 07:00",
+        "Funday 07:00-08:00 UTC",
+        "Mon 25:00-26:00 UTC",
+        "Mon 07:00-08:00 Mars/Base",
+        "Mon 08:00-08:00 UTC",
+    ] {
+        assert!(TimeWindow::parse(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn check_reports_every_error_with_line_rule_and_field() {
+    let text = r#"
+[service.a]
+http_ports = [80]
+
+[[service.a.rule]]
+name = "bad-id"
+action = "allow"
+from = ["spiffe://example.org/ns//sa/x", "spiffe://example.org/ns/*/sa/x"]
+
+[[service.a.rule]]
+name = "bad-window"
+action = "allow"
+hours = ["Mon 9-5"]
+
+[[service.a.rule]]
+name = "l7-on-tcp"
+action = "allow"
+ports = [5432]
+methods = ["GET"]
+
+[[service.a.rule]]
+name = "never"
+action = "allow"
+from = ["spiffe://example.org/ns/a/sa/b"]
+not_from = ["spiffe://example.org/ns/a/*"]
+
+[[service.a.rule]]
+name = "bad-action"
+action = "permit"
+"#;
+    let err = parse(text, Path::new("p.toml")).unwrap_err();
+    let find = |rule: &str, field: &str| {
+        err.issues
+            .iter()
+            .find(|i| i.rule.as_deref() == Some(rule) && i.field.starts_with(field))
+            .unwrap_or_else(|| panic!("no issue for {rule}/{field}: {err}"))
+    };
+    assert_eq!(find("bad-id", "from[0]").line, 5);
+    assert!(find("bad-id", "from[1]").message.contains('*'));
+    assert_eq!(find("bad-window", "hours[0]").line, 10);
+    assert!(find("l7-on-tcp", "methods").message.contains("never match"));
+    assert!(find("never", "from").message.contains("not_from"));
+    assert!(find("bad-action", "action").message.contains("permit"));
+    let text = err.to_string();
+    assert!(
+        text.contains("p.toml:5: error: service a, rule \"bad-id\", from[0]"),
+        "{text}"
+    );
+
+    let unknown = parse("[service.a]\nfoo = 1\n", Path::new("u.toml")).unwrap_err();
+    assert_eq!(unknown.issues[0].line, 2);
+    assert!(unknown.to_string().contains("foo"), "{unknown}");
+}
+
+#[test]
+fn an_allow_shadowed_by_a_deny_is_a_warning() {
+    let text = r#"
+[[service.a.rule]]
+name = "deny-web"
+action = "deny"
+from = ["spiffe://example.org/ns/web/*"]
+
+[[service.a.rule]]
+name = "allow-portal"
+action = "allow"
+from = ["spiffe://example.org/ns/web/sa/portal"]
+"#;
+    let p = parse(text, Path::new("s.toml")).unwrap();
+    assert_eq!(p.warnings.len(), 1);
+    assert_eq!(p.warnings[0].rule.as_deref(), Some("allow-portal"));
+    assert!(p.warnings[0].message.contains("deny-web"));
+}
+
+#[test]
+fn explain_says_why_each_rule_did_not_match() {
+    let p = policy();
+    let e = explain(
+        p.service("checkout").unwrap(),
+        &facts(
+            FRONT,
+            8080,
+            Some(("GET", "/admin")),
+            None,
+            monday_10_berlin(),
+        ),
+    );
+    assert_eq!((e.outcome, e.rule.as_str()), (Outcome::Deny, "default"));
+    let api = e.rules.iter().find(|r| r.name == "frontend-api").unwrap();
+    assert!(
+        api.mismatch.as_deref().unwrap().contains("path /admin"),
+        "{:?}",
+        api.mismatch
+    );
+    let legacy = e.rules.iter().find(|r| r.name == "no-legacy").unwrap();
+    assert!(legacy.mismatch.as_deref().unwrap().contains("not in from"));
+}
+
+#[test]
+fn large_lists_stay_indexed() {
+    // 10,000 rules of one principal each, and one rule of 10,000 principals.
+    let mut text = String::from("[service.big]\n");
+    for i in 0..10_000 {
+        text.push_str(&format!("[[service.big.rule]]\nname = \"r{i}\"\naction = \"allow\"\nfrom = [\"spiffe://example.org/ns/n{i}/sa/s\"]\n"));
+    }
+    let p = parse(&text, Path::new("big.toml")).unwrap();
+    let svc = p.service("big").unwrap();
+    let d = evaluate(
+        svc,
+        &facts(
+            "spiffe://example.org/ns/n9999/sa/s",
+            1,
+            None,
+            None,
+            monday_10_berlin(),
+        ),
+    );
+    assert_eq!(d.rule, "r9999");
+    let d = evaluate(
+        svc,
+        &facts(
+            "spiffe://example.org/ns/n10000/sa/s",
+            1,
+            None,
+            None,
+            monday_10_berlin(),
+        ),
+    );
+    assert_eq!((d.outcome, d.rule), (Outcome::Deny, "default"));
+}

@@ -46,6 +46,53 @@ enum Command {
         after_help = "Examples:\n  trustline redirect --proxy-uid 1337 --dry-run\n  trustline redirect --proxy-uid 1337 --exclude-inbound-ports 15020\n  trustline redirect --remove"
     )]
     Redirect(trustline::proxy::redirect::RedirectArgs),
+    /// Policy files: check, explain.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validates policy files; reports every error with file, line, rule and field.
+    #[command(after_help = "Example:\n  trustline policy check config/policy.toml")]
+    Check {
+        /// Policy files (TOML).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Prints the decision for a caller, the deciding rule, and why each rule matched or not.
+    #[command(
+        after_help = "Example:\n  trustline policy explain --policy config/policy.toml --from spiffe://example.org/ns/shop/sa/frontend \\\n      --to checkout --port 8080 --method GET --path /api/orders --region eu-west --at 2026-11-23T10:00:00+01:00"
+    )]
+    Explain(ExplainArgs),
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    /// Policy file.
+    #[arg(long)]
+    policy: PathBuf,
+    /// The caller's SPIFFE ID.
+    #[arg(long)]
+    from: String,
+    /// The protected service (a [service.NAME] of the file).
+    #[arg(long)]
+    to: String,
+    /// Destination port.
+    #[arg(long)]
+    port: u16,
+    /// HTTP method (for HTTP ports).
+    #[arg(long, requires = "path")]
+    method: Option<String>,
+    /// HTTP path (for HTTP ports).
+    #[arg(long, requires = "method")]
+    path: Option<String>,
+    /// The caller's region (as its certificate chain would say).
+    #[arg(long)]
+    region: Option<String>,
+    /// When (RFC 3339); default now.
+    #[arg(long)]
+    at: Option<String>,
 }
 
 #[derive(Args)]
@@ -208,6 +255,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo => trustline::demo::run().await,
         Command::Sidecar(_) => unreachable!("handled before the runtime starts"),
         Command::Redirect(a) => trustline::proxy::redirect::run(&a).map_err(Into::into),
+        Command::Policy(PolicyCommand::Check { files }) => policy_check(&files),
+        Command::Policy(PolicyCommand::Explain(a)) => policy_explain(a),
         Command::Ca(CaCommand::Init(a)) => ca_init(a),
         Command::Ca(CaCommand::Serve(a)) => ca_serve(a).await,
         Command::Ca(CaCommand::Token(a)) => {
@@ -331,5 +380,72 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    Ok(())
+}
+
+fn policy_check(files: &[PathBuf]) -> anyhow::Result<()> {
+    let mut failed = 0;
+    for f in files {
+        match trustline::policy::load(f) {
+            Ok(p) => {
+                for w in &p.warnings {
+                    println!("{w}");
+                }
+                let rules: usize = p.services.values().map(|s| s.rules.len()).sum();
+                println!(
+                    "{}: ok ({} services, {rules} rules, {} warnings)",
+                    f.display(),
+                    p.services.len(),
+                    p.warnings.len()
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                for i in &e.issues {
+                    println!("{i}");
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} policy files have errors", files.len());
+    }
+    Ok(())
+}
+
+fn policy_explain(a: ExplainArgs) -> anyhow::Result<()> {
+    use trustline::policy::eval::Http;
+    let policy = trustline::policy::load(&a.policy)?;
+    let svc = policy.service(&a.to).with_context(|| {
+        let names: Vec<_> = policy.services.keys().collect();
+        format!(
+            "no [service.{}] in {} (services: {names:?})",
+            a.to,
+            a.policy.display()
+        )
+    })?;
+    let peer = trustline::identity::parse_id(&a.from).context("--from")?;
+    let at: jiff::Timestamp = match &a.at {
+        Some(t) => t
+            .parse()
+            .with_context(|| format!("--at {t:?}: expected RFC 3339"))?,
+        None => jiff::Timestamp::now(),
+    };
+    let peer = peer.to_string();
+    let facts = trustline::policy::Facts {
+        peer: &peer,
+        region: a.region.as_deref(),
+        port: a.port,
+        http: a
+            .method
+            .as_deref()
+            .zip(a.path.as_deref())
+            .map(|(method, path)| Http { method, path }),
+        at,
+    };
+    print!(
+        "{}",
+        trustline::policy::eval::render(&trustline::policy::explain(svc, &facts))
+    );
     Ok(())
 }

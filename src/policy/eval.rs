@@ -285,3 +285,39 @@ pub fn explain(policy: &ServicePolicy, facts: &Facts<'_>) -> Explanation {
             .collect(),
     }
 }
+
+/// Human-readable form of an explanation.
+pub fn render(e: &Explanation) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let verdict = match e.outcome {
+        Outcome::Allow => "ALLOW",
+        Outcome::Deny => "DENY",
+    };
+    let _ = writeln!(out, "decision: {verdict} by rule {:?}", e.rule);
+    let _ = writeln!(
+        out,
+        "order: enforced deny rules, then enforced allow rules, then default ({:?})",
+        e.default
+    );
+    for r in &e.rules {
+        let mode = if r.mode == Mode::DryRun {
+            " dry-run"
+        } else {
+            ""
+        };
+        let what = match &r.mismatch {
+            None => "MATCHED".to_string(),
+            Some(why) => format!("no match: {why}"),
+        };
+        let _ = writeln!(
+            out,
+            "  line {:>4}  {:?}{mode} {:?}: {what}",
+            r.line, r.action, r.name
+        );
+    }
+    for (rule, o) in &e.dry_run {
+        let _ = writeln!(out, "dry-run: rule {rule:?} would {o:?}");
+    }
+    out
+}

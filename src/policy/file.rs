@@ -144,6 +144,18 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+/// Line numbers of byte offsets, without rescanning the text for each (large files).
+struct Lines(Vec<usize>);
+
+impl Lines {
+    fn new(text: &str) -> Self {
+        Lines(text.match_indices('\n').map(|(i, _)| i).collect())
+    }
+    fn of(&self, offset: usize) -> usize {
+        self.0.partition_point(|&nl| nl < offset) + 1
+    }
+}
+
 struct Checker<'a> {
     file: &'a Path,
     issues: Vec<Issue>,
@@ -199,9 +211,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Policy, PolicyError> {
         issues: Vec::new(),
     };
     let mut services = BTreeMap::new();
+    let lines = Lines::new(text);
     for (name, svc) in raw.service {
-        let line = line_of(text, svc.span().start);
-        if let Some(sp) = service_policy(&mut c, text, &name, svc.into_inner(), line) {
+        let line = lines.of(svc.span().start);
+        if let Some(sp) = service_policy(&mut c, &lines, &name, svc.into_inner(), line) {
             services.insert(name, sp);
         }
     }
@@ -219,7 +232,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Policy, PolicyError> {
 
 fn service_policy(
     c: &mut Checker<'_>,
-    text: &str,
+    lines: &Lines,
     name: &str,
     raw: RawService,
     line: usize,
@@ -231,8 +244,9 @@ fn service_policy(
         .count();
     let mut rules = Vec::new();
     let mut names = BTreeMap::new();
+    let declared = raw.rule.len();
     for spanned in raw.rule {
-        let rline = line_of(text, spanned.span().start);
+        let rline = lines.of(spanned.span().start);
         let r = spanned.into_inner();
         if let Some(prev) = names.insert(r.name.clone(), rline) {
             c.push(
@@ -269,7 +283,7 @@ fn service_policy(
             DefaultAction::Deny
         }
     };
-    if default == DefaultAction::Allow && raw.default.is_none() && rules.is_empty() {
+    if default == DefaultAction::Allow && raw.default.is_none() && declared == 0 {
         c.push(
             Severity::Warning,
             line,

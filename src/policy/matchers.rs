@@ -185,7 +185,10 @@ impl TimeWindow {
         let (a, b) = range
             .split_once('-')
             .ok_or_else(|| format!("{s:?}: expected a time range like 07:00-19:00"))?;
-        let (start, end) = (parse_hhmm(a)?, parse_hhmm(b)?);
+        let (start, end) = (
+            parse_hhmm(a).map_err(|e| format!("{s:?}: {e}"))?,
+            parse_hhmm(b).map_err(|e| format!("{s:?}: {e}"))?,
+        );
         if start == end {
             return Err(format!("{s:?}: the window is empty (start equals end)"));
         }

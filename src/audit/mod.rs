@@ -11,6 +11,8 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
+pub mod decision;
+
 /// An append-only JSON-lines audit file (or a sink that drops events).
 #[derive(Debug)]
 pub struct AuditLog {

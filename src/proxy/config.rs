@@ -50,6 +50,7 @@ struct SidecarFile {
     drain_timeout: Option<String>,
     handshake_timeout: Option<String>,
     workers: Option<usize>,
+    audit_log: Option<PathBuf>,
     identity: IdentityFile,
     #[serde(default)]
     admin: AdminFile,
@@ -93,6 +94,9 @@ struct InboundFile {
     #[serde(default)]
     allow: Vec<String>,
     app_address: Option<String>,
+    policy: Option<PathBuf>,
+    service: Option<String>,
+    reload_interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,6 +148,10 @@ pub struct Inbound {
     pub allow: Vec<SpiffeId>,
     /// Where connections that were not redirected go (explicit mode).
     pub app_address: Option<SocketAddr>,
+    /// A policy file and the service of it this sidecar protects (replaces `allow`).
+    pub policy: Option<(PathBuf, String)>,
+    /// How often the policy file is checked for changes.
+    pub reload_interval: Duration,
 }
 
 /// The validated sidecar configuration.
@@ -156,6 +164,8 @@ pub struct SidecarConfig {
     pub drain_timeout: Duration,
     pub handshake_timeout: Duration,
     pub workers: usize,
+    /// Decision audit log (JSON lines); none when unset.
+    pub audit_log: Option<PathBuf>,
     pub admin: SocketAddr,
     pub outbound: Option<(SocketAddr, UnknownDestination)>,
     pub inbound: Option<Inbound>,
@@ -254,6 +264,12 @@ impl SidecarConfig {
         let inbound = match &raw.inbound {
             None => None,
             Some(i) => Some(Inbound {
+                policy: inbound_policy(&ctx, i)?,
+                reload_interval: ctx.duration(
+                    "inbound.reload_interval",
+                    i.reload_interval.as_deref(),
+                    Duration::from_secs(2),
+                )?,
                 listen: ctx.addr(
                     "inbound.listen",
                     i.listen.as_deref().unwrap_or(DEFAULT_INBOUND),
@@ -302,6 +318,7 @@ impl SidecarConfig {
                 Duration::from_secs(10),
             )?,
             workers,
+            audit_log: raw.audit_log.as_deref().map(|p| ctx.path(p)),
             admin: ctx.addr(
                 "admin.listen",
                 raw.admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN),
@@ -311,6 +328,19 @@ impl SidecarConfig {
             services,
             listeners,
         })
+    }
+}
+
+fn inbound_policy(
+    ctx: &Ctx<'_>,
+    i: &InboundFile,
+) -> Result<Option<(PathBuf, String)>, ConfigError> {
+    match (&i.policy, &i.service) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ctx.err("inbound.service", "required with inbound.policy: which [service.NAME] of the policy file this sidecar protects")),
+        (None, Some(_)) => Err(ctx.err("inbound.policy", "inbound.service is set but no policy file is given")),
+        (Some(_), Some(_)) if !i.allow.is_empty() => Err(ctx.err("inbound.allow", "use either `allow` or `policy`, not both")),
+        (Some(p), Some(s)) => Ok(Some((ctx.path(p), s.clone()))),
     }
 }
 

@@ -1,4 +1,5 @@
-//! The inbound side: mTLS 1.3 server, SPIFFE checks (in the verifier), allow list, app.
+//! The inbound side: mTLS 1.3 server, SPIFFE checks (in the verifier), then the policy (or the
+//! simple allow list), then the app; per request on the policy's HTTP ports.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -9,6 +10,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use super::authz::{Caller, Ticket};
+use super::http::Peer;
 use super::metrics::{Dir, Flow};
 use super::{accept_loop, original_dst, splice, Shared};
 use crate::identity::{inspect_cert, region_of_chain};
@@ -65,7 +68,7 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
         shared.server_tls.accept(tcp),
     )
     .await;
-    let mut tls = match handshake {
+    let tls = match handshake {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             let reason = failure_reason(&e);
@@ -94,12 +97,49 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
         return;
     };
     let region = region_of_chain(&chain);
-    if !inbound.allow.contains(&info.id) {
-        m.fail(DIR, "not_allowed");
-        tracing::warn!(reason = "not_allowed", peer_id = %info.id, peer_region = ?region, serial = %info.serial, "inbound connection denied by allow list (default deny)");
+    let Some(authz) = shared.authz.clone() else {
+        if !inbound.allow.contains(&info.id) {
+            m.fail(DIR, "not_allowed");
+            tracing::warn!(reason = "not_allowed", peer_id = %info.id, peer_region = ?region, serial = %info.serial, "inbound connection denied by allow list (default deny)");
+            return;
+        }
+        tracing::info!(peer_id = %info.id, peer_region = ?region, serial = %info.serial, %target, "inbound connection allowed");
+        forward(tls, target, None, &shared).await;
+        return;
+    };
+    let peer = Peer {
+        id: info.id.to_string(),
+        serial: info.serial.to_string(),
+        region,
+        port: target.port(),
+    };
+    let admission = authz.admit(&Caller {
+        peer: &peer.id,
+        serial: &peer.serial,
+        region: peer.region.as_deref(),
+        port: peer.port,
+    });
+    if !admission.allowed {
+        m.fail(DIR, "policy_denied");
+        tracing::warn!(reason = "policy_denied", rule = %admission.rule, peer_id = %peer.id, peer_region = ?peer.region, serial = %peer.serial, port = peer.port, "inbound connection denied by policy");
         return;
     }
-    tracing::info!(peer_id = %info.id, peer_region = ?region, serial = %info.serial, %target, "inbound connection allowed");
+    tracing::info!(peer_id = %peer.id, peer_region = ?peer.region, serial = %peer.serial, rule = %admission.rule, %target, "inbound connection allowed");
+    if authz.is_http_port(peer.port) {
+        m.opened.get_or_create(&Dir { direction: DIR }).inc();
+        super::http::serve(tls, authz, peer, target).await;
+        m.closed.get_or_create(&Dir { direction: DIR }).inc();
+    } else {
+        forward(tls, target, admission.ticket, &shared).await;
+    }
+}
+
+/// Connects the app and splices, until either side is done or a policy reload closes it.
+async fn forward<S>(mut tls: S, target: SocketAddr, ticket: Option<Ticket>, shared: &Shared)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let m = &shared.metrics;
     let mut app = match TcpStream::connect(target).await {
         Ok(a) => a,
         Err(e) => {
@@ -110,10 +150,24 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
     };
     let _ = app.set_nodelay(true);
     m.opened.get_or_create(&Dir { direction: DIR }).inc();
-    let result = splice(&mut app, &mut tls).await;
+    let closed = async {
+        match ticket {
+            Some(mut t) => {
+                let _ = t.closed.wait_for(|c| *c).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        r = splice(&mut app, &mut tls) => Some(r),
+        _ = closed => {
+            tracing::warn!(reason = "policy_reload", "connection closed: the new policy denies it");
+            None
+        }
+    };
     m.closed.get_or_create(&Dir { direction: DIR }).inc();
     match result {
-        Ok((to_peer, from_peer)) => {
+        Some(Ok((to_peer, from_peer))) => {
             m.bytes
                 .get_or_create(&Flow {
                     direction: DIR,
@@ -128,6 +182,7 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
                 .inc_by(from_peer);
             tracing::debug!(to_peer, from_peer, "inbound connection closed");
         }
-        Err(e) => tracing::debug!(error = %e, "inbound connection ended with error"),
+        Some(Err(e)) => tracing::debug!(error = %e, "inbound connection ended with error"),
+        None => m.fail(DIR, "closed_by_policy_reload"),
     }
 }

@@ -11,7 +11,9 @@
 //! The identity task ([`crate::identity::manager`]) publishes the SVID; every handshake reads
 //! the newest. Until one is held, `/readyz` fails and connections are closed at once.
 
+pub mod authz;
 pub mod config;
+mod http;
 mod inbound;
 pub mod metrics;
 mod outbound;
@@ -46,6 +48,13 @@ pub enum ProxyError {
     Tls(#[from] rustls::Error),
     #[error("identity: {0}")]
     Identity(String),
+    #[error("policy: {0}")]
+    Policy(String),
+    #[error("audit log {path}: {source}")]
+    Audit {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Counts live connections so a drain can wait for them.
@@ -88,6 +97,8 @@ pub(crate) struct Shared {
     /// One client config per service (its expected identities).
     pub client_tls: Vec<tokio_rustls::TlsConnector>,
     pub next_id: AtomicU64,
+    /// The policy, when the inbound side has one (else the `allow` list applies).
+    pub authz: Option<Arc<authz::Authz>>,
 }
 
 /// A running sidecar: real addresses, identity, metrics, and the drain handle.
@@ -99,6 +110,8 @@ pub struct Bound {
     pub listeners: Vec<SocketAddr>,
     pub identity: Arc<Identity>,
     pub metrics: ProxyMetrics,
+    /// The inbound policy, if configured.
+    pub authz: Option<Arc<authz::Authz>>,
     tracker: Arc<Tracker>,
     stop_accepting: watch::Sender<bool>,
     stop_all: watch::Sender<bool>,
@@ -148,6 +161,27 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         .map_err(ProxyError::Identity)?;
     let mut registry = Registry::default();
     let metrics = ProxyMetrics::new(&mut registry);
+    let audit = Arc::new(match &config.audit_log {
+        Some(p) => crate::audit::AuditLog::open(p).map_err(|source| ProxyError::Audit {
+            path: p.clone(),
+            source,
+        })?,
+        None => crate::audit::AuditLog::disabled(),
+    });
+    let authz = match config.inbound.as_ref().and_then(|i| i.policy.clone()) {
+        Some((path, service)) => {
+            let a = authz::Authz::load(path, service, config.region.clone(), audit, clock.clone())
+                .map_err(ProxyError::Policy)?;
+            a.metrics.register(&mut registry);
+            let every = config
+                .inbound
+                .as_ref()
+                .map_or(Duration::from_secs(2), |i| i.reload_interval);
+            tokio::spawn(a.clone().watch(every, stop_all_rx.clone()));
+            Some(a)
+        }
+        None => None,
+    };
     let checks = PeerChecks {
         trust_domain: config.trust_domain.clone(),
         revoked: identity.revoked.clone(),
@@ -194,6 +228,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         server_tls: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
         client_tls,
         next_id: AtomicU64::new(1),
+        authz: authz.clone(),
         config,
     });
     tokio::spawn(watch_rotations(
@@ -248,6 +283,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         listeners,
         identity,
         metrics,
+        authz,
         tracker: shared.tracker.clone(),
         stop_accepting,
         stop_all,

@@ -146,19 +146,33 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// A tiny app: answers every connection with one line naming itself.
+/// A tiny HTTP app: answers each request with one line naming itself and the request line.
 async fn app(name: &'static str) -> anyhow::Result<std::net::SocketAddr> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
+        while let Ok((s, _)) = l.accept().await {
             tokio::spawn(async move {
-                let mut buf = [0u8; 256];
-                let n = s.read(&mut buf).await.unwrap_or(0);
-                let req = String::from_utf8_lossy(&buf[..n]).trim().to_string();
-                let _ = s
-                    .write_all(format!("{name} got {req:?}\n").as_bytes())
-                    .await;
+                let mut s = BufReader::new(s);
+                loop {
+                    let mut first = String::new();
+                    if s.read_line(&mut first).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut line = String::new();
+                    while s.read_line(&mut line).await.unwrap_or(0) > 2 {
+                        line.clear();
+                    }
+                    let body = format!("{name} got {:?}\n", first.trim());
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.get_mut().write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
             });
         }
     });
@@ -174,10 +188,17 @@ struct Site<'a> {
     data: &'a Path,
 }
 
+/// The inbound side of a demo sidecar: its app and its policy file.
+struct InboundSpec {
+    app: std::net::SocketAddr,
+    policy: std::path::PathBuf,
+    service: String,
+}
+
 async fn sidecar(
     site: &Site<'_>,
     name: &str,
-    inbound: Option<(std::net::SocketAddr, Vec<crate::identity::SpiffeId>)>,
+    inbound: Option<InboundSpec>,
     services: Vec<crate::proxy::config::Service>,
 ) -> anyhow::Result<crate::proxy::Bound> {
     use crate::identity::manager::{IdentityConfig, IdentitySource};
@@ -222,14 +243,14 @@ async fn sidecar(
         drain_timeout: Duration::from_secs(1),
         handshake_timeout: Duration::from_secs(5),
         workers: 1,
-        audit_log: None,
+        audit_log: Some(dir.join(format!("{name}-audit.log"))),
         admin: "127.0.0.1:0".parse()?,
         outbound: None,
-        inbound: inbound.map(|(app, allow)| Inbound {
+        inbound: inbound.map(|i| Inbound {
             listen: "127.0.0.1:0".parse().expect("address"),
-            allow,
-            app_address: Some(app),
-            policy: None,
+            allow: vec![],
+            app_address: Some(i.app),
+            policy: Some((i.policy, i.service)),
             reload_interval: Duration::from_secs(2),
         }),
         services,
@@ -245,19 +266,55 @@ async fn sidecar(
     anyhow::bail!("sidecar {name} did not become ready")
 }
 
-async fn call(addr: std::net::SocketAddr, msg: &str) -> String {
+/// One HTTP request over a plain connection to a sidecar listener; the status line and body.
+async fn call(addr: std::net::SocketAddr, method: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
         return "connection failed".into();
     };
-    let _ = s.write_all(msg.as_bytes()).await;
+    let req = format!("{method} {path} HTTP/1.1\r\nhost: checkout\r\nconnection: close\r\n\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
     let mut out = String::new();
     let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_string(&mut out)).await;
+    let status = out.lines().next().unwrap_or("").trim().to_string();
+    let body = out
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or("")
+        .trim()
+        .to_string();
     if out.is_empty() {
         "connection closed without an answer".into()
     } else {
-        out.trim().to_string()
+        format!("{status} | {body}")
     }
+}
+
+fn write_policy(
+    dir: &Path,
+    td: &crate::identity::TrustDomain,
+    port: u16,
+) -> anyhow::Result<std::path::PathBuf> {
+    let text = format!(
+        r#"[service.checkout]
+http_ports = [{port}]
+
+[[service.checkout.rule]]
+name = "no-batch"
+action = "deny"
+from = ["spiffe://{td}/ns/shop/sa/batch"]
+
+[[service.checkout.rule]]
+name = "frontend-orders"
+action = "allow"
+from = ["spiffe://{td}/ns/shop/sa/frontend"]
+methods = ["GET", "POST"]
+paths = ["/orders/*"]
+"#
+    );
+    let path = dir.join("checkout-policy.toml");
+    std::fs::write(&path, text)?;
+    Ok(path)
 }
 
 async fn mesh(site: &Site<'_>) -> anyhow::Result<()> {
@@ -265,37 +322,42 @@ async fn mesh(site: &Site<'_>) -> anyhow::Result<()> {
     let td = site.td;
     println!("\n6. Three services with sidecars (mTLS 1.3, SPIFFE IDs checked on both ends):");
     let checkout_app = app("checkout").await?;
-    let frontend_id = parse_workload_id(&format!("spiffe://{td}/ns/shop/sa/frontend"))?;
-    let checkout = sidecar(
-        site,
-        "checkout",
-        Some((checkout_app, vec![frontend_id])),
-        vec![],
-    )
-    .await?;
-    let checkout_in = checkout.inbound.expect("inbound");
+    let policy = write_policy(site.dir, td, checkout_app.port())?;
+    println!("  checkout's policy ({}):", policy.display());
+    println!("    deny  no-batch:        from .../sa/batch");
+    println!("    allow frontend-orders: from .../sa/frontend, GET|POST /orders/*");
+    println!("    default deny");
+    let spec = InboundSpec {
+        app: checkout_app,
+        policy,
+        service: "checkout".into(),
+    };
+    let checkout = sidecar(site, "checkout", Some(spec), vec![]).await?;
     let svc = Service {
         name: "checkout".into(),
-        addresses: vec![checkout_in],
+        addresses: vec![checkout.inbound.expect("inbound")],
         spiffe_ids: vec![checkout.identity.id().clone()],
     };
     let frontend = sidecar(site, "frontend", None, vec![svc.clone()]).await?;
     let batch = sidecar(site, "batch", None, vec![svc]).await?;
-    println!(
-        "  checkout sidecar: inbound {checkout_in}, allows only {}/ns/shop/sa/frontend",
-        td
-    );
-    let reply = call(frontend.listeners[0], "order #1").await;
-    println!(
-        "\n  frontend ({}) -> checkout ({}):\n    allowed, app replied: {reply}",
-        frontend.identity.id(),
-        checkout.identity.id()
-    );
-    let reply = call(batch.listeners[0], "order #2").await;
-    let denied = checkout.metrics.failures("inbound", "not_allowed");
-    println!("  batch ({}) -> checkout:\n    refused by checkout's sidecar (not in its allow list; denials counted: {denied}); caller saw: {reply}", batch.identity.id());
+    for (who, sc, method, path) in [
+        ("frontend", &frontend, "GET", "/orders/42"),
+        ("frontend", &frontend, "DELETE", "/orders/42"),
+        ("batch", &batch, "GET", "/orders/42"),
+    ] {
+        let reply = call(sc.listeners[0], method, path).await;
+        println!(
+            "\n  {who} ({}) -> checkout: {method} {path}\n    {reply}",
+            sc.identity.id()
+        );
+    }
     for s in [&frontend, &batch, &checkout] {
         s.drain(Duration::from_millis(200)).await;
+    }
+    println!("\n7. checkout's audit trail (one JSON line per decision):");
+    let log = std::fs::read_to_string(site.dir.join("checkout-audit.log")).unwrap_or_default();
+    for line in log.lines() {
+        println!("  {line}");
     }
     Ok(())
 }

@@ -43,7 +43,7 @@ enum Command {
     Sidecar(SidecarArgs),
     /// Installs (or prints, or removes) the iptables rules that send a pod's TCP through the sidecar.
     #[command(
-        after_help = "Examples:\n  trustline redirect --proxy-uid 1337 --dry-run\n  trustline redirect --proxy-uid 1337 --exclude-inbound-ports 15020\n  trustline redirect --remove"
+        after_help = "Examples:\n  trustline redirect --proxy-uid 1337 --dry-run\n  trustline redirect --proxy-uid 1337 --exclude-inbound-ports 8443\n  trustline redirect --remove"
     )]
     Redirect(trustline::proxy::redirect::RedirectArgs),
     /// Policy files: check, explain.
@@ -65,6 +65,30 @@ enum PolicyCommand {
         after_help = "Example:\n  trustline policy explain --policy config/policy.toml --from spiffe://example.org/ns/shop/sa/frontend \\\n      --to checkout --port 8080 --method GET --path /api/orders --region eu-west --at 2026-11-23T10:00:00+01:00"
     )]
     Explain(ExplainArgs),
+    /// Writes the least-privilege allow list covering the flows of an audit log.
+    #[command(
+        after_help = "Example (a sidecar ran with `default = \"audit\"` to map traffic first):\n  trustline policy suggest --audit checkout-audit.log --service checkout > checkout-policy.toml"
+    )]
+    Suggest {
+        /// A sidecar's decision audit log (JSON lines).
+        #[arg(long)]
+        audit: PathBuf,
+        /// The protected service; default: every service in the log.
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Replays the flows of an audit log against a candidate policy; reports changes per rule.
+    #[command(
+        after_help = "Example:\n  trustline policy replay --audit checkout-audit.log --policy new-policy.toml"
+    )]
+    Replay {
+        /// A sidecar's decision audit log (JSON lines).
+        #[arg(long)]
+        audit: PathBuf,
+        /// The candidate policy file.
+        #[arg(long)]
+        policy: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -257,6 +281,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Redirect(a) => trustline::proxy::redirect::run(&a).map_err(Into::into),
         Command::Policy(PolicyCommand::Check { files }) => policy_check(&files),
         Command::Policy(PolicyCommand::Explain(a)) => policy_explain(a),
+        Command::Policy(PolicyCommand::Suggest { audit, service }) => {
+            policy_suggest(&audit, service)
+        }
+        Command::Policy(PolicyCommand::Replay { audit, policy }) => {
+            let flows = read_flows(&audit)?;
+            let candidate = trustline::policy::load(&policy)?;
+            let report = trustline::policy::flows::replay(&flows, &candidate);
+            print!("{}", trustline::policy::flows::render_replay(&report));
+            Ok(())
+        }
         Command::Ca(CaCommand::Init(a)) => ca_init(a),
         Command::Ca(CaCommand::Serve(a)) => ca_serve(a).await,
         Command::Ca(CaCommand::Token(a)) => {
@@ -447,5 +481,33 @@ fn policy_explain(a: ExplainArgs) -> anyhow::Result<()> {
         "{}",
         trustline::policy::eval::render(&trustline::policy::explain(svc, &facts))
     );
+    Ok(())
+}
+
+fn read_flows(audit: &std::path::Path) -> anyhow::Result<Vec<trustline::policy::flows::Flow>> {
+    let text =
+        std::fs::read_to_string(audit).with_context(|| format!("reading {}", audit.display()))?;
+    let (flows, bad) = trustline::policy::flows::parse_flows(&text);
+    for b in bad.iter().take(5) {
+        eprintln!("warning: {}: {b} (skipped)", audit.display());
+    }
+    if flows.is_empty() {
+        bail!("{}: no decision records found", audit.display());
+    }
+    Ok(flows)
+}
+
+fn policy_suggest(audit: &std::path::Path, service: Option<String>) -> anyhow::Result<()> {
+    let flows = read_flows(audit)?;
+    let services: std::collections::BTreeSet<String> = match service {
+        Some(s) => [s].into(),
+        None => flows
+            .iter()
+            .map(|f| f.destination_service.clone())
+            .collect(),
+    };
+    for s in services {
+        print!("{}", trustline::policy::flows::suggest(&flows, &s));
+    }
     Ok(())
 }

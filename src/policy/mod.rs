@@ -11,8 +11,10 @@
 //! are evaluated and reported as what they would have decided, never enforced; `audit` rules only
 //! log.
 
+pub mod anomaly;
 pub mod eval;
 pub mod file;
+pub mod flows;
 pub mod matchers;
 
 pub use eval::{evaluate, explain, Decision, Explanation, Facts, Outcome};

@@ -1,0 +1,248 @@
+//! Learning from recorded traffic: `policy suggest` turns the flows of an audit log into the
+//! least-privilege allow list that covers them, and `policy replay` shows what a candidate
+//! policy would change for those flows, per rule, with examples.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use serde::Deserialize;
+
+use super::eval::{evaluate, Facts, Http, Outcome};
+use super::Policy;
+
+/// One recorded decision, as written by the sidecar's audit log (`event = "decision"`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Flow {
+    pub time: String,
+    #[serde(default)]
+    pub event: String,
+    pub source_id: String,
+    pub source_region: Option<String>,
+    pub destination_service: String,
+    pub port: u16,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub outcome: String,
+    pub rule: String,
+    #[serde(default)]
+    pub mode: String,
+}
+
+/// Parses audit-log lines, keeping enforced decisions; reports lines that are not JSON decisions.
+pub fn parse_flows(text: &str) -> (Vec<Flow>, Vec<String>) {
+    let mut flows = Vec::new();
+    let mut bad = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Flow>(line) {
+            Ok(f) if f.event == "decision" && f.mode != "dry-run" => flows.push(f),
+            Ok(_) => {}
+            Err(e) => bad.push(format!("line {}: {e}", n + 1)),
+        }
+    }
+    (flows, bad)
+}
+
+fn rule_name(id: &str) -> String {
+    // spiffe://td/ns/shop/sa/web -> shop-web (readable, unique enough; numbered on collision)
+    let path = id.split_once("://").map_or(id, |(_, r)| r);
+    let parts: Vec<&str> = path
+        .split('/')
+        .skip(1)
+        .filter(|p| *p != "ns" && *p != "sa")
+        .collect();
+    let base = parts.join("-");
+    base.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+fn quoted(items: impl IntoIterator<Item = impl AsRef<str>>) -> String {
+    let v: Vec<String> = items
+        .into_iter()
+        .map(|s| format!("{:?}", s.as_ref()))
+        .collect();
+    format!("[{}]", v.join(", "))
+}
+
+/// The least-privilege policy for `service` covering `flows`: per caller, its plain ports; per
+/// caller, HTTP port and method, the exact paths it used. Everything else is denied by default.
+pub fn suggest(flows: &[Flow], service: &str) -> String {
+    // caller -> plain ports; (caller, port, method) -> paths
+    let mut l4: BTreeMap<&str, BTreeSet<u16>> = BTreeMap::new();
+    let mut l7: BTreeMap<(&str, u16, String), BTreeSet<&str>> = BTreeMap::new();
+    let mut http_ports = BTreeSet::new();
+    for f in flows.iter().filter(|f| f.destination_service == service) {
+        match (&f.method, &f.path) {
+            (Some(m), Some(p)) => {
+                http_ports.insert(f.port);
+                l7.entry((f.source_id.as_str(), f.port, m.to_ascii_uppercase()))
+                    .or_default()
+                    .insert(p.as_str());
+            }
+            _ => {
+                l4.entry(&f.source_id).or_default().insert(f.port);
+            }
+        }
+    }
+    let mut out = format!(
+        "# Suggested by `trustline policy suggest` from {} recorded flows: every observed flow is\n# allowed, nothing else (default deny). Review before use.\n[service.{service}]\n",
+        flows.iter().filter(|f| f.destination_service == service).count()
+    );
+    if !http_ports.is_empty() {
+        let _ = writeln!(
+            out,
+            "http_ports = [{}]",
+            http_ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let mut names = BTreeSet::new();
+    let mut unique = |base: String| {
+        let mut name = base.clone();
+        let mut i = 2;
+        while !names.insert(name.clone()) {
+            name = format!("{base}-{i}");
+            i += 1;
+        }
+        name
+    };
+    for (caller, ports) in &l4 {
+        // Plain ports that are also HTTP ports are covered per request below.
+        let ports: Vec<String> = ports
+            .iter()
+            .filter(|p| !http_ports.contains(*p))
+            .map(u16::to_string)
+            .collect();
+        if ports.is_empty() {
+            continue;
+        }
+        let name = unique(format!("allow-{}", rule_name(caller)));
+        let _ = write!(
+            out,
+            "\n[[service.{service}.rule]]\nname = {name:?}\naction = \"allow\"\nfrom = [{caller:?}]\nports = [{}]\n",
+            ports.join(", ")
+        );
+    }
+    for ((caller, port, method), paths) in &l7 {
+        let name = unique(format!(
+            "allow-{}-{}-{port}",
+            rule_name(caller),
+            method.to_ascii_lowercase()
+        ));
+        let _ = write!(
+            out,
+            "\n[[service.{service}.rule]]\nname = {name:?}\naction = \"allow\"\nfrom = [{caller:?}]\nports = [{port}]\nmethods = [{method:?}]\npaths = {}\n",
+            quoted(paths)
+        );
+    }
+    out
+}
+
+/// What a candidate policy changes for one rule.
+#[derive(Clone, Debug, Default)]
+pub struct RuleChange {
+    pub newly_denied: usize,
+    pub newly_allowed: usize,
+    pub examples: Vec<String>,
+}
+
+/// The effect of a candidate policy on recorded flows.
+#[derive(Clone, Debug, Default)]
+pub struct Replay {
+    pub flows: usize,
+    pub unchanged: usize,
+    /// Flows whose service the candidate has no policy for.
+    pub unknown_service: usize,
+    /// Keyed by the candidate's deciding rule.
+    pub by_rule: BTreeMap<String, RuleChange>,
+}
+
+/// Replays recorded flows against `candidate` (at the time each was recorded).
+pub fn replay(flows: &[Flow], candidate: &Policy) -> Replay {
+    let mut r = Replay {
+        flows: flows.len(),
+        ..Default::default()
+    };
+    for f in flows {
+        let Some(svc) = candidate.service(&f.destination_service) else {
+            r.unknown_service += 1;
+            continue;
+        };
+        let at = f.time.parse().unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        let facts = Facts {
+            peer: &f.source_id,
+            region: f.source_region.as_deref(),
+            port: f.port,
+            http: f
+                .method
+                .as_deref()
+                .zip(f.path.as_deref())
+                .map(|(method, path)| Http { method, path }),
+            at,
+        };
+        let d = evaluate(svc, &facts);
+        let was_allowed = f.outcome == "allow";
+        let now_allowed = d.outcome == Outcome::Allow;
+        if was_allowed == now_allowed {
+            r.unchanged += 1;
+            continue;
+        }
+        let c = r
+            .by_rule
+            .entry(format!("{}/{}", f.destination_service, d.rule))
+            .or_default();
+        if now_allowed {
+            c.newly_allowed += 1;
+        } else {
+            c.newly_denied += 1;
+        }
+        if c.examples.len() < 3 {
+            let what = match (&f.method, &f.path) {
+                (Some(m), Some(p)) => format!("{m} {p}"),
+                _ => "connection".into(),
+            };
+            let was = if was_allowed { "allowed" } else { "denied" };
+            c.examples.push(format!(
+                "{} -> {}:{} {what} (was {was} by {:?})",
+                f.source_id, f.destination_service, f.port, f.rule
+            ));
+        }
+    }
+    r
+}
+
+/// Human-readable replay report.
+pub fn render_replay(r: &Replay) -> String {
+    let mut out = format!("{} recorded flows: {} unchanged", r.flows, r.unchanged);
+    if r.unknown_service > 0 {
+        let _ = write!(
+            out,
+            ", {} for services the candidate does not cover",
+            r.unknown_service
+        );
+    }
+    out.push('\n');
+    for (rule, c) in &r.by_rule {
+        let _ = writeln!(
+            out,
+            "rule {rule}: {} newly denied, {} newly allowed",
+            c.newly_denied, c.newly_allowed
+        );
+        for e in &c.examples {
+            let _ = writeln!(out, "    e.g. {e}");
+        }
+    }
+    out
+}

@@ -1,0 +1,154 @@
+//! `policy suggest` and `policy replay` on audit logs recorded by the sidecar's own authorization
+//! component: a suggested policy allows every recorded flow and nothing else.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use trustline::audit::AuditLog;
+use trustline::clock::Clock;
+use trustline::policy::eval::Http;
+use trustline::policy::flows::{parse_flows, replay, suggest};
+use trustline::policy::{evaluate, parse, Facts, Outcome};
+use trustline::proxy::authz::{Authz, Caller};
+
+const WEB: &str = "spiffe://example.org/ns/shop/sa/web";
+const JOB: &str = "spiffe://example.org/ns/batch/sa/job";
+
+/// (caller, port, method, path)
+const FLOWS: &[(&str, u16, Option<&str>, Option<&str>)] = &[
+    (WEB, 8080, Some("GET"), Some("/orders/1")),
+    (WEB, 8080, Some("GET"), Some("/orders/2")),
+    (WEB, 8080, Some("POST"), Some("/orders")),
+    (JOB, 8080, Some("GET"), Some("/export")),
+    (JOB, 5432, None, None),
+];
+
+/// Records FLOWS through an `Authz` in audit mode, as a sidecar mapping traffic would.
+fn record(dir: &Path) -> std::path::PathBuf {
+    let policy = dir.join("audit-mode.toml");
+    std::fs::write(
+        &policy,
+        "[service.checkout]\ndefault = \"audit\"\nhttp_ports = [8080]\n",
+    )
+    .unwrap();
+    let log = dir.join("audit.log");
+    let audit = Arc::new(AuditLog::open(&log).unwrap());
+    let authz = Authz::load(
+        policy,
+        "checkout".into(),
+        Some("eu-west".into()),
+        audit,
+        Clock::system(),
+    )
+    .unwrap();
+    for (peer, port, method, path) in FLOWS {
+        let caller = Caller {
+            peer,
+            serial: "0a",
+            region: Some("eu-west"),
+            port: *port,
+        };
+        let http = method
+            .zip(*path)
+            .map(|(method, path)| Http { method, path });
+        let (outcome, rule) = authz.decide(&caller, http, true);
+        assert_eq!((outcome, rule.as_str()), (Outcome::Allow, "default"));
+    }
+    log
+}
+
+fn facts<'a>(peer: &'a str, port: u16, http: Option<(&'a str, &'a str)>) -> Facts<'a> {
+    Facts {
+        peer,
+        region: Some("eu-west"),
+        port,
+        http: http.map(|(method, path)| Http { method, path }),
+        at: jiff::Timestamp::now(),
+    }
+}
+
+#[test]
+fn a_suggested_policy_allows_every_recorded_flow_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = record(dir.path());
+    let (flows, bad) = parse_flows(&std::fs::read_to_string(&log).unwrap());
+    assert!(bad.is_empty(), "{bad:?}");
+    assert_eq!(flows.len(), FLOWS.len());
+    let text = suggest(&flows, "checkout");
+    let policy =
+        parse(&text, Path::new("suggested.toml")).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert!(policy.warnings.is_empty(), "{:?}", policy.warnings);
+    let svc = policy.service("checkout").unwrap();
+    for (peer, port, method, path) in FLOWS {
+        let d = evaluate(svc, &facts(peer, *port, method.zip(*path)));
+        assert_eq!(
+            d.outcome,
+            Outcome::Allow,
+            "{peer} {port} {method:?} {path:?}\n{text}"
+        );
+    }
+    let not_recorded = [
+        facts(WEB, 8080, Some(("DELETE", "/orders/1"))),
+        facts(WEB, 8080, Some(("GET", "/admin"))),
+        facts(WEB, 8080, Some(("POST", "/orders/1"))), // POST only on /orders
+        facts(JOB, 8080, Some(("GET", "/orders/1"))),
+        facts(WEB, 5432, None),
+        facts("spiffe://example.org/ns/x/sa/y", 5432, None),
+    ];
+    for f in &not_recorded {
+        assert_eq!(evaluate(svc, f).outcome, Outcome::Deny, "{f:?}\n{text}");
+    }
+}
+
+#[test]
+fn replay_reports_what_a_candidate_changes_per_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = record(dir.path());
+    let (flows, _) = parse_flows(&std::fs::read_to_string(&log).unwrap());
+    let candidate = parse(
+        &format!(
+            "[service.checkout]\nhttp_ports = [8080]\n[[service.checkout.rule]]\nname = \"web-reads\"\naction = \"allow\"\nfrom = [\"{WEB}\"]\nmethods = [\"GET\"]\npaths = [\"/orders/*\"]\n"
+        ),
+        Path::new("candidate.toml"),
+    )
+    .unwrap();
+    let r = replay(&flows, &candidate);
+    assert_eq!(r.flows, 5);
+    assert_eq!(r.unchanged, 2, "the two GETs stay allowed");
+    let by_default = &r.by_rule["checkout/default"];
+    assert_eq!((by_default.newly_denied, by_default.newly_allowed), (3, 0));
+    assert!(by_default
+        .examples
+        .iter()
+        .any(|e| e.contains("POST /orders")));
+
+    // The same through the CLI.
+    let out = Command::new(env!("CARGO_BIN_EXE_trustline"))
+        .args([
+            "policy",
+            "suggest",
+            "--audit",
+            log.to_str().unwrap(),
+            "--service",
+            "checkout",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let suggested = dir.path().join("suggested.toml");
+    std::fs::write(&suggested, &out.stdout).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_trustline"))
+        .args([
+            "policy",
+            "replay",
+            "--audit",
+            log.to_str().unwrap(),
+            "--policy",
+            suggested.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("5 recorded flows: 5 unchanged"), "{text}");
+}

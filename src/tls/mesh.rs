@@ -127,6 +127,7 @@ pub fn tls_reason(e: &rustls::Error) -> &'static str {
             "protocol_error"
         }
         E::NoApplicationProtocol => "no_alpn",
+        E::InvalidMessage(_) => "not_tls",
         _ => "tls_error",
     }
 }
@@ -189,10 +190,20 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.trust
-            .client_verifier
-            .load()
-            .verify_client_cert(end_entity, intermediates, now)?;
+        let webpki = self.trust.client_verifier.load();
+        if let Err(e) = webpki.verify_client_cert(end_entity, intermediates, now) {
+            // webpki refuses a CA certificate as end entity before the SPIFFE check runs, with an
+            // error rustls has no variant for (`Other`): report it as that check would.
+            let other = matches!(
+                e,
+                rustls::Error::InvalidCertificate(CertificateError::Other(_))
+            );
+            if other && inspect_cert(end_entity).is_ok_and(|i| i.is_ca) {
+                let detail = "a CA certificate was presented as a client SVID".to_string();
+                return Err(reject("leaf_is_ca", detail));
+            }
+            return Err(e);
+        }
         self.checks.check(end_entity)?;
         Ok(ClientCertVerified::assertion())
     }

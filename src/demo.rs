@@ -252,6 +252,7 @@ async fn sidecar(
             app_address: Some(i.app),
             policy: Some((i.policy, i.service)),
             reload_interval: Duration::from_secs(2),
+            anomaly: Default::default(),
         }),
         services,
         listeners,

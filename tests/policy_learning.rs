@@ -40,6 +40,7 @@ fn record(dir: &Path) -> std::path::PathBuf {
         Some("eu-west".into()),
         audit,
         Clock::system(),
+        Default::default(),
     )
     .unwrap();
     for (peer, port, method, path) in FLOWS {
@@ -151,4 +152,70 @@ fn replay_reports_what_a_candidate_changes_per_rule() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("5 recorded flows: 5 unchanged"), "{text}");
+}
+
+#[test]
+fn impossible_travel_is_audited_and_can_refuse_the_serial() {
+    use trustline::proxy::authz::AnomalyConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("p.toml");
+    std::fs::write(&policy, "[service.checkout]\ndefault = \"allow\"\n").unwrap();
+    let log = dir.path().join("audit.log");
+    let audit = Arc::new(AuditLog::open(&log).unwrap());
+    let anomaly = AnomalyConfig {
+        window: std::time::Duration::from_secs(600),
+        single_region: vec![JOB.to_string()],
+        refuse: true,
+    };
+    let authz = Authz::load(
+        policy,
+        "checkout".into(),
+        None,
+        audit,
+        Clock::system(),
+        anomaly,
+    )
+    .unwrap();
+    let at = |serial, region| Caller {
+        peer: WEB,
+        serial,
+        region: Some(region),
+        port: 5432,
+    };
+    assert!(authz.admit(&at("aa", "eu-west")).allowed);
+    assert!(
+        authz.admit(&at("bb", "us-east")).allowed,
+        "another serial may live elsewhere"
+    );
+    let second = authz.admit(&at("aa", "us-east"));
+    assert!(
+        !second.allowed,
+        "the same serial from a second region is refused"
+    );
+    assert!(
+        !authz.admit(&at("aa", "eu-west")).allowed,
+        "and stays refused"
+    );
+    // A single-region identity with two different serials.
+    let job = |serial, region| Caller {
+        peer: JOB,
+        serial,
+        region: Some(region),
+        port: 5432,
+    };
+    assert!(authz.admit(&job("c1", "eu-west")).allowed);
+    assert!(!authz.admit(&job("c2", "us-east")).allowed);
+    assert_eq!(authz.metrics.anomalies.get(), 2);
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let anomalies: Vec<_> = events.iter().filter(|e| e["event"] == "anomaly").collect();
+    assert_eq!(anomalies.len(), 2);
+    assert_eq!(anomalies[0]["source_serial"], "aa");
+    assert!(anomalies[0]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("eu-west then us-east"));
 }

@@ -19,8 +19,30 @@ use tokio::sync::watch;
 use crate::audit::decision::DecisionEvent;
 use crate::audit::AuditLog;
 use crate::clock::{rfc3339, Clock};
+use crate::policy::anomaly::TravelDetector;
 use crate::policy::eval::Http;
 use crate::policy::{evaluate, Facts, Outcome, Policy};
+
+/// Impossible-travel settings.
+#[derive(Clone, Debug)]
+pub struct AnomalyConfig {
+    /// Two regions within this long raise an anomaly.
+    pub window: Duration,
+    /// IDs that live in one region only: also tracked by ID, not just by serial.
+    pub single_region: Vec<String>,
+    /// Refuse the serial from then on.
+    pub refuse: bool,
+}
+
+impl Default for AnomalyConfig {
+    fn default() -> Self {
+        AnomalyConfig {
+            window: Duration::from_secs(600),
+            single_region: Vec::new(),
+            refuse: false,
+        }
+    }
+}
 
 /// Per-rule decision counter labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -39,6 +61,7 @@ pub struct AuthzMetrics {
     /// 1 when the last reload attempt failed (the previous policy is still in force).
     pub stale: Gauge,
     pub closed_by_reload: Counter,
+    pub anomalies: Counter,
 }
 
 impl AuthzMetrics {
@@ -92,6 +115,9 @@ pub struct Authz {
     clock: Clock,
     live: Mutex<HashMap<u64, Live>>,
     next: AtomicU64,
+    travel: Mutex<TravelDetector>,
+    refuse_anomalous: bool,
+    refused_serials: Mutex<std::collections::HashSet<String>>,
 }
 
 /// What a connection learns from an L4 decision.
@@ -136,6 +162,7 @@ impl Authz {
         region: Option<String>,
         audit: Arc<AuditLog>,
         clock: Clock,
+        anomaly: AnomalyConfig,
     ) -> Result<Arc<Self>, String> {
         let policy = crate::policy::load(&path).map_err(|e| e.to_string())?;
         if policy.service(&service).is_none() {
@@ -154,6 +181,9 @@ impl Authz {
             clock,
             live: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
+            travel: Mutex::new(TravelDetector::new(anomaly.window, anomaly.single_region)),
+            refuse_anomalous: anomaly.refuse,
+            refused_serials: Mutex::new(Default::default()),
         }))
     }
 
@@ -215,6 +245,13 @@ impl Authz {
 
     /// Decides a new connection and, if allowed, registers it for re-authorisation on reload.
     pub fn admit(self: &Arc<Self>, c: &Caller<'_>) -> Admission {
+        if let Some(rule) = self.travel_check(c) {
+            return Admission {
+                allowed: false,
+                rule,
+                ticket: None,
+            };
+        }
         let http = self.is_http_port(c.port);
         // On HTTP ports the decision is per request; the connection itself is let through.
         let (outcome, rule) = if http {
@@ -252,6 +289,67 @@ impl Authz {
                 closed: rx,
             }),
         }
+    }
+
+    /// Impossible travel: records the sighting, audits anomalies, and with `refuse` set denies
+    /// the serial from then on. Returns the refusal reason when refused.
+    fn travel_check(&self, c: &Caller<'_>) -> Option<String> {
+        let lock = |m: &Mutex<std::collections::HashSet<String>>| {
+            m.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(c.serial)
+        };
+        if lock(&self.refused_serials) {
+            self.record(
+                c,
+                None,
+                "deny",
+                "anomaly-refused",
+                "enforced",
+                Some("serial refused after impossible travel".into()),
+            );
+            return Some("anomaly-refused".into());
+        }
+        let found = self
+            .travel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(c.peer, c.serial, c.region, self.clock.now());
+        for t in &found {
+            self.metrics.anomalies.inc();
+            tracing::warn!(kind = t.kind, key = %t.key, from = %t.previous_region, to = %t.region, "impossible travel");
+            self.audit.record(&DecisionEvent {
+                time: rfc3339(self.clock.now()),
+                event: "anomaly",
+                source_id: c.peer.to_string(),
+                source_serial: c.serial.to_string(),
+                source_region: c.region.map(str::to_string),
+                destination_service: self.service.clone(),
+                destination_region: self.region.clone(),
+                port: c.port,
+                method: None,
+                path: None,
+                outcome: if self.refuse_anomalous {
+                    "deny"
+                } else {
+                    "allow"
+                },
+                rule: "impossible-travel".into(),
+                mode: "enforced",
+                detail: Some(format!(
+                    "same {} seen in {} then {}",
+                    t.kind, t.previous_region, t.region
+                )),
+            });
+        }
+        if !found.is_empty() && self.refuse_anomalous {
+            self.refused_serials
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(c.serial.to_string());
+            return Some("anomaly-refused".into());
+        }
+        None
     }
 
     fn count(&self, rule: &str, outcome: &'static str, mode: &'static str) {

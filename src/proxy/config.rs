@@ -97,6 +97,10 @@ struct InboundFile {
     policy: Option<PathBuf>,
     service: Option<String>,
     reload_interval: Option<String>,
+    #[serde(default)]
+    single_region_ids: Vec<String>,
+    anomaly_window: Option<String>,
+    refuse_on_anomaly: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,6 +156,8 @@ pub struct Inbound {
     pub policy: Option<(PathBuf, String)>,
     /// How often the policy file is checked for changes.
     pub reload_interval: Duration,
+    /// Impossible-travel detection.
+    pub anomaly: super::authz::AnomalyConfig,
 }
 
 /// The validated sidecar configuration.
@@ -265,6 +271,23 @@ impl SidecarConfig {
             None => None,
             Some(i) => Some(Inbound {
                 policy: inbound_policy(&ctx, i)?,
+                anomaly: super::authz::AnomalyConfig {
+                    window: ctx.duration(
+                        "inbound.anomaly_window",
+                        i.anomaly_window.as_deref(),
+                        Duration::from_secs(600),
+                    )?,
+                    single_region: i
+                        .single_region_ids
+                        .iter()
+                        .enumerate()
+                        .map(|(n, v)| {
+                            ctx.id(&format!("inbound.single_region_ids[{n}]"), v, &td)
+                                .map(|id| id.to_string())
+                        })
+                        .collect::<Result<_, _>>()?,
+                    refuse: i.refuse_on_anomaly.unwrap_or(false),
+                },
                 reload_interval: ctx.duration(
                     "inbound.reload_interval",
                     i.reload_interval.as_deref(),

@@ -170,8 +170,20 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
     });
     let authz = match config.inbound.as_ref().and_then(|i| i.policy.clone()) {
         Some((path, service)) => {
-            let a = authz::Authz::load(path, service, config.region.clone(), audit, clock.clone())
-                .map_err(ProxyError::Policy)?;
+            let anomaly = config
+                .inbound
+                .as_ref()
+                .map(|i| i.anomaly.clone())
+                .unwrap_or_default();
+            let a = authz::Authz::load(
+                path,
+                service,
+                config.region.clone(),
+                audit,
+                clock.clone(),
+                anomaly,
+            )
+            .map_err(ProxyError::Policy)?;
             a.metrics.register(&mut registry);
             let every = config
                 .inbound

@@ -1,0 +1,626 @@
+//! The sidecar end to end: real sockets on 127.0.0.1, real TLS 1.3, real certificates from our CA,
+//! on the system clock. A calls B through A's explicit listener; B forwards to an echo app.
+//! Refusals are checked from both ends: the caller gets no app data, and the sidecar counts the
+//! refusal under the reason operators will see.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::*;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::CertificateDer;
+use tokio::net::TcpStream;
+use trustline::ca::config::MIN_SVID_TTL;
+use trustline::identity::SpiffeId;
+use trustline::proxy::metrics::{Dir, Flow};
+use trustline::proxy::Bound;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn opened(b: &Bound, direction: &'static str) -> u64 {
+    b.metrics.opened.get_or_create(&Dir { direction }).get()
+}
+
+fn closed(b: &Bound, direction: &'static str) -> u64 {
+    b.metrics.closed.get_or_create(&Dir { direction }).get()
+}
+
+#[tokio::test]
+async fn a_call_goes_through_mutual_tls_end_to_end() {
+    let ca = start_ca(HOUR).await;
+    let p = ca.pair().await;
+    let mut conn = TcpStream::connect(p.entry()).await.unwrap();
+    let mut sent = 0;
+    for i in 0..3 {
+        let msg = format!("hello #{i}");
+        let back = round_trip(&mut conn, msg.as_bytes()).await.expect("echo");
+        assert_eq!(back, msg.as_bytes());
+        sent += msg.len() as u64;
+    }
+    // A presented web's SVID and accepted api's; B accepted web's (its allow list) and the
+    // echo app answered through both sidecars.
+    assert_eq!(opened(&p.a, "outbound"), 1);
+    assert_eq!(opened(&p.b, "inbound"), 1);
+    drop(conn);
+    eventually("both sides count the connection closed", || {
+        closed(&p.a, "outbound") == 1 && closed(&p.b, "inbound") == 1
+    })
+    .await;
+    let flow = |flow| Flow {
+        direction: "outbound",
+        flow,
+    };
+    assert_eq!(
+        p.a.metrics.bytes.get_or_create(&flow("to_peer")).get(),
+        sent
+    );
+    assert_eq!(
+        p.a.metrics.bytes.get_or_create(&flow("from_peer")).get(),
+        sent
+    );
+    for (bound, me) in [(&p.a, "web"), (&p.b, "api")] {
+        let (status, body) = http_get(bound.admin, "/identity").await;
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["spiffe_id"], id(me).to_string());
+        assert_eq!(v["ready"], true);
+        assert_eq!(http_get(bound.admin, "/readyz").await.0, 200);
+        assert!(failed_series(bound.admin).await.is_empty());
+    }
+}
+
+/// Sidecar B alone (inbound to an echo app, allowing `allow`), checked to admit a good caller.
+async fn target(ca: &Ca, allow: Vec<SpiffeId>) -> Bound {
+    let mut cfg = ca
+        .sidecar_config("api", &inbound(echo_app().await, &[id("web")]))
+        .await;
+    // Set here so that IDs of other trust domains can be allowed too.
+    cfg.inbound.as_mut().unwrap().allow = allow;
+    let b = start_ready(cfg).await;
+    // The control: the same kind of client with a good SVID gets its answer.
+    let good = ca.pki.leaf(&id("web"), SystemTime::now(), HOUR);
+    let got = probe(
+        b.inbound.unwrap(),
+        client_config(&ca.pki.bundle(), &id("api"), Some(good)),
+    );
+    assert_eq!(got.await, b"ping", "a valid caller must get through");
+    b
+}
+
+/// Probes B with `cfg` and checks the caller got nothing and B counted exactly `reason`.
+async fn assert_refused(b: &Bound, cfg: Arc<rustls::ClientConfig>, reason: &'static str) {
+    let before = b.metrics.failures("inbound", reason);
+    let opened_before = opened(b, "inbound");
+    assert!(
+        probe(b.inbound.unwrap(), cfg).await.is_empty(),
+        "a caller refused for {reason} received app data"
+    );
+    let deadline = Instant::now() + PATIENCE;
+    while b.metrics.failures("inbound", reason) != before + 1 {
+        if Instant::now() > deadline {
+            panic!(
+                "no inbound failure with reason {reason}; counted: {:?}",
+                failed_series(b.admin).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(opened(b, "inbound"), opened_before, "the app was reached");
+}
+
+#[tokio::test]
+async fn a_client_without_a_certificate_is_refused() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web")]).await;
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), None);
+    assert_refused(&b, cfg, "no_client_certificate").await;
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_refused() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web")]).await;
+    // Same trust domain and ID, signed by a root B does not trust.
+    let mut root = CertificateParams::default();
+    root.distinguished_name = DistinguishedName::new();
+    root.distinguished_name
+        .push(DnType::CommonName, "somebody else's root");
+    root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    root.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let foreign = Issuer::new(root, KeyPair::generate().unwrap());
+    let cred = crafted(&foreign, vec![], &[&id("web")], false);
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(cred));
+    assert_refused(&b, cfg, "unknown_issuer").await;
+    // Another `trustline ca init` of the same trust domain names its CAs exactly like ours, so
+    // its chain names our root as issuer and fails the signature check instead.
+    let twin = Pki::new(TD).leaf(&id("web"), SystemTime::now(), HOUR);
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(twin));
+    assert_refused(&b, cfg, "bad_signature").await;
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_refused() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web")]).await;
+    let expired = ca.pki.leaf(&id("web"), SystemTime::now() - 2 * HOUR, HOUR);
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(expired));
+    assert_refused(&b, cfg, "expired").await;
+}
+
+#[tokio::test]
+async fn a_certificate_not_yet_valid_is_refused() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web")]).await;
+    let early = ca.pki.leaf(&id("web"), SystemTime::now() + 2 * HOUR, HOUR);
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(early));
+    assert_refused(&b, cfg, "not_yet_valid").await;
+}
+
+async fn revoke_and_wait(ca: &Ca, b: &Bound, serial: &trustline::identity::Serial) {
+    ca.revoke(serial).await;
+    eventually("B's revocation list has the serial", || {
+        b.identity.revoked.load().contains(serial)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_revoked_certificate_is_refused_after_the_list_refreshes() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web")]).await;
+    let svid = ca.issue(&id("web")).await;
+    let fresh = || client_config(&ca.pki.bundle(), &id("api"), Some((&svid).into()));
+    assert_eq!(probe(b.inbound.unwrap(), fresh()).await, b"ping");
+    revoke_and_wait(&ca, &b, &svid.info.serial).await;
+    assert_refused(&b, fresh(), "revoked").await;
+}
+
+// Resumption: rustls does not run the client verifier on a resumed TLS 1.3 handshake; it copies
+// the chain stored with the session (`server/tls13.rs`: `peer_certificates.clone_from(&resume
+// .client_cert_chain)`). A caller keeps its ticket, so revocation and expiry do not stop it.
+// Fix: in `proxy/inbound.rs` `handle`, when `handshake_kind() == Some(HandshakeKind::Resumed)`,
+// re-run the inbound `SpiffeClientVerifier::verify_client_cert` (current trust bundle, validity
+// at the sidecar's clock, SPIFFE checks, revocation) on `peer_certificates()` and refuse with
+// `tls_reason` of the error; `Shared` needs the verifier and the clock for it. Un-ignore these
+// two tests with it. (Or stop sending tickets: `send_tls13_tickets = 0`.)
+#[tokio::test]
+#[ignore = "BUG: resumed sessions skip the client verifier (rustls copies the stored chain), so a revoked caller with a ticket gets in; see the fix proposed with this test"]
+async fn a_revoked_certificate_cannot_resume_a_session_from_before_the_revocation() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web")]).await;
+    let svid = ca.issue(&id("web")).await;
+    // One config for both connections: the client keeps the session ticket B sent.
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), Some((&svid).into()));
+    assert_eq!(probe(b.inbound.unwrap(), cfg.clone()).await, b"ping");
+    revoke_and_wait(&ca, &b, &svid.info.serial).await;
+    assert_refused(&b, cfg, "revoked").await;
+}
+
+#[tokio::test]
+#[ignore = "BUG: resumed sessions skip the client verifier (rustls copies the stored chain), so an expired caller with a ticket gets in; see the fix proposed with this test"]
+async fn an_expired_certificate_cannot_resume_a_session_from_while_it_was_valid() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web")]).await;
+    let short = ca
+        .pki
+        .leaf(&id("web"), SystemTime::now(), Duration::from_secs(2));
+    let not_after = trustline::identity::inspect_cert(&short.chain[0])
+        .unwrap()
+        .not_after;
+    let resuming = client_config(&ca.pki.bundle(), &id("api"), Some(short));
+    assert_eq!(probe(b.inbound.unwrap(), resuming.clone()).await, b"ping");
+    // Validity is checked to the second: past the last second of not_after it is expired.
+    eventually("the certificate has expired", || {
+        SystemTime::now() > not_after + Duration::from_secs(1)
+    })
+    .await;
+    assert_refused(&b, resuming, "expired").await;
+}
+
+/// Signs a leaf with hand-made parameters; `tail` is the rest of the chain the client sends.
+fn crafted(
+    issuer: &Issuer<'_, KeyPair>,
+    tail: Vec<CertificateDer<'static>>,
+    sans: &[&SpiffeId],
+    ca: bool,
+) -> Cred {
+    let key = KeyPair::generate().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.not_before = now - Duration::from_secs(60);
+    p.not_after = now + HOUR;
+    p.subject_alt_names = sans
+        .iter()
+        .map(|id| SanType::URI(id.to_string().try_into().unwrap()))
+        .collect();
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    if ca {
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+    } else {
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    }
+    let leaf = p.signed_by(&key, issuer).unwrap();
+    let mut chain = vec![leaf.der().clone()];
+    chain.extend(tail);
+    Cred {
+        chain,
+        key: pkcs8(&key),
+    }
+}
+
+/// A leaf signed by the mesh's own intermediate, sent with it.
+fn crafted_by_mesh(pki: &Pki, sans: &[&SpiffeId], ca: bool) -> Cred {
+    let (issuer, intermediate) = pki.issuer();
+    crafted(&issuer, vec![intermediate], sans, ca)
+}
+
+#[tokio::test]
+async fn a_certificate_with_two_uri_sans_is_refused() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web"), id("extra")]).await;
+    let two = crafted_by_mesh(&ca.pki, &[&id("web"), &id("extra")], false);
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(two));
+    assert_refused(&b, cfg, "bad_spiffe_id").await;
+}
+
+#[tokio::test]
+async fn a_ca_certificate_used_as_a_leaf_is_refused() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web")]).await;
+    let as_leaf = crafted_by_mesh(&ca.pki, &[&id("web")], true);
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(as_leaf));
+    assert_refused(&b, cfg, "leaf_is_ca").await;
+}
+
+#[tokio::test]
+async fn a_certificate_of_another_trust_domain_is_refused_even_with_its_root_trusted() {
+    let other = Pki::new("other.test");
+    // Its root is in the mesh's bundle (the CA publishes it, the sidecars refresh to it) and
+    // the stranger is even on the allow list: only the trust-domain check stands in the way.
+    let ca = start_ca_with(HOUR, &[&other]).await;
+    let stranger = id_in("other.test", "web");
+    let b = target(&ca, vec![id("web"), stranger.clone()]).await;
+    assert!(b.identity.bundle().roots.contains(&other.roots()[0]));
+    let cred = other.leaf(&stranger, SystemTime::now(), HOUR);
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(cred));
+    assert_refused(&b, cfg, "wrong_trust_domain").await;
+}
+
+#[tokio::test]
+async fn a_caller_not_on_the_allow_list_is_refused() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web")]).await;
+    let batch = ca.pki.leaf(&id("batch"), SystemTime::now(), HOUR);
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(batch));
+    assert_refused(&b, cfg, "not_allowed").await;
+}
+
+#[tokio::test]
+async fn a_tls12_only_client_is_refused() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web")]).await;
+    let before = b.metrics.failures("inbound", "incompatible_peer");
+    let addr = b.inbound.unwrap().to_string();
+    let run = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("openssl")
+            .args(["s_client", "-tls1_2", "-connect", &addr])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl must be installed")
+    });
+    let out = tokio::time::timeout(PATIENCE, run)
+        .await
+        .expect("openssl finishes")
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "TLS 1.2 handshake must fail: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    eventually("B counts the TLS 1.2 client as incompatible", || {
+        b.metrics.failures("inbound", "incompatible_peer") == before + 1
+    })
+    .await;
+    assert_eq!(opened(&b, "inbound"), 1, "only the control got through");
+}
+
+#[tokio::test]
+async fn a_server_with_an_unexpected_identity_is_refused_by_the_caller() {
+    let ca = start_ca(HOUR).await;
+    // A expects billing at B's address; B is api.
+    let p = ca.pair_with(id("billing"), true).await;
+    let got = call(p.entry(), b"for billing only").await;
+    assert!(got.is_err(), "app data came back: {got:?}");
+    let deadline = Instant::now() + PATIENCE;
+    while p.a.metrics.failures("outbound", "unexpected_identity") != 1 {
+        if Instant::now() > deadline {
+            panic!(
+                "A did not count unexpected_identity; counted: {:?}",
+                failed_series(p.a.admin).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(opened(&p.a, "outbound"), 0);
+    assert_eq!(opened(&p.b, "inbound"), 0);
+}
+
+#[tokio::test]
+async fn without_a_usable_join_token_a_sidecar_is_not_ready_and_refuses() {
+    let ca = start_ca(HOUR).await;
+    let app = echo_app().await;
+    let mut bad = Vec::new();
+    for (name, token) in [("missing", None), ("invalid", Some("tlj_invalid"))] {
+        let cfg = ca.sidecar_config(name, &inbound(app, &[id("web")])).await;
+        let token_file = ca.pki.dir.path().join(format!("{name}.token"));
+        match token {
+            None => std::fs::remove_file(token_file).unwrap(),
+            Some(t) => std::fs::write(token_file, t).unwrap(),
+        }
+        bad.push(start(cfg).await);
+    }
+    // A sidecar with a good token, started after them, gets its SVID; the CA refused the
+    // invalid token.
+    let good = ca.sidecar_config("good", &inbound(app, &[id("web")])).await;
+    let good = start_ready(good).await;
+    let unauthorized = || {
+        ca.bound
+            .state
+            .metrics
+            .svid_requests
+            .get_or_create(&trustline::ca::metrics::OutcomeLabels {
+                outcome: "unauthorized".into(),
+            })
+            .get()
+    };
+    eventually("the CA refused the invalid token", || unauthorized() >= 1).await;
+    assert_eq!(http_get(good.admin, "/readyz").await.0, 200);
+    for b in &bad {
+        assert!(b.identity.ready().is_err(), "{} is ready", b.identity.id());
+        let (status, body) = http_get(b.admin, "/readyz").await;
+        assert_eq!(status, 503, "{body}");
+        let (_, identity) = http_get(b.admin, "/identity").await;
+        let v: serde_json::Value = serde_json::from_str(&identity).unwrap();
+        assert_eq!(v["ready"], false);
+        let web = ca.pki.leaf(&id("web"), SystemTime::now(), HOUR);
+        let server = b.identity.id().clone();
+        let cfg = client_config(&ca.pki.bundle(), &server, Some(web));
+        assert_refused(b, cfg, "not_ready").await;
+    }
+}
+
+/// Continuous traffic through A → B: long-lived connections doing request/response in a loop
+/// and a loop of new connections; every request must be answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn svids_rotate_under_load_without_a_failed_request() {
+    let ca = start_ca(MIN_SVID_TTL).await;
+    // No resumption: every new connection is a full handshake with the newest SVIDs.
+    let p = ca.pair_with(id("api"), false).await;
+    let entry = p.entry();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let fail = {
+        let errors = errors.clone();
+        move |e: String| errors.lock().unwrap().push(e)
+    };
+    let mut workers = Vec::new();
+    for w in 0..3 {
+        let (stop, ok, fail) = (stop.clone(), ok.clone(), fail.clone());
+        workers.push(tokio::spawn(async move {
+            let mut conn = TcpStream::connect(entry).await.expect("connect");
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let msg = format!("long-lived {w} request {n}");
+                match round_trip(&mut conn, msg.as_bytes()).await {
+                    Ok(b) if b == msg.as_bytes() => ok.fetch_add(1, Ordering::Relaxed),
+                    other => return fail(format!("{msg}: {other:?}")),
+                };
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    let new_conns = Arc::new(AtomicU64::new(0));
+    for w in 0..2 {
+        let (stop, ok, fail, new_conns) =
+            (stop.clone(), ok.clone(), fail.clone(), new_conns.clone());
+        workers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let msg = format!("new connection {w}/{n}");
+                match call(entry, msg.as_bytes()).await {
+                    Ok(b) if b == msg.as_bytes() => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        new_conns.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => fail(format!("{msg}: {other:?}")),
+                }
+                n += 1;
+            }
+        }));
+    }
+    let start_a = *p.a.identity.rotations().borrow();
+    let start_b = *p.b.identity.rotations().borrow();
+    let rotated = || {
+        let a = *p.a.identity.rotations().borrow() - start_a;
+        let b = *p.b.identity.rotations().borrow() - start_b;
+        (a, b)
+    };
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(50) {
+        let (a, b) = rotated();
+        if a >= 20 && b >= 20 || !errors.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let errors = errors.lock().unwrap().clone();
+    let (a, b) = rotated();
+    assert!(
+        errors.is_empty(),
+        "{} failed requests after {a}/{b} rotations, first: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert!(
+        a >= 20 && b >= 20,
+        "only {a} (A) and {b} (B) rotations in {:?}",
+        started.elapsed()
+    );
+    assert!(p.a.metrics.rotations.get() >= 20 && p.b.metrics.rotations.get() >= 20);
+    let new_conns = new_conns.load(Ordering::Relaxed);
+    assert!(new_conns >= 100, "only {new_conns} new connections");
+    eprintln!(
+        "{} requests ({new_conns} on new connections) across {a}/{b} rotations in {:?}",
+        ok.load(Ordering::Relaxed),
+        started.elapsed()
+    );
+    for bound in [&p.a, &p.b] {
+        assert!(failed_series(bound.admin).await.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn with_the_ca_down_traffic_flows_until_the_svids_expire_then_fails_closed() {
+    let ca = start_ca(Duration::from_secs(3)).await;
+    let p = ca.pair().await;
+    assert_eq!(call(p.entry(), b"up").await.unwrap(), b"up");
+    // Stop right after A renewed, so A's SVID has most of a lifetime left.
+    let mut rx = p.a.identity.rotations();
+    rx.borrow_and_update();
+    tokio::time::timeout(PATIENCE, rx.changed())
+        .await
+        .expect("A renews")
+        .unwrap();
+    let Ca { pki: _pki, bound } = ca;
+    let api = bound.api;
+    bound.shutdown();
+    drop(bound);
+    eventually_async("the CA refuses connections", || async {
+        TcpStream::connect(api).await.is_err()
+    })
+    .await;
+    // When the first of the two SVIDs runs out (a renewal already in flight may still land).
+    let expiry = || {
+        let not_after = |b: &Bound| b.identity.current().map(|s| s.info.not_after);
+        not_after(&p.a)
+            .min(not_after(&p.b))
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    };
+    let mut served = 0;
+    while expiry()
+        .duration_since(SystemTime::now())
+        .is_ok_and(|left| left > Duration::from_millis(300))
+    {
+        let got = call(p.entry(), b"still up").await;
+        assert_eq!(
+            got.unwrap(),
+            b"still up",
+            "traffic must flow while SVIDs are valid"
+        );
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served >= 3, "only {served} calls before expiry");
+    let last_expiry = expiry();
+    eventually_async("the path fails closed", || async {
+        if call(p.entry(), b"late").await.is_ok() {
+            return false;
+        }
+        assert!(
+            SystemTime::now() >= last_expiry,
+            "failed before the SVIDs expired"
+        );
+        true
+    })
+    .await;
+    eventually("both sidecars withdrew their SVIDs", || {
+        p.a.identity.current().is_none() && p.b.identity.current().is_none()
+    })
+    .await;
+    for bound in [&p.a, &p.b] {
+        assert!(bound.identity.ready().is_err());
+        assert_eq!(http_get(bound.admin, "/readyz").await.0, 503);
+    }
+    let before = p.a.metrics.failures("outbound", "not_ready");
+    assert!(call(p.entry(), b"refused").await.is_err());
+    eventually("A counts the refusal as not_ready", || {
+        p.a.metrics.failures("outbound", "not_ready") == before + 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn drain_refuses_new_connections_and_lets_open_ones_finish() {
+    let ca = start_ca(HOUR).await;
+    let p = ca.pair().await;
+    let entry = p.entry();
+    let mut open = TcpStream::connect(entry).await.unwrap();
+    assert_eq!(round_trip(&mut open, b"before").await.unwrap(), b"before");
+    let started = Instant::now();
+    let (left, ()) = tokio::join!(p.a.drain(Duration::from_secs(20)), async move {
+        eventually_async("A refuses new connections", || async {
+            TcpStream::connect(entry).await.is_err()
+        })
+        .await;
+        for i in 0..3 {
+            let msg = format!("during drain {i}");
+            let back = round_trip(&mut open, msg.as_bytes()).await;
+            assert_eq!(
+                back.unwrap(),
+                msg.as_bytes(),
+                "the open connection keeps working"
+            );
+        }
+        drop(open);
+    });
+    assert_eq!(left, 0, "the open connection finished by itself");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(TcpStream::connect(entry).await.is_err());
+    assert_eq!(p.a.active_connections(), 0);
+}
+
+#[tokio::test]
+async fn drain_cuts_connections_still_open_at_the_deadline() {
+    let ca = start_ca(HOUR).await;
+    let p = ca.pair().await;
+    let inbound = p.b.inbound.unwrap();
+    let mut open = TcpStream::connect(p.entry()).await.unwrap();
+    assert_eq!(round_trip(&mut open, b"before").await.unwrap(), b"before");
+    let deadline = Duration::from_millis(1500);
+    let started = Instant::now();
+    let (left, mut open) = tokio::join!(p.b.drain(deadline), async move {
+        eventually_async("B refuses new connections", || async {
+            TcpStream::connect(inbound).await.is_err()
+        })
+        .await;
+        let back = round_trip(&mut open, b"during drain").await;
+        assert_eq!(back.unwrap(), b"during drain", "works until the deadline");
+        open
+    });
+    assert_eq!(left, 1, "one connection was still open at the deadline");
+    assert!(started.elapsed() >= deadline);
+    // B's side is gone, so A closes the caller's connection.
+    let after = round_trip(&mut open, b"after the deadline").await;
+    assert!(after.is_err(), "still answered after the cut: {after:?}");
+}

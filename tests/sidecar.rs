@@ -182,15 +182,10 @@ async fn a_revoked_certificate_is_refused_after_the_list_refreshes() {
 }
 
 // Resumption: rustls does not run the client verifier on a resumed TLS 1.3 handshake; it copies
-// the chain stored with the session (`server/tls13.rs`: `peer_certificates.clone_from(&resume
-// .client_cert_chain)`). A caller keeps its ticket, so revocation and expiry do not stop it.
-// Fix: in `proxy/inbound.rs` `handle`, when `handshake_kind() == Some(HandshakeKind::Resumed)`,
-// re-run the inbound `SpiffeClientVerifier::verify_client_cert` (current trust bundle, validity
-// at the sidecar's clock, SPIFFE checks, revocation) on `peer_certificates()` and refuse with
-// `tls_reason` of the error; `Shared` needs the verifier and the clock for it. Un-ignore these
-// two tests with it. (Or stop sending tickets: `send_tls13_tickets = 0`.)
+// the chain stored with the session. The sidecar re-verifies that chain after every resumed
+// handshake (`mesh::recheck_resumed_client`), so revocation and expiry stop a caller that kept
+// its ticket.
 #[tokio::test]
-#[ignore = "BUG: resumed sessions skip the client verifier (rustls copies the stored chain), so a revoked caller with a ticket gets in; see the fix proposed with this test"]
 async fn a_revoked_certificate_cannot_resume_a_session_from_before_the_revocation() {
     let ca = start_ca(HOUR).await;
     let b = target(&ca, vec![id("web")]).await;
@@ -203,7 +198,6 @@ async fn a_revoked_certificate_cannot_resume_a_session_from_before_the_revocatio
 }
 
 #[tokio::test]
-#[ignore = "BUG: resumed sessions skip the client verifier (rustls copies the stored chain), so an expired caller with a ticket gets in; see the fix proposed with this test"]
 async fn an_expired_certificate_cannot_resume_a_session_from_while_it_was_valid() {
     let ca = start_ca(HOUR).await;
     let b = target(&ca, vec![id("web")]).await;

@@ -15,7 +15,7 @@ use super::http::Peer;
 use super::metrics::{Dir, Flow};
 use super::{accept_loop, original_dst, splice, Shared};
 use crate::identity::{inspect_cert, region_of_chain};
-use crate::tls::mesh::failure_reason;
+use crate::tls::mesh::{self, failure_reason};
 
 const DIR: &str = "inbound";
 
@@ -82,6 +82,14 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
             return;
         }
     };
+    if let Err(e) =
+        mesh::recheck_resumed_client(tls.get_ref().1, &shared.client_verifier, &shared.clock)
+    {
+        let reason = mesh::tls_reason(&e);
+        m.fail(DIR, reason);
+        tracing::warn!(reason, detail = %e, "resumed session refused: the peer's certificate no longer passes");
+        return;
+    }
     m.handshake
         .get_or_create(&Dir { direction: DIR })
         .observe(started.elapsed().as_secs_f64());

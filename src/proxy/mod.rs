@@ -94,6 +94,11 @@ pub(crate) struct Shared {
     pub metrics: ProxyMetrics,
     pub tracker: Arc<Tracker>,
     pub server_tls: tokio_rustls::TlsAcceptor,
+    /// The inbound verifier, re-run on resumed sessions.
+    pub client_verifier: Arc<mesh::SpiffeClientVerifier>,
+    /// Per service, the outbound verifier, re-run on resumed sessions.
+    pub server_verifiers: Vec<Arc<mesh::MeshServerVerifier>>,
+    pub clock: Clock,
     /// One client config per service (its expected identities).
     pub client_tls: Vec<tokio_rustls::TlsConnector>,
     pub next_id: AtomicU64,
@@ -199,21 +204,32 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         revoked: identity.revoked.clone(),
     };
     let trust = identity.trust();
-    let server = mesh::server_config(
+    let client_verifier = Arc::new(mesh::SpiffeClientVerifier::new(
         trust.clone(),
         checks.clone(),
+    ));
+    let server = mesh::server_config(
+        client_verifier.clone(),
         identity.resolver.clone(),
         config.resumption,
         &clock,
     )?;
-    let client_tls = config
+    let server_verifiers: Vec<_> = config
         .services
         .iter()
         .map(|s| {
-            mesh::client_config(
+            Arc::new(mesh::MeshServerVerifier::new(
                 trust.clone(),
                 ExpectedPeer::AnyOf(s.spiffe_ids.clone()),
                 checks.clone(),
+            ))
+        })
+        .collect();
+    let client_tls = server_verifiers
+        .iter()
+        .map(|v| {
+            mesh::client_config(
+                v.clone(),
                 identity.resolver.clone(),
                 config.resumption,
                 &clock,
@@ -238,6 +254,9 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         metrics: metrics.clone(),
         tracker: Arc::new(Tracker::default()),
         server_tls: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        client_verifier,
+        server_verifiers,
+        clock: clock.clone(),
         client_tls,
         next_id: AtomicU64::new(1),
         authz: authz.clone(),

@@ -13,7 +13,7 @@ use tracing::Instrument;
 use super::config::UnknownDestination;
 use super::metrics::{Dir, Flow};
 use super::{accept_loop, original_dst, splice, Shared};
-use crate::tls::mesh::failure_reason;
+use crate::tls::mesh::{self, failure_reason};
 
 const DIR: &str = "outbound";
 
@@ -142,6 +142,16 @@ async fn to_service(mut app: TcpStream, service: usize, addr: SocketAddr, shared
             return;
         }
     };
+    if let Err(e) = mesh::recheck_resumed_server(
+        tls.get_ref().1,
+        &shared.server_verifiers[service],
+        &shared.clock,
+    ) {
+        let reason = mesh::tls_reason(&e);
+        m.fail(DIR, reason);
+        tracing::warn!(reason, detail = %e, "resumed session refused: the server's certificate no longer passes");
+        return;
+    }
     m.handshake
         .get_or_create(&Dir { direction: DIR })
         .observe(started.elapsed().as_secs_f64());

@@ -341,22 +341,20 @@ impl ResolvesClientCert for SvidResolver {
 
 /// Inbound (server) mTLS configuration.
 pub fn server_config(
-    trust: Arc<Trust>,
-    checks: PeerChecks,
+    verifier: Arc<SpiffeClientVerifier>,
     resolver: Arc<SvidResolver>,
     resumption: bool,
     clock: &Clock,
 ) -> Result<rustls::ServerConfig, rustls::Error> {
-    let verifier = SpiffeClientVerifier::new(trust, checks);
     let mut cfg = rustls::ServerConfig::builder_with_details(provider(), Arc::new(clock.clone()))
         .with_protocol_versions(TLS13_ONLY)?
-        .with_client_cert_verifier(Arc::new(verifier))
+        .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![MESH_ALPN.to_vec()];
     if resumption {
-        // Resumed sessions skip certificate verification, so tickets live far shorter than
-        // any SVID (rustls' ticketer rotates keys every 6 h; sessions are accepted for 12 h at
-        // most): keep tickets, but the cache is per process and small.
+        // A resumed session skips certificate verification in rustls, so the sidecar re-checks
+        // the stored chain after every resumed handshake (`recheck_resumed_*`): revocation and
+        // expiry hold for resumed sessions too.
         cfg.send_tls13_tickets = 1;
         cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
     } else {
@@ -368,18 +366,15 @@ pub fn server_config(
 
 /// Outbound (client) mTLS configuration for one destination.
 pub fn client_config(
-    trust: Arc<Trust>,
-    expected: ExpectedPeer,
-    checks: PeerChecks,
+    verifier: Arc<MeshServerVerifier>,
     resolver: Arc<SvidResolver>,
     resumption: bool,
     clock: &Clock,
 ) -> Result<rustls::ClientConfig, rustls::Error> {
-    let verifier = MeshServerVerifier::new(trust, expected, checks);
     let mut cfg = rustls::ClientConfig::builder_with_details(provider(), Arc::new(clock.clone()))
         .with_protocol_versions(TLS13_ONLY)?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(resolver);
     cfg.alpn_protocols = vec![MESH_ALPN.to_vec()];
     cfg.resumption = if resumption {
@@ -388,4 +383,57 @@ pub fn client_config(
         rustls::client::Resumption::disabled()
     };
     Ok(cfg)
+}
+
+fn unix_now(clock: &Clock) -> UnixTime {
+    UnixTime::since_unix_epoch(
+        clock
+            .now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default(),
+    )
+}
+
+/// rustls does not re-verify the peer on a resumed TLS 1.3 handshake; this re-runs the inbound
+/// verifier on the chain stored with the session, at the current time with the current bundle
+/// and revocation list. A no-op for full handshakes.
+pub fn recheck_resumed_client(
+    conn: &rustls::ServerConnection,
+    verifier: &SpiffeClientVerifier,
+    clock: &Clock,
+) -> Result<(), rustls::Error> {
+    if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+        return Ok(());
+    }
+    let chain = conn
+        .peer_certificates()
+        .ok_or(rustls::Error::NoCertificatesPresented)?;
+    let (leaf, rest) = chain
+        .split_first()
+        .ok_or(rustls::Error::NoCertificatesPresented)?;
+    verifier
+        .verify_client_cert(leaf, rest, unix_now(clock))
+        .map(|_| ())
+}
+
+/// The outbound counterpart of [`recheck_resumed_client`]: a server resumed from a ticket is
+/// verified again (validity, bundle, revocation, expected identity).
+pub fn recheck_resumed_server(
+    conn: &rustls::ClientConnection,
+    verifier: &MeshServerVerifier,
+    clock: &Clock,
+) -> Result<(), rustls::Error> {
+    if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+        return Ok(());
+    }
+    let chain = conn
+        .peer_certificates()
+        .ok_or(rustls::Error::NoCertificatesPresented)?;
+    let (leaf, rest) = chain
+        .split_first()
+        .ok_or(rustls::Error::NoCertificatesPresented)?;
+    let name = ServerName::try_from("resumed.invalid").expect("static name");
+    verifier
+        .verify_server_cert(leaf, rest, &name, &[], unix_now(clock))
+        .map(|_| ())
 }

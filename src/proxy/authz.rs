@@ -116,6 +116,9 @@ pub struct Authz {
     live: Mutex<HashMap<u64, Live>>,
     next: AtomicU64,
     travel: Mutex<TravelDetector>,
+    /// The file's (mtime, size) taken just before the first load, so an edit racing the
+    /// start-up is still picked up by the watcher.
+    loaded_stamp: Option<(SystemTime, u64)>,
     refuse_anomalous: bool,
     refused_serials: Mutex<std::collections::HashSet<String>>,
 }
@@ -164,6 +167,7 @@ impl Authz {
         clock: Clock,
         anomaly: AnomalyConfig,
     ) -> Result<Arc<Self>, String> {
+        let loaded_stamp = file_stamp(&path);
         let policy = crate::policy::load(&path).map_err(|e| e.to_string())?;
         if policy.service(&service).is_none() {
             return Err(format!(
@@ -181,6 +185,7 @@ impl Authz {
             clock,
             live: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
+            loaded_stamp,
             travel: Mutex::new(TravelDetector::new(anomaly.window, anomaly.single_region)),
             refuse_anomalous: anomaly.refuse,
             refused_serials: Mutex::new(Default::default()),
@@ -436,21 +441,22 @@ impl Authz {
 
     /// Watches the file and reloads it when it changes, until `stop` changes.
     pub async fn watch(self: Arc<Self>, every: Duration, mut stop: watch::Receiver<bool>) {
-        let stamp = |p: &PathBuf| -> Option<(SystemTime, u64)> {
-            let m = std::fs::metadata(p).ok()?;
-            Some((m.modified().ok()?, m.len()))
-        };
-        let mut seen = stamp(&self.path);
+        let mut seen = self.loaded_stamp;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = stop.changed() => return,
             }
-            let now = stamp(&self.path);
+            let now = file_stamp(&self.path);
             if now != seen {
                 seen = now;
                 let _ = self.reload();
             }
         }
     }
+}
+
+fn file_stamp(p: &PathBuf) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.modified().ok()?, m.len()))
 }

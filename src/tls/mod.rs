@@ -61,17 +61,12 @@ impl ExpectedPeer {
 pub struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
     expected: ExpectedPeer,
-    provider: Arc<CryptoProvider>,
 }
 
 impl SpiffeServerVerifier {
     /// A verifier trusting `roots` and accepting `expected`.
     pub fn new(roots: Arc<RootCertStore>, expected: ExpectedPeer) -> Self {
-        Self {
-            roots,
-            expected,
-            provider: provider(),
-        }
+        Self { roots, expected }
     }
 }
 
@@ -107,6 +102,32 @@ pub fn verify_spiffe_server(
     Ok(ServerCertVerified::assertion())
 }
 
+/// What every trustline verifier answers to a TLS 1.2 signature: trustline speaks TLS 1.3 only.
+pub const REFUSE_TLS12: Result<HandshakeSignatureValid, rustls::Error> = Err(
+    rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered),
+);
+
+/// TLS 1.3 handshake signature check with the provider's algorithms.
+pub fn tls13_signature(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    rustls::crypto::verify_tls13_signature(
+        message,
+        cert,
+        dss,
+        &provider().signature_verification_algorithms,
+    )
+}
+
+/// The signature schemes the provider verifies.
+pub fn verify_schemes() -> Vec<SignatureScheme> {
+    provider()
+        .signature_verification_algorithms
+        .supported_schemes()
+}
+
 fn other_err(msg: String) -> rustls::Error {
     rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
         Arc::new(std::io::Error::other(msg)),
@@ -127,32 +148,23 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
     fn verify_tls12_signature(
         &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        REFUSE_TLS12
     }
 
     fn verify_tls13_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        tls13_signature(m, c, d)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        verify_schemes()
     }
 }

@@ -581,6 +581,65 @@ paths = ["/orders/*"]
     assert_eq!(deny[0]["source_id"], mesh.id("frontend").to_string());
 }
 
+/// The same decisions for an HTTP/2 caller (prior knowledge, h2c to its sidecar): the inbound
+/// sidecar detects HTTP/2 inside the mesh connection and decides each stream.
+#[tokio::test]
+async fn l7_decides_each_http2_stream_on_one_connection() {
+    use http_body_util::{BodyExt, Empty};
+    let mesh = Mesh::new(&["eu-west"]).await;
+    let app = http_app().await;
+    let policy = mesh.policy_path();
+    write_policy(
+        &policy,
+        &format!(
+            "[service.checkout]\nhttp_ports = [{port}]\n\n[[service.checkout.rule]]\nname = \"frontend-get\"\naction = \"allow\"\nfrom = [\"{frontend}\"]\nmethods = [\"GET\"]\n",
+            port = app.port(),
+            frontend = mesh.id("frontend"),
+        ),
+    );
+    let checkout = mesh
+        .checkout(Protect {
+            app,
+            policy: &policy,
+            reload_interval: NEVER,
+            clock: Clock::system(),
+        })
+        .await;
+    let frontend = mesh.caller("frontend", 0, &checkout).await;
+    let tcp = TcpStream::connect(frontend.listeners[0]).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake through the mesh");
+    tokio::spawn(conn);
+    let mut send = |method: &str, path: &str| {
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://checkout{path}"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        h2.send_request(req)
+    };
+    let (a, b) = (send("GET", "/orders/1"), send("POST", "/orders"));
+    let (a, b) = tokio::join!(a, b);
+    let (a, b) = (a.expect("GET answered"), b.expect("POST answered"));
+    assert_eq!(a.status(), 200);
+    assert_eq!(b.status(), 403);
+    assert_eq!(b.headers()["x-trustline-rule"], "default");
+    let body = a.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"checkout got \"GET /orders/1 HTTP/1.1\"\n");
+    let opened = |b: &Bound, direction| b.metrics.opened.get_or_create(&Dir { direction }).get();
+    assert_eq!(
+        opened(&checkout, "inbound"),
+        1,
+        "both streams rode one mesh connection"
+    );
+    assert_eq!(decisions(&checkout, "frontend-get", "allow", "enforced"), 1);
+    assert_eq!(decisions(&checkout, "default", "deny", "enforced"), 1);
+}
+
 #[tokio::test]
 async fn region_rule_tells_callers_of_two_regional_cas_apart() {
     let mesh = Mesh::new(&["eu-west", "us-east"]).await;

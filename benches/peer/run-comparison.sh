@@ -74,9 +74,14 @@ TRUSTLINE_BUILD_REV=$(git -C "$REPO" rev-parse --short HEAD)
 [[ -n $(git -C "$REPO" status --porcelain -- src Cargo.toml Cargo.lock) ]] && TRUSTLINE_BUILD_REV+="+dirty"
 export TRUSTLINE_BUILD_REV
 
+compilers() { # how many compiler/cargo processes run now
+  local n=0 c
+  for c in rustc cargo clippy-driver rustdoc cc1 cc1plus; do n=$((n + $(pgrep -x "$c" | wc -l))); done
+  echo "$n"
+}
 busy() { # prints what makes the machine busy, nothing when quiet
   local load; read -r load _ </proc/loadavg
-  local cc; cc=$(pgrep -x 'rustc|cargo|clippy-driver|rustdoc|cc1|cc1plus' | wc -l)
+  local cc; cc=$(compilers)
   ((cc > 0)) && echo "$cc compiler process(es), load $load" && return
   awk -v l="$load" 'BEGIN { exit !(l >= 0.7) }' && echo "load $load"
   return 0
@@ -113,7 +118,7 @@ run() { # run NAME PEERS ENV... : one harness run, every cell line stamped with 
     --out "$OUT/$name" "${EXTRA[@]}" 2>&1 |
     while IFS= read -r line; do
       printf '%s [load %s, compilers %s] %s\n' "$(date +%T)" "$(cut -d' ' -f1 /proc/loadavg)" \
-        "$(pgrep -x 'rustc|cargo|cc1' | wc -l)" "$line"
+        "$(compilers)" "$line"
     done | tee -a "$OUT/log.txt"
 }
 run off "$PEERS_OFF" \

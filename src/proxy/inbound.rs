@@ -111,7 +111,7 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
             tracing::warn!(reason = "not_allowed", peer_id = %info.id, peer_region = ?region, serial = %info.serial, "inbound connection denied by allow list (default deny)");
             return;
         }
-        tracing::info!(peer_id = %info.id, peer_region = ?region, serial = %info.serial, %target, "inbound connection allowed");
+        tracing::debug!(peer_id = %info.id, peer_region = ?region, serial = %info.serial, %target, "inbound connection allowed");
         forward(tls, target, None, &shared).await;
         return;
     };
@@ -132,7 +132,7 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
         tracing::warn!(reason = "policy_denied", rule = %admission.rule, peer_id = %peer.id, peer_region = ?peer.region, serial = %peer.serial, port = peer.port, "inbound connection denied by policy");
         return;
     }
-    tracing::info!(peer_id = %peer.id, peer_region = ?peer.region, serial = %peer.serial, rule = %admission.rule, %target, "inbound connection allowed");
+    tracing::debug!(peer_id = %peer.id, peer_region = ?peer.region, serial = %peer.serial, rule = %admission.rule, %target, "inbound connection allowed");
     if authz.is_http_port(peer.port) {
         m.opened.get_or_create(&Dir { direction: DIR }).inc();
         super::http::serve(tls, authz, peer, target).await;

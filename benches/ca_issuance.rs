@@ -18,7 +18,8 @@
 //! `TL_BENCH_CLIENTS` (connections, 32), `TL_BENCH_RATE` (phase 2 requests/s, 2000),
 //! `TL_BENCH_TOKENS` (phase 3 tokens, 1500 × secs), `TL_BENCH_THREADS` (load generator worker
 //! threads, 1), `TL_BENCH_SERVER_LOG` (the server's `RUST_LOG`; unset keeps its default `info`),
-//! `TL_BENCH_DUMP` (a directory to write phase 2's per-request `phase2.csv` and the server log).
+//! `TL_BENCH_DUMP` (a directory to write phase 2's per-request `phase2.csv` and the server log),
+//! `TL_BENCH_BIN` (another `trustline` binary to serve, e.g. an older build for an A/B run).
 //!
 //! Any failed request, or a ledger that does not hold every serial answered with 200, is printed
 //! and makes the benchmark exit non-zero.
@@ -39,6 +40,7 @@ use trustline::ca::ledger::Ledger;
 use trustline::clock::Clock;
 use trustline::identity::{parse_trust_domain, parse_workload_id, Bundle, SpiffeId, Svid};
 
+/// The server binary Cargo built with this benchmark.
 const BIN: &str = env!("CARGO_BIN_EXE_trustline");
 const TRUST_DOMAIN: &str = "bench.test";
 /// Goals from the issue.
@@ -57,6 +59,7 @@ struct Settings {
     threads: usize,
     server_log: Option<String>,
     dump: Option<PathBuf>,
+    bin: PathBuf,
 }
 
 fn env_num<T: FromStr>(name: &str, default: T) -> T {
@@ -83,6 +86,7 @@ impl Settings {
             threads: env_num("TL_BENCH_THREADS", 1).max(1),
             server_log: std::env::var("TL_BENCH_SERVER_LOG").ok(),
             dump: std::env::var_os("TL_BENCH_DUMP").map(PathBuf::from),
+            bin: std::env::var_os("TL_BENCH_BIN").map_or_else(|| BIN.into(), PathBuf::from),
         }
     }
 }
@@ -95,7 +99,9 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("building the load generator runtime");
-    if rt.block_on(run(&settings)) {
+    // Measured before the server starts, on an otherwise idle load generator.
+    let calibration = calibrate();
+    if rt.block_on(run(&settings, calibration)) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -103,13 +109,17 @@ fn main() -> ExitCode {
 }
 
 /// Runs every phase and prints the report; true when nothing failed.
-async fn run(s: &Settings) -> bool {
+async fn run(s: &Settings, calibration: (f64, f64)) -> bool {
     let mut server = Server::start(s);
     let meter = Meter::new(server.pid);
     let client = server.client();
     eprintln!(
-        "server pid {} on {}; {} clients, load generator {} thread(s)",
-        server.pid, server.api, s.clients, s.threads
+        "server {} (pid {}) on {}; {} clients, load generator {} thread(s)",
+        s.bin.display(),
+        server.pid,
+        server.api,
+        s.clients,
+        s.threads
     );
     let workloads = bootstrap(&client, &server.admin_socket(), s.clients).await;
     let lanes = open_lanes(&client, &workloads, true).await;
@@ -140,7 +150,7 @@ async fn run(s: &Settings) -> bool {
         fixed.row(&format!("2. renewal at fixed {:.0}/s", s.rate)),
         first.row("3. first issuance, join token (closed loop)"),
     ];
-    print_report(s, &rows, &fixed, mint_rate);
+    print_report(s, &rows, &fixed, mint_rate, calibration);
     let ledger_ok = recorded == expected;
     println!(
         "- ledger after SIGKILL holds {recorded} serials; {expected} were answered 200: {}",
@@ -172,12 +182,12 @@ impl Server {
             .expect("making a temporary directory");
         let d = dir.path();
         run_cli(
-            Command::new(BIN)
+            Command::new(&s.bin)
                 .args(["ca", "init", "--trust-domain", TRUST_DOMAIN, "--out"])
                 .arg(d.join("root")),
         );
         run_cli(
-            Command::new(BIN)
+            Command::new(&s.bin)
                 .args(["ca", "init", "--root"])
                 .arg(d.join("root"))
                 .args(["--region", "r1", "--out"])
@@ -186,7 +196,7 @@ impl Server {
         let api = free_port();
         let data = d.join("data");
         let log = File::create(d.join("server.log")).expect("creating server.log");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(&s.bin);
         cmd.args(["ca", "serve", "--ca"])
             .arg(d.join("r1"))
             .arg("--data")
@@ -738,7 +748,13 @@ fn verdict(met: bool, margin_pct: f64) -> String {
 }
 
 /// Prints the table and the verdicts on the goals.
-fn print_report(s: &Settings, rows: &[Row], fixed: &Phase, mint_rate: f64) {
+fn print_report(
+    s: &Settings,
+    rows: &[Row],
+    fixed: &Phase,
+    mint_rate: f64,
+    calibration: (f64, f64),
+) {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "\n### CA issuance: {} keep-alive clients, {:?} per phase, {} cores shared by server and load generator\n",
@@ -772,6 +788,10 @@ fn print_report(s: &Settings, rows: &[Row], fixed: &Phase, mint_rate: f64) {
     print_stalls(&fixed.samples.timeline);
     println!(
         "Join tokens minted through the admin socket (untimed setup of phase 3): {mint_rate:.0}/s."
+    );
+    println!(
+        "Machine speed before the run: ECDSA P-256 sign {:.1} µs, verify {:.1} µs (one core).",
+        calibration.0, calibration.1
     );
     println!("CPU is in % of one core (200 % = both cores).\n");
     let tput = rows[0].rate;
@@ -829,4 +849,30 @@ fn print_stalls(timeline: &[Timed]) {
         if shown.is_empty() { "" } else { ": " },
         shown.join(", ")
     );
+}
+
+/// Single-core speed of this machine right now: microseconds per ECDSA P-256 sign and verify
+/// (the two operations that dominate issuance), so runs at different times can be compared.
+fn calibrate() -> (f64, f64) {
+    use aws_lc_rs::signature::{
+        EcdsaKeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1,
+        ECDSA_P256_SHA256_ASN1_SIGNING,
+    };
+    const N: u32 = 2000;
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let key = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).expect("P-256 key");
+    let msg = [7u8; 300];
+    let started = std::time::Instant::now();
+    let mut sig = key.sign(&rng, &msg).expect("signing");
+    for _ in 1..N {
+        sig = key.sign(&rng, &msg).expect("signing");
+    }
+    let sign_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(N);
+    let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key.public_key().as_ref());
+    let started = std::time::Instant::now();
+    for _ in 0..N {
+        public.verify(&msg, sig.as_ref()).expect("verifying");
+    }
+    let verify_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(N);
+    (sign_us, verify_us)
 }

@@ -385,7 +385,7 @@ async fn svid(
         "ok",
         None,
     );
-    tracing::info!(client = %peer.addr, id = %authorised, serial = %issued.serial, not_after = %rfc3339(issued.not_after), "SVID {outcome}");
+    tracing::debug!(client = %peer.addr, id = %authorised, serial = %issued.serial, not_after = %rfc3339(issued.not_after), "SVID {outcome}");
     let pem = crate::identity::chain_to_pem(&state.authority.chain_for(&issued.leaf));
     Ok(respond(
         StatusCode::OK,

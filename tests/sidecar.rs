@@ -171,6 +171,36 @@ async fn a_certificate_from_another_ca_is_refused() {
     assert_refused(&b, cfg, "bad_signature").await;
 }
 
+/// Roots configured locally (here another CA of the same trust domain) stay trusted after the
+/// sidecar refreshes its bundle from a CA that does not publish them.
+#[tokio::test]
+async fn locally_configured_roots_survive_the_bundle_refresh() {
+    let ca = start_ca(HOUR).await;
+    let twin = Pki::new(TD);
+    let mut cfg = ca
+        .sidecar_config("api", &inbound(echo_app().await, &[id("web")]))
+        .await;
+    let mut roots = ca.pki.roots();
+    roots.extend(twin.roots());
+    cfg.identity.bundle = trustline::identity::Bundle::new(ca.pki.td.clone(), roots).unwrap();
+    let b = start_ready(cfg).await;
+    eventually("two bundle refreshes from the CA", || {
+        b.identity.bundle_fetches() >= 2
+    })
+    .await;
+    assert_eq!(b.identity.bundle().roots.len(), 2);
+    let cred = twin.leaf(&id("web"), SystemTime::now(), HOUR);
+    let got = probe(
+        b.inbound.unwrap(),
+        client_config(&ca.pki.bundle(), &id("api"), Some(cred)),
+    );
+    assert_eq!(
+        got.await,
+        b"ping",
+        "a caller of the locally trusted root gets through"
+    );
+}
+
 #[tokio::test]
 async fn an_expired_certificate_is_refused() {
     let ca = start_ca(HOUR).await;

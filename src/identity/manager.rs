@@ -61,12 +61,16 @@ pub struct Identity {
     rotations: watch::Sender<u64>,
     id: SpiffeId,
     trust: Arc<Trust>,
+    /// The roots from the sidecar's own configuration, kept across bundle refreshes.
+    configured_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    bundle_fetches: std::sync::atomic::AtomicU64,
     clock: Clock,
 }
 
 impl Identity {
     /// An identity with nothing published yet.
     pub fn new(id: SpiffeId, bundle: Bundle, clock: Clock) -> Result<Arc<Self>, String> {
+        let configured_roots = bundle.roots.clone();
         let trust = Trust::new(bundle).map_err(|e| format!("trust bundle: {e}"))?;
         Ok(Arc::new(Identity {
             resolver: Arc::new(SvidResolver::default()),
@@ -75,6 +79,8 @@ impl Identity {
             rotations: watch::channel(0).0,
             id,
             trust,
+            configured_roots,
+            bundle_fetches: Default::default(),
             clock,
         }))
     }
@@ -87,6 +93,12 @@ impl Identity {
     /// The bundle in force (refreshed from the CA).
     pub fn bundle(&self) -> Arc<Bundle> {
         self.trust.bundle()
+    }
+
+    /// How many times the bundle was fetched from the CA (successfully).
+    pub fn bundle_fetches(&self) -> u64 {
+        self.bundle_fetches
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The shared trust state the TLS verifiers read.
@@ -289,11 +301,22 @@ async fn refresh_loop(
     }
 }
 
+/// Fetches the CA's bundle; the roots configured locally stay trusted beside it (they may hold
+/// roots the CA does not publish, such as a federated domain's).
 async fn refresh_bundle(identity: &Identity, client: &CaClient) -> Result<(), String> {
     let pem = client.fetch_bundle_pem().await.map_err(|e| e.to_string())?;
     let current = identity.bundle();
-    let fresh = Bundle::from_pem(current.trust_domain.clone(), &pem, "CA bundle")
-        .map_err(|e| e.to_string())?;
+    let mut roots =
+        crate::identity::certs_from_pem(&pem, "CA bundle").map_err(|e| e.to_string())?;
+    for r in &identity.configured_roots {
+        if !roots.contains(r) {
+            roots.push(r.clone());
+        }
+    }
+    let fresh = Bundle::new(current.trust_domain.clone(), roots).map_err(|e| e.to_string())?;
+    identity
+        .bundle_fetches
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if fresh.roots != current.roots {
         identity
             .trust

@@ -337,7 +337,9 @@ pub fn server_config(
         // A resumed session skips certificate verification in rustls, so the sidecar re-checks
         // the stored chain after every resumed handshake (`recheck_resumed_*`): revocation and
         // expiry hold for resumed sessions too.
-        cfg.send_tls13_tickets = 1;
+        // Tickets are single-use in TLS 1.3; a few per connection let concurrent new
+        // connections to the same sidecar all resume.
+        cfg.send_tls13_tickets = 4;
         cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
     } else {
         cfg.send_tls13_tickets = 0;

@@ -45,9 +45,7 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
 /// Parses TOML text into `T`; `path` names the source in errors.
 pub fn parse_toml<T: DeserializeOwned>(text: &str, path: Option<&Path>) -> Result<T, ConfigError> {
     toml::from_str(text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        let line = e.span().map(|s| crate::util::line_of(text, s.start));
         let snippet = e.span().map(|s| text[s.clone()].to_string());
         ConfigError {
             file: path.map(Path::to_path_buf),

@@ -360,13 +360,7 @@ pub fn load_svid_files(cert: &PathBuf, key: &PathBuf) -> Result<Svid, String> {
 }
 
 fn stamp(paths: [&PathBuf; 2]) -> Option<Vec<(SystemTime, u64)>> {
-    paths
-        .iter()
-        .map(|p| {
-            let m = std::fs::metadata(p).ok()?;
-            Some((m.modified().ok()?, m.len()))
-        })
-        .collect()
+    paths.iter().map(|p| crate::util::file_stamp(p)).collect()
 }
 
 async fn files_loop(

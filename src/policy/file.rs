@@ -140,10 +140,6 @@ pub fn load(path: &Path) -> Result<Policy, PolicyError> {
     parse(&text, path)
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
 /// Line numbers of byte offsets, without rescanning the text for each (large files).
 struct Lines(Vec<usize>);
 
@@ -189,7 +185,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Policy, PolicyError> {
         issues: vec![Issue {
             severity: Severity::Error,
             file: path.to_path_buf(),
-            line: e.span().map(|s| line_of(text, s.start)).unwrap_or(0),
+            line: e
+                .span()
+                .map(|s| crate::util::line_of(text, s.start))
+                .unwrap_or(0),
             service: None,
             rule: None,
             field: e

@@ -167,7 +167,7 @@ impl Authz {
         clock: Clock,
         anomaly: AnomalyConfig,
     ) -> Result<Arc<Self>, String> {
-        let loaded_stamp = file_stamp(&path);
+        let loaded_stamp = crate::util::file_stamp(&path);
         let policy = crate::policy::load(&path).map_err(|e| e.to_string())?;
         if policy.service(&service).is_none() {
             return Err(format!(
@@ -447,16 +447,11 @@ impl Authz {
                 _ = tokio::time::sleep(every) => {}
                 _ = stop.changed() => return,
             }
-            let now = file_stamp(&self.path);
+            let now = crate::util::file_stamp(&self.path);
             if now != seen {
                 seen = now;
                 let _ = self.reload();
             }
         }
     }
-}
-
-fn file_stamp(p: &PathBuf) -> Option<(SystemTime, u64)> {
-    let m = std::fs::metadata(p).ok()?;
-    Some((m.modified().ok()?, m.len()))
 }

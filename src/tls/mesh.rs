@@ -378,6 +378,20 @@ fn unix_now(clock: &Clock) -> UnixTime {
     )
 }
 
+/// The peer's stored chain (leaf, rest) after a resumed handshake; `None` after a full one.
+#[allow(clippy::type_complexity)]
+fn resumed_chain<D>(
+    conn: &rustls::ConnectionCommon<D>,
+) -> Result<Option<(&CertificateDer<'static>, &[CertificateDer<'static>])>, rustls::Error> {
+    if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+        return Ok(None);
+    }
+    conn.peer_certificates()
+        .and_then(<[_]>::split_first)
+        .map(Some)
+        .ok_or(rustls::Error::NoCertificatesPresented)
+}
+
 /// rustls does not re-verify the peer on a resumed TLS 1.3 handshake; this re-runs the inbound
 /// verifier on the chain stored with the session, at the current time with the current bundle
 /// and revocation list. A no-op for full handshakes.
@@ -386,15 +400,9 @@ pub fn recheck_resumed_client(
     verifier: &SpiffeClientVerifier,
     clock: &Clock,
 ) -> Result<(), rustls::Error> {
-    if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+    let Some((leaf, rest)) = resumed_chain(conn)? else {
         return Ok(());
-    }
-    let chain = conn
-        .peer_certificates()
-        .ok_or(rustls::Error::NoCertificatesPresented)?;
-    let (leaf, rest) = chain
-        .split_first()
-        .ok_or(rustls::Error::NoCertificatesPresented)?;
+    };
     verifier
         .verify_client_cert(leaf, rest, unix_now(clock))
         .map(|_| ())
@@ -407,15 +415,9 @@ pub fn recheck_resumed_server(
     verifier: &MeshServerVerifier,
     clock: &Clock,
 ) -> Result<(), rustls::Error> {
-    if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+    let Some((leaf, rest)) = resumed_chain(conn)? else {
         return Ok(());
-    }
-    let chain = conn
-        .peer_certificates()
-        .ok_or(rustls::Error::NoCertificatesPresented)?;
-    let (leaf, rest) = chain
-        .split_first()
-        .ok_or(rustls::Error::NoCertificatesPresented)?;
+    };
     let name = ServerName::try_from("resumed.invalid").expect("static name");
     verifier
         .verify_server_cert(leaf, rest, &name, &[], unix_now(clock))

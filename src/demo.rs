@@ -256,6 +256,7 @@ async fn sidecar(
         }),
         services,
         listeners,
+        tunnel: None,
     };
     let bound = crate::proxy::build(config, Clock::system()).await?;
     for _ in 0..200 {
@@ -336,6 +337,7 @@ async fn mesh(site: &Site<'_>) -> anyhow::Result<()> {
     let checkout = sidecar(site, "checkout", Some(spec), vec![]).await?;
     let svc = Service {
         name: "checkout".into(),
+        region: None,
         addresses: vec![checkout.inbound.expect("inbound")],
         spiffe_ids: vec![checkout.identity.id().clone()],
     };

@@ -16,4 +16,5 @@ pub mod identity;
 pub mod policy;
 pub mod proxy;
 pub mod tls;
+pub mod tunnel;
 pub mod util;

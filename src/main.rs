@@ -13,6 +13,7 @@ use trustline::ca::config::{CaServeConfig, CaServeFile};
 use trustline::clock::Clock;
 use trustline::identity::parse_trust_domain;
 use trustline::proxy::config::SidecarConfig;
+use trustline::tunnel::config::GatewayConfig;
 use trustline::util::parse_duration;
 
 #[derive(Parser)]
@@ -41,6 +42,12 @@ enum Command {
         after_help = "Example:\n  trustline sidecar --config /etc/trustline/sidecar.toml\n\nSee config/sidecar-*.toml for annotated examples."
     )]
     Sidecar(SidecarArgs),
+    /// The regional gateway: joins regions with warm QUIC (mTLS 1.3) tunnels; never terminates
+    /// the workloads' mTLS.
+    #[command(
+        after_help = "Example:\n  trustline gateway --config /etc/trustline/gateway.toml\n\nSee config/gateway-*.toml for annotated examples."
+    )]
+    Gateway(SidecarArgs),
     /// Installs (or prints, or removes) the iptables rules that send a pod's TCP through the sidecar.
     #[command(
         after_help = "Examples:\n  trustline redirect --proxy-uid 1337 --dry-run\n  trustline redirect --proxy-uid 1337 --exclude-inbound-ports 8443\n  trustline redirect --remove"
@@ -121,7 +128,7 @@ struct ExplainArgs {
 
 #[derive(Args)]
 struct SidecarArgs {
-    /// Sidecar configuration (TOML).
+    /// Configuration file (TOML).
     #[arg(long)]
     config: PathBuf,
 }
@@ -237,6 +244,16 @@ fn main() -> std::process::ExitCode {
         },
         _ => None,
     };
+    let gateway = match &cli.command {
+        Command::Gateway(a) => match GatewayConfig::load(&a.config) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
     // The demo prints its own story; its components only log warnings unless RUST_LOG says more.
     let default_level = if matches!(cli.command, Command::Demo) {
         "warn"
@@ -252,7 +269,11 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // A sidecar with one worker runs on the current thread: no cross-thread hand-offs.
-    let mut builder = match sidecar.as_ref().map(|c| c.workers) {
+    let workers = sidecar
+        .as_ref()
+        .map(|c| c.workers)
+        .or(gateway.as_ref().map(|g| g.workers));
+    let mut builder = match workers {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -268,9 +289,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = match sidecar {
-        Some(config) => rt.block_on(sidecar_run(config)),
-        None => rt.block_on(run(cli)),
+    let result = match (sidecar, gateway) {
+        (Some(config), _) => rt.block_on(sidecar_run(config)),
+        (_, Some(config)) => rt.block_on(gateway_run(config)),
+        _ => rt.block_on(run(cli)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -284,7 +306,9 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo => trustline::demo::run().await,
-        Command::Sidecar(_) => unreachable!("handled before the runtime starts"),
+        Command::Sidecar(_) | Command::Gateway(_) => {
+            unreachable!("handled before the runtime starts")
+        }
         Command::Redirect(a) => trustline::proxy::redirect::run(&a).map_err(Into::into),
         Command::Policy(PolicyCommand::Check { files }) => policy_check(&files),
         Command::Policy(PolicyCommand::Explain(a)) => policy_explain(a),
@@ -411,6 +435,21 @@ async fn sidecar_run(config: SidecarConfig) -> anyhow::Result<()> {
     tracing::info!(open = bound.active_connections(), deadline = ?drain, "draining");
     let cut = bound.drain(drain).await;
     tracing::info!(cut_off = cut, "drained");
+    Ok(())
+}
+
+async fn gateway_run(config: GatewayConfig) -> anyhow::Result<()> {
+    let bound = trustline::tunnel::gateway::build(config, Clock::system())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    println!(
+        "trustline gateway {}: QUIC on {}, admin http://{}/paths",
+        bound.identity.id(),
+        bound.listen,
+        bound.admin
+    );
+    wait_for_signal().await?;
+    bound.shutdown().await;
     Ok(())
 }
 

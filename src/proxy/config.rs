@@ -60,11 +60,23 @@ struct SidecarFile {
     services: Vec<ServiceFile>,
     #[serde(default, rename = "listener")]
     listeners: Vec<ListenerFile>,
+    tunnel: Option<TunnelFile>,
 }
 
+/// `[tunnel]`: how this sidecar reaches other regions (shared with the gateway config).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TunnelFile {
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    pub keepalive: Option<String>,
+    pub idle_timeout: Option<String>,
+}
+
+/// The `[identity]` table, shared by the sidecar and gateway configs.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct IdentityFile {
+pub(crate) struct IdentityFile {
     source: String,
     ca_url: Option<String>,
     token_file: Option<PathBuf>,
@@ -107,6 +119,7 @@ struct InboundFile {
 #[serde(deny_unknown_fields)]
 struct ServiceFile {
     name: String,
+    region: Option<String>,
     addresses: Vec<String>,
     spiffe_ids: Vec<String>,
 }
@@ -132,8 +145,18 @@ pub enum UnknownDestination {
 #[derive(Clone, Debug)]
 pub struct Service {
     pub name: String,
+    /// Another region's service (reached through the local gateways), or `None` for local.
+    pub region: Option<String>,
     pub addresses: Vec<SocketAddr>,
     pub spiffe_ids: Vec<SpiffeId>,
+}
+
+/// How the sidecar reaches other regions.
+#[derive(Clone, Debug)]
+pub struct TunnelSide {
+    /// This region's gateways (QUIC, UDP).
+    pub gateways: Vec<SocketAddr>,
+    pub timing: crate::tunnel::Timing,
 }
 
 /// An explicit-mode listener: plain text in on `listen`, mTLS out to `service` at `address`.
@@ -177,25 +200,28 @@ pub struct SidecarConfig {
     pub inbound: Option<Inbound>,
     pub services: Vec<Service>,
     pub listeners: Vec<Listener>,
+    /// Set when a service is in another region.
+    pub tunnel: Option<TunnelSide>,
 }
 
-struct Ctx<'a> {
-    file: &'a Path,
-    dir: PathBuf,
+/// Where a config file is, for errors and relative paths.
+pub(crate) struct Ctx<'a> {
+    pub file: &'a Path,
+    pub dir: PathBuf,
 }
 
 impl Ctx<'_> {
-    fn err(&self, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    pub(crate) fn err(&self, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
         ConfigError::field(Some(self.file), &field.into(), reason)
     }
-    fn path(&self, p: &Path) -> PathBuf {
+    pub(crate) fn path(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
             p.to_path_buf()
         } else {
             self.dir.join(p)
         }
     }
-    fn addr(&self, field: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+    pub(crate) fn addr(&self, field: &str, v: &str) -> Result<SocketAddr, ConfigError> {
         v.parse().map_err(|_| {
             self.err(
                 field,
@@ -203,7 +229,7 @@ impl Ctx<'_> {
             )
         })
     }
-    fn duration(
+    pub(crate) fn duration(
         &self,
         field: &str,
         v: Option<&str>,
@@ -214,7 +240,7 @@ impl Ctx<'_> {
             Some(v) => parse_duration(v).map_err(|e| self.err(field, e)),
         }
     }
-    fn id(&self, field: &str, v: &str, td: &TrustDomain) -> Result<SpiffeId, ConfigError> {
+    pub(crate) fn id(&self, field: &str, v: &str, td: &TrustDomain) -> Result<SpiffeId, ConfigError> {
         let id = parse_workload_id(v).map_err(|e| self.err(field, e.to_string()))?;
         if !id.is_member_of(td) {
             return Err(self.err(field, format!("{id} is not in trust domain {td}")));
@@ -234,18 +260,12 @@ impl SidecarConfig {
         let td = parse_trust_domain(&raw.trust_domain)
             .map_err(|e| ctx.err("trust_domain", e.to_string()))?;
         let id = ctx.id("spiffe_id", &raw.spiffe_id, &td)?;
-        let bundle_path = ctx.path(&raw.bundle);
-        let bundle_pem = std::fs::read(&bundle_path)
-            .map_err(|e| ctx.err("bundle", format!("{}: {e}", bundle_path.display())))?;
-        let bundle = Bundle::from_pem(td.clone(), &bundle_pem, &bundle_path.display().to_string())
-            .map_err(|e| ctx.err("bundle", e.to_string()))?;
-        let source = identity_source(&ctx, &raw.identity)?;
-        let refresh = ctx.duration(
-            "identity.refresh_interval",
-            raw.identity.refresh_interval.as_deref(),
-            Duration::from_secs(30),
-        )?;
-        let services = services(&ctx, &raw.services, &td)?;
+        let identity = identity_config(&ctx, &td, id, &raw.bundle, &raw.identity)?;
+        if let Some(r) = &raw.region {
+            crate::tunnel::header::check_region(r).map_err(|e| ctx.err("region", e))?;
+        }
+        let services = services(&ctx, &raw.services, &td, raw.region.as_deref())?;
+        let tunnel = tunnel_side(&ctx, raw.tunnel.as_ref(), &services)?;
         let listeners = listeners(&ctx, &raw.listeners, &services)?;
         let outbound = match &raw.outbound {
             None => None,
@@ -321,12 +341,7 @@ impl SidecarConfig {
             return Err(ctx.err("workers", format!("{workers}: expected 1..=64")));
         }
         Ok(SidecarConfig {
-            identity: IdentityConfig {
-                id,
-                bundle,
-                source,
-                refresh,
-            },
+            identity,
             trust_domain: td,
             region: raw.region,
             resumption: raw.resumption.unwrap_or(true),
@@ -350,7 +365,54 @@ impl SidecarConfig {
             inbound,
             services,
             listeners,
+            tunnel,
         })
+    }
+}
+
+/// The keep-alive timing of a `[tunnel]` table.
+pub(crate) fn tunnel_timing(
+    ctx: &Ctx<'_>,
+    t: Option<&TunnelFile>,
+) -> Result<crate::tunnel::Timing, ConfigError> {
+    let d = crate::tunnel::Timing::default();
+    let timing = crate::tunnel::Timing {
+        keepalive: ctx.duration("tunnel.keepalive", t.and_then(|t| t.keepalive.as_deref()), d.keepalive)?,
+        idle_timeout: ctx.duration(
+            "tunnel.idle_timeout",
+            t.and_then(|t| t.idle_timeout.as_deref()),
+            d.idle_timeout,
+        )?,
+    };
+    if timing.keepalive.is_zero() || timing.keepalive >= timing.idle_timeout {
+        return Err(ctx.err("tunnel.keepalive", "must be above 0 and below tunnel.idle_timeout"));
+    }
+    Ok(timing)
+}
+
+fn tunnel_side(
+    ctx: &Ctx<'_>,
+    t: Option<&TunnelFile>,
+    services: &[Service],
+) -> Result<Option<TunnelSide>, ConfigError> {
+    let remote = services.iter().find(|s| s.region.is_some());
+    let gateways = t
+        .map(|t| &t.gateways[..])
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(n, a)| ctx.addr(&format!("tunnel.gateways[{n}]"), a))
+        .collect::<Result<Vec<_>, _>>()?;
+    match remote {
+        None => Ok(None),
+        Some(s) if gateways.is_empty() => Err(ctx.err(
+            "tunnel.gateways",
+            format!("service {} is in region {}: list this region's gateways", s.name, s.region.as_deref().unwrap_or_default()),
+        )),
+        Some(_) => Ok(Some(TunnelSide {
+            gateways,
+            timing: tunnel_timing(ctx, t)?,
+        })),
     }
 }
 
@@ -365,6 +427,31 @@ fn inbound_policy(
         (Some(_), Some(_)) if !i.allow.is_empty() => Err(ctx.err("inbound.allow", "use either `allow` or `policy`, not both")),
         (Some(p), Some(s)) => Ok(Some((ctx.path(p), s.clone()))),
     }
+}
+
+/// The identity of a role: its ID, the bundle file (`bundle`) and the `[identity]` table.
+pub(crate) fn identity_config(
+    ctx: &Ctx<'_>,
+    td: &TrustDomain,
+    id: SpiffeId,
+    bundle: &Path,
+    f: &IdentityFile,
+) -> Result<IdentityConfig, ConfigError> {
+    let bundle_path = ctx.path(bundle);
+    let bundle_pem = std::fs::read(&bundle_path)
+        .map_err(|e| ctx.err("bundle", format!("{}: {e}", bundle_path.display())))?;
+    let bundle = Bundle::from_pem(td.clone(), &bundle_pem, &bundle_path.display().to_string())
+        .map_err(|e| ctx.err("bundle", e.to_string()))?;
+    Ok(IdentityConfig {
+        id,
+        bundle,
+        source: identity_source(ctx, f)?,
+        refresh: ctx.duration(
+            "identity.refresh_interval",
+            f.refresh_interval.as_deref(),
+            Duration::from_secs(30),
+        )?,
+    })
 }
 
 fn identity_source(ctx: &Ctx<'_>, f: &IdentityFile) -> Result<IdentitySource, ConfigError> {
@@ -407,6 +494,7 @@ fn services(
     ctx: &Ctx<'_>,
     raw: &[ServiceFile],
     td: &TrustDomain,
+    own_region: Option<&str>,
 ) -> Result<Vec<Service>, ConfigError> {
     let mut seen: HashMap<SocketAddr, &str> = HashMap::new();
     let mut out = Vec::new();
@@ -429,8 +517,24 @@ fn services(
             }
             addresses.push(addr);
         }
+        crate::tunnel::header::check_service(&s.name).map_err(|e| ctx.err(f("name"), e))?;
+        let region = match (&s.region, own_region) {
+            (None, _) => None,
+            (Some(r), Some(own)) if r == own => None,
+            (Some(r), None) => {
+                return Err(ctx.err(
+                    f("region"),
+                    format!("service is in region {r}: set this sidecar's own `region` too"),
+                ))
+            }
+            (Some(r), Some(_)) => {
+                crate::tunnel::header::check_region(r).map_err(|e| ctx.err(f("region"), e))?;
+                Some(r.clone())
+            }
+        };
         out.push(Service {
             name: s.name.clone(),
+            region,
             addresses,
             spiffe_ids: s
                 .spiffe_ids

@@ -104,22 +104,54 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
         m.fail(DIR, "no_client_certificate");
         return;
     };
-    let region = region_of_chain(&chain);
+    let caller = Verified {
+        region: region_of_chain(&chain),
+        info,
+    };
+    if tls.get_ref().1.alpn_protocol() == Some(crate::tunnel::SESSION_ALPN) {
+        serve_session(tls, Arc::new(caller), target, shared).await;
+        return;
+    }
+    if let Some(verdict) = admit(&caller, target.port(), &shared) {
+        carry(tls, verdict, target, &shared).await;
+    }
+}
+
+/// The verified caller of a connection or session.
+struct Verified {
+    info: crate::identity::CertInfo,
+    region: Option<String>,
+}
+
+/// What an admitted connection does next.
+enum Verdict {
+    /// Splice to the app (closed early if a policy reload denies it).
+    Forward(Option<Ticket>),
+    /// Decide each HTTP request.
+    Http(Arc<super::authz::Authz>, Peer),
+}
+
+/// The allow list or the policy on one connection or session stream; `None` when denied
+/// (logged and counted here).
+fn admit(caller: &Verified, port: u16, shared: &Shared) -> Option<Verdict> {
+    let m = &shared.metrics;
+    let info = &caller.info;
+    let region = &caller.region;
     let Some(authz) = shared.authz.clone() else {
+        let inbound = shared.config.inbound.as_ref().expect("inbound configured");
         if !inbound.allow.contains(&info.id) {
             m.fail(DIR, "not_allowed");
             tracing::warn!(reason = "not_allowed", peer_id = %info.id, peer_region = ?region, serial = %info.serial, "inbound connection denied by allow list (default deny)");
-            return;
+            return None;
         }
-        tracing::debug!(peer_id = %info.id, peer_region = ?region, serial = %info.serial, %target, "inbound connection allowed");
-        forward(tls, target, None, &shared).await;
-        return;
+        tracing::debug!(peer_id = %info.id, peer_region = ?region, serial = %info.serial, port, "inbound connection allowed");
+        return Some(Verdict::Forward(None));
     };
     let peer = Peer {
         id: info.id.to_string(),
         serial: info.serial.to_string(),
-        region,
-        port: target.port(),
+        region: region.clone(),
+        port,
     };
     let admission = authz.admit(&Caller {
         peer: &peer.id,
@@ -130,16 +162,114 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
     if !admission.allowed {
         m.fail(DIR, "policy_denied");
         tracing::warn!(reason = "policy_denied", rule = %admission.rule, peer_id = %peer.id, peer_region = ?peer.region, serial = %peer.serial, port = peer.port, "inbound connection denied by policy");
+        return None;
+    }
+    tracing::debug!(peer_id = %peer.id, peer_region = ?peer.region, serial = %peer.serial, rule = %admission.rule, port, "inbound connection allowed");
+    if authz.is_http_port(port) {
+        Some(Verdict::Http(authz, peer))
+    } else {
+        Some(Verdict::Forward(admission.ticket))
+    }
+}
+
+/// Carries an admitted connection or stream to the app.
+async fn carry<S>(io: S, verdict: Verdict, target: SocketAddr, shared: &Shared)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match verdict {
+        Verdict::Http(authz, peer) => {
+            let m = &shared.metrics;
+            m.opened.get_or_create(&Dir { direction: DIR }).inc();
+            super::http::serve(io, authz, peer, target).await;
+            m.closed.get_or_create(&Dir { direction: DIR }).inc();
+        }
+        Verdict::Forward(ticket) => forward(io, target, ticket, shared).await,
+    }
+}
+
+/// A multiplexed session from another region's sidecar (see [`crate::tunnel`]): each HTTP/2
+/// `CONNECT` stream is one application connection, decided on its own like a connection.
+async fn serve_session<S>(io: S, caller: Arc<Verified>, target: SocketAddr, shared: Arc<Shared>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use crate::tunnel::session::{SESSION_WINDOW, STREAM_WINDOW};
+    let mut conn = match h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(SESSION_WINDOW)
+        .max_concurrent_streams(1000)
+        .handshake::<_, bytes::Bytes>(io)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            shared.metrics.fail(DIR, "session_failed");
+            tracing::warn!(reason = "session_failed", error = %e, "session preface failed");
+            return;
+        }
+    };
+    tracing::debug!(peer_id = %caller.info.id, peer_region = ?caller.region, "session from another region established");
+    let mut streams = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            r = conn.accept() => match r {
+                Some(Ok((req, respond))) => {
+                    streams.spawn(session_stream(req, respond, caller.clone(), target, shared.clone()));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "session ended with an error");
+                    break;
+                }
+                None => break,
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+}
+
+async fn session_stream(
+    req: hyper::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<bytes::Bytes>,
+    caller: Arc<Verified>,
+    target: SocketAddr,
+    shared: Arc<Shared>,
+) {
+    let m = &shared.metrics;
+    let answer = |status: u16| {
+        hyper::Response::builder()
+            .status(status)
+            .body(())
+            .expect("a valid response")
+    };
+    if req.method() != hyper::Method::CONNECT {
+        m.fail(DIR, "bad_session_request");
+        let _ = respond.send_response(answer(405), true);
         return;
     }
-    tracing::debug!(peer_id = %peer.id, peer_region = ?peer.region, serial = %peer.serial, rule = %admission.rule, %target, "inbound connection allowed");
-    if authz.is_http_port(peer.port) {
-        m.opened.get_or_create(&Dir { direction: DIR }).inc();
-        super::http::serve(tls, authz, peer, target).await;
-        m.closed.get_or_create(&Dir { direction: DIR }).inc();
-    } else {
-        forward(tls, target, admission.ticket, &shared).await;
+    // The session was authenticated once; its certificate must still hold for each new stream.
+    let expired = shared.clock.now() >= caller.info.not_after;
+    let revoked = shared.identity.revoked.load().contains(&caller.info.serial);
+    if expired || revoked {
+        let reason = if expired { "expired_certificate" } else { "revoked" };
+        m.fail(DIR, reason);
+        tracing::warn!(reason, peer_id = %caller.info.id, serial = %caller.info.serial, "session stream refused: the session's certificate no longer passes");
+        respond.send_reset(h2::Reason::REFUSED_STREAM);
+        return;
     }
+    let Some(verdict) = admit(&caller, target.port(), &shared) else {
+        let _ = respond.send_response(answer(403), true);
+        return;
+    };
+    let send = match respond.send_response(answer(200), false) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, "session stream closed before the answer");
+            return;
+        }
+    };
+    let io = crate::tunnel::session::H2Stream::server(send, req.into_body());
+    carry(io, verdict, target, &shared).await;
 }
 
 /// Connects the app and splices, until either side is done or a policy reload closes it.

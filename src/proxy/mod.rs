@@ -104,6 +104,8 @@ pub(crate) struct Shared {
     pub next_id: AtomicU64,
     /// The policy, when the inbound side has one (else the `allow` list applies).
     pub authz: Option<Arc<authz::Authz>>,
+    /// Warm sessions to other regions' sidecars, when a service is in another region.
+    pub sessions: Option<Arc<crate::tunnel::session::SessionPool>>,
 }
 
 /// A running sidecar: real addresses, identity, metrics, and the drain handle.
@@ -117,6 +119,8 @@ pub struct Bound {
     pub metrics: ProxyMetrics,
     /// The inbound policy, if configured.
     pub authz: Option<Arc<authz::Authz>>,
+    /// Sessions to other regions, if a service is in another region.
+    pub sessions: Option<Arc<crate::tunnel::session::SessionPool>>,
     tracker: Arc<Tracker>,
     stop_accepting: watch::Sender<bool>,
     stop_all: watch::Sender<bool>,
@@ -184,7 +188,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
                 path,
                 service,
                 config.region.clone(),
-                audit,
+                audit.clone(),
                 clock.clone(),
                 anomaly,
             )
@@ -208,12 +212,16 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         trust.clone(),
         checks.clone(),
     ));
-    let server = mesh::server_config(
+    let mut server = mesh::server_config(
         client_verifier.clone(),
         identity.resolver.clone(),
         config.resumption,
         &clock,
     )?;
+    // Sidecars of other regions open multiplexed sessions (see `crate::tunnel`).
+    server
+        .alpn_protocols
+        .push(crate::tunnel::SESSION_ALPN.to_vec());
     let server_verifiers: Vec<_> = config
         .services
         .iter()
@@ -238,6 +246,19 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         })
         .collect::<Result<Vec<_>, _>>()?;
 
+    let sessions = match &config.tunnel {
+        Some(t) => Some(sessions(
+            &config,
+            t,
+            &identity,
+            &server_verifiers,
+            &clock,
+            audit.clone(),
+            &mut registry,
+            stop_all_rx.clone(),
+        )?),
+        None => None,
+    };
     let admin = crate::admin::serve(
         config.admin,
         admin_state(registry, &identity, &clock),
@@ -260,8 +281,27 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         client_tls,
         next_id: AtomicU64::new(1),
         authz: authz.clone(),
+        sessions: sessions.clone(),
         config,
     });
+    if let Some(pool) = &sessions {
+        let targets = shared
+            .config
+            .services
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.region.as_ref().map(|r| (i, s, r)))
+            .flat_map(|(i, s, r)| {
+                s.addresses.iter().map(move |a| crate::tunnel::session::Target {
+                    service: i,
+                    name: s.name.clone(),
+                    region: r.clone(),
+                    addr: *a,
+                })
+            })
+            .collect();
+        tokio::spawn(pool.clone().prewarm(targets, stop_all_rx.clone()));
+    }
     tokio::spawn(watch_rotations(
         identity.clone(),
         metrics.clone(),
@@ -315,10 +355,86 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         identity,
         metrics,
         authz,
+        sessions,
         tracker: shared.tracker.clone(),
         stop_accepting,
         stop_all,
     })
+}
+
+/// The paths to this region's gateways and the session pool riding them.
+fn sessions(
+    config: &SidecarConfig,
+    tunnel: &config::TunnelSide,
+    identity: &Arc<Identity>,
+    server_verifiers: &[Arc<mesh::MeshServerVerifier>],
+    clock: &Clock,
+    audit: Arc<crate::audit::AuditLog>,
+    registry: &mut Registry,
+    stop: watch::Receiver<bool>,
+) -> Result<Arc<crate::tunnel::session::SessionPool>, ProxyError> {
+    use crate::tunnel::{self, paths, session};
+    let region = config.region.clone().unwrap_or_default();
+    let checks = PeerChecks {
+        trust_domain: config.trust_domain.clone(),
+        revoked: identity.revoked.clone(),
+    };
+    let to_gateway = Arc::new(mesh::MeshServerVerifier::new(
+        identity.trust(),
+        ExpectedPeer::AnyOf(vec![tunnel::gateway_id(&config.trust_domain, &region)]),
+        checks,
+    ));
+    let tls = mesh::client_config(to_gateway, identity.resolver.clone(), false, clock)?;
+    let client = tunnel::quic_client(tls, tunnel.timing).map_err(ProxyError::Identity)?;
+    let bind: SocketAddr = if tunnel.gateways.iter().all(SocketAddr::is_ipv4) {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = quinn::Endpoint::client(bind).map_err(|source| ProxyError::Bind {
+        what: "tunnel (QUIC)",
+        addr: bind,
+        source,
+    })?;
+    let metrics = tunnel::metrics::TunnelMetrics::default();
+    metrics.register(registry);
+    let gateways = paths::Paths::start(
+        paths::PathsConfig {
+            endpoint,
+            client,
+            region,
+            addrs: tunnel.gateways.clone(),
+            metrics,
+            audit,
+        },
+        stop,
+    );
+    let mut per_service = Vec::new();
+    for (s, v) in config.services.iter().zip(server_verifiers) {
+        per_service.push(match s.region {
+            None => None,
+            Some(_) => {
+                let mut c = mesh::client_config(
+                    v.clone(),
+                    identity.resolver.clone(),
+                    config.resumption,
+                    clock,
+                )?;
+                c.alpn_protocols = vec![tunnel::SESSION_ALPN.to_vec()];
+                Some(session::ServiceTls {
+                    connector: tokio_rustls::TlsConnector::from(Arc::new(c)),
+                    verifier: v.clone(),
+                })
+            }
+        });
+    }
+    Ok(session::SessionPool::new(
+        gateways,
+        per_service,
+        identity.clone(),
+        clock.clone(),
+        config.handshake_timeout,
+    ))
 }
 
 fn admin_state(
@@ -456,7 +572,7 @@ where
 }
 
 /// Copies both ways until both sides are done; returns (to_peer, from_peer) byte counts.
-pub(crate) async fn splice<A, B>(app: &mut A, peer: &mut B) -> std::io::Result<(u64, u64)>
+pub async fn splice<A, B>(app: &mut A, peer: &mut B) -> std::io::Result<(u64, u64)>
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,

@@ -117,6 +117,15 @@ async fn to_service(mut app: TcpStream, service: usize, addr: SocketAddr, shared
         return;
     }
     let svc = &shared.config.services[service];
+    if let (Some(region), Some(pool)) = (&svc.region, &shared.sessions) {
+        let target = crate::tunnel::session::Target {
+            service,
+            name: svc.name.clone(),
+            region: region.clone(),
+            addr,
+        };
+        return to_other_region(app, &target, pool, &shared).await;
+    }
     let started = Instant::now();
     let up = match TcpStream::connect(addr).await {
         Ok(s) => s,
@@ -156,9 +165,41 @@ async fn to_service(mut app: TcpStream, service: usize, addr: SocketAddr, shared
         .get_or_create(&Dir { direction: DIR })
         .observe(started.elapsed().as_secs_f64());
     tracing::debug!(service = %svc.name, %addr, "outbound mTLS established");
+    carry(&mut app, &mut tls, m).await;
+}
+
+/// A service of another region: a new stream on the warm session to its sidecar, through the
+/// local gateways (see [`crate::tunnel`]).
+async fn to_other_region(
+    mut app: TcpStream,
+    target: &crate::tunnel::session::Target,
+    pool: &Arc<crate::tunnel::session::SessionPool>,
+    shared: &Shared,
+) {
+    let m = &shared.metrics;
+    let mut stream = match pool.connect(target).await {
+        Ok(s) => s,
+        Err(f) => {
+            m.fail(DIR, f.reason);
+            tracing::warn!(reason = f.reason, detail = %f.detail, service = %target.name, region = %target.region, "cross-region connection failed");
+            return;
+        }
+    };
+    tracing::debug!(service = %target.name, region = %target.region, addr = %target.addr, "cross-region stream opened");
+    carry(&mut app, &mut stream, m).await;
+}
+
+/// Splices an established outbound connection, with its metrics.
+async fn carry<P>(app: &mut TcpStream, peer: &mut P, m: &super::metrics::ProxyMetrics)
+where
+    P: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     m.opened.get_or_create(&Dir { direction: DIR }).inc();
-    let result = splice(&mut app, &mut tls).await;
+    let result = splice(app, peer).await;
     m.closed.get_or_create(&Dir { direction: DIR }).inc();
+    if let Err(e) = &result {
+        tracing::debug!(error = %e, "outbound connection ended with an error");
+    }
     if let Ok((to_peer, from_peer)) = result {
         m.bytes
             .get_or_create(&Flow {

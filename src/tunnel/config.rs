@@ -1,0 +1,343 @@
+//! `trustline gateway --config FILE`: the TOML file, its validation, and the region-level
+//! policy.
+//!
+//! ```toml
+//! trust_domain = "example.org"
+//! region = "eu"                      # the gateway's ID is spiffe://example.org/trustline/gateway/eu
+//! bundle = "bundle.pem"
+//! listen = "0.0.0.0:15443"           # QUIC (UDP): sidecars of this region and other gateways
+//!
+//! [identity]
+//! source = "ca"
+//! ca_url = "https://ca.eu.internal:8443"
+//! token_file = "gateway.token"
+//!
+//! [[peer]]                           # another region's gateways, kept connected
+//! region = "us"
+//! addresses = ["198.51.100.7:15443", "198.51.100.8:15443"]
+//!
+//! [[expose]]                         # local services other regions may reach, and where
+//! service = "checkout"
+//! addresses = ["10.1.0.7:8080"]
+//!
+//! [[rule]]                           # region-level policy: deny first, then allow, default deny
+//! name = "us-to-checkout"
+//! from = ["us"]                      # source regions ("*": any)
+//! to = ["eu"]                        # destination regions
+//! services = ["checkout"]            # destination services ("*": any)
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::header::{check_region, check_service};
+use super::Timing;
+use crate::config::{load_toml, ConfigError};
+use crate::identity::manager::IdentityConfig;
+use crate::identity::parse_trust_domain;
+use crate::proxy::config::{identity_config, tunnel_timing, Ctx, IdentityFile, TunnelFile};
+
+/// Default QUIC listener.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:15443";
+/// Default admin listener.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15021";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatewayFile {
+    trust_domain: String,
+    region: String,
+    bundle: PathBuf,
+    listen: Option<String>,
+    audit_log: Option<PathBuf>,
+    workers: Option<usize>,
+    identity: IdentityFile,
+    admin: Option<AdminFile>,
+    tunnel: Option<TunnelFile>,
+    #[serde(default, rename = "peer")]
+    peers: Vec<PeerFile>,
+    #[serde(default, rename = "expose")]
+    exposed: Vec<ExposeFile>,
+    #[serde(default, rename = "rule")]
+    rules: Vec<RuleFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminFile {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerFile {
+    region: String,
+    addresses: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExposeFile {
+    service: String,
+    addresses: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    name: String,
+    action: Option<String>,
+    #[serde(default)]
+    from: Vec<String>,
+    #[serde(default)]
+    to: Vec<String>,
+    #[serde(default)]
+    services: Vec<String>,
+}
+
+/// Another region's gateways.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub region: String,
+    pub addresses: Vec<SocketAddr>,
+}
+
+/// A local service other regions may reach.
+#[derive(Clone, Debug)]
+pub struct Exposed {
+    pub service: String,
+    pub addresses: Vec<SocketAddr>,
+}
+
+/// A list entry of a rule: a name, or `*`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Match {
+    Any,
+    Names(Vec<String>),
+}
+
+impl Match {
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            Match::Any => true,
+            Match::Names(n) => n.iter().any(|x| x == v),
+        }
+    }
+}
+
+/// One region-level rule.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub name: String,
+    pub allow: bool,
+    pub from: Match,
+    pub to: Match,
+    pub services: Match,
+}
+
+/// The gateway's region-level policy: deny rules first, then allow rules, then deny.
+#[derive(Clone, Debug, Default)]
+pub struct RegionPolicy {
+    pub rules: Vec<Rule>,
+}
+
+impl RegionPolicy {
+    /// Whether a stream from region `from` to `service` in region `to` may pass, and the rule
+    /// that decided (`default-deny` when none matched).
+    pub fn decide(&self, from: &str, to: &str, service: &str) -> (bool, String) {
+        let hit = |allow: bool| {
+            self.rules.iter().find(|r| {
+                r.allow == allow
+                    && r.from.matches(from)
+                    && r.to.matches(to)
+                    && r.services.matches(service)
+            })
+        };
+        if let Some(r) = hit(false) {
+            return (false, r.name.clone());
+        }
+        match hit(true) {
+            Some(r) => (true, r.name.clone()),
+            None => (false, "default-deny".into()),
+        }
+    }
+}
+
+/// The validated gateway configuration.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub region: String,
+    pub identity: IdentityConfig,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub audit_log: Option<PathBuf>,
+    pub workers: usize,
+    pub timing: Timing,
+    pub peers: Vec<Peer>,
+    pub exposed: Vec<Exposed>,
+    pub policy: RegionPolicy,
+    /// How long a stream to an exposed address may take to connect.
+    pub connect_timeout: Duration,
+}
+
+fn names(
+    ctx: &Ctx<'_>,
+    field: &str,
+    v: &[String],
+    check: fn(&str) -> Result<(), String>,
+) -> Result<Match, ConfigError> {
+    if v.is_empty() {
+        return Err(ctx.err(field, "empty: list names, or [\"*\"] for any"));
+    }
+    if v.iter().any(|x| x == "*") {
+        if v.len() > 1 {
+            return Err(ctx.err(field, "\"*\" cannot be combined with names"));
+        }
+        return Ok(Match::Any);
+    }
+    for (n, x) in v.iter().enumerate() {
+        check(x).map_err(|e| ctx.err(format!("{field}[{n}]"), format!("{x:?}: {e}")))?;
+    }
+    Ok(Match::Names(v.to_vec()))
+}
+
+impl GatewayConfig {
+    /// Reads and validates a gateway config file.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let raw: GatewayFile = load_toml(file)?;
+        let ctx = Ctx {
+            file,
+            dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
+        };
+        let td = parse_trust_domain(&raw.trust_domain)
+            .map_err(|e| ctx.err("trust_domain", e.to_string()))?;
+        check_region(&raw.region).map_err(|e| ctx.err("region", e))?;
+        let id = super::gateway_id(&td, &raw.region);
+        let identity = identity_config(&ctx, &td, id, &raw.bundle, &raw.identity)?;
+        let mut peers: Vec<Peer> = Vec::new();
+        for (i, p) in raw.peers.iter().enumerate() {
+            let f = |x: &str| format!("peer[{i}].{x}");
+            check_region(&p.region).map_err(|e| ctx.err(f("region"), e))?;
+            if p.region == raw.region {
+                return Err(ctx.err(f("region"), "a peer must be another region"));
+            }
+            if peers.iter().any(|q| q.region == p.region) {
+                return Err(ctx.err(
+                    f("region"),
+                    format!("region {} is listed twice; put all its addresses in one [[peer]]", p.region),
+                ));
+            }
+            if p.addresses.is_empty() {
+                return Err(ctx.err(f("addresses"), "at least one gateway address"));
+            }
+            peers.push(Peer {
+                region: p.region.clone(),
+                addresses: p
+                    .addresses
+                    .iter()
+                    .enumerate()
+                    .map(|(n, a)| ctx.addr(&f(&format!("addresses[{n}]")), a))
+                    .collect::<Result<_, _>>()?,
+            });
+        }
+        let mut exposed: Vec<Exposed> = Vec::new();
+        for (i, e) in raw.exposed.iter().enumerate() {
+            let f = |x: &str| format!("expose[{i}].{x}");
+            check_service(&e.service).map_err(|why| ctx.err(f("service"), why))?;
+            if exposed.iter().any(|x| x.service == e.service) {
+                return Err(ctx.err(f("service"), format!("{} is exposed twice", e.service)));
+            }
+            if e.addresses.is_empty() {
+                return Err(ctx.err(f("addresses"), "at least one address"));
+            }
+            exposed.push(Exposed {
+                service: e.service.clone(),
+                addresses: e
+                    .addresses
+                    .iter()
+                    .enumerate()
+                    .map(|(n, a)| ctx.addr(&f(&format!("addresses[{n}]")), a))
+                    .collect::<Result<_, _>>()?,
+            });
+        }
+        let mut rules: Vec<Rule> = Vec::new();
+        for (i, r) in raw.rules.iter().enumerate() {
+            let f = |x: &str| format!("rule[{i}] ({}).{x}", r.name);
+            if r.name.is_empty() || rules.iter().any(|x| x.name == r.name) {
+                return Err(ctx.err(f("name"), "rule names must be non-empty and unique"));
+            }
+            let allow = match r.action.as_deref().unwrap_or("allow") {
+                "allow" => true,
+                "deny" => false,
+                other => {
+                    return Err(ctx.err(f("action"), format!("{other:?}: expected \"allow\" or \"deny\"")))
+                }
+            };
+            rules.push(Rule {
+                name: r.name.clone(),
+                allow,
+                from: names(&ctx, &f("from"), &r.from, check_region)?,
+                to: names(&ctx, &f("to"), &r.to, check_region)?,
+                services: names(&ctx, &f("services"), &r.services, check_service)?,
+            });
+        }
+        let workers = raw.workers.unwrap_or(1);
+        if !(1..=64).contains(&workers) {
+            return Err(ctx.err("workers", format!("{workers}: expected 1..=64")));
+        }
+        Ok(GatewayConfig {
+            region: raw.region,
+            identity,
+            listen: ctx.addr("listen", raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?,
+            admin: ctx.addr(
+                "admin.listen",
+                raw.admin
+                    .as_ref()
+                    .and_then(|a| a.listen.as_deref())
+                    .unwrap_or(DEFAULT_ADMIN),
+            )?,
+            audit_log: raw.audit_log.as_deref().map(|p| ctx.path(p)),
+            workers,
+            timing: tunnel_timing(&ctx, raw.tunnel.as_ref())?,
+            peers,
+            exposed,
+            policy: RegionPolicy { rules },
+            connect_timeout: Duration::from_secs(5),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(name: &str, allow: bool, from: Match, services: Match) -> Rule {
+        Rule {
+            name: name.into(),
+            allow,
+            from,
+            to: Match::Any,
+            services,
+        }
+    }
+
+    #[test]
+    fn deny_first_then_allow_then_default_deny() {
+        let p = RegionPolicy {
+            rules: vec![
+                rule("any-to-web", true, Match::Any, Match::Names(vec!["web".into()])),
+                rule("no-ap", false, Match::Names(vec!["ap".into()]), Match::Any),
+            ],
+        };
+        assert_eq!(p.decide("eu", "us", "web"), (true, "any-to-web".into()));
+        assert_eq!(p.decide("ap", "us", "web"), (false, "no-ap".into()));
+        assert_eq!(p.decide("eu", "us", "db"), (false, "default-deny".into()));
+        assert_eq!(
+            RegionPolicy::default().decide("eu", "us", "web"),
+            (false, "default-deny".into())
+        );
+    }
+}

@@ -1,0 +1,460 @@
+//! `trustline gateway`: joins regions. It accepts QUIC connections from this region's sidecars
+//! and from other regions' gateways, keeps warm paths to every peer region, and forwards each
+//! stream after checking its header against the region-level policy. It never terminates the
+//! workloads' mTLS: it reads the stream header and then only copies bytes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::config::GatewayConfig;
+use super::header::StreamHeader;
+use super::metrics::{PathLabels, Refused, TunnelEvent, TunnelMetrics};
+use super::paths::{Paths, PathsConfig};
+use super::stream::reset_code;
+use super::{code, gateway_id, gateway_region, peer_chain, HEADER_TIMEOUT};
+use crate::audit::AuditLog;
+use crate::clock::Clock;
+use crate::identity::manager::{self, Identity};
+use crate::identity::{inspect_cert, region_of_chain};
+use crate::tls::mesh::{self, PeerChecks};
+use crate::tls::ExpectedPeer;
+
+pub use super::stream::QuicIo;
+
+/// Who is at the other end of an accepted connection.
+#[derive(Clone, Debug)]
+enum Role {
+    /// A sidecar of this region: its streams leave for other regions.
+    Workload { id: String },
+    /// Another region's gateway: its streams end here.
+    Gateway { region: String },
+}
+
+struct Gateway {
+    config: GatewayConfig,
+    peers: HashMap<String, Arc<Paths>>,
+    metrics: TunnelMetrics,
+    audit: Arc<AuditLog>,
+    identity: Arc<Identity>,
+}
+
+/// A running gateway.
+pub struct Bound {
+    /// The QUIC (UDP) address.
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub identity: Arc<Identity>,
+    pub metrics: TunnelMetrics,
+    /// Paths to each peer region.
+    pub peers: HashMap<String, Arc<Paths>>,
+    endpoint: quinn::Endpoint,
+    stop: watch::Sender<bool>,
+}
+
+impl Bound {
+    /// Closes every connection and stops.
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"gateway shutting down");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// Starts the identity task, binds the QUIC endpoint and the admin listener, connects to the
+/// peers and serves. Returns once bound.
+pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, String> {
+    let (stop, stop_rx) = watch::channel(false);
+    let identity = manager::start(config.identity.clone(), clock.clone(), stop_rx.clone())?;
+    let audit = Arc::new(match &config.audit_log {
+        Some(p) => AuditLog::open(p).map_err(|e| format!("audit log {}: {e}", p.display()))?,
+        None => AuditLog::disabled(),
+    });
+    let td = config.identity.id.trust_domain().clone();
+    let checks = PeerChecks {
+        trust_domain: td.clone(),
+        revoked: identity.revoked.clone(),
+    };
+    let trust = identity.trust();
+    // Any SVID of the trust domain may connect; the role is decided from its ID and chain.
+    let server_tls = mesh::server_config(
+        Arc::new(mesh::SpiffeClientVerifier::new(trust.clone(), checks.clone())),
+        identity.resolver.clone(),
+        false,
+        &clock,
+    )
+    .map_err(|e| e.to_string())?;
+    let server = super::quic_server(server_tls, config.timing)?;
+    let endpoint = quinn::Endpoint::server(server, config.listen)
+        .map_err(|e| format!("binding QUIC on {}: {e}", config.listen))?;
+    let listen = endpoint
+        .local_addr()
+        .map_err(|e| format!("QUIC socket: {e}"))?;
+    let metrics = TunnelMetrics::default();
+    let mut peers = HashMap::new();
+    for p in &config.peers {
+        let verifier = Arc::new(mesh::MeshServerVerifier::new(
+            trust.clone(),
+            ExpectedPeer::AnyOf(vec![gateway_id(&td, &p.region)]),
+            checks.clone(),
+        ));
+        let tls = mesh::client_config(verifier, identity.resolver.clone(), false, &clock)
+            .map_err(|e| e.to_string())?;
+        let paths = Paths::start(
+            PathsConfig {
+                endpoint: endpoint.clone(),
+                client: super::quic_client(tls, config.timing)?,
+                region: p.region.clone(),
+                addrs: p.addresses.clone(),
+                metrics: metrics.clone(),
+                audit: audit.clone(),
+            },
+            stop_rx.clone(),
+        );
+        peers.insert(p.region.clone(), paths);
+    }
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let admin = crate::admin::serve(
+        config.admin,
+        admin_state(registry, &identity, &peers),
+        stop_rx.clone(),
+    )
+    .await
+    .map_err(|e| format!("binding admin on {}: {e}", config.admin))?;
+    let gw = Arc::new(Gateway {
+        config,
+        peers: peers.clone(),
+        metrics: metrics.clone(),
+        audit,
+        identity: identity.clone(),
+    });
+    tokio::spawn(accept_loop(gw.clone(), endpoint.clone(), stop_rx));
+    tracing::info!(region = %gw.config.region, %listen, %admin, peers = gw.peers.len(), "gateway listening");
+    Ok(Bound {
+        listen,
+        admin,
+        identity,
+        metrics,
+        peers,
+        endpoint,
+        stop,
+    })
+}
+
+fn admin_state(
+    registry: Registry,
+    identity: &Arc<Identity>,
+    peers: &HashMap<String, Arc<Paths>>,
+) -> Arc<crate::admin::AdminState> {
+    let ready_id = identity.clone();
+    let peers = peers.clone();
+    Arc::new(crate::admin::AdminState {
+        registry,
+        ready: Box::new(move || ready_id.ready()),
+        json: vec![(
+            "/paths",
+            Box::new(move || {
+                let list: Vec<_> = peers
+                    .values()
+                    .flat_map(|p| p.all().iter())
+                    .map(|p| {
+                        let conn = p.connection();
+                        serde_json::json!({
+                            "region": p.labels.region,
+                            "address": p.addr.to_string(),
+                            "up": conn.is_some(),
+                            "rtt_ms": conn.map(|c| c.rtt().as_secs_f64() * 1000.0),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({ "paths": list })
+            }),
+        )],
+    })
+}
+
+async fn accept_loop(gw: Arc<Gateway>, endpoint: quinn::Endpoint, mut stop: watch::Receiver<bool>) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => return,
+            },
+            _ = stop.changed() => return,
+        };
+        let gw = gw.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => serve_conn(gw, conn, stop).await,
+                Err(e) => tracing::debug!(%remote, error = %e, "tunnel handshake failed"),
+            }
+        });
+    }
+}
+
+/// Decides the role of an accepted connection, or closes it.
+fn role_of(gw: &Gateway, conn: &quinn::Connection) -> Result<Role, String> {
+    let chain = peer_chain(conn);
+    let leaf = chain.first().ok_or("no client certificate")?;
+    let info = inspect_cert(leaf).map_err(|e| e.to_string())?;
+    let issued_in = region_of_chain(&chain);
+    let own = &gw.config.region;
+    if let Some(r) = gateway_region(&info.id) {
+        if issued_in.as_deref() != Some(r) {
+            return Err(format!(
+                "{} has a certificate of region {issued_in:?}, not {r}",
+                info.id
+            ));
+        }
+        if r == own {
+            return Err(format!("{} is a gateway of this same region", info.id));
+        }
+        return Ok(Role::Gateway {
+            region: r.to_string(),
+        });
+    }
+    if issued_in.as_deref() != Some(own.as_str()) {
+        return Err(format!(
+            "{} (certificate of region {issued_in:?}) is not a workload of region {own}",
+            info.id
+        ));
+    }
+    Ok(Role::Workload {
+        id: info.id.to_string(),
+    })
+}
+
+async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::Receiver<bool>) {
+    let remote = conn.remote_address();
+    let role = match role_of(&gw, &conn) {
+        Ok(r) => r,
+        Err(why) => {
+            tracing::warn!(%remote, %why, "tunnel connection refused");
+            gw.metrics
+                .refused
+                .get_or_create(&Refused {
+                    reason: "bad_peer",
+                })
+                .inc();
+            let ev = TunnelEvent::new("tunnel_refused", remote, None, why.clone());
+            gw.audit.record(&ev);
+            conn.close(quinn::VarInt::from_u32(code::REFUSED), why.as_bytes());
+            return;
+        }
+    };
+    let labels = match &role {
+        Role::Gateway { region } => {
+            let mut ev = TunnelEvent::new("tunnel_up", remote, Some(region), "accepted");
+            ev.peer_id = Some(gateway_id(gw.identity.id().trust_domain(), region).to_string());
+            gw.audit.record(&ev);
+            tracing::info!(%remote, %region, "gateway of another region connected");
+            Some(PathLabels {
+                peer: remote.to_string(),
+                region: region.clone(),
+            })
+        }
+        Role::Workload { id } => {
+            tracing::debug!(%remote, %id, "sidecar connected");
+            None
+        }
+    };
+    if let Some(l) = &labels {
+        gw.metrics.up.get_or_create(l).set(1);
+    }
+    loop {
+        let (send, recv) = tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Role::Gateway { region } = &role {
+                        let ev = TunnelEvent::new("tunnel_down", remote, Some(region), e.to_string());
+                        gw.audit.record(&ev);
+                        tracing::warn!(%remote, %region, error = %e, "gateway of another region disconnected");
+                    }
+                    break;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let gw = gw.clone();
+        let role = role.clone();
+        let labels = labels.clone();
+        tokio::spawn(async move {
+            let io = QuicIo { recv, send };
+            handle_stream(&gw, role, io, remote, labels).await;
+        });
+    }
+    if let Some(l) = &labels {
+        gw.metrics.up.get_or_create(l).set(0);
+    }
+}
+
+/// One stream's context, for refusals.
+struct StreamCx<'a> {
+    gw: &'a Gateway,
+    remote: SocketAddr,
+    role: &'a Role,
+}
+
+impl StreamCx<'_> {
+    /// Refuses one stream (the tunnel stays up), with an audit event and a metric.
+    fn refuse(
+        &self,
+        mut io: QuicIo,
+        code: u32,
+        reason: &'static str,
+        header: Option<&StreamHeader>,
+        rule: Option<String>,
+        detail: String,
+    ) {
+        let gw = self.gw;
+        let region = match self.role {
+            Role::Gateway { region } => region.as_str(),
+            Role::Workload { .. } => gw.config.region.as_str(),
+        };
+        tracing::warn!(remote = %self.remote, reason, %detail, "stream refused");
+        gw.metrics.refused.get_or_create(&Refused { reason }).inc();
+        let mut ev = TunnelEvent::new(
+            "stream_refused",
+            self.remote,
+            Some(region),
+            format!("{reason}: {detail}"),
+        );
+        if let Role::Workload { id } = self.role {
+            ev.peer_id = Some(id.clone());
+        }
+        if let Some(h) = header {
+            ev.destination_region = Some(h.region.clone());
+            ev.destination_service = Some(h.service.clone());
+            ev.destination_address = Some(h.addr.to_string());
+        }
+        ev.rule = rule;
+        gw.audit.record(&ev);
+        io.reset(code);
+    }
+}
+
+async fn handle_stream(
+    gw: &Gateway,
+    role: Role,
+    mut io: QuicIo,
+    remote: SocketAddr,
+    labels: Option<PathLabels>,
+) {
+    let cx = StreamCx {
+        gw,
+        remote,
+        role: &role,
+    };
+    let header = match tokio::time::timeout(HEADER_TIMEOUT, StreamHeader::read(&mut io.recv)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            let detail = e.to_string();
+            return cx.refuse(io, code::BAD_HEADER, "bad_header", None, None, detail);
+        }
+        Err(_) => {
+            let detail = "no header within 5 s".to_string();
+            return cx.refuse(io, code::BAD_HEADER, "header_timeout", None, None, detail);
+        }
+    };
+    let own = gw.config.region.as_str();
+    match &role {
+        Role::Gateway { region: from } => {
+            if header.region != own {
+                let detail = format!("stream for region {} reached region {own}", header.region);
+                return cx.refuse(io, code::NO_ROUTE, "wrong_region", Some(&header), None, detail);
+            }
+            let (allowed, rule) = gw.config.policy.decide(from, own, &header.service);
+            if !allowed {
+                let detail = format!("region {from} may not reach {}", header.service);
+                return cx.refuse(io, code::REFUSED, "policy_denied", Some(&header), Some(rule), detail);
+            }
+            let exposed = gw
+                .config
+                .exposed
+                .iter()
+                .find(|e| e.service == header.service)
+                .is_some_and(|e| e.addresses.contains(&header.addr));
+            if !exposed {
+                let detail = format!("{} at {} is not exposed by this gateway", header.service, header.addr);
+                return cx.refuse(io, code::REFUSED, "not_exposed", Some(&header), Some(rule), detail);
+            }
+            let connect = TcpStream::connect(header.addr);
+            let mut tcp = match tokio::time::timeout(gw.config.connect_timeout, connect).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    let detail = format!("{}: {e}", header.addr);
+                    return cx.refuse(io, code::UNREACHABLE, "unreachable", Some(&header), Some(rule), detail);
+                }
+                Err(_) => {
+                    let detail = format!("{}: connect timed out", header.addr);
+                    return cx.refuse(io, code::UNREACHABLE, "unreachable", Some(&header), Some(rule), detail);
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            tracing::debug!(%remote, %from, service = %header.service, addr = %header.addr, %rule, "stream in");
+            match crate::proxy::splice(&mut tcp, &mut io).await {
+                Ok((to_tunnel, from_tunnel)) => {
+                    if let Some(l) = &labels {
+                        gw.metrics.count_bytes(l, to_tunnel, from_tunnel);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "inbound stream broke");
+                    io.reset(code::BROKEN);
+                }
+            }
+        }
+        Role::Workload { id } => {
+            if header.region == own {
+                let detail = "same region: the sidecar connects directly".to_string();
+                return cx.refuse(io, code::NO_ROUTE, "same_region", Some(&header), None, detail);
+            }
+            let (allowed, rule) = gw.config.policy.decide(own, &header.region, &header.service);
+            if !allowed {
+                let detail = format!("{id} may not leave for {} in {}", header.service, header.region);
+                return cx.refuse(io, code::REFUSED, "policy_denied", Some(&header), Some(rule), detail);
+            }
+            let Some(paths) = gw.peers.get(&header.region) else {
+                let detail = format!("no [[peer]] for region {}", header.region);
+                return cx.refuse(io, code::NO_ROUTE, "no_route", Some(&header), Some(rule), detail);
+            };
+            let out = match paths.open(std::time::Duration::from_secs(2)).await {
+                Ok(s) => s,
+                Err(e) => return cx.refuse(io, code::NO_ROUTE, "no_path", Some(&header), Some(rule), e),
+            };
+            let bytes = match header.encode() {
+                Ok(b) => b,
+                Err(e) => return cx.refuse(io, code::BAD_HEADER, "bad_header", Some(&header), None, e.to_string()),
+            };
+            let load = out.load;
+            let mut up = QuicIo {
+                recv: out.recv,
+                send: out.send,
+            };
+            if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut up.send, &bytes).await {
+                let detail = format!("forwarding the header: {e}");
+                return cx.refuse(io, code::BROKEN, "path_lost", Some(&header), Some(rule), detail);
+            }
+            tracing::debug!(%remote, %id, region = %header.region, service = %header.service, path = %load.path.addr, "stream out");
+            match crate::proxy::splice(&mut io, &mut up).await {
+                Ok((tx, rx)) => load.count(tx, rx),
+                Err(e) => {
+                    // Carry the far side's reset code back to the sidecar.
+                    let c = reset_code(&e).unwrap_or(code::BROKEN);
+                    tracing::debug!(error = %e, code = c, "outbound stream broke");
+                    io.reset(c);
+                    up.reset(code::BROKEN);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Tunnel metrics (per path: RTT, streams, bytes, reconnects) and audit events.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+/// One tunnel path: the peer's address and region.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    pub peer: String,
+    pub region: String,
+}
+
+/// Bytes of one path, by direction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByteLabels {
+    pub peer: String,
+    pub region: String,
+    /// `tx` or `rx`.
+    pub dir: &'static str,
+}
+
+/// A refused stream's reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Refused {
+    pub reason: &'static str,
+}
+
+/// Metrics of tunnel paths, shared by gateways and sidecars.
+#[derive(Clone, Default)]
+pub struct TunnelMetrics {
+    pub up: Family<PathLabels, Gauge>,
+    pub rtt: Family<PathLabels, Gauge<f64, AtomicU64>>,
+    pub streams: Family<PathLabels, Counter>,
+    pub active: Family<PathLabels, Gauge>,
+    pub bytes: Family<ByteLabels, Counter>,
+    pub reconnects: Family<PathLabels, Counter>,
+    pub failovers: Counter,
+    pub refused: Family<Refused, Counter>,
+}
+
+impl TunnelMetrics {
+    /// Registers the metrics.
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "trustline_tunnel_up",
+            "1 while the QUIC path to the peer is connected",
+            self.up.clone(),
+        );
+        r.register(
+            "trustline_tunnel_rtt_seconds",
+            "Smoothed RTT of the QUIC path",
+            self.rtt.clone(),
+        );
+        r.register(
+            "trustline_tunnel_streams",
+            "Streams carried by the path",
+            self.streams.clone(),
+        );
+        r.register(
+            "trustline_tunnel_active_streams",
+            "Streams open on the path",
+            self.active.clone(),
+        );
+        r.register(
+            "trustline_tunnel_bytes",
+            "Bytes carried by the path's streams",
+            self.bytes.clone(),
+        );
+        r.register(
+            "trustline_tunnel_reconnects",
+            "Times the path was lost and connected again",
+            self.reconnects.clone(),
+        );
+        r.register(
+            "trustline_tunnel_failovers",
+            "Paths lost while another path to the same region stayed up",
+            self.failovers.clone(),
+        );
+        r.register(
+            "trustline_tunnel_refused_streams",
+            "Streams refused, by reason",
+            self.refused.clone(),
+        );
+    }
+
+    /// Counts bytes carried on a path.
+    pub fn count_bytes(&self, l: &PathLabels, tx: u64, rx: u64) {
+        for (dir, n) in [("tx", tx), ("rx", rx)] {
+            self.bytes
+                .get_or_create(&ByteLabels {
+                    peer: l.peer.clone(),
+                    region: l.region.clone(),
+                    dir,
+                })
+                .inc_by(n);
+        }
+    }
+}
+
+/// One tunnel audit event (JSON line).
+#[derive(Clone, Debug, Serialize)]
+pub struct TunnelEvent {
+    pub time: String,
+    /// `tunnel_up`, `tunnel_down`, `failover` or `stream_refused`.
+    pub event: &'static str,
+    /// The SPIFFE ID of the other end of the QUIC connection.
+    pub peer_id: Option<String>,
+    pub peer_address: String,
+    pub peer_region: Option<String>,
+    /// For streams: where the header said it goes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_region: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_address: Option<String>,
+    /// The deciding gateway rule, for refusals by policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Why (refusals, losses), or how many other paths stay up (failover).
+    pub detail: String,
+}
+
+impl TunnelEvent {
+    /// An event with the common fields set.
+    pub fn new(
+        event: &'static str,
+        peer_address: std::net::SocketAddr,
+        peer_region: Option<&str>,
+        detail: impl Into<String>,
+    ) -> Self {
+        TunnelEvent {
+            time: crate::clock::rfc3339(std::time::SystemTime::now()),
+            event,
+            peer_id: None,
+            peer_address: peer_address.to_string(),
+            peer_region: peer_region.map(str::to_string),
+            destination_region: None,
+            destination_service: None,
+            destination_address: None,
+            rule: None,
+            detail: detail.into(),
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Warm sidecar-to-sidecar sessions (the calling side): one mutual TLS 1.3 connection per
+//! destination sidecar, carried over a gateway path, with HTTP/2 inside; each application
+//! connection is one `CONNECT` stream. See the module docs of [`crate::tunnel`] for why.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rustls::pki_types::ServerName;
+use tokio::sync::{watch, Notify};
+
+use super::header::StreamHeader;
+use super::paths::Paths;
+pub use super::stream::{H2Stream, QuicIo};
+use crate::clock::Clock;
+use crate::identity::manager::Identity;
+use crate::tls::mesh::{self, MeshServerVerifier};
+
+/// HTTP/2 flow-control windows of a session: sized for a WAN round trip.
+pub const STREAM_WINDOW: u32 = 1 << 20;
+pub const SESSION_WINDOW: u32 = 16 << 20;
+/// How long a new session may wait for a gateway path.
+const PATH_WAIT: Duration = Duration::from_secs(3);
+
+/// Where a session goes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// Index of the service in the sidecar's config.
+    pub service: usize,
+    pub name: String,
+    pub region: String,
+    pub addr: SocketAddr,
+}
+
+/// Why a stream could not be opened: a metric label and the details.
+#[derive(Debug)]
+pub struct Failure {
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+fn fail(reason: &'static str, detail: impl ToString) -> Failure {
+    Failure {
+        reason,
+        detail: detail.to_string(),
+    }
+}
+
+#[derive(Default)]
+struct Entry {
+    live: Mutex<Option<(u64, h2::client::SendRequest<Bytes>)>>,
+    dial: tokio::sync::Mutex<()>,
+    ended: Notify,
+}
+
+/// Per service: the TLS client (session ALPN, the service's expected IDs) and its verifier.
+pub struct ServiceTls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub verifier: Arc<MeshServerVerifier>,
+}
+
+/// The sessions of one sidecar.
+pub struct SessionPool {
+    gateways: Arc<Paths>,
+    tls: Vec<Option<ServiceTls>>,
+    identity: Arc<Identity>,
+    clock: Clock,
+    handshake_timeout: Duration,
+    entries: Mutex<HashMap<Target, Arc<Entry>>>,
+    generation: AtomicU64,
+    /// Sessions established (cold starts), for metrics and tests.
+    pub established: AtomicU64,
+}
+
+impl SessionPool {
+    pub fn new(
+        gateways: Arc<Paths>,
+        tls: Vec<Option<ServiceTls>>,
+        identity: Arc<Identity>,
+        clock: Clock,
+        handshake_timeout: Duration,
+    ) -> Arc<Self> {
+        Arc::new(SessionPool {
+            gateways,
+            tls,
+            identity,
+            clock,
+            handshake_timeout,
+            entries: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(1),
+            established: AtomicU64::new(0),
+        })
+    }
+
+    /// The local gateways' paths.
+    pub fn gateways(&self) -> &Arc<Paths> {
+        &self.gateways
+    }
+
+    fn entry(&self, t: &Target) -> Arc<Entry> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(t.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Opens a new stream to `target`: on the warm session if there is one, else after opening
+    /// it. The returned stream is writable at once; the destination's verdict arrives with the
+    /// first read.
+    pub async fn connect(self: &Arc<Self>, target: &Target) -> Result<H2Stream, Failure> {
+        let entry = self.entry(target);
+        for attempt in 0..2 {
+            let mut send = self.session(target, &entry).await?;
+            match send.clone().ready().await {
+                Ok(s) => send = s,
+                Err(e) => {
+                    // The session died since it was stored: drop it and dial once more.
+                    tracing::debug!(error = %e, attempt, "session closed; opening a new one");
+                    entry.live.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    continue;
+                }
+            }
+            let req = hyper::Request::builder()
+                .method(hyper::Method::CONNECT)
+                .uri(target.addr.to_string())
+                .body(())
+                .map_err(|e| fail("bad_request", e))?;
+            match send.send_request(req, false) {
+                Ok((response, stream)) => return Ok(H2Stream::client(stream, response)),
+                Err(e) => {
+                    entry.live.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    tracing::debug!(error = %e, attempt, "session refused a stream; opening a new one");
+                }
+            }
+        }
+        Err(fail("session_lost", "the session closed twice in a row"))
+    }
+
+    async fn session(
+        self: &Arc<Self>,
+        target: &Target,
+        entry: &Arc<Entry>,
+    ) -> Result<h2::client::SendRequest<Bytes>, Failure> {
+        if let Some((_, s)) = &*entry.live.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(s.clone());
+        }
+        let _dialing = entry.dial.lock().await;
+        if let Some((_, s)) = &*entry.live.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(s.clone());
+        }
+        let send = self.dial(target, entry).await?;
+        Ok(send)
+    }
+
+    async fn dial(
+        self: &Arc<Self>,
+        target: &Target,
+        entry: &Arc<Entry>,
+    ) -> Result<h2::client::SendRequest<Bytes>, Failure> {
+        self.identity
+            .ready()
+            .map_err(|e| fail("not_ready", e))?;
+        let tls = self.tls[target.service]
+            .as_ref()
+            .ok_or_else(|| fail("no_route", format!("{} is not a remote service", target.name)))?;
+        let mut path = self
+            .gateways
+            .open(PATH_WAIT)
+            .await
+            .map_err(|e| fail("no_gateway", e))?;
+        let header = StreamHeader {
+            region: target.region.clone(),
+            service: target.name.clone(),
+            addr: target.addr,
+        }
+        .encode()
+        .map_err(|e| fail("bad_header", e))?;
+        // The header goes out with the ClientHello (no wait for an answer).
+        path.send
+            .write_all(&header)
+            .await
+            .map_err(|e| fail("gateway_lost", e))?;
+        let peer = path.load.path.addr;
+        let load = path.load;
+        let io = QuicIo {
+            recv: path.recv,
+            send: path.send,
+        };
+        let name = ServerName::try_from(target.name.clone())
+            .unwrap_or_else(|_| ServerName::try_from("mesh.invalid").expect("valid name"));
+        let connect = tls.connector.connect(name, io);
+        let stream = match tokio::time::timeout(self.handshake_timeout, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(fail(session_failure(&e), e)),
+            Err(_) => return Err(fail("handshake_timeout", "session handshake timed out")),
+        };
+        mesh::recheck_resumed_server(stream.get_ref().1, &tls.verifier, &self.clock)
+            .map_err(|e| fail(mesh::tls_reason(&e), e))?;
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(SESSION_WINDOW)
+            .max_concurrent_reset_streams(1024)
+            .handshake::<_, Bytes>(stream)
+            .await
+            .map_err(|e| fail("session_failed", e))?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        *entry.live.lock().unwrap_or_else(|e| e.into_inner()) = Some((generation, send.clone()));
+        self.established.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(service = %target.name, region = %target.region, addr = %target.addr, gateway = %peer, "session to the destination sidecar established");
+        let entry = entry.clone();
+        let service = target.name.clone();
+        tokio::spawn(async move {
+            let _load = load;
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %service, "session ended");
+            }
+            let mut live = entry.live.lock().unwrap_or_else(|e| e.into_inner());
+            if live.as_ref().is_some_and(|(g, _)| *g == generation) {
+                *live = None;
+            }
+            drop(live);
+            entry.ended.notify_waiters();
+        });
+        Ok(send)
+    }
+
+    /// Keeps a session open to every target, re-opening it as soon as one is lost, so new
+    /// connections never wait for a handshake.
+    pub async fn prewarm(self: Arc<Self>, targets: Vec<Target>, stop: watch::Receiver<bool>) {
+        for t in targets {
+            let me = self.clone();
+            let mut stop = stop.clone();
+            tokio::spawn(async move {
+                let entry = me.entry(&t);
+                let mut rotations = me.identity.rotations();
+                loop {
+                    let ended = entry.ended.notified();
+                    let wait = match me.session(&t, &entry).await {
+                        Ok(_) => None,
+                        Err(f) => {
+                            tracing::debug!(reason = f.reason, detail = %f.detail, service = %t.name, "pre-warming a session failed");
+                            Some(Duration::from_millis(500))
+                        }
+                    };
+                    tokio::select! {
+                        _ = ended, if wait.is_none() => {}
+                        _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
+                        _ = rotations.changed() => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+            });
+        }
+    }
+}
+
+fn session_failure(e: &std::io::Error) -> &'static str {
+    match super::stream::reset_code(e) {
+        Some(c) => super::code::label(c as u64),
+        None => mesh::failure_reason(e),
+    }
+}
+

@@ -1,0 +1,216 @@
+//! Byte streams over tunnel transports: an HTTP/2 `CONNECT` stream of a session, and a QUIC
+//! stream (both `AsyncRead + AsyncWrite`).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The largest DATA frame payload written at once.
+const MAX_CHUNK: usize = 64 * 1024;
+
+enum Recv {
+    /// Client side: the destination's answer has not come yet (the caller may already write).
+    Pending(h2::client::ResponseFuture),
+    Body(h2::RecvStream, Bytes),
+    Done,
+}
+
+/// Both halves of one stream.
+pub struct H2Stream {
+    send: h2::SendStream<Bytes>,
+    recv: Recv,
+    shut: bool,
+}
+
+fn io_err(e: h2::Error) -> io::Error {
+    if let Some(r) = e.reason() {
+        if r == h2::Reason::REFUSED_STREAM {
+            return io::Error::new(io::ErrorKind::ConnectionRefused, "refused by the destination");
+        }
+    }
+    if e.is_io() {
+        return e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O"));
+    }
+    io::Error::new(io::ErrorKind::ConnectionReset, e)
+}
+
+impl H2Stream {
+    /// The calling side, before the answer.
+    pub fn client(send: h2::SendStream<Bytes>, response: h2::client::ResponseFuture) -> Self {
+        H2Stream {
+            send,
+            recv: Recv::Pending(response),
+            shut: false,
+        }
+    }
+
+    /// The answering side.
+    pub fn server(send: h2::SendStream<Bytes>, body: h2::RecvStream) -> Self {
+        H2Stream {
+            send,
+            recv: Recv::Body(body, Bytes::new()),
+            shut: false,
+        }
+    }
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            match &mut self.recv {
+                Recv::Pending(fut) => {
+                    let resp = ready!(Pin::new(fut).poll(cx)).map_err(io_err)?;
+                    if resp.status() != hyper::StatusCode::OK {
+                        self.recv = Recv::Done;
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::ConnectionRefused,
+                            format!("the destination answered {}", resp.status()),
+                        )));
+                    }
+                    self.recv = Recv::Body(resp.into_body(), Bytes::new());
+                }
+                Recv::Body(body, buf) => {
+                    if !buf.is_empty() {
+                        let n = buf.len().min(out.remaining());
+                        out.put_slice(&buf[..n]);
+                        buf.advance(n);
+                        return Poll::Ready(Ok(()));
+                    }
+                    match ready!(body.poll_data(cx)) {
+                        Some(Ok(data)) => {
+                            let _ = body.flow_control().release_capacity(data.len());
+                            *buf = data;
+                        }
+                        Some(Err(e)) => {
+                            if e.reason() == Some(h2::Reason::NO_ERROR) {
+                                self.recv = Recv::Done;
+                                return Poll::Ready(Ok(()));
+                            }
+                            return Poll::Ready(Err(io_err(e)));
+                        }
+                        None => {
+                            self.recv = Recv::Done;
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                }
+                Recv::Done => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        loop {
+            let cap = self.send.capacity();
+            if cap > 0 {
+                let n = cap.min(buf.len()).min(MAX_CHUNK);
+                self.send
+                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    .map_err(io_err)?;
+                return Poll::Ready(Ok(n));
+            }
+            self.send.reserve_capacity(buf.len().min(MAX_CHUNK));
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Poll::Ready(Err(io_err(e))),
+                None => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the stream was closed",
+                    )))
+                }
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.shut {
+            self.shut = true;
+            self.send.reserve_capacity(0);
+            let _ = self.send.send_data(Bytes::new(), true);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A QUIC stream as one duplex byte stream.
+pub struct QuicIo {
+    pub recv: quinn::RecvStream,
+    pub send: quinn::SendStream,
+}
+
+impl AsyncRead for QuicIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.recv).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for QuicIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.send)
+            .poll_write(cx, buf)
+            .map_err(Into::into)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.send).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.send).poll_shutdown(cx)
+    }
+}
+
+impl QuicIo {
+    /// Closes the stream both ways with an error code (the connection stays up).
+    pub fn reset(&mut self, code: u32) {
+        let c = quinn::VarInt::from_u32(code);
+        let _ = self.send.reset(c);
+        let _ = self.recv.stop(c);
+    }
+}
+
+/// The error code of a QUIC stream the far side reset, if that is what `e` is.
+pub fn reset_code(e: &io::Error) -> Option<u32> {
+    let inner = e.get_ref()?;
+    if let Some(quinn::ReadError::Reset(c)) = inner.downcast_ref::<quinn::ReadError>() {
+        return u32::try_from(c.into_inner()).ok();
+    }
+    if let Some(quinn::WriteError::Stopped(c)) = inner.downcast_ref::<quinn::WriteError>() {
+        return u32::try_from(c.into_inner()).ok();
+    }
+    None
+}

@@ -240,7 +240,12 @@ impl Ctx<'_> {
             Some(v) => parse_duration(v).map_err(|e| self.err(field, e)),
         }
     }
-    pub(crate) fn id(&self, field: &str, v: &str, td: &TrustDomain) -> Result<SpiffeId, ConfigError> {
+    pub(crate) fn id(
+        &self,
+        field: &str,
+        v: &str,
+        td: &TrustDomain,
+    ) -> Result<SpiffeId, ConfigError> {
         let id = parse_workload_id(v).map_err(|e| self.err(field, e.to_string()))?;
         if !id.is_member_of(td) {
             return Err(self.err(field, format!("{id} is not in trust domain {td}")));
@@ -377,7 +382,11 @@ pub(crate) fn tunnel_timing(
 ) -> Result<crate::tunnel::Timing, ConfigError> {
     let d = crate::tunnel::Timing::default();
     let timing = crate::tunnel::Timing {
-        keepalive: ctx.duration("tunnel.keepalive", t.and_then(|t| t.keepalive.as_deref()), d.keepalive)?,
+        keepalive: ctx.duration(
+            "tunnel.keepalive",
+            t.and_then(|t| t.keepalive.as_deref()),
+            d.keepalive,
+        )?,
         idle_timeout: ctx.duration(
             "tunnel.idle_timeout",
             t.and_then(|t| t.idle_timeout.as_deref()),
@@ -385,7 +394,10 @@ pub(crate) fn tunnel_timing(
         )?,
     };
     if timing.keepalive.is_zero() || timing.keepalive >= timing.idle_timeout {
-        return Err(ctx.err("tunnel.keepalive", "must be above 0 and below tunnel.idle_timeout"));
+        return Err(ctx.err(
+            "tunnel.keepalive",
+            "must be above 0 and below tunnel.idle_timeout",
+        ));
     }
     Ok(timing)
 }
@@ -407,7 +419,11 @@ fn tunnel_side(
         None => Ok(None),
         Some(s) if gateways.is_empty() => Err(ctx.err(
             "tunnel.gateways",
-            format!("service {} is in region {}: list this region's gateways", s.name, s.region.as_deref().unwrap_or_default()),
+            format!(
+                "service {} is in region {}: list this region's gateways",
+                s.name,
+                s.region.as_deref().unwrap_or_default()
+            ),
         )),
         Some(_) => Ok(Some(TunnelSide {
             gateways,

@@ -251,7 +251,11 @@ async fn session_stream(
     let expired = shared.clock.now() >= caller.info.not_after;
     let revoked = shared.identity.revoked.load().contains(&caller.info.serial);
     if expired || revoked {
-        let reason = if expired { "expired_certificate" } else { "revoked" };
+        let reason = if expired {
+            "expired_certificate"
+        } else {
+            "revoked"
+        };
         m.fail(DIR, reason);
         tracing::warn!(reason, peer_id = %caller.info.id, serial = %caller.info.serial, "session stream refused: the session's certificate no longer passes");
         respond.send_reset(h2::Reason::REFUSED_STREAM);

@@ -292,12 +292,14 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
             .enumerate()
             .filter_map(|(i, s)| s.region.as_ref().map(|r| (i, s, r)))
             .flat_map(|(i, s, r)| {
-                s.addresses.iter().map(move |a| crate::tunnel::session::Target {
-                    service: i,
-                    name: s.name.clone(),
-                    region: r.clone(),
-                    addr: *a,
-                })
+                s.addresses
+                    .iter()
+                    .map(move |a| crate::tunnel::session::Target {
+                        service: i,
+                        name: s.name.clone(),
+                        region: r.clone(),
+                        addr: *a,
+                    })
             })
             .collect();
         tokio::spawn(pool.clone().prewarm(targets, stop_all_rx.clone()));

@@ -227,7 +227,10 @@ impl GatewayConfig {
             if peers.iter().any(|q| q.region == p.region) {
                 return Err(ctx.err(
                     f("region"),
-                    format!("region {} is listed twice; put all its addresses in one [[peer]]", p.region),
+                    format!(
+                        "region {} is listed twice; put all its addresses in one [[peer]]",
+                        p.region
+                    ),
                 ));
             }
             if p.addresses.is_empty() {
@@ -273,7 +276,10 @@ impl GatewayConfig {
                 "allow" => true,
                 "deny" => false,
                 other => {
-                    return Err(ctx.err(f("action"), format!("{other:?}: expected \"allow\" or \"deny\"")))
+                    return Err(ctx.err(
+                        f("action"),
+                        format!("{other:?}: expected \"allow\" or \"deny\""),
+                    ))
                 }
             };
             rules.push(Rule {
@@ -328,7 +334,12 @@ mod tests {
     fn deny_first_then_allow_then_default_deny() {
         let p = RegionPolicy {
             rules: vec![
-                rule("any-to-web", true, Match::Any, Match::Names(vec!["web".into()])),
+                rule(
+                    "any-to-web",
+                    true,
+                    Match::Any,
+                    Match::Names(vec!["web".into()]),
+                ),
                 rule("no-ap", false, Match::Names(vec!["ap".into()]), Match::Any),
             ],
         };

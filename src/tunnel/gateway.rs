@@ -83,7 +83,10 @@ pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, String>
     let trust = identity.trust();
     // Any SVID of the trust domain may connect; the role is decided from its ID and chain.
     let server_tls = mesh::server_config(
-        Arc::new(mesh::SpiffeClientVerifier::new(trust.clone(), checks.clone())),
+        Arc::new(mesh::SpiffeClientVerifier::new(
+            trust.clone(),
+            checks.clone(),
+        )),
         identity.resolver.clone(),
         false,
         &clock,
@@ -240,9 +243,7 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
             tracing::warn!(%remote, %why, "tunnel connection refused");
             gw.metrics
                 .refused
-                .get_or_create(&Refused {
-                    reason: "bad_peer",
-                })
+                .get_or_create(&Refused { reason: "bad_peer" })
                 .inc();
             let ev = TunnelEvent::new("tunnel_refused", remote, None, why.clone());
             gw.audit.record(&ev);
@@ -354,7 +355,8 @@ async fn handle_stream(
         remote,
         role: &role,
     };
-    let header = match tokio::time::timeout(HEADER_TIMEOUT, StreamHeader::read(&mut io.recv)).await {
+    let header = match tokio::time::timeout(HEADER_TIMEOUT, StreamHeader::read(&mut io.recv)).await
+    {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
             let detail = e.to_string();
@@ -370,12 +372,26 @@ async fn handle_stream(
         Role::Gateway { region: from } => {
             if header.region != own {
                 let detail = format!("stream for region {} reached region {own}", header.region);
-                return cx.refuse(io, code::NO_ROUTE, "wrong_region", Some(&header), None, detail);
+                return cx.refuse(
+                    io,
+                    code::NO_ROUTE,
+                    "wrong_region",
+                    Some(&header),
+                    None,
+                    detail,
+                );
             }
             let (allowed, rule) = gw.config.policy.decide(from, own, &header.service);
             if !allowed {
                 let detail = format!("region {from} may not reach {}", header.service);
-                return cx.refuse(io, code::REFUSED, "policy_denied", Some(&header), Some(rule), detail);
+                return cx.refuse(
+                    io,
+                    code::REFUSED,
+                    "policy_denied",
+                    Some(&header),
+                    Some(rule),
+                    detail,
+                );
             }
             let exposed = gw
                 .config
@@ -384,19 +400,43 @@ async fn handle_stream(
                 .find(|e| e.service == header.service)
                 .is_some_and(|e| e.addresses.contains(&header.addr));
             if !exposed {
-                let detail = format!("{} at {} is not exposed by this gateway", header.service, header.addr);
-                return cx.refuse(io, code::REFUSED, "not_exposed", Some(&header), Some(rule), detail);
+                let detail = format!(
+                    "{} at {} is not exposed by this gateway",
+                    header.service, header.addr
+                );
+                return cx.refuse(
+                    io,
+                    code::REFUSED,
+                    "not_exposed",
+                    Some(&header),
+                    Some(rule),
+                    detail,
+                );
             }
             let connect = TcpStream::connect(header.addr);
             let mut tcp = match tokio::time::timeout(gw.config.connect_timeout, connect).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
                     let detail = format!("{}: {e}", header.addr);
-                    return cx.refuse(io, code::UNREACHABLE, "unreachable", Some(&header), Some(rule), detail);
+                    return cx.refuse(
+                        io,
+                        code::UNREACHABLE,
+                        "unreachable",
+                        Some(&header),
+                        Some(rule),
+                        detail,
+                    );
                 }
                 Err(_) => {
                     let detail = format!("{}: connect timed out", header.addr);
-                    return cx.refuse(io, code::UNREACHABLE, "unreachable", Some(&header), Some(rule), detail);
+                    return cx.refuse(
+                        io,
+                        code::UNREACHABLE,
+                        "unreachable",
+                        Some(&header),
+                        Some(rule),
+                        detail,
+                    );
                 }
             };
             let _ = tcp.set_nodelay(true);
@@ -416,24 +456,62 @@ async fn handle_stream(
         Role::Workload { id } => {
             if header.region == own {
                 let detail = "same region: the sidecar connects directly".to_string();
-                return cx.refuse(io, code::NO_ROUTE, "same_region", Some(&header), None, detail);
+                return cx.refuse(
+                    io,
+                    code::NO_ROUTE,
+                    "same_region",
+                    Some(&header),
+                    None,
+                    detail,
+                );
             }
-            let (allowed, rule) = gw.config.policy.decide(own, &header.region, &header.service);
+            let (allowed, rule) = gw
+                .config
+                .policy
+                .decide(own, &header.region, &header.service);
             if !allowed {
-                let detail = format!("{id} may not leave for {} in {}", header.service, header.region);
-                return cx.refuse(io, code::REFUSED, "policy_denied", Some(&header), Some(rule), detail);
+                let detail = format!(
+                    "{id} may not leave for {} in {}",
+                    header.service, header.region
+                );
+                return cx.refuse(
+                    io,
+                    code::REFUSED,
+                    "policy_denied",
+                    Some(&header),
+                    Some(rule),
+                    detail,
+                );
             }
             let Some(paths) = gw.peers.get(&header.region) else {
                 let detail = format!("no [[peer]] for region {}", header.region);
-                return cx.refuse(io, code::NO_ROUTE, "no_route", Some(&header), Some(rule), detail);
+                return cx.refuse(
+                    io,
+                    code::NO_ROUTE,
+                    "no_route",
+                    Some(&header),
+                    Some(rule),
+                    detail,
+                );
             };
             let out = match paths.open(std::time::Duration::from_secs(2)).await {
                 Ok(s) => s,
-                Err(e) => return cx.refuse(io, code::NO_ROUTE, "no_path", Some(&header), Some(rule), e),
+                Err(e) => {
+                    return cx.refuse(io, code::NO_ROUTE, "no_path", Some(&header), Some(rule), e)
+                }
             };
             let bytes = match header.encode() {
                 Ok(b) => b,
-                Err(e) => return cx.refuse(io, code::BAD_HEADER, "bad_header", Some(&header), None, e.to_string()),
+                Err(e) => {
+                    return cx.refuse(
+                        io,
+                        code::BAD_HEADER,
+                        "bad_header",
+                        Some(&header),
+                        None,
+                        e.to_string(),
+                    )
+                }
             };
             let load = out.load;
             let mut up = QuicIo {
@@ -442,7 +520,14 @@ async fn handle_stream(
             };
             if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut up.send, &bytes).await {
                 let detail = format!("forwarding the header: {e}");
-                return cx.refuse(io, code::BROKEN, "path_lost", Some(&header), Some(rule), detail);
+                return cx.refuse(
+                    io,
+                    code::BROKEN,
+                    "path_lost",
+                    Some(&header),
+                    Some(rule),
+                    detail,
+                );
             }
             tracing::debug!(%remote, %id, region = %header.region, service = %header.service, path = %load.path.addr, "stream out");
             match crate::proxy::splice(&mut io, &mut up).await {

@@ -85,7 +85,10 @@ fn valid_service(s: &str) -> Result<(), String> {
         .bytes()
         .find(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')))
     {
-        Some(b) => Err(format!("character {:?} (allowed: A-Z a-z 0-9 . _ -)", b as char)),
+        Some(b) => Err(format!(
+            "character {:?} (allowed: A-Z a-z 0-9 . _ -)",
+            b as char
+        )),
         None => Ok(()),
     }
 }

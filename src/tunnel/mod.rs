@@ -118,7 +118,8 @@ pub fn transport(timing: Timing) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(timing.keepalive));
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(timing.idle_timeout).unwrap_or(quinn::VarInt::from_u32(1500).into()),
+        quinn::IdleTimeout::try_from(timing.idle_timeout)
+            .unwrap_or(quinn::VarInt::from_u32(1500).into()),
     ));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(10_000));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
@@ -161,7 +162,10 @@ pub fn quic_client(
 /// The verified peer chain of a QUIC connection.
 pub fn peer_chain(conn: &quinn::Connection) -> Vec<rustls::pki_types::CertificateDer<'static>> {
     conn.peer_identity()
-        .and_then(|a| a.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|a| {
+            a.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
         .map(|b| *b)
         .unwrap_or_default()
 }

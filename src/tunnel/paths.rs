@@ -275,9 +275,7 @@ impl Paths {
 
 async fn sample_rtt(conn: &quinn::Connection, labels: &PathLabels, m: &TunnelMetrics) {
     loop {
-        m.rtt
-            .get_or_create(labels)
-            .set(conn.rtt().as_secs_f64());
+        m.rtt.get_or_create(labels).set(conn.rtt().as_secs_f64());
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
@@ -294,7 +292,10 @@ pub fn check_gateway(conn: &quinn::Connection, region: &str) -> Result<(), Strin
             "{} (certificate of region {:?}) is not a gateway of region {region}",
             info.id, issued_in
         );
-        conn.close(quinn::VarInt::from_u32(super::code::REFUSED), why.as_bytes());
+        conn.close(
+            quinn::VarInt::from_u32(super::code::REFUSED),
+            why.as_bytes(),
+        );
         return Err(why);
     }
     Ok(())

@@ -162,12 +162,13 @@ impl SessionPool {
         target: &Target,
         entry: &Arc<Entry>,
     ) -> Result<h2::client::SendRequest<Bytes>, Failure> {
-        self.identity
-            .ready()
-            .map_err(|e| fail("not_ready", e))?;
-        let tls = self.tls[target.service]
-            .as_ref()
-            .ok_or_else(|| fail("no_route", format!("{} is not a remote service", target.name)))?;
+        self.identity.ready().map_err(|e| fail("not_ready", e))?;
+        let tls = self.tls[target.service].as_ref().ok_or_else(|| {
+            fail(
+                "no_route",
+                format!("{} is not a remote service", target.name),
+            )
+        })?;
         let mut path = self
             .gateways
             .open(PATH_WAIT)
@@ -265,4 +266,3 @@ fn session_failure(e: &std::io::Error) -> &'static str {
         None => mesh::failure_reason(e),
     }
 }
-

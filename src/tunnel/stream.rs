@@ -29,7 +29,10 @@ pub struct H2Stream {
 fn io_err(e: h2::Error) -> io::Error {
     if let Some(r) = e.reason() {
         if r == h2::Reason::REFUSED_STREAM {
-            return io::Error::new(io::ErrorKind::ConnectionRefused, "refused by the destination");
+            return io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "refused by the destination",
+            );
         }
     }
     if e.is_io() {

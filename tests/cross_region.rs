@@ -1,0 +1,371 @@
+//! Two regions on loopback, each with its own CA and gateways, joined through a WAN relay: a
+//! cross-region call keeps the caller's identity end to end, gateways enforce their region
+//! policy per stream, a bad stream header closes only its stream, a lost gateway fails over,
+//! and a region keeps issuing and serving with the other region's CA (and the root) gone.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{call, echo_app, eventually, eventually_async, PATIENCE};
+use tokio::io::AsyncReadExt;
+use trustline::lab::{Lab, LabOptions, TD};
+
+const ONE_WAY: Duration = Duration::from_millis(5);
+
+fn wid(name: &str) -> String {
+    format!("spiffe://{TD}/ns/shop/sa/{name}")
+}
+
+async fn lab(gateways: usize) -> (tempfile::TempDir, Lab) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let lab = Lab::new(
+        dir.path(),
+        LabOptions {
+            one_way_delay: ONE_WAY,
+            gateways,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("lab");
+    (dir, lab)
+}
+
+/// `api` of region b: an echo app behind a sidecar whose policy admits `web` from region a only.
+async fn api_in_b(lab: &Lab) -> trustline::proxy::Bound {
+    let app = echo_app().await;
+    let policy = lab.dir.join("api-policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[service.api]\n\n[[service.api.rule]]\nname = \"web-from-a\"\naction = \"allow\"\n\
+             from = [\"{}\"]\nregions = [\"a\"]\n",
+            wid("web")
+        ),
+    )
+    .unwrap();
+    lab.sidecar(
+        "b",
+        "api",
+        &format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\napp_address = \"{app}\"\npolicy = {policy:?}\nservice = \"api\"\n"
+        ),
+    )
+    .await
+    .expect("api sidecar")
+}
+
+/// Gateway sections: b exposes `api` and admits region a to it; a lets anything leave for b.
+fn gateway_sections(api: SocketAddr) -> (String, String) {
+    (
+        "[[rule]]\nname = \"a-out\"\nfrom = [\"a\"]\nto = [\"b\"]\nservices = [\"*\"]\n".into(),
+        format!(
+            "[[expose]]\nservice = \"api\"\naddresses = [\"{api}\"]\n\n\
+             [[expose]]\nservice = \"secret\"\naddresses = [\"{SECRET}\"]\n\n\
+             [[rule]]\nname = \"a-to-api\"\nfrom = [\"a\"]\nto = [\"b\"]\nservices = [\"api\"]\n"
+        ),
+    )
+}
+
+/// Where `secret` claims to be: exposed by gateway b, but no rule lets region a reach it.
+const SECRET: &str = "127.0.0.1:9";
+
+/// A caller in region a with explicit listeners to `api` (listener 0) and `secret` (1).
+async fn caller_in_a(lab: &Lab, name: &str, api: SocketAddr) -> trustline::proxy::Bound {
+    let mut s = String::new();
+    for (svc, addr) in [("api", api.to_string()), ("secret", SECRET.to_string())] {
+        s += &format!(
+            "[[service]]\nname = \"{svc}\"\nregion = \"b\"\naddresses = [\"{addr}\"]\nspiffe_ids = [\"{}\"]\n\n\
+             [[listener]]\nlisten = \"127.0.0.1:0\"\nservice = \"{svc}\"\n\n",
+            wid("api")
+        );
+    }
+    lab.sidecar("a", name, &s).await.expect("caller sidecar")
+}
+
+async fn setup(gateways: usize) -> (tempfile::TempDir, Lab, trustline::proxy::Bound) {
+    let (dir, mut lab) = lab(gateways).await;
+    let api = api_in_b(&lab).await;
+    let (a, b) = gateway_sections(api.inbound.unwrap());
+    lab.start_gateways("b", &b).await.expect("gateways b");
+    lab.start_gateways("a", &a).await.expect("gateways a");
+    lab.wait_paths_up().await.expect("paths up");
+    (dir, lab, api)
+}
+
+fn audit(lab: &Lab, name: &str) -> String {
+    std::fs::read_to_string(lab.dir.join(format!("{name}-audit.log"))).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_call_crosses_regions_with_the_callers_own_identity() {
+    let (_d, lab, _api) = setup(1).await;
+    let web = caller_in_a(&lab, "web", _api.inbound.unwrap()).await;
+    for _ in 0..3 {
+        assert_eq!(call(web.listeners[0], b"hello").await.unwrap(), b"hello");
+    }
+    let pool = web.sessions.as_ref().expect("sessions");
+    assert_eq!(
+        pool.established.load(Ordering::Relaxed),
+        1,
+        "three connections ride one warm session"
+    );
+    // The destination sidecar decided on the caller's own SPIFFE ID and region.
+    let log = audit(&lab, "api");
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"outcome\":\"allow\""))
+        .unwrap_or_else(|| panic!("no allow in api's audit log: {log}"));
+    assert!(
+        line.contains(&format!("\"source_id\":\"{}\"", wid("web"))),
+        "{line}"
+    );
+    assert!(line.contains("\"source_region\":\"a\""), "{line}");
+    assert!(line.contains("\"rule\":\"web-from-a\""), "{line}");
+    // The gateways carried it: tunnel metrics show streams and bytes on the a -> b path.
+    let gw_a = lab.region("a").gateways[0].as_ref().unwrap();
+    let (_, metrics) = common::http_get(gw_a.admin, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("trustline_tunnel_streams_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("trustline_tunnel_rtt_seconds"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn the_destination_policy_still_sees_a_caller_it_refuses() {
+    let (_d, lab, api) = setup(1).await;
+    let batch = caller_in_a(&lab, "batch", api.inbound.unwrap()).await;
+    let r = call(batch.listeners[0], b"hello").await;
+    assert!(r.is_err(), "batch must be refused: {r:?}");
+    eventually("the deny is audited", || {
+        audit(&lab, "api").lines().any(|l| {
+            l.contains("\"outcome\":\"deny\"")
+                && l.contains(&wid("batch"))
+                && l.contains("\"source_region\":\"a\"")
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_gateway_refuses_a_service_its_region_policy_does_not_allow() {
+    let (_d, lab, api) = setup(1).await;
+    let web = caller_in_a(&lab, "web", api.inbound.unwrap()).await;
+    // `secret` is exposed by gateway b but no rule admits region a to it.
+    let r = call(web.listeners[1], b"hello").await;
+    assert!(r.is_err(), "secret must be refused: {r:?}");
+    eventually("gateway b audits the refusal with its rule", || {
+        audit(&lab, "gateway-b0").lines().any(|l| {
+            l.contains("\"event\":\"stream_refused\"")
+                && l.contains("\"destination_service\":\"secret\"")
+                && l.contains("\"rule\":\"default-deny\"")
+        })
+    })
+    .await;
+    // The tunnel and the session are still there for what is allowed.
+    assert_eq!(call(web.listeners[0], b"again").await.unwrap(), b"again");
+}
+
+/// A raw QUIC client with a workload SVID of region a, connected to gateway a.
+async fn raw_tunnel(lab: &Lab) -> quinn::Connection {
+    use trustline::tls::{ExpectedPeer, SpiffeServerVerifier, TLS13_ONLY};
+    let id = trustline::identity::parse_workload_id(&wid("probe")).unwrap();
+    let bundle = trustline::identity::Bundle::from_pem(
+        lab.td.clone(),
+        &std::fs::read(lab.bundle()).unwrap(),
+        "bundle",
+    )
+    .unwrap();
+    let client = trustline::ca::client::CaClient::new(
+        &format!("https://{}", lab.region("a").ca.api),
+        bundle.clone(),
+        trustline::clock::Clock::system(),
+    )
+    .unwrap();
+    let svid = client
+        .issue_with_token(&id, &lab.token("a", &wid("probe")).await.unwrap())
+        .await
+        .unwrap();
+    let verifier = SpiffeServerVerifier::new(
+        bundle.store(),
+        ExpectedPeer::AnyOf(vec![trustline::tunnel::gateway_id(&lab.td, "a")]),
+    );
+    let tls = rustls::ClientConfig::builder_with_provider(trustline::tls::provider())
+        .with_protocol_versions(TLS13_ONLY)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(svid.chain.clone(), svid.key.clone_key())
+        .unwrap();
+    let cfg = trustline::tunnel::quic_client(tls, Default::default()).unwrap();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.connect_with(cfg, lab.region("a").gateway_addrs[0], "gateway")
+        .unwrap()
+        .await
+        .expect("QUIC connection to gateway a")
+}
+
+async fn reset_code(conn: &quinn::Connection, bytes: &[u8]) -> u64 {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(PATIENCE, recv.read(&mut buf)).await {
+        Ok(Err(quinn::ReadError::Reset(code))) => code.into_inner(),
+        other => panic!("expected the stream to be reset, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_bad_stream_header_closes_only_its_stream() {
+    use trustline::tunnel::{code, header::StreamHeader};
+    let (_d, lab, api) = setup(1).await;
+    let conn = raw_tunnel(&lab).await;
+    // Bad magic, an unknown version, an oversized body, a truncated body.
+    assert_eq!(
+        reset_code(&conn, b"XX\x01\x00\x05hello").await,
+        code::BAD_HEADER as u64
+    );
+    assert_eq!(
+        reset_code(&conn, b"TL\x07\x00\x05hello").await,
+        code::BAD_HEADER as u64
+    );
+    assert_eq!(
+        reset_code(&conn, b"TL\x01\x02\x58").await,
+        code::BAD_HEADER as u64
+    );
+    let good = StreamHeader {
+        region: "b".into(),
+        service: "nope".into(),
+        addr: api.inbound.unwrap(),
+    }
+    .encode()
+    .unwrap();
+    let mut trailing = good.clone();
+    trailing[4] += 1;
+    trailing.push(0);
+    assert_eq!(reset_code(&conn, &trailing).await, code::BAD_HEADER as u64);
+    // A well-formed header for a service nobody exposes: refused at gateway b, and the code
+    // travels back through gateway a.
+    assert_eq!(reset_code(&conn, &good).await, code::REFUSED as u64);
+    assert!(
+        conn.close_reason().is_none(),
+        "the tunnel connection is still open"
+    );
+    // The gateway still serves everyone else.
+    let web = caller_in_a(&lab, "web", api.inbound.unwrap()).await;
+    assert_eq!(call(web.listeners[0], b"still").await.unwrap(), b"still");
+    let gw_a = lab.region("a").gateways[0].as_ref().unwrap();
+    let (_, metrics) = common::http_get(gw_a.admin, "/metrics").await;
+    assert!(
+        metrics.contains("trustline_tunnel_refused_streams_total{reason=\"bad_header\"} 4"),
+        "{metrics}"
+    );
+}
+
+/// Calls until one succeeds; returns how long it took.
+async fn until_a_call_works(entry: SocketAddr) -> Duration {
+    let started = Instant::now();
+    eventually_async("a call succeeds again", || async {
+        matches!(call(entry, b"ping").await.as_deref(), Ok(b"ping"))
+    })
+    .await;
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn a_lost_gateway_fails_over_to_another() {
+    let (_d, mut lab, api) = setup(2).await;
+    let web = caller_in_a(&lab, "web", api.inbound.unwrap()).await;
+    assert_eq!(call(web.listeners[0], b"warm").await.unwrap(), b"warm");
+    // A gateway of the destination region goes away, then one of the caller's region.
+    lab.stop_gateway("b", 0).await;
+    let took = until_a_call_works(web.listeners[0]).await;
+    eprintln!("failover after losing gateway b0: {took:?}");
+    lab.stop_gateway("a", 0).await;
+    let took = until_a_call_works(web.listeners[0]).await;
+    eprintln!("failover after losing gateway a0: {took:?}");
+    let gw_a1 = lab.region("a").gateways[1].as_ref().unwrap();
+    eventually(
+        "gateway a1 reports the lost path to b0 as a failover",
+        || {
+            audit(&lab, "gateway-a1")
+                .lines()
+                .any(|l| l.contains("\"event\":\"failover\""))
+        },
+    )
+    .await;
+    let pool = web.sessions.as_ref().unwrap();
+    assert_eq!(
+        pool.gateways().up(),
+        1,
+        "the sidecar sees one local gateway left"
+    );
+    let (_, metrics) = common::http_get(gw_a1.admin, "/metrics").await;
+    assert!(
+        metrics.contains("trustline_tunnel_failovers_total 1"),
+        "{metrics}"
+    );
+    // A restarted gateway is used again.
+    lab.start_gateway("a", 0).await.unwrap();
+    eventually("the sidecar reconnects to the restarted gateway", || {
+        pool.gateways().up() == 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_region_keeps_issuing_and_serving_without_the_root_and_the_other_ca() {
+    let (_d, lab, api) = setup(1).await;
+    let web = caller_in_a(&lab, "web", api.inbound.unwrap()).await;
+    assert_eq!(call(web.listeners[0], b"before").await.unwrap(), b"before");
+    // Region b's CA stops; the root's key is offline by design (no process uses it).
+    lab.region("b").ca.shutdown();
+    std::fs::rename(lab.root.join("ca.key"), lab.dir.join("root-key-offline")).unwrap();
+    // Region a still issues: a new workload joins and serves a local caller.
+    let app = echo_app().await;
+    let local = lab
+        .sidecar(
+            "a",
+            "ledger",
+            &format!(
+                "[inbound]\nlisten = \"127.0.0.1:0\"\napp_address = \"{app}\"\nallow = [\"{}\"]\n",
+                wid("fresh")
+            ),
+        )
+        .await
+        .expect("a new workload of region a gets its SVID");
+    let fresh = lab
+        .sidecar(
+            "a",
+            "fresh",
+            &format!(
+                "[[service]]\nname = \"ledger\"\naddresses = [\"{}\"]\nspiffe_ids = [\"{}\"]\n\n\
+                 [[listener]]\nlisten = \"127.0.0.1:0\"\nservice = \"ledger\"\n",
+                local.inbound.unwrap(),
+                wid("ledger")
+            ),
+        )
+        .await
+        .expect("another new workload of region a");
+    assert_eq!(call(fresh.listeners[0], b"local").await.unwrap(), b"local");
+    // And cross-region traffic on valid SVIDs goes on.
+    assert_eq!(call(web.listeners[0], b"after").await.unwrap(), b"after");
+    let mut s = tokio::net::TcpStream::connect(web.listeners[0])
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, b"x")
+        .await
+        .unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+}

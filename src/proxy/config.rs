@@ -71,6 +71,7 @@ pub(crate) struct TunnelFile {
     pub gateways: Vec<String>,
     pub keepalive: Option<String>,
     pub idle_timeout: Option<String>,
+    pub prewarm: Option<bool>,
 }
 
 /// The `[identity]` table, shared by the sidecar and gateway configs.
@@ -157,6 +158,8 @@ pub struct TunnelSide {
     /// This region's gateways (QUIC, UDP).
     pub gateways: Vec<SocketAddr>,
     pub timing: crate::tunnel::Timing,
+    /// Keep a session open to every remote service address ahead of need (default on).
+    pub prewarm: bool,
 }
 
 /// An explicit-mode listener: plain text in on `listen`, mTLS out to `service` at `address`.
@@ -428,6 +431,7 @@ fn tunnel_side(
         Some(_) => Ok(Some(TunnelSide {
             gateways,
             timing: tunnel_timing(ctx, t)?,
+            prewarm: t.and_then(|t| t.prewarm).unwrap_or(true),
         })),
     }
 }

@@ -284,7 +284,10 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         sessions: sessions.clone(),
         config,
     });
-    if let Some(pool) = &sessions {
+    if let (Some(pool), true) = (
+        &sessions,
+        shared.config.tunnel.as_ref().is_some_and(|t| t.prewarm),
+    ) {
         let targets = shared
             .config
             .services

@@ -109,6 +109,19 @@ impl SessionPool {
             .clone()
     }
 
+    /// Forgets every session: streams already open go on, new ones dial a new session (tests
+    /// and the cold-start benchmark use this).
+    pub fn forget_all(&self) {
+        for e in self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            e.live.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+    }
+
     /// Opens a new stream to `target`: on the warm session if there is one, else after opening
     /// it. The returned stream is writable at once; the destination's verdict arrives with the
     /// first read.

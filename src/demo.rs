@@ -161,7 +161,9 @@ async fn app(name: &'static str) -> anyhow::Result<std::net::SocketAddr> {
                         return;
                     }
                     let mut line = String::new();
+                    let mut close = false;
                     while s.read_line(&mut line).await.unwrap_or(0) > 2 {
+                        close |= line.trim().eq_ignore_ascii_case("connection: close");
                         line.clear();
                     }
                     let body = format!("{name} got {:?}\n", first.trim());
@@ -169,7 +171,7 @@ async fn app(name: &'static str) -> anyhow::Result<std::net::SocketAddr> {
                         "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
                         body.len()
                     );
-                    if s.get_mut().write_all(resp.as_bytes()).await.is_err() {
+                    if s.get_mut().write_all(resp.as_bytes()).await.is_err() || close {
                         return;
                     }
                 }
@@ -361,6 +363,97 @@ async fn mesh(site: &Site<'_>) -> anyhow::Result<()> {
     let log = std::fs::read_to_string(site.dir.join("checkout-audit.log")).unwrap_or_default();
     for line in log.lines() {
         println!("  {line}");
+    }
+    regions(&site.dir.join("regions")).await
+}
+
+/// Part two: two regions 150 ms apart, each with its own CA and gateway.
+async fn regions(dir: &Path) -> anyhow::Result<()> {
+    use crate::lab::{Lab, LabOptions, TD};
+    use std::time::Instant;
+    std::fs::create_dir_all(dir)?;
+    let options = LabOptions::default();
+    println!(
+        "\n8. Two regions, a and b, {} ms apart (userspace WAN relay): one root, an intermediate and a CA per region,",
+        (options.one_way_delay * 2).as_millis()
+    );
+    println!("   a gateway per region; gateways keep a warm QUIC (mTLS 1.3) tunnel to each other.");
+    let mut lab = Lab::new(dir, options.clone()).await?;
+    let app = app("api").await?;
+    let policy = dir.join("api-policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[service.api]\n\n[[service.api.rule]]\nname = \"web-from-a\"\naction = \"allow\"\n\
+             from = [\"spiffe://{TD}/ns/shop/sa/web\"]\nregions = [\"a\"]\n"
+        ),
+    )?;
+    let api = lab
+        .sidecar(
+            "b",
+            "api",
+            &format!("[inbound]\nlisten = \"127.0.0.1:0\"\napp_address = \"{app}\"\npolicy = {policy:?}\nservice = \"api\"\n"),
+        )
+        .await?;
+    let api_addr = api.inbound.context("api inbound")?;
+    lab.start_gateways(
+        "b",
+        &format!(
+            "[[expose]]\nservice = \"api\"\naddresses = [\"{api_addr}\"]\n\n\
+             [[expose]]\nservice = \"admin\"\naddresses = [\"127.0.0.1:9\"]\n\n\
+             [[rule]]\nname = \"a-to-api\"\nfrom = [\"a\"]\nto = [\"b\"]\nservices = [\"api\"]\n"
+        ),
+    )
+    .await?;
+    lab.start_gateways(
+        "a",
+        "[[rule]]\nname = \"a-out\"\nfrom = [\"a\"]\nto = [\"b\"]\nservices = [\"*\"]\n",
+    )
+    .await?;
+    lab.wait_paths_up().await?;
+    println!("   gateway b exposes api (allowed from region a by rule a-to-api) and admin (no rule: refused)");
+    let web = lab
+        .sidecar(
+            "a",
+            "web",
+            &format!(
+                "prewarm = false\n\n\
+                 [[service]]\nname = \"api\"\nregion = \"b\"\naddresses = [\"{api_addr}\"]\nspiffe_ids = [\"spiffe://{TD}/ns/shop/sa/api\"]\n\n\
+                 [[listener]]\nlisten = \"127.0.0.1:0\"\nservice = \"api\"\n\n\
+                 [[service]]\nname = \"admin\"\nregion = \"b\"\naddresses = [\"127.0.0.1:9\"]\nspiffe_ids = [\"spiffe://{TD}/ns/shop/sa/api\"]\n\n\
+                 [[listener]]\nlisten = \"127.0.0.1:0\"\nservice = \"admin\"\n"
+            ),
+        )
+        .await?;
+    let rtt = options.one_way_delay * 2;
+    for what in ["first call (opens the sidecar-to-sidecar session)", "second call (new connection, warm session)", "third call (new connection, warm session)"] {
+        let started = Instant::now();
+        let reply = call(web.listeners[0], "GET", "/orders/7").await;
+        let took = started.elapsed(); // the app answers and closes at once: about the first byte
+        println!(
+            "\n   web (region a) -> api (region b), {what}:\n    {reply}\n    {:.0} ms = {:.2} RTT (plain TCP + TLS 1.3 needs 3 RTT)",
+            took.as_secs_f64() * 1e3,
+            took.as_secs_f64() / rtt.as_secs_f64()
+        );
+    }
+    let reply = call(web.listeners[1], "GET", "/").await;
+    println!("\n   web -> admin (region b): {reply}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    println!("\n9. api's sidecar decided on web's own identity and region (its audit line):");
+    let log = std::fs::read_to_string(dir.join("api-audit.log")).unwrap_or_default();
+    for line in log.lines().filter(|l| l.contains("\"decision\"")).take(1) {
+        println!("  {line}");
+    }
+    println!("\n   gateway b refused the admin stream (its audit line):");
+    let log = std::fs::read_to_string(dir.join("gateway-b0-audit.log")).unwrap_or_default();
+    for line in log.lines().filter(|l| l.contains("stream_refused")).take(1) {
+        println!("  {line}");
+    }
+    for s in [&web, &api] {
+        s.drain(Duration::from_millis(200)).await;
+    }
+    for r in ["a", "b"] {
+        lab.stop_gateway(r, 0).await;
     }
     Ok(())
 }

@@ -426,7 +426,11 @@ async fn regions(dir: &Path) -> anyhow::Result<()> {
         )
         .await?;
     let rtt = options.one_way_delay * 2;
-    for what in ["first call (opens the sidecar-to-sidecar session)", "second call (new connection, warm session)", "third call (new connection, warm session)"] {
+    for what in [
+        "first call (opens the sidecar-to-sidecar session)",
+        "second call (new connection, warm session)",
+        "third call (new connection, warm session)",
+    ] {
         let started = Instant::now();
         let reply = call(web.listeners[0], "GET", "/orders/7").await;
         let took = started.elapsed(); // the app answers and closes at once: about the first byte

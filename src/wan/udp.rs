@@ -121,7 +121,14 @@ impl Relay {
         nth: u64,
         tasks: &mut JoinSet<SocketAddr>,
     ) -> std::io::Result<mpsc::Sender<Timed>> {
-        let upstream = UdpSocket::bind(SocketAddr::new(self.socket.local_addr()?.ip(), 0)).await?;
+        // Any address of the family: the kernel picks the source that routes to `to` (the relay
+        // may sit between two networks, e.g. namespaces joined by veths).
+        let any: std::net::IpAddr = if self.to.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        let upstream = UdpSocket::bind(SocketAddr::new(any, 0)).await?;
         upstream.connect(self.to).await?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let mapping = Mapping {

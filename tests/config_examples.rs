@@ -112,3 +112,86 @@ fn bad_sidecar_configs_name_file_field_and_reason() {
         );
     }
 }
+
+#[test]
+fn example_gateway_and_cross_region_configs_are_valid() {
+    let (_keep, dir) = world();
+    let file = dir.join("gateway.toml");
+    std::fs::write(&file, example("gateway.toml")).unwrap();
+    let g = trustline::tunnel::config::GatewayConfig::load(&file).unwrap();
+    assert_eq!(
+        g.identity.id.to_string(),
+        "spiffe://example.org/trustline/gateway/eu-west"
+    );
+    assert_eq!(g.peers[0].addresses.len(), 2);
+    assert_eq!(
+        g.policy.decide("us-east", "eu-west", "checkout"),
+        (true, "us-to-checkout".to_string())
+    );
+    assert_eq!(
+        g.policy.decide("ap-south", "eu-west", "checkout"),
+        (false, "no-ap".to_string())
+    );
+    let file = dir.join("sidecar-cross-region.toml");
+    std::fs::write(&file, example("sidecar-cross-region.toml")).unwrap();
+    let s = SidecarConfig::load(&file).unwrap();
+    assert_eq!(s.services[0].region.as_deref(), Some("eu-west"));
+    assert_eq!(s.tunnel.unwrap().gateways.len(), 2);
+}
+
+#[test]
+fn bad_gateway_and_tunnel_configs_name_file_field_and_reason() {
+    let (_keep, dir) = world();
+    let gw = example("gateway.toml");
+    let file = dir.join("bad-gateway.toml");
+    for (text, field) in [
+        (
+            gw.replace("region = \"us-east\"", "region = \"eu-west\""),
+            "peer[0].region",
+        ),
+        (
+            gw.replace("region = \"eu-west\"\nbundle", "region = \"EU\"\nbundle"),
+            "region",
+        ),
+        (
+            gw.replace("services = [\"checkout\"]", "services = []"),
+            "rule[1] (us-to-checkout).services",
+        ),
+        (
+            gw.replace("action = \"deny\"", "action = \"maybe\""),
+            "rule[2] (no-ap).action",
+        ),
+        (
+            gw.replace("idle_timeout = \"1500ms\"", "idle_timeout = \"100ms\""),
+            "tunnel.keepalive",
+        ),
+    ] {
+        std::fs::write(&file, text).unwrap();
+        let e = trustline::tunnel::config::GatewayConfig::load(&file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(field) && e.contains("bad-gateway.toml"),
+            "{field}: {e}"
+        );
+    }
+    let sc = example("sidecar-cross-region.toml");
+    let file = dir.join("bad-sidecar.toml");
+    for (text, field) in [
+        (
+            sc.replace(
+                "gateways = [\"127.0.0.1:15443\", \"127.0.0.1:15444\"]",
+                "gateways = []",
+            ),
+            "tunnel.gateways",
+        ),
+        (
+            sc.replace("region = \"us-east\"", "# no region"),
+            "service[0] (checkout).region",
+        ),
+    ] {
+        std::fs::write(&file, text).unwrap();
+        let e = SidecarConfig::load(&file).unwrap_err().to_string();
+        assert!(e.contains(field), "{field}: {e}");
+    }
+}

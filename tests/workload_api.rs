@@ -346,13 +346,15 @@ fn the_socket_comes_from_the_file_or_the_environment_and_is_otherwise_a_clear_er
     )
     .unwrap();
     assert_eq!(endpoint(c), Endpoint::Unix("/run/spire/agent.sock".into()));
-    let err = config_error(
-        dir.path(),
-        "source = \"workload-api\"\nsocket = \"http://agent\"",
-    )
-    .unwrap_err();
-    assert!(
-        err.contains("spire.toml") && err.contains("identity.socket"),
-        "{err}"
-    );
+    for bad in ["http://agent", "unix:relative.sock", "tcp://127.0.0.1:8081"] {
+        let err = config_error(
+            dir.path(),
+            &format!("source = \"workload-api\"\nsocket = \"{bad}\""),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("spire.toml") && err.contains("identity.socket") && err.contains(bad),
+            "{err}"
+        );
+    }
 }

@@ -421,8 +421,8 @@ fn identity_source(ctx: &Ctx<'_>, f: &IdentityFile) -> Result<IdentitySource, Co
 /// The environment variable naming the Workload API socket when `identity.socket` is unset.
 pub const SPIFFE_ENDPOINT_SOCKET: &str = "SPIFFE_ENDPOINT_SOCKET";
 
-/// The Workload API endpoint: `socket` from the file (a `unix:`/`tcp:` URI, or a plain path
-/// relative to the file), else `env` (the value of `SPIFFE_ENDPOINT_SOCKET`, a URI).
+/// The Workload API endpoint: `socket` from the file (a `unix:` URI, or a plain path relative to
+/// the file), else `env` (the value of `SPIFFE_ENDPOINT_SOCKET`, a URI). Unix sockets only.
 fn workload_api_endpoint(
     ctx: &Ctx<'_>,
     socket: Option<&str>,
@@ -449,12 +449,18 @@ fn workload_api_endpoint(
         format!("{value:?}")
     };
     if value.contains(':') {
-        return Endpoint::parse(value).map_err(|e| {
-            ctx.err(
+        return match Endpoint::parse(value) {
+            Ok(e @ Endpoint::Unix(_)) => Ok(e),
+            // The API carries private keys in clear text: a local socket only.
+            Ok(_) => Err(ctx.err(
                 field,
-                format!("{what}: {e} (expected unix:///path/to/socket, tcp://IP:PORT or a path)"),
-            )
-        });
+                format!("{what}: only unix sockets are accepted (the Workload API sends private keys unencrypted)"),
+            )),
+            Err(e) => Err(ctx.err(
+                field,
+                format!("{what}: {e} (expected unix:///path/to/socket or a path)"),
+            )),
+        };
     }
     if value.is_empty() {
         return Err(ctx.err(field, "empty; give the agent's socket path"));

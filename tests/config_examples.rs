@@ -4,8 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use spiffe::transport::Endpoint;
 use trustline::ca::authority;
 use trustline::ca::config::{CaServeConfig, CaServeFile};
+use trustline::identity::manager::IdentitySource;
 use trustline::identity::parse_trust_domain;
 use trustline::proxy::config::SidecarConfig;
 
@@ -58,6 +60,20 @@ fn example_sidecar_config_is_valid() {
     assert_eq!(c.services[0].name, "checkout");
     assert_eq!(c.listeners[0].listen.port(), 7001);
     assert_eq!(c.inbound.unwrap().allow.len(), 1);
+}
+
+#[test]
+fn example_spire_sidecar_config_is_valid() {
+    let (_keep, dir) = world();
+    let file = dir.join("sidecar.toml");
+    std::fs::write(&file, example("sidecar-spire.toml")).unwrap();
+    let c = SidecarConfig::load(&file).unwrap();
+    match c.identity.source {
+        IdentitySource::WorkloadApi { endpoint } => {
+            assert_eq!(endpoint, Endpoint::Unix("/run/spire/agent.sock".into()))
+        }
+        other => panic!("source {other:?}"),
+    }
 }
 
 fn refused(dir: &Path, text: &str) -> String {

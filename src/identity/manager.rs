@@ -24,6 +24,8 @@ use crate::ca::client::CaClient;
 use crate::clock::{rfc3339, Clock};
 use crate::tls::mesh::{RevokedSet, SvidResolver, Trust};
 
+mod workload_api;
+
 /// Longest wait between renewal attempts.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(150);
 const BACKOFF_START: Duration = Duration::from_secs(1);
@@ -38,6 +40,10 @@ pub enum IdentitySource {
         cert: PathBuf,
         key: PathBuf,
         poll: Duration,
+    },
+    /// A SPIFFE Workload API (a SPIRE agent): the X.509 stream, followed across reconnections.
+    WorkloadApi {
+        endpoint: spiffe::transport::Endpoint,
     },
 }
 
@@ -150,6 +156,19 @@ impl Identity {
         Ok(())
     }
 
+    /// A bundle of our trust domain holding `roots` plus the locally configured ones.
+    fn with_configured_roots(
+        &self,
+        mut roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    ) -> Result<Bundle, String> {
+        for r in &self.configured_roots {
+            if !roots.contains(r) {
+                roots.push(r.clone());
+            }
+        }
+        Bundle::new(self.trust.bundle().trust_domain.clone(), roots).map_err(|e| e.to_string())
+    }
+
     fn withdraw(&self) {
         self.resolver.0.store(None);
         self.current.store(None);
@@ -192,6 +211,11 @@ pub fn start(
             tokio::spawn(
                 files_loop(identity.clone(), cert.clone(), key.clone(), *poll, shutdown)
                     .instrument(span),
+            );
+        }
+        IdentitySource::WorkloadApi { endpoint } => {
+            tokio::spawn(
+                workload_api::run(identity.clone(), endpoint.clone(), shutdown).instrument(span),
             );
         }
     }
@@ -306,14 +330,8 @@ async fn refresh_loop(
 async fn refresh_bundle(identity: &Identity, client: &CaClient) -> Result<(), String> {
     let pem = client.fetch_bundle_pem().await.map_err(|e| e.to_string())?;
     let current = identity.bundle();
-    let mut roots =
-        crate::identity::certs_from_pem(&pem, "CA bundle").map_err(|e| e.to_string())?;
-    for r in &identity.configured_roots {
-        if !roots.contains(r) {
-            roots.push(r.clone());
-        }
-    }
-    let fresh = Bundle::new(current.trust_domain.clone(), roots).map_err(|e| e.to_string())?;
+    let roots = crate::identity::certs_from_pem(&pem, "CA bundle").map_err(|e| e.to_string())?;
+    let fresh = identity.with_configured_roots(roots)?;
     identity
         .bundle_fetches
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

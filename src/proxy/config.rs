@@ -6,7 +6,7 @@
 //! bundle = "bundle.pem"          # trust roots (relative paths are relative to this file)
 //!
 //! [identity]
-//! source = "ca"                  # or "files"
+//! source = "ca"                  # or "files", or "workload-api" (with `socket`)
 //! ca_url = "https://127.0.0.1:8443"
 //! token_file = "web.token"
 //!
@@ -31,6 +31,7 @@ use crate::config::{load_toml, ConfigError};
 use crate::identity::manager::{IdentityConfig, IdentitySource};
 use crate::identity::{parse_trust_domain, parse_workload_id, Bundle, SpiffeId, TrustDomain};
 use crate::util::parse_duration;
+use spiffe::transport::Endpoint;
 
 /// Default admin listener.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15020";
@@ -85,6 +86,7 @@ pub(crate) struct IdentityFile {
     key: Option<PathBuf>,
     poll_interval: Option<String>,
     refresh_interval: Option<String>,
+    socket: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -490,7 +492,10 @@ fn identity_source(ctx: &Ctx<'_>, f: &IdentityFile) -> Result<IdentitySource, Co
                 .clone()
                 .ok_or_else(|| ctx.err("identity.ca_url", "required for source = \"ca\""))?;
             if !url.starts_with("https://") {
-                return Err(ctx.err("identity.ca_url", format!("{url:?} must start with https://")));
+                return Err(ctx.err(
+                    "identity.ca_url",
+                    format!("{url:?} must start with https://"),
+                ));
             }
             Ok(IdentitySource::Ca {
                 url,
@@ -500,14 +505,81 @@ fn identity_source(ctx: &Ctx<'_>, f: &IdentityFile) -> Result<IdentitySource, Co
         "files" => Ok(IdentitySource::Files {
             cert: need(&f.cert, "cert")?,
             key: need(&f.key, "key")?,
-            poll: ctx.duration("identity.poll_interval", f.poll_interval.as_deref(), Duration::from_secs(2))?,
+            poll: ctx.duration(
+                "identity.poll_interval",
+                f.poll_interval.as_deref(),
+                Duration::from_secs(2),
+            )?,
         }),
-        "workload-api" => Err(ctx.err(
+        "workload-api" => Ok(IdentitySource::WorkloadApi {
+            endpoint: workload_api_endpoint(
+                ctx,
+                f.socket.as_deref(),
+                std::env::var(SPIFFE_ENDPOINT_SOCKET).ok(),
+            )?,
+        }),
+        other => Err(ctx.err(
             "identity.source",
-            "\"workload-api\" is not supported yet; use \"ca\" or \"files\" (e.g. with spiffe-helper)",
+            format!("{other:?}: expected \"ca\", \"files\" or \"workload-api\""),
         )),
-        other => Err(ctx.err("identity.source", format!("{other:?}: expected \"ca\" or \"files\""))),
     }
+}
+
+/// The environment variable naming the Workload API socket when `identity.socket` is unset.
+pub const SPIFFE_ENDPOINT_SOCKET: &str = "SPIFFE_ENDPOINT_SOCKET";
+
+/// The Workload API endpoint: `socket` from the file (a `unix:` URI, or a plain path relative to
+/// the file), else `env` (the value of `SPIFFE_ENDPOINT_SOCKET`, a URI). Unix sockets only.
+fn workload_api_endpoint(
+    ctx: &Ctx<'_>,
+    socket: Option<&str>,
+    env: Option<String>,
+) -> Result<Endpoint, ConfigError> {
+    let field = "identity.socket";
+    let value = match (socket, env.as_deref()) {
+        (Some(s), _) => s,
+        (None, Some(e)) if !e.is_empty() => e,
+        _ => {
+            return Err(ctx.err(
+                field,
+                format!(
+                    "required for source = \"workload-api\" when {SPIFFE_ENDPOINT_SOCKET} is not \
+                     set, e.g. socket = \"unix:///run/spire/agent.sock\""
+                ),
+            ))
+        }
+    };
+    let from_env = socket.is_none();
+    let what = if from_env {
+        format!("{SPIFFE_ENDPOINT_SOCKET}={value:?}")
+    } else {
+        format!("{value:?}")
+    };
+    if value.contains(':') {
+        return match Endpoint::parse(value) {
+            Ok(e @ Endpoint::Unix(_)) => Ok(e),
+            // The API carries private keys in clear text: a local socket only.
+            Ok(_) => Err(ctx.err(
+                field,
+                format!("{what}: only unix sockets are accepted (the Workload API sends private keys unencrypted)"),
+            )),
+            Err(e) => Err(ctx.err(
+                field,
+                format!("{what}: {e} (expected unix:///path/to/socket or a path)"),
+            )),
+        };
+    }
+    if value.is_empty() {
+        return Err(ctx.err(field, "empty; give the agent's socket path"));
+    }
+    if from_env {
+        // The variable holds a URI by the SPIFFE spec; a bare absolute path is accepted too.
+        if !value.starts_with('/') {
+            return Err(ctx.err(field, format!("{what}: expected unix:///path/to/socket")));
+        }
+        return Ok(Endpoint::Unix(PathBuf::from(value)));
+    }
+    Ok(Endpoint::Unix(ctx.path(Path::new(value))))
 }
 
 fn services(

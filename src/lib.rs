@@ -17,3 +17,4 @@ pub mod policy;
 pub mod proxy;
 pub mod tls;
 pub mod util;
+pub mod wan;

@@ -49,6 +49,40 @@ enum Command {
     /// Policy files: check, explain.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Relays TCP and UDP with an added one-way delay (and UDP loss): a WAN between two regions.
+    #[command(
+        after_help = "Example (150 ms RTT in front of a gateway on 127.0.0.1:4433):\n  trustline wan-relay --listen 127.0.0.1:5433 --to 127.0.0.1:4433 --delay 75ms --loss 0.01\n\nTCP pays the handshake too: a client's first bytes arrive 3 delays after it connects."
+    )]
+    WanRelay(WanRelayArgs),
+}
+
+#[derive(Args)]
+struct WanRelayArgs {
+    /// Address to listen on (TCP and/or UDP, the same port number).
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// Address to relay to.
+    #[arg(long)]
+    to: std::net::SocketAddr,
+    /// One-way delay added in each direction (RTT = 2 x delay), at most 10s, e.g. 75ms.
+    #[arg(long)]
+    delay: String,
+    /// Which protocols to relay.
+    #[arg(long, value_enum, default_value_t = WanProto::Both)]
+    proto: WanProto,
+    /// Probability of dropping a UDP datagram, in each direction (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Seed of the loss generator.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum WanProto {
+    Tcp,
+    Udp,
+    Both,
 }
 
 #[derive(Subcommand)]
@@ -298,6 +332,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", trustline::policy::flows::render_replay(&report));
             Ok(())
         }
+        Command::WanRelay(a) => wan_relay(a).await,
         Command::Ca(CaCommand::Init(a)) => ca_init(a),
         Command::Ca(CaCommand::Serve(a)) => ca_serve(a).await,
         Command::Ca(CaCommand::Token(a)) => {
@@ -411,6 +446,57 @@ async fn sidecar_run(config: SidecarConfig) -> anyhow::Result<()> {
     tracing::info!(open = bound.active_connections(), deadline = ?drain, "draining");
     let cut = bound.drain(drain).await;
     tracing::info!(cut_off = cut, "drained");
+    Ok(())
+}
+
+async fn wan_relay(a: WanRelayArgs) -> anyhow::Result<()> {
+    use trustline::wan::{self, WanSpec};
+    let delay = parse_duration(&a.delay)
+        .map_err(anyhow::Error::msg)
+        .context("--delay")?;
+    let spec = WanSpec {
+        delay,
+        udp_loss: a.loss,
+        seed: a.seed,
+    };
+    spec.check().map_err(|e| {
+        let flag = match e {
+            wan::SpecError::Loss(_) => "--loss",
+            wan::SpecError::Delay(_) => "--delay",
+        };
+        anyhow::anyhow!("{flag}: {e}")
+    })?;
+    // TCP first, so that UDP takes the same port when --listen asks for port 0.
+    let tcp = match a.proto {
+        WanProto::Udp => None,
+        _ => Some(
+            wan::spawn_tcp(a.listen, a.to, spec)
+                .await
+                .context("TCP relay")?,
+        ),
+    };
+    let listen = tcp.as_ref().map_or(a.listen, |t| t.local_addr());
+    let udp = match a.proto {
+        WanProto::Tcp => None,
+        _ => Some(
+            wan::spawn_udp(listen, a.to, spec)
+                .await
+                .context("UDP relay")?,
+        ),
+    };
+    tracing::info!(
+        %listen,
+        to = %a.to,
+        tcp = tcp.is_some(),
+        udp = udp.is_some(),
+        delay = %humantime::format_duration(delay),
+        rtt = %humantime::format_duration(spec.rtt()),
+        loss = a.loss,
+        seed = a.seed,
+        "wan relay running"
+    );
+    wait_for_signal().await?;
+    tracing::info!("stopping");
     Ok(())
 }
 

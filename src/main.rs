@@ -71,7 +71,7 @@ struct WanRelayArgs {
     #[arg(long, value_enum, default_value_t = WanProto::Both)]
     proto: WanProto,
     /// Probability of dropping a UDP datagram, in each direction (0 to 1).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     loss: f64,
     /// Seed of the loss generator.
     #[arg(long, default_value_t = 1)]

@@ -205,6 +205,27 @@ async fn tcp_upstream_down_closes_the_client() {
     assert_eq!(relay.stats().tcp_connections, 1);
 }
 
+#[tokio::test]
+async fn dropping_the_handle_closes_the_listener_and_its_connections() {
+    let (server, _times) = echo_server().await;
+    let relay = tcp_relay(10, server).await;
+    let addr = relay.local_addr();
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"x").await.unwrap();
+    let mut byte = [0u8; 1];
+    timeout(PATIENCE, tcp.read_exact(&mut byte))
+        .await
+        .unwrap()
+        .unwrap();
+
+    drop(relay);
+    let read = timeout(PATIENCE, tcp.read(&mut byte))
+        .await
+        .expect("the open connection must be closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(TcpStream::connect(addr).await.is_err(), "still listening");
+}
+
 /// A UDP echo server that prefixes each reply with the port it saw the datagram from.
 async fn udp_echo() -> SocketAddr {
     let socket = UdpSocket::bind(any_port()).await.unwrap();

@@ -78,7 +78,7 @@ struct WanRelayArgs {
     #[arg(long, value_enum, default_value_t = WanProto::Both)]
     proto: WanProto,
     /// Probability of dropping a UDP datagram, in each direction (0 to 1).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     loss: f64,
     /// Seed of the loss generator.
     #[arg(long, default_value_t = 1)]
@@ -498,7 +498,13 @@ async fn wan_relay(a: WanRelayArgs) -> anyhow::Result<()> {
         udp_loss: a.loss,
         seed: a.seed,
     };
-    spec.check()?;
+    spec.check().map_err(|e| {
+        let flag = match e {
+            wan::SpecError::Loss(_) => "--loss",
+            wan::SpecError::Delay(_) => "--delay",
+        };
+        anyhow::anyhow!("{flag}: {e}")
+    })?;
     // TCP first, so that UDP takes the same port when --listen asks for port 0.
     let tcp = match a.proto {
         WanProto::Udp => None,

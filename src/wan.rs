@@ -20,6 +20,8 @@
 //! sockets go; in-flight data is bounded only by a queue of [`QUEUE`] chunks per direction.
 
 mod tcp;
+#[cfg(test)]
+mod tests;
 mod udp;
 
 use std::net::SocketAddr;

@@ -218,18 +218,8 @@ impl Mapping {
                 }
             }
         };
-        let quiet = async {
-            loop {
-                let quiet_until =
-                    start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
-                if Instant::now() >= quiet_until {
-                    return;
-                }
-                sleep_until(quiet_until).await;
-            }
-        };
         tokio::select! {
-            _ = quiet => tracing::debug!("idle: mapping removed"),
+            _ = quiet(start, &last, idle) => tracing::debug!("idle: mapping removed"),
             _ = async { tokio::join!(up, replies, down) } => {}
         }
         client
@@ -238,5 +228,17 @@ impl Mapping {
     fn sent(c: &Counters, dir: Dir, bytes: usize) {
         c.udp_forwarded.fetch_add(1, Ordering::Relaxed);
         c.delivered(dir, bytes);
+    }
+}
+
+/// Returns once `idle` has passed since the last activity, stored in `last` as milliseconds after
+/// `start`.
+async fn quiet(start: Instant, last: &AtomicU64, idle: Duration) {
+    loop {
+        let quiet_until = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+        if Instant::now() >= quiet_until {
+            return;
+        }
+        sleep_until(quiet_until).await;
     }
 }

@@ -246,19 +246,15 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         })
         .collect::<Result<Vec<_>, _>>()?;
 
-    let sessions = match &config.tunnel {
-        Some(t) => Some(sessions(
-            &config,
-            t,
-            &identity,
-            &server_verifiers,
-            &clock,
-            audit.clone(),
-            &mut registry,
-            stop_all_rx.clone(),
-        )?),
-        None => None,
-    };
+    let sessions = sessions(
+        &config,
+        &identity,
+        &server_verifiers,
+        &clock,
+        audit.clone(),
+        &mut registry,
+        stop_all_rx.clone(),
+    )?;
     let admin = crate::admin::serve(
         config.admin,
         admin_state(registry, &identity, &clock),
@@ -367,18 +363,21 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
     })
 }
 
-/// The paths to this region's gateways and the session pool riding them.
+/// The paths to this region's gateways and the session pool riding them, when a service is in
+/// another region.
 fn sessions(
     config: &SidecarConfig,
-    tunnel: &config::TunnelSide,
     identity: &Arc<Identity>,
     server_verifiers: &[Arc<mesh::MeshServerVerifier>],
     clock: &Clock,
     audit: Arc<crate::audit::AuditLog>,
     registry: &mut Registry,
     stop: watch::Receiver<bool>,
-) -> Result<Arc<crate::tunnel::session::SessionPool>, ProxyError> {
+) -> Result<Option<Arc<crate::tunnel::session::SessionPool>>, ProxyError> {
     use crate::tunnel::{self, paths, session};
+    let Some(tunnel) = &config.tunnel else {
+        return Ok(None);
+    };
     let region = config.region.clone().unwrap_or_default();
     let checks = PeerChecks {
         trust_domain: config.trust_domain.clone(),
@@ -433,13 +432,13 @@ fn sessions(
             }
         });
     }
-    Ok(session::SessionPool::new(
+    Ok(Some(session::SessionPool::new(
         gateways,
         per_service,
         identity.clone(),
         clock.clone(),
         config.handshake_timeout,
-    ))
+    )))
 }
 
 fn admin_state(

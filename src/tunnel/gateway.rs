@@ -17,6 +17,7 @@ use super::metrics::{PathLabels, Refused, TunnelEvent, TunnelMetrics};
 use super::paths::{Paths, PathsConfig};
 use super::stream::reset_code;
 use super::{code, gateway_id, gateway_region, peer_chain, HEADER_TIMEOUT};
+
 use crate::audit::AuditLog;
 use crate::clock::Clock;
 use crate::identity::manager::{self, Identity};
@@ -25,6 +26,10 @@ use crate::tls::mesh::{self, PeerChecks};
 use crate::tls::ExpectedPeer;
 
 pub use super::stream::QuicIo;
+
+/// How long a leaving stream waits for a path to the other region: shorter than the sidecar's
+/// own [`super::PATH_WAIT`], so the sidecar hears the refusal rather than timing out.
+const REMOTE_PATH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Who is at the other end of an accepted connection.
 #[derive(Clone, Debug)]
@@ -298,49 +303,62 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
     }
 }
 
-/// One stream's context, for refusals.
-struct StreamCx<'a> {
-    gw: &'a Gateway,
-    remote: SocketAddr,
-    role: &'a Role,
+/// Why a stream is refused: the QUIC error code sent back, a metric label, the deciding gateway
+/// rule when there is one, and the details.
+struct Refusal {
+    code: u32,
+    reason: &'static str,
+    rule: Option<String>,
+    detail: String,
 }
 
-impl StreamCx<'_> {
-    /// Refuses one stream (the tunnel stays up), with an audit event and a metric.
-    fn refuse(
-        &self,
-        mut io: QuicIo,
-        code: u32,
-        reason: &'static str,
-        header: Option<&StreamHeader>,
-        rule: Option<String>,
-        detail: String,
-    ) {
-        let gw = self.gw;
-        let region = match self.role {
-            Role::Gateway { region } => region.as_str(),
-            Role::Workload { .. } => gw.config.region.as_str(),
-        };
-        tracing::warn!(remote = %self.remote, reason, %detail, "stream refused");
-        gw.metrics.refused.get_or_create(&Refused { reason }).inc();
-        let mut ev = TunnelEvent::new(
-            "stream_refused",
-            self.remote,
-            Some(region),
-            format!("{reason}: {detail}"),
-        );
-        if let Role::Workload { id } = self.role {
-            ev.peer_id = Some(id.clone());
-        }
-        if let Some(h) = header {
-            ev.destination_region = Some(h.region.clone());
-            ev.destination_service = Some(h.service.clone());
-            ev.destination_address = Some(h.addr.to_string());
-        }
-        ev.rule = rule;
-        gw.audit.record(&ev);
-        io.reset(code);
+fn refusal(code: u32, reason: &'static str, rule: Option<&str>, detail: String) -> Refusal {
+    Refusal {
+        code,
+        reason,
+        rule: rule.map(str::to_string),
+        detail,
     }
+}
+
+/// Refuses one stream (the tunnel stays up), with an audit event and a metric.
+fn refuse(
+    gw: &Gateway,
+    mut io: QuicIo,
+    remote: SocketAddr,
+    role: &Role,
+    header: Option<&StreamHeader>,
+    r: Refusal,
+) {
+    let region = match role {
+        Role::Gateway { region } => region.as_str(),
+        Role::Workload { .. } => gw.config.region.as_str(),
+    };
+    let Refusal {
+        code,
+        reason,
+        rule,
+        detail,
+    } = r;
+    tracing::warn!(%remote, reason, %detail, "stream refused");
+    gw.metrics.refused.get_or_create(&Refused { reason }).inc();
+    let mut ev = TunnelEvent::new(
+        "stream_refused",
+        remote,
+        Some(region),
+        format!("{reason}: {detail}"),
+    );
+    if let Role::Workload { id } = role {
+        ev.peer_id = Some(id.clone());
+    }
+    if let Some(h) = header {
+        ev.destination_region = Some(h.region.clone());
+        ev.destination_service = Some(h.service.clone());
+        ev.destination_address = Some(h.addr.to_string());
+    }
+    ev.rule = rule;
+    gw.audit.record(&ev);
+    io.reset(code);
 }
 
 async fn handle_stream(
@@ -350,196 +368,157 @@ async fn handle_stream(
     remote: SocketAddr,
     labels: Option<PathLabels>,
 ) {
-    let cx = StreamCx {
-        gw,
-        remote,
-        role: &role,
-    };
     let header = match tokio::time::timeout(HEADER_TIMEOUT, StreamHeader::read(&mut io.recv)).await
     {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
-            let detail = e.to_string();
-            return cx.refuse(io, code::BAD_HEADER, "bad_header", None, None, detail);
+            let r = refusal(code::BAD_HEADER, "bad_header", None, e.to_string());
+            return refuse(gw, io, remote, &role, None, r);
         }
         Err(_) => {
-            let detail = "no header within 5 s".to_string();
-            return cx.refuse(io, code::BAD_HEADER, "header_timeout", None, None, detail);
+            let r = refusal(
+                code::BAD_HEADER,
+                "header_timeout",
+                None,
+                format!("no header within {HEADER_TIMEOUT:?}"),
+            );
+            return refuse(gw, io, remote, &role, None, r);
         }
     };
+    let carried = match &role {
+        Role::Gateway { region } => arriving(gw, region, &header, &mut io, labels.as_ref()).await,
+        Role::Workload { id } => leaving(gw, id, &header, &mut io).await,
+    };
+    if let Err(r) = carried {
+        refuse(gw, io, remote, &role, Some(&header), r);
+    }
+}
+
+/// A stream from another region's gateway (`from`): this region, allowed, exposed, reachable;
+/// then its bytes go to the destination address.
+async fn arriving(
+    gw: &Gateway,
+    from: &str,
+    header: &StreamHeader,
+    io: &mut QuicIo,
+    labels: Option<&PathLabels>,
+) -> Result<(), Refusal> {
     let own = gw.config.region.as_str();
-    match &role {
-        Role::Gateway { region: from } => {
-            if header.region != own {
-                let detail = format!("stream for region {} reached region {own}", header.region);
-                return cx.refuse(
-                    io,
-                    code::NO_ROUTE,
-                    "wrong_region",
-                    Some(&header),
-                    None,
-                    detail,
-                );
-            }
-            let (allowed, rule) = gw.config.policy.decide(from, own, &header.service);
-            if !allowed {
-                let detail = format!("region {from} may not reach {}", header.service);
-                return cx.refuse(
-                    io,
-                    code::REFUSED,
-                    "policy_denied",
-                    Some(&header),
-                    Some(rule),
-                    detail,
-                );
-            }
-            let exposed = gw
-                .config
-                .exposed
-                .iter()
-                .find(|e| e.service == header.service)
-                .is_some_and(|e| e.addresses.contains(&header.addr));
-            if !exposed {
-                let detail = format!(
-                    "{} at {} is not exposed by this gateway",
-                    header.service, header.addr
-                );
-                return cx.refuse(
-                    io,
-                    code::REFUSED,
-                    "not_exposed",
-                    Some(&header),
-                    Some(rule),
-                    detail,
-                );
-            }
-            let connect = TcpStream::connect(header.addr);
-            let mut tcp = match tokio::time::timeout(gw.config.connect_timeout, connect).await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    let detail = format!("{}: {e}", header.addr);
-                    return cx.refuse(
-                        io,
-                        code::UNREACHABLE,
-                        "unreachable",
-                        Some(&header),
-                        Some(rule),
-                        detail,
-                    );
-                }
-                Err(_) => {
-                    let detail = format!("{}: connect timed out", header.addr);
-                    return cx.refuse(
-                        io,
-                        code::UNREACHABLE,
-                        "unreachable",
-                        Some(&header),
-                        Some(rule),
-                        detail,
-                    );
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            tracing::debug!(%remote, %from, service = %header.service, addr = %header.addr, %rule, "stream in");
-            match crate::proxy::splice(&mut tcp, &mut io).await {
-                Ok((to_tunnel, from_tunnel)) => {
-                    if let Some(l) = &labels {
-                        gw.metrics.count_bytes(l, to_tunnel, from_tunnel);
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "inbound stream broke");
-                    io.reset(code::BROKEN);
-                }
+    if header.region != own {
+        let detail = format!("stream for region {} reached region {own}", header.region);
+        return Err(refusal(code::NO_ROUTE, "wrong_region", None, detail));
+    }
+    let (allowed, rule) = gw.config.policy.decide(from, own, &header.service);
+    if !allowed {
+        let detail = format!("region {from} may not reach {}", header.service);
+        return Err(refusal(code::REFUSED, "policy_denied", Some(&rule), detail));
+    }
+    let exposed = gw
+        .config
+        .exposed
+        .iter()
+        .find(|e| e.service == header.service)
+        .is_some_and(|e| e.addresses.contains(&header.addr));
+    if !exposed {
+        let detail = format!(
+            "{} at {} is not exposed by this gateway",
+            header.service, header.addr
+        );
+        return Err(refusal(code::REFUSED, "not_exposed", Some(&rule), detail));
+    }
+    let connect = TcpStream::connect(header.addr);
+    let mut tcp = match tokio::time::timeout(gw.config.connect_timeout, connect).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            let detail = format!("{}: {e}", header.addr);
+            return Err(refusal(
+                code::UNREACHABLE,
+                "unreachable",
+                Some(&rule),
+                detail,
+            ));
+        }
+        Err(_) => {
+            let detail = format!("{}: connect timed out", header.addr);
+            return Err(refusal(
+                code::UNREACHABLE,
+                "unreachable",
+                Some(&rule),
+                detail,
+            ));
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    tracing::debug!(%from, service = %header.service, addr = %header.addr, %rule, "stream in");
+    match crate::proxy::splice(&mut tcp, io).await {
+        Ok((to_tunnel, from_tunnel)) => {
+            if let Some(l) = labels {
+                gw.metrics.count_bytes(l, to_tunnel, from_tunnel);
             }
         }
-        Role::Workload { id } => {
-            if header.region == own {
-                let detail = "same region: the sidecar connects directly".to_string();
-                return cx.refuse(
-                    io,
-                    code::NO_ROUTE,
-                    "same_region",
-                    Some(&header),
-                    None,
-                    detail,
-                );
-            }
-            let (allowed, rule) = gw
-                .config
-                .policy
-                .decide(own, &header.region, &header.service);
-            if !allowed {
-                let detail = format!(
-                    "{id} may not leave for {} in {}",
-                    header.service, header.region
-                );
-                return cx.refuse(
-                    io,
-                    code::REFUSED,
-                    "policy_denied",
-                    Some(&header),
-                    Some(rule),
-                    detail,
-                );
-            }
-            let Some(paths) = gw.peers.get(&header.region) else {
-                let detail = format!("no [[peer]] for region {}", header.region);
-                return cx.refuse(
-                    io,
-                    code::NO_ROUTE,
-                    "no_route",
-                    Some(&header),
-                    Some(rule),
-                    detail,
-                );
-            };
-            let out = match paths.open(std::time::Duration::from_secs(2)).await {
-                Ok(s) => s,
-                Err(e) => {
-                    return cx.refuse(io, code::NO_ROUTE, "no_path", Some(&header), Some(rule), e)
-                }
-            };
-            let bytes = match header.encode() {
-                Ok(b) => b,
-                Err(e) => {
-                    return cx.refuse(
-                        io,
-                        code::BAD_HEADER,
-                        "bad_header",
-                        Some(&header),
-                        None,
-                        e.to_string(),
-                    )
-                }
-            };
-            let load = out.load;
-            let mut up = QuicIo {
-                recv: out.recv,
-                send: out.send,
-            };
-            if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut up.send, &bytes).await {
-                let detail = format!("forwarding the header: {e}");
-                return cx.refuse(
-                    io,
-                    code::BROKEN,
-                    "path_lost",
-                    Some(&header),
-                    Some(rule),
-                    detail,
-                );
-            }
-            tracing::debug!(%remote, %id, region = %header.region, service = %header.service, path = %load.path.addr, "stream out");
-            match crate::proxy::splice(&mut io, &mut up).await {
-                Ok((tx, rx)) => load.count(tx, rx),
-                Err(e) => {
-                    // Carry the far side's reset code back to the sidecar.
-                    let c = reset_code(&e).unwrap_or(code::BROKEN);
-                    tracing::debug!(error = %e, code = c, "outbound stream broke");
-                    io.reset(c);
-                    up.reset(code::BROKEN);
-                }
-            }
+        Err(e) => {
+            tracing::debug!(error = %e, "inbound stream broke");
+            io.reset(code::BROKEN);
         }
     }
+    Ok(())
+}
+
+/// A stream from a sidecar of this region (`id`): another region, allowed, a path up; then it
+/// rides a new stream on the best path to that region.
+async fn leaving(
+    gw: &Gateway,
+    id: &str,
+    header: &StreamHeader,
+    io: &mut QuicIo,
+) -> Result<(), Refusal> {
+    let own = gw.config.region.as_str();
+    if header.region == own {
+        let detail = "same region: the sidecar connects directly".to_string();
+        return Err(refusal(code::NO_ROUTE, "same_region", None, detail));
+    }
+    let (allowed, rule) = gw
+        .config
+        .policy
+        .decide(own, &header.region, &header.service);
+    if !allowed {
+        let detail = format!(
+            "{id} may not leave for {} in {}",
+            header.service, header.region
+        );
+        return Err(refusal(code::REFUSED, "policy_denied", Some(&rule), detail));
+    }
+    let Some(paths) = gw.peers.get(&header.region) else {
+        let detail = format!("no [[peer]] for region {}", header.region);
+        return Err(refusal(code::NO_ROUTE, "no_route", Some(&rule), detail));
+    };
+    let out = paths
+        .open(REMOTE_PATH_WAIT)
+        .await
+        .map_err(|e| refusal(code::NO_ROUTE, "no_path", Some(&rule), e))?;
+    // A header that parsed encodes again to the same bytes (see the header's tests).
+    let bytes = header
+        .encode()
+        .map_err(|e| refusal(code::BAD_HEADER, "bad_header", None, e.to_string()))?;
+    let load = out.load;
+    let mut up = QuicIo {
+        recv: out.recv,
+        send: out.send,
+    };
+    if let Err(e) = up.send.write_all(&bytes).await {
+        let detail = format!("forwarding the header: {e}");
+        return Err(refusal(code::BROKEN, "path_lost", Some(&rule), detail));
+    }
+    tracing::debug!(%id, region = %header.region, service = %header.service, path = %load.path.addr, "stream out");
+    match crate::proxy::splice(io, &mut up).await {
+        Ok((tx, rx)) => load.count(tx, rx),
+        Err(e) => {
+            // Carry the far side's reset code back to the sidecar.
+            let c = reset_code(&e).unwrap_or(code::BROKEN);
+            tracing::debug!(error = %e, code = c, "outbound stream broke");
+            io.reset(c);
+            up.reset(code::BROKEN);
+        }
+    }
+    Ok(())
 }

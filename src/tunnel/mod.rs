@@ -57,6 +57,8 @@ pub const TUNNEL_ALPN: &[u8] = b"trustline-tunnel/1";
 pub const SESSION_ALPN: &[u8] = b"trustline-mux/1";
 /// How long a stream may take to send its header.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a new stream may wait for a path to come up (a gateway restarting, a failover).
+pub const PATH_WAIT: Duration = Duration::from_secs(3);
 
 /// QUIC application error codes used to close one stream (never the tunnel).
 pub mod code {

@@ -15,6 +15,7 @@ use tokio::sync::{watch, Notify};
 use super::header::StreamHeader;
 use super::paths::Paths;
 pub use super::stream::{H2Stream, QuicIo};
+use super::PATH_WAIT;
 use crate::clock::Clock;
 use crate::identity::manager::Identity;
 use crate::tls::mesh::{self, MeshServerVerifier};
@@ -22,8 +23,6 @@ use crate::tls::mesh::{self, MeshServerVerifier};
 /// HTTP/2 flow-control windows of a session: sized for a WAN round trip.
 pub const STREAM_WINDOW: u32 = 1 << 20;
 pub const SESSION_WINDOW: u32 = 16 << 20;
-/// How long a new session may wait for a gateway path.
-const PATH_WAIT: Duration = Duration::from_secs(3);
 
 /// Where a session goes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -112,6 +112,14 @@ impl Identity {
         self.trust.clone()
     }
 
+    /// What every peer certificate must also pass: our trust domain, not revoked.
+    pub fn peer_checks(&self) -> crate::tls::mesh::PeerChecks {
+        crate::tls::mesh::PeerChecks {
+            trust_domain: self.id.trust_domain().clone(),
+            revoked: self.revoked.clone(),
+        }
+    }
+
     /// The SPIFFE ID this sidecar runs as.
     pub fn id(&self) -> &SpiffeId {
         &self.id

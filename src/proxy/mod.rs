@@ -30,7 +30,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::clock::{unix_secs, Clock};
 use crate::identity::manager::{self, Identity};
-use crate::tls::mesh::{self, PeerChecks};
+use crate::tls::mesh;
 use crate::tls::ExpectedPeer;
 use config::SidecarConfig;
 use metrics::ProxyMetrics;
@@ -203,10 +203,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         }
         None => None,
     };
-    let checks = PeerChecks {
-        trust_domain: config.trust_domain.clone(),
-        revoked: identity.revoked.clone(),
-    };
+    let checks = identity.peer_checks();
     let trust = identity.trust();
     let client_verifier = Arc::new(mesh::SpiffeClientVerifier::new(
         trust.clone(),
@@ -280,29 +277,6 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         sessions: sessions.clone(),
         config,
     });
-    if let (Some(pool), true) = (
-        &sessions,
-        shared.config.tunnel.as_ref().is_some_and(|t| t.prewarm),
-    ) {
-        let targets = shared
-            .config
-            .services
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.region.as_ref().map(|r| (i, s, r)))
-            .flat_map(|(i, s, r)| {
-                s.addresses
-                    .iter()
-                    .map(move |a| crate::tunnel::session::Target {
-                        service: i,
-                        name: s.name.clone(),
-                        region: r.clone(),
-                        addr: *a,
-                    })
-            })
-            .collect();
-        tokio::spawn(pool.clone().prewarm(targets, stop_all_rx.clone()));
-    }
     tokio::spawn(watch_rotations(
         identity.clone(),
         metrics.clone(),
@@ -364,7 +338,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
 }
 
 /// The paths to this region's gateways and the session pool riding them, when a service is in
-/// another region.
+/// another region; with `prewarm`, the sessions to every remote address are opened now.
 fn sessions(
     config: &SidecarConfig,
     identity: &Arc<Identity>,
@@ -379,17 +353,8 @@ fn sessions(
         return Ok(None);
     };
     let region = config.region.clone().unwrap_or_default();
-    let checks = PeerChecks {
-        trust_domain: config.trust_domain.clone(),
-        revoked: identity.revoked.clone(),
-    };
-    let to_gateway = Arc::new(mesh::MeshServerVerifier::new(
-        identity.trust(),
-        ExpectedPeer::AnyOf(vec![tunnel::gateway_id(&config.trust_domain, &region)]),
-        checks,
-    ));
-    let tls = mesh::client_config(to_gateway, identity.resolver.clone(), false, clock)?;
-    let client = tunnel::quic_client(tls, tunnel.timing).map_err(ProxyError::Identity)?;
+    let client = tunnel::gateway_client(identity, &region, tunnel.timing, clock)
+        .map_err(ProxyError::Identity)?;
     let bind: SocketAddr = if tunnel.gateways.iter().all(SocketAddr::is_ipv4) {
         ([0, 0, 0, 0], 0).into()
     } else {
@@ -411,7 +376,7 @@ fn sessions(
             metrics,
             audit,
         },
-        stop,
+        stop.clone(),
     );
     let mut per_service = Vec::new();
     for (s, v) in config.services.iter().zip(server_verifiers) {
@@ -432,13 +397,31 @@ fn sessions(
             }
         });
     }
-    Ok(Some(session::SessionPool::new(
+    let pool = session::SessionPool::new(
         gateways,
         per_service,
         identity.clone(),
         clock.clone(),
         config.handshake_timeout,
-    )))
+    );
+    if tunnel.prewarm {
+        let targets = config
+            .services
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.region.as_ref().map(|r| (i, s, r)))
+            .flat_map(|(i, s, r)| {
+                s.addresses.iter().map(move |a| session::Target {
+                    service: i,
+                    name: s.name.clone(),
+                    region: r.clone(),
+                    addr: *a,
+                })
+            })
+            .collect();
+        tokio::spawn(pool.clone().prewarm(targets, stop));
+    }
+    Ok(Some(pool))
 }
 
 fn admin_state(

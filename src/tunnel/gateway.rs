@@ -17,13 +17,11 @@ use super::metrics::{PathLabels, Refused, TunnelEvent, TunnelMetrics};
 use super::paths::{Paths, PathsConfig};
 use super::stream::reset_code;
 use super::{code, gateway_id, gateway_region, peer_chain, HEADER_TIMEOUT};
-
 use crate::audit::AuditLog;
 use crate::clock::Clock;
 use crate::identity::manager::{self, Identity};
 use crate::identity::{inspect_cert, region_of_chain};
-use crate::tls::mesh::{self, PeerChecks};
-use crate::tls::ExpectedPeer;
+use crate::tls::mesh;
 
 pub use super::stream::QuicIo;
 
@@ -80,17 +78,11 @@ pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, String>
         Some(p) => AuditLog::open(p).map_err(|e| format!("audit log {}: {e}", p.display()))?,
         None => AuditLog::disabled(),
     });
-    let td = config.identity.id.trust_domain().clone();
-    let checks = PeerChecks {
-        trust_domain: td.clone(),
-        revoked: identity.revoked.clone(),
-    };
-    let trust = identity.trust();
     // Any SVID of the trust domain may connect; the role is decided from its ID and chain.
     let server_tls = mesh::server_config(
         Arc::new(mesh::SpiffeClientVerifier::new(
-            trust.clone(),
-            checks.clone(),
+            identity.trust(),
+            identity.peer_checks(),
         )),
         identity.resolver.clone(),
         false,
@@ -106,17 +98,10 @@ pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, String>
     let metrics = TunnelMetrics::default();
     let mut peers = HashMap::new();
     for p in &config.peers {
-        let verifier = Arc::new(mesh::MeshServerVerifier::new(
-            trust.clone(),
-            ExpectedPeer::AnyOf(vec![gateway_id(&td, &p.region)]),
-            checks.clone(),
-        ));
-        let tls = mesh::client_config(verifier, identity.resolver.clone(), false, &clock)
-            .map_err(|e| e.to_string())?;
         let paths = Paths::start(
             PathsConfig {
                 endpoint: endpoint.clone(),
-                client: super::quic_client(tls, config.timing)?,
+                client: super::gateway_client(&identity, &p.region, config.timing, &clock)?,
                 region: p.region.clone(),
                 addrs: p.addresses.clone(),
                 metrics: metrics.clone(),

@@ -49,7 +49,11 @@ mod stream;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clock::Clock;
+use crate::identity::manager::Identity;
 use crate::identity::SpiffeId;
+use crate::tls::mesh::MeshServerVerifier;
+use crate::tls::ExpectedPeer;
 
 /// ALPN of tunnel QUIC connections (sidecar ↔ gateway, gateway ↔ gateway).
 pub const TUNNEL_ALPN: &[u8] = b"trustline-tunnel/1";
@@ -159,6 +163,25 @@ pub fn quic_client(
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport(timing));
     Ok(cfg)
+}
+
+/// The QUIC client config with which `identity` (a sidecar, or a gateway) reaches the gateways
+/// of `region`: each must present `spiffe://TD/trustline/gateway/REGION` and pass the mesh's
+/// checks. No resumption: tunnel connections are long-lived and fully verified.
+pub fn gateway_client(
+    identity: &Identity,
+    region: &str,
+    timing: Timing,
+    clock: &Clock,
+) -> Result<quinn::ClientConfig, String> {
+    let verifier = Arc::new(MeshServerVerifier::new(
+        identity.trust(),
+        ExpectedPeer::AnyOf(vec![gateway_id(identity.id().trust_domain(), region)]),
+        identity.peer_checks(),
+    ));
+    let tls = crate::tls::mesh::client_config(verifier, identity.resolver.clone(), false, clock)
+        .map_err(|e| e.to_string())?;
+    quic_client(tls, timing)
 }
 
 /// The verified peer chain of a QUIC connection.

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use hyper::StatusCode;
 use tokio::time::Instant;
-use trustline::ca::admin::{self, AdminRequest};
+use trustline::ca::admin;
 use trustline::ca::client::{make_csr, CaClient, CaConnection};
 use trustline::ca::ledger::Ledger;
 use trustline::clock::Clock;
@@ -326,17 +326,9 @@ struct Workload {
 
 /// Creates a join token for `id` through the admin socket.
 async fn mint(socket: &Path, id: &SpiffeId) -> String {
-    let r = admin::call(
-        socket,
-        &AdminRequest::Token {
-            spiffe_id: id.to_string(),
-            ttl_secs: 3600,
-        },
-    )
-    .await
-    .expect("calling the admin socket");
-    r.token
-        .unwrap_or_else(|| panic!("no token for {id}: {}", r.error.unwrap_or_default()))
+    admin::token(socket, &id.to_string(), 3600)
+        .await
+        .unwrap_or_else(|e| panic!("no token for {id}: {e}"))
 }
 
 /// Gives each of `n` identities its first SVID (join token, full client-side verification).

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::ca::admin::{self, AdminRequest};
+use crate::ca::admin;
 use crate::ca::authority;
 use crate::ca::client::CaClient;
 use crate::ca::config::CaServeConfig;
@@ -34,17 +34,9 @@ fn tempdir() -> anyhow::Result<std::path::PathBuf> {
 }
 
 async fn token(data: &Path, id: &str) -> anyhow::Result<String> {
-    let r = admin::call(
-        &data.join("admin.sock"),
-        &AdminRequest::Token {
-            spiffe_id: id.into(),
-            ttl_secs: 900,
-        },
-    )
-    .await
-    .map_err(anyhow::Error::msg)?;
-    r.token
-        .ok_or_else(|| anyhow::anyhow!(r.error.unwrap_or_default()))
+    admin::token(&data.join("admin.sock"), id, 900)
+        .await
+        .map_err(anyhow::Error::msg)
 }
 
 fn show(who: &str, svid: &Svid) {

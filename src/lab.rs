@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::ca::admin::{self, AdminRequest};
+use crate::ca::admin;
 use crate::ca::config::CaServeConfig;
 use crate::clock::Clock;
 use crate::identity::{parse_trust_domain, TrustDomain};
@@ -160,17 +160,9 @@ impl Lab {
 
     /// A join token from `region`'s CA.
     pub async fn token(&self, region: &str, id: &str) -> anyhow::Result<String> {
-        let r = admin::call(
-            &self.region(region).ca.admin_socket,
-            &AdminRequest::Token {
-                spiffe_id: id.to_string(),
-                ttl_secs: 900,
-            },
-        )
-        .await
-        .map_err(anyhow::Error::msg)?;
-        r.token
-            .ok_or_else(|| anyhow::anyhow!("no token for {id}: {:?}", r.error))
+        admin::token(&self.region(region).ca.admin_socket, id, 900)
+            .await
+            .map_err(|e| anyhow::anyhow!("no token for {id}: {e}"))
     }
 
     /// The top-level keys and the `[identity]`/`[admin]` tables of a config file of `region`

@@ -363,25 +363,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let ttl = parse_duration(&a.ttl)
                 .map_err(anyhow::Error::msg)
                 .context("--ttl")?;
-            let resp = admin::call(
-                &a.data.join("admin.sock"),
-                &AdminRequest::Token {
-                    spiffe_id: a.spiffe_id,
-                    ttl_secs: ttl.as_secs(),
-                },
-            )
-            .await
-            .map_err(anyhow::Error::msg)?;
-            match (resp.ok, resp.token) {
-                (true, Some(t)) => {
-                    println!("{t}");
-                    Ok(())
-                }
-                _ => bail!(
-                    "{}",
-                    resp.error.unwrap_or_else(|| "no token returned".into())
-                ),
-            }
+            let t = admin::token(&a.data.join("admin.sock"), &a.spiffe_id, ttl.as_secs())
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!("{t}");
+            Ok(())
         }
         Command::Ca(CaCommand::Revoke(a)) => {
             let resp = admin::call(

@@ -36,16 +36,9 @@ impl Ca {
     }
 
     async fn token(&self, id: &str) -> String {
-        let r = admin::call(
-            &self.bound.admin_socket,
-            &AdminRequest::Token {
-                spiffe_id: id.into(),
-                ttl_secs: 900,
-            },
-        )
-        .await
-        .expect("admin socket");
-        r.token.unwrap_or_else(|| panic!("no token: {:?}", r.error))
+        admin::token(&self.bound.admin_socket, id, 900)
+            .await
+            .unwrap_or_else(|e| panic!("no token: {e}"))
     }
 
     async fn issue(&self, id: &str) -> Svid {

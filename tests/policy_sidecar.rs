@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use trustline::ca::admin::{self, AdminRequest};
+use trustline::ca::admin;
 use trustline::ca::authority;
 use trustline::ca::config::CaServeConfig;
 use trustline::clock::Clock;
@@ -95,16 +95,9 @@ impl Mesh {
     }
 
     async fn token(&self, ca: usize, id: &SpiffeId) -> String {
-        let r = admin::call(
-            &self.cas[ca].bound.admin_socket,
-            &AdminRequest::Token {
-                spiffe_id: id.to_string(),
-                ttl_secs: 900,
-            },
-        )
-        .await
-        .expect("admin socket");
-        r.token.unwrap_or_else(|| panic!("no token: {:?}", r.error))
+        admin::token(&self.cas[ca].bound.admin_socket, &id.to_string(), 900)
+            .await
+            .unwrap_or_else(|e| panic!("no token: {e}"))
     }
 
     fn audit_path(&self, name: &str) -> PathBuf {

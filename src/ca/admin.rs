@@ -206,6 +206,20 @@ async fn make_token(state: &CaState, spiffe_id: &str, ttl_secs: u64) -> AdminRes
     }
 }
 
+/// A single-use join token for `spiffe_id`, valid `ttl_secs`, from the CA whose admin socket is
+/// `socket`; the CA's refusal as the error.
+pub async fn token(socket: &Path, spiffe_id: &str, ttl_secs: u64) -> Result<String, String> {
+    let req = AdminRequest::Token {
+        spiffe_id: spiffe_id.to_string(),
+        ttl_secs,
+    };
+    let resp = call(socket, &req).await?;
+    match (resp.ok, resp.token) {
+        (true, Some(t)) => Ok(t),
+        _ => Err(resp.error.unwrap_or_else(|| "no token returned".into())),
+    }
+}
+
 /// Client side: sends one request to the admin socket of a running CA.
 pub async fn call(socket: &Path, req: &AdminRequest) -> Result<AdminResponse, String> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {

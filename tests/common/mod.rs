@@ -176,16 +176,9 @@ impl Ca {
 
     /// A single-use join token for `id`.
     pub async fn token(&self, id: &SpiffeId) -> String {
-        let r = admin::call(
-            &self.bound.admin_socket,
-            &AdminRequest::Token {
-                spiffe_id: id.to_string(),
-                ttl_secs: 900,
-            },
-        )
-        .await
-        .expect("admin socket");
-        r.token.unwrap_or_else(|| panic!("no token: {:?}", r.error))
+        admin::token(&self.bound.admin_socket, &id.to_string(), 900)
+            .await
+            .unwrap_or_else(|e| panic!("no token: {e}"))
     }
 
     /// An SVID issued by the running CA (so it is in the ledger and can be revoked).

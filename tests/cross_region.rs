@@ -20,14 +20,14 @@ fn wid(name: &str) -> String {
     format!("spiffe://{TD}/ns/shop/sa/{name}")
 }
 
-async fn lab(gateways: usize) -> (tempfile::TempDir, Lab) {
+async fn lab(gateways: usize, svid_ttl: Duration) -> (tempfile::TempDir, Lab) {
     let dir = tempfile::tempdir().expect("temp dir");
     let lab = Lab::new(
         dir.path(),
         LabOptions {
             one_way_delay: ONE_WAY,
             gateways,
-            ..Default::default()
+            svid_ttl,
         },
     )
     .await
@@ -88,7 +88,14 @@ async fn caller_in_a(lab: &Lab, name: &str, api: SocketAddr) -> trustline::proxy
 }
 
 async fn setup(gateways: usize) -> (tempfile::TempDir, Lab, trustline::proxy::Bound) {
-    let (dir, mut lab) = lab(gateways).await;
+    setup_with(gateways, Duration::from_secs(3600)).await
+}
+
+async fn setup_with(
+    gateways: usize,
+    svid_ttl: Duration,
+) -> (tempfile::TempDir, Lab, trustline::proxy::Bound) {
+    let (dir, mut lab) = lab(gateways, svid_ttl).await;
     let api = api_in_b(&lab).await;
     let (a, b) = gateway_sections(api.inbound.unwrap());
     lab.start_gateways("b", &b).await.expect("gateways b");
@@ -368,4 +375,43 @@ async fn a_region_keeps_issuing_and_serving_without_the_root_and_the_other_ca() 
         .unwrap();
     let mut b = [0u8; 1];
     s.read_exact(&mut b).await.unwrap();
+}
+
+#[tokio::test]
+async fn sessions_follow_svid_rotation_and_expiry() {
+    // SVIDs of 4 s: both sidecars renew at about 2 s, and the first SVIDs expire at 4 s. A
+    // session authenticated with them must give way to a new one, or the destination refuses
+    // its streams once the caller's certificate has expired.
+    let (_d, lab, api) = setup_with(1, Duration::from_secs(4)).await;
+    let web = caller_in_a(&lab, "web", api.inbound.unwrap()).await;
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_secs(9) {
+        let r = call(web.listeners[0], b"tick").await;
+        if r.is_err() {
+            eprintln!("DEBUG web {:?}", common::failed_series(web.admin).await);
+            eprintln!("DEBUG api {:?}", common::failed_series(api.admin).await);
+            for f in ["gateway-a0", "gateway-b0"] {
+                eprintln!("DEBUG {f}: {}", audit(&lab, f));
+            }
+        }
+        assert_eq!(
+            r.as_deref().ok(),
+            Some(&b"tick"[..]),
+            "call {calls} at {:?} failed: {r:?}",
+            started.elapsed()
+        );
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pool = web.sessions.as_ref().unwrap();
+    let sessions = pool.established.load(Ordering::Relaxed);
+    assert!(
+        sessions >= 3,
+        "{calls} calls over two SVID lifetimes rode only {sessions} session(s)"
+    );
+    assert!(
+        !audit(&lab, "api").contains("expired_certificate"),
+        "no stream was refused for an expired session certificate"
+    );
 }

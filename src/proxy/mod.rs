@@ -383,12 +383,12 @@ fn sessions(
         per_service.push(match s.region {
             None => None,
             Some(_) => {
-                let mut c = mesh::client_config(
-                    v.clone(),
-                    identity.resolver.clone(),
-                    config.resumption,
-                    clock,
-                )?;
+                // Always a full handshake: a resumed session would carry the certificates of
+                // the original one, and a session must be retired by the certificates it
+                // really runs on (see `SessionPool`). Sessions are long-lived, and in TLS 1.3
+                // resumption saves no round trip, so it costs only CPU, once per session.
+                let mut c =
+                    mesh::client_config(v.clone(), identity.resolver.clone(), false, clock)?;
                 c.alpn_protocols = vec![tunnel::SESSION_ALPN.to_vec()];
                 Some(session::ServiceTls {
                     connector: tokio_rustls::TlsConnector::from(Arc::new(c)),

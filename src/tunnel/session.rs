@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use rustls::pki_types::ServerName;
@@ -48,9 +48,20 @@ fn fail(reason: &'static str, detail: impl ToString) -> Failure {
     }
 }
 
+/// An open session and what its authentication is good for.
+struct Live {
+    generation: u64,
+    /// The rotation count of our identity when the session was opened: a session is retired at
+    /// the next rotation, so new streams always ride the newest SVID, as new handshakes do.
+    rotation: u64,
+    /// The earlier expiry of the two certificates the session was authenticated with.
+    not_after: SystemTime,
+    send: h2::client::SendRequest<Bytes>,
+}
+
 #[derive(Default)]
 struct Entry {
-    live: Mutex<Option<(u64, h2::client::SendRequest<Bytes>)>>,
+    live: Mutex<Option<Live>>,
     dial: tokio::sync::Mutex<()>,
     ended: Notify,
 }
@@ -99,6 +110,18 @@ impl SessionPool {
         &self.gateways
     }
 
+    /// The entry's session if it may still carry new streams; a retired one is dropped (its open
+    /// streams go on). Returns the session and when it must be retired at the latest.
+    fn current(&self, entry: &Entry) -> Option<(h2::client::SendRequest<Bytes>, SystemTime)> {
+        let mut live = entry.live.lock().unwrap_or_else(|e| e.into_inner());
+        let l = live.as_ref()?;
+        if l.rotation == *self.identity.rotations().borrow() && self.clock.now() < l.not_after {
+            return Some((l.send.clone(), l.not_after));
+        }
+        *live = None;
+        None
+    }
+
     fn entry(&self, t: &Target) -> Arc<Entry> {
         self.entries
             .lock()
@@ -127,7 +150,7 @@ impl SessionPool {
     pub async fn connect(self: &Arc<Self>, target: &Target) -> Result<H2Stream, Failure> {
         let entry = self.entry(target);
         for attempt in 0..2 {
-            let mut send = self.session(target, &entry).await?;
+            let (mut send, _) = self.session(target, &entry).await?;
             match send.clone().ready().await {
                 Ok(s) => send = s,
                 Err(e) => {
@@ -153,28 +176,35 @@ impl SessionPool {
         Err(fail("session_lost", "the session closed twice in a row"))
     }
 
+    /// The usable session of `entry`, dialled if there is none.
     async fn session(
         self: &Arc<Self>,
         target: &Target,
         entry: &Arc<Entry>,
-    ) -> Result<h2::client::SendRequest<Bytes>, Failure> {
-        if let Some((_, s)) = &*entry.live.lock().unwrap_or_else(|e| e.into_inner()) {
-            return Ok(s.clone());
+    ) -> Result<(h2::client::SendRequest<Bytes>, SystemTime), Failure> {
+        if let Some(s) = self.current(entry) {
+            return Ok(s);
         }
         let _dialing = entry.dial.lock().await;
-        if let Some((_, s)) = &*entry.live.lock().unwrap_or_else(|e| e.into_inner()) {
-            return Ok(s.clone());
+        if let Some(s) = self.current(entry) {
+            return Ok(s);
         }
-        let send = self.dial(target, entry).await?;
-        Ok(send)
+        self.dial(target, entry).await
     }
 
     async fn dial(
         self: &Arc<Self>,
         target: &Target,
         entry: &Arc<Entry>,
-    ) -> Result<h2::client::SendRequest<Bytes>, Failure> {
+    ) -> Result<(h2::client::SendRequest<Bytes>, SystemTime), Failure> {
         self.identity.ready().map_err(|e| fail("not_ready", e))?;
+        // Read before the handshake: a rotation during it retires the session at once.
+        let rotation = *self.identity.rotations().borrow();
+        let own_not_after = self
+            .identity
+            .current()
+            .map(|s| s.info.not_after)
+            .ok_or_else(|| fail("not_ready", "no SVID"))?;
         let tls = self.tls[target.service].as_ref().ok_or_else(|| {
             fail(
                 "no_route",
@@ -214,6 +244,20 @@ impl SessionPool {
         };
         mesh::recheck_resumed_server(stream.get_ref().1, &tls.verifier, &self.clock)
             .map_err(|e| fail(mesh::tls_reason(&e), e))?;
+        let peer_not_after = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| crate::identity::inspect_cert(leaf).ok())
+            .map(|i| i.not_after)
+            .ok_or_else(|| {
+                fail(
+                    "no_server_certificate",
+                    "the session has no peer certificate",
+                )
+            })?;
+        let not_after = own_not_after.min(peer_not_after);
         let (send, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(SESSION_WINDOW)
@@ -222,7 +266,12 @@ impl SessionPool {
             .await
             .map_err(|e| fail("session_failed", e))?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
-        *entry.live.lock().unwrap_or_else(|e| e.into_inner()) = Some((generation, send.clone()));
+        *entry.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Live {
+            generation,
+            rotation,
+            not_after,
+            send: send.clone(),
+        });
         self.established.fetch_add(1, Ordering::Relaxed);
         tracing::info!(service = %target.name, region = %target.region, addr = %target.addr, gateway = %peer, "session to the destination sidecar established");
         let entry = entry.clone();
@@ -233,17 +282,17 @@ impl SessionPool {
                 tracing::debug!(error = %e, %service, "session ended");
             }
             let mut live = entry.live.lock().unwrap_or_else(|e| e.into_inner());
-            if live.as_ref().is_some_and(|(g, _)| *g == generation) {
+            if live.as_ref().is_some_and(|l| l.generation == generation) {
                 *live = None;
             }
             drop(live);
             entry.ended.notify_waiters();
         });
-        Ok(send)
+        Ok((send, not_after))
     }
 
-    /// Keeps a session open to every target, re-opening it as soon as one is lost, so new
-    /// connections never wait for a handshake.
+    /// Keeps a session open to every target, re-opening it as soon as one is lost or retired
+    /// (our rotation, a certificate's expiry), so new connections never wait for a handshake.
     pub async fn prewarm(self: Arc<Self>, targets: Vec<Target>, stop: watch::Receiver<bool>) {
         for t in targets {
             let me = self.clone();
@@ -253,16 +302,20 @@ impl SessionPool {
                 let mut rotations = me.identity.rotations();
                 loop {
                     let ended = entry.ended.notified();
-                    let wait = match me.session(&t, &entry).await {
-                        Ok(_) => None,
+                    // Until the session must be retired, or a retry after a failure.
+                    let (up, wait) = match me.session(&t, &entry).await {
+                        Ok((_, not_after)) => (
+                            true,
+                            not_after.duration_since(me.clock.now()).unwrap_or_default(),
+                        ),
                         Err(f) => {
                             tracing::debug!(reason = f.reason, detail = %f.detail, service = %t.name, "pre-warming a session failed");
-                            Some(Duration::from_millis(500))
+                            (false, Duration::from_millis(500))
                         }
                     };
                     tokio::select! {
-                        _ = ended, if wait.is_none() => {}
-                        _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
+                        _ = ended, if up => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = rotations.changed() => {}
                         _ = stop.changed() => return,
                     }

@@ -45,7 +45,6 @@ impl Default for LabOptions {
 /// One region: its CA and its gateways.
 pub struct Region {
     pub name: String,
-    pub ca_dir: PathBuf,
     pub ca: crate::ca::server::Bound,
     /// Gateway slots; `None` once stopped.
     pub gateways: Vec<Option<crate::tunnel::gateway::Bound>>,
@@ -53,6 +52,8 @@ pub struct Region {
     pub gateway_addrs: Vec<SocketAddr>,
     /// What the other region dials to reach each gateway (its WAN relay).
     pub relayed_addrs: Vec<SocketAddr>,
+    /// The gateways' `[[expose]]` and `[[rule]]` tables, kept to restart gateways.
+    gateway_sections: String,
 }
 
 /// The whole lab. Dropping it stops the relays; call [`Lab::stop`] to close things cleanly.
@@ -61,13 +62,11 @@ pub struct Lab {
     pub td: TrustDomain,
     pub root: PathBuf,
     pub regions: Vec<Region>,
-    pub options: LabOptions,
-    relays: Vec<RelayHandle>,
-    /// Gateway `[[expose]]` and `[[rule]]` sections of each region, kept to restart gateways.
-    gateway_sections: Vec<String>,
+    /// Held to keep the relays running.
+    _relays: Vec<RelayHandle>,
 }
 
-async fn free_udp_port() -> anyhow::Result<SocketAddr> {
+fn free_udp_port() -> anyhow::Result<SocketAddr> {
     let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
     Ok(s.local_addr()?)
 }
@@ -103,7 +102,7 @@ impl Lab {
             let mut gateway_addrs = Vec::new();
             let mut relayed_addrs = Vec::new();
             for _ in 0..options.gateways {
-                let gw = free_udp_port().await?;
+                let gw = free_udp_port()?;
                 let relay = crate::wan::spawn_udp(
                     "127.0.0.1:0".parse()?,
                     gw,
@@ -120,11 +119,11 @@ impl Lab {
             }
             regions.push(Region {
                 name: name.to_string(),
-                ca_dir,
                 ca,
                 gateways: Vec::new(),
                 gateway_addrs,
                 relayed_addrs,
+                gateway_sections: String::new(),
             });
         }
         Ok(Lab {
@@ -132,18 +131,13 @@ impl Lab {
             td,
             root,
             regions,
-            options,
-            relays,
-            gateway_sections: vec![String::new(), String::new()],
+            _relays: relays,
         })
     }
 
     /// The region named `name` (`a` or `b`).
     pub fn region(&self, name: &str) -> &Region {
-        self.regions
-            .iter()
-            .find(|r| r.name == name)
-            .expect("region a or b")
+        &self.regions[self.index(name)]
     }
 
     fn index(&self, name: &str) -> usize {
@@ -188,7 +182,7 @@ impl Lab {
     /// tables. Each gateway peers with all gateways of the other region, through the relays.
     pub async fn start_gateways(&mut self, region: &str, sections: &str) -> anyhow::Result<()> {
         let i = self.index(region);
-        self.gateway_sections[i] = sections.to_string();
+        self.regions[i].gateway_sections = sections.to_string();
         for n in 0..self.regions[i].gateway_addrs.len() {
             self.start_gateway(region, n).await?;
         }
@@ -207,7 +201,7 @@ impl Lab {
             "{top}listen = \"{listen}\"\n{tables}[[peer]]\nregion = \"{other}\"\naddresses = {peers:?}\n\n{sections}",
             listen = self.regions[i].gateway_addrs[n],
             other = other.name,
-            sections = self.gateway_sections[i],
+            sections = self.regions[i].gateway_sections,
         );
         let file = self.dir.join(format!("{name}.toml"));
         std::fs::write(&file, text)?;
@@ -289,10 +283,5 @@ impl Lab {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         anyhow::bail!("gateway paths did not all come up")
-    }
-
-    /// The relays' counters (for reports).
-    pub fn relays(&self) -> &[RelayHandle] {
-        &self.relays
     }
 }

@@ -16,11 +16,10 @@ use super::header::StreamHeader;
 use super::metrics::{PathLabels, Refused, TunnelEvent, TunnelMetrics};
 use super::paths::{Paths, PathsConfig};
 use super::stream::reset_code;
-use super::{code, gateway_id, gateway_region, peer_chain, HEADER_TIMEOUT};
+use super::{code, gateway_id, TunnelPeer, HEADER_TIMEOUT};
 use crate::audit::AuditLog;
 use crate::clock::Clock;
 use crate::identity::manager::{self, Identity};
-use crate::identity::{inspect_cert, region_of_chain};
 use crate::tls::mesh;
 
 pub use super::stream::QuicIo;
@@ -195,33 +194,24 @@ async fn accept_loop(gw: Arc<Gateway>, endpoint: quinn::Endpoint, mut stop: watc
 
 /// Decides the role of an accepted connection, or closes it.
 fn role_of(gw: &Gateway, conn: &quinn::Connection) -> Result<Role, String> {
-    let chain = peer_chain(conn);
-    let leaf = chain.first().ok_or("no client certificate")?;
-    let info = inspect_cert(leaf).map_err(|e| e.to_string())?;
-    let issued_in = region_of_chain(&chain);
+    let peer = TunnelPeer::of(conn)?;
     let own = &gw.config.region;
-    if let Some(r) = gateway_region(&info.id) {
-        if issued_in.as_deref() != Some(r) {
-            return Err(format!(
-                "{} has a certificate of region {issued_in:?}, not {r}",
-                info.id
-            ));
-        }
+    if let Some(r) = peer.gateway_of() {
         if r == own {
-            return Err(format!("{} is a gateway of this same region", info.id));
+            return Err(format!("{} is a gateway of this same region", peer.id));
         }
         return Ok(Role::Gateway {
             region: r.to_string(),
         });
     }
-    if issued_in.as_deref() != Some(own.as_str()) {
+    if peer.issued_in.as_deref() != Some(own.as_str()) {
         return Err(format!(
-            "{} (certificate of region {issued_in:?}) is not a workload of region {own}",
-            info.id
+            "{} (certificate of region {:?}) is not a workload of region {own}",
+            peer.id, peer.issued_in
         ));
     }
     Ok(Role::Workload {
-        id: info.id.to_string(),
+        id: peer.id.to_string(),
     })
 }
 

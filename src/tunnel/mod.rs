@@ -184,6 +184,39 @@ pub fn gateway_client(
     quic_client(tls, timing)
 }
 
+/// The other end of a tunnel connection, from its verified chain.
+pub struct TunnelPeer {
+    pub id: SpiffeId,
+    /// The region of the CA that issued its certificate.
+    pub issued_in: Option<String>,
+}
+
+impl TunnelPeer {
+    /// Reads the peer of `conn`. A gateway ID (`.../trustline/gateway/REGION`) must come from
+    /// that same region's CA, or the peer is refused.
+    pub fn of(conn: &quinn::Connection) -> Result<Self, String> {
+        let chain = peer_chain(conn);
+        let leaf = chain.first().ok_or("no certificate")?;
+        let id = crate::identity::inspect_cert(leaf)
+            .map_err(|e| e.to_string())?
+            .id;
+        let issued_in = crate::identity::region_of_chain(&chain);
+        if let Some(r) = gateway_region(&id) {
+            if issued_in.as_deref() != Some(r) {
+                return Err(format!(
+                    "{id} has a certificate of region {issued_in:?}, not {r}"
+                ));
+            }
+        }
+        Ok(TunnelPeer { id, issued_in })
+    }
+
+    /// The region this peer is a gateway of, if it is one.
+    pub fn gateway_of(&self) -> Option<&str> {
+        gateway_region(&self.id)
+    }
+}
+
 /// The verified peer chain of a QUIC connection.
 pub fn peer_chain(conn: &quinn::Connection) -> Vec<rustls::pki_types::CertificateDer<'static>> {
     conn.peer_identity()

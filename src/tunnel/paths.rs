@@ -10,9 +10,8 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::{watch, Notify};
 
 use super::metrics::{PathLabels, TunnelEvent, TunnelMetrics};
-use super::{gateway_region, peer_chain};
+use super::TunnelPeer;
 use crate::audit::AuditLog;
-use crate::identity::{inspect_cert, region_of_chain};
 
 /// Backoff between reconnection attempts of one path.
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -200,23 +199,21 @@ impl Paths {
                     .await
                     .map_err(|_| "connection timed out".to_string())?
                     .map_err(|e| e.to_string())?;
-                check_gateway(&conn, &cfg.region)?;
-                Ok::<_, String>(conn)
+                let peer = check_gateway(&conn, &cfg.region)?;
+                Ok::<_, String>((conn, peer))
             };
             let result = tokio::select! {
                 r = attempt => r,
                 _ = stop.changed() => return,
             };
             match result {
-                Ok(conn) => {
+                Ok((conn, peer)) => {
                     let since = Instant::now();
                     if ever_up {
                         cfg.metrics.reconnects.get_or_create(&path.labels).inc();
                     }
                     ever_up = true;
-                    let peer_id = inspect_cert(&peer_chain(&conn)[0])
-                        .map(|i| i.id.to_string())
-                        .ok();
+                    let peer_id = Some(peer.id.to_string());
                     path.conn.store(Some(Arc::new(conn.clone())));
                     cfg.metrics.up.get_or_create(&path.labels).set(1);
                     self.changed.notify_waiters();
@@ -281,22 +278,19 @@ async fn sample_rtt(conn: &quinn::Connection, labels: &PathLabels, m: &TunnelMet
 }
 
 /// A gateway's certificate must name a gateway of `region` and chain to that region's CA.
-pub fn check_gateway(conn: &quinn::Connection, region: &str) -> Result<(), String> {
-    let chain = peer_chain(conn);
-    let leaf = chain.first().ok_or("the gateway sent no certificate")?;
-    let info = inspect_cert(leaf).map_err(|e| e.to_string())?;
-    let claimed = gateway_region(&info.id);
-    let issued_in = region_of_chain(&chain);
-    if claimed != Some(region) || issued_in.as_deref() != Some(region) {
-        let why = format!(
+pub fn check_gateway(conn: &quinn::Connection, region: &str) -> Result<TunnelPeer, String> {
+    let checked = TunnelPeer::of(conn).and_then(|p| match p.gateway_of() {
+        Some(r) if r == region => Ok(p),
+        _ => Err(format!(
             "{} (certificate of region {:?}) is not a gateway of region {region}",
-            info.id, issued_in
-        );
+            p.id, p.issued_in
+        )),
+    });
+    if let Err(why) = &checked {
         conn.close(
             quinn::VarInt::from_u32(super::code::REFUSED),
             why.as_bytes(),
         );
-        return Err(why);
     }
-    Ok(())
+    checked
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::{call, echo_app, eventually, eventually_async, PATIENCE};
 use tokio::io::AsyncReadExt;
 use trustline::lab::{Lab, LabOptions, TD};
+use trustline::tunnel::code;
 
 const ONE_WAY: Duration = Duration::from_millis(5);
 
@@ -185,8 +186,14 @@ async fn the_gateway_refuses_a_service_its_region_policy_does_not_allow() {
 
 /// A raw QUIC client with a workload SVID of region a, connected to gateway a.
 async fn raw_tunnel(lab: &Lab) -> quinn::Connection {
+    raw_tunnel_from(lab, "a", "probe").await
+}
+
+/// A raw QUIC client holding an SVID for `name` from region `region`'s CA, connected to gateway
+/// a.
+async fn raw_tunnel_from(lab: &Lab, region: &str, name: &str) -> quinn::Connection {
     use trustline::tls::{ExpectedPeer, SpiffeServerVerifier, TLS13_ONLY};
-    let id = trustline::identity::parse_workload_id(&wid("probe")).unwrap();
+    let id = trustline::identity::parse_workload_id(&wid(name)).unwrap();
     let bundle = trustline::identity::Bundle::from_pem(
         lab.td.clone(),
         &std::fs::read(lab.bundle()).unwrap(),
@@ -194,13 +201,13 @@ async fn raw_tunnel(lab: &Lab) -> quinn::Connection {
     )
     .unwrap();
     let client = trustline::ca::client::CaClient::new(
-        &format!("https://{}", lab.region("a").ca.api),
+        &format!("https://{}", lab.region(region).ca.api),
         bundle.clone(),
         trustline::clock::Clock::system(),
     )
     .unwrap();
     let svid = client
-        .issue_with_token(&id, &lab.token("a", &wid("probe")).await.unwrap())
+        .issue_with_token(&id, &lab.token(region, &wid(name)).await.unwrap())
         .await
         .unwrap();
     let verifier = SpiffeServerVerifier::new(
@@ -234,7 +241,7 @@ async fn reset_code(conn: &quinn::Connection, bytes: &[u8]) -> u64 {
 
 #[tokio::test]
 async fn a_bad_stream_header_closes_only_its_stream() {
-    use trustline::tunnel::{code, header::StreamHeader};
+    use trustline::tunnel::header::StreamHeader;
     let (_d, lab, api) = setup(1).await;
     let conn = raw_tunnel(&lab).await;
     // Bad magic, an unknown version, an oversized body, a truncated body.
@@ -414,4 +421,25 @@ async fn sessions_follow_svid_rotation_and_expiry() {
         !audit(&lab, "api").contains("expired_certificate"),
         "no stream was refused for an expired session certificate"
     );
+}
+
+#[tokio::test]
+async fn a_gateway_refuses_workloads_of_another_region() {
+    let (_d, lab, _api) = setup(1).await;
+    // A workload certified by region b's CA may not use region a's gateway as its way out.
+    let conn = raw_tunnel_from(&lab, "b", "stranger").await;
+    match tokio::time::timeout(PATIENCE, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            assert_eq!(c.error_code.into_inner(), code::REFUSED as u64);
+            let why = String::from_utf8_lossy(&c.reason);
+            assert!(why.contains("is not a workload of region a"), "{why}");
+        }
+        other => panic!("expected the gateway to close the connection, got {other:?}"),
+    }
+    eventually("gateway a audits the refused connection", || {
+        audit(&lab, "gateway-a0")
+            .lines()
+            .any(|l| l.contains("\"event\":\"tunnel_refused\"") && l.contains(&wid("stranger")))
+    })
+    .await;
 }

@@ -21,24 +21,14 @@ use tokio::net::{TcpListener, TcpStream};
 use trustline::lab::{Lab, LabOptions, TD};
 use trustline::wan::WanSpec;
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::echo_app;
+
 const ONE_WAY: Duration = Duration::from_millis(75);
 const WARM: usize = 30;
 const COLD: usize = 15;
 const PLAIN: usize = 15;
-
-async fn echo_app() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
 
 /// First byte of the answer to 4 bytes, on any stream.
 async fn first_byte<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S) {

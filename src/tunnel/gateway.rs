@@ -14,15 +14,13 @@ use tokio::sync::watch;
 use super::config::GatewayConfig;
 use super::header::StreamHeader;
 use super::metrics::{PathLabels, Refused, TunnelEvent, TunnelMetrics};
-use super::paths::{Paths, PathsConfig};
-use super::stream::reset_code;
+use super::paths::{PathStream, Paths, PathsConfig};
+use super::stream::{quic_io, reset, reset_code, QuicIo};
 use super::{code, gateway_id, TunnelPeer, HEADER_TIMEOUT};
 use crate::audit::AuditLog;
 use crate::clock::Clock;
 use crate::identity::manager::{self, Identity};
 use crate::tls::mesh;
-
-pub use super::stream::QuicIo;
 
 /// How long a leaving stream waits for a path to the other region: shorter than the sidecar's
 /// own [`super::PATH_WAIT`], so the sidecar hears the refusal rather than timing out.
@@ -251,7 +249,7 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
         gw.metrics.up.get_or_create(l).set(1);
     }
     loop {
-        let (send, recv) = tokio::select! {
+        let bi = tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok(s) => s,
                 Err(e) => {
@@ -269,7 +267,7 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
         let role = role.clone();
         let labels = labels.clone();
         tokio::spawn(async move {
-            let io = QuicIo { recv, send };
+            let io = quic_io(bi);
             handle_stream(&gw, role, io, remote, labels).await;
         });
     }
@@ -333,7 +331,7 @@ fn refuse(
     }
     ev.rule = rule;
     gw.audit.record(&ev);
-    io.reset(code);
+    reset(&mut io, code);
 }
 
 async fn handle_stream(
@@ -343,23 +341,23 @@ async fn handle_stream(
     remote: SocketAddr,
     labels: Option<PathLabels>,
 ) {
-    let header = match tokio::time::timeout(HEADER_TIMEOUT, StreamHeader::read(&mut io.recv)).await
-    {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => {
-            let r = refusal(code::BAD_HEADER, "bad_header", None, e.to_string());
-            return refuse(gw, io, remote, &role, None, r);
-        }
-        Err(_) => {
-            let r = refusal(
-                code::BAD_HEADER,
-                "header_timeout",
-                None,
-                format!("no header within {HEADER_TIMEOUT:?}"),
-            );
-            return refuse(gw, io, remote, &role, None, r);
-        }
-    };
+    let header =
+        match tokio::time::timeout(HEADER_TIMEOUT, StreamHeader::read(io.reader_mut())).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                let r = refusal(code::BAD_HEADER, "bad_header", None, e.to_string());
+                return refuse(gw, io, remote, &role, None, r);
+            }
+            Err(_) => {
+                let r = refusal(
+                    code::BAD_HEADER,
+                    "header_timeout",
+                    None,
+                    format!("no header within {HEADER_TIMEOUT:?}"),
+                );
+                return refuse(gw, io, remote, &role, None, r);
+            }
+        };
     let carried = match &role {
         Role::Gateway { region } => arriving(gw, region, &header, &mut io, labels.as_ref()).await,
         Role::Workload { id } => leaving(gw, id, &header, &mut io).await,
@@ -433,7 +431,7 @@ async fn arriving(
         }
         Err(e) => {
             tracing::debug!(error = %e, "inbound stream broke");
-            io.reset(code::BROKEN);
+            reset(io, code::BROKEN);
         }
     }
     Ok(())
@@ -475,12 +473,8 @@ async fn leaving(
     let bytes = header
         .encode()
         .map_err(|e| refusal(code::BAD_HEADER, "bad_header", None, e.to_string()))?;
-    let load = out.load;
-    let mut up = QuicIo {
-        recv: out.recv,
-        send: out.send,
-    };
-    if let Err(e) = up.send.write_all(&bytes).await {
+    let PathStream { io: mut up, load } = out;
+    if let Err(e) = up.writer_mut().write_all(&bytes).await {
         let detail = format!("forwarding the header: {e}");
         return Err(refusal(code::BROKEN, "path_lost", Some(&rule), detail));
     }
@@ -491,8 +485,8 @@ async fn leaving(
             // Carry the far side's reset code back to the sidecar.
             let c = reset_code(&e).unwrap_or(code::BROKEN);
             tracing::debug!(error = %e, code = c, "outbound stream broke");
-            io.reset(c);
-            up.reset(code::BROKEN);
+            reset(io, c);
+            reset(&mut up, code::BROKEN);
         }
     }
     Ok(())

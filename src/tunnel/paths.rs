@@ -10,6 +10,7 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::{watch, Notify};
 
 use super::metrics::{PathLabels, TunnelEvent, TunnelMetrics};
+use super::stream::{quic_io, QuicIo};
 use super::TunnelPeer;
 use crate::audit::AuditLog;
 
@@ -46,8 +47,7 @@ impl Path {
 
 /// A stream opened on a path.
 pub struct PathStream {
-    pub send: quinn::SendStream,
-    pub recv: quinn::RecvStream,
+    pub io: QuicIo,
     pub load: PathLoad,
 }
 
@@ -150,13 +150,12 @@ impl Paths {
             let notified = self.changed.notified();
             if let Some((path, conn)) = self.pick() {
                 match conn.open_bi().await {
-                    Ok((send, recv)) => {
+                    Ok(bi) => {
                         path.active.fetch_add(1, Ordering::Relaxed);
                         self.metrics.active.get_or_create(&path.labels).inc();
                         self.metrics.streams.get_or_create(&path.labels).inc();
                         return Ok(PathStream {
-                            send,
-                            recv,
+                            io: quic_io(bi),
                             load: PathLoad {
                                 path,
                                 metrics: self.metrics.clone(),

@@ -13,8 +13,8 @@ use rustls::pki_types::ServerName;
 use tokio::sync::{watch, Notify};
 
 use super::header::StreamHeader;
-use super::paths::Paths;
-pub use super::stream::{H2Stream, QuicIo};
+use super::paths::{PathStream, Paths};
+pub use super::stream::H2Stream;
 use super::PATH_WAIT;
 use crate::clock::Clock;
 use crate::identity::manager::Identity;
@@ -224,16 +224,13 @@ impl SessionPool {
         .encode()
         .map_err(|e| fail("bad_header", e))?;
         // The header goes out with the ClientHello (no wait for an answer).
-        path.send
+        path.io
+            .writer_mut()
             .write_all(&header)
             .await
             .map_err(|e| fail("gateway_lost", e))?;
         let peer = path.load.path.addr;
-        let load = path.load;
-        let io = QuicIo {
-            recv: path.recv,
-            send: path.send,
-        };
+        let PathStream { io, load } = path;
         let name = ServerName::try_from(target.name.clone())
             .unwrap_or_else(|_| ServerName::try_from("mesh.invalid").expect("valid name"));
         let connect = tls.connector.connect(name, io);

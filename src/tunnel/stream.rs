@@ -158,52 +158,18 @@ impl AsyncWrite for H2Stream {
 }
 
 /// A QUIC stream as one duplex byte stream.
-pub struct QuicIo {
-    pub recv: quinn::RecvStream,
-    pub send: quinn::SendStream,
+pub type QuicIo = tokio::io::Join<quinn::RecvStream, quinn::SendStream>;
+
+/// A bidirectional QUIC stream as a [`QuicIo`].
+pub fn quic_io((send, recv): (quinn::SendStream, quinn::RecvStream)) -> QuicIo {
+    tokio::io::join(recv, send)
 }
 
-impl AsyncRead for QuicIo {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.recv).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for QuicIo {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.send)
-            .poll_write(cx, buf)
-            .map_err(Into::into)
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.send).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.send).poll_shutdown(cx)
-    }
-}
-
-impl QuicIo {
-    /// Closes the stream both ways with an error code (the connection stays up).
-    pub fn reset(&mut self, code: u32) {
-        let c = quinn::VarInt::from_u32(code);
-        let _ = self.send.reset(c);
-        let _ = self.recv.stop(c);
-    }
+/// Closes a QUIC stream both ways with an error code (the connection stays up).
+pub fn reset(io: &mut QuicIo, code: u32) {
+    let c = quinn::VarInt::from_u32(code);
+    let _ = io.writer_mut().reset(c);
+    let _ = io.reader_mut().stop(c);
 }
 
 /// The error code of a QUIC stream the far side reset, if that is what `e` is.

@@ -64,7 +64,8 @@ pub enum HeaderError {
     Io(String),
 }
 
-fn valid_region(s: &str) -> Result<(), String> {
+/// Checks a region name (also used by the configs).
+pub fn check_region(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > 63 {
         return Err(format!("{} bytes, expected 1..=63", s.len()));
     }
@@ -77,7 +78,8 @@ fn valid_region(s: &str) -> Result<(), String> {
     }
 }
 
-fn valid_service(s: &str) -> Result<(), String> {
+/// Checks a service name (also used by the configs).
+pub fn check_service(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > 253 {
         return Err(format!("{} bytes, expected 1..=253", s.len()));
     }
@@ -93,25 +95,15 @@ fn valid_service(s: &str) -> Result<(), String> {
     }
 }
 
-/// Checks a region name (also used by the configs).
-pub fn check_region(s: &str) -> Result<(), String> {
-    valid_region(s)
-}
-
-/// Checks a service name (also used by the configs).
-pub fn check_service(s: &str) -> Result<(), String> {
-    valid_service(s)
-}
-
 impl StreamHeader {
     /// Encodes the header; fails only on names the parser would refuse.
     pub fn encode(&self) -> Result<Vec<u8>, HeaderError> {
-        valid_region(&self.region).map_err(|why| HeaderError::Bad {
+        check_region(&self.region).map_err(|why| HeaderError::Bad {
             at: PREFIX,
             field: "region",
             why,
         })?;
-        valid_service(&self.service).map_err(|why| HeaderError::Bad {
+        check_service(&self.service).map_err(|why| HeaderError::Bad {
             at: PREFIX + 1 + self.region.len(),
             field: "service",
             why,
@@ -158,8 +150,8 @@ impl StreamHeader {
     /// Parses a body (offsets in errors count from the start of the header).
     pub fn parse_body(body: &[u8]) -> Result<Self, HeaderError> {
         let mut r = Reader { buf: body, at: 0 };
-        let region = r.name("region", valid_region)?;
-        let service = r.name("service", valid_service)?;
+        let region = r.name("region", check_region)?;
+        let service = r.name("service", check_service)?;
         let family_at = r.at;
         let ip = match r.take(1, "address family")?[0] {
             4 => IpAddr::V4(Ipv4Addr::from(

@@ -134,6 +134,19 @@ impl Identity {
         }
     }
 
+    /// How long until the held SVID expires, plus 1 ms so that a task waking then finds it
+    /// expired; `None` without an SVID.
+    pub fn until_expiry(&self) -> Option<Duration> {
+        let cur = self.current()?;
+        Some(
+            cur.info
+                .not_after
+                .duration_since(self.clock.now())
+                .unwrap_or_default()
+                + Duration::from_millis(1),
+        )
+    }
+
     /// A receiver that changes on every rotation (the value counts them).
     pub fn rotations(&self) -> watch::Receiver<u64> {
         self.rotations.subscribe()
@@ -277,10 +290,7 @@ async fn ca_loop(
             }
         };
         // Wake early if the current SVID expires before the next attempt.
-        let until_expiry = identity
-            .current()
-            .and_then(|s| s.info.not_after.duration_since(identity.clock.now()).ok());
-        let wait = until_expiry.map_or(wait, |e| wait.min(e + Duration::from_millis(1)));
+        let wait = identity.until_expiry().map_or(wait, |e| wait.min(e));
         if !sleep_or_stop(wait, &mut shutdown).await {
             return;
         }

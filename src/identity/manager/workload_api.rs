@@ -56,7 +56,7 @@ pub(super) async fn run(
         // Wake at the current SVID's expiry to withdraw it even while the agent is away.
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let step = until_expiry(&identity).map_or(wait, |e| e.min(wait));
+            let step = identity.until_expiry().map_or(wait, |e| e.min(wait));
             let step = step.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
             if !super::sleep_or_stop(step, &mut shutdown).await {
                 return;
@@ -90,7 +90,7 @@ async fn follow(
     tracing::debug!("Workload API X.509 stream open");
     let mut had_updates = false;
     loop {
-        let expiry = until_expiry(identity);
+        let expiry = identity.until_expiry();
         tokio::select! {
             item = stream.next() => match item {
                 Some(Ok(ctx)) => {
@@ -172,18 +172,6 @@ fn apply(identity: &Identity, ctx: &X509Context) -> Result<Option<Arc<Svid>>, St
     }
     identity.publish(svid)?;
     Ok(identity.current())
-}
-
-/// Time left on the current SVID, if one is held.
-fn until_expiry(identity: &Identity) -> Option<Duration> {
-    let cur = identity.current()?;
-    Some(
-        cur.info
-            .not_after
-            .duration_since(identity.clock.now())
-            .unwrap_or_default()
-            + Duration::from_millis(1),
-    )
 }
 
 async fn sleep_opt(d: Option<Duration>) {

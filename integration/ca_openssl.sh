@@ -11,29 +11,10 @@ TRUSTLINE=${TRUSTLINE:-target/debug/trustline}
 TD=interop.test
 ID=spiffe://$TD/ns/default/sa/openssl
 
-failures=0
-pass() { echo "PASS: $*"; }
-fail() {
-    echo "FAIL: $*"
-    failures=$((failures + 1))
-}
-# check NAME COMMAND...: PASS if the command succeeds.
-check() {
-    local name=$1
-    shift
-    if "$@"; then pass "$name"; else fail "$name"; fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib/checks.bash"
 
-for tool in openssl curl; do
-    command -v "$tool" >/dev/null || {
-        echo "FAIL: $tool is not installed"
-        exit 1
-    }
-done
-[[ -x $TRUSTLINE ]] || {
-    echo "FAIL: no trustline binary at $TRUSTLINE (cargo build, or set TRUSTLINE)"
-    exit 1
-}
+need_tools openssl curl
+need_trustline
 
 D=$(mktemp -d "${TMPDIR:-/tmp}/trustline-openssl.XXXXXX")
 SERVER_PID=

@@ -19,32 +19,11 @@ TRUSTLINE=${TRUSTLINE:-target/debug/trustline}
 TD=mesh.test
 wid() { echo "spiffe://$TD/ns/shop/sa/$1"; }
 
-failures=0
-pass() { echo "PASS: $*"; }
-fail() {
-    echo "FAIL: $*"
-    failures=$((failures + 1))
-}
-check() {
-    local name=$1
-    shift
-    if "$@"; then pass "$name"; else fail "$name"; fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib/checks.bash"
 
-(($(id -u) == 0)) || {
-    echo "FAIL: needs root (network namespaces); use sudo -E integration/run cross_region"
-    exit 1
-}
-for tool in ip curl python3; do
-    command -v "$tool" >/dev/null || {
-        echo "FAIL: $tool is not installed"
-        exit 1
-    }
-done
-[[ -x $TRUSTLINE ]] || {
-    echo "FAIL: no trustline binary at $TRUSTLINE (cargo build, or set TRUSTLINE)"
-    exit 1
-}
+need_root "network namespaces"
+need_tools ip curl python3
+need_trustline
 PY=$(python3 -c 'import sys; print(sys.executable)')
 
 S=$(printf '%04x' $((($$ ^ RANDOM) & 0xffff)))

@@ -26,32 +26,11 @@ EXCLUDED_PORT=8001
 URL=http://10.77.0.2:$APP_PORT/
 MARKER=trustline-netns-secret-body
 
-failures=0
-pass() { echo "PASS: $*"; }
-fail() {
-    echo "FAIL: $*"
-    failures=$((failures + 1))
-}
-check() {
-    local name=$1
-    shift
-    if "$@"; then pass "$name"; else fail "$name"; fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib/checks.bash"
 
-(($(id -u) == 0)) || {
-    echo "FAIL: needs root (network namespaces, iptables); use sudo -E integration/run sidecar_netns"
-    exit 1
-}
-for tool in ip iptables openssl curl python3 setpriv; do
-    command -v "$tool" >/dev/null || {
-        echo "FAIL: $tool is not installed"
-        exit 1
-    }
-done
-[[ -x $TRUSTLINE ]] || {
-    echo "FAIL: no trustline binary at $TRUSTLINE (cargo build, or set TRUSTLINE)"
-    exit 1
-}
+need_root "network namespaces, iptables"
+need_tools ip iptables openssl curl python3 setpriv
+need_trustline
 # pyenv and similar shims may not work inside `ip netns exec`: use the real interpreter.
 PY=$(python3 -c 'import sys; print(sys.executable)')
 

@@ -323,29 +323,18 @@ impl Authz {
         for t in &found {
             self.metrics.anomalies.inc();
             tracing::warn!(kind = t.kind, key = %t.key, from = %t.previous_region, to = %t.region, "impossible travel");
-            self.audit.record(&DecisionEvent {
-                time: rfc3339(self.clock.now()),
-                event: "anomaly",
-                source_id: c.peer.to_string(),
-                source_serial: c.serial.to_string(),
-                source_region: c.region.map(str::to_string),
-                destination_service: self.service.clone(),
-                destination_region: self.region.clone(),
-                port: c.port,
-                method: None,
-                path: None,
-                outcome: if self.refuse_anomalous {
-                    "deny"
-                } else {
-                    "allow"
-                },
-                rule: "impossible-travel".into(),
-                mode: "enforced",
-                detail: Some(format!(
-                    "same {} seen in {} then {}",
-                    t.kind, t.previous_region, t.region
-                )),
-            });
+            let mut ev = self.event("anomaly", c, None);
+            ev.outcome = if self.refuse_anomalous {
+                "deny"
+            } else {
+                "allow"
+            };
+            ev.rule = "impossible-travel".into();
+            ev.detail = Some(format!(
+                "same {} seen in {} then {}",
+                t.kind, t.previous_region, t.region
+            ));
+            self.audit.record(&ev);
         }
         if !found.is_empty() && self.refuse_anomalous {
             self.refused_serials
@@ -368,6 +357,27 @@ impl Authz {
             .inc();
     }
 
+    /// An audit event about caller `c` (and its request, on HTTP ports) at this service, as
+    /// an enforced allow by no rule until the caller says otherwise.
+    fn event(&self, event: &'static str, c: &Caller<'_>, http: Option<Http<'_>>) -> DecisionEvent {
+        DecisionEvent {
+            time: rfc3339(self.clock.now()),
+            event,
+            source_id: c.peer.to_string(),
+            source_serial: c.serial.to_string(),
+            source_region: c.region.map(str::to_string),
+            destination_service: self.service.clone(),
+            destination_region: self.region.clone(),
+            port: c.port,
+            method: http.map(|h| h.method.to_string()),
+            path: http.map(|h| h.path.to_string()),
+            outcome: "allow",
+            rule: String::new(),
+            mode: "enforced",
+            detail: None,
+        }
+    }
+
     fn record(
         &self,
         c: &Caller<'_>,
@@ -377,22 +387,12 @@ impl Authz {
         mode: &'static str,
         detail: Option<String>,
     ) {
-        self.audit.record(&DecisionEvent {
-            time: rfc3339(self.clock.now()),
-            event: "decision",
-            source_id: c.peer.to_string(),
-            source_serial: c.serial.to_string(),
-            source_region: c.region.map(str::to_string),
-            destination_service: self.service.clone(),
-            destination_region: self.region.clone(),
-            port: c.port,
-            method: http.map(|h| h.method.to_string()),
-            path: http.map(|h| h.path.to_string()),
-            outcome,
-            rule: rule.to_string(),
-            mode,
-            detail,
-        });
+        let mut ev = self.event("decision", c, http);
+        ev.outcome = outcome;
+        ev.rule = rule.to_string();
+        ev.mode = mode;
+        ev.detail = detail;
+        self.audit.record(&ev);
     }
 
     /// Reloads the file: on success swaps it in and closes live connections it denies; on

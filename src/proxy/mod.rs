@@ -559,7 +559,7 @@ where
 }
 
 /// Copies both ways until both sides are done; returns (to_peer, from_peer) byte counts.
-pub async fn splice<A, B>(app: &mut A, peer: &mut B) -> std::io::Result<(u64, u64)>
+pub(crate) async fn splice<A, B>(app: &mut A, peer: &mut B) -> std::io::Result<(u64, u64)>
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,

@@ -24,7 +24,10 @@
 //!
 //! A cold connection (no session yet) pays the session's TLS handshake once: two round trips.
 //! Sessions are opened ahead of need (`prewarm`) for every remote service a sidecar is
-//! configured to call, and re-opened as soon as one is lost.
+//! configured to call, and re-opened as soon as one is lost. A session is retired at the
+//! caller's next SVID rotation and when either certificate it was authenticated with expires
+//! (always a full handshake, never resumption, so those are the certificates in force); the
+//! destination also re-checks the caller's certificate (expiry, revocation) on every stream.
 //!
 //! The price is head-of-line blocking between the application connections of one session (one
 //! QUIC stream carries it), which is what HBONE over HTTP/2 pays too.

@@ -56,7 +56,7 @@ pub struct Region {
     gateway_sections: String,
 }
 
-/// The whole lab. Dropping it stops the relays; call [`Lab::stop`] to close things cleanly.
+/// The whole lab. Dropping it stops the relays; [`Lab::stop_gateway`] closes a gateway cleanly.
 pub struct Lab {
     pub dir: PathBuf,
     pub td: TrustDomain,

@@ -234,6 +234,7 @@ async fn sidecar(
         },
         region: Some("eu-west".into()),
         resumption: true,
+        pooling: true,
         drain_timeout: Duration::from_secs(1),
         handshake_timeout: Duration::from_secs(5),
         workers: 1,

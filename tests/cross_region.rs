@@ -320,7 +320,7 @@ async fn a_lost_gateway_fails_over_to_another() {
     .await;
     let pool = web.sessions.as_ref().unwrap();
     assert_eq!(
-        pool.gateways().up(),
+        pool.gateways().expect("gateways").up(),
         1,
         "the sidecar sees one local gateway left"
     );
@@ -332,7 +332,7 @@ async fn a_lost_gateway_fails_over_to_another() {
     // A restarted gateway is used again.
     lab.start_gateway("a", 0).await.unwrap();
     eventually("the sidecar reconnects to the restarted gateway", || {
-        pool.gateways().up() == 2
+        pool.gateways().expect("gateways").up() == 2
     })
     .await;
 }

@@ -392,23 +392,87 @@ async fn a_tls12_only_client_is_refused() {
 
 #[tokio::test]
 async fn a_server_with_an_unexpected_identity_is_refused_by_the_caller() {
+    for reuse in [Reuse::Pooled, Reuse::Resumption] {
+        let ca = start_ca(HOUR).await;
+        // A expects billing at B's address; B is api.
+        let p = ca.pair_with(id("billing"), reuse).await;
+        let got = call(p.entry(), b"for billing only").await;
+        assert!(got.is_err(), "{reuse:?}: app data came back: {got:?}");
+        let deadline = Instant::now() + PATIENCE;
+        while p.a.metrics.failures("outbound", "unexpected_identity") != 1 {
+            if Instant::now() > deadline {
+                panic!(
+                    "{reuse:?}: A did not count unexpected_identity; counted: {:?}",
+                    failed_series(p.a.admin).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(opened(&p.a, "outbound"), 0);
+        assert_eq!(opened(&p.b, "inbound"), 0);
+    }
+}
+
+/// With the defaults, new connections from A to B are streams on one warm session (one
+/// handshake), and B still decides and counts each; with `pooling = false` there is no session.
+#[tokio::test]
+async fn new_connections_ride_one_session_and_each_is_decided() {
     let ca = start_ca(HOUR).await;
-    // A expects billing at B's address; B is api.
-    let p = ca.pair_with(id("billing"), true).await;
-    let got = call(p.entry(), b"for billing only").await;
-    assert!(got.is_err(), "app data came back: {got:?}");
-    let deadline = Instant::now() + PATIENCE;
-    while p.a.metrics.failures("outbound", "unexpected_identity") != 1 {
-        if Instant::now() > deadline {
-            panic!(
-                "A did not count unexpected_identity; counted: {:?}",
-                failed_series(p.a.admin).await
+    for reuse in [Reuse::Pooled, Reuse::Resumption] {
+        let p = ca.pair_with(id("api"), reuse).await;
+        for i in 0..5 {
+            let msg = format!("connection {i}");
+            assert_eq!(
+                call(p.entry(), msg.as_bytes()).await.unwrap(),
+                msg.as_bytes()
             );
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            opened(&p.b, "inbound"),
+            5,
+            "{reuse:?}: B admits each connection"
+        );
+        let sessions =
+            p.a.sessions
+                .as_ref()
+                .map(|s| s.established.load(Ordering::Relaxed));
+        match reuse {
+            Reuse::Pooled => assert_eq!(sessions, Some(1), "one session for five connections"),
+            _ => assert_eq!(sessions, None, "pooling = false opens no session"),
+        }
+        assert!(failed_series(p.a.admin).await.is_empty());
     }
-    assert_eq!(opened(&p.a, "outbound"), 0);
-    assert_eq!(opened(&p.b, "inbound"), 0);
+}
+
+/// A revoked destination: A retires its warm session to B once A's revocation list has B's
+/// serial, and the new handshake refuses B, so no new connection reaches B's app.
+#[tokio::test]
+async fn a_session_to_a_revoked_server_is_retired() {
+    let ca = start_ca(HOUR).await;
+    let p = ca.pair().await;
+    assert_eq!(call(p.entry(), b"before").await.unwrap(), b"before");
+    let serial =
+        p.b.identity
+            .current()
+            .expect("B's SVID")
+            .info
+            .serial
+            .clone();
+    revoke_and_wait(&ca, &p.a, &serial).await;
+    let got = call(p.entry(), b"after").await;
+    assert!(
+        got.is_err(),
+        "a revoked server got a new connection: {got:?}"
+    );
+    eventually("A counts the refusal as revoked", || {
+        p.a.metrics.failures("outbound", "revoked") == 1
+    })
+    .await;
+    assert_eq!(
+        opened(&p.b, "inbound"),
+        1,
+        "only the call before the revocation"
+    );
 }
 
 #[tokio::test]
@@ -457,11 +521,33 @@ async fn without_a_usable_join_token_a_sidecar_is_not_ready_and_refuses() {
 
 /// Continuous traffic through A → B: long-lived connections doing request/response in a loop
 /// and a loop of new connections; every request must be answered.
+/// Every new connection is a full handshake with the newest SVIDs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn svids_rotate_under_load_without_a_failed_request() {
+    rotate_under_load(Reuse::Nothing, 20).await;
+}
+
+/// New connections are streams on sessions, retired at each of A's rotations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_sessions_follow_rotations_under_load_without_a_failed_request() {
+    let (p, rotated) = rotate_under_load(Reuse::Pooled, 10).await;
+    let sessions =
+        p.a.sessions
+            .as_ref()
+            .expect("pool")
+            .established
+            .load(Ordering::Relaxed);
+    assert!(
+        sessions >= rotated,
+        "{sessions} sessions for {rotated} rotations of A: sessions are not retired"
+    );
+}
+
+/// Long-lived and new connections from A to B while both rotate `rotations` times at least;
+/// returns the pair and how many times A rotated.
+async fn rotate_under_load(reuse: Reuse, rotations: u64) -> (Pair, u64) {
     let ca = start_ca(MIN_SVID_TTL).await;
-    // No resumption: every new connection is a full handshake with the newest SVIDs.
-    let p = ca.pair_with(id("api"), false).await;
+    let p = ca.pair_with(id("api"), reuse).await;
     let entry = p.entry();
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
@@ -516,7 +602,7 @@ async fn svids_rotate_under_load_without_a_failed_request() {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(50) {
         let (a, b) = rotated();
-        if a >= 20 && b >= 20 || !errors.lock().unwrap().is_empty() {
+        if a >= rotations && b >= rotations || !errors.lock().unwrap().is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -534,21 +620,22 @@ async fn svids_rotate_under_load_without_a_failed_request() {
         &errors[..errors.len().min(5)]
     );
     assert!(
-        a >= 20 && b >= 20,
+        a >= rotations && b >= rotations,
         "only {a} (A) and {b} (B) rotations in {:?}",
         started.elapsed()
     );
-    assert!(p.a.metrics.rotations.get() >= 20 && p.b.metrics.rotations.get() >= 20);
+    assert!(p.a.metrics.rotations.get() >= rotations && p.b.metrics.rotations.get() >= rotations);
     let new_conns = new_conns.load(Ordering::Relaxed);
     assert!(new_conns >= 100, "only {new_conns} new connections");
     eprintln!(
-        "{} requests ({new_conns} on new connections) across {a}/{b} rotations in {:?}",
+        "{reuse:?}: {} requests ({new_conns} on new connections) across {a}/{b} rotations in {:?}",
         ok.load(Ordering::Relaxed),
         started.elapsed()
     );
     for bound in [&p.a, &p.b] {
         assert!(failed_series(bound.admin).await.is_empty());
     }
+    (p, a)
 }
 
 #[tokio::test]
@@ -649,6 +736,34 @@ async fn drain_refuses_new_connections_and_lets_open_ones_finish() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(TcpStream::connect(entry).await.is_err());
     assert_eq!(p.a.active_connections(), 0);
+}
+
+/// B drains while A holds a warm session to it: B's session refuses new streams (GOAWAY), the
+/// open connection finishes, and B's drain ends with it instead of waiting for the deadline.
+#[tokio::test]
+async fn a_draining_destination_ends_the_pooled_session() {
+    let ca = start_ca(HOUR).await;
+    let p = ca.pair().await;
+    let entry = p.entry();
+    let mut open = TcpStream::connect(entry).await.unwrap();
+    assert_eq!(round_trip(&mut open, b"before").await.unwrap(), b"before");
+    let started = Instant::now();
+    let (left, ()) = tokio::join!(p.b.drain(Duration::from_secs(20)), async move {
+        eventually_async("new connections through A are refused by B", || async {
+            call(entry, b"new").await.is_err()
+        })
+        .await;
+        let back = round_trip(&mut open, b"during drain").await;
+        assert_eq!(
+            back.unwrap(),
+            b"during drain",
+            "the open connection keeps working"
+        );
+        drop(open);
+    });
+    assert_eq!(left, 0, "the session ended with its last stream");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(p.b.active_connections(), 0);
 }
 
 #[tokio::test]

@@ -48,6 +48,7 @@ struct SidecarFile {
     region: Option<String>,
     bundle: PathBuf,
     resumption: Option<bool>,
+    pooling: Option<bool>,
     drain_timeout: Option<String>,
     handshake_timeout: Option<String>,
     workers: Option<usize>,
@@ -195,6 +196,9 @@ pub struct SidecarConfig {
     pub identity: IdentityConfig,
     pub region: Option<String>,
     pub resumption: bool,
+    /// Same-region services: one warm multiplexed session per destination sidecar address
+    /// instead of a handshake per connection (see [`crate::tunnel::session`]).
+    pub pooling: bool,
     pub drain_timeout: Duration,
     pub handshake_timeout: Duration,
     pub workers: usize,
@@ -355,6 +359,7 @@ impl SidecarConfig {
             trust_domain: td,
             region: raw.region,
             resumption: raw.resumption.unwrap_or(true),
+            pooling: raw.pooling.unwrap_or(true),
             drain_timeout: ctx.duration(
                 "drain_timeout",
                 raw.drain_timeout.as_deref(),

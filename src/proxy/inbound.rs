@@ -188,8 +188,9 @@ where
     }
 }
 
-/// A multiplexed session from another region's sidecar (see [`crate::tunnel`]): each HTTP/2
-/// `CONNECT` stream is one application connection, decided on its own like a connection.
+/// A multiplexed session from another sidecar (see [`crate::tunnel`]): each HTTP/2 `CONNECT`
+/// stream is one application connection, decided on its own like a connection. When the
+/// sidecar drains, the session refuses new streams (GOAWAY) and ends with its last stream.
 async fn serve_session<S>(io: S, caller: Arc<Verified>, target: SocketAddr, shared: Arc<Shared>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -209,10 +210,18 @@ where
             return;
         }
     };
-    tracing::debug!(peer_id = %caller.info.id, peer_region = ?caller.region, "session from another region established");
+    tracing::debug!(peer_id = %caller.info.id, peer_region = ?caller.region, "session established");
     let mut streams = tokio::task::JoinSet::new();
+    let mut draining = shared.draining.clone();
+    let mut goaway_sent = false;
     loop {
         tokio::select! {
+            r = draining.wait_for(|d| *d), if !goaway_sent => {
+                goaway_sent = true;
+                if r.is_ok() {
+                    conn.graceful_shutdown();
+                }
+            }
             r = conn.accept() => match r {
                 Some(Ok((req, respond))) => {
                     streams.spawn(session_stream(req, respond, caller.clone(), target, shared.clone()));

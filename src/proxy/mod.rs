@@ -104,8 +104,10 @@ pub(crate) struct Shared {
     pub next_id: AtomicU64,
     /// The policy, when the inbound side has one (else the `allow` list applies).
     pub authz: Option<Arc<authz::Authz>>,
-    /// Warm sessions to other regions' sidecars, when a service is in another region.
+    /// Warm sessions to other sidecars (`pooling`, or a service in another region).
     pub sessions: Option<Arc<crate::tunnel::session::SessionPool>>,
+    /// Turns true when the sidecar drains: inbound sessions then refuse new streams (GOAWAY).
+    pub draining: watch::Receiver<bool>,
 }
 
 /// A running sidecar: real addresses, identity, metrics, and the drain handle.
@@ -275,6 +277,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         next_id: AtomicU64::new(1),
         authz: authz.clone(),
         sessions: sessions.clone(),
+        draining: stop_accepting_rx.clone(),
         config,
     });
     tokio::spawn(watch_rotations(
@@ -337,8 +340,10 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
     })
 }
 
-/// The paths to this region's gateways and the session pool riding them, when a service is in
-/// another region; with `prewarm`, the sessions to every remote address are opened now.
+/// The session pool (see [`crate::tunnel::session`]): sessions to other regions' sidecars ride
+/// the paths to this region's gateways (opened here when a service is in another region; with
+/// `prewarm`, the sessions to every remote address are opened now), and with `pooling` those to
+/// this region's sidecars are direct TCP connections. `None` when neither applies.
 fn sessions(
     config: &SidecarConfig,
     identity: &Arc<Identity>,
@@ -348,10 +353,71 @@ fn sessions(
     registry: &mut Registry,
     stop: watch::Receiver<bool>,
 ) -> Result<Option<Arc<crate::tunnel::session::SessionPool>>, ProxyError> {
-    use crate::tunnel::{self, paths, session};
-    let Some(tunnel) = &config.tunnel else {
+    use crate::tunnel::{self, session};
+    if config.tunnel.is_none() && !config.pooling {
         return Ok(None);
+    }
+    let gateways = match &config.tunnel {
+        Some(tunnel) => Some(gateway_paths(
+            config, tunnel, identity, clock, audit, registry, &stop,
+        )?),
+        None => None,
     };
+    let mut per_service = Vec::new();
+    for (s, v) in config.services.iter().zip(server_verifiers) {
+        per_service.push(if s.region.is_some() || config.pooling {
+            // Always a full handshake: a resumed session would carry the certificates of
+            // the original one, and a session must be retired by the certificates it
+            // really runs on (see `SessionPool`). Sessions are long-lived, and in TLS 1.3
+            // resumption saves no round trip, so it costs only CPU, once per session.
+            let mut c = mesh::client_config(v.clone(), identity.resolver.clone(), false, clock)?;
+            c.alpn_protocols = vec![tunnel::SESSION_ALPN.to_vec()];
+            Some(session::ServiceTls {
+                connector: tokio_rustls::TlsConnector::from(Arc::new(c)),
+                verifier: v.clone(),
+            })
+        } else {
+            None
+        });
+    }
+    let pool = session::SessionPool::new(
+        gateways,
+        per_service,
+        identity.clone(),
+        clock.clone(),
+        config.handshake_timeout,
+    );
+    if config.tunnel.as_ref().is_some_and(|t| t.prewarm) {
+        let targets = config
+            .services
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.region.is_some())
+            .flat_map(|(i, s)| {
+                s.addresses.iter().map(move |a| session::Target {
+                    service: i,
+                    name: s.name.clone(),
+                    region: s.region.clone(),
+                    addr: *a,
+                })
+            })
+            .collect();
+        tokio::spawn(pool.clone().prewarm(targets, stop));
+    }
+    Ok(Some(pool))
+}
+
+/// The QUIC paths to this region's gateways.
+fn gateway_paths(
+    config: &SidecarConfig,
+    tunnel: &config::TunnelSide,
+    identity: &Arc<Identity>,
+    clock: &Clock,
+    audit: Arc<crate::audit::AuditLog>,
+    registry: &mut Registry,
+    stop: &watch::Receiver<bool>,
+) -> Result<Arc<crate::tunnel::paths::Paths>, ProxyError> {
+    use crate::tunnel::{self, paths};
     let region = config.region.clone().unwrap_or_default();
     let client = tunnel::gateway_client(identity, &region, tunnel.timing, clock)
         .map_err(ProxyError::Identity)?;
@@ -367,7 +433,7 @@ fn sessions(
     })?;
     let metrics = tunnel::metrics::TunnelMetrics::default();
     metrics.register(registry);
-    let gateways = paths::Paths::start(
+    Ok(paths::Paths::start(
         paths::PathsConfig {
             endpoint,
             client,
@@ -377,51 +443,7 @@ fn sessions(
             audit,
         },
         stop.clone(),
-    );
-    let mut per_service = Vec::new();
-    for (s, v) in config.services.iter().zip(server_verifiers) {
-        per_service.push(match s.region {
-            None => None,
-            Some(_) => {
-                // Always a full handshake: a resumed session would carry the certificates of
-                // the original one, and a session must be retired by the certificates it
-                // really runs on (see `SessionPool`). Sessions are long-lived, and in TLS 1.3
-                // resumption saves no round trip, so it costs only CPU, once per session.
-                let mut c =
-                    mesh::client_config(v.clone(), identity.resolver.clone(), false, clock)?;
-                c.alpn_protocols = vec![tunnel::SESSION_ALPN.to_vec()];
-                Some(session::ServiceTls {
-                    connector: tokio_rustls::TlsConnector::from(Arc::new(c)),
-                    verifier: v.clone(),
-                })
-            }
-        });
-    }
-    let pool = session::SessionPool::new(
-        gateways,
-        per_service,
-        identity.clone(),
-        clock.clone(),
-        config.handshake_timeout,
-    );
-    if tunnel.prewarm {
-        let targets = config
-            .services
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.region.as_ref().map(|r| (i, s, r)))
-            .flat_map(|(i, s, r)| {
-                s.addresses.iter().map(move |a| session::Target {
-                    service: i,
-                    name: s.name.clone(),
-                    region: r.clone(),
-                    addr: *a,
-                })
-            })
-            .collect();
-        tokio::spawn(pool.clone().prewarm(targets, stop));
-    }
-    Ok(Some(pool))
+    ))
 }
 
 fn admin_state(

@@ -117,14 +117,18 @@ async fn to_service(mut app: TcpStream, service: usize, addr: SocketAddr, shared
         return;
     }
     let svc = &shared.config.services[service];
-    if let (Some(region), Some(pool)) = (&svc.region, &shared.sessions) {
+    if let Some(pool) = shared
+        .sessions
+        .as_ref()
+        .filter(|_| svc.region.is_some() || shared.config.pooling)
+    {
         let target = crate::tunnel::session::Target {
             service,
             name: svc.name.clone(),
-            region: region.clone(),
+            region: svc.region.clone(),
             addr,
         };
-        return to_other_region(app, &target, pool, &shared).await;
+        return on_session(app, &target, pool, &shared).await;
     }
     let started = Instant::now();
     let up = match TcpStream::connect(addr).await {
@@ -168,9 +172,9 @@ async fn to_service(mut app: TcpStream, service: usize, addr: SocketAddr, shared
     carry(&mut app, &mut tls, m).await;
 }
 
-/// A service of another region: a new stream on the warm session to its sidecar, through the
-/// local gateways (see [`crate::tunnel`]).
-async fn to_other_region(
+/// A new stream on the warm session to the destination sidecar: directly in our region
+/// (`pooling`), through the local gateways for another region (see [`crate::tunnel`]).
+async fn on_session(
     mut app: TcpStream,
     target: &crate::tunnel::session::Target,
     pool: &Arc<crate::tunnel::session::SessionPool>,
@@ -181,11 +185,11 @@ async fn to_other_region(
         Ok(s) => s,
         Err(f) => {
             m.fail(DIR, f.reason);
-            tracing::warn!(reason = f.reason, detail = %f.detail, service = %target.name, region = %target.region, "cross-region connection failed");
+            tracing::warn!(reason = f.reason, detail = %f.detail, service = %target.name, region = ?target.region, addr = %target.addr, "connection over a session failed");
             return;
         }
     };
-    tracing::debug!(service = %target.name, region = %target.region, addr = %target.addr, "cross-region stream opened");
+    tracing::debug!(service = %target.name, region = ?target.region, addr = %target.addr, "stream opened on the session");
     carry(&mut app, &mut stream, m).await;
 }
 

@@ -1,6 +1,8 @@
 //! Warm sidecar-to-sidecar sessions (the calling side): one mutual TLS 1.3 connection per
-//! destination sidecar, carried over a gateway path, with HTTP/2 inside; each application
-//! connection is one `CONNECT` stream. See the module docs of [`crate::tunnel`] for why.
+//! destination sidecar, with HTTP/2 inside; each application connection is one `CONNECT` stream.
+//! A session to another region is carried over a gateway path (see the module docs of
+//! [`crate::tunnel`] for why); one to a sidecar of our own region is a direct TCP connection
+//! (`pooling`, on by default), so a new application connection costs a stream, not a handshake.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,7 +32,8 @@ pub struct Target {
     /// Index of the service in the sidecar's config.
     pub service: usize,
     pub name: String,
-    pub region: String,
+    /// The destination's region when it is not ours (through the gateways); `None`: direct.
+    pub region: Option<String>,
     pub addr: SocketAddr,
 }
 
@@ -56,6 +59,8 @@ struct Live {
     rotation: u64,
     /// The earlier expiry of the two certificates the session was authenticated with.
     not_after: SystemTime,
+    /// The destination's certificate: the session is retired when it is revoked.
+    peer_serial: crate::identity::Serial,
     send: h2::client::SendRequest<Bytes>,
 }
 
@@ -74,7 +79,8 @@ pub struct ServiceTls {
 
 /// The sessions of one sidecar.
 pub struct SessionPool {
-    gateways: Arc<Paths>,
+    /// This region's gateways, when a service is in another region.
+    gateways: Option<Arc<Paths>>,
     tls: Vec<Option<ServiceTls>>,
     identity: Arc<Identity>,
     clock: Clock,
@@ -87,7 +93,7 @@ pub struct SessionPool {
 
 impl SessionPool {
     pub fn new(
-        gateways: Arc<Paths>,
+        gateways: Option<Arc<Paths>>,
         tls: Vec<Option<ServiceTls>>,
         identity: Arc<Identity>,
         clock: Clock,
@@ -105,9 +111,9 @@ impl SessionPool {
         })
     }
 
-    /// The local gateways' paths.
-    pub fn gateways(&self) -> &Arc<Paths> {
-        &self.gateways
+    /// The local gateways' paths, when a service is in another region.
+    pub fn gateways(&self) -> Option<&Arc<Paths>> {
+        self.gateways.as_ref()
     }
 
     /// The entry's session if it may still carry new streams; a retired one is dropped (its open
@@ -115,7 +121,10 @@ impl SessionPool {
     fn current(&self, entry: &Entry) -> Option<(h2::client::SendRequest<Bytes>, SystemTime)> {
         let mut live = entry.live.lock().unwrap_or_else(|e| e.into_inner());
         let l = live.as_ref()?;
-        if l.rotation == *self.identity.rotations().borrow() && self.clock.now() < l.not_after {
+        if l.rotation == *self.identity.rotations().borrow()
+            && self.clock.now() < l.not_after
+            && !self.identity.revoked.load().contains(&l.peer_serial)
+        {
             return Some((l.send.clone(), l.not_after));
         }
         *live = None;
@@ -123,12 +132,11 @@ impl SessionPool {
     }
 
     fn entry(&self, t: &Target) -> Arc<Entry> {
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(t.clone())
-            .or_default()
-            .clone()
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        match entries.get(t) {
+            Some(e) => e.clone(),
+            None => entries.entry(t.clone()).or_default().clone(),
+        }
     }
 
     /// Forgets every session: streams already open go on, new ones dial a new session (tests
@@ -208,16 +216,37 @@ impl SessionPool {
         let tls = self.tls[target.service].as_ref().ok_or_else(|| {
             fail(
                 "no_route",
-                format!("{} is not a remote service", target.name),
+                format!("{} has no session configuration", target.name),
             )
         })?;
-        let mut path = self
-            .gateways
+        let opened = Opened {
+            rotation,
+            own_not_after,
+        };
+        let Some(region) = &target.region else {
+            let tcp = tokio::net::TcpStream::connect(target.addr)
+                .await
+                .map_err(|e| fail("upstream_unreachable", e))?;
+            let _ = tcp.set_nodelay(true);
+            return self
+                .establish(target, entry, tls, tcp, opened, (), "direct".into())
+                .await;
+        };
+        let gateways = self.gateways.as_ref().ok_or_else(|| {
+            fail(
+                "no_gateway",
+                format!(
+                    "{} is in region {region} and no gateway is configured",
+                    target.name
+                ),
+            )
+        })?;
+        let mut path = gateways
             .open(PATH_WAIT)
             .await
             .map_err(|e| fail("no_gateway", e))?;
         let header = StreamHeader {
-            region: target.region.clone(),
+            region: region.clone(),
             service: target.name.clone(),
             addr: target.addr,
         }
@@ -229,8 +258,29 @@ impl SessionPool {
             .write_all(&header)
             .await
             .map_err(|e| fail("gateway_lost", e))?;
-        let peer = path.load.path.addr;
+        let via = path.load.path.addr.to_string();
         let PathStream { io, load } = path;
+        self.establish(target, entry, tls, io, opened, load, via)
+            .await
+    }
+
+    /// The handshake and HTTP/2 preface over `io`, then the session is stored in `entry`;
+    /// `keep` lives as long as the session (a gateway path's load count).
+    #[allow(clippy::too_many_arguments)]
+    async fn establish<IO, K>(
+        self: &Arc<Self>,
+        target: &Target,
+        entry: &Arc<Entry>,
+        tls: &ServiceTls,
+        io: IO,
+        opened: Opened,
+        keep: K,
+        via: String,
+    ) -> Result<(h2::client::SendRequest<Bytes>, SystemTime), Failure>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        K: Send + 'static,
+    {
         let name = ServerName::try_from(target.name.clone())
             .unwrap_or_else(|_| ServerName::try_from("mesh.invalid").expect("valid name"));
         let connect = tls.connector.connect(name, io);
@@ -241,20 +291,19 @@ impl SessionPool {
         };
         mesh::recheck_resumed_server(stream.get_ref().1, &tls.verifier, &self.clock)
             .map_err(|e| fail(mesh::tls_reason(&e), e))?;
-        let peer_not_after = stream
+        let peer = stream
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(|leaf| crate::identity::inspect_cert(leaf).ok())
-            .map(|i| i.not_after)
             .ok_or_else(|| {
                 fail(
                     "no_server_certificate",
                     "the session has no peer certificate",
                 )
             })?;
-        let not_after = own_not_after.min(peer_not_after);
+        let not_after = opened.own_not_after.min(peer.not_after);
         let (send, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(SESSION_WINDOW)
@@ -265,16 +314,17 @@ impl SessionPool {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         *entry.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Live {
             generation,
-            rotation,
+            rotation: opened.rotation,
             not_after,
+            peer_serial: peer.serial,
             send: send.clone(),
         });
         self.established.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(service = %target.name, region = %target.region, addr = %target.addr, gateway = %peer, "session to the destination sidecar established");
+        tracing::info!(service = %target.name, region = ?target.region, addr = %target.addr, via = %via, "session to the destination sidecar established");
         let entry = entry.clone();
         let service = target.name.clone();
         tokio::spawn(async move {
-            let _load = load;
+            let _keep = keep;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, %service, "session ended");
             }
@@ -320,6 +370,12 @@ impl SessionPool {
             });
         }
     }
+}
+
+/// What a session's authentication is good for, read before its handshake.
+struct Opened {
+    rotation: u64,
+    own_not_after: SystemTime,
 }
 
 fn session_failure(e: &std::io::Error) -> &'static str {

@@ -240,24 +240,42 @@ listen = "127.0.0.1:0"
     }
 
     /// Sidecar B (`api`, inbound to an echo app, allows `web`) and sidecar A (`web`, an explicit
-    /// listener to B expecting `a_expects`), both ready.
-    pub async fn pair_with(&self, a_expects: SpiffeId, resumption: bool) -> Pair {
+    /// listener to B expecting `a_expects`), both ready, reusing connections as `reuse` says.
+    pub async fn pair_with(&self, a_expects: SpiffeId, reuse: Reuse) -> Pair {
         let app = echo_app().await;
         let mut b = self
             .sidecar_config("api", &inbound(app, &[id("web")]))
             .await;
-        b.resumption = resumption;
+        reuse.apply(&mut b);
         let b = start_ready(b).await;
         let to_b = listener("api", b.inbound.expect("inbound"), &[a_expects]);
         let mut a = self.sidecar_config("web", &to_b).await;
-        a.resumption = resumption;
+        reuse.apply(&mut a);
         let a = start_ready(a).await;
         Pair { a, b, app }
     }
 
-    /// [`Ca::pair_with`] where A expects B's real identity.
+    /// [`Ca::pair_with`] where A expects B's real identity, with the defaults (pooled sessions).
     pub async fn pair(&self) -> Pair {
-        self.pair_with(id("api"), true).await
+        self.pair_with(id("api"), Reuse::Pooled).await
+    }
+}
+
+/// How A reaches B for each new application connection.
+#[derive(Clone, Copy, Debug)]
+pub enum Reuse {
+    /// The default: a stream on A's warm session to B.
+    Pooled,
+    /// A TLS connection each, resumed from a ticket when possible (`pooling = false`).
+    Resumption,
+    /// A full mutual handshake each (`pooling = false`, `resumption = false`).
+    Nothing,
+}
+
+impl Reuse {
+    pub fn apply(self, c: &mut SidecarConfig) {
+        c.pooling = matches!(self, Reuse::Pooled);
+        c.resumption = !matches!(self, Reuse::Nothing);
     }
 }
 

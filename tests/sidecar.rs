@@ -32,7 +32,7 @@ fn closed(b: &Bound, direction: &'static str) -> u64 {
 }
 
 /// A bulk transfer both ways at once, larger than any splice buffer, arrives intact and in order
-/// (the copy buffers grow from 2 KiB under load), and half-close is carried through.
+/// (many copy buffers each way), and half-close is carried through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_transfer_arrives_intact_and_half_close_is_carried() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -12,9 +12,9 @@
 #    for at most --wait-max seconds, default 2400), then measures anyway if it never got quiet.
 # 4. Run "off" (like for like: every new connection is a full mutual handshake):
 #      direct, haproxy-plain, ztunnel (ZTUNNEL_POOL_MAX_STREAMS=1), envoy, haproxy, nginx,
-#      sidecar = trustline (TRUSTLINE_RESUMPTION=false)
+#      sidecar = trustline (TRUSTLINE_RESUMPTION=false TRUSTLINE_POOLING=false)
 #    Run "defaults": direct, ztunnel (its default HBONE pooling), sidecar = trustline with its own
-#      default (TRUSTLINE_RESUMPTION=true).
+#      defaults (TRUSTLINE_RESUMPTION=true TRUSTLINE_POOLING=true: one warm session, a stream per connection).
 #    (PEERS_OFF / PEERS_DEFAULTS override these lists.)
 # 5. Writes OUT/{off,defaults}/results.{md,csv} + raw.jsonl + run.json (the harness's files),
 #    OUT/summary.md (both runs, ratios to direct, the project's goals), OUT/log.txt (each cell
@@ -122,8 +122,8 @@ run() { # run NAME PEERS ENV... : one harness run, every cell line stamped with 
     done | tee -a "$OUT/log.txt"
 }
 run off "$PEERS_OFF" \
-  TRUSTLINE_RESUMPTION=false ZTUNNEL_POOL_MAX_STREAMS=1
-((DEFAULTS)) && run defaults "$PEERS_DEFAULTS" TRUSTLINE_RESUMPTION=true
+  TRUSTLINE_RESUMPTION=false TRUSTLINE_POOLING=false ZTUNNEL_POOL_MAX_STREAMS=1
+((DEFAULTS)) && run defaults "$PEERS_DEFAULTS" TRUSTLINE_RESUMPTION=true TRUSTLINE_POOLING=true
 
 python3 - "$OUT" <<'EOF'
 import csv, json, statistics, sys

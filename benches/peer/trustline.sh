@@ -17,6 +17,8 @@
 #   TRUSTLINE_BUILD_REV   git revision the binary was built from, for `version` (default: the work tree's)
 #   TRUSTLINE_RESUMPTION  false (default: like-for-like with the peers, every connection is a full
 #                         mutual handshake) or true (trustline's own default)
+#   TRUSTLINE_POOLING     false (default: like-for-like, a TLS connection per app connection) or true
+#                         (trustline's own default: one warm session per destination, a stream each)
 #   TRUSTLINE_WORKERS     worker threads per sidecar (default 1, like every peer)
 #   TRUSTLINE_RUST_LOG    log filter (default warn: no per-connection log line, like Envoy's
 #                         `-l warning` and ztunnel's RUST_LOG=warn; trustline's own default is info)
@@ -25,13 +27,16 @@ source "${PEER_LIB:?run me through shared/peer-bench/peers/sidecar.sh (SIDECAR_L
 TL_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 TL_BIN=${TRUSTLINE_BIN:-$TL_REPO/target/release/trustline}
 TL_RESUMPTION=${TRUSTLINE_RESUMPTION:-false}
+TL_POOLING=${TRUSTLINE_POOLING:-false}
 TL_WORKERS=${TRUSTLINE_WORKERS:-1}
 TL_LOG=${TRUSTLINE_RUST_LOG:-warn}
-case $TL_RESUMPTION in true | false) ;; *)
-  echo "TRUSTLINE_RESUMPTION must be true or false, not '$TL_RESUMPTION'" >&2; exit 2 ;;
-esac
+for knob in TL_RESUMPTION TL_POOLING; do
+  case ${!knob} in true | false) ;; *)
+    echo "TRUSTLINE_${knob#TL_} must be true or false, not '${!knob}'" >&2; exit 2 ;;
+  esac
+done
 TD=spiffe://example.org/ns/default/sa
-PEER_DESC="trustline sidecar pair, explicit listener -> [inbound], mTLS 1.3 rustls/aws-lc (server SPIFFE ID pinned; allow list = client ID); $TL_WORKERS worker(s) each, resumption $TL_RESUMPTION, RUST_LOG=$TL_LOG"
+PEER_DESC="trustline sidecar pair, explicit listener -> [inbound], mTLS 1.3 rustls/aws-lc (server SPIFFE ID pinned; allow list = client ID); $TL_WORKERS worker(s) each, resumption $TL_RESUMPTION, pooling $TL_POOLING, RUST_LOG=$TL_LOG"
 
 version() {
   if [[ ! -x $TL_BIN ]]; then
@@ -62,6 +67,7 @@ trust_domain = "example.org"
 spiffe_id = "$1"
 bundle = "$4"
 resumption = $TL_RESUMPTION
+pooling = $TL_POOLING
 workers = $TL_WORKERS
 
 [identity]

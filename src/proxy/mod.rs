@@ -18,6 +18,8 @@ mod inbound;
 pub mod metrics;
 mod outbound;
 pub mod redirect;
+mod splice;
+pub(crate) use splice::splice;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -549,44 +551,4 @@ pub(crate) fn original_dst(tcp: &tokio::net::TcpStream) -> Option<SocketAddr> {
     .ok()?
     .as_socket()?;
     (orig != local).then_some(orig)
-}
-
-/// Smallest and largest copy buffer per direction.
-const SPLICE_START: usize = 2 * 1024;
-const SPLICE_MAX: usize = 64 * 1024;
-
-/// One direction: read, write, grow the buffer only while reads fill it. An idle connection
-/// holds 2 KiB per direction; a bulk transfer grows to 64 KiB. On EOF the write side is shut.
-async fn pump<R, W>(mut from: R, mut to: W) -> std::io::Result<u64>
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; SPLICE_START];
-    let mut total = 0u64;
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            to.shutdown().await?;
-            return Ok(total);
-        }
-        to.write_all(&buf[..n]).await?;
-        to.flush().await?;
-        total += n as u64;
-        if n == buf.len() && buf.len() < SPLICE_MAX {
-            buf.resize(buf.len() * 2, 0);
-        }
-    }
-}
-
-/// Copies both ways until both sides are done; returns (to_peer, from_peer) byte counts.
-pub(crate) async fn splice<A, B>(app: &mut A, peer: &mut B) -> std::io::Result<(u64, u64)>
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let (app_r, app_w) = tokio::io::split(app);
-    let (peer_r, peer_w) = tokio::io::split(peer);
-    tokio::try_join!(pump(app_r, peer_w), pump(peer_r, app_w))
 }

@@ -2,9 +2,11 @@
 //! handshake, revocations honoured, and a short reason for every refusal.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use rustc_hash::FxHashMap;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -44,6 +46,74 @@ pub fn unexpected_identity(detail: String) -> rustls::Error {
 pub struct Trust {
     bundle: ArcSwap<Bundle>,
     client_verifier: ArcSwap<Arc<dyn ClientCertVerifier>>,
+    /// Bumped by every bundle change: chains verified against an older bundle are checked again.
+    generation: AtomicU64,
+    verified: Mutex<FxHashMap<Box<[u8]>, Window>>,
+}
+
+/// Most chains remembered as verified (a sidecar sees a few peers, each with one SVID at a
+/// time); when full, the memory starts over.
+const VERIFIED_CHAINS: usize = 512;
+
+/// When a remembered chain holds: verified against bundle `generation`, and every certificate
+/// of it valid from `not_before` to `not_after` (Unix seconds).
+#[derive(Clone, Copy)]
+struct Window {
+    generation: u64,
+    not_before: u64,
+    not_after: u64,
+}
+
+/// Which end a chain was presented by: client and server chains pass different checks (the
+/// extended key usage), so one is never taken for the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Presenter {
+    Client = 1,
+    Server = 2,
+}
+
+/// The cache key of a presented chain: the presenter, then each certificate's length and bytes.
+fn chain_key(
+    by: Presenter,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+) -> Box<[u8]> {
+    let mut key = Vec::with_capacity(
+        1 + std::iter::once(end_entity)
+            .chain(intermediates)
+            .map(|c| c.len() + 4)
+            .sum::<usize>(),
+    );
+    key.push(by as u8);
+    for c in std::iter::once(end_entity).chain(intermediates) {
+        key.extend_from_slice(&(c.len() as u32).to_be_bytes());
+        key.extend_from_slice(c);
+    }
+    key.into_boxed_slice()
+}
+
+/// The time every certificate of the chain is valid, `None` if one does not parse.
+fn chain_window(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    generation: u64,
+) -> Option<Window> {
+    let mut w = Window {
+        generation,
+        not_before: 0,
+        not_after: u64::MAX,
+    };
+    for c in std::iter::once(end_entity).chain(intermediates) {
+        let (_, cert) = x509_parser::parse_x509_certificate(c.as_ref()).ok()?;
+        let v = cert.validity();
+        w.not_before = w
+            .not_before
+            .max(u64::try_from(v.not_before.timestamp()).ok()?);
+        w.not_after = w
+            .not_after
+            .min(u64::try_from(v.not_after.timestamp()).ok()?);
+    }
+    Some(w)
 }
 
 impl std::fmt::Debug for Trust {
@@ -66,6 +136,8 @@ impl Trust {
         Ok(Arc::new(Trust {
             client_verifier: ArcSwap::from_pointee(webpki_client_verifier(&bundle)?),
             bundle: ArcSwap::from_pointee(bundle),
+            generation: AtomicU64::new(0),
+            verified: Mutex::new(FxHashMap::default()),
         }))
     }
 
@@ -79,6 +151,45 @@ impl Trust {
         self.client_verifier
             .store(Arc::new(webpki_client_verifier(&bundle)?));
         self.bundle.store(Arc::new(bundle));
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.lock_verified().clear();
+        Ok(())
+    }
+
+    fn lock_verified(&self) -> std::sync::MutexGuard<'_, FxHashMap<Box<[u8]>, Window>> {
+        self.verified.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `verify_path` (the signature and path checks of the chain against the bundle) unless
+    /// this exact chain already passed it against the bundle in force and all its certificates
+    /// are valid at `now`. Every connection between two sidecars presents the same chain until
+    /// an SVID rotates, so this turns two signature verifications per handshake and side into a
+    /// lookup. Failures are not remembered; the SPIFFE checks that follow still run every time.
+    pub fn verify_path_cached(
+        &self,
+        by: Presenter,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        verify_path: impl FnOnce() -> Result<(), rustls::Error>,
+    ) -> Result<(), rustls::Error> {
+        // Read before verifying: a bundle change meanwhile makes this entry stale at once.
+        let generation = self.generation.load(Ordering::SeqCst);
+        let key = chain_key(by, end_entity, intermediates);
+        let secs = now.as_secs();
+        if let Some(w) = self.lock_verified().get(&key) {
+            if w.generation == generation && (w.not_before..=w.not_after).contains(&secs) {
+                return Ok(());
+            }
+        }
+        verify_path()?;
+        if let Some(w) = chain_window(end_entity, intermediates, generation) {
+            let mut verified = self.lock_verified();
+            if verified.len() >= VERIFIED_CHAINS {
+                verified.clear();
+            }
+            verified.insert(key, w);
+        }
         Ok(())
     }
 }
@@ -190,8 +301,16 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let webpki = self.trust.client_verifier.load();
-        if let Err(e) = webpki.verify_client_cert(end_entity, intermediates, now) {
+        let webpki = self.trust.client_verifier.load_full();
+        let by = Presenter::Client;
+        let path = self
+            .trust
+            .verify_path_cached(by, end_entity, intermediates, now, || {
+                webpki
+                    .verify_client_cert(end_entity, intermediates, now)
+                    .map(|_| ())
+            });
+        if let Err(e) = path {
             // webpki refuses a CA certificate as end entity before the SPIFFE check runs, with an
             // error rustls has no variant for (`Other`): report it as that check would.
             let other = matches!(
@@ -261,13 +380,11 @@ impl ServerCertVerifier for MeshServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let bundle = self.trust.bundle();
-        super::verify_spiffe_server(
-            &bundle.store(),
-            &self.expected,
-            end_entity,
-            intermediates,
-            now,
-        )?;
+        self.trust
+            .verify_path_cached(Presenter::Server, end_entity, intermediates, now, || {
+                super::verify_path(&bundle.store(), end_entity, intermediates, now)
+            })?;
+        super::check_server_identity(&self.expected, end_entity)?;
         // Trust domain and revocation after the path, so an unknown issuer is reported as such.
         self.checks.check(end_entity)?;
         Ok(ServerCertVerified::assertion())
@@ -422,4 +539,99 @@ pub fn recheck_resumed_server(
     verifier
         .verify_server_cert(leaf, rest, &name, &[], unix_now(clock))
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn cert(not_after_secs: i64) -> CertificateDer<'static> {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.not_before = time::OffsetDateTime::from_unix_timestamp(1_000).expect("time");
+        p.not_after = time::OffsetDateTime::from_unix_timestamp(not_after_secs).expect("time");
+        let key = rcgen::KeyPair::generate().expect("key");
+        p.self_signed(&key).expect("cert").der().clone()
+    }
+
+    fn trust(root: &CertificateDer<'static>) -> Arc<Trust> {
+        let td = crate::identity::parse_trust_domain("example.org").expect("td");
+        Trust::new(Bundle::new(td, vec![root.clone()]).expect("bundle")).expect("trust")
+    }
+
+    /// Runs the cached check and says whether the real check ran.
+    fn ran(trust: &Trust, by: Presenter, leaf: &CertificateDer<'_>, at: u64, ok: bool) -> bool {
+        let ran = Cell::new(false);
+        let verify = || {
+            ran.set(true);
+            if ok {
+                Ok(())
+            } else {
+                Err(rustls::Error::InvalidCertificate(
+                    CertificateError::BadSignature,
+                ))
+            }
+        };
+        let got = trust.verify_path_cached(
+            by,
+            leaf,
+            &[],
+            UnixTime::since_unix_epoch(std::time::Duration::from_secs(at)),
+            verify,
+        );
+        assert_eq!(
+            got.is_ok(),
+            ok || !ran.get(),
+            "the verdict follows the real check"
+        );
+        ran.get()
+    }
+
+    #[test]
+    fn a_verified_chain_is_remembered_within_its_validity_for_its_presenter_and_bundle() {
+        let leaf = cert(5_000);
+        let t = trust(&leaf);
+        assert!(
+            ran(&t, Presenter::Client, &leaf, 2_000, true),
+            "first time: verified"
+        );
+        assert!(
+            !ran(&t, Presenter::Client, &leaf, 3_000, true),
+            "again: remembered"
+        );
+        assert!(
+            ran(&t, Presenter::Server, &leaf, 3_000, true),
+            "the other end: verified"
+        );
+        assert!(
+            ran(&t, Presenter::Client, &leaf, 5_001, false),
+            "expired: verified again"
+        );
+        assert!(
+            ran(&t, Presenter::Client, &leaf, 999, false),
+            "not yet valid: verified again"
+        );
+        assert!(
+            !ran(&t, Presenter::Client, &leaf, 4_000, true),
+            "still remembered in its window"
+        );
+        let other = cert(9_000);
+        t.set_bundle(Bundle::new(t.bundle().trust_domain.clone(), vec![other]).unwrap())
+            .unwrap();
+        assert!(
+            ran(&t, Presenter::Client, &leaf, 3_000, false),
+            "new bundle: verified again"
+        );
+    }
+
+    #[test]
+    fn a_failed_chain_is_not_remembered() {
+        let leaf = cert(5_000);
+        let t = trust(&leaf);
+        assert!(ran(&t, Presenter::Client, &leaf, 2_000, false));
+        assert!(
+            ran(&t, Presenter::Client, &leaf, 2_000, false),
+            "a failure is checked again"
+        );
+    }
 }

@@ -88,6 +88,18 @@ pub fn verify_spiffe_server(
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
 ) -> Result<ServerCertVerified, rustls::Error> {
+    verify_path(roots, end_entity, intermediates, now)?;
+    check_server_identity(expected, end_entity)?;
+    Ok(ServerCertVerified::assertion())
+}
+
+/// The path and signature checks of a server's chain to `roots` at `now`.
+pub fn verify_path(
+    roots: &RootCertStore,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+) -> Result<(), rustls::Error> {
     let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
     rustls::client::verify_server_cert_signed_by_trust_anchor(
         &parsed,
@@ -95,7 +107,14 @@ pub fn verify_spiffe_server(
         intermediates,
         now,
         provider().signature_verification_algorithms.all,
-    )?;
+    )
+}
+
+/// Exactly one SPIFFE URI SAN, leaf not a CA, identity accepted by `expected`.
+pub fn check_server_identity(
+    expected: &ExpectedPeer,
+    end_entity: &CertificateDer<'_>,
+) -> Result<(), rustls::Error> {
     let info = inspect_cert(end_entity).map_err(|e| other_err(e.to_string()))?;
     if info.is_ca {
         return Err(other_err(
@@ -108,7 +127,7 @@ pub fn verify_spiffe_server(
             info.id
         )));
     }
-    Ok(ServerCertVerified::assertion())
+    Ok(())
 }
 
 /// What every trustline verifier answers to a TLS 1.2 signature: trustline speaks TLS 1.3 only.

@@ -32,6 +32,12 @@
 //! The price is head-of-line blocking between the application connections of one session (one
 //! QUIC stream carries it), which is what HBONE over HTTP/2 pays too.
 //!
+//! The same sessions serve sidecars of one region (`pooling`, on by default): there the session
+//! is a direct TCP connection to the destination sidecar, and what it saves is not round trips
+//! but CPU, a full mutual handshake per application connection. The destination's checks and
+//! the retirement rules are the same; a session is also retired when the destination's
+//! certificate is revoked, and a draining destination sends GOAWAY.
+//!
 //! # The tunnel
 //!
 //! Every QUIC connection (sidecar → local gateway, gateway → remote gateway) is mutually

@@ -63,13 +63,17 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
         },
     };
     let started = Instant::now();
+    // The handshake's state is boxed so that it is freed once done, instead of sizing the task
+    // of every connection for its whole life.
     let handshake = tokio::time::timeout(
         shared.config.handshake_timeout,
-        shared.server_tls.accept(tcp),
+        Box::pin(shared.server_tls.accept(tcp)),
     )
     .await;
+    // Boxed: the stream is handed down by value (session, policy, splice), and each hand-over
+    // would otherwise add a copy of the whole TLS state to the connection's task.
     let tls = match handshake {
-        Ok(Ok(t)) => t,
+        Ok(Ok(t)) => Box::new(t),
         Ok(Err(e)) => {
             let reason = failure_reason(&e);
             m.fail(DIR, reason);
@@ -93,23 +97,20 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
     m.handshake
         .get_or_create(&Dir { direction: DIR })
         .observe(started.elapsed().as_secs_f64());
-    let chain = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .map(<[_]>::to_vec)
-        .unwrap_or_default();
+    let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
     // The verifier already required one valid SPIFFE URI SAN; read it back for the decision.
     let Some(info) = chain.first().and_then(|c| inspect_cert(c).ok()) else {
         m.fail(DIR, "no_client_certificate");
         return;
     };
     let caller = Verified {
-        region: region_of_chain(&chain),
+        region: region_of_chain(chain),
         info,
     };
     if tls.get_ref().1.alpn_protocol() == Some(crate::tunnel::SESSION_ALPN) {
-        serve_session(tls, Arc::new(caller), target, shared).await;
+        // Boxed here and below: a connection's task is as large as its largest path, and the
+        // HTTP/2 and HTTP/1 servers would otherwise make every plain connection pay for them.
+        Box::pin(serve_session(tls, Arc::new(caller), target, shared)).await;
         return;
     }
     if let Some(verdict) = admit(&caller, target.port(), &shared) {
@@ -181,7 +182,7 @@ where
         Verdict::Http(authz, peer) => {
             let m = &shared.metrics;
             m.opened.get_or_create(&Dir { direction: DIR }).inc();
-            super::http::serve(io, authz, peer, target).await;
+            Box::pin(super::http::serve(io, authz, peer, target)).await;
             m.closed.get_or_create(&Dir { direction: DIR }).inc();
         }
         Verdict::Forward(ticket) => forward(io, target, ticket, shared).await,

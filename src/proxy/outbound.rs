@@ -71,7 +71,7 @@ async fn transparent(tcp: TcpStream, shared: Arc<Shared>) {
     {
         Some(service) => to_service(tcp, service, orig, shared).await,
         None => match shared.config.outbound.map(|o| o.1) {
-            Some(UnknownDestination::Passthrough) => passthrough(tcp, orig, shared).await,
+            Some(UnknownDestination::Passthrough) => Box::pin(passthrough(tcp, orig, shared)).await,
             _ => {
                 m.fail(DIR, "unknown_destination");
                 tracing::warn!(reason = "unknown_destination", destination = %orig, "refused: not a known service");
@@ -128,7 +128,8 @@ async fn to_service(mut app: TcpStream, service: usize, addr: SocketAddr, shared
             region: svc.region.clone(),
             addr,
         };
-        return on_session(app, &target, pool, &shared).await;
+        // Boxed: the session path (HTTP/2 client) would otherwise size every connection's task.
+        return Box::pin(on_session(app, &target, pool, &shared)).await;
     }
     let started = Instant::now();
     let up = match TcpStream::connect(addr).await {
@@ -140,7 +141,8 @@ async fn to_service(mut app: TcpStream, service: usize, addr: SocketAddr, shared
         }
     };
     let _ = up.set_nodelay(true);
-    let connect = shared.client_tls[service].connect(server_name(&svc.name), up);
+    // Boxed: the handshake's state is freed once done instead of sizing the connection's task.
+    let connect = Box::pin(shared.client_tls[service].connect(server_name(&svc.name), up));
     let mut tls = match tokio::time::timeout(shared.config.handshake_timeout, connect).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {

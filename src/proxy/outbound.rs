@@ -187,11 +187,11 @@ async fn on_session(
         Ok(s) => s,
         Err(f) => {
             m.fail(DIR, f.reason);
-            tracing::warn!(reason = f.reason, detail = %f.detail, service = %target.name, region = ?target.region, addr = %target.addr, "connection over a session failed");
+            tracing::warn!(reason = f.reason, detail = %f.detail, service = %target.name, region = target.region.as_deref().unwrap_or("(ours)"), addr = %target.addr, "connection over a session failed");
             return;
         }
     };
-    tracing::debug!(service = %target.name, region = ?target.region, addr = %target.addr, "stream opened on the session");
+    tracing::debug!(service = %target.name, region = target.region.as_deref().unwrap_or("(ours)"), addr = %target.addr, "stream opened on the session");
     carry(&mut app, &mut stream, m).await;
 }
 

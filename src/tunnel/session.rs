@@ -320,7 +320,7 @@ impl SessionPool {
             send: send.clone(),
         });
         self.established.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(service = %target.name, region = ?target.region, addr = %target.addr, via = %via, "session to the destination sidecar established");
+        tracing::info!(service = %target.name, region = target.region.as_deref().unwrap_or("(ours)"), addr = %target.addr, via = %via, "session to the destination sidecar established");
         let entry = entry.clone();
         let service = target.name.clone();
         tokio::spawn(async move {

@@ -9,9 +9,12 @@
 //!   of a resumed peer on both ends and the inbound side's read-back of the caller's SPIFFE ID.
 //!   With resumption off (full handshake) and on (resumed from a ticket; the new tickets the
 //!   server sends are delivered too, as they are on a real connection), and, to show what the
-//!   re-check costs, a resumed handshake without it.
+//!   re-check costs, a resumed handshake without it. The peers' chains are remembered as verified
+//!   after the first time (`tls::mesh::Trust`), as between two sidecars; "not seen before" empties
+//!   that memory before each handshake (untimed), so both ends check the path again.
 //! - `spiffe_verify`: the sidecar's certificate verifiers called directly on a peer's chain
-//!   (leaf + intermediate), `inspect_cert` alone, and `identity::parse_id`.
+//!   (leaf + intermediate; remembered, and not seen before), `inspect_cert` alone, and
+//!   `identity::parse_id`.
 //! - `splice`: 1 MiB in 16 KiB writes through one TLS 1.3 record layer, client to server:
 //!   encryption, record framing, decryption and the copies in and out of rustls. No sockets and
 //!   no kernel, so this is an upper bound on what a sidecar's splice can move per core.
@@ -103,6 +106,8 @@ impl Pki {
 /// Two sidecars' TLS ends, configured as `proxy::build` configures them: the server (`api`)
 /// verifies callers with [`SpiffeClientVerifier`], the client (`web`) expects `api`.
 struct Mesh {
+    /// Both verifiers' trust: its memory of verified chains is emptied by `forget_chains`.
+    trust: Arc<Trust>,
     client_verifier: Arc<SpiffeClientVerifier>,
     server_verifier: Arc<MeshServerVerifier>,
     client_svid: Arc<mesh::SvidResolver>,
@@ -114,6 +119,13 @@ struct Mesh {
 }
 
 impl Mesh {
+    /// Makes every chain new to the verifiers again (a bundle change does that), so the next
+    /// verification runs the full path check: the cost of a peer not seen before.
+    fn forget_chains(&self) {
+        let bundle = (*self.trust.bundle()).clone();
+        self.trust.set_bundle(bundle).expect("same bundle");
+    }
+
     fn new() -> Self {
         let pki = Pki::new();
         let trust = Trust::new(pki.authority.bundle.clone()).expect("trust");
@@ -123,10 +135,11 @@ impl Mesh {
         };
         let client_verifier = Arc::new(SpiffeClientVerifier::new(trust.clone(), checks.clone()));
         let expected = ExpectedPeer::AnyOf(vec![server_id()]);
-        let server_verifier = Arc::new(MeshServerVerifier::new(trust, expected, checks));
+        let server_verifier = Arc::new(MeshServerVerifier::new(trust.clone(), expected, checks));
         let (client_svid, client_chain) = pki.resolver(&client_id());
         let (server_svid, server_chain) = pki.resolver(&server_id());
         Mesh {
+            trust,
             client_verifier,
             server_verifier,
             client_svid,
@@ -257,6 +270,18 @@ fn bench_handshake(c: &mut Criterion, mesh: &Mesh) {
             })
         });
     }
+    // A peer whose chain the sidecar has not verified before (its first connection, or the first
+    // after the peer rotated): the path and its signatures are checked on both ends.
+    g.bench_function("full, peer chains not seen before", |b| {
+        b.iter_batched(
+            || mesh.forget_chains(),
+            |()| {
+                let (c, s) = handshake(&full.0, &full.1, &mut wire);
+                black_box(after_handshake(mesh, &c, &s))
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
     // For attribution only: the sidecar never skips the re-check of a resumed peer.
     g.bench_function("resumed, without the sidecar's re-check", |b| {
         b.iter(|| black_box(handshake(&resumed.0, &resumed.1, &mut wire)))
@@ -296,6 +321,17 @@ fn bench_spiffe_verify(c: &mut Criterion, mesh: &Mesh) {
                 )
                 .is_ok()
         })
+    });
+    g.bench_function("verify_client_cert, chain not seen before", |b| {
+        b.iter_batched(
+            || mesh.forget_chains(),
+            |()| {
+                mesh.client_verifier
+                    .verify_client_cert(black_box(client_leaf), black_box(client_rest), now)
+                    .is_ok()
+            },
+            criterion::BatchSize::PerIteration,
+        )
     });
     g.bench_function("inspect_cert (leaf facts only)", |b| {
         b.iter(|| inspect_cert(black_box(client_leaf)).is_ok())

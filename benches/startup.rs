@@ -16,9 +16,13 @@
 //! Run: `cargo bench --bench startup`. Environment (optional): `TL_BENCH_RUNS` (20),
 //! `TL_BENCH_BIN` (another `trustline` binary). Exits non-zero if a sidecar is not ready in 10 s.
 
+#[path = "support/mod.rs"]
+mod support;
+use support::{free_port, run_cli};
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::mpsc;
@@ -330,20 +334,4 @@ impl Drop for Ca {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn run_cli(cmd: &mut Command) {
-    let out = cmd.output().expect("running trustline");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A port that was free a moment ago.
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("finding a free port")
 }

@@ -235,6 +235,7 @@ async fn sidecar(
         region: Some("eu-west".into()),
         resumption: true,
         pooling: true,
+        pool_idle_timeout: Duration::from_secs(60),
         drain_timeout: Duration::from_secs(1),
         handshake_timeout: Duration::from_secs(5),
         workers: 1,

@@ -444,6 +444,73 @@ async fn new_connections_ride_one_session_and_each_is_decided() {
     }
 }
 
+/// A same-region session that carries no new stream for `pool_idle_timeout` is closed on both
+/// ends once its open streams are done; a connection open across the idle time keeps working,
+/// and the next new connection opens another session.
+#[tokio::test]
+async fn an_idle_pooled_session_is_closed_and_the_next_connection_opens_another() {
+    let ca = start_ca(HOUR).await;
+    let app = echo_app().await;
+    let b = start_ready(ca.sidecar_config("api", &inbound(app, &[id("web")])).await).await;
+    let to_b = listener("api", b.inbound.expect("inbound"), &[id("api")]);
+    let mut a = ca.sidecar_config("web", &to_b).await;
+    a.pool_idle_timeout = Duration::from_millis(800);
+    let a = start_ready(a).await;
+    let entry = a.listeners[0];
+    let sessions = || {
+        a.sessions
+            .as_ref()
+            .expect("pool")
+            .established
+            .load(Ordering::Relaxed)
+    };
+    let mut open = TcpStream::connect(entry).await.unwrap();
+    assert_eq!(round_trip(&mut open, b"one").await.unwrap(), b"one");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(round_trip(&mut open, b"still").await.unwrap(), b"still");
+    assert_eq!(
+        b.active_connections(),
+        1,
+        "the session stays while a stream is open"
+    );
+    drop(open);
+    eventually("B's end of the idle session is closed", || {
+        b.active_connections() == 0
+    })
+    .await;
+    assert_eq!(sessions(), 1);
+    assert_eq!(call(entry, b"two").await.unwrap(), b"two");
+    assert_eq!(sessions(), 2, "a new session after the idle one closed");
+}
+
+/// Many idle connections on one session do not starve a new one of flow-control window (an
+/// idle stream must not hold window it is not using: 300 × 64 KiB would exceed the session's).
+#[tokio::test]
+async fn many_idle_pooled_connections_leave_room_for_a_new_one() {
+    let ca = start_ca(HOUR).await;
+    let p = ca.pair().await;
+    let mut idle = Vec::new();
+    for i in 0..300 {
+        let mut c = TcpStream::connect(p.entry()).await.unwrap();
+        let msg = format!("idle {i}");
+        assert_eq!(
+            round_trip(&mut c, msg.as_bytes()).await.unwrap(),
+            msg.as_bytes()
+        );
+        idle.push(c);
+    }
+    let got = tokio::time::timeout(PATIENCE, call(p.entry(), b"new")).await;
+    assert_eq!(got.expect("answered in time").unwrap(), b"new");
+    assert_eq!(
+        p.a.sessions
+            .as_ref()
+            .expect("pool")
+            .established
+            .load(Ordering::Relaxed),
+        1
+    );
+}
+
 /// A revoked destination: A retires its warm session to B once A's revocation list has B's
 /// serial, and the new handshake refuses B, so no new connection reaches B's app.
 #[tokio::test]

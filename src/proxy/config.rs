@@ -49,6 +49,7 @@ struct SidecarFile {
     bundle: PathBuf,
     resumption: Option<bool>,
     pooling: Option<bool>,
+    pool_idle_timeout: Option<String>,
     drain_timeout: Option<String>,
     handshake_timeout: Option<String>,
     workers: Option<usize>,
@@ -199,6 +200,9 @@ pub struct SidecarConfig {
     /// Same-region services: one warm multiplexed session per destination sidecar address
     /// instead of a handshake per connection (see [`crate::tunnel::session`]).
     pub pooling: bool,
+    /// A same-region session with no new stream for this long is closed (after its last open
+    /// stream ends).
+    pub pool_idle_timeout: Duration,
     pub drain_timeout: Duration,
     pub handshake_timeout: Duration,
     pub workers: usize,
@@ -350,6 +354,14 @@ impl SidecarConfig {
                 "nothing to do: configure [inbound], [outbound] or a [[listener]]",
             ));
         }
+        let pool_idle_timeout = ctx.duration(
+            "pool_idle_timeout",
+            raw.pool_idle_timeout.as_deref(),
+            Duration::from_secs(60),
+        )?;
+        if pool_idle_timeout.is_zero() {
+            return Err(ctx.err("pool_idle_timeout", "must be more than 0"));
+        }
         let workers = raw.workers.unwrap_or(1);
         if !(1..=64).contains(&workers) {
             return Err(ctx.err("workers", format!("{workers}: expected 1..=64")));
@@ -360,6 +372,7 @@ impl SidecarConfig {
             region: raw.region,
             resumption: raw.resumption.unwrap_or(true),
             pooling: raw.pooling.unwrap_or(true),
+            pool_idle_timeout,
             drain_timeout: ctx.duration(
                 "drain_timeout",
                 raw.drain_timeout.as_deref(),

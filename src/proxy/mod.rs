@@ -387,7 +387,10 @@ fn sessions(
         per_service,
         identity.clone(),
         clock.clone(),
-        config.handshake_timeout,
+        session::Timeouts {
+            handshake: config.handshake_timeout,
+            idle: config.pool_idle_timeout,
+        },
     );
     if config.tunnel.as_ref().is_some_and(|t| t.prewarm) {
         let targets = config

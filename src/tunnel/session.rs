@@ -72,6 +72,26 @@ struct Entry {
     live: Mutex<Option<Live>>,
     dial: tokio::sync::Mutex<()>,
     ended: Notify,
+    /// When a stream was last opened, in milliseconds since the pool started.
+    last_used: AtomicU64,
+}
+
+impl Entry {
+    /// Drops the session if it is still the one of `generation`: no new stream will use it.
+    fn retire(&self, generation: u64) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.as_ref().is_some_and(|l| l.generation == generation) {
+            *live = None;
+        }
+    }
+}
+
+/// How long a session handshake may take, and how long a same-region session may go without a
+/// new stream before it is closed.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub handshake: Duration,
+    pub idle: Duration,
 }
 
 /// Per service: the TLS client (session ALPN, the service's expected IDs) and its verifier.
@@ -87,7 +107,8 @@ pub struct SessionPool {
     tls: Vec<Option<ServiceTls>>,
     identity: Arc<Identity>,
     clock: Clock,
-    handshake_timeout: Duration,
+    timeouts: Timeouts,
+    started: std::time::Instant,
     entries: Mutex<HashMap<Target, Arc<Entry>>>,
     generation: AtomicU64,
     /// Sessions established (cold starts), for metrics and tests.
@@ -100,14 +121,15 @@ impl SessionPool {
         tls: Vec<Option<ServiceTls>>,
         identity: Arc<Identity>,
         clock: Clock,
-        handshake_timeout: Duration,
+        timeouts: Timeouts,
     ) -> Arc<Self> {
         Arc::new(SessionPool {
             gateways,
             tls,
             identity,
             clock,
-            handshake_timeout,
+            timeouts,
+            started: std::time::Instant::now(),
             entries: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
             established: AtomicU64::new(0),
@@ -132,6 +154,10 @@ impl SessionPool {
         }
         *live = None;
         None
+    }
+
+    fn millis(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 
     fn entry(&self, t: &Target) -> Arc<Entry> {
@@ -160,6 +186,7 @@ impl SessionPool {
     /// first read.
     pub async fn connect(self: &Arc<Self>, target: &Target) -> Result<H2Stream, Failure> {
         let entry = self.entry(target);
+        entry.last_used.store(self.millis(), Ordering::Relaxed);
         for attempt in 0..2 {
             let (mut send, _) = self.session(target, &entry).await?;
             match send.clone().ready().await {
@@ -287,7 +314,7 @@ impl SessionPool {
         let name = ServerName::try_from(target.name.clone())
             .unwrap_or_else(|_| ServerName::try_from("mesh.invalid").expect("valid name"));
         let connect = tls.connector.connect(name, io);
-        let stream = match tokio::time::timeout(self.handshake_timeout, connect).await {
+        let stream = match tokio::time::timeout(self.timeouts.handshake, connect).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(fail(session_failure(&e), e)),
             Err(_) => return Err(fail("handshake_timeout", "session handshake timed out")),
@@ -327,16 +354,35 @@ impl SessionPool {
         tracing::info!(service = %target.name, region = target.region.as_deref().unwrap_or("(ours)"), addr = %target.addr, via = %via, "session to the destination sidecar established");
         let entry = entry.clone();
         let service = target.name.clone();
+        // Same-region sessions are opened on demand, so they are also closed when idle;
+        // cross-region ones are kept warm on purpose (`prewarm`).
+        let idle = target.region.is_none().then_some(self.timeouts.idle);
+        let started = self.started; // not the pool itself: the session must not keep it alive
         tokio::spawn(async move {
             let _keep = keep;
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %service, "session ended");
+            tokio::pin!(conn);
+            let mut check = idle.map(|d| tokio::time::interval(d / 4));
+            loop {
+                tokio::select! {
+                    r = &mut conn => {
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, %service, "session ended");
+                        }
+                        break;
+                    }
+                    _ = async { check.as_mut().expect("checked").tick().await }, if check.is_some() => {
+                        let now = started.elapsed().as_millis() as u64;
+                        let unused = now.saturating_sub(entry.last_used.load(Ordering::Relaxed));
+                        if idle.is_some_and(|d| unused >= d.as_millis() as u64) {
+                            // No new stream will use it: once its open streams end, it closes.
+                            entry.retire(generation);
+                            check = None;
+                            tracing::debug!(%service, "idle session closing");
+                        }
+                    }
+                }
             }
-            let mut live = entry.live.lock().unwrap_or_else(|e| e.into_inner());
-            if live.as_ref().is_some_and(|l| l.generation == generation) {
-                *live = None;
-            }
-            drop(live);
+            entry.retire(generation);
             entry.ended.notify_waiters();
         });
         Ok((send, not_after))

@@ -127,9 +127,6 @@ impl AsyncWrite for H2Stream {
                 self.send
                     .send_data(Bytes::copy_from_slice(&buf[..n]), false)
                     .map_err(io_err)?;
-                // Ask for the next chunk's window now, so that the connection grants it while
-                // this one is written out and the next write need not wait for it.
-                self.send.reserve_capacity(MAX_CHUNK);
                 return Poll::Ready(Ok(n));
             }
             self.send.reserve_capacity(buf.len().min(MAX_CHUNK));

@@ -591,7 +591,7 @@ async fn without_a_usable_join_token_a_sidecar_is_not_ready_and_refuses() {
 /// Every new connection is a full handshake with the newest SVIDs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn svids_rotate_under_load_without_a_failed_request() {
-    rotate_under_load(Reuse::Nothing, 20).await;
+    rotate_under_load(Reuse::Nothing, 10).await;
 }
 
 /// New connections are streams on sessions, retired at each of A's rotations.
@@ -613,7 +613,11 @@ async fn pooled_sessions_follow_rotations_under_load_without_a_failed_request() 
 /// Long-lived and new connections from A to B while both rotate `rotations` times at least;
 /// returns the pair and how many times A rotated.
 async fn rotate_under_load(reuse: Reuse, rotations: u64) -> (Pair, u64) {
-    let ca = start_ca(MIN_SVID_TTL).await;
+    // Twice the CA's minimum lifetime: X.509 times are whole seconds, so a 2 s SVID can live
+    // barely 1 s and be renewed with 0.4 s to spare, which a loaded CI machine's renewal round
+    // trip (TLS to the CA, ledger fsync) sometimes exceeded; that tested the machine, not the
+    // rotation.
+    let ca = start_ca(2 * MIN_SVID_TTL).await;
     let p = ca.pair_with(id("api"), reuse).await;
     let entry = p.entry();
     let stop = Arc::new(AtomicBool::new(false));
@@ -680,12 +684,15 @@ async fn rotate_under_load(reuse: Reuse, rotations: u64) -> (Pair, u64) {
     }
     let errors = errors.lock().unwrap().clone();
     let (a, b) = rotated();
-    assert!(
-        errors.is_empty(),
-        "{} failed requests after {a}/{b} rotations, first: {:?}",
-        errors.len(),
-        &errors[..errors.len().min(5)]
-    );
+    if !errors.is_empty() {
+        panic!(
+            "{} failed requests after {a}/{b} rotations, first: {:?}; A counted {:?}, B {:?}",
+            errors.len(),
+            &errors[..errors.len().min(5)],
+            failed_series(p.a.admin).await,
+            failed_series(p.b.admin).await
+        );
+    }
     assert!(
         a >= rotations && b >= rotations,
         "only {a} (A) and {b} (B) rotations in {:?}",

@@ -117,11 +117,7 @@ async fn to_service(mut app: TcpStream, service: usize, addr: SocketAddr, shared
         return;
     }
     let svc = &shared.config.services[service];
-    if let Some(pool) = shared
-        .sessions
-        .as_ref()
-        .filter(|_| svc.region.is_some() || shared.config.pooling)
-    {
+    if let Some(pool) = shared.sessions.as_ref().filter(|p| p.serves(service)) {
         let target = crate::tunnel::session::Target {
             service,
             name: svc.name.clone(),

@@ -156,8 +156,10 @@ impl SessionPool {
         None
     }
 
-    fn millis(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+    /// Whether new connections to `service` ride a session (a service of another region, or
+    /// any service with `pooling`).
+    pub fn serves(&self, service: usize) -> bool {
+        self.tls.get(service).is_some_and(Option::is_some)
     }
 
     fn entry(&self, t: &Target) -> Arc<Entry> {
@@ -186,7 +188,9 @@ impl SessionPool {
     /// first read.
     pub async fn connect(self: &Arc<Self>, target: &Target) -> Result<H2Stream, Failure> {
         let entry = self.entry(target);
-        entry.last_used.store(self.millis(), Ordering::Relaxed);
+        entry
+            .last_used
+            .store(millis_since(self.started), Ordering::Relaxed);
         for attempt in 0..2 {
             let (mut send, _) = self.session(target, &entry).await?;
             match send.clone().ready().await {
@@ -361,7 +365,8 @@ impl SessionPool {
         tokio::spawn(async move {
             let _keep = keep;
             tokio::pin!(conn);
-            let mut check = idle.map(|d| tokio::time::interval(d / 4));
+            // Until the session is retired for idleness: the check's timer and the idle time.
+            let mut idle_check = idle.map(|d| (tokio::time::interval(d / 4), d.as_millis() as u64));
             loop {
                 tokio::select! {
                     r = &mut conn => {
@@ -370,13 +375,17 @@ impl SessionPool {
                         }
                         break;
                     }
-                    _ = async { check.as_mut().expect("checked").tick().await }, if check.is_some() => {
-                        let now = started.elapsed().as_millis() as u64;
-                        let unused = now.saturating_sub(entry.last_used.load(Ordering::Relaxed));
-                        if idle.is_some_and(|d| unused >= d.as_millis() as u64) {
+                    Some(idle_ms) = async {
+                        let (timer, idle_ms) = idle_check.as_mut()?;
+                        timer.tick().await;
+                        Some(*idle_ms)
+                    }, if idle_check.is_some() => {
+                        let unused = millis_since(started)
+                            .saturating_sub(entry.last_used.load(Ordering::Relaxed));
+                        if unused >= idle_ms {
                             // No new stream will use it: once its open streams end, it closes.
                             entry.retire(generation);
-                            check = None;
+                            idle_check = None;
                             tracing::debug!(%service, "idle session closing");
                         }
                     }
@@ -420,6 +429,11 @@ impl SessionPool {
             });
         }
     }
+}
+
+/// Milliseconds since `started` (a pool's start): the clock of `Entry::last_used`.
+fn millis_since(started: std::time::Instant) -> u64 {
+    started.elapsed().as_millis() as u64
 }
 
 /// What a session's authentication is good for, read before its handshake.

@@ -301,12 +301,14 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let webpki = self.trust.client_verifier.load_full();
+        // The verifier (and below, the bundle) is read only when the chain must be checked.
         let by = Presenter::Client;
         let path = self
             .trust
             .verify_path_cached(by, end_entity, intermediates, now, || {
-                webpki
+                self.trust
+                    .client_verifier
+                    .load()
                     .verify_client_cert(end_entity, intermediates, now)
                     .map(|_| ())
             });
@@ -379,10 +381,10 @@ impl ServerCertVerifier for MeshServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let bundle = self.trust.bundle();
         self.trust
             .verify_path_cached(Presenter::Server, end_entity, intermediates, now, || {
-                super::verify_path(&bundle.store(), end_entity, intermediates, now)
+                let roots = self.trust.bundle.load().store();
+                super::verify_path(&roots, end_entity, intermediates, now)
             })?;
         super::check_server_identity(&self.expected, end_entity)?;
         // Trust domain and revocation after the path, so an unknown issuer is reported as such.

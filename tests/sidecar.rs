@@ -782,19 +782,20 @@ async fn with_the_ca_down_traffic_flows_until_the_svids_expire_then_fails_closed
     .await;
 }
 
-#[tokio::test]
-async fn drain_refuses_new_connections_and_lets_open_ones_finish() {
-    let ca = start_ca(HOUR).await;
-    let p = ca.pair().await;
+/// Drains `drained` (one of `p`'s sidecars) while a connection through the pair stays open:
+/// new connections through A must come to be `refused`, the open one keeps working, and the
+/// drain ends by itself once it closes, well before its 20 s deadline.
+async fn drain_with_one_open<F, Fut>(p: &Pair, drained: &Bound, what: &str, refused: F)
+where
+    F: Fn(std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let entry = p.entry();
     let mut open = TcpStream::connect(entry).await.unwrap();
     assert_eq!(round_trip(&mut open, b"before").await.unwrap(), b"before");
     let started = Instant::now();
-    let (left, ()) = tokio::join!(p.a.drain(Duration::from_secs(20)), async move {
-        eventually_async("A refuses new connections", || async {
-            TcpStream::connect(entry).await.is_err()
-        })
-        .await;
+    let (left, ()) = tokio::join!(drained.drain(Duration::from_secs(20)), async move {
+        eventually_async(what, || refused(entry)).await;
         for i in 0..3 {
             let msg = format!("during drain {i}");
             let back = round_trip(&mut open, msg.as_bytes()).await;
@@ -808,36 +809,32 @@ async fn drain_refuses_new_connections_and_lets_open_ones_finish() {
     });
     assert_eq!(left, 0, "the open connection finished by itself");
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert!(TcpStream::connect(entry).await.is_err());
-    assert_eq!(p.a.active_connections(), 0);
+    assert_eq!(drained.active_connections(), 0);
+}
+
+#[tokio::test]
+async fn drain_refuses_new_connections_and_lets_open_ones_finish() {
+    let ca = start_ca(HOUR).await;
+    let p = ca.pair().await;
+    drain_with_one_open(&p, &p.a, "A refuses new connections", |entry| async move {
+        TcpStream::connect(entry).await.is_err()
+    })
+    .await;
+    assert!(TcpStream::connect(p.entry()).await.is_err());
 }
 
 /// B drains while A holds a warm session to it: B's session refuses new streams (GOAWAY), the
-/// open connection finishes, and B's drain ends with it instead of waiting for the deadline.
+/// open connection finishes, and B's drain ends with it (the session with its last stream)
+/// instead of waiting for the deadline.
 #[tokio::test]
 async fn a_draining_destination_ends_the_pooled_session() {
     let ca = start_ca(HOUR).await;
     let p = ca.pair().await;
-    let entry = p.entry();
-    let mut open = TcpStream::connect(entry).await.unwrap();
-    assert_eq!(round_trip(&mut open, b"before").await.unwrap(), b"before");
-    let started = Instant::now();
-    let (left, ()) = tokio::join!(p.b.drain(Duration::from_secs(20)), async move {
-        eventually_async("new connections through A are refused by B", || async {
-            call(entry, b"new").await.is_err()
-        })
-        .await;
-        let back = round_trip(&mut open, b"during drain").await;
-        assert_eq!(
-            back.unwrap(),
-            b"during drain",
-            "the open connection keeps working"
-        );
-        drop(open);
-    });
-    assert_eq!(left, 0, "the session ended with its last stream");
-    assert!(started.elapsed() < Duration::from_secs(10));
-    assert_eq!(p.b.active_connections(), 0);
+    let what = "new connections through A are refused by B";
+    drain_with_one_open(&p, &p.b, what, |entry| async move {
+        call(entry, b"new").await.is_err()
+    })
+    .await;
 }
 
 #[tokio::test]

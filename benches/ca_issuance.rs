@@ -26,13 +26,11 @@
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{free_port, run_cli};
+use support::CaProcess;
 
-use std::fs::File;
 use std::future::Future;
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -114,9 +112,9 @@ fn main() -> ExitCode {
 
 /// Runs every phase and prints the report; true when nothing failed.
 async fn run(s: &Settings, calibration: (f64, f64)) -> bool {
-    let mut server = Server::start(s);
+    let mut server = start_server(s);
     let meter = Meter::new(server.pid);
-    let client = server.client();
+    let client = client(&server);
     eprintln!(
         "server {} (pid {}) on {}; {} clients, load generator {} thread(s)",
         s.bin.display(),
@@ -168,125 +166,32 @@ async fn run(s: &Settings, calibration: (f64, f64)) -> bool {
     rows.iter().all(|r| r.failed == 0) && ledger_ok
 }
 
-/// The `trustline ca serve` subprocess and its directory; killed on drop (panics included).
-struct Server {
-    child: Option<Child>,
-    pid: u32,
-    api: SocketAddr,
-    data: PathBuf,
-    dir: tempfile::TempDir,
+/// The CA under test: `trustline ca serve` with `--rate-limit 0`, killed on drop (panics
+/// included).
+fn start_server(s: &Settings) -> CaProcess {
+    let log = s.server_log.as_deref();
+    let args = ["--rate-limit", "0"];
+    let up_within = Duration::from_secs(20);
+    CaProcess::start(
+        &s.bin,
+        TRUST_DOMAIN,
+        "trustline-bench-",
+        &args,
+        log,
+        up_within,
+    )
 }
 
-impl Server {
-    /// Makes a root and a regional intermediate, starts the server and waits until it listens.
-    fn start(s: &Settings) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("trustline-bench-")
-            .tempdir()
-            .expect("making a temporary directory");
-        let d = dir.path();
-        run_cli(
-            Command::new(&s.bin)
-                .args(["ca", "init", "--trust-domain", TRUST_DOMAIN, "--out"])
-                .arg(d.join("root")),
-        );
-        run_cli(
-            Command::new(&s.bin)
-                .args(["ca", "init", "--root"])
-                .arg(d.join("root"))
-                .args(["--region", "r1", "--out"])
-                .arg(d.join("r1")),
-        );
-        let api = free_port();
-        let data = d.join("data");
-        let log = File::create(d.join("server.log")).expect("creating server.log");
-        let mut cmd = Command::new(&s.bin);
-        cmd.args(["ca", "serve", "--ca"])
-            .arg(d.join("r1"))
-            .arg("--data")
-            .arg(&data)
-            .args(["--listen", &api.to_string()])
-            .args([
-                "--rate-limit",
-                "0",
-                "--metrics-listen",
-                "off",
-                "--svid-ttl",
-                "1h",
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("duplicating the log handle"))
-            .stderr(log);
-        if let Some(filter) = &s.server_log {
-            cmd.env("RUST_LOG", filter);
-        }
-        let child = cmd.spawn().expect("starting `trustline ca serve`");
-        let mut server = Server {
-            pid: child.id(),
-            child: Some(child),
-            api,
-            data,
-            dir,
-        };
-        server.wait_until_up();
-        server
-    }
-
-    fn admin_socket(&self) -> PathBuf {
-        self.data.join("admin.sock")
-    }
-
-    /// Polls until both the API port and the admin socket answer.
-    fn wait_until_up(&mut self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("server exited early ({status}):\n{}", self.log_tail());
-            }
-            let api_up = TcpStream::connect(self.api).is_ok();
-            if api_up && std::os::unix::net::UnixStream::connect(self.admin_socket()).is_ok() {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "server did not come up in 20 s:\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    /// A client trusting the root bundle written by `ca init`.
-    fn client(&self) -> CaClient {
-        let td = parse_trust_domain(TRUST_DOMAIN).expect("trust domain");
-        let pem = std::fs::read(self.dir.path().join("root/bundle.pem")).expect("reading bundle");
-        let bundle = Bundle::from_pem(td, &pem, "bundle.pem").expect("parsing bundle");
-        CaClient::new(&format!("https://{}", self.api), bundle, Clock::system()).expect("CA client")
-    }
-
-    /// Kills the server (SIGKILL: whatever was answered 200 must already be durable).
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// A client of `server` trusting the root bundle written by `ca init`.
+fn client(server: &CaProcess) -> CaClient {
+    let td = parse_trust_domain(TRUST_DOMAIN).expect("trust domain");
+    let pem = std::fs::read(server.dir.path().join("root/bundle.pem")).expect("reading bundle");
+    let bundle = Bundle::from_pem(td, &pem, "bundle.pem").expect("parsing bundle");
+    CaClient::new(&format!("https://{}", server.api), bundle, Clock::system()).expect("CA client")
 }
 
 /// Writes phase 2's requests (in schedule order) and the server's log into `dir`.
-fn dump(dir: &Path, server: &Server, timeline: &[Timed]) {
+fn dump(dir: &Path, server: &CaProcess, timeline: &[Timed]) {
     std::fs::create_dir_all(dir).expect("creating the dump directory");
     let mut rows: Vec<&Timed> = timeline.iter().collect();
     rows.sort_by_key(|t| t.due_us);
@@ -295,8 +200,7 @@ fn dump(dir: &Path, server: &Server, timeline: &[Timed]) {
         csv.push_str(&format!("{},{},{}\n", t.due_us, t.lag_us, t.latency_us));
     }
     std::fs::write(dir.join("phase2.csv"), csv).expect("writing phase2.csv");
-    std::fs::copy(server.dir.path().join("server.log"), dir.join("server.log"))
-        .expect("copying server.log");
+    std::fs::copy(server.log(), dir.join("server.log")).expect("copying server.log");
 }
 
 /// Counts the serials in the ledger file (the server must be stopped).
@@ -536,7 +440,7 @@ async fn fixed_rate(lanes: Vec<Lane>, s: &Settings, meter: &Meter) -> (Vec<Lane>
 /// Mints `per_lane` tokens for each workload, one minting task per workload; returns them and
 /// the rate (tokens/s through the admin socket).
 async fn mint_all(
-    server: &Server,
+    server: &CaProcess,
     workloads: &[Workload],
     per_lane: usize,
 ) -> (Vec<Vec<String>>, f64) {
@@ -567,7 +471,7 @@ async fn mint_all(
 /// minting rate (tokens/s through the admin socket).
 async fn token_issuance(
     client: &CaClient,
-    server: &Server,
+    server: &CaProcess,
     workloads: &[Workload],
     s: &Settings,
     meter: &Meter,

@@ -18,9 +18,8 @@
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{free_port, run_cli};
+use support::{free_port, CaProcess};
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -42,8 +41,15 @@ fn main() -> ExitCode {
         .map(|v| v.parse().expect("TL_BENCH_RUNS is a number"))
         .unwrap_or(20);
     let bin = std::env::var_os("TL_BENCH_BIN").map_or_else(|| BIN.into(), PathBuf::from);
-    let ca = Ca::start(&bin);
-    eprintln!("CA (pid {}) on {}; {runs} sidecar starts", ca.pid(), ca.api);
+    let ca = CaProcess::start(
+        &bin,
+        TRUST_DOMAIN,
+        "trustline-startup-",
+        &[],
+        None,
+        PATIENCE,
+    );
+    eprintln!("CA (pid {}) on {}; {runs} sidecar starts", ca.pid, ca.api);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -83,7 +89,7 @@ fn workload(i: usize) -> String {
 }
 
 /// Starts sidecar `i`, waits until ready, kills it.
-fn start_once(bin: &Path, ca: &Ca, i: usize, token: &str) -> Result<Start, String> {
+fn start_once(bin: &Path, ca: &CaProcess, i: usize, token: &str) -> Result<Start, String> {
     let dir = ca.dir.path().join(format!("sidecar-{i}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("join.token"), token).map_err(|e| e.to_string())?;
@@ -257,81 +263,4 @@ fn report(starts: &[Start]) {
         ms(GOAL),
         ready.len()
     );
-}
-
-/// The `trustline ca serve` subprocess and its directory; killed on drop.
-struct Ca {
-    child: Child,
-    api: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl Ca {
-    fn start(bin: &Path) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("trustline-startup-")
-            .tempdir()
-            .expect("making a temporary directory");
-        let d = dir.path();
-        run_cli(
-            Command::new(bin)
-                .args(["ca", "init", "--trust-domain", TRUST_DOMAIN, "--out"])
-                .arg(d.join("root")),
-        );
-        run_cli(
-            Command::new(bin)
-                .args(["ca", "init", "--root"])
-                .arg(d.join("root"))
-                .args(["--region", "r1", "--out"])
-                .arg(d.join("r1")),
-        );
-        let api = free_port();
-        let log = File::create(d.join("ca.log")).expect("creating ca.log");
-        let child = Command::new(bin)
-            .args(["ca", "serve", "--ca"])
-            .arg(d.join("r1"))
-            .arg("--data")
-            .arg(d.join("data"))
-            .args(["--listen", &api.to_string()])
-            .args(["--metrics-listen", "off", "--svid-ttl", "1h"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("duplicating the log handle"))
-            .stderr(log)
-            .spawn()
-            .expect("starting `trustline ca serve`");
-        let mut ca = Ca { child, api, dir };
-        ca.wait_until_up();
-        ca
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn admin_socket(&self) -> PathBuf {
-        self.dir.path().join("data/admin.sock")
-    }
-
-    fn wait_until_up(&mut self) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                let log = std::fs::read_to_string(self.dir.path().join("ca.log"));
-                panic!("CA exited early ({status}):\n{}", log.unwrap_or_default());
-            }
-            let api_up = TcpStream::connect(self.api).is_ok();
-            if api_up && std::os::unix::net::UnixStream::connect(self.admin_socket()).is_ok() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "CA did not come up in 10 s");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Ca {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

@@ -1,20 +1,8 @@
 //! `trustline policy check` and `policy explain` on the example policies, as a user runs them.
 
-use std::process::Command;
+mod common;
 
-fn trustline(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_trustline"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run trustline");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
+use common::trustline;
 
 #[test]
 fn the_example_policy_checks_clean() {

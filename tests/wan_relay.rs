@@ -1,10 +1,12 @@
 //! The WAN emulator on real sockets: delays are lower bounds (a slow machine only makes things
 //! later), so only lower bounds are asserted; anything that could hang has a generous timeout.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::trustline;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
@@ -345,19 +347,6 @@ async fn udp_clients_get_their_own_mappings_and_their_own_replies() {
     assert!(ports[3..].iter().all(|p| *p == ports[3]), "{ports:?}");
     assert_ne!(ports[0], ports[3]);
     assert_eq!(relay.stats().udp_mappings, 2);
-}
-
-fn trustline(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_trustline"))
-        .args(args)
-        .output()
-        .expect("run trustline");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 #[test]

@@ -459,3 +459,19 @@ pub async fn failed_series(admin: SocketAddr) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// Runs the `trustline` binary in the repository root (so `config/...` paths work), returning
+/// whether it succeeded and its stdout and stderr together.
+pub fn trustline(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trustline"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run trustline");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}

@@ -20,29 +20,11 @@ const HOUR: Duration = Duration::from_secs(3600);
 
 /// The config of workload `name`'s sidecar taking its SVID from the agent at `socket`.
 fn agent_fed_config(ca: &Ca, name: &str, socket: &Path, sections: &str) -> SidecarConfig {
-    let toml = format!(
-        r#"trust_domain = "{td}"
-spiffe_id = "{id}"
-bundle = {bundle:?}
-drain_timeout = "1s"
-handshake_timeout = "5s"
-
-[identity]
-source = "workload-api"
-socket = "unix://{socket}"
-
-[admin]
-listen = "127.0.0.1:0"
-
-{sections}"#,
-        td = ca.pki.td,
-        id = id(name),
-        bundle = ca.pki.root.join("bundle.pem"),
-        socket = socket.display(),
+    let identity = format!(
+        "source = \"workload-api\"\nsocket = \"unix://{}\"",
+        socket.display()
     );
-    let file = ca.pki.dir.path().join(format!("{name}.toml"));
-    std::fs::write(&file, toml).expect("sidecar config");
-    SidecarConfig::load(&file).unwrap_or_else(|e| panic!("sidecar config: {e}"))
+    ca.config_file(name, &ca.pki.root.join("bundle.pem"), &identity, sections)
 }
 
 /// The agent's answer for one SVID with the CA's roots as its bundle.

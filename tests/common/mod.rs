@@ -209,10 +209,29 @@ impl Ca {
     /// [`inbound`] and [`listener`]). Written as a file and loaded like `trustline sidecar`
     /// does, so the fixture only names settings users can set.
     pub async fn sidecar_config(&self, name: &str, sections: &str) -> SidecarConfig {
-        let id = id(name);
-        let dir = self.pki.dir.path();
-        let token_file = dir.join(format!("{name}.token"));
-        std::fs::write(&token_file, self.token(&id).await).expect("token file");
+        let token_file = self.pki.dir.path().join(format!("{name}.token"));
+        std::fs::write(&token_file, self.token(&id(name)).await).expect("token file");
+        let identity = format!(
+            "source = \"ca\"\nca_url = \"{url}\"\ntoken_file = {token_file:?}\nrefresh_interval = \"200ms\"",
+            url = self.url(),
+        );
+        self.config_file(
+            name,
+            &self.pki.region.join("bundle.pem"),
+            &identity,
+            sections,
+        )
+    }
+
+    /// Writes and loads the config of workload `name`'s sidecar: trusting `bundle`, `identity` as
+    /// the body of its `[identity]` table, then `sections`.
+    pub fn config_file(
+        &self,
+        name: &str,
+        bundle: &std::path::Path,
+        identity: &str,
+        sections: &str,
+    ) -> SidecarConfig {
         let toml = format!(
             r#"trust_domain = "{td}"
 spiffe_id = "{id}"
@@ -221,20 +240,16 @@ drain_timeout = "1s"
 handshake_timeout = "5s"
 
 [identity]
-source = "ca"
-ca_url = "{url}"
-token_file = {token_file:?}
-refresh_interval = "200ms"
+{identity}
 
 [admin]
 listen = "127.0.0.1:0"
 
 {sections}"#,
             td = self.pki.td,
-            bundle = self.pki.region.join("bundle.pem"),
-            url = self.url(),
+            id = id(name),
         );
-        let file = dir.join(format!("{name}.toml"));
+        let file = self.pki.dir.path().join(format!("{name}.toml"));
         std::fs::write(&file, toml).expect("sidecar config");
         SidecarConfig::load(&file).unwrap_or_else(|e| panic!("sidecar config: {e}"))
     }

@@ -557,6 +557,10 @@ async fn tokens_for_foreign_or_reserved_ids_are_refused() {
         "spiffe://api.test/trustline/ca",
         "spiffe://api.test",
         "not-an-id",
+        // Another region's gateway ID: only that region's CA may issue it.
+        "spiffe://api.test/trustline/gateway/us-east",
+        "spiffe://api.test/trustline/region/eu",
+        "spiffe://api.test/trustline/anything-else",
     ] {
         let r = admin::call(
             &ca.bound.admin_socket,
@@ -569,6 +573,11 @@ async fn tokens_for_foreign_or_reserved_ids_are_refused() {
         .unwrap();
         assert!(!r.ok && r.token.is_none(), "{id} must be refused");
     }
+    // This CA's own region's gateway ID is its to issue.
+    assert!(!ca
+        .token("spiffe://api.test/trustline/gateway/eu")
+        .await
+        .is_empty());
 }
 
 fn key_mode(p: &Path) -> u32 {
@@ -607,14 +616,47 @@ fn ca_init_keys_are_0600_and_never_overwritten_without_force() {
         "spiffe://init.test/trustline/region/us-east"
     );
     assert!(info.is_ca);
-    assert!(authority::init_intermediate(
+    // One rule for region names everywhere: what the tunnel headers and configs refuse, the
+    // CA refuses too (it used to accept `_`, `.` and capitals).
+    for bad in ["a/b", "eu_west", "EU", "eu.west", ""] {
+        let made = authority::init_intermediate(
+            &root,
+            bad,
+            &dir.path().join("bad"),
+            Duration::from_secs(3600),
+            false,
+        );
+        assert!(made.is_err(), "region {bad:?} must be refused");
+        assert!(trustline::tunnel::header::check_region(bad).is_err());
+    }
+}
+
+#[test]
+fn a_regional_intermediate_may_not_sign_cas() {
+    let dir = tempfile::tempdir().unwrap();
+    let td = parse_trust_domain("init.test").unwrap();
+    let root = dir.path().join("root");
+    authority::init_root(&td, &root, Duration::from_secs(86400), false).unwrap();
+    let inter = authority::init_intermediate(
         &root,
-        "a/b",
-        &dir.path().join("bad"),
+        "eu",
+        &dir.path().join("eu"),
         Duration::from_secs(3600),
-        false
+        false,
     )
-    .is_err());
+    .unwrap();
+    let pem = std::fs::read(&inter.cert).unwrap();
+    let cert = trustline::identity::certs_from_pem(&pem, "ca.crt")
+        .unwrap()
+        .remove(0);
+    let (_, parsed) = x509_parser::parse_x509_certificate(&cert).unwrap();
+    let bc = parsed
+        .basic_constraints()
+        .unwrap()
+        .expect("basicConstraints")
+        .value;
+    assert!(bc.ca);
+    assert_eq!(bc.path_len_constraint, Some(0));
 }
 
 #[test]

@@ -192,6 +192,18 @@ async fn raw_tunnel(lab: &Lab) -> quinn::Connection {
 /// A raw QUIC client holding an SVID for `name` from region `region`'s CA, connected to gateway
 /// a.
 async fn raw_tunnel_from(lab: &Lab, region: &str, name: &str) -> quinn::Connection {
+    raw_tunnel_with(lab, region, name, |_| {})
+        .await
+        .expect("QUIC connection to gateway a")
+}
+
+/// [`raw_tunnel_from`] presenting the SVID's chain as `edit` leaves it.
+async fn raw_tunnel_with(
+    lab: &Lab,
+    region: &str,
+    name: &str,
+    edit: impl FnOnce(&mut Vec<rustls::pki_types::CertificateDer<'static>>),
+) -> Result<quinn::Connection, quinn::ConnectionError> {
     use trustline::tls::{ExpectedPeer, SpiffeServerVerifier, TLS13_ONLY};
     let id = trustline::identity::parse_workload_id(&wid(name)).unwrap();
     let bundle = trustline::identity::Bundle::from_pem(
@@ -206,10 +218,11 @@ async fn raw_tunnel_from(lab: &Lab, region: &str, name: &str) -> quinn::Connecti
         trustline::clock::Clock::system(),
     )
     .unwrap();
-    let svid = client
+    let mut svid = client
         .issue_with_token(&id, &lab.token(region, &wid(name)).await.unwrap())
         .await
         .unwrap();
+    edit(&mut svid.chain);
     let verifier = SpiffeServerVerifier::new(
         bundle.store(),
         ExpectedPeer::AnyOf(vec![trustline::tunnel::gateway_id(&lab.td, "a")]),
@@ -226,7 +239,6 @@ async fn raw_tunnel_from(lab: &Lab, region: &str, name: &str) -> quinn::Connecti
     ep.connect_with(cfg, lab.region("a").gateway_addrs[0], "gateway")
         .unwrap()
         .await
-        .expect("QUIC connection to gateway a")
 }
 
 async fn reset_code(conn: &quinn::Connection, bytes: &[u8]) -> u64 {
@@ -442,4 +454,28 @@ async fn a_gateway_refuses_workloads_of_another_region() {
             .any(|l| l.contains("\"event\":\"tunnel_refused\"") && l.contains(&wid("stranger")))
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_workload_cannot_pass_for_one_of_another_region_with_a_home_made_region_ca() {
+    let (_d, lab, _api) = setup(1).await;
+    // A workload of region b appends a self-made CA certificate claiming region a before its
+    // real intermediate. The region is read from the verified path only, and a chain carrying
+    // a certificate that path does not use is refused in the handshake.
+    let fake = common::fake_region_ca(&lab.td, "a");
+    let padded = raw_tunnel_with(&lab, "b", "stranger", |c| c.insert(1, fake)).await;
+    let closed = match padded {
+        Err(e) => e,
+        Ok(conn) => tokio::time::timeout(PATIENCE, conn.closed())
+            .await
+            .expect("gateway a closes the connection"),
+    };
+    // A TLS alert from the handshake (QUIC's CRYPTO_ERROR range), not the application close
+    // with which a verified peer is turned away after the handshake.
+    let code = match &closed {
+        quinn::ConnectionError::TransportError(e) => u64::from(e.code),
+        quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
+        other => panic!("expected the handshake to be refused, got {other:?}"),
+    };
+    assert!((0x100..0x200).contains(&code), "{closed:?}");
 }

@@ -342,14 +342,15 @@ async fn a_ca_certificate_used_as_a_leaf_is_refused() {
 async fn a_certificate_of_another_trust_domain_is_refused_even_with_its_root_trusted() {
     let other = Pki::new("other.test");
     // Its root is in the mesh's bundle (the CA publishes it, the sidecars refresh to it) and
-    // the stranger is even on the allow list: only the trust-domain check stands in the way.
+    // the stranger is even on the allow list; roots are kept per trust domain, so the other
+    // domain's root does not vouch for anything here (and the trust-domain check would follow).
     let ca = start_ca_with(HOUR, &[&other]).await;
     let stranger = id_in("other.test", "web");
     let b = target(&ca, vec![id("web"), stranger.clone()]).await;
     assert!(b.identity.bundle().roots.contains(&other.roots()[0]));
     let cred = other.leaf(&stranger, SystemTime::now(), HOUR);
     let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(cred));
-    assert_refused(&b, cfg, "wrong_trust_domain").await;
+    assert_refused(&b, cfg, "unknown_issuer").await;
 }
 
 #[tokio::test]
@@ -860,4 +861,72 @@ async fn drain_cuts_connections_still_open_at_the_deadline() {
     // B's side is gone, so A closes the caller's connection.
     let after = round_trip(&mut open, b"after the deadline").await;
     assert!(after.is_err(), "still answered after the cut: {after:?}");
+}
+
+/// The mesh's own leaf for web, with `chain` rearranged by `edit` (leaf first).
+fn web_with_chain(pki: &Pki, edit: impl FnOnce(&mut Vec<CertificateDer<'static>>)) -> Cred {
+    let mut cred = pki.leaf(&id("web"), SystemTime::now(), HOUR);
+    edit(&mut cred.chain);
+    cred
+}
+
+#[tokio::test]
+async fn a_home_made_region_certificate_in_a_real_chain_is_refused() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web")]).await;
+    let fake = common::fake_region_ca(&ca.pki.td, "us");
+    // Before the real intermediate (where the region used to be read from) and after it: either
+    // way a certificate the verified path does not use is refused, whatever it claims.
+    let before = web_with_chain(&ca.pki, |c| c.insert(1, fake.clone()));
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(before));
+    assert_refused(&b, cfg, "stray_certificate").await;
+    let after = web_with_chain(&ca.pki, |c| c.push(fake.clone()));
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(after));
+    assert_refused(&b, cfg, "stray_certificate").await;
+}
+
+#[tokio::test]
+async fn a_chain_sent_with_its_root_is_accepted() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web")]).await;
+    let with_root = web_with_chain(&ca.pki, |c| c.push(ca.pki.roots()[0].clone()));
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(with_root));
+    assert_eq!(probe(b.inbound.unwrap(), cfg).await, b"ping");
+}
+
+#[tokio::test]
+async fn a_root_of_another_trust_domain_cannot_vouch_for_our_identities() {
+    let other = Pki::new("other.test");
+    // The other domain's root is in the mesh's bundle, and its CA signs an ID of *our* trust
+    // domain, one on the allow list: roots are kept per trust domain, so it vouches for nothing.
+    let ca = start_ca_with(HOUR, &[&other]).await;
+    let b = target(&ca, vec![id("web")]).await;
+    assert!(b.identity.bundle().roots.contains(&other.roots()[0]));
+    let (issuer, intermediate) = other.issuer();
+    let forged = crafted(&issuer, vec![intermediate], &[&id("web")], false);
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(forged));
+    assert_refused(&b, cfg, "unknown_issuer").await;
+}
+
+#[tokio::test]
+async fn a_regional_ca_cannot_sign_a_ca_below_it() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web")]).await;
+    // A sub-CA signed by the region's intermediate (as a compromised regional CA would make),
+    // then a leaf for web under it.
+    let (issuer, intermediate) = ca.pki.issuer();
+    let sub_key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let sub = p.signed_by(&sub_key, &issuer).unwrap();
+    let sub_issuer = Issuer::new(p, sub_key);
+    let leaf = crafted(
+        &sub_issuer,
+        vec![sub.der().clone(), intermediate],
+        &[&id("web")],
+        false,
+    );
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(leaf));
+    assert_refused(&b, cfg, "bad_certificate").await;
 }

@@ -130,10 +130,32 @@ pub fn check_workload_id(authority: &Authority, id: &SpiffeId) -> Result<(), Str
     if id.path().is_empty() {
         return Err(format!("{id} has no path; workload IDs need one"));
     }
-    if id.path() == "/trustline/ca" || id.path().starts_with(REGION_PATH_PREFIX) {
+    check_role_id(authority, id)
+}
+
+/// IDs under `/trustline/` name trustline's own roles and are issued only for them: the CA's
+/// server ID and the region IDs of CA certificates never to a workload, and a gateway ID
+/// (`/trustline/gateway/REGION`) only by that region's CA, so that a gateway's region binding
+/// (ID and issuing CA agree) cannot be forged by another region's CA or its admin.
+fn check_role_id(authority: &Authority, id: &SpiffeId) -> Result<(), String> {
+    let Some(role) = id.path().strip_prefix("/trustline/") else {
+        return Ok(());
+    };
+    if id.path().starts_with(REGION_PATH_PREFIX) || role == "ca" || role.starts_with("ca/") {
         return Err(format!("{id} is reserved for trustline's own CAs"));
     }
-    Ok(())
+    match (role.strip_prefix("gateway/"), authority.region.as_deref()) {
+        (Some(r), Some(ours)) if r == ours => Ok(()),
+        (Some(r), _) => {
+            Err(format!(
+            "{id} is a gateway ID of region {r}; only region {r}'s CA issues it (this CA is {})",
+            authority.region.as_deref().map_or("the root".to_string(), |o| format!("region {o}"))
+        ))
+        }
+        (None, _) => Err(format!(
+            "{id} is under /trustline/, reserved for trustline's own roles (ca, gateway/REGION)"
+        )),
+    }
 }
 
 /// Routes one request.

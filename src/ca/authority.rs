@@ -35,9 +35,7 @@ pub enum AuthorityError {
     Exists(PathBuf),
     #[error("{path}: {reason}")]
     BadFile { path: PathBuf, reason: String },
-    #[error(
-        "region name {0:?} must be a single SPIFFE path segment (letters, digits, '.', '-', '_')"
-    )]
+    #[error("region name {0}")]
     BadRegion(String),
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
@@ -172,6 +170,7 @@ fn ca_params(
     cn: String,
     uri: String,
     ttl: Duration,
+    constraints: BasicConstraints,
 ) -> Result<CertificateParams, AuthorityError> {
     let now = OffsetDateTime::now_utc();
     let mut p = CertificateParams::default();
@@ -182,7 +181,7 @@ fn ca_params(
     p.not_before = now - BACKDATE;
     p.not_after = now + ttl;
     p.serial_number = Some(random_serial());
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.is_ca = IsCa::Ca(constraints);
     p.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
@@ -220,6 +219,7 @@ pub fn init_root(
         format!("trustline root CA {td}"),
         format!("spiffe://{td}"),
         ttl,
+        BasicConstraints::Unconstrained,
     )?;
     let cert = params.self_signed(&key)?;
     write_secret(&paths.key, key.serialize_pem().as_bytes()).map_err(io_err(&paths.key))?;
@@ -229,20 +229,10 @@ pub fn init_root(
     Ok(paths)
 }
 
-/// Checks that a region name is one SPIFFE path segment.
+/// Checks a region name with the rule every role uses ([`crate::identity::check_region`]).
 pub fn validate_region(region: &str) -> Result<(), AuthorityError> {
-    let ok = !region.is_empty()
-        && region.len() <= 63
-        && region != "."
-        && region != ".."
-        && region
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if ok {
-        Ok(())
-    } else {
-        Err(AuthorityError::BadRegion(region.to_string()))
-    }
+    crate::identity::check_region(region)
+        .map_err(|why| AuthorityError::BadRegion(format!("{region:?}: {why}")))
 }
 
 /// `trustline ca init --root ROOTDIR --region NAME --out DIR`: a regional intermediate signed by
@@ -272,6 +262,11 @@ pub fn init_intermediate(
         format!("trustline {region} intermediate CA {td}"),
         format!("spiffe://{td}{REGION_PATH_PREFIX}{region}"),
         ttl,
+        // pathLenConstraint 0: a regional CA signs leaves only, never a CA below it (webpki
+        // enforces it). URI name constraints for the trust domain would be the other half, but
+        // webpki refuses every chain carrying them (RUSTSEC-2026-0098), so the verifiers check
+        // the trust domain of the leaf and of its issuer instead.
+        BasicConstraints::Constrained(0),
     )?;
     let cert = params.signed_by(&key, &root.issuer)?;
     let root_pem = root.bundle.to_pem();

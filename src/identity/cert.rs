@@ -73,13 +73,18 @@ pub fn inspect_cert(der: &CertificateDer<'_>) -> Result<CertInfo, IdentityError>
     })
 }
 
-/// The region recorded by the issuing intermediate of a chain (leaf first): the last segment of
-/// an intermediate's `spiffe://TD/trustline/region/NAME` URI SAN. `None` for chains issued
-/// directly by a root. Only meaningful for a chain that was verified.
+/// The region of the CA that issued a chain's leaf: the last segment of the
+/// `spiffe://TD/trustline/region/NAME` URI SAN of the certificate right after the leaf, which
+/// must be a CA of the leaf's own trust domain. `None` for leaves issued directly by a root, and
+/// for anything else after the leaf.
+///
+/// Only meaningful for a chain that was verified by [`crate::tls::verify_path`] (every verifier
+/// of trustline), which refuses chains that are not exactly their verified path: the
+/// certificate after the leaf is then the one that signed it.
 pub fn region_of_chain(chain: &[CertificateDer<'_>]) -> Option<String> {
-    chain.iter().skip(1).find_map(|c| {
-        let info = inspect_cert(c).ok()?;
-        let name = info.id.path().strip_prefix(REGION_PATH_PREFIX)?;
-        (info.is_ca && !name.is_empty() && !name.contains('/')).then(|| name.to_string())
-    })
+    let leaf = inspect_cert(chain.first()?).ok()?;
+    let issuer = inspect_cert(chain.get(1)?).ok()?;
+    let name = issuer.id.path().strip_prefix(REGION_PATH_PREFIX)?;
+    let ours = issuer.id.trust_domain() == leaf.id.trust_domain();
+    (issuer.is_ca && ours && super::valid_region(name)).then(|| name.to_string())
 }

@@ -8,6 +8,7 @@ mod cert;
 pub mod manager;
 
 pub use cert::{inspect_cert, region_of_chain, CertInfo, REGION_PATH_PREFIX};
+
 pub use spiffe::{SpiffeId, TrustDomain};
 
 use std::fmt;
@@ -64,6 +65,26 @@ pub fn parse_workload_id(value: &str) -> Result<SpiffeId, IdentityError> {
         });
     }
     Ok(id)
+}
+
+/// Checks a region name, the one rule for every place a region is named (CA, configs, policy,
+/// tunnel headers, certificate chains): 1 to 63 of `a-z 0-9 -`, a DNS label's characters, so a
+/// region the CA accepts is accepted everywhere.
+pub fn check_region(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 63 {
+        return Err(format!("{} bytes, expected 1..=63", s.len()));
+    }
+    match s
+        .bytes()
+        .find(|b| !(b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-'))
+    {
+        Some(b) => Err(format!("character {:?} (allowed: a-z 0-9 -)", b as char)),
+        None => Ok(()),
+    }
+}
+
+fn valid_region(s: &str) -> bool {
+    check_region(s).is_ok()
 }
 
 /// Parses a trust domain name such as `example.org`.
@@ -191,23 +212,46 @@ pub fn certs_from_pem(
 }
 
 /// The trust roots of a trust domain, ready for verification.
+///
+/// Roots are kept per trust domain: a root whose SPIFFE ID (`spiffe://TD` URI SAN) names another
+/// trust domain is carried (published, written out) but never vouches for this one's
+/// identities. A root with no SPIFFE ID counts as this trust domain's: whoever configured the
+/// bundle said so.
 #[derive(Clone, Debug)]
 pub struct Bundle {
     /// The trust domain these roots speak for.
     pub trust_domain: TrustDomain,
-    /// The root certificates.
+    /// Every root certificate given, this trust domain's and others'.
     pub roots: Vec<CertificateDer<'static>>,
+    /// The roots of `trust_domain` alone.
     store: Arc<RootCertStore>,
 }
 
+/// The trust domain a CA certificate names in its SPIFFE URI SAN, if it has one.
+fn trust_domain_of(cert: &CertificateDer<'_>) -> Option<TrustDomain> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let sans = c.subject_alternative_name().ok()??;
+    sans.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => {
+            SpiffeId::new(*u).ok().map(|id| id.trust_domain().clone())
+        }
+        _ => None,
+    })
+}
+
 impl Bundle {
-    /// Builds a bundle from root certificates.
+    /// Builds a bundle from root certificates; only those of `trust_domain` (or naming none)
+    /// verify its identities.
     pub fn new(
         trust_domain: TrustDomain,
         roots: Vec<CertificateDer<'static>>,
     ) -> Result<Self, IdentityError> {
         let mut store = RootCertStore::empty();
         for r in &roots {
+            let td = trust_domain_of(r);
+            if td.as_ref().is_some_and(|td| *td != trust_domain) {
+                continue;
+            }
             store
                 .add(r.clone())
                 .map_err(|e| IdentityError::Untrusted(format!("bad root certificate: {e}")))?;
@@ -256,21 +300,13 @@ impl Bundle {
                 expected: self.trust_domain.to_string(),
             });
         }
-        let parsed = rustls::server::ParsedCertificate::try_from(leaf)
-            .map_err(|e| IdentityError::Untrusted(e.to_string()))?;
         let now = UnixTime::since_unix_epoch(
             now.duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default(),
         );
-        let algs = crate::tls::provider().signature_verification_algorithms.all;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.store,
-            intermediates,
-            now,
-            algs,
-        )
-        .map_err(|e| IdentityError::Untrusted(e.to_string()))?;
+        let by = crate::tls::Presenter::Server;
+        crate::tls::verify_path(&self.store, by, leaf, intermediates, now)
+            .map_err(|e| IdentityError::Untrusted(e.to_string()))?;
         Ok(info)
     }
 }

@@ -396,9 +396,9 @@ fn rule(
         }
     });
     let regions = each(c, svc, n, line, "regions", &r.regions, |s| {
-        crate::ca::authority::validate_region(s)
+        crate::identity::check_region(s)
             .map(|_| s.to_string())
-            .map_err(|e| e.to_string())
+            .map_err(|why| format!("region {s:?}: {why}"))
     });
     if r.ports.contains(&0) {
         c.push(

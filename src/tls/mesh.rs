@@ -11,10 +11,11 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::ResolvesClientCert;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
+pub use super::Presenter;
 use super::{provider, tls13_signature, verify_schemes, ExpectedPeer, REFUSE_TLS12, TLS13_ONLY};
 use crate::clock::Clock;
 use crate::identity::{inspect_cert, Bundle, Serial, TrustDomain};
@@ -45,7 +46,6 @@ pub fn unexpected_identity(detail: String) -> rustls::Error {
 /// it on every handshake.
 pub struct Trust {
     bundle: ArcSwap<Bundle>,
-    client_verifier: ArcSwap<Arc<dyn ClientCertVerifier>>,
     /// Bumped by every bundle change: chains verified against an older bundle are checked again.
     generation: AtomicU64,
     verified: Mutex<FxHashMap<Box<[u8]>, Window>>,
@@ -62,14 +62,6 @@ struct Window {
     generation: u64,
     not_before: u64,
     not_after: u64,
-}
-
-/// Which end a chain was presented by: client and server chains pass different checks (the
-/// extended key usage), so one is never taken for the other.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Presenter {
-    Client = 1,
-    Server = 2,
 }
 
 /// The cache key of a presented chain: the presenter, then each certificate's length and bytes.
@@ -124,17 +116,10 @@ impl std::fmt::Debug for Trust {
     }
 }
 
-fn webpki_client_verifier(bundle: &Bundle) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
-    WebPkiClientVerifier::builder_with_provider(bundle.store(), provider())
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))
-}
-
 impl Trust {
     /// Trust in `bundle`.
     pub fn new(bundle: Bundle) -> Result<Arc<Self>, rustls::Error> {
         Ok(Arc::new(Trust {
-            client_verifier: ArcSwap::from_pointee(webpki_client_verifier(&bundle)?),
             bundle: ArcSwap::from_pointee(bundle),
             generation: AtomicU64::new(0),
             verified: Mutex::new(FxHashMap::default()),
@@ -148,8 +133,6 @@ impl Trust {
 
     /// Replaces the bundle; new handshakes use it at once.
     pub fn set_bundle(&self, bundle: Bundle) -> Result<(), rustls::Error> {
-        self.client_verifier
-            .store(Arc::new(webpki_client_verifier(&bundle)?));
         self.bundle.store(Arc::new(bundle));
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.lock_verified().clear();
@@ -194,7 +177,7 @@ impl Trust {
     }
 }
 
-fn reject(reason: &'static str, detail: String) -> rustls::Error {
+pub(crate) fn reject(reason: &'static str, detail: String) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
         SpiffeRejection { reason, detail },
     ))))
@@ -301,16 +284,13 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        // The verifier (and below, the bundle) is read only when the chain must be checked.
+        // The bundle is read only when the chain must be checked.
         let by = Presenter::Client;
         let path = self
             .trust
             .verify_path_cached(by, end_entity, intermediates, now, || {
-                self.trust
-                    .client_verifier
-                    .load()
-                    .verify_client_cert(end_entity, intermediates, now)
-                    .map(|_| ())
+                let roots = self.trust.bundle.load().store();
+                super::verify_path(&roots, by, end_entity, intermediates, now)
             });
         if let Err(e) = path {
             // webpki refuses a CA certificate as end entity before the SPIFFE check runs, with an
@@ -384,7 +364,7 @@ impl ServerCertVerifier for MeshServerVerifier {
         self.trust
             .verify_path_cached(Presenter::Server, end_entity, intermediates, now, || {
                 let roots = self.trust.bundle.load().store();
-                super::verify_path(&roots, end_entity, intermediates, now)
+                super::verify_path(&roots, Presenter::Server, end_entity, intermediates, now)
             })?;
         super::check_server_identity(&self.expected, end_entity)?;
         // Trust domain and revocation after the path, so an unknown issuer is reported as such.

@@ -88,26 +88,121 @@ pub fn verify_spiffe_server(
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
 ) -> Result<ServerCertVerified, rustls::Error> {
-    verify_path(roots, end_entity, intermediates, now)?;
+    verify_path(roots, Presenter::Server, end_entity, intermediates, now)?;
     check_server_identity(expected, end_entity)?;
     Ok(ServerCertVerified::assertion())
 }
 
-/// The path and signature checks of a server's chain to `roots` at `now`.
+/// Which end presented a chain: client and server chains pass different checks (the extended
+/// key usage), so one is never taken for the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Presenter {
+    Client = 1,
+    Server = 2,
+}
+
+/// The path and signature checks of a peer's chain to `roots` at `now`, for the key usage of
+/// `by`, with one rule more than webpki's: the verified path must be exactly the chain the peer
+/// sent, in the order sent (a copy of a root at its end aside). Facts of the peer, such as its
+/// region, are read from the certificate after its leaf, so nothing the peer sent may stand
+/// beside the path: a home-made CA certificate claiming another region, appended to a real
+/// chain, would otherwise be skipped by the path builder and still be read.
 pub fn verify_path(
     roots: &RootCertStore,
+    by: Presenter,
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
 ) -> Result<(), rustls::Error> {
-    let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
-    rustls::client::verify_server_cert_signed_by_trust_anchor(
-        &parsed,
-        roots,
-        intermediates,
-        now,
+    let ee = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+    let sent = without_trailing_roots(intermediates, roots);
+    let stray = std::cell::Cell::new(false);
+    let whole_chain = |path: &webpki::VerifiedPath<'_>| {
+        let mut used = path.intermediate_certificates();
+        let same = sent
+            .iter()
+            .all(|c| used.next().is_some_and(|u| u.der().as_ref() == c.as_ref()))
+            && used.next().is_none();
+        if same {
+            Ok(())
+        } else {
+            stray.set(true);
+            // Not fatal to webpki: it goes on looking for a path that uses the whole chain.
+            Err(webpki::Error::UnknownIssuer)
+        }
+    };
+    let usage = match by {
+        Presenter::Client => webpki::KeyUsage::client_auth(),
+        Presenter::Server => webpki::KeyUsage::server_auth(),
+    };
+    let verified = ee.verify_for_usage(
         provider().signature_verification_algorithms.all,
-    )
+        &roots.roots,
+        sent,
+        now,
+        usage,
+        None,
+        Some(&whole_chain),
+    );
+    match verified {
+        Ok(_) => Ok(()),
+        Err(_) if stray.get() => Err(mesh::reject(
+            "stray_certificate",
+            format!(
+                "the chain carries {} certificate(s) after the leaf, and they are not exactly its \
+                 verified path to the trust bundle",
+                sent.len()
+            ),
+        )),
+        Err(e) => Err(pki_error(e)),
+    }
+}
+
+/// `chain` without the copies of trusted roots at its end (senders may include the root).
+fn without_trailing_roots<'a, 'c>(
+    mut chain: &'a [CertificateDer<'c>],
+    roots: &RootCertStore,
+) -> &'a [CertificateDer<'c>] {
+    while let Some((last, rest)) = chain.split_last() {
+        let is_root = webpki::anchor_from_trusted_cert(last).is_ok_and(|a| {
+            roots.roots.iter().any(|r| {
+                r.subject == a.subject && r.subject_public_key_info == a.subject_public_key_info
+            })
+        });
+        if !is_root {
+            break;
+        }
+        chain = rest;
+    }
+    chain
+}
+
+/// A webpki error as rustls reports it (the mapping rustls' own verifiers use), so metrics keep
+/// their labels.
+fn pki_error(e: webpki::Error) -> rustls::Error {
+    use rustls::CertificateError as C;
+    use webpki::Error as W;
+    let c = match e {
+        W::BadDer | W::BadDerTime | W::TrailingData(_) => C::BadEncoding,
+        W::CertNotValidYet { time, not_before } => C::NotValidYetContext { time, not_before },
+        W::CertExpired { time, not_after } => C::ExpiredContext { time, not_after },
+        W::InvalidCertValidity => C::Expired,
+        W::UnknownIssuer => C::UnknownIssuer,
+        W::CertRevoked => C::Revoked,
+        W::InvalidSignatureForPublicKey => C::BadSignature,
+        // One label for every unsupported-algorithm case; the context is not needed.
+        #[allow(deprecated)]
+        W::UnsupportedSignatureAlgorithm
+        | W::UnsupportedSignatureAlgorithmForPublicKey
+        | W::UnsupportedSignatureAlgorithmContext(_)
+        | W::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => {
+            C::UnsupportedSignatureAlgorithm
+        }
+        #[allow(deprecated)]
+        W::RequiredEkuNotFound | W::RequiredEkuNotFoundContext(_) => C::InvalidPurpose,
+        other => C::Other(rustls::OtherError(Arc::new(other))),
+    };
+    rustls::Error::InvalidCertificate(c)
 }
 
 /// Exactly one SPIFFE URI SAN, leaf not a CA, identity accepted by `expected`.

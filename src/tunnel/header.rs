@@ -64,19 +64,9 @@ pub enum HeaderError {
     Io(String),
 }
 
-/// Checks a region name (also used by the configs).
-pub fn check_region(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.len() > 63 {
-        return Err(format!("{} bytes, expected 1..=63", s.len()));
-    }
-    match s
-        .bytes()
-        .find(|b| !(b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-'))
-    {
-        Some(b) => Err(format!("character {:?} (allowed: a-z 0-9 -)", b as char)),
-        None => Ok(()),
-    }
-}
+/// Checks a region name (also used by the configs): the one rule of
+/// [`crate::identity::check_region`].
+pub use crate::identity::check_region;
 
 /// Checks a service name (also used by the configs).
 pub fn check_service(s: &str) -> Result<(), String> {

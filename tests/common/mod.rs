@@ -490,3 +490,16 @@ pub fn trustline(args: &[&str]) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
+/// A home-made, self-signed CA certificate claiming `spiffe://TD/trustline/region/REGION`: what
+/// a workload would append to its real chain to pass for a workload of another region.
+pub fn fake_region_ca(td: &TrustDomain, region: &str) -> CertificateDer<'static> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyUsagePurpose, SanType};
+    let uri = format!("spiffe://{td}/trustline/region/{region}");
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    p.subject_alt_names = vec![SanType::URI(uri.try_into().expect("URI SAN"))];
+    let key = KeyPair::generate().expect("key");
+    p.self_signed(&key).expect("fake CA").der().clone()
+}

@@ -281,6 +281,17 @@ fn crafted(
     sans: &[&SpiffeId],
     ca: bool,
 ) -> Cred {
+    crafted_with(issuer, tail, sans, ca, |_| {})
+}
+
+/// [`crafted`] with the parameters changed by `edit` last.
+fn crafted_with(
+    issuer: &Issuer<'_, KeyPair>,
+    tail: Vec<CertificateDer<'static>>,
+    sans: &[&SpiffeId],
+    ca: bool,
+    edit: impl FnOnce(&mut CertificateParams),
+) -> Cred {
     let key = KeyPair::generate().unwrap();
     let now = time::OffsetDateTime::now_utc();
     let mut p = CertificateParams::default();
@@ -305,6 +316,7 @@ fn crafted(
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     }
+    edit(&mut p);
     let leaf = p.signed_by(&key, issuer).unwrap();
     let mut chain = vec![leaf.der().clone()];
     chain.extend(tail);
@@ -929,4 +941,31 @@ async fn a_regional_ca_cannot_sign_a_ca_below_it() {
     );
     let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(leaf));
     assert_refused(&b, cfg, "bad_certificate").await;
+}
+
+#[tokio::test]
+async fn a_leaf_that_may_sign_certificates_is_refused() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web")]).await;
+    let (issuer, intermediate) = ca.pki.issuer();
+    // CA:FALSE, but a key usage no X.509-SVID leaf may carry (or lacks the one it must).
+    let usages = [
+        vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyCertSign,
+        ],
+        vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::CrlSign],
+        vec![KeyUsagePurpose::KeyEncipherment],
+    ];
+    for ku in usages {
+        let odd = crafted_with(
+            &issuer,
+            vec![intermediate.clone()],
+            &[&id("web")],
+            false,
+            |p| p.key_usages = ku,
+        );
+        let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(odd));
+        assert_refused(&b, cfg, "bad_key_usage").await;
+    }
 }

@@ -23,6 +23,30 @@ pub struct CertInfo {
     pub not_after: SystemTime,
     /// Basic constraints say CA:TRUE.
     pub is_ca: bool,
+    /// The key usage extension, if present: (digitalSignature, keyCertSign or cRLSign).
+    pub key_usage: Option<(bool, bool)>,
+}
+
+impl CertInfo {
+    /// The X.509-SVID profile of a leaf beyond its one SPIFFE URI SAN: CA:FALSE, and a key
+    /// usage with digitalSignature and neither keyCertSign nor cRLSign (X509-SVID spec 4.3).
+    pub fn check_leaf_profile(&self) -> Result<(), IdentityError> {
+        if self.is_ca {
+            return Err(IdentityError::LeafIsCa);
+        }
+        match self.key_usage {
+            Some((true, false)) => Ok(()),
+            Some((_, true)) => Err(IdentityError::LeafKeyUsage(
+                "keyCertSign or cRLSign is set".into(),
+            )),
+            Some((false, _)) => Err(IdentityError::LeafKeyUsage(
+                "digitalSignature is missing".into(),
+            )),
+            None => Err(IdentityError::LeafKeyUsage(
+                "the keyUsage extension is missing".into(),
+            )),
+        }
+    }
 }
 
 fn to_time(ts: i64) -> SystemTime {
@@ -63,6 +87,13 @@ pub fn inspect_cert(der: &CertificateDer<'_>) -> Result<CertInfo, IdentityError>
         .map_err(|e| IdentityError::Malformed(format!("basicConstraints: {e}")))?
         .map(|bc| bc.value.ca)
         .unwrap_or(false);
+    let key_usage = cert
+        .key_usage()
+        .map_err(|e| IdentityError::Malformed(format!("keyUsage: {e}")))?
+        .map(|ku| {
+            let ku = ku.value;
+            (ku.digital_signature(), ku.key_cert_sign() || ku.crl_sign())
+        });
     let validity = cert.validity();
     Ok(CertInfo {
         id,
@@ -70,6 +101,7 @@ pub fn inspect_cert(der: &CertificateDer<'_>) -> Result<CertInfo, IdentityError>
         not_before: to_time(validity.not_before.timestamp()),
         not_after: to_time(validity.not_after.timestamp()),
         is_ca,
+        key_usage,
     })
 }
 

@@ -34,6 +34,10 @@ pub enum IdentityError {
     BadSanId(String),
     #[error("certificate is a CA certificate; a leaf SVID must have CA:FALSE")]
     LeafIsCa,
+    #[error(
+        "leaf key usage: {0}; an X.509-SVID leaf has digitalSignature and signs no certificates"
+    )]
+    LeafKeyUsage(String),
     #[error("SPIFFE ID {id} is not in trust domain {expected}")]
     WrongTrustDomain { id: String, expected: String },
     #[error("chain does not verify against the trust bundle: {0}")]
@@ -291,9 +295,7 @@ impl Bundle {
     ) -> Result<CertInfo, IdentityError> {
         let (leaf, intermediates) = chain.split_first().ok_or(IdentityError::EmptyChain)?;
         let info = inspect_cert(leaf)?;
-        if info.is_ca {
-            return Err(IdentityError::LeafIsCa);
-        }
+        info.check_leaf_profile()?;
         if !info.id.is_member_of(&self.trust_domain) {
             return Err(IdentityError::WrongTrustDomain {
                 id: info.id.to_string(),

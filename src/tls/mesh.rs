@@ -48,7 +48,7 @@ pub struct Trust {
     bundle: ArcSwap<Bundle>,
     /// Bumped by every bundle change: chains verified against an older bundle are checked again.
     generation: AtomicU64,
-    verified: Mutex<FxHashMap<Box<[u8]>, Window>>,
+    verified: Mutex<FxHashMap<ChainKey, Window>>,
 }
 
 /// Most chains remembered as verified (a sidecar sees a few peers, each with one SVID at a
@@ -64,25 +64,26 @@ struct Window {
     not_after: u64,
 }
 
-/// The cache key of a presented chain: the presenter, then each certificate's length and bytes.
+/// The cache key of a presented chain: SHA-256 over the presenter, then each certificate's
+/// length and bytes. A digest, not the bytes, so that an entry costs 32 bytes however long the
+/// chain a peer sent (up to 64 KiB in one handshake message).
 fn chain_key(
     by: Presenter,
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
-) -> Box<[u8]> {
-    let mut key = Vec::with_capacity(
-        1 + std::iter::once(end_entity)
-            .chain(intermediates)
-            .map(|c| c.len() + 4)
-            .sum::<usize>(),
-    );
-    key.push(by as u8);
+) -> ChainKey {
+    let mut d = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    d.update(&[by as u8]);
     for c in std::iter::once(end_entity).chain(intermediates) {
-        key.extend_from_slice(&(c.len() as u32).to_be_bytes());
-        key.extend_from_slice(c);
+        d.update(&(c.len() as u32).to_be_bytes());
+        d.update(c);
     }
-    key.into_boxed_slice()
+    let mut key = [0u8; 32];
+    key.copy_from_slice(d.finish().as_ref());
+    key
 }
+
+type ChainKey = [u8; 32];
 
 /// The time every certificate of the chain is valid, `None` if one does not parse.
 fn chain_window(
@@ -139,7 +140,7 @@ impl Trust {
         Ok(())
     }
 
-    fn lock_verified(&self) -> std::sync::MutexGuard<'_, FxHashMap<Box<[u8]>, Window>> {
+    fn lock_verified(&self) -> std::sync::MutexGuard<'_, FxHashMap<ChainKey, Window>> {
         self.verified.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -243,6 +244,9 @@ impl PeerChecks {
                 "leaf_is_ca",
                 format!("{} is a CA certificate", info.id),
             ));
+        }
+        if let Err(e) = info.check_leaf_profile() {
+            return Err(reject("bad_key_usage", format!("{}: {e}", info.id)));
         }
         if !info.id.is_member_of(&self.trust_domain) {
             return Err(reject(

@@ -969,3 +969,47 @@ async fn a_leaf_that_may_sign_certificates_is_refused() {
         assert_refused(&b, cfg, "bad_key_usage").await;
     }
 }
+
+/// Opens a multiplexed session (ALPN `trustline-mux/1`) to `addr` as `cred`, sends the HTTP/2
+/// preface and an empty SETTINGS frame, and returns what came back (nothing if refused).
+async fn session_reply(addr: std::net::SocketAddr, pki: &Pki, cred: Cred) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = (*client_config(&pki.bundle(), &id("api"), Some(cred))).clone();
+    cfg.alpn_protocols = vec![trustline::tunnel::SESSION_ALPN.to_vec()];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("api").unwrap();
+    let connect = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp);
+    let Ok(Ok(mut tls)) = tokio::time::timeout(PATIENCE, connect).await else {
+        return Vec::new();
+    };
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    if tls.write_all(&hello).await.is_err() {
+        return Vec::new();
+    }
+    let mut buf = vec![0u8; 64];
+    match tokio::time::timeout(PATIENCE, tls.read(&mut buf)).await {
+        Ok(Ok(n)) => buf[..n].to_vec(),
+        Ok(Err(_)) => Vec::new(),
+        Err(_) => panic!("the session neither answered nor closed"),
+    }
+}
+
+#[tokio::test]
+async fn a_session_is_refused_to_a_caller_no_stream_of_which_could_be_admitted() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web")]).await;
+    let addr = b.inbound.unwrap();
+    let web = ca.pki.leaf(&id("web"), SystemTime::now(), HOUR);
+    let reply = session_reply(addr, &ca.pki, web).await;
+    assert!(
+        !reply.is_empty(),
+        "an allowed caller's session answers SETTINGS"
+    );
+    let batch = ca.pki.leaf(&id("batch"), SystemTime::now(), HOUR);
+    assert!(session_reply(addr, &ca.pki, batch).await.is_empty());
+    eventually("the refused session is counted", || {
+        b.metrics.failures("inbound", "session_never_admitted") == 1
+    })
+    .await;
+}

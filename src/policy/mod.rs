@@ -16,6 +16,7 @@ pub mod eval;
 pub mod file;
 pub mod flows;
 pub mod matchers;
+pub mod reach;
 
 pub use eval::{evaluate, explain, Decision, Explanation, Facts, Outcome};
 pub use file::{load, parse, Issue, Policy, PolicyError, Severity};

@@ -108,6 +108,11 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
         info,
     };
     if tls.get_ref().1.alpn_protocol() == Some(crate::tunnel::SESSION_ALPN) {
+        if !could_admit(&caller, target.port(), &shared) {
+            m.fail(DIR, "session_never_admitted");
+            tracing::warn!(reason = "session_never_admitted", peer_id = %caller.info.id, peer_region = ?caller.region, port = target.port(), "session refused: no rule admits this caller to this port at any time");
+            return;
+        }
         // Boxed here and below: a connection's task is as large as its largest path, and the
         // HTTP/2 and HTTP/1 servers would otherwise make every plain connection pay for them.
         Box::pin(serve_session(tls, Arc::new(caller), target, shared)).await;
@@ -116,6 +121,21 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
     if let Some(verdict) = admit(&caller, target.port(), &shared) {
         carry(tls, verdict, target, &shared).await;
     }
+}
+
+/// Whether the allow list or the policy could admit some stream of `caller` to `port`: a
+/// session (all of whose streams go to one port) is refused up front to a caller every stream
+/// of which would be denied.
+fn could_admit(caller: &Verified, port: u16, shared: &Shared) -> bool {
+    let Some(authz) = &shared.authz else {
+        let inbound = shared.config.inbound.as_ref().expect("inbound configured");
+        return inbound.allow.contains(&caller.info.id);
+    };
+    let policy = authz.policy();
+    policy.service(&authz.service).is_some_and(|svc| {
+        let (peer, region) = (caller.info.id.to_string(), caller.region.as_deref());
+        crate::policy::reach::could_admit(svc, &peer, region, port)
+    })
 }
 
 /// The verified caller of a connection or session.

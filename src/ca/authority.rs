@@ -433,7 +433,8 @@ pub struct Issued {
     pub not_after: SystemTime,
 }
 
-/// 16 random bytes with the top bit cleared: positive, 127 bits of entropy, never zero in practice.
+/// 16 random bytes, the top bit cleared (positive) and the lowest bit of the first byte set (the
+/// encoding keeps 16 bytes): 126 random bits, well above the 64 CA/B requires.
 fn random_serial() -> SerialNumber {
     let mut b = [0u8; 16];
     aws_lc_rs::rand::fill(&mut b).expect("system random generator failed");

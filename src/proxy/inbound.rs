@@ -182,7 +182,8 @@ where
         Verdict::Http(authz, peer) => {
             let m = &shared.metrics;
             m.opened.get_or_create(&Dir { direction: DIR }).inc();
-            Box::pin(super::http::serve(io, authz, peer, target)).await;
+            let head = shared.config.handshake_timeout;
+            Box::pin(super::http::serve(io, authz, peer, target, head)).await;
             m.closed.get_or_create(&Dir { direction: DIR }).inc();
         }
         Verdict::Forward(ticket) => forward(io, target, ticket, shared).await,

@@ -883,11 +883,19 @@ async fn l7_port_closes_a_client_that_stalls_its_request_head() {
         .await
         .unwrap();
     let mut silent = TcpStream::connect(to).await.unwrap();
-    let (a, b) = tokio::join!(
+    // One request answered, then half of the next (and a keep-alive connection idle as long).
+    let mut second = BufReader::new(TcpStream::connect(to).await.unwrap());
+    assert_eq!(request(&mut second, "GET", "/orders/1").await.status, 200);
+    let mut second = second.into_inner();
+    second
+        .write_all(b"GET /orders/2 HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    tokio::join!(
         assert_closed_without_data(&mut half, "half a request head"),
         assert_closed_without_data(&mut silent, "no request at all"),
+        assert_closed_without_data(&mut second, "half a second request head"),
     );
-    let ((), ()) = (a, b);
     // Others are served meanwhile and after.
     let mut ok = BufReader::new(TcpStream::connect(to).await.unwrap());
     assert_eq!(request(&mut ok, "GET", "/orders/2").await.status, 200);

@@ -26,6 +26,9 @@
 
 use std::borrow::Cow;
 
+/// The rule name under which a request refused before any rule saw it is counted and audited.
+pub const REFUSED: &str = "bad-request";
+
 /// What to do with `%2F`, `%5C` and `\` in a path.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Slashes {

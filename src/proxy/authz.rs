@@ -251,9 +251,10 @@ impl Authz {
     /// Counts and audits a request refused before any rule saw it (a path or target no rule
     /// can decide on safely), as a deny by `bad-request`.
     pub fn refuse_request(&self, c: &Caller<'_>, http: Http<'_>, why: &str) {
-        self.count("bad-request", "deny", "enforced");
+        use crate::policy::path::REFUSED;
+        self.count(REFUSED, "deny", "enforced");
         let detail = Some(why.to_string());
-        self.record(c, Some(http), "deny", "bad-request", "enforced", detail);
+        self.record(c, Some(http), "deny", REFUSED, "enforced", detail);
     }
 
     /// Decides a new connection and, if allowed, registers it for re-authorisation on reload.

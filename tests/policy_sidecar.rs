@@ -950,13 +950,17 @@ async fn l7_decides_each_http2_stream_on_one_connection() {
     assert!(b.headers().get("x-trustline-rule").is_none());
     let body = a.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"checkout got \"GET /orders/1 HTTP/1.1\"\n");
+    // HTTP/2 paths are normalised and forwarded so too.
+    let c = send("GET", "/orders/./%31//").await.expect("GET answered");
+    let body = c.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"checkout got \"GET /orders/1/ HTTP/1.1\"\n");
     let opened = |b: &Bound, direction| b.metrics.opened.get_or_create(&Dir { direction }).get();
     assert_eq!(
         opened(&checkout, "inbound"),
         1,
-        "both streams rode one mesh connection"
+        "all streams rode one mesh connection"
     );
-    assert_eq!(decisions(&checkout, "frontend-get", "allow", "enforced"), 1);
+    assert_eq!(decisions(&checkout, "frontend-get", "allow", "enforced"), 2);
     assert_eq!(decisions(&checkout, "default", "deny", "enforced"), 1);
 }
 

@@ -205,16 +205,7 @@ impl Conn {
         let method = req.method().as_str().to_string();
         let (path, authority) = match target(&req, &opts) {
             Ok(t) => (t.path.into_owned(), t.authority.map(str::to_string)),
-            Err(why) => {
-                let raw = req.uri().path();
-                tracing::info!(peer_id = %self.peer.id, %method, path = ?raw, error = %why, "request refused");
-                let http = Http {
-                    method: &method,
-                    path: raw,
-                };
-                self.authz.refuse_request(&caller, http, &why.to_string());
-                return Ok(bad_request(&why));
-            }
+            Err(why) => return Ok(self.refuse(&caller, &method, req.uri().path(), &why)),
         };
         let first = !self.allow_logged.swap(true, Ordering::Relaxed);
         let (outcome, rule) = self.authz.decide(
@@ -250,6 +241,16 @@ impl Conn {
         };
         self.pool.lock().unwrap_or_else(|e| e.into_inner()).push(up);
         Ok(resp.map(|b| b.boxed()))
+    }
+}
+
+impl Conn {
+    /// `400` for a request no rule can decide on safely; counted and audited with the raw path.
+    fn refuse(&self, c: &Caller<'_>, method: &str, raw: &str, why: &BadRequest) -> Response<Body> {
+        tracing::info!(peer_id = %self.peer.id, %method, path = ?raw, error = %why, "request refused");
+        let http = Http { method, path: raw };
+        self.authz.refuse_request(c, http, &why.to_string());
+        bad_request(why)
     }
 }
 

@@ -830,6 +830,19 @@ from = ["{batch}"]
         assert!(r.body.contains(why), "{head:?}: {}", r.body);
     }
 
+    // A method that is not a token never reaches a rule (hyper answers 400 and closes).
+    let mut c = connect(&batch).await;
+    c.get_mut()
+        .write_all(b"GE(T /api/x HTTP/1.1\r\nhost: checkout\r\n\r\n")
+        .await
+        .unwrap();
+    let mut status = String::new();
+    tokio::time::timeout(PATIENCE, c.read_line(&mut status))
+        .await
+        .expect("an answer")
+        .expect("status line");
+    assert!(status.starts_with("HTTP/1.1 400"), "{status:?}");
+
     // Decided and audited on the normalised path, refusals counted.
     assert_eq!(decisions(&checkout, "no-admin", "deny", "enforced"), 7);
     assert_eq!(decisions(&checkout, "default", "deny", "enforced"), 6);

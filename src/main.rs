@@ -584,6 +584,13 @@ fn policy_explain(a: ExplainArgs) -> anyhow::Result<()> {
         None => jiff::Timestamp::now(),
     };
     let peer = peer.to_string();
+    // Decided on the normalised path, as the sidecar does.
+    let path = a
+        .path
+        .as_deref()
+        .map(|p| trustline::policy::path::normalise(p, &svc.paths))
+        .transpose()
+        .with_context(|| format!("--path {:?} is refused with 400 by the sidecar", a.path))?;
     let facts = trustline::policy::Facts {
         peer: &peer,
         region: a.region.as_deref(),
@@ -591,7 +598,7 @@ fn policy_explain(a: ExplainArgs) -> anyhow::Result<()> {
         http: a
             .method
             .as_deref()
-            .zip(a.path.as_deref())
+            .zip(path.as_deref())
             .map(|(method, path)| Http { method, path }),
         at,
     };

@@ -21,7 +21,8 @@ pub struct Facts<'a> {
     pub at: Timestamp,
 }
 
-/// An HTTP request's method and path (without the query).
+/// An HTTP request's method and path (without the query). The path is in normal form
+/// ([`super::path::normalise`] with the service's options): rules match it as is.
 #[derive(Clone, Copy, Debug)]
 pub struct Http<'a> {
     pub method: &'a str,
@@ -177,15 +178,25 @@ fn mismatch_rest(r: &Rule, f: &Facts<'_>) -> Option<String> {
         ));
     }
     if r.is_l7() {
-        let Some(h) = f.http else {
-            return Some("the rule is about HTTP requests; this is a connection".into());
-        };
-        if !r.methods.is_empty() && !r.methods.iter().any(|m| m.eq_ignore_ascii_case(h.method)) {
-            return Some(format!("method {} not in {:?}", h.method, r.methods));
-        }
-        if !r.paths.is_empty() && !r.paths.iter().any(|p| p.matches(h.path)) {
-            let list: Vec<String> = r.paths.iter().map(|p| p.to_string()).collect();
-            return Some(format!("path {} not in {list:?}", h.path));
+        match f.http {
+            Some(h) => {
+                if !r.methods.is_empty() && !method_matches(r, h.method) {
+                    return Some(format!("method {} not in {:?}", h.method, r.methods));
+                }
+                if !r.paths.is_empty() && !r.paths.iter().any(|p| p.matches(h.path)) {
+                    let list: Vec<String> = r.paths.iter().map(|p| p.to_string()).collect();
+                    return Some(format!("path {} not in {list:?}", h.path));
+                }
+            }
+            // A connection on a port where requests are not parsed: an allow about requests
+            // cannot vouch for requests it cannot see, so it does not match ...
+            None if r.action == Action::Allow => {
+                return Some("the rule is about HTTP requests; this is a connection".into());
+            }
+            // ... while a deny (or audit) about requests matches the whole connection on its
+            // other fields: it may carry the very requests the rule is about (fail closed, as
+            // Istio does with HTTP fields of a DENY policy on a TCP port).
+            None => {}
         }
     }
     if !r.hours.is_empty() && !r.hours.iter().any(|w| w.contains(f.at)) {
@@ -193,6 +204,15 @@ fn mismatch_rest(r: &Rule, f: &Facts<'_>) -> Option<String> {
         return Some(format!("{} is outside {list:?}", f.at));
     }
     None
+}
+
+/// RFC 9110 methods are case-sensitive: an allow matches exactly; a deny or audit rule also
+/// catches case variants, which lenient servers treat as the same method.
+fn method_matches(r: &Rule, method: &str) -> bool {
+    match r.action {
+        Action::Allow => r.methods.iter().any(|m| m == method),
+        Action::Deny | Action::Audit => r.methods.iter().any(|m| m.eq_ignore_ascii_case(method)),
+    }
 }
 
 fn mismatch(r: &Rule, f: &Facts<'_>) -> Option<String> {

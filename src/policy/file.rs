@@ -4,6 +4,8 @@
 //! [service.checkout]
 //! default = "deny"           # optional; deny once there is an allow rule
 //! http_ports = [8080]        # decided per HTTP request on these ports
+//! path_slashes = "refuse"    # %2F, %5C and `\` in a path: refuse (400, default) | decode (as `/`)
+//! path_semicolons = "refuse" # `;` in a path: refuse (400, default) | keep
 //!
 //! [[service.checkout.rule]]
 //! name = "frontend-reads"
@@ -26,6 +28,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::matchers::{PathPattern, Principal, TimeWindow};
+use super::path::{PathOptions, Semicolons, Slashes};
 use super::{Action, DefaultAction, Mode, Rule, ServicePolicy};
 
 #[derive(Debug, Deserialize)]
@@ -41,6 +44,8 @@ struct RawService {
     default: Option<String>,
     #[serde(default)]
     http_ports: Vec<u16>,
+    path_slashes: Option<String>,
+    path_semicolons: Option<String>,
     #[serde(default)]
     rule: Vec<Spanned<RawRule>>,
 }
@@ -293,6 +298,13 @@ fn service_policy(
         );
     }
     shadowing(c, name, &rules);
+    let paths = path_options(
+        c,
+        name,
+        line,
+        raw.path_slashes.as_deref(),
+        raw.path_semicolons.as_deref(),
+    );
     let errors = c
         .issues
         .iter()
@@ -303,8 +315,48 @@ fn service_policy(
         name: name.to_string(),
         default,
         http_ports: raw.http_ports,
+        paths,
         rules,
     })
+}
+
+/// `path_slashes` and `path_semicolons`; the safe choice (refuse) when unset.
+fn path_options(
+    c: &mut Checker<'_>,
+    svc: &str,
+    line: usize,
+    slashes: Option<&str>,
+    semicolons: Option<&str>,
+) -> PathOptions {
+    let slashes = match slashes {
+        None | Some("refuse") => Slashes::Refuse,
+        Some("decode") => Slashes::Decode,
+        Some(other) => {
+            let msg = format!("{other:?}: expected \"refuse\" or \"decode\"");
+            c.push(Severity::Error, line, svc, None, "path_slashes", msg);
+            Slashes::Refuse
+        }
+    };
+    let semicolons = match semicolons {
+        None | Some("refuse") => Semicolons::Refuse,
+        Some("keep") => Semicolons::Keep,
+        Some(other) => {
+            let msg = format!("{other:?}: expected \"refuse\" or \"keep\"");
+            c.push(Severity::Error, line, svc, None, "path_semicolons", msg);
+            Semicolons::Refuse
+        }
+    };
+    PathOptions {
+        slashes,
+        semicolons,
+    }
+}
+
+/// RFC 9110 §5.6.2: a method is a token.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn each<T>(
@@ -387,12 +439,12 @@ fn rule(
     let not_from = each(c, svc, n, line, "not_from", &r.not_from, Principal::parse);
     let paths = each(c, svc, n, line, "paths", &r.paths, PathPattern::parse);
     let hours = each(c, svc, n, line, "hours", &r.hours, TimeWindow::parse);
+    // Written in any case, kept upper-case: requests match an allow only in upper case.
     let methods = each(c, svc, n, line, "methods", &r.methods, |m| {
-        let up = m.to_ascii_uppercase();
-        if !up.is_empty() && up.bytes().all(|b| b.is_ascii_uppercase()) {
-            Ok(up)
+        if is_token(m) {
+            Ok(m.to_ascii_uppercase())
         } else {
-            Err(format!("{m:?} is not an HTTP method"))
+            Err(format!("{m:?} is not an HTTP method (a token, RFC 9110)"))
         }
     });
     let regions = each(c, svc, n, line, "regions", &r.regions, |s| {
@@ -440,7 +492,26 @@ fn never_matches(c: &mut Checker<'_>, svc: &str, r: &Rule, http_ports: &[u16]) {
             r.ports.clone()
         };
         if http_ports.is_empty() || !ports.iter().any(|p| http_ports.contains(p)) {
-            c.push(Severity::Error, r.line, svc, n, "methods/paths", "the rule matches HTTP methods or paths, but none of its ports is in the service's http_ports, so it can never match".into());
+            let what = if r.action == Action::Allow {
+                "so it can never match"
+            } else {
+                "so it would refuse whole connections instead"
+            };
+            c.push(Severity::Error, r.line, svc, n, "methods/paths", format!("the rule matches HTTP methods or paths, but none of its ports is in the service's http_ports, {what}"));
+        } else if r.action != Action::Allow {
+            let other: Vec<u16> = ports
+                .iter()
+                .copied()
+                .filter(|p| !http_ports.contains(p))
+                .collect();
+            if r.ports.is_empty() || !other.is_empty() {
+                let on = if r.ports.is_empty() {
+                    "every port not in http_ports".to_string()
+                } else {
+                    format!("ports {other:?}, not in http_ports,")
+                };
+                c.push(Severity::Warning, r.line, svc, n, "methods/paths", format!("on {on} requests are not parsed, so this rule refuses whole connections of the callers it names (fail closed); set ports to scope it to http_ports"));
+            }
         }
     }
     for (i, p) in r.from.iter().enumerate() {

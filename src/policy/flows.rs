@@ -80,7 +80,11 @@ pub fn suggest(flows: &[Flow], service: &str) -> String {
     let mut l4: BTreeMap<&str, BTreeSet<u16>> = BTreeMap::new();
     let mut l7: BTreeMap<(&str, u16, String), BTreeSet<&str>> = BTreeMap::new();
     let mut http_ports = BTreeSet::new();
-    for f in flows.iter().filter(|f| f.destination_service == service) {
+    // Requests refused before any rule saw them (`bad-request`) cannot be allowed by a rule.
+    let decided = flows
+        .iter()
+        .filter(|f| f.destination_service == service && f.rule != super::path::REFUSED);
+    for f in decided {
         match (&f.method, &f.path) {
             (Some(m), Some(p)) => {
                 http_ports.insert(f.port);
@@ -176,6 +180,11 @@ pub fn replay(flows: &[Flow], candidate: &Policy) -> Replay {
         ..Default::default()
     };
     for f in flows {
+        // Refused before any rule saw it: no policy changes that.
+        if f.rule == super::path::REFUSED {
+            r.unchanged += 1;
+            continue;
+        }
         let Some(svc) = candidate.service(&f.destination_service) else {
             r.unknown_service += 1;
             continue;

@@ -71,6 +71,16 @@ impl fmt::Display for Principal {
 }
 
 /// An HTTP path pattern: exact, or a prefix written with a trailing `*` (`/api/*`).
+///
+/// Patterns are matched against the normalised path (see [`super::path`]), case-sensitively, so
+/// they must themselves be normal: `/api/../x`, `//x`, `/%61pi` or `/a%2fb` are refused when the
+/// file is read, since no request could ever match them.
+///
+/// A prefix ending in `/` covers its directory too: `/admin/*` matches `/admin`, `/admin/` and
+/// everything under `/admin/`. (Istio's `/admin/*` does not match `/admin`; here a deny on
+/// `/admin/*` is not escaped by asking for `/admin`, which most servers answer like `/admin/`.)
+/// Any other prefix is a plain string prefix: `/adm*` matches `/admin` and `/admx`. An exact
+/// pattern matches exactly one path: `/admin` does not match `/admin/`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PathPattern {
     Exact(String),
@@ -86,19 +96,53 @@ impl PathPattern {
         if !s.starts_with('/') {
             return Err(format!("{s:?}: a path starts with `/`"));
         }
-        match s.strip_suffix('*') {
-            Some(p) if !p.contains('*') => Ok(PathPattern::Prefix(p.to_string())),
-            Some(_) => Err(format!("{s:?}: `*` is only allowed at the end")),
-            None if s.contains('*') => Err(format!("{s:?}: `*` is only allowed at the end")),
-            None => Ok(PathPattern::Exact(s.to_string())),
+        let pattern = match s.strip_suffix('*') {
+            Some(p) if !p.contains('*') => PathPattern::Prefix(p.to_string()),
+            Some(_) => return Err(format!("{s:?}: `*` is only allowed at the end")),
+            None if s.contains('*') => {
+                return Err(format!("{s:?}: `*` is only allowed at the end"))
+            }
+            None => PathPattern::Exact(s.to_string()),
+        };
+        pattern.check_normal().map_err(|e| format!("{s:?}: {e}"))?;
+        Ok(pattern)
+    }
+
+    /// A pattern no normalised path can match is an error, with the form to write instead.
+    fn check_normal(&self) -> Result<(), String> {
+        use super::path::{normalise, PathOptions, Semicolons, Slashes};
+        // `;` can be matched when a service keeps it; encoded slashes never reach a rule.
+        let opts = PathOptions {
+            slashes: Slashes::Refuse,
+            semicolons: Semicolons::Keep,
+        };
+        // A prefix may end inside a segment (`/api/.*` covers `/api/.well-known`): complete it.
+        let (text, filler) = match self {
+            PathPattern::Exact(e) => (e.clone(), ""),
+            PathPattern::Prefix(p) => (format!("{p}x"), "x"),
+        };
+        match normalise(&text, &opts) {
+            Ok(n) if n == text => Ok(()),
+            Ok(n) => Err(format!(
+                "requests are matched in normal form, so this never matches; write {:?}",
+                format!(
+                    "{}{}",
+                    n.strip_suffix(filler).unwrap_or(&n),
+                    if filler.is_empty() { "" } else { "*" }
+                )
+            )),
+            Err(e) => Err(format!("no request path can match this: {e}")),
         }
     }
 
-    /// Whether `path` (without query) matches.
+    /// Whether the normalised `path` (without query) matches.
     pub fn matches(&self, path: &str) -> bool {
         match self {
             PathPattern::Exact(e) => e == path,
-            PathPattern::Prefix(p) => path.starts_with(p.as_str()),
+            PathPattern::Prefix(p) => {
+                path.starts_with(p.as_str())
+                    || (p.len() > 1 && p.ends_with('/') && path == &p[..p.len() - 1])
+            }
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod eval;
 pub mod file;
 pub mod flows;
 pub mod matchers;
+pub mod path;
 pub mod reach;
 
 pub use eval::{evaluate, explain, Decision, Explanation, Facts, Outcome};
@@ -61,7 +62,9 @@ pub struct Rule {
     pub not_from: Vec<Principal>,
     /// Empty means any port.
     pub ports: Vec<u16>,
-    /// Upper-case methods; empty means any.
+    /// Upper-case methods (RFC 9110 tokens); empty means any. An allow matches a request's method
+    /// exactly (methods are case-sensitive); a deny or audit rule also matches any case variant
+    /// (`delete`), which lenient servers treat as the same method.
     pub methods: Vec<String>,
     pub paths: Vec<PathPattern>,
     pub regions: Vec<String>,
@@ -84,6 +87,8 @@ pub struct ServicePolicy {
     pub default: DefaultAction,
     /// Ports on which HTTP is parsed and decided per request.
     pub http_ports: Vec<u16>,
+    /// How request paths are normalised before any rule sees them (and forwarded so).
+    pub paths: path::PathOptions,
     pub rules: Vec<Rule>,
     /// The compiled index used by [`evaluate`].
     pub(crate) index: eval::Index,

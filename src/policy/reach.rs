@@ -17,10 +17,14 @@ pub fn could_admit(svc: &ServicePolicy, peer: &str, region: Option<&str>, port: 
             && (r.ports.is_empty() || r.ports.contains(&port))
             && (r.regions.is_empty() || region.is_some_and(|g| r.regions.iter().any(|x| x == g)))
     };
+    // An HTTP condition only narrows a deny on a port where requests are parsed; elsewhere the
+    // deny refuses the whole connection (fail closed).
+    let unconditional =
+        |r: &Rule| r.hours.is_empty() && (!r.is_l7() || !svc.http_ports.contains(&port));
     let always_denied = svc
         .rules
         .iter()
-        .any(|r| r.action == Action::Deny && r.hours.is_empty() && !r.is_l7() && concerns(r));
+        .any(|r| r.action == Action::Deny && unconditional(r) && concerns(r));
     if always_denied {
         return false;
     }
@@ -69,6 +73,10 @@ methods = ["DELETE"]
         assert!(!could(&p, WEB, Some("us"), 8080), "no rule for region us");
         assert!(!could(&p, WEB, None, 8080), "no region at all");
         assert!(!could(&p, BATCH, Some("eu"), 8080), "no rule for ops");
+        assert!(
+            !could(&p, WEB, Some("eu"), 9000),
+            "the DELETE deny refuses whole connections on a port without HTTP"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::path::Path;
 use jiff::Timestamp;
 
 use super::eval::Http;
+use super::matchers::PathPattern;
 use super::*;
 
 const FRONT: &str = "spiffe://example.org/ns/shop/sa/frontend";
@@ -125,7 +126,7 @@ fn evaluation_table() {
             Deny,
             "default",
         ),
-        // an L7 rule never matches a bare connection
+        // an L7 allow never matches a bare connection
         (facts(FRONT, 8080, None, None, mon), Deny, "default"),
         // ports
         (
@@ -145,13 +146,18 @@ fn evaluation_table() {
             Allow,
             "web-any",
         ),
-        (facts(WEB, 8080, None, None, mon), Allow, "web-any"),
+        // an L7 deny refuses a bare connection it cannot look into (fail closed)
+        (
+            facts(WEB, 8080, None, None, mon),
+            Deny,
+            "no-deletes-from-web",
+        ),
         // not_from
         (
             facts(
                 "spiffe://example.org/ns/web/sa/batch",
                 8080,
-                None,
+                Some(("GET", "/api/x")),
                 None,
                 mon,
             ),
@@ -396,4 +402,156 @@ fn large_lists_stay_indexed() {
         ),
     );
     assert_eq!((d.outcome, d.rule), (Outcome::Deny, "default"));
+}
+
+/// F13: a deny on methods or paths must not be escaped by reaching the service on a port whose
+/// requests are not parsed.
+#[test]
+fn an_l7_deny_refuses_connections_on_ports_without_http() {
+    let text = format!(
+        r#"
+[service.a]
+http_ports = [8080]
+
+[[service.a.rule]]
+name = "no-admin"
+action = "deny"
+paths = ["/admin/*"]
+
+[[service.a.rule]]
+name = "frontend"
+action = "allow"
+from = ["{FRONT}"]
+"#
+    );
+    let p = parse(&text, Path::new("a.toml")).unwrap();
+    let svc = p.service("a").unwrap();
+    let mon = monday_10_berlin();
+    let decide = |port, http| {
+        let d = evaluate(svc, &facts(FRONT, port, http, None, mon));
+        (d.outcome, d.rule)
+    };
+    assert_eq!(decide(9000, None), (Outcome::Deny, "no-admin"));
+    assert_eq!(
+        decide(8080, Some(("GET", "/api/x"))),
+        (Outcome::Allow, "frontend")
+    );
+    assert_eq!(
+        decide(8080, Some(("GET", "/admin/x"))),
+        (Outcome::Deny, "no-admin")
+    );
+    let w = &p.warnings;
+    assert!(
+        w.iter()
+            .any(|i| i.rule.as_deref() == Some("no-admin")
+                && i.message.contains("whole connections")),
+        "{w:?}"
+    );
+}
+
+#[test]
+fn methods_are_case_sensitive_for_allows_and_any_case_for_denies() {
+    let text = r#"
+[service.a]
+http_ports = [80]
+
+[[service.a.rule]]
+name = "no-deletes"
+action = "deny"
+methods = ["DELETE"]
+
+[[service.a.rule]]
+name = "reads"
+action = "allow"
+methods = ["get", "M-SEARCH"]
+"#;
+    let p = parse(text, Path::new("m.toml")).unwrap();
+    let svc = p.service("a").unwrap();
+    let decide = |method| {
+        let d = evaluate(
+            svc,
+            &facts(FRONT, 80, Some((method, "/")), None, monday_10_berlin()),
+        );
+        (d.outcome, d.rule)
+    };
+    assert_eq!(decide("GET"), (Outcome::Allow, "reads"));
+    assert_eq!(decide("M-SEARCH"), (Outcome::Allow, "reads"));
+    assert_eq!(decide("get"), (Outcome::Deny, "default"));
+    assert_eq!(decide("DELETE"), (Outcome::Deny, "no-deletes"));
+    assert_eq!(decide("delete"), (Outcome::Deny, "no-deletes"));
+    assert_eq!(decide("DeLeTe"), (Outcome::Deny, "no-deletes"));
+    let bad = parse(
+        "[service.a]\nhttp_ports = [80]\n[[service.a.rule]]\nname = \"x\"\naction = \"deny\"\nmethods = [\"GE T\"]\n",
+        Path::new("b.toml"),
+    )
+    .unwrap_err();
+    assert!(bad.to_string().contains("token"), "{bad}");
+}
+
+#[test]
+fn a_directory_prefix_covers_the_directory_itself() {
+    let admin = PathPattern::parse("/admin/*").unwrap();
+    for p in ["/admin", "/admin/", "/admin/x", "/admin/x/y"] {
+        assert!(admin.matches(p), "{p}");
+    }
+    for p in ["/administrator", "/admi", "/", "/Admin/x"] {
+        assert!(!admin.matches(p), "{p}");
+    }
+    let adm = PathPattern::parse("/adm*").unwrap();
+    assert!(adm.matches("/admin") && adm.matches("/adm") && !adm.matches("/ad"));
+    let exact = PathPattern::parse("/admin").unwrap();
+    assert!(exact.matches("/admin") && !exact.matches("/admin/"));
+    assert!(PathPattern::parse("*").unwrap().matches("/anything"));
+    assert!(PathPattern::parse("/*").unwrap().matches("/"));
+}
+
+#[test]
+fn patterns_must_be_in_normal_form() {
+    for (bad, hint) in [
+        ("/api/../x", "\"/x\""),
+        ("//admin/*", "\"/admin/*\""),
+        ("/%61dmin/*", "\"/admin/*\""),
+        ("/a/./b", "\"/a/b\""),
+        ("/a%2fb", "encoded slash"),
+        ("/a b", "not allowed"),
+    ] {
+        let e = PathPattern::parse(bad).unwrap_err();
+        assert!(e.contains(hint), "{bad}: {e}");
+    }
+    for good in [
+        "/api/.well-known/*",
+        "/api/.*",
+        "/api/..x",
+        "/a%2Bb",
+        "/a;v=1/*",
+        "/",
+    ] {
+        PathPattern::parse(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+}
+
+#[test]
+fn path_options_are_read_per_service_and_default_to_refuse() {
+    use super::path::{Semicolons, Slashes};
+    let p = parse(
+        "[service.a]\npath_slashes = \"decode\"\npath_semicolons = \"keep\"\n[service.b]\n",
+        Path::new("o.toml"),
+    )
+    .unwrap();
+    let a = p.service("a").unwrap().paths;
+    assert_eq!(
+        (a.slashes, a.semicolons),
+        (Slashes::Decode, Semicolons::Keep)
+    );
+    let b = p.service("b").unwrap().paths;
+    assert_eq!(
+        (b.slashes, b.semicolons),
+        (Slashes::Refuse, Semicolons::Refuse)
+    );
+    let bad = parse(
+        "[service.a]\npath_slashes = \"merge\"\n",
+        Path::new("o.toml"),
+    )
+    .unwrap_err();
+    assert!(bad.to_string().contains("path_slashes: \"merge\""), "{bad}");
 }

@@ -248,6 +248,15 @@ impl Authz {
         (d.outcome, d.rule.to_string())
     }
 
+    /// Counts and audits a request refused before any rule saw it (a path or target no rule
+    /// can decide on safely), as a deny by `bad-request`.
+    pub fn refuse_request(&self, c: &Caller<'_>, http: Http<'_>, why: &str) {
+        use crate::policy::path::REFUSED;
+        self.count(REFUSED, "deny", "enforced");
+        let detail = Some(why.to_string());
+        self.record(c, Some(http), "deny", REFUSED, "enforced", detail);
+    }
+
     /// Decides a new connection and, if allowed, registers it for re-authorisation on reload.
     pub fn admit(self: &Arc<Self>, c: &Caller<'_>) -> Admission {
         if let Some(rule) = self.travel_check(c) {

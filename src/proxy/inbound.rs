@@ -109,8 +109,7 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
     };
     if tls.get_ref().1.alpn_protocol() == Some(crate::tunnel::SESSION_ALPN) {
         if !could_admit(&caller, target.port(), &shared) {
-            m.fail(DIR, "session_never_admitted");
-            tracing::warn!(reason = "session_never_admitted", peer_id = %caller.info.id, peer_region = ?caller.region, port = target.port(), "session refused: no rule admits this caller to this port at any time");
+            refuse_session(&caller, target.port(), &shared);
             return;
         }
         // Boxed here and below: a connection's task is as large as its largest path, and the
@@ -136,6 +135,26 @@ fn could_admit(caller: &Verified, port: u16, shared: &Shared) -> bool {
         let (peer, region) = (caller.info.id.to_string(), caller.region.as_deref());
         crate::policy::reach::could_admit(svc, &peer, region, port)
     })
+}
+
+/// Refuses a session no stream of which could be admitted, decided, counted and audited like
+/// a refused connection (the deciding rule named), so the audit trail shows the caller.
+fn refuse_session(caller: &Verified, port: u16, shared: &Shared) {
+    let Some(authz) = &shared.authz else {
+        // The allow list refuses it, logs and counts it.
+        let _ = admit(caller, port, shared);
+        return;
+    };
+    let (peer, serial) = (caller.info.id.to_string(), caller.info.serial.to_string());
+    let c = Caller {
+        peer: &peer,
+        serial: &serial,
+        region: caller.region.as_deref(),
+        port,
+    };
+    let (_, rule) = authz.decide(&c, None, true);
+    shared.metrics.fail(DIR, "policy_denied");
+    tracing::warn!(reason = "policy_denied", %rule, peer_id = %peer, peer_region = ?c.region, serial = %serial, port, "inbound session refused: no rule admits this caller to this port at any time");
 }
 
 /// The verified caller of a connection or session.
@@ -202,7 +221,8 @@ where
         Verdict::Http(authz, peer) => {
             let m = &shared.metrics;
             m.opened.get_or_create(&Dir { direction: DIR }).inc();
-            Box::pin(super::http::serve(io, authz, peer, target)).await;
+            let head = shared.config.handshake_timeout;
+            Box::pin(super::http::serve(io, authz, peer, target, head)).await;
             m.closed.get_or_create(&Dir { direction: DIR }).inc();
         }
         Verdict::Forward(ticket) => forward(io, target, ticket, shared).await,

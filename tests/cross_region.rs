@@ -542,7 +542,7 @@ async fn a_serial_revoked_in_one_region_is_refused_in_the_other() {
 }
 
 #[tokio::test]
-async fn a_peer_ca_going_down_keeps_what_it_revoked() {
+async fn what_a_peer_ca_revokes_or_cuts_off_holds_here_also_while_it_is_down() {
     let (_d, lab) = lab(LabOptions {
         refresh_interval: Duration::from_secs(1),
         ..Default::default()
@@ -592,6 +592,53 @@ async fn a_peer_ca_going_down_keeps_what_it_revoked() {
         listed(&get().await)
     })
     .await;
+    // An identity cut off at CA a is cut off by CA b too: published, its SVIDs from CA b
+    // listed, no renewal or issuance at CA b.
+    let banned = wid("banned");
+    let id_banned = trustline::identity::parse_workload_id(&banned).unwrap();
+    let from_b = b
+        .issue_with_token(&id_banned, &lab.token("b", &banned).await.unwrap())
+        .await
+        .unwrap();
+    let token_b = lab.token("b", &banned).await.unwrap();
+    let r = trustline::ca::admin::call(
+        &lab.region("a").ca.admin_socket,
+        &trustline::ca::admin::AdminRequest::RevokeId {
+            spiffe_id: banned.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(r.ok, "{:?}", r.error);
+    eventually_async("CA b publishes the cut-off ID", || async {
+        get().await["spiffe_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["spiffe_id"] == banned)
+    })
+    .await;
+    let v = get().await;
+    assert!(
+        v["revoked"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["serial"] == from_b.info.serial.to_string()),
+        "CA b lists its own SVID of the cut-off ID: {v}"
+    );
+    let refused = |r: Result<trustline::identity::Svid, trustline::ca::client::ClientError>| match r
+    {
+        Err(trustline::ca::client::ClientError::Refused { status, error, .. }) => {
+            (status.as_u16(), error)
+        }
+        other => panic!("CA b must refuse an ID cut off at CA a: {other:?}"),
+    };
+    assert_eq!(refused(b.renew(&from_b).await), (403, "revoked".into()));
+    assert_eq!(
+        refused(b.issue_with_token(&id_banned, &token_b).await),
+        (403, "revoked".into())
+    );
     // CA a goes away: CA b notices, keeps the serial and goes on serving.
     lab.region("a").ca.shutdown();
     eventually_async("CA b sees its peer down", || async {

@@ -351,6 +351,28 @@ impl Ledger {
         (self.seq.load(Ordering::Acquire), list)
     }
 
+    /// The serials issued for `spiffe_id` that are unexpired at `now`, with their not_after.
+    pub fn live_serials(
+        &self,
+        spiffe_id: &str,
+        now: u64,
+    ) -> Result<Vec<(Serial, u64)>, LedgerError> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let by_id = r.open_multimap_table(BY_ID).map_err(db_err)?;
+        let serials = r.open_table(SERIALS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for s in by_id.get(spiffe_id).map_err(db_err)? {
+            let s = s.map_err(db_err)?;
+            if let Some(v) = serials.get(s.value()).map_err(db_err)? {
+                let rec: IssuedRecord = serde_json::from_slice(v.value()).map_err(db_err)?;
+                if rec.not_after > now {
+                    out.push((Serial::from_bytes(s.value()), rec.not_after));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Every issued serial (for audits and consistency checks).
     pub fn issued(&self) -> Result<Vec<(Serial, IssuedRecord)>, LedgerError> {
         let r = self.db.begin_read().map_err(db_err)?;

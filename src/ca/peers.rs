@@ -9,21 +9,26 @@
 //! does. Only a peer's *own* entries are pulled (`scope=local`), so an entry cannot echo
 //! between CAs after its origin dropped it (a lifted ban would otherwise live forever).
 //!
+//! A peer's ban of a SPIFFE ID is honoured here while it stands: no issuance or renewal for it,
+//! and this CA's own live SVIDs of it are published as revoked.
+//!
 //! A peer's certificate must chain to our bundle and name `spiffe://TD/trustline/ca`. A peer
 //! that is down keeps its last good list (its serials until they expire, its bans until it
 //! answers again); every fetch has a timeout and a size and entry cap, and runs in its own
 //! task, so a slow peer delays neither serving nor the other peers.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::api::CaState;
 use super::client::{CaClient, ClientError};
 use super::config::MAX_SVID_TTL;
+use super::ledger::Ledger;
 use crate::clock::Clock;
 use crate::identity::{parse_id, Bundle, Serial};
 
@@ -49,6 +54,8 @@ pub struct PeerList {
     pub revoked: Vec<(Serial, u64)>,
     /// Its banned SPIFFE IDs and since when.
     pub banned: Vec<(String, u64)>,
+    /// This CA's own unexpired serials of the IDs the peer bans: refused while the ban stands.
+    pub local_of_banned: Vec<(Serial, u64)>,
     /// Why the last fetch failed, if it did.
     pub error: Option<String>,
 }
@@ -136,6 +143,7 @@ pub fn parse_list(body: &[u8], now: u64) -> Result<PeerList, PeerError> {
         fetched_at: Some(now),
         revoked,
         banned,
+        local_of_banned: Vec::new(),
         error: None,
     })
 }
@@ -177,7 +185,8 @@ impl Peers {
         let mut revoked: BTreeMap<Serial, u64> = local.into_iter().collect();
         let mut banned: BTreeMap<String, u64> = bans.into_iter().collect();
         for l in lists.values() {
-            for (s, na) in l.revoked.iter().filter(|(_, na)| *na > now) {
+            let entries = l.revoked.iter().chain(&l.local_of_banned);
+            for (s, na) in entries.filter(|(_, na)| *na > now) {
                 let e = revoked.entry(s.clone()).or_insert(*na);
                 *e = (*e).max(*na);
             }
@@ -217,6 +226,7 @@ impl Peers {
                 }
                 cur.error = Some(e.to_string());
                 cur.revoked.retain(|(_, na)| *na > now);
+                cur.local_of_banned.retain(|(_, na)| *na > now);
             }
         }
     }
@@ -224,18 +234,18 @@ impl Peers {
     /// Follows exactly `clients` from now on (by URL), each pulled every `every` until
     /// `shutdown`. A peer followed before keeps its last list; one no longer named is dropped.
     pub fn follow(
-        self: &std::sync::Arc<Self>,
+        state: &Arc<CaState>,
         clients: Vec<(String, CaClient)>,
         every: Duration,
-        clock: Clock,
         shutdown: watch::Receiver<bool>,
     ) {
-        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let this = &state.peers;
+        let mut tasks = this.tasks.lock().unwrap_or_else(|e| e.into_inner());
         for t in tasks.drain(..) {
             t.abort();
         }
         {
-            let mut lists = self.lists.write().unwrap_or_else(|e| e.into_inner());
+            let mut lists = this.lists.write().unwrap_or_else(|e| e.into_inner());
             let old = std::mem::take(&mut *lists);
             let mut old: HashMap<_, _> = old.into_iter().collect();
             for (url, _) in &clients {
@@ -243,35 +253,34 @@ impl Peers {
             }
         }
         for (url, client) in clients {
-            let peers = self.clone();
-            let (clock, shutdown) = (clock.clone(), shutdown.clone());
+            let state = state.clone();
+            let shutdown = shutdown.clone();
             let span = tracing::info_span!("peer_ca", peer = %url);
             tasks.push(tokio::spawn(tracing::Instrument::instrument(
-                async move { peers.pull_loop(url, client, every, clock, shutdown).await },
+                async move { pull_loop(state, url, client, every, shutdown).await },
                 span,
             )));
         }
     }
+}
 
-    async fn pull_loop(
-        &self,
-        url: String,
-        client: CaClient,
-        every: Duration,
-        clock: Clock,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        loop {
-            let outcome =
-                match tokio::time::timeout(PEER_FETCH_TIMEOUT, fetch(&client, &clock)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(PeerError::Timeout(PEER_FETCH_TIMEOUT)),
-                };
-            self.record(&url, outcome, clock.unix());
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = shutdown.changed() => return,
-            }
+async fn pull_loop(
+    state: Arc<CaState>,
+    url: String,
+    client: CaClient,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let fetched = tokio::time::timeout(PEER_FETCH_TIMEOUT, fetch(&client, &state.clock)).await;
+        let outcome = match fetched {
+            Ok(r) => r.and_then(|list| with_local_of_banned(list, &state.ledger)),
+            Err(_) => Err(PeerError::Timeout(PEER_FETCH_TIMEOUT)),
+        };
+        state.peers.record(&url, outcome, state.clock.unix());
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
         }
     }
 }
@@ -281,6 +290,19 @@ async fn fetch(client: &CaClient, clock: &Clock) -> Result<PeerList, PeerError> 
         .get_limited("/v1/revoked?scope=local", MAX_PEER_BODY)
         .await?;
     parse_list(&body, clock.unix())
+}
+
+/// Adds this CA's live serials of each ID the peer bans (no new ones can appear: issuance
+/// for a peer-banned ID is refused), so a cut-off identity is refused in every region.
+fn with_local_of_banned(mut list: PeerList, ledger: &Ledger) -> Result<PeerList, PeerError> {
+    let now = list.fetched_at.unwrap_or_default();
+    for (id, _) in &list.banned {
+        let live = ledger
+            .live_serials(id, now)
+            .map_err(|e| PeerError::Entry(format!("{id}: {e}")))?;
+        list.local_of_banned.extend(live);
+    }
+    Ok(list)
 }
 
 /// A client for each peer URL, verifying it as `spiffe://TD/trustline/ca` against `bundle`.

@@ -67,10 +67,10 @@ impl Bound {
         super::config::check_peer_urls(urls)?;
         let clients = super::peers::clients(urls, &self.state.authority.bundle, &self.state.clock)
             .map_err(|e| e.to_string())?;
-        self.state.peers.follow(
+        super::peers::Peers::follow(
+            &self.state,
             clients,
             self.peer_refresh,
-            self.state.clock.clone(),
             self.shutdown.subscribe(),
         );
         Ok(())

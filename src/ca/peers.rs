@@ -17,7 +17,7 @@
 //! answers again); every fetch has a timeout and a size and entry cap, and runs in its own
 //! task, so a slow peer delays neither serving nor the other peers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -70,6 +70,8 @@ pub struct Union {
 #[derive(Default)]
 pub struct Peers {
     lists: RwLock<BTreeMap<String, PeerList>>,
+    /// Every ID some peer bans, for the check on each SVID request.
+    banned: RwLock<HashSet<String>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -168,9 +170,19 @@ impl Peers {
 
     /// Whether a peer bans `spiffe_id`.
     pub fn bans(&self, spiffe_id: &str) -> bool {
-        self.read()
+        self.banned
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(spiffe_id)
+    }
+
+    /// Recomputes [`Peers::bans`]' set after `lists` changed.
+    fn index_bans(&self, lists: &BTreeMap<String, PeerList>) {
+        let all = lists
             .values()
-            .any(|l| l.banned.iter().any(|(id, _)| id == spiffe_id))
+            .flat_map(|l| l.banned.iter().map(|(id, _)| id.clone()))
+            .collect();
+        *self.banned.write().unwrap_or_else(|e| e.into_inner()) = all;
     }
 
     /// This CA's own entries merged with every peer's unexpired ones, sorted, each once.
@@ -217,6 +229,7 @@ impl Peers {
                     );
                 }
                 *cur = list;
+                self.index_bans(&lists);
             }
             Err(e) => {
                 if cur.error.is_none() {
@@ -251,6 +264,7 @@ impl Peers {
             for (url, _) in &clients {
                 lists.insert(url.clone(), old.remove(url).unwrap_or_default());
             }
+            this.index_bans(&lists);
         }
         for (url, client) in clients {
             let state = state.clone();

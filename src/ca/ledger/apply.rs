@@ -326,3 +326,64 @@ fn bump(seq: &mut u64, changes: &mut Vec<Change>, revoked: Vec<(Serial, u64)>, n
     }
     Done::Changed { seq: *seq, revoked }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Authorisation, IssuedRecord, Ledger, SERIALS};
+    use crate::identity::Serial;
+
+    fn record(id: &str, authorisation: Authorisation) -> Vec<u8> {
+        serde_json::to_vec(&IssuedRecord {
+            spiffe_id: id.into(),
+            not_after: u64::MAX,
+            issued_at: 0,
+            authorisation,
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_ledger_written_before_the_lineage_index_cascades_once_opened() {
+        // Serials A and B (renewed from A) as an older trustline wrote them: no index tables.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.redb");
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let w = db.begin_write().unwrap();
+            {
+                let mut t = w.open_table(SERIALS).unwrap();
+                let a = record(
+                    "spiffe://td/ns/a/sa/w",
+                    Authorisation::Token {
+                        token_hash: "00".into(),
+                    },
+                );
+                let b = record(
+                    "spiffe://td/ns/a/sa/w",
+                    Authorisation::Svid {
+                        serial: "0a".into(),
+                    },
+                );
+                t.insert([0x0a_u8].as_slice(), a.as_slice()).unwrap();
+                t.insert([0x0b_u8].as_slice(), b.as_slice()).unwrap();
+            }
+            w.commit().unwrap();
+        }
+        let ledger = Ledger::open(&path).unwrap();
+        let r = ledger
+            .revoke(Serial::parse_hex("0a").unwrap(), 1)
+            .await
+            .unwrap();
+        let mut got: Vec<String> = r.serials.iter().map(|s| s.to_string()).collect();
+        got.sort();
+        assert_eq!(got, ["0a", "0b"]);
+        assert_eq!(
+            ledger
+                .live_serials("spiffe://td/ns/a/sa/w", 1)
+                .unwrap()
+                .len(),
+            2,
+            "the serials of each ID are indexed too"
+        );
+    }
+}

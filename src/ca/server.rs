@@ -105,6 +105,8 @@ pub enum ServeError {
     Ledger(#[from] super::ledger::LedgerError),
     #[error("TLS configuration: {0}")]
     Tls(String),
+    #[error("peer CAs: {0}")]
+    Peers(String),
     #[error("binding {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -220,7 +222,7 @@ pub async fn build(config: CaServeConfig, clock: Clock) -> Result<Bound, ServeEr
     if !config.peers.urls.is_empty() {
         bound
             .set_peers(&config.peers.urls)
-            .map_err(ServeError::Tls)?;
+            .map_err(ServeError::Peers)?;
         tracing::info!(peers = ?config.peers.urls, every = ?config.peers.refresh, "following peer CAs' revocations");
     }
     Ok(bound)

@@ -648,3 +648,72 @@ async fn what_a_peer_ca_revokes_or_cuts_off_holds_here_also_while_it_is_down() {
     let v = get().await;
     assert!(listed(&v), "the last good list is kept: {v}");
 }
+
+/// A TLS server (http/1.1) on 127.0.0.1 presenting `svid`: anything but a CA.
+async fn tls_server_with(svid: &trustline::identity::Svid) -> SocketAddr {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(trustline::tls::provider())
+        .with_protocol_versions(trustline::tls::TLS13_ONLY)
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(svid.chain.clone(), svid.key.clone_key())
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = acceptor.accept(tcp).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_peer_that_is_not_a_ca_is_not_believed() {
+    let (_d, lab) = lab(LabOptions {
+        refresh_interval: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    let bundle = trustline::identity::Bundle::from_pem(
+        lab.td.clone(),
+        &std::fs::read(lab.bundle()).unwrap(),
+        "bundle",
+    )
+    .unwrap();
+    let client = |region: &str| {
+        trustline::ca::client::CaClient::new(
+            &format!("https://{}", lab.region(region).ca.api),
+            bundle.clone(),
+            trustline::clock::Clock::system(),
+        )
+        .unwrap()
+    };
+    // A workload's certificate chains to the root, but it is not the CA's.
+    let id = trustline::identity::parse_workload_id(&wid("impostor")).unwrap();
+    let svid = client("b")
+        .issue_with_token(&id, &lab.token("b", &wid("impostor")).await.unwrap())
+        .await
+        .unwrap();
+    let impostor = format!("https://{}", tls_server_with(&svid).await);
+    lab.region("a").ca.set_peers(&[impostor.clone()]).unwrap();
+    let a = client("a");
+    let peer = || async {
+        let body = a.get_limited("/v1/revoked", 1 << 20).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["peers"][0].clone()
+    };
+    eventually_async("CA a refuses the impostor's certificate", || async {
+        peer().await["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is not the expected"))
+    })
+    .await;
+    let p = peer().await;
+    assert_eq!(p["url"], impostor, "{p}");
+    assert!(p["fetched_at"].is_null(), "nothing was taken from it: {p}");
+}

@@ -647,6 +647,13 @@ async fn what_a_peer_ca_revokes_or_cuts_off_holds_here_also_while_it_is_down() {
     .await;
     let v = get().await;
     assert!(listed(&v), "the last good list is kept: {v}");
+    // The metrics say how stale it is, for an alert.
+    let m = &lab.region("b").ca.state.metrics;
+    let peer = trustline::ca::metrics::PeerLabels {
+        peer: format!("https://{}", lab.region("a").ca.api),
+    };
+    assert!(m.peer_fetched.get_or_create(&peer).get() > 0);
+    assert!(m.peer_failures.get_or_create(&peer).get() > 0);
 }
 
 /// A TLS server (http/1.1) on 127.0.0.1 presenting `svid`: anything but a CA.

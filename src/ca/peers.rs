@@ -291,6 +291,16 @@ async fn pull_loop(
             Ok(r) => r.and_then(|list| with_local_of_banned(list, &state.ledger)),
             Err(_) => Err(PeerError::Timeout(PEER_FETCH_TIMEOUT)),
         };
+        let labels = super::metrics::PeerLabels { peer: url.clone() };
+        match &outcome {
+            Ok(_) => {
+                let now = state.clock.unix() as i64;
+                state.metrics.peer_fetched.get_or_create(&labels).set(now);
+            }
+            Err(_) => {
+                state.metrics.peer_failures.get_or_create(&labels).inc();
+            }
+        }
         state.peers.record(&url, outcome, state.clock.unix());
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

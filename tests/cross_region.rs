@@ -707,7 +707,10 @@ async fn a_peer_that_is_not_a_ca_is_not_believed() {
         .await
         .unwrap();
     let impostor = format!("https://{}", tls_server_with(&svid).await);
-    lab.region("a").ca.set_peers(&[impostor.clone()]).unwrap();
+    lab.region("a")
+        .ca
+        .set_peers(std::slice::from_ref(&impostor))
+        .unwrap();
     let a = client("a");
     let peer = || async {
         let body = a.get_limited("/v1/revoked", 1 << 20).await.unwrap();

@@ -266,24 +266,21 @@ struct TokenArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["serial", "spiffe_id"])))]
 struct RevokeArgs {
     /// Data directory of the running CA.
     #[arg(long)]
     data: PathBuf,
     /// Serial number in hex (as printed by trustline or `openssl x509 -serial`); every SVID
     /// renewed from it is revoked too.
-    #[arg(
-        long,
-        required_unless_present = "spiffe_id",
-        conflicts_with = "spiffe_id"
-    )]
+    #[arg(long)]
     serial: Option<String>,
     /// A SPIFFE ID to cut off: no issuance or renewal, every live SVID revoked, its unused join
     /// tokens voided, until `--lift`.
     #[arg(long)]
     spiffe_id: Option<String>,
     /// Lifts the cut-off of `--spiffe-id` (what it revoked stays revoked; rejoin with a new token).
-    #[arg(long, requires = "spiffe_id")]
+    #[arg(long, requires = "spiffe_id", conflicts_with = "serial")]
     lift: bool,
 }
 

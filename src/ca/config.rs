@@ -247,3 +247,28 @@ pub fn check_peer_urls(urls: &[String]) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::check_peer_urls;
+
+    #[test]
+    fn peer_urls_must_be_https_host_port_each_once() {
+        let ok = [
+            "https://ca.us-east:8443".to_string(),
+            "https://[::1]:8443/".into(),
+        ];
+        assert!(check_peer_urls(&ok).is_ok());
+        for bad in [
+            "http://ca:8443",
+            "https://ca",
+            "https://:8443",
+            "https://ca:99999",
+        ] {
+            let e = check_peer_urls(&[bad.to_string()]).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+        let twice = ["https://ca:1".to_string(), "https://ca:1".into()];
+        assert!(check_peer_urls(&twice).unwrap_err().contains("twice"));
+    }
+}

@@ -30,6 +30,9 @@ pub struct LabOptions {
     pub gateways: usize,
     /// Lifetime of the SVIDs the regional CAs issue.
     pub svid_ttl: Duration,
+    /// How often sidecars and gateways refresh revocations and bundle from their CA, and the
+    /// CAs pull each other's revocations.
+    pub refresh_interval: Duration,
 }
 
 impl Default for LabOptions {
@@ -38,6 +41,7 @@ impl Default for LabOptions {
             one_way_delay: Duration::from_millis(75),
             gateways: 1,
             svid_ttl: Duration::from_secs(3600),
+            refresh_interval: Duration::from_secs(30),
         }
     }
 }
@@ -62,6 +66,7 @@ pub struct Lab {
     pub td: TrustDomain,
     pub root: PathBuf,
     pub regions: Vec<Region>,
+    refresh_interval: Duration,
     /// Held to keep the relays running.
     _relays: Vec<RelayHandle>,
 }
@@ -94,6 +99,10 @@ impl Lab {
                     metrics_listen: None,
                     audit_log: Some(dir.join(format!("ca-{name}-audit.log"))),
                     rate_limit: 0,
+                    peers: crate::ca::config::PeerConfig {
+                        urls: Vec::new(),
+                        refresh: options.refresh_interval,
+                    },
                 },
                 Clock::system(),
             )
@@ -126,11 +135,20 @@ impl Lab {
                 gateway_sections: String::new(),
             });
         }
+        // Each CA republishes the other's revocations; their ports are known only now.
+        for (i, region) in regions.iter().enumerate() {
+            let other = format!("https://{}", regions[1 - i].ca.api);
+            region
+                .ca
+                .set_peers(&[other])
+                .map_err(|e| anyhow::anyhow!("peering CA {}: {e}", region.name))?;
+        }
         Ok(Lab {
             dir: dir.to_path_buf(),
             td,
             root,
             regions,
+            refresh_interval: options.refresh_interval,
             _relays: relays,
         })
     }
@@ -171,9 +189,10 @@ impl Lab {
             audit = self.dir.join(format!("{name}-audit.log")),
         );
         let tables = format!(
-            "\n[identity]\nsource = \"ca\"\nca_url = \"https://{ca}\"\ntoken_file = {token_file:?}\n\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n\n",
+            "\n[identity]\nsource = \"ca\"\nca_url = \"https://{ca}\"\ntoken_file = {token_file:?}\n\
+             refresh_interval = \"{refresh}ms\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n",
             ca = self.region(region).ca.api,
+            refresh = self.refresh_interval.as_millis(),
         );
         Ok((top, tables))
     }

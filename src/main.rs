@@ -184,8 +184,11 @@ enum CaCommand {
         after_help = "Example:\n  trustline ca token --data ca/data --spiffe-id spiffe://example.org/ns/shop/sa/web --ttl 15m"
     )]
     Token(TokenArgs),
-    /// Revokes an issued leaf certificate by serial (talks to the running server).
-    #[command(after_help = "Example:\n  trustline ca revoke --data ca/data --serial 3f9a...")]
+    /// Revokes a certificate and every SVID renewed from it, or cuts a SPIFFE ID off until
+    /// lifted (talks to the running server).
+    #[command(
+        after_help = "Examples:\n  trustline ca revoke --data ca/data --serial 3f9a...\n  trustline ca revoke --data ca/data --spiffe-id spiffe://example.org/ns/shop/sa/web\n  trustline ca revoke --data ca/data --spiffe-id spiffe://example.org/ns/shop/sa/web --lift"
+    )]
     Revoke(RevokeArgs),
 }
 
@@ -237,6 +240,13 @@ struct ServeArgs {
     /// SVID requests per second per client IP, 0 for no limit [default: 50].
     #[arg(long)]
     rate_limit: Option<u32>,
+    /// Another region's CA (https://HOST:PORT) whose revocations this CA pulls and serves with
+    /// its own (repeatable; replaces `peers` of the file).
+    #[arg(long = "peer-ca", value_name = "URL")]
+    peer_ca: Vec<String>,
+    /// How often each peer CA's revocations are pulled [default: 5s].
+    #[arg(long)]
+    peer_refresh: Option<String>,
     /// TOML file with any of the keys above (flags win).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -256,13 +266,22 @@ struct TokenArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["serial", "spiffe_id"])))]
 struct RevokeArgs {
     /// Data directory of the running CA.
     #[arg(long)]
     data: PathBuf,
-    /// Serial number in hex (as printed by trustline or `openssl x509 -serial`).
+    /// Serial number in hex (as printed by trustline or `openssl x509 -serial`); every SVID
+    /// renewed from it is revoked too.
     #[arg(long)]
-    serial: String,
+    serial: Option<String>,
+    /// A SPIFFE ID to cut off: no issuance or renewal, every live SVID revoked, its unused join
+    /// tokens voided, until `--lift`.
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// Lifts the cut-off of `--spiffe-id` (what it revoked stays revoked; rejoin with a new token).
+    #[arg(long, requires = "spiffe_id", conflicts_with = "serial")]
+    lift: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -369,26 +388,54 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{t}");
             Ok(())
         }
-        Command::Ca(CaCommand::Revoke(a)) => {
-            let resp = admin::call(
-                &a.data.join("admin.sock"),
-                &AdminRequest::Revoke {
-                    serial: a.serial.clone(),
-                },
-            )
-            .await
-            .map_err(anyhow::Error::msg)?;
-            if !resp.ok {
-                bail!("{}", resp.error.unwrap_or_default());
-            }
+        Command::Ca(CaCommand::Revoke(a)) => ca_revoke(a).await,
+    }
+}
+
+async fn ca_revoke(a: RevokeArgs) -> anyhow::Result<()> {
+    let (req, what) = match (a.serial, a.spiffe_id) {
+        (Some(serial), _) => (
+            AdminRequest::Revoke {
+                serial: serial.clone(),
+            },
+            serial,
+        ),
+        (None, Some(spiffe_id)) if a.lift => (
+            AdminRequest::LiftId {
+                spiffe_id: spiffe_id.clone(),
+            },
+            spiffe_id,
+        ),
+        (None, Some(spiffe_id)) => (
+            AdminRequest::RevokeId {
+                spiffe_id: spiffe_id.clone(),
+            },
+            spiffe_id,
+        ),
+        (None, None) => bail!("give --serial HEX or --spiffe-id ID"),
+    };
+    let resp = admin::call(&a.data.join("admin.sock"), &req)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if !resp.ok {
+        bail!("{}", resp.error.unwrap_or_default());
+    }
+    let seq = resp.sequence.unwrap_or_default();
+    match req {
+        AdminRequest::LiftId { .. } => {
+            println!("lifted the revocation of {what} (revocation list sequence {seq})")
+        }
+        _ => {
             println!(
-                "revoked {} (revocation list sequence {})",
-                a.serial,
-                resp.sequence.unwrap_or_default()
+                "revoked {what}: {} certificate(s) (revocation list sequence {seq})",
+                resp.revoked_count.unwrap_or_default()
             );
-            Ok(())
+            for s in resp.revoked.unwrap_or_default() {
+                println!("  {s}");
+            }
         }
     }
+    Ok(())
 }
 
 fn ca_init(a: InitArgs) -> anyhow::Result<()> {
@@ -433,6 +480,8 @@ async fn ca_serve(a: ServeArgs) -> anyhow::Result<()> {
         metrics_listen: a.metrics_listen,
         audit_log: a.audit_log,
         rate_limit: a.rate_limit,
+        peers: (!a.peer_ca.is_empty()).then_some(a.peer_ca),
+        peer_refresh: a.peer_refresh,
     };
     let config = CaServeConfig::resolve(flags, a.config.as_deref())?;
     let bound = trustline::ca::server::build(config, Clock::system()).await?;

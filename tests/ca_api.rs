@@ -85,6 +85,7 @@ async fn start_with(rate_limit: u32) -> Ca {
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         audit_log: None,
         rate_limit,
+        peers: Default::default(),
     };
     let bound = build(config, clock.clone()).await.expect("CA starts");
     let bundle = Bundle::from_pem(
@@ -719,5 +720,189 @@ fn config_file_errors_name_file_line_and_field() {
     assert_eq!(
         CaServeConfig::resolve(flags, Some(&file)).unwrap().svid_ttl,
         Duration::from_secs(3 * 3600)
+    );
+}
+
+impl Ca {
+    async fn admin(&self, req: AdminRequest) -> admin::AdminResponse {
+        admin::call(&self.bound.admin_socket, &req)
+            .await
+            .expect("admin socket")
+    }
+
+    /// `GET /v1/revoked` as JSON.
+    async fn revoked(&self) -> serde_json::Value {
+        let mut conn = self.client.connect(None).await.unwrap();
+        let (status, body) = conn.get("/v1/revoked", None).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        serde_json::from_slice(&body).unwrap()
+    }
+}
+
+fn listed(v: &serde_json::Value, svid: &Svid) -> bool {
+    v["revoked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["serial"] == svid.info.serial.to_string())
+}
+
+#[tokio::test]
+async fn revoking_a_serial_revokes_every_svid_renewed_from_it() {
+    let ca = start().await;
+    let a = ca.issue(WEB).await;
+    let b = ca.client.renew(&a).await.expect("A renews into B");
+    let c = ca.client.renew(&b).await.expect("B renews into C");
+    let other = ca.issue(DB).await;
+    let r = ca
+        .admin(AdminRequest::Revoke {
+            serial: a.info.serial.to_string(),
+        })
+        .await;
+    assert!(r.ok, "{:?}", r.error);
+    assert_eq!(r.revoked_count, Some(3), "{r:?}");
+    let v = ca.revoked().await;
+    for s in [&a, &b, &c] {
+        assert!(listed(&v, s), "{} must be listed: {v}", s.info.serial);
+    }
+    assert!(!listed(&v, &other), "an unrelated SVID stays valid: {v}");
+    for s in [&b, &c] {
+        let (_, csr) = make_csr(s.id()).unwrap();
+        assert_eq!(
+            ca.post(&csr, None, Some(s)).await.0,
+            StatusCode::UNAUTHORIZED,
+            "{} renewed from a revoked serial must not renew",
+            s.info.serial
+        );
+    }
+    assert!(ca.client.renew(&other).await.is_ok());
+    // Revoking A again finds nothing left to revoke.
+    let r = ca
+        .admin(AdminRequest::Revoke {
+            serial: b.info.serial.to_string(),
+        })
+        .await;
+    assert!(!r.ok && r.error.unwrap().contains("already revoked"));
+}
+
+#[tokio::test]
+async fn the_ledger_refuses_a_renewal_from_a_serial_revoked_meanwhile() {
+    // A renewal authorised before the revocation committed reaches the ledger after it: the
+    // single writer must refuse it, or the renewed SVID would escape the cascade.
+    use trustline::ca::ledger::{Authorisation, IssuedRecord, LedgerError};
+    let ca = start().await;
+    let a = ca.issue(WEB).await;
+    let now = ca.clock.unix();
+    ca.bound
+        .state
+        .ledger
+        .revoke(a.info.serial.clone(), now)
+        .await
+        .unwrap();
+    let late = ca
+        .bound
+        .state
+        .ledger
+        .record_issue(
+            trustline::identity::Serial::parse_hex("0badc0de").unwrap(),
+            IssuedRecord {
+                spiffe_id: WEB.into(),
+                not_after: now + 3600,
+                issued_at: now,
+                authorisation: Authorisation::Svid {
+                    serial: a.info.serial.to_string(),
+                },
+            },
+            None,
+        )
+        .await;
+    assert!(
+        matches!(late, Err(LedgerError::ParentRevoked(_))),
+        "{late:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_revoked_spiffe_id_gets_nothing_until_lifted() {
+    let ca = start().await;
+    let live = ca.issue(WEB).await;
+    let renewed = ca.client.renew(&live).await.unwrap();
+    let minted_before = ca.token(WEB).await;
+    let other = ca.issue(DB).await;
+    let r = ca
+        .admin(AdminRequest::RevokeId {
+            spiffe_id: WEB.into(),
+        })
+        .await;
+    assert!(r.ok, "{:?}", r.error);
+    assert_eq!(r.revoked_count, Some(2), "{r:?}");
+    // Every live SVID of it is published, and so is the ban; the other ID is untouched.
+    let v = ca.revoked().await;
+    assert!(listed(&v, &live) && listed(&v, &renewed), "{v}");
+    assert!(!listed(&v, &other), "{v}");
+    assert_eq!(v["spiffe_ids"][0]["spiffe_id"], WEB, "{v}");
+    // No renewal, no issuance with a token minted before, no new token.
+    let (_, csr) = make_csr(renewed.id()).unwrap();
+    assert_eq!(
+        ca.post(&csr, None, Some(&renewed)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        ca.post(&csr, Some(&minted_before), None).await,
+        (StatusCode::UNAUTHORIZED, "unauthorized".into()),
+        "the ban voided the token"
+    );
+    let t = admin::token(&ca.bound.admin_socket, WEB, 900).await;
+    assert!(t.unwrap_err().contains("revoked"));
+    assert!(ca.client.renew(&other).await.is_ok());
+    // A second ban says so; lifting works once.
+    let again = ca
+        .admin(AdminRequest::RevokeId {
+            spiffe_id: WEB.into(),
+        })
+        .await;
+    assert!(!again.ok && again.error.unwrap().contains("already revoked"));
+    let lift = ca
+        .admin(AdminRequest::LiftId {
+            spiffe_id: WEB.into(),
+        })
+        .await;
+    assert!(lift.ok, "{:?}", lift.error);
+    let v = ca.revoked().await;
+    assert_eq!(v["spiffe_ids"].as_array().unwrap().len(), 0, "{v}");
+    assert!(listed(&v, &live), "what the ban revoked stays revoked: {v}");
+    // The token minted before the ban stays void; a new one works.
+    assert_eq!(
+        ca.post(&csr, Some(&minted_before), None).await,
+        (StatusCode::UNAUTHORIZED, "unauthorized".into())
+    );
+    ca.issue(WEB).await;
+    let r = ca
+        .admin(AdminRequest::LiftId {
+            spiffe_id: WEB.into(),
+        })
+        .await;
+    assert!(!r.ok && r.error.unwrap().contains("not revoked"));
+}
+
+#[tokio::test]
+async fn expired_revocations_leave_the_published_list_and_memory() {
+    let ca = start().await;
+    let svid = ca.issue(WEB).await;
+    let r = ca
+        .admin(AdminRequest::Revoke {
+            serial: svid.info.serial.to_string(),
+        })
+        .await;
+    assert!(r.ok);
+    assert!(listed(&ca.revoked().await, &svid));
+    // (The CA's own server certificate expires with the SVID, so the ledger is read directly.)
+    ca.clock.advance(Duration::from_secs(3601));
+    let ledger = &ca.bound.state.ledger;
+    assert!(ledger.revoked_list(ca.clock.unix()).1.is_empty());
+    assert_eq!(
+        ledger.prune(ca.clock.unix()),
+        1,
+        "the expired entry leaves memory"
     );
 }

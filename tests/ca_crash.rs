@@ -561,3 +561,88 @@ async fn sigkill_during_issuance_loses_nothing_and_reuses_no_token() {
         "spent tokens after the restart"
     );
 }
+
+/// Refused with this HTTP status, or panics with what happened instead.
+fn refused_with<T: std::fmt::Debug>(r: Result<T, ClientError>, want: u16, what: &str) {
+    match r {
+        Err(ClientError::Refused { status, .. }) if status.as_u16() == want => {}
+        other => panic!("{what}: expected a {want} refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_spiffe_id_stays_cut_off_after_sigkill() {
+    let dirs = init_ca();
+    let td = parse_trust_domain(TRUST_DOMAIN).unwrap();
+    let bundle_pem = std::fs::read(dirs.root.join("bundle.pem")).expect("root bundle");
+    let bundle = Bundle::from_pem(td, &bundle_pem, "bundle.pem").expect("bundle");
+    let client_for = |api: SocketAddr| {
+        CaClient::new(&format!("https://{api}"), bundle.clone(), Clock::system()).expect("client")
+    };
+    let id = workload_id(0);
+    let mut server = Server::start(&dirs, client_for, "first").await;
+    let client = client_for(server.api);
+    let tokens = mint_tokens(&dirs.admin_socket(), &[id.clone(), id.clone()]).await;
+    let svid = client
+        .issue_with_token(&id, &tokens[0])
+        .await
+        .expect("issue");
+    let renewed = client.renew(&svid).await.expect("renew");
+    let data = dirs.data.to_str().expect("utf-8 temp path");
+    // The CLI returns once the ban is committed; the process dies right after.
+    trustline(&[
+        "ca",
+        "revoke",
+        "--data",
+        data,
+        "--spiffe-id",
+        &id.to_string(),
+    ]);
+    server.kill();
+
+    let server = Server::start(&dirs, client_for, "restarted").await;
+    let client = client_for(server.api);
+    let body = client
+        .get_limited("/v1/revoked", 1 << 20)
+        .await
+        .expect("revocation list");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    for s in [&svid, &renewed] {
+        let serial = s.info.serial.to_string();
+        assert!(
+            v["revoked"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["serial"] == serial),
+            "{serial} still revoked after the crash: {v}"
+        );
+    }
+    assert_eq!(v["spiffe_ids"][0]["spiffe_id"], id.to_string(), "{v}");
+    refused_with(client.renew(&renewed).await, 401, "renewal of a revoked ID");
+    refused_with(
+        client.issue_with_token(&id, &tokens[1]).await,
+        401,
+        "a token minted before the ban",
+    );
+    assert!(admin::token(&dirs.admin_socket(), &id.to_string(), 600)
+        .await
+        .is_err());
+    // Lifted, it joins again with a new token.
+    trustline(&[
+        "ca",
+        "revoke",
+        "--data",
+        data,
+        "--spiffe-id",
+        &id.to_string(),
+        "--lift",
+    ]);
+    let t = admin::token(&dirs.admin_socket(), &id.to_string(), 600)
+        .await
+        .expect("a token once lifted");
+    client
+        .issue_with_token(&id, &t)
+        .await
+        .expect("issued once lifted");
+}

@@ -21,14 +21,13 @@ fn wid(name: &str) -> String {
     format!("spiffe://{TD}/ns/shop/sa/{name}")
 }
 
-async fn lab(gateways: usize, svid_ttl: Duration) -> (tempfile::TempDir, Lab) {
+async fn lab(options: LabOptions) -> (tempfile::TempDir, Lab) {
     let dir = tempfile::tempdir().expect("temp dir");
     let lab = Lab::new(
         dir.path(),
         LabOptions {
             one_way_delay: ONE_WAY,
-            gateways,
-            svid_ttl,
+            ..options
         },
     )
     .await
@@ -96,7 +95,16 @@ async fn setup_with(
     gateways: usize,
     svid_ttl: Duration,
 ) -> (tempfile::TempDir, Lab, trustline::proxy::Bound) {
-    let (dir, mut lab) = lab(gateways, svid_ttl).await;
+    setup_lab(LabOptions {
+        gateways,
+        svid_ttl,
+        ..Default::default()
+    })
+    .await
+}
+
+async fn setup_lab(options: LabOptions) -> (tempfile::TempDir, Lab, trustline::proxy::Bound) {
+    let (dir, mut lab) = lab(options).await;
     let api = api_in_b(&lab).await;
     let (a, b) = gateway_sections(api.inbound.unwrap());
     lab.start_gateways("b", &b).await.expect("gateways b");
@@ -478,4 +486,280 @@ async fn a_workload_cannot_pass_for_one_of_another_region_with_a_home_made_regio
         other => panic!("expected the handshake to be refused, got {other:?}"),
     };
     assert!((0x100..0x200).contains(&code), "{closed:?}");
+}
+
+#[tokio::test]
+async fn a_serial_revoked_in_one_region_is_refused_in_the_other() {
+    // Sidecars refresh every second and the CAs pull each other every second: region b must
+    // refuse within a few seconds (the bound is PATIENCE, 10 s).
+    let (_d, lab, api) = setup_lab(LabOptions {
+        refresh_interval: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    let web = caller_in_a(&lab, "web", api.inbound.unwrap()).await;
+    assert_eq!(call(web.listeners[0], b"before").await.unwrap(), b"before");
+    // Region b's sidecar also admits web's SVID presented directly, without the gateways.
+    let svid = web.identity.current().expect("web's SVID");
+    let bundle = trustline::identity::Bundle::from_pem(
+        lab.td.clone(),
+        &std::fs::read(lab.bundle()).unwrap(),
+        "bundle",
+    )
+    .unwrap();
+    let api_id = trustline::identity::parse_workload_id(&wid("api")).unwrap();
+    let direct = || common::client_config(&bundle, &api_id, Some(common::Cred::from(&*svid)));
+    assert_eq!(common::probe(api.inbound.unwrap(), direct()).await, b"ping");
+
+    let r = trustline::ca::admin::call(
+        &lab.region("a").ca.admin_socket,
+        &trustline::ca::admin::AdminRequest::Revoke {
+            serial: svid.info.serial.to_string(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(r.ok, "{:?}", r.error);
+    let started = Instant::now();
+    eventually_async(
+        "region b's sidecar refuses the SVID revoked in region a",
+        || async {
+            common::probe(api.inbound.unwrap(), direct())
+                .await
+                .is_empty()
+        },
+    )
+    .await;
+    eprintln!(
+        "refused in region b {:?} after the revocation in a",
+        started.elapsed()
+    );
+    let failed = common::failed_series(api.admin).await;
+    assert!(
+        failed.iter().any(|l| l.contains("reason=\"revoked\"")),
+        "api counts the refusal as revoked: {failed:?}"
+    );
+    // The caller's own calls into region b fail too (whichever hop refuses first).
+    eventually_async("web's calls into region b fail", || async {
+        call(web.listeners[0], b"after").await.is_err()
+    })
+    .await;
+    // CA b serves the serial with its own list, and says where it learned it.
+    let client = trustline::ca::client::CaClient::new(
+        &format!("https://{}", lab.region("b").ca.api),
+        bundle.clone(),
+        trustline::clock::Clock::system(),
+    )
+    .unwrap();
+    let body = client.get_limited("/v1/revoked", 1 << 20).await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let serial = svid.info.serial.to_string();
+    assert!(
+        v["revoked"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["serial"] == serial),
+        "{v}"
+    );
+    assert_eq!(
+        v["peers"][0]["url"],
+        format!("https://{}", lab.region("a").ca.api),
+        "{v}"
+    );
+    assert!(v["peers"][0]["error"].is_null(), "{v}");
+    // ...but not in what it offers its own peers: only its own revocations travel.
+    let body = client
+        .get_limited("/v1/revoked?scope=local", 1 << 20)
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["revoked"].as_array().unwrap().len(), 0, "{v}");
+}
+
+#[tokio::test]
+async fn what_a_peer_ca_revokes_or_cuts_off_holds_here_also_while_it_is_down() {
+    let (_d, lab) = lab(LabOptions {
+        refresh_interval: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    let bundle = trustline::identity::Bundle::from_pem(
+        lab.td.clone(),
+        &std::fs::read(lab.bundle()).unwrap(),
+        "bundle",
+    )
+    .unwrap();
+    let ca = |region: &str| {
+        trustline::ca::client::CaClient::new(
+            &format!("https://{}", lab.region(region).ca.api),
+            bundle.clone(),
+            trustline::clock::Clock::system(),
+        )
+        .unwrap()
+    };
+    let id = trustline::identity::parse_workload_id(&wid("stolen")).unwrap();
+    let svid = ca("a")
+        .issue_with_token(&id, &lab.token("a", &wid("stolen")).await.unwrap())
+        .await
+        .unwrap();
+    let r = trustline::ca::admin::call(
+        &lab.region("a").ca.admin_socket,
+        &trustline::ca::admin::AdminRequest::Revoke {
+            serial: svid.info.serial.to_string(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(r.ok, "{:?}", r.error);
+    let listed = |v: &serde_json::Value| {
+        v["revoked"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["serial"] == svid.info.serial.to_string())
+    };
+    let b = ca("b");
+    let get = || async {
+        let body = b.get_limited("/v1/revoked", 1 << 20).await.unwrap();
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+    };
+    eventually_async("CA b learns the revocation", || async {
+        listed(&get().await)
+    })
+    .await;
+    // An identity cut off at CA a is cut off by CA b too: published, its SVIDs from CA b
+    // listed, no renewal or issuance at CA b.
+    let banned = wid("banned");
+    let id_banned = trustline::identity::parse_workload_id(&banned).unwrap();
+    let from_b = b
+        .issue_with_token(&id_banned, &lab.token("b", &banned).await.unwrap())
+        .await
+        .unwrap();
+    let token_b = lab.token("b", &banned).await.unwrap();
+    let r = trustline::ca::admin::call(
+        &lab.region("a").ca.admin_socket,
+        &trustline::ca::admin::AdminRequest::RevokeId {
+            spiffe_id: banned.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(r.ok, "{:?}", r.error);
+    eventually_async("CA b publishes the cut-off ID", || async {
+        get().await["spiffe_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["spiffe_id"] == banned)
+    })
+    .await;
+    let v = get().await;
+    assert!(
+        v["revoked"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["serial"] == from_b.info.serial.to_string()),
+        "CA b lists its own SVID of the cut-off ID: {v}"
+    );
+    let refused = |r: Result<trustline::identity::Svid, trustline::ca::client::ClientError>| match r
+    {
+        Err(trustline::ca::client::ClientError::Refused { status, error, .. }) => {
+            (status.as_u16(), error)
+        }
+        other => panic!("CA b must refuse an ID cut off at CA a: {other:?}"),
+    };
+    assert_eq!(refused(b.renew(&from_b).await), (403, "revoked".into()));
+    assert_eq!(
+        refused(b.issue_with_token(&id_banned, &token_b).await),
+        (403, "revoked".into())
+    );
+    // CA a goes away: CA b notices, keeps the serial and goes on serving.
+    lab.region("a").ca.shutdown();
+    eventually_async("CA b sees its peer down", || async {
+        !get().await["peers"][0]["error"].is_null()
+    })
+    .await;
+    let v = get().await;
+    assert!(listed(&v), "the last good list is kept: {v}");
+    // The metrics say how stale it is, for an alert.
+    let m = &lab.region("b").ca.state.metrics;
+    let peer = trustline::ca::metrics::PeerLabels {
+        peer: format!("https://{}", lab.region("a").ca.api),
+    };
+    assert!(m.peer_fetched.get_or_create(&peer).get() > 0);
+    assert!(m.peer_failures.get_or_create(&peer).get() > 0);
+}
+
+/// A TLS server (http/1.1) on 127.0.0.1 presenting `svid`: anything but a CA.
+async fn tls_server_with(svid: &trustline::identity::Svid) -> SocketAddr {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(trustline::tls::provider())
+        .with_protocol_versions(trustline::tls::TLS13_ONLY)
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(svid.chain.clone(), svid.key.clone_key())
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = acceptor.accept(tcp).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_peer_that_is_not_a_ca_is_not_believed() {
+    let (_d, lab) = lab(LabOptions {
+        refresh_interval: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    let bundle = trustline::identity::Bundle::from_pem(
+        lab.td.clone(),
+        &std::fs::read(lab.bundle()).unwrap(),
+        "bundle",
+    )
+    .unwrap();
+    let client = |region: &str| {
+        trustline::ca::client::CaClient::new(
+            &format!("https://{}", lab.region(region).ca.api),
+            bundle.clone(),
+            trustline::clock::Clock::system(),
+        )
+        .unwrap()
+    };
+    // A workload's certificate chains to the root, but it is not the CA's.
+    let id = trustline::identity::parse_workload_id(&wid("impostor")).unwrap();
+    let svid = client("b")
+        .issue_with_token(&id, &lab.token("b", &wid("impostor")).await.unwrap())
+        .await
+        .unwrap();
+    let impostor = format!("https://{}", tls_server_with(&svid).await);
+    lab.region("a")
+        .ca
+        .set_peers(std::slice::from_ref(&impostor))
+        .unwrap();
+    let a = client("a");
+    let peer = || async {
+        let body = a.get_limited("/v1/revoked", 1 << 20).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["peers"][0].clone()
+    };
+    eventually_async("CA a refuses the impostor's certificate", || async {
+        peer().await["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is not the expected"))
+    })
+    .await;
+    let p = peer().await;
+    assert_eq!(p["url"], impostor, "{p}");
+    assert!(p["fetched_at"].is_null(), "nothing was taken from it: {p}");
 }

@@ -11,7 +11,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use super::api::{check_workload_id, CaState};
-use super::ledger::{new_token, token_hash, TokenRecord};
+use super::ledger::{new_token, token_hash, LedgerError, Revocation, TokenRecord};
 use super::metrics::OutcomeLabels;
 use crate::clock::rfc3339;
 use crate::identity::{parse_workload_id, Serial};
@@ -25,9 +25,16 @@ pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 pub enum AdminRequest {
     /// Create a single-use join token bound to `spiffe_id`.
     Token { spiffe_id: String, ttl_secs: u64 },
-    /// Revoke an issued leaf by serial (hex).
+    /// Revoke an issued leaf by serial (hex), and every SVID renewed from it.
     Revoke { serial: String },
+    /// Ban a SPIFFE ID until lifted: no issuance or renewal, every live SVID of it revoked.
+    RevokeId { spiffe_id: String },
+    /// Lift a ban made with `revoke_id`.
+    LiftId { spiffe_id: String },
 }
+
+/// Most revoked serials listed in one answer (the count is always complete).
+const MAX_LISTED: usize = 1000;
 
 /// An admin answer.
 #[derive(Debug, Serialize, Deserialize)]
@@ -39,6 +46,12 @@ pub struct AdminResponse {
     pub expires_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequence: Option<u64>,
+    /// How many serials a revocation revoked (the named one and its descendants, or an ID's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_count: Option<u64>,
+    /// The first of them, in hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -50,7 +63,24 @@ impl AdminResponse {
             token: None,
             expires_at: None,
             sequence: None,
+            revoked_count: None,
+            revoked: None,
             error: None,
+        }
+    }
+
+    fn revocation(r: Revocation) -> Self {
+        AdminResponse {
+            sequence: Some(r.sequence),
+            revoked_count: Some(r.serials.len() as u64),
+            revoked: Some(
+                r.serials
+                    .iter()
+                    .take(MAX_LISTED)
+                    .map(|s| s.to_string())
+                    .collect(),
+            ),
+            ..Self::ok()
         }
     }
 
@@ -149,7 +179,21 @@ async fn execute(state: &CaState, req: AdminRequest) -> AdminResponse {
         AdminRequest::Revoke { serial } => {
             let resp = match Serial::parse_hex(&serial) {
                 None => AdminResponse::err(format!("serial {serial:?} is not hex")),
-                Some(s) => match state.ledger.revoke(s, crate::clock::unix_secs(now)).await {
+                Some(s) => answer(state.ledger.revoke(s, crate::clock::unix_secs(now)).await),
+            };
+            ("revoke", None, Some(serial), resp)
+        }
+        AdminRequest::RevokeId { spiffe_id } => {
+            let resp = match workload_id(state, &spiffe_id) {
+                Err(e) => AdminResponse::err(e),
+                Ok(id) => answer(state.ledger.ban(&id, crate::clock::unix_secs(now)).await),
+            };
+            ("revoke_id", Some(spiffe_id), None, resp)
+        }
+        AdminRequest::LiftId { spiffe_id } => {
+            let resp = match workload_id(state, &spiffe_id) {
+                Err(e) => AdminResponse::err(e),
+                Ok(id) => match state.ledger.lift(&id).await {
                     Ok(seq) => AdminResponse {
                         sequence: Some(seq),
                         ..AdminResponse::ok()
@@ -157,7 +201,7 @@ async fn execute(state: &CaState, req: AdminRequest) -> AdminResponse {
                     Err(e) => AdminResponse::err(e.to_string()),
                 },
             };
-            ("revoke", None, Some(serial), resp)
+            ("lift_id", Some(spiffe_id), None, resp)
         }
     };
     state.audit.record(&AdminAudit {
@@ -172,14 +216,25 @@ async fn execute(state: &CaState, req: AdminRequest) -> AdminResponse {
     resp
 }
 
-async fn make_token(state: &CaState, spiffe_id: &str, ttl_secs: u64) -> AdminResponse {
-    let id = match parse_workload_id(spiffe_id) {
-        Ok(id) => id,
-        Err(e) => return AdminResponse::err(e.to_string()),
-    };
-    if let Err(why) = check_workload_id(&state.authority, &id) {
-        return AdminResponse::err(why);
+fn answer(r: Result<Revocation, LedgerError>) -> AdminResponse {
+    match r {
+        Ok(r) => AdminResponse::revocation(r),
+        Err(e) => AdminResponse::err(e.to_string()),
     }
+}
+
+/// A workload SPIFFE ID this CA may issue, in its canonical text.
+fn workload_id(state: &CaState, spiffe_id: &str) -> Result<String, String> {
+    let id = parse_workload_id(spiffe_id).map_err(|e| e.to_string())?;
+    check_workload_id(&state.authority, &id)?;
+    Ok(id.to_string())
+}
+
+async fn make_token(state: &CaState, spiffe_id: &str, ttl_secs: u64) -> AdminResponse {
+    let id = match workload_id(state, spiffe_id) {
+        Ok(id) => id,
+        Err(e) => return AdminResponse::err(e),
+    };
     let ttl = Duration::from_secs(ttl_secs);
     if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
         return AdminResponse::err(format!(
@@ -191,10 +246,11 @@ async fn make_token(state: &CaState, spiffe_id: &str, ttl_secs: u64) -> AdminRes
     let now = state.clock.now();
     let expires = now + ttl;
     let record = TokenRecord {
-        spiffe_id: id.to_string(),
+        spiffe_id: id,
         expires_at: crate::clock::unix_secs(expires),
         created_at: crate::clock::unix_secs(now),
         used: None,
+        voided_at: None,
     };
     match state.ledger.add_token(token_hash(&token), record).await {
         Ok(()) => AdminResponse {

@@ -16,7 +16,7 @@ use super::ledger::{token_hash, Authorisation, IssuedRecord, Ledger, LedgerError
 use super::metrics::CaMetrics;
 use crate::audit::AuditLog;
 use crate::clock::{rfc3339, unix_secs, Clock};
-use crate::identity::{CertInfo, SpiffeId, REGION_PATH_PREFIX};
+use crate::identity::{CertInfo, Serial, SpiffeId, REGION_PATH_PREFIX};
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -30,6 +30,8 @@ pub struct CaState {
     pub clock: Clock,
     pub svid_ttl: Duration,
     pub rate: RateLimiter,
+    /// The other regions' CAs and the revocations learned from them.
+    pub peers: std::sync::Arc<super::peers::Peers>,
 }
 
 /// Facts about one client connection, taken once after the TLS handshake.
@@ -83,10 +85,15 @@ impl From<CsrError> for ApiError {
 impl From<LedgerError> for ApiError {
     fn from(e: LedgerError) -> Self {
         match e {
-            LedgerError::TokenUnknown | LedgerError::TokenUsed | LedgerError::TokenExpired => {
-                ApiError::unauthorized(e.to_string())
-            }
+            LedgerError::TokenUnknown
+            | LedgerError::TokenUsed
+            | LedgerError::TokenExpired
+            | LedgerError::TokenVoided
+            | LedgerError::ParentRevoked(_) => ApiError::unauthorized(e.to_string()),
             LedgerError::TokenWrongId => ApiError::bad_request(e.to_string()),
+            LedgerError::Banned(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, "revoked", e.to_string())
+            }
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
         }
     }
@@ -187,7 +194,7 @@ pub async fn handle(state: &CaState, peer: &Peer, req: Request<hyper::body::Inco
             resp
         }
         (&Method::GET, "/v1/bundle") => bundle(state, &req),
-        (&Method::GET, "/v1/revoked") => revoked(state),
+        (&Method::GET, "/v1/revoked") => revoked(state, &req),
         (_, "/v1/svid" | "/v1/bundle" | "/v1/revoked") => error_response(&ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -259,12 +266,16 @@ fn authorise(state: &CaState, peer: &Peer, bearer: Option<&str>) -> Result<Auth,
         if rec.used.is_some() {
             return Err(ApiError::unauthorized("join token already used"));
         }
+        if rec.voided_at.is_some() {
+            return Err(ApiError::unauthorized(LedgerError::TokenVoided.to_string()));
+        }
         if rec.expires_at <= now {
             return Err(ApiError::unauthorized("join token expired"));
         }
         let id = SpiffeId::new(&rec.spiffe_id).map_err(|e| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
         })?;
+        check_not_banned(state, &id)?;
         return Ok(Auth::Token {
             spend: TokenSpend {
                 hash,
@@ -288,6 +299,7 @@ fn authorise(state: &CaState, peer: &Peer, bearer: Option<&str>) -> Result<Auth,
                     info.serial
                 )));
             }
+            check_not_banned(state, &info.id)?;
             // A keep-alive connection can outlive the certificate it was opened with.
             if info.not_after <= state.clock.now() {
                 return Err(ApiError::unauthorized("client certificate expired"));
@@ -295,6 +307,20 @@ fn authorise(state: &CaState, peer: &Peer, bearer: Option<&str>) -> Result<Auth,
             Ok(Auth::Svid(info.clone()))
         }
     }
+}
+
+/// Refuses an ID banned here or by a peer region's CA (the ledger re-checks its own bans when
+/// it records the issuance, so a ban racing this request still wins).
+fn check_not_banned(state: &CaState, id: &SpiffeId) -> Result<(), ApiError> {
+    let id = id.to_string();
+    let why = if state.ledger.is_banned(&id) {
+        LedgerError::Banned(id).to_string()
+    } else if state.peers.bans(&id) {
+        format!("{id} is revoked by another region's CA")
+    } else {
+        return Ok(());
+    };
+    Err(ApiError::new(StatusCode::FORBIDDEN, "revoked", why))
 }
 
 fn bearer(req: &Request<hyper::body::Incoming>) -> Result<Option<String>, ApiError> {
@@ -436,14 +462,48 @@ fn bundle(state: &CaState, req: &Request<hyper::body::Incoming>) -> Resp {
     }
 }
 
-fn revoked(state: &CaState) -> Resp {
-    let (seq, list) = state.ledger.revoked_list(state.clock.unix());
-    let revoked: Vec<_> = list
+/// `GET /v1/revoked`: the unexpired revoked serials and the banned SPIFFE IDs of this CA and
+/// of its peers, with each peer's state; `?scope=local` gives this CA's own entries only (what
+/// peers pull). `sequence` counts this CA's own changes.
+fn revoked(state: &CaState, req: &Request<hyper::body::Incoming>) -> Resp {
+    let now = state.clock.unix();
+    let (seq, local) = state.ledger.revoked_list(now);
+    let bans = state.ledger.banned_list();
+    let local_only = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "scope=local"));
+    let mut doc = if local_only {
+        list_json(seq, &local, &bans)
+    } else {
+        let all = state.peers.union(local, bans, now);
+        list_json(seq, &all.revoked, &all.banned)
+    };
+    if !local_only && !state.peers.is_empty() {
+        let peers: Vec<_> = state
+            .peers
+            .status()
+            .into_iter()
+            .map(|(url, p)| {
+                serde_json::json!({"url": url, "sequence": p.sequence, "fetched_at": p.fetched_at,
+                    "revoked": p.revoked.len(), "spiffe_ids": p.banned.len(), "error": p.error})
+            })
+            .collect();
+        doc["peers"] = peers.into();
+    }
+    respond(StatusCode::OK, "application/json", doc.to_string())
+}
+
+fn list_json(seq: u64, revoked: &[(Serial, u64)], banned: &[(String, u64)]) -> serde_json::Value {
+    let revoked: Vec<_> = revoked
         .iter()
         .map(|(s, na)| serde_json::json!({"serial": s.to_string(), "not_after": na}))
         .collect();
-    let body = serde_json::json!({"sequence": seq, "revoked": revoked}).to_string();
-    respond(StatusCode::OK, "application/json", body)
+    let banned: Vec<_> = banned
+        .iter()
+        .map(|(id, since)| serde_json::json!({"spiffe_id": id, "since": since}))
+        .collect();
+    serde_json::json!({"sequence": seq, "revoked": revoked, "spiffe_ids": banned})
 }
 
 /// A token bucket per client IP address.

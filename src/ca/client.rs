@@ -289,3 +289,37 @@ impl CaConnection {
         Ok((status, body))
     }
 }
+
+impl CaClient {
+    /// `GET path` on a new connection without a client certificate; a non-2xx answer is a
+    /// refusal and a body over `max_body` bytes an error (peer CAs read each other's lists
+    /// with it, so a peer cannot make us buffer without bound). Callers bound the time.
+    pub async fn get_limited(&self, path: &str, max_body: usize) -> Result<Bytes, ClientError> {
+        let mut conn = self.connect(None).await?;
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .header(HOST, &conn.host)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        conn.sender
+            .ready()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = conn
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), max_body)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(format!("reading {path}: {e}")))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(refusal(status, &body));
+        }
+        Ok(body)
+    }
+}

@@ -34,7 +34,37 @@ pub struct CaServeFile {
     pub audit_log: Option<PathBuf>,
     /// SVID requests per second per client IP (0 = unlimited).
     pub rate_limit: Option<u32>,
+    /// The other regions' CAs (`https://HOST:PORT`) whose revocations this CA pulls and
+    /// serves with its own.
+    pub peers: Option<Vec<String>>,
+    /// How often each peer's list is pulled, e.g. `5s`.
+    pub peer_refresh: Option<String>,
 }
+
+/// Peer CAs whose revocations this CA republishes ([`super::peers`]).
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    /// `https://HOST:PORT` of each peer CA.
+    pub urls: Vec<String>,
+    /// Pull interval.
+    pub refresh: Duration,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        PeerConfig {
+            urls: Vec::new(),
+            refresh: DEFAULT_PEER_REFRESH,
+        }
+    }
+}
+
+/// Default pull interval of peer CAs' revocation lists: short, since a sidecar's own refresh
+/// comes on top of it.
+pub const DEFAULT_PEER_REFRESH: Duration = Duration::from_secs(5);
+/// Accepted pull intervals.
+pub const PEER_REFRESH_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3600);
 
 /// The validated configuration.
 #[derive(Clone, Debug)]
@@ -47,6 +77,7 @@ pub struct CaServeConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub audit_log: Option<PathBuf>,
     pub rate_limit: u32,
+    pub peers: PeerConfig,
 }
 
 /// Defaults of `ca serve`.
@@ -154,6 +185,25 @@ impl CaServeConfig {
                 ));
             }
         }
+        let peers_src = src(flags.peers.is_some());
+        let urls = flags.peers.or(from_file.peers).unwrap_or_default();
+        check_peer_urls(&urls).map_err(|e| ConfigError::field(peers_src, "peers", e))?;
+        let refresh_src = src(flags.peer_refresh.is_some());
+        let refresh = match flags.peer_refresh.or(from_file.peer_refresh) {
+            None => DEFAULT_PEER_REFRESH,
+            Some(text) => {
+                let d = parse_duration(&text)
+                    .map_err(|e| ConfigError::field(refresh_src, "peer_refresh", e))?;
+                if !PEER_REFRESH_RANGE.contains(&d) {
+                    return Err(ConfigError::field(
+                        refresh_src,
+                        "peer_refresh",
+                        format!("{text} is outside 1s..1h"),
+                    ));
+                }
+                d
+            }
+        };
         Ok(CaServeConfig {
             ca_dir,
             data_dir,
@@ -166,6 +216,59 @@ impl CaServeConfig {
                 .rate_limit
                 .or(from_file.rate_limit)
                 .unwrap_or(DEFAULT_RATE_LIMIT),
+            peers: PeerConfig { urls, refresh },
         })
+    }
+}
+
+/// Peer CA URLs must be `https://HOST:PORT`, each once, at most [`super::peers::MAX_PEERS`].
+pub fn check_peer_urls(urls: &[String]) -> Result<(), String> {
+    if urls.len() > super::peers::MAX_PEERS {
+        return Err(format!(
+            "{} peers, more than the {} allowed",
+            urls.len(),
+            super::peers::MAX_PEERS
+        ));
+    }
+    for (i, url) in urls.iter().enumerate() {
+        let ok = url
+            .strip_prefix("https://")
+            .map(|r| r.trim_end_matches('/'))
+            .and_then(|r| r.rsplit_once(':'))
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !ok {
+            return Err(format!(
+                "{url:?} is not a CA URL like https://ca.eu-west:8443"
+            ));
+        }
+        if urls[..i].contains(url) {
+            return Err(format!("{url:?} is listed twice"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_peer_urls;
+
+    #[test]
+    fn peer_urls_must_be_https_host_port_each_once() {
+        let ok = [
+            "https://ca.us-east:8443".to_string(),
+            "https://[::1]:8443/".into(),
+        ];
+        assert!(check_peer_urls(&ok).is_ok());
+        for bad in [
+            "http://ca:8443",
+            "https://ca",
+            "https://:8443",
+            "https://ca:99999",
+        ] {
+            let e = check_peer_urls(&[bad.to_string()]).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+        let twice = ["https://ca:1".to_string(), "https://ca:1".into()];
+        assert!(check_peer_urls(&twice).unwrap_err().contains("twice"));
     }
 }

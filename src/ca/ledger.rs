@@ -7,14 +7,23 @@
 //! Token consumption is checked and recorded inside the same transaction that records the
 //! serial, by the single writer, so a token cannot be used twice, concurrently or across restarts.
 //!
+//! Revocation reaches everything that descends from what is revoked: revoking a serial revokes
+//! every SVID renewed from it, transitively (the `renewals` index follows the lineage recorded
+//! as [`Authorisation::Svid`]), and the writer refuses to record a renewal from a revoked serial,
+//! so a renewal racing a revocation cannot escape it. A banned SPIFFE ID ([`Ledger::ban`]) gets
+//! no issuance or renewal until the ban is lifted, its unexpired serials are revoked and its
+//! unused join tokens voided, all in the one transaction that records the ban.
+//!
 //! The public surface is small on purpose: a shared SQL ledger for CA replicas can take its place.
+
+mod apply;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, RwLock};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -24,7 +33,16 @@ const SERIALS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("serials");
 const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
 const REVOKED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("revoked");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Parent serial -> the serials renewed with it.
+const RENEWALS: MultimapTableDefinition<&[u8], &[u8]> = MultimapTableDefinition::new("renewals");
+/// SPIFFE ID -> every serial issued for it.
+const BY_ID: MultimapTableDefinition<&str, &[u8]> = MultimapTableDefinition::new("serials_by_id");
+/// Banned SPIFFE IDs -> [`BanRecord`].
+const BANNED: TableDefinition<&str, &[u8]> = TableDefinition::new("banned_ids");
 const REVOCATION_SEQ: &str = "revocation_seq";
+/// Version of the `renewals` and `serials_by_id` indexes; a ledger without them is indexed at
+/// open.
+const INDEX_VERSION: &str = "index_version";
 /// Most requests folded into one transaction.
 const MAX_BATCH: usize = 512;
 
@@ -45,8 +63,18 @@ pub enum LedgerError {
     DuplicateSerial(Serial),
     #[error("serial {0} was not issued by this CA")]
     UnknownSerial(Serial),
-    #[error("serial {0} is already revoked")]
+    #[error("serial {0} is already revoked, and so is every SVID renewed from it")]
     AlreadyRevoked(Serial),
+    #[error("{0} is revoked at this CA (lift with `trustline ca revoke --lift --spiffe-id`)")]
+    Banned(String),
+    #[error("{0} is already revoked")]
+    AlreadyBanned(String),
+    #[error("{0} is not revoked")]
+    NotBanned(String),
+    #[error("the SVID {0} renewing was revoked")]
+    ParentRevoked(Serial),
+    #[error("join token was voided when its SPIFFE ID was revoked")]
+    TokenVoided,
     #[error("ledger writer stopped")]
     Closed,
 }
@@ -84,6 +112,9 @@ pub struct TokenRecord {
     pub created_at: u64,
     /// Set once the token was consumed, with the serial it bought.
     pub used: Option<TokenUse>,
+    /// When a ban of its SPIFFE ID voided the token (it stays void after the ban is lifted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voided_at: Option<u64>,
 }
 
 /// When and for what a token was used.
@@ -98,6 +129,22 @@ pub struct TokenUse {
 pub struct RevokedRecord {
     pub not_after: u64,
     pub revoked_at: u64,
+}
+
+/// A banned SPIFFE ID.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BanRecord {
+    /// When the ban was made (Unix seconds).
+    pub since: u64,
+}
+
+/// What one revocation or ban changed.
+#[derive(Clone, Debug, Default)]
+pub struct Revocation {
+    /// The revocation sequence number after it.
+    pub sequence: u64,
+    /// Every serial it revoked (the named one and its descendants, or an ID's live serials).
+    pub serials: Vec<Serial>,
 }
 
 /// A token to consume atomically with an issuance.
@@ -121,11 +168,29 @@ enum Op {
         serial: Serial,
         now: u64,
     },
+    Ban {
+        spiffe_id: String,
+        now: u64,
+    },
+    Lift {
+        spiffe_id: String,
+    },
 }
 
 enum Done {
     Ok,
-    Revoked { seq: u64, not_after: u64 },
+    /// The published list changed: the new sequence and the serials revoked (with not_after).
+    Changed {
+        seq: u64,
+        revoked: Vec<(Serial, u64)>,
+    },
+}
+
+/// In-memory state a committed batch changes.
+enum Change {
+    Revoked(Serial, u64),
+    Banned(String, BanRecord),
+    Lifted(String),
 }
 
 type Job = (Op, oneshot::Sender<Result<Done, LedgerError>>);
@@ -137,6 +202,7 @@ pub struct Ledger {
     jobs: Option<mpsc::Sender<Job>>,
     writer: Option<std::thread::JoinHandle<()>>,
     revoked: Arc<RwLock<HashMap<Serial, u64>>>,
+    banned: Arc<RwLock<HashMap<String, BanRecord>>>,
     seq: Arc<AtomicU64>,
 }
 
@@ -152,14 +218,20 @@ impl Ledger {
             w.open_table(t).map_err(db_err)?;
         }
         w.open_table(META).map_err(db_err)?;
+        w.open_table(BANNED).map_err(db_err)?;
+        w.open_multimap_table(RENEWALS).map_err(db_err)?;
+        w.open_multimap_table(BY_ID).map_err(db_err)?;
+        apply::build_indexes(&w)?;
         w.commit().map_err(db_err)?;
-        let (revoked, seq) = load_revocations(&db)?;
+        let (revoked, banned, seq) = load_revocations(&db)?;
         let revoked = Arc::new(RwLock::new(revoked));
+        let banned = Arc::new(RwLock::new(banned));
         let seq = Arc::new(AtomicU64::new(seq));
         let (jobs, rx) = mpsc::channel();
         let writer = Writer {
             db: db.clone(),
             revoked: revoked.clone(),
+            banned: banned.clone(),
             seq: seq.clone(),
         };
         let writer = std::thread::Builder::new()
@@ -171,6 +243,7 @@ impl Ledger {
             jobs: Some(jobs),
             writer: Some(writer),
             revoked,
+            banned,
             seq,
         })
     }
@@ -203,12 +276,25 @@ impl Ledger {
         self.submit(Op::AddToken { hash, record }).await.map(|_| ())
     }
 
-    /// Revokes an issued serial; returns the new revocation sequence number.
-    pub async fn revoke(&self, serial: Serial, now: u64) -> Result<u64, LedgerError> {
-        match self.submit(Op::Revoke { serial, now }).await? {
-            Done::Revoked { seq, .. } => Ok(seq),
-            Done::Ok => Err(LedgerError::Db("revoke returned no sequence".into())),
-        }
+    /// Revokes an issued serial and every SVID renewed from it, transitively. Revoking an
+    /// already revoked serial again revokes what descends from it and is not yet revoked (an
+    /// older ledger did not cascade), or fails with [`LedgerError::AlreadyRevoked`].
+    pub async fn revoke(&self, serial: Serial, now: u64) -> Result<Revocation, LedgerError> {
+        changed(self.submit(Op::Revoke { serial, now }).await?)
+    }
+
+    /// Bans a SPIFFE ID until [`Ledger::lift`]: no issuance or renewal for it, its unexpired
+    /// serials revoked, its unused join tokens voided.
+    pub async fn ban(&self, spiffe_id: &str, now: u64) -> Result<Revocation, LedgerError> {
+        let spiffe_id = spiffe_id.to_string();
+        changed(self.submit(Op::Ban { spiffe_id, now }).await?)
+    }
+
+    /// Lifts a ban. What it revoked stays revoked, and its voided tokens stay void: the
+    /// workload joins again with a new token.
+    pub async fn lift(&self, spiffe_id: &str) -> Result<u64, LedgerError> {
+        let spiffe_id = spiffe_id.to_string();
+        changed(self.submit(Op::Lift { spiffe_id }).await?).map(|r| r.sequence)
     }
 
     /// Looks a token up by hash (a consistent read; the writer re-checks before consuming).
@@ -228,6 +314,31 @@ impl Ledger {
             .contains_key(serial)
     }
 
+    /// Whether a SPIFFE ID is banned at this CA.
+    pub fn is_banned(&self, spiffe_id: &str) -> bool {
+        self.banned
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(spiffe_id)
+    }
+
+    /// The banned SPIFFE IDs and since when, sorted.
+    pub fn banned_list(&self) -> Vec<(String, u64)> {
+        let map = self.banned.read().unwrap_or_else(|e| e.into_inner());
+        let mut list: Vec<_> = map.iter().map(|(id, b)| (id.clone(), b.since)).collect();
+        list.sort();
+        list
+    }
+
+    /// Forgets revoked serials that expired by `now`: an expired certificate is refused anyway,
+    /// so the in-memory map holds only what can still be presented. The ledger keeps them.
+    pub fn prune(&self, now: u64) -> usize {
+        let mut map = self.revoked.write().unwrap_or_else(|e| e.into_inner());
+        let before = map.len();
+        map.retain(|_, not_after| *not_after > now);
+        before - map.len()
+    }
+
     /// The revocation sequence number and the revoked serials not yet expired at `now`.
     pub fn revoked_list(&self, now: u64) -> (u64, Vec<(Serial, u64)>) {
         let map = self.revoked.read().unwrap_or_else(|e| e.into_inner());
@@ -238,6 +349,28 @@ impl Ledger {
             .collect();
         list.sort();
         (self.seq.load(Ordering::Acquire), list)
+    }
+
+    /// The serials issued for `spiffe_id` that are unexpired at `now`, with their not_after.
+    pub fn live_serials(
+        &self,
+        spiffe_id: &str,
+        now: u64,
+    ) -> Result<Vec<(Serial, u64)>, LedgerError> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let by_id = r.open_multimap_table(BY_ID).map_err(db_err)?;
+        let serials = r.open_table(SERIALS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for s in by_id.get(spiffe_id).map_err(db_err)? {
+            let s = s.map_err(db_err)?;
+            if let Some(v) = serials.get(s.value()).map_err(db_err)? {
+                let rec: IssuedRecord = serde_json::from_slice(v.value()).map_err(db_err)?;
+                if rec.not_after > now {
+                    out.push((Serial::from_bytes(s.value()), rec.not_after));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Every issued serial (for audits and consistency checks).
@@ -278,7 +411,21 @@ impl Drop for Ledger {
     }
 }
 
-fn load_revocations(db: &Database) -> Result<(HashMap<Serial, u64>, u64), LedgerError> {
+fn changed(done: Done) -> Result<Revocation, LedgerError> {
+    match done {
+        Done::Changed { seq, revoked } => Ok(Revocation {
+            sequence: seq,
+            serials: revoked.into_iter().map(|(s, _)| s).collect(),
+        }),
+        Done::Ok => Err(LedgerError::Db("revocation returned no sequence".into())),
+    }
+}
+
+type Loaded = (HashMap<Serial, u64>, HashMap<String, BanRecord>, u64);
+
+/// The revocations (the server prunes the expired ones with its clock), the bans and the
+/// sequence number, at open.
+fn load_revocations(db: &Database) -> Result<Loaded, LedgerError> {
     let r = db.begin_read().map_err(db_err)?;
     let t = r.open_table(REVOKED).map_err(db_err)?;
     let mut map = HashMap::new();
@@ -287,18 +434,30 @@ fn load_revocations(db: &Database) -> Result<(HashMap<Serial, u64>, u64), Ledger
         let rec: RevokedRecord = serde_json::from_slice(v.value()).map_err(db_err)?;
         map.insert(Serial::from_bytes(k.value()), rec.not_after);
     }
+    let mut banned = HashMap::new();
+    for row in r
+        .open_table(BANNED)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        let (k, v) = row.map_err(db_err)?;
+        let rec: BanRecord = serde_json::from_slice(v.value()).map_err(db_err)?;
+        banned.insert(k.value().to_string(), rec);
+    }
     let meta = r.open_table(META).map_err(db_err)?;
     let seq = meta
         .get(REVOCATION_SEQ)
         .map_err(db_err)?
         .map(|v| v.value())
         .unwrap_or(0);
-    Ok((map, seq))
+    Ok((map, banned, seq))
 }
 
 struct Writer {
     db: Arc<Database>,
     revoked: Arc<RwLock<HashMap<Serial, u64>>>,
+    banned: Arc<RwLock<HashMap<String, BanRecord>>>,
     seq: Arc<AtomicU64>,
 }
 
@@ -318,53 +477,31 @@ impl Writer {
 
     fn commit_batch(&self, batch: Vec<Job>) {
         let mut results = Vec::with_capacity(batch.len());
-        let mut new_revocations = Vec::new();
-        let outcome = (|| -> Result<(), LedgerError> {
+        let mut changes = Vec::new();
+        let outcome = (|| -> Result<u64, LedgerError> {
             let w = self.db.begin_write().map_err(db_err)?;
+            let before = self.seq.load(Ordering::Acquire);
+            let mut seq = before;
             {
-                let mut serials = w.open_table(SERIALS).map_err(db_err)?;
-                let mut tokens = w.open_table(TOKENS).map_err(db_err)?;
-                let mut revoked = w.open_table(REVOKED).map_err(db_err)?;
-                let mut meta = w.open_table(META).map_err(db_err)?;
-                let mut seq = self.seq.load(Ordering::Acquire);
+                let mut tables = apply::Tables::open(&w)?;
                 for (op, _) in &batch {
-                    let r = match op {
-                        Op::Issue {
-                            serial,
-                            record,
-                            token,
-                        } => apply_issue(&mut serials, &mut tokens, serial, record, token.as_ref()),
-                        Op::AddToken { hash, record } => {
-                            let v = serde_json::to_vec(record).map_err(db_err)?;
-                            tokens
-                                .insert(hash.as_slice(), v.as_slice())
-                                .map_err(db_err)?;
-                            Ok(Done::Ok)
-                        }
-                        Op::Revoke { serial, now } => {
-                            let r = apply_revoke(&serials, &mut revoked, serial, *now, seq + 1);
-                            if let Ok(Done::Revoked { seq: s, not_after }) = &r {
-                                seq = *s;
-                                meta.insert(REVOCATION_SEQ, seq).map_err(db_err)?;
-                                new_revocations.push((serial.clone(), *not_after, seq));
-                            }
-                            r
-                        }
-                    };
+                    let r = tables.apply(op, &mut seq, &mut changes);
+                    // A database error may leave the transaction half written: refuse it all.
+                    if let Err(LedgerError::Db(e)) = &r {
+                        return Err(LedgerError::Db(e.clone()));
+                    }
                     results.push(r);
                 }
+                if seq != before {
+                    tables.set_sequence(seq)?;
+                }
             }
-            w.commit().map_err(db_err)
+            w.commit().map_err(db_err)?;
+            Ok(seq)
         })();
         match outcome {
-            Ok(()) => {
-                if !new_revocations.is_empty() {
-                    let mut map = self.revoked.write().unwrap_or_else(|e| e.into_inner());
-                    for (s, na, seq) in new_revocations {
-                        map.insert(s, na);
-                        self.seq.store(seq, Ordering::Release);
-                    }
-                }
+            Ok(seq) => {
+                self.publish(changes, seq);
                 for ((_, tx), r) in batch.into_iter().zip(results) {
                     let _ = tx.send(r);
                 }
@@ -377,76 +514,29 @@ impl Writer {
             }
         }
     }
-}
 
-fn apply_issue(
-    serials: &mut redb::Table<&[u8], &[u8]>,
-    tokens: &mut redb::Table<&[u8], &[u8]>,
-    serial: &Serial,
-    record: &IssuedRecord,
-    token: Option<&TokenSpend>,
-) -> Result<Done, LedgerError> {
-    if serials.get(serial.as_bytes()).map_err(db_err)?.is_some() {
-        return Err(LedgerError::DuplicateSerial(serial.clone()));
-    }
-    if let Some(spend) = token {
-        let current: Option<TokenRecord> =
-            match tokens.get(spend.hash.as_slice()).map_err(db_err)? {
-                Some(v) => Some(serde_json::from_slice(v.value()).map_err(db_err)?),
-                None => None,
-            };
-        let mut rec = current.ok_or(LedgerError::TokenUnknown)?;
-        if rec.used.is_some() {
-            return Err(LedgerError::TokenUsed);
+    /// Applies a committed batch's changes to the in-memory view, before anyone is answered.
+    fn publish(&self, changes: Vec<Change>, seq: u64) {
+        if changes.is_empty() {
+            return;
         }
-        if rec.expires_at <= spend.now {
-            return Err(LedgerError::TokenExpired);
+        let mut revoked = self.revoked.write().unwrap_or_else(|e| e.into_inner());
+        let mut banned = self.banned.write().unwrap_or_else(|e| e.into_inner());
+        for c in changes {
+            match c {
+                Change::Revoked(s, not_after) => {
+                    revoked.insert(s, not_after);
+                }
+                Change::Banned(id, rec) => {
+                    banned.insert(id, rec);
+                }
+                Change::Lifted(id) => {
+                    banned.remove(&id);
+                }
+            }
         }
-        if rec.spiffe_id != spend.spiffe_id {
-            return Err(LedgerError::TokenWrongId);
-        }
-        rec.used = Some(TokenUse {
-            at: spend.now,
-            serial: serial.to_string(),
-        });
-        let v = serde_json::to_vec(&rec).map_err(db_err)?;
-        tokens
-            .insert(spend.hash.as_slice(), v.as_slice())
-            .map_err(db_err)?;
+        self.seq.store(seq, Ordering::Release);
     }
-    let v = serde_json::to_vec(record).map_err(db_err)?;
-    serials
-        .insert(serial.as_bytes(), v.as_slice())
-        .map_err(db_err)?;
-    Ok(Done::Ok)
-}
-
-fn apply_revoke(
-    serials: &redb::Table<&[u8], &[u8]>,
-    revoked: &mut redb::Table<&[u8], &[u8]>,
-    serial: &Serial,
-    now: u64,
-    next_seq: u64,
-) -> Result<Done, LedgerError> {
-    let issued: IssuedRecord = match serials.get(serial.as_bytes()).map_err(db_err)? {
-        Some(v) => serde_json::from_slice(v.value()).map_err(db_err)?,
-        None => return Err(LedgerError::UnknownSerial(serial.clone())),
-    };
-    if revoked.get(serial.as_bytes()).map_err(db_err)?.is_some() {
-        return Err(LedgerError::AlreadyRevoked(serial.clone()));
-    }
-    let rec = RevokedRecord {
-        not_after: issued.not_after,
-        revoked_at: now,
-    };
-    let v = serde_json::to_vec(&rec).map_err(db_err)?;
-    revoked
-        .insert(serial.as_bytes(), v.as_slice())
-        .map_err(db_err)?;
-    Ok(Done::Revoked {
-        seq: next_seq,
-        not_after: issued.not_after,
-    })
 }
 
 /// SHA-256 of a token's text: what the ledger stores.

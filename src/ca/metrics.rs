@@ -19,6 +19,12 @@ pub struct CertLabels {
     pub cert: String,
 }
 
+/// Label naming a peer CA by URL.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+}
+
 /// Metrics of `trustline ca serve`.
 #[derive(Clone)]
 pub struct CaMetrics {
@@ -30,6 +36,10 @@ pub struct CaMetrics {
     pub cert_expiry: Family<CertLabels, Gauge>,
     /// Join tokens created and certificates revoked.
     pub admin_ops: Family<OutcomeLabels, Counter>,
+    /// When each peer CA's revocation list last arrived (Unix seconds): alert on its age.
+    pub peer_fetched: Family<PeerLabels, Gauge>,
+    /// Failed pulls of a peer CA's revocation list.
+    pub peer_failures: Family<PeerLabels, Counter>,
 }
 
 impl CaMetrics {
@@ -40,6 +50,8 @@ impl CaMetrics {
             svid_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             cert_expiry: Family::default(),
             admin_ops: Family::default(),
+            peer_fetched: Family::default(),
+            peer_failures: Family::default(),
         };
         registry.register(
             "trustline_ca_svid_requests",
@@ -60,6 +72,16 @@ impl CaMetrics {
             "trustline_ca_admin_operations",
             "Admin socket operations by outcome",
             m.admin_ops.clone(),
+        );
+        registry.register(
+            "trustline_ca_peer_revocations_fetched_timestamp_seconds",
+            "When each peer CA's revocation list was last pulled successfully",
+            m.peer_fetched.clone(),
+        );
+        registry.register(
+            "trustline_ca_peer_revocation_failures",
+            "Failed pulls of a peer CA's revocation list",
+            m.peer_failures.clone(),
         );
         m
     }

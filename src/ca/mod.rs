@@ -2,7 +2,8 @@
 //!
 //! The CA knows nothing of the data path. [`authority`] makes and loads CAs and signs leaves;
 //! [`ledger`] makes issuance durable; [`api`] and [`server`] serve HTTPS; [`admin`] is the
-//! local admin socket; [`client`] is what workloads (and the sidecar) use to get SVIDs.
+//! local admin socket; [`client`] is what workloads (and the sidecar) use to get SVIDs;
+//! [`peers`] carries revocations between the regions' CAs.
 
 pub mod admin;
 pub mod api;
@@ -12,4 +13,5 @@ pub mod client;
 pub mod config;
 pub mod ledger;
 pub mod metrics;
+pub mod peers;
 pub mod server;

@@ -51,6 +51,7 @@ pub struct Bound {
     pub admin_socket: PathBuf,
     /// Shared state (tests read the ledger through it).
     pub state: Arc<CaState>,
+    peer_refresh: Duration,
     shutdown: watch::Sender<bool>,
 }
 
@@ -58,6 +59,21 @@ impl Bound {
     /// Stops accepting and ends the background tasks.
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);
+    }
+
+    /// Follows exactly these peer CAs from now on (`peers` in the config does this at start;
+    /// a lab whose CAs listen on port 0 learns their addresses only once they are bound).
+    pub fn set_peers(&self, urls: &[String]) -> Result<(), String> {
+        super::config::check_peer_urls(urls)?;
+        let clients = super::peers::clients(urls, &self.state.authority.bundle, &self.state.clock)
+            .map_err(|e| e.to_string())?;
+        super::peers::Peers::follow(
+            &self.state,
+            clients,
+            self.peer_refresh,
+            self.shutdown.subscribe(),
+        );
+        Ok(())
     }
 
     /// Waits until shutdown is requested.
@@ -89,6 +105,8 @@ pub enum ServeError {
     Ledger(#[from] super::ledger::LedgerError),
     #[error("TLS configuration: {0}")]
     Tls(String),
+    #[error("peer CAs: {0}")]
+    Peers(String),
     #[error("binding {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -142,6 +160,7 @@ pub async fn build(config: CaServeConfig, clock: Clock) -> Result<Bound, ServeEr
         clock: clock.clone(),
         svid_ttl: config.svid_ttl,
         rate: RateLimiter::new(config.rate_limit),
+        peers: Arc::new(super::peers::Peers::default()),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
 
@@ -188,16 +207,42 @@ pub async fn build(config: CaServeConfig, clock: Clock) -> Result<Bound, ServeEr
         ttl,
         shutdown_rx.clone(),
     ));
+    tokio::spawn(prune_loop(state.clone(), shutdown_rx.clone()));
     tokio::spawn(accept_loop(listener, tls, state.clone(), shutdown_rx));
     tracing::info!(api = %api_addr, admin = %admin_socket.display(), metrics = ?metrics_addr,
         trust_domain = %state.authority.trust_domain, region = ?state.authority.region, "CA serving");
-    Ok(Bound {
+    let bound = Bound {
         api: api_addr,
         metrics: metrics_addr,
         admin_socket,
         state,
+        peer_refresh: config.peers.refresh,
         shutdown,
-    })
+    };
+    if !config.peers.urls.is_empty() {
+        bound
+            .set_peers(&config.peers.urls)
+            .map_err(ServeError::Peers)?;
+        tracing::info!(peers = ?config.peers.urls, every = ?config.peers.refresh, "following peer CAs' revocations");
+    }
+    Ok(bound)
+}
+
+/// How often expired revocations are dropped from memory.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Keeps the in-memory revocation map to what can still be presented.
+async fn prune_loop(state: Arc<CaState>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let pruned = state.ledger.prune(state.clock.unix());
+        if pruned > 0 {
+            tracing::debug!(pruned, "expired revocations dropped from memory");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {

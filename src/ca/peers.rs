@@ -1,0 +1,390 @@
+//! Revocation across regions: each regional CA pulls the other regions' CAs' own revocations
+//! (`GET /v1/revoked?scope=local`) and serves the union in its `/v1/revoked`, so the sidecars
+//! and gateways of every region, which read only their own CA, refuse a serial revoked in any
+//! region within one pull plus one of their refreshes.
+//!
+//! Why CAs pull each other rather than sidecars fetching every region: sidecars keep one CA
+//! URL and need no change; a peer CA's reachability is the CA's business (one connection per
+//! peer per interval, not one per sidecar); and the CA already verifies peers like any client
+//! does. Only a peer's *own* entries are pulled (`scope=local`), so an entry cannot echo
+//! between CAs after its origin dropped it (a lifted ban would otherwise live forever).
+//!
+//! A peer's ban of a SPIFFE ID is honoured here while it stands: no issuance or renewal for it,
+//! and this CA's own live SVIDs of it are published as revoked.
+//!
+//! A peer's certificate must chain to our bundle and name `spiffe://TD/trustline/ca`. A peer
+//! that is down keeps its last good list (its serials until they expire, its bans until it
+//! answers again); every fetch has a timeout and a size and entry cap, and runs in its own
+//! task, so a slow peer delays neither serving nor the other peers.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::api::CaState;
+use super::client::{CaClient, ClientError};
+use super::config::MAX_SVID_TTL;
+use super::ledger::Ledger;
+use crate::clock::Clock;
+use crate::identity::{parse_id, Bundle, Serial};
+
+/// Longest one fetch of a peer's list may take (connect, TLS, answer).
+pub const PEER_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest list body accepted from a peer.
+pub const MAX_PEER_BODY: usize = 16 * 1024 * 1024;
+/// Most revoked serials accepted from one peer.
+pub const MAX_PEER_SERIALS: usize = 100_000;
+/// Most banned SPIFFE IDs accepted from one peer.
+pub const MAX_PEER_BANS: usize = 10_000;
+/// Most peers one CA follows.
+pub const MAX_PEERS: usize = 64;
+
+/// What this CA last learned from one peer.
+#[derive(Clone, Debug, Default)]
+pub struct PeerList {
+    /// The peer's own revocation sequence number.
+    pub sequence: u64,
+    /// When the last good list arrived (Unix seconds); `None` before the first.
+    pub fetched_at: Option<u64>,
+    /// Its revoked serials and their not_after, unexpired.
+    pub revoked: Vec<(Serial, u64)>,
+    /// Its banned SPIFFE IDs and since when.
+    pub banned: Vec<(String, u64)>,
+    /// This CA's own unexpired serials of the IDs the peer bans: refused while the ban stands.
+    pub local_of_banned: Vec<(Serial, u64)>,
+    /// Why the last fetch failed, if it did.
+    pub error: Option<String>,
+}
+
+/// The published revocation view: this CA's own and its peers' entries.
+pub struct Union {
+    pub revoked: Vec<(Serial, u64)>,
+    pub banned: Vec<(String, u64)>,
+}
+
+/// The peers this CA follows and what it learned from each.
+#[derive(Default)]
+pub struct Peers {
+    lists: RwLock<BTreeMap<String, PeerList>>,
+    /// Every ID some peer bans, for the check on each SVID request.
+    banned: RwLock<HashSet<String>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Why a peer list was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the list is not revocation JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("{what}: {count} entries, over the cap of {cap}; keeping the last good list")]
+    TooMany {
+        what: &'static str,
+        count: usize,
+        cap: usize,
+    },
+    #[error("bad entry {0:?}")]
+    Entry(String),
+}
+
+#[derive(Deserialize)]
+struct ListDoc {
+    sequence: u64,
+    revoked: Vec<EntryDoc>,
+    #[serde(default)]
+    spiffe_ids: Vec<BanDoc>,
+}
+
+#[derive(Deserialize)]
+struct EntryDoc {
+    serial: String,
+    not_after: u64,
+}
+
+#[derive(Deserialize)]
+struct BanDoc {
+    spiffe_id: String,
+    since: u64,
+}
+
+/// Parses a peer's `/v1/revoked` answer, keeping entries unexpired at `now`. A not_after
+/// further out than any SVID can live is cut to that, so the entry still goes away.
+pub fn parse_list(body: &[u8], now: u64) -> Result<PeerList, PeerError> {
+    let doc: ListDoc = serde_json::from_slice(body)?;
+    let cap = |what, count, cap| {
+        if count > cap {
+            Err(PeerError::TooMany { what, count, cap })
+        } else {
+            Ok(())
+        }
+    };
+    cap("revoked serials", doc.revoked.len(), MAX_PEER_SERIALS)?;
+    cap("banned SPIFFE IDs", doc.spiffe_ids.len(), MAX_PEER_BANS)?;
+    let latest = now + MAX_SVID_TTL.as_secs();
+    let mut revoked = Vec::with_capacity(doc.revoked.len());
+    for e in doc.revoked {
+        let serial = Serial::parse_hex(&e.serial).ok_or(PeerError::Entry(e.serial))?;
+        if e.not_after > now {
+            revoked.push((serial, e.not_after.min(latest)));
+        }
+    }
+    let mut banned = Vec::with_capacity(doc.spiffe_ids.len());
+    for b in doc.spiffe_ids {
+        let id = parse_id(&b.spiffe_id).map_err(|_| PeerError::Entry(b.spiffe_id))?;
+        banned.push((id.to_string(), b.since));
+    }
+    Ok(PeerList {
+        sequence: doc.sequence,
+        fetched_at: Some(now),
+        revoked,
+        banned,
+        local_of_banned: Vec::new(),
+        error: None,
+    })
+}
+
+impl Peers {
+    /// Whether any peer follows (the published list is then a union).
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, PeerList>> {
+        self.lists.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Each peer's URL and state, for the published list and for tests.
+    pub fn status(&self) -> Vec<(String, PeerList)> {
+        self.read()
+            .iter()
+            .map(|(u, l)| (u.clone(), l.clone()))
+            .collect()
+    }
+
+    /// Whether a peer bans `spiffe_id`.
+    pub fn bans(&self, spiffe_id: &str) -> bool {
+        self.banned
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(spiffe_id)
+    }
+
+    /// Recomputes [`Peers::bans`]' set after `lists` changed.
+    fn index_bans(&self, lists: &BTreeMap<String, PeerList>) {
+        let all = lists
+            .values()
+            .flat_map(|l| l.banned.iter().map(|(id, _)| id.clone()))
+            .collect();
+        *self.banned.write().unwrap_or_else(|e| e.into_inner()) = all;
+    }
+
+    /// This CA's own entries merged with every peer's unexpired ones, sorted, each once.
+    pub fn union(&self, local: Vec<(Serial, u64)>, bans: Vec<(String, u64)>, now: u64) -> Union {
+        let lists = self.read();
+        if lists.is_empty() {
+            return Union {
+                revoked: local,
+                banned: bans,
+            };
+        }
+        let mut revoked: BTreeMap<Serial, u64> = local.into_iter().collect();
+        let mut banned: BTreeMap<String, u64> = bans.into_iter().collect();
+        for l in lists.values() {
+            let entries = l.revoked.iter().chain(&l.local_of_banned);
+            for (s, na) in entries.filter(|(_, na)| *na > now) {
+                let e = revoked.entry(s.clone()).or_insert(*na);
+                *e = (*e).max(*na);
+            }
+            for (id, since) in &l.banned {
+                banned.entry(id.clone()).or_insert(*since);
+            }
+        }
+        Union {
+            revoked: revoked.into_iter().collect(),
+            banned: banned.into_iter().collect(),
+        }
+    }
+
+    /// Takes one fetch's outcome for `url`: a good list replaces the last one; a failure keeps
+    /// it (minus what expired) and says why.
+    fn record(&self, url: &str, outcome: Result<PeerList, PeerError>, now: u64) {
+        let mut lists = self.lists.write().unwrap_or_else(|e| e.into_inner());
+        let Some(cur) = lists.get_mut(url) else {
+            return; // no longer followed
+        };
+        match outcome {
+            Ok(list) => {
+                if cur.error.is_some() {
+                    tracing::info!(
+                        peer = url,
+                        revoked = list.revoked.len(),
+                        "peer CA's revocation list is fetched again"
+                    );
+                }
+                *cur = list;
+                self.index_bans(&lists);
+            }
+            Err(e) => {
+                if cur.error.is_none() {
+                    tracing::warn!(peer = url, error = %e, last_good = ?cur.fetched_at, "fetching a peer CA's revocation list failed; keeping its last good list");
+                } else {
+                    tracing::debug!(peer = url, error = %e, "peer CA's revocation list still unavailable");
+                }
+                cur.error = Some(e.to_string());
+                cur.revoked.retain(|(_, na)| *na > now);
+                cur.local_of_banned.retain(|(_, na)| *na > now);
+            }
+        }
+    }
+
+    /// Follows exactly `clients` from now on (by URL), each pulled every `every` until
+    /// `shutdown`. A peer followed before keeps its last list; one no longer named is dropped.
+    pub fn follow(
+        state: &Arc<CaState>,
+        clients: Vec<(String, CaClient)>,
+        every: Duration,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let this = &state.peers;
+        let mut tasks = this.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        for t in tasks.drain(..) {
+            t.abort();
+        }
+        {
+            let mut lists = this.lists.write().unwrap_or_else(|e| e.into_inner());
+            let old = std::mem::take(&mut *lists);
+            let mut old: HashMap<_, _> = old.into_iter().collect();
+            for (url, _) in &clients {
+                lists.insert(url.clone(), old.remove(url).unwrap_or_default());
+            }
+            this.index_bans(&lists);
+        }
+        for (url, client) in clients {
+            let state = state.clone();
+            let shutdown = shutdown.clone();
+            let span = tracing::info_span!("peer_ca", peer = %url);
+            tasks.push(tokio::spawn(tracing::Instrument::instrument(
+                async move { pull_loop(state, url, client, every, shutdown).await },
+                span,
+            )));
+        }
+    }
+}
+
+async fn pull_loop(
+    state: Arc<CaState>,
+    url: String,
+    client: CaClient,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let fetched = tokio::time::timeout(PEER_FETCH_TIMEOUT, fetch(&client, &state.clock)).await;
+        let outcome = match fetched {
+            Ok(r) => r.and_then(|list| with_local_of_banned(list, &state.ledger)),
+            Err(_) => Err(PeerError::Timeout(PEER_FETCH_TIMEOUT)),
+        };
+        let labels = super::metrics::PeerLabels { peer: url.clone() };
+        match &outcome {
+            Ok(_) => {
+                let now = state.clock.unix() as i64;
+                state.metrics.peer_fetched.get_or_create(&labels).set(now);
+            }
+            Err(_) => {
+                state.metrics.peer_failures.get_or_create(&labels).inc();
+            }
+        }
+        state.peers.record(&url, outcome, state.clock.unix());
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn fetch(client: &CaClient, clock: &Clock) -> Result<PeerList, PeerError> {
+    let body = client
+        .get_limited("/v1/revoked?scope=local", MAX_PEER_BODY)
+        .await?;
+    parse_list(&body, clock.unix())
+}
+
+/// Adds this CA's live serials of each ID the peer bans (no new ones can appear: issuance
+/// for a peer-banned ID is refused), so a cut-off identity is refused in every region.
+fn with_local_of_banned(mut list: PeerList, ledger: &Ledger) -> Result<PeerList, PeerError> {
+    let now = list.fetched_at.unwrap_or_default();
+    for (id, _) in &list.banned {
+        let live = ledger
+            .live_serials(id, now)
+            .map_err(|e| PeerError::Entry(format!("{id}: {e}")))?;
+        list.local_of_banned.extend(live);
+    }
+    Ok(list)
+}
+
+/// A client for each peer URL, verifying it as `spiffe://TD/trustline/ca` against `bundle`.
+pub fn clients(
+    urls: &[String],
+    bundle: &Bundle,
+    clock: &Clock,
+) -> Result<Vec<(String, CaClient)>, ClientError> {
+    urls.iter()
+        .map(|u| Ok((u.clone(), CaClient::new(u, bundle.clone(), clock.clone())?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_list_keeps_unexpired_entries_and_caps_far_expiries() {
+        let body = br#"{"sequence":7,"revoked":[{"serial":"0a","not_after":50},{"serial":"0b","not_after":200},{"serial":"0c","not_after":18446744073709551615}],"spiffe_ids":[{"spiffe_id":"spiffe://td/ns/x/sa/y","since":3}]}"#;
+        let l = parse_list(body, 100).unwrap();
+        assert_eq!(l.sequence, 7);
+        assert_eq!(l.revoked.len(), 2);
+        assert_eq!(l.revoked[0], (Serial::parse_hex("0b").unwrap(), 200));
+        assert_eq!(l.revoked[1].1, 100 + MAX_SVID_TTL.as_secs());
+        assert_eq!(l.banned, vec![("spiffe://td/ns/x/sa/y".to_string(), 3)]);
+    }
+
+    #[test]
+    fn a_bad_peer_list_is_refused_with_what_is_wrong() {
+        let e = parse_list(
+            br#"{"sequence":1,"revoked":[{"serial":"zz","not_after":5}]}"#,
+            1,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("zz"), "{e}");
+        assert!(parse_list(b"[]", 1).is_err());
+        // An old CA without `spiffe_ids` is still understood.
+        assert!(parse_list(br#"{"sequence":0,"revoked":[]}"#, 1).is_ok());
+    }
+
+    #[test]
+    fn a_failed_fetch_keeps_the_last_good_list_until_it_expires() {
+        let peers = Peers::default();
+        peers
+            .lists
+            .write()
+            .unwrap()
+            .insert("p".into(), PeerList::default());
+        let good = parse_list(
+            br#"{"sequence":1,"revoked":[{"serial":"01","not_after":10},{"serial":"02","not_after":99}]}"#,
+            1,
+        )
+        .unwrap();
+        peers.record("p", Ok(good), 1);
+        peers.record("p", Err(PeerError::Timeout(PEER_FETCH_TIMEOUT)), 20);
+        let u = peers.union(vec![], vec![], 20);
+        assert_eq!(u.revoked, vec![(Serial::parse_hex("02").unwrap(), 99)]);
+        assert!(peers.status()[0].1.error.is_some());
+    }
+}

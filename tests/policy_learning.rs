@@ -176,24 +176,25 @@ fn impossible_travel_is_audited_and_can_refuse_the_serial() {
         anomaly,
     )
     .unwrap();
+    let far = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
     let at = |serial, region| Caller {
         peer: WEB,
         serial,
         region: Some(region),
         port: 5432,
     };
-    assert!(authz.admit(&at("aa", "eu-west")).allowed);
+    assert!(authz.admit(&at("aa", "eu-west"), far).allowed);
     assert!(
-        authz.admit(&at("bb", "us-east")).allowed,
+        authz.admit(&at("bb", "us-east"), far).allowed,
         "another serial may live elsewhere"
     );
-    let second = authz.admit(&at("aa", "us-east"));
+    let second = authz.admit(&at("aa", "us-east"), far);
     assert!(
         !second.allowed,
         "the same serial from a second region is refused"
     );
     assert!(
-        !authz.admit(&at("aa", "eu-west")).allowed,
+        !authz.admit(&at("aa", "eu-west"), far).allowed,
         "and stays refused"
     );
     // A single-region identity with two different serials.
@@ -203,8 +204,8 @@ fn impossible_travel_is_audited_and_can_refuse_the_serial() {
         region: Some(region),
         port: 5432,
     };
-    assert!(authz.admit(&job("c1", "eu-west")).allowed);
-    assert!(!authz.admit(&job("c2", "us-east")).allowed);
+    assert!(authz.admit(&job("c1", "eu-west"), far).allowed);
+    assert!(!authz.admit(&job("c2", "us-east"), far).allowed);
     assert_eq!(authz.metrics.anomalies.get(), 2);
     let events: Vec<serde_json::Value> = std::fs::read_to_string(&log)
         .unwrap()

@@ -892,7 +892,7 @@ async fn hot_reload_closes_a_live_connection_the_new_policy_denies() {
     eventually("checkout counts the closure", || {
         checkout
             .metrics
-            .failures("inbound", "closed_by_policy_reload")
+            .closed_live_count("inbound", "policy_reload")
             == 1
     })
     .await;

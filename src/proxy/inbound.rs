@@ -1,5 +1,15 @@
 //! The inbound side: mTLS 1.3 server, SPIFFE checks (in the verifier), then the policy (or the
 //! simple allow list), then the app; per request on the policy's HTTP ports.
+//!
+//! A redirected connection goes to `127.0.0.1:<the port the caller dialled>` only when that
+//! port is declared in `inbound.ports` and is none of the sidecar's own listeners; anything
+//! else is refused as `undeclared_port`, so a caller cannot reach a loopback-only service of
+//! the pod or make the sidecar call out on its behalf through an explicit `[[listener]]`.
+//!
+//! Every admitted connection, session and session stream is registered in
+//! [`super::live::LiveConns`] and closed when its caller's certificate is revoked or expires, or
+//! (L4 under a policy) when the policy no longer allows it. On HTTP ports each request is
+//! decided when it starts; a request in flight when its rule's time window ends runs to its end.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -10,8 +20,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::authz::{Caller, Ticket};
+use super::authz::Caller;
+use super::config::Inbound;
 use super::http::Peer;
+use super::live::{PeerCert, Registration};
 use super::metrics::{Dir, Flow};
 use super::{accept_loop, original_dst, splice, Shared};
 use crate::identity::{inspect_cert, region_of_chain};
@@ -47,20 +59,14 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
         return;
     }
     let inbound = shared.config.inbound.as_ref().expect("inbound configured");
-    // Redirected by iptables: the app listens on the original port on localhost.
-    let target = match original_dst(&tcp) {
-        Some(orig) => SocketAddr::from(([127, 0, 0, 1], orig.port())),
-        None => match inbound.app_address {
-            Some(a) => a,
-            None => {
-                m.fail(DIR, "no_app_address");
-                tracing::warn!(
-                    reason = "no_app_address",
-                    "connection was not redirected and no inbound.app_address is set"
-                );
-                return;
-            }
-        },
+    let orig = original_dst(&tcp);
+    let target = match app_target(orig, inbound, &shared.own_ports) {
+        Ok(t) => t,
+        Err(reason) => {
+            m.fail(DIR, reason);
+            tracing::warn!(reason, original_destination = ?orig, declared = ?inbound.ports, "inbound connection refused: not a declared app port (inbound.ports), or no inbound.app_address");
+            return;
+        }
     };
     let started = Instant::now();
     // The handshake's state is boxed so that it is freed once done, instead of sizing the task
@@ -103,38 +109,53 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
         m.fail(DIR, "no_client_certificate");
         return;
     };
-    let caller = Verified {
+    let caller = Arc::new(PeerCert {
         region: region_of_chain(chain),
         info,
-    };
+    });
     if tls.get_ref().1.alpn_protocol() == Some(crate::tunnel::SESSION_ALPN) {
         // Boxed here and below: a connection's task is as large as its largest path, and the
         // HTTP/2 and HTTP/1 servers would otherwise make every plain connection pay for them.
-        Box::pin(serve_session(tls, Arc::new(caller), target, shared)).await;
+        Box::pin(serve_session(tls, caller, target, shared)).await;
         return;
     }
-    if let Some(verdict) = admit(&caller, target.port(), &shared) {
-        carry(tls, verdict, target, &shared).await;
+    if let Some((verdict, reg)) = admit(&caller, target.port(), &shared) {
+        carry(tls, verdict, reg, target, &shared).await;
     }
 }
 
-/// The verified caller of a connection or session.
-struct Verified {
-    info: crate::identity::CertInfo,
-    region: Option<String>,
+/// Where a connection goes: `orig` (the redirected destination) must be a declared app port
+/// (`inbound.ports`) and not one of the sidecar's own listener ports (`own`); a connection
+/// that was not redirected goes to `inbound.app_address`. The error is the refusal reason.
+pub(crate) fn app_target(
+    orig: Option<SocketAddr>,
+    inbound: &Inbound,
+    own: &[u16],
+) -> Result<SocketAddr, &'static str> {
+    match orig {
+        Some(o) if inbound.ports.contains(&o.port()) && !own.contains(&o.port()) => {
+            Ok(SocketAddr::from(([127, 0, 0, 1], o.port())))
+        }
+        Some(_) => Err("undeclared_port"),
+        None => inbound.app_address.ok_or("no_app_address"),
+    }
 }
 
 /// What an admitted connection does next.
 enum Verdict {
-    /// Splice to the app (closed early if a policy reload denies it).
-    Forward(Option<Ticket>),
+    /// Splice to the app.
+    Forward,
     /// Decide each HTTP request.
     Http(Arc<super::authz::Authz>, Peer),
 }
 
-/// The allow list or the policy on one connection or session stream; `None` when denied
-/// (logged and counted here).
-fn admit(caller: &Verified, port: u16, shared: &Shared) -> Option<Verdict> {
+/// The allow list or the policy on one connection or session stream, and its registration as
+/// a live connection; `None` when denied (logged and counted here).
+fn admit(
+    caller: &Arc<PeerCert>,
+    port: u16,
+    shared: &Shared,
+) -> Option<(Verdict, Registration)> {
     let m = &shared.metrics;
     let info = &caller.info;
     let region = &caller.region;
@@ -146,7 +167,8 @@ fn admit(caller: &Verified, port: u16, shared: &Shared) -> Option<Verdict> {
             return None;
         }
         tracing::debug!(peer_id = %info.id, peer_region = ?region, serial = %info.serial, port, "inbound connection allowed");
-        return Some(Verdict::Forward(None));
+        let reg = shared.live.register(DIR, caller.clone(), port, None);
+        return Some((Verdict::Forward, reg));
     };
     let peer = Peer {
         id: info.id.to_string(),
@@ -154,12 +176,15 @@ fn admit(caller: &Verified, port: u16, shared: &Shared) -> Option<Verdict> {
         region: region.clone(),
         port,
     };
-    let admission = authz.admit(&Caller {
-        peer: &peer.id,
-        serial: &peer.serial,
-        region: peer.region.as_deref(),
-        port: peer.port,
-    });
+    let admission = authz.admit(
+        &Caller {
+            peer: &peer.id,
+            serial: &peer.serial,
+            region: peer.region.as_deref(),
+            port: peer.port,
+        },
+        info.not_after,
+    );
     if !admission.allowed {
         m.fail(DIR, "policy_denied");
         tracing::warn!(reason = "policy_denied", rule = %admission.rule, peer_id = %peer.id, peer_region = ?peer.region, serial = %peer.serial, port = peer.port, "inbound connection denied by policy");
@@ -167,14 +192,19 @@ fn admit(caller: &Verified, port: u16, shared: &Shared) -> Option<Verdict> {
     }
     tracing::debug!(peer_id = %peer.id, peer_region = ?peer.region, serial = %peer.serial, rule = %admission.rule, port, "inbound connection allowed");
     if authz.is_http_port(port) {
-        Some(Verdict::Http(authz, peer))
+        // Requests are decided one by one; the connection is re-checked for its certificate.
+        let reg = shared.live.register(DIR, caller.clone(), port, None);
+        Some((Verdict::Http(authz, peer), reg))
     } else {
-        Some(Verdict::Forward(admission.ticket))
+        let reg = shared
+            .live
+            .register(DIR, caller.clone(), port, Some(admission.generation));
+        Some((Verdict::Forward, reg))
     }
 }
 
-/// Carries an admitted connection or stream to the app.
-async fn carry<S>(io: S, verdict: Verdict, target: SocketAddr, shared: &Shared)
+/// Carries an admitted connection or stream to the app, until it ends or a sweep closes it.
+async fn carry<S>(io: S, verdict: Verdict, mut reg: Registration, target: SocketAddr, shared: &Shared)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -182,17 +212,20 @@ where
         Verdict::Http(authz, peer) => {
             let m = &shared.metrics;
             m.opened.get_or_create(&Dir { direction: DIR }).inc();
-            Box::pin(super::http::serve(io, authz, peer, target)).await;
+            tokio::select! {
+                _ = Box::pin(super::http::serve(io, authz, peer, target)) => {}
+                reason = reg.closed() => m.closed_live(DIR, reason),
+            }
             m.closed.get_or_create(&Dir { direction: DIR }).inc();
         }
-        Verdict::Forward(ticket) => forward(io, target, ticket, shared).await,
+        Verdict::Forward => forward(io, target, reg, shared).await,
     }
 }
 
 /// A multiplexed session from another sidecar (see [`crate::tunnel`]): each HTTP/2 `CONNECT`
 /// stream is one application connection, decided on its own like a connection. When the
 /// sidecar drains, the session refuses new streams (GOAWAY) and ends with its last stream.
-async fn serve_session<S>(io: S, caller: Arc<Verified>, target: SocketAddr, shared: Arc<Shared>)
+async fn serve_session<S>(io: S, caller: Arc<PeerCert>, target: SocketAddr, shared: Arc<Shared>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -213,6 +246,8 @@ where
         }
     };
     tracing::debug!(peer_id = %caller.info.id, peer_region = ?caller.region, "session established");
+    // The whole session (and every stream on it) ends when its certificate no longer passes.
+    let mut reg = shared.live.register(DIR, caller.clone(), target.port(), None);
     let mut streams = tokio::task::JoinSet::new();
     let mut draining = shared.draining.clone();
     let mut goaway_sent = false;
@@ -235,6 +270,10 @@ where
                 None => break,
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            reason = reg.closed() => {
+                shared.metrics.closed_live(DIR, reason);
+                break;
+            }
         }
     }
 }
@@ -242,7 +281,7 @@ where
 async fn session_stream(
     req: hyper::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<bytes::Bytes>,
-    caller: Arc<Verified>,
+    caller: Arc<PeerCert>,
     target: SocketAddr,
     shared: Arc<Shared>,
 ) {
@@ -272,7 +311,7 @@ async fn session_stream(
         respond.send_reset(h2::Reason::REFUSED_STREAM);
         return;
     }
-    let Some(verdict) = admit(&caller, target.port(), &shared) else {
+    let Some((verdict, reg)) = admit(&caller, target.port(), &shared) else {
         let _ = respond.send_response(answer(403), true);
         return;
     };
@@ -284,11 +323,11 @@ async fn session_stream(
         }
     };
     let io = crate::tunnel::session::H2Stream::server(send, req.into_body());
-    carry(io, verdict, target, &shared).await;
+    carry(io, verdict, reg, target, &shared).await;
 }
 
-/// Connects the app and splices, until either side is done or a policy reload closes it.
-async fn forward<S>(mut tls: S, target: SocketAddr, ticket: Option<Ticket>, shared: &Shared)
+/// Connects the app and splices, until either side is done or a sweep closes it.
+async fn forward<S>(mut tls: S, target: SocketAddr, mut reg: Registration, shared: &Shared)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -303,24 +342,13 @@ where
     };
     let _ = app.set_nodelay(true);
     m.opened.get_or_create(&Dir { direction: DIR }).inc();
-    let closed = async {
-        match ticket {
-            Some(mut t) => {
-                let _ = t.closed.wait_for(|c| *c).await;
-            }
-            None => std::future::pending().await,
-        }
-    };
     let result = tokio::select! {
-        r = splice(&mut app, &mut tls) => Some(r),
-        _ = closed => {
-            tracing::warn!(reason = "policy_reload", "connection closed: the new policy denies it");
-            None
-        }
+        r = splice(&mut app, &mut tls) => Ok(r),
+        reason = reg.closed() => Err(reason),
     };
     m.closed.get_or_create(&Dir { direction: DIR }).inc();
     match result {
-        Some(Ok((to_peer, from_peer))) => {
+        Ok(Ok((to_peer, from_peer))) => {
             m.bytes
                 .get_or_create(&Flow {
                     direction: DIR,
@@ -335,7 +363,7 @@ where
                 .inc_by(from_peer);
             tracing::debug!(to_peer, from_peer, "inbound connection closed");
         }
-        Some(Err(e)) => tracing::debug!(error = %e, "inbound connection ended with error"),
-        None => m.fail(DIR, "closed_by_policy_reload"),
+        Ok(Err(e)) => tracing::debug!(error = %e, "inbound connection ended with error"),
+        Err(reason) => m.closed_live(DIR, reason),
     }
 }

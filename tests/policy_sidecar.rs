@@ -169,7 +169,7 @@ audit_log = {audit:?}
 source = "ca"
 ca_url = "https://{ca_api}"
 token_file = {token_file:?}
-refresh_interval = "30s"
+refresh_interval = "1s"
 
 [admin]
 listen = "127.0.0.1:0"
@@ -785,6 +785,120 @@ hours = ["{window}"]
     assert!(
         moved >= advance - Duration::from_secs(1),
         "audit time {t:?}"
+    );
+}
+
+/// F14: a raw TCP connection admitted inside an `hours` window is closed when the window ends
+/// (the injected clock moves past it; the sweep runs at least every refresh interval), audited
+/// with the rule that denies it now and the one that had allowed it.
+#[tokio::test]
+async fn a_live_l4_connection_is_closed_when_its_time_window_ends() {
+    let mesh = Mesh::new(&["eu-west"]).await;
+    let app = echo_app().await;
+    let start = SystemTime::now();
+    let clock = Clock::manual(start);
+    let (window, advance) = window_an_hour_after(start, 30);
+    let policy = mesh.policy_path();
+    write_policy(
+        &policy,
+        &format!(
+            r#"[service.checkout]
+
+[[service.checkout.rule]]
+name = "frontend-in-window"
+action = "allow"
+from = ["{frontend}"]
+hours = ["{window}"]
+"#,
+            frontend = mesh.id("frontend"),
+        ),
+    );
+    let checkout = mesh
+        .checkout(Protect {
+            app,
+            policy: &policy,
+            reload_interval: NEVER,
+            clock: clock.clone(),
+        })
+        .await;
+    let frontend = mesh.caller("frontend", 0, &checkout).await;
+    clock.advance(advance);
+    let mut live = TcpStream::connect(frontend.listeners[0]).await.unwrap();
+    assert_eq!(round_trip(&mut live, b"inside").await.unwrap(), b"inside");
+    // Still inside the window (10 of its 30 minutes in): a sweep leaves it alone.
+    clock.advance(Duration::from_secs(10 * 60));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(round_trip(&mut live, b"still").await.unwrap(), b"still");
+
+    clock.advance(Duration::from_secs(11 * 60));
+    assert_closed_without_data(&mut live, &format!("the connection after {window} ended")).await;
+    eventually("checkout counts the closure", || {
+        checkout
+            .metrics
+            .closed_live_count("inbound", "time_window_closed")
+            == 1
+    })
+    .await;
+    let audit = mesh.audit("checkout");
+    let closed: Vec<_> = audit
+        .iter()
+        .filter(|l| {
+            l["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("time_window_closed"))
+        })
+        .collect();
+    assert_eq!(closed.len(), 1, "{audit:#?}");
+    assert_eq!(closed[0]["outcome"], "deny");
+    assert_eq!(closed[0]["rule"], "default");
+    assert_eq!(closed[0]["source_id"], mesh.id("frontend").to_string());
+    assert!(
+        closed[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("frontend-in-window"),
+        "{audit:#?}"
+    );
+    assert_refused(frontend.listeners[0], "a new connection after the window").await;
+}
+
+/// F14: a live connection is closed when the caller's certificate expires, though nothing else
+/// happens (no reload, no revocation): the injected clock moves past its `not_after`.
+#[tokio::test]
+async fn a_live_connection_is_closed_when_the_callers_certificate_expires() {
+    let mesh = Mesh::new(&["eu-west"]).await;
+    let app = echo_app().await;
+    let clock = Clock::manual(SystemTime::now());
+    let policy = mesh.policy_path();
+    write_policy(&policy, &allow_only(&mesh, "frontend"));
+    let checkout = mesh
+        .checkout(Protect {
+            app,
+            policy: &policy,
+            reload_interval: NEVER,
+            clock: clock.clone(),
+        })
+        .await;
+    let frontend = mesh.caller("frontend", 0, &checkout).await;
+    let mut live = TcpStream::connect(frontend.listeners[0]).await.unwrap();
+    assert_eq!(round_trip(&mut live, b"valid").await.unwrap(), b"valid");
+    let not_after = frontend.identity.current().expect("SVID").info.not_after;
+    let left = not_after.duration_since(clock.now()).unwrap();
+    clock.advance(left + Duration::from_secs(1));
+    assert_closed_without_data(&mut live, "the connection after the caller's SVID expired").await;
+    eventually("checkout counts the closure", || {
+        checkout
+            .metrics
+            .closed_live_count("inbound", "expired_certificate")
+            >= 1
+    })
+    .await;
+    let audit = mesh.audit("checkout");
+    assert!(
+        audit.iter().any(|l| l["rule"] == "expired_certificate"
+            && l["source_serial"] == serial(&frontend)
+            && l["outcome"] == "deny"),
+        "{audit:#?}"
     );
 }
 

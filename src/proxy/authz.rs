@@ -459,7 +459,7 @@ impl Authz {
     /// Re-decides a live L4 connection (those without a policy generation are not decided
     /// here): the deciding rule and why, when the policy in force denies it now.
     pub(crate) fn recheck(&self, e: &mut Entry) -> Option<(CloseReason, String)> {
-        let decided_on = e.policy?;
+        let decided_on = e.policy.as_ref()?.generation;
         let policy = self.policy.load();
         let svc = policy.service(&self.service)?;
         let peer = e.peer.info.id.to_string();
@@ -473,7 +473,12 @@ impl Authz {
         let d = evaluate(svc, &facts);
         if d.outcome == Outcome::Allow {
             // Allowed by the policy in force: a later denial is this policy's (its windows).
-            e.policy = Some(self.generation());
+            if let Some(p) = e.policy.as_mut() {
+                p.generation = self.generation();
+                if p.rule != d.rule {
+                    p.rule = d.rule.to_string();
+                }
+            }
             return None;
         }
         self.count(d.rule, "deny", "enforced");

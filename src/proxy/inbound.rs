@@ -23,7 +23,7 @@ use tracing::Instrument;
 use super::authz::Caller;
 use super::config::Inbound;
 use super::http::Peer;
-use super::live::{PeerCert, Registration};
+use super::live::{Decided, PeerCert, Registration};
 use super::metrics::{Dir, Flow};
 use super::{accept_loop, original_dst, splice, Shared};
 use crate::identity::{inspect_cert, region_of_chain};
@@ -196,9 +196,11 @@ fn admit(
         let reg = shared.live.register(DIR, caller.clone(), port, None);
         Some((Verdict::Http(authz, peer), reg))
     } else {
-        let reg = shared
-            .live
-            .register(DIR, caller.clone(), port, Some(admission.generation));
+        let decided = Decided {
+            generation: admission.generation,
+            rule: admission.rule,
+        };
+        let reg = shared.live.register(DIR, caller.clone(), port, Some(decided));
         Some((Verdict::Forward, reg))
     }
 }

@@ -69,10 +69,17 @@ pub(crate) struct Entry {
     pub peer: Arc<PeerCert>,
     /// The port the connection was decided on (inbound), or dialled (outbound).
     pub port: u16,
-    /// `Some(generation)` for an inbound L4 connection decided by the policy of that generation:
-    /// re-decided by every sweep.
-    pub policy: Option<u64>,
+    /// For an inbound L4 connection decided by the policy: re-decided by every sweep.
+    pub policy: Option<Decided>,
     close: oneshot::Sender<CloseReason>,
+}
+
+/// How the policy last allowed a live L4 connection.
+pub(crate) struct Decided {
+    /// The policy generation (see [`Authz::generation`]).
+    pub generation: u64,
+    /// The rule that allowed it.
+    pub rule: String,
 }
 
 /// A connection taken out of the registry by a sweep, with why.
@@ -154,7 +161,7 @@ impl LiveConns {
         direction: &'static str,
         peer: Arc<PeerCert>,
         port: u16,
-        policy: Option<u64>,
+        policy: Option<Decided>,
     ) -> Registration {
         let (tx, rx) = oneshot::channel();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
@@ -260,11 +267,19 @@ pub(crate) fn close_audited(
         outcome: "deny",
         rule,
         mode: "enforced",
-        detail: Some(format!(
-            "live {} connection closed: {}",
-            entry.direction,
-            reason.as_str()
-        )),
+        detail: Some(match &entry.policy {
+            Some(d) => format!(
+                "live {} connection closed: {} (it was allowed by rule {:?})",
+                entry.direction,
+                reason.as_str(),
+                d.rule
+            ),
+            None => format!(
+                "live {} connection closed: {}",
+                entry.direction,
+                reason.as_str()
+            ),
+        }),
     });
 }
 

@@ -511,6 +511,60 @@ async fn many_idle_pooled_connections_leave_room_for_a_new_one() {
     );
 }
 
+/// Waits for the far end to close `s`: EOF or an error, with no data, within [`PATIENCE`].
+async fn assert_closed(s: &mut TcpStream, what: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(PATIENCE, s.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(n)) => panic!("{what}: got {n} bytes"),
+        Err(_) => panic!("{what}: still open after {PATIENCE:?}"),
+    }
+}
+
+/// Opens a connection through `p` and checks it carries bytes.
+async fn open_live(p: &Pair) -> TcpStream {
+    let mut live = TcpStream::connect(p.entry()).await.unwrap();
+    assert_eq!(round_trip(&mut live, b"before").await.unwrap(), b"before");
+    live
+}
+
+/// F14: an open connection of a caller whose certificate is revoked is closed once the
+/// destination's revocation list has the serial, with the simple allow list (no policy), both
+/// on a pooled session (the session goes) and on a direct connection.
+#[tokio::test]
+async fn a_live_connection_of_a_revoked_caller_is_closed() {
+    let ca = start_ca(HOUR).await;
+    for reuse in [Reuse::Pooled, Reuse::Nothing] {
+        let p = ca.pair_with(id("api"), reuse).await;
+        let mut live = open_live(&p).await;
+        let serial = p.a.identity.current().expect("A's SVID").info.serial.clone();
+        revoke_and_wait(&ca, &p.b, &serial).await;
+        assert_closed(&mut live, &format!("{reuse:?}: the revoked caller's connection")).await;
+        eventually("B counts the closure as revoked", || {
+            p.b.metrics.closed_live_count("inbound", "revoked") >= 1
+        })
+        .await;
+        eventually("B forgets the closed connection", || p.b.live.is_empty()).await;
+    }
+}
+
+/// F14, outbound: a direct connection to a server whose certificate is revoked is closed by the
+/// caller once its revocation list has the serial (the server does not check its own).
+#[tokio::test]
+async fn a_live_connection_to_a_revoked_server_is_closed_by_the_caller() {
+    let ca = start_ca(HOUR).await;
+    let p = ca.pair_with(id("api"), Reuse::Nothing).await;
+    let mut live = open_live(&p).await;
+    let serial = p.b.identity.current().expect("B's SVID").info.serial.clone();
+    revoke_and_wait(&ca, &p.a, &serial).await;
+    assert_closed(&mut live, "the connection to the revoked server").await;
+    eventually("A counts the closure as revoked", || {
+        p.a.metrics.closed_live_count("outbound", "revoked") == 1
+    })
+    .await;
+}
+
 /// A revoked destination: A retires its warm session to B once A's revocation list has B's
 /// serial, and the new handshake refuses B, so no new connection reaches B's app.
 #[tokio::test]

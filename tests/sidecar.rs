@@ -538,9 +538,19 @@ async fn a_live_connection_of_a_revoked_caller_is_closed() {
     for reuse in [Reuse::Pooled, Reuse::Nothing] {
         let p = ca.pair_with(id("api"), reuse).await;
         let mut live = open_live(&p).await;
-        let serial = p.a.identity.current().expect("A's SVID").info.serial.clone();
+        let serial =
+            p.a.identity
+                .current()
+                .expect("A's SVID")
+                .info
+                .serial
+                .clone();
         revoke_and_wait(&ca, &p.b, &serial).await;
-        assert_closed(&mut live, &format!("{reuse:?}: the revoked caller's connection")).await;
+        assert_closed(
+            &mut live,
+            &format!("{reuse:?}: the revoked caller's connection"),
+        )
+        .await;
         eventually("B counts the closure as revoked", || {
             p.b.metrics.closed_live_count("inbound", "revoked") >= 1
         })
@@ -556,7 +566,13 @@ async fn a_live_connection_to_a_revoked_server_is_closed_by_the_caller() {
     let ca = start_ca(HOUR).await;
     let p = ca.pair_with(id("api"), Reuse::Nothing).await;
     let mut live = open_live(&p).await;
-    let serial = p.b.identity.current().expect("B's SVID").info.serial.clone();
+    let serial =
+        p.b.identity
+            .current()
+            .expect("B's SVID")
+            .info
+            .serial
+            .clone();
     revoke_and_wait(&ca, &p.a, &serial).await;
     assert_closed(&mut live, "the connection to the revoked server").await;
     eventually("A counts the closure as revoked", || {
@@ -665,7 +681,9 @@ async fn pooled_sessions_follow_rotations_under_load_without_a_failed_request() 
 }
 
 /// Long-lived and new connections from A to B while both rotate `rotations` times at least;
-/// returns the pair and how many times A rotated.
+/// returns the pair and how many times A rotated. A rotation drops no connection; a long-lived
+/// one is closed only when the certificate it was authenticated with expires (counted as
+/// `expired_certificate`), and its worker then opens a new one.
 async fn rotate_under_load(reuse: Reuse, rotations: u64) -> (Pair, u64) {
     // Twice the CA's minimum lifetime: X.509 times are whole seconds, so a 2 s SVID can live
     // barely 1 s and be renewed with 0.4 s to spare, which a loaded CI machine's renewal round
@@ -681,9 +699,10 @@ async fn rotate_under_load(reuse: Reuse, rotations: u64) -> (Pair, u64) {
         let errors = errors.clone();
         move |e: String| errors.lock().unwrap().push(e)
     };
+    let cuts = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for w in 0..3 {
-        let (stop, ok, fail) = (stop.clone(), ok.clone(), fail.clone());
+        let (stop, ok, fail, cuts) = (stop.clone(), ok.clone(), fail.clone(), cuts.clone());
         workers.push(tokio::spawn(async move {
             let mut conn = TcpStream::connect(entry).await.expect("connect");
             let mut n = 0u64;
@@ -691,6 +710,12 @@ async fn rotate_under_load(reuse: Reuse, rotations: u64) -> (Pair, u64) {
                 let msg = format!("long-lived {w} request {n}");
                 match round_trip(&mut conn, msg.as_bytes()).await {
                     Ok(b) if b == msg.as_bytes() => ok.fetch_add(1, Ordering::Relaxed),
+                    // Closed by a sidecar (checked against its count below): a new connection.
+                    Err(e) if e.kind() != std::io::ErrorKind::TimedOut => {
+                        cuts.fetch_add(1, Ordering::Relaxed);
+                        conn = TcpStream::connect(entry).await.expect("connect");
+                        continue;
+                    }
                     other => return fail(format!("{msg}: {other:?}")),
                 };
                 n += 1;
@@ -738,6 +763,32 @@ async fn rotate_under_load(reuse: Reuse, rotations: u64) -> (Pair, u64) {
     }
     let errors = errors.lock().unwrap().clone();
     let (a, b) = rotated();
+    let cuts = cuts.load(Ordering::Relaxed);
+    let expired =
+        p.a.metrics
+            .closed_live_count("outbound", "expired_certificate")
+            + p.b
+                .metrics
+                .closed_live_count("inbound", "expired_certificate");
+    let other_closures: Vec<_> = [&p.a, &p.b]
+        .iter()
+        .flat_map(|b| {
+            ["revoked", "policy_reload", "time_window_closed"].map(|r| {
+                (
+                    r,
+                    b.metrics.closed_live_count("inbound", r)
+                        + b.metrics.closed_live_count("outbound", r),
+                )
+            })
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert!(other_closures.is_empty(), "closed for {other_closures:?}");
+    // A pooled session carries all three, so one closure may cut three connections.
+    assert!(
+        cuts <= 3 * expired,
+        "{cuts} long-lived connections cut, {expired} closures of an expired certificate counted"
+    );
     if !errors.is_empty() {
         panic!(
             "{} failed requests after {a}/{b} rotations, first: {:?}; A counted {:?}, B {:?}",

@@ -307,7 +307,10 @@ impl Authz {
             let now = self.clock.now();
             refused.retain(|_, t| *t > now);
             if refused.len() >= MAX_REFUSED {
-                let soonest = refused.iter().min_by_key(|(_, t)| **t).map(|(s, _)| s.clone());
+                let soonest = refused
+                    .iter()
+                    .min_by_key(|(_, t)| **t)
+                    .map(|(s, _)| s.clone());
                 if let Some(s) = soonest {
                     refused.remove(&s);
                 }

@@ -151,11 +151,7 @@ enum Verdict {
 
 /// The allow list or the policy on one connection or session stream, and its registration as
 /// a live connection; `None` when denied (logged and counted here).
-fn admit(
-    caller: &Arc<PeerCert>,
-    port: u16,
-    shared: &Shared,
-) -> Option<(Verdict, Registration)> {
+fn admit(caller: &Arc<PeerCert>, port: u16, shared: &Shared) -> Option<(Verdict, Registration)> {
     let m = &shared.metrics;
     let info = &caller.info;
     let region = &caller.region;
@@ -200,14 +196,21 @@ fn admit(
             generation: admission.generation,
             rule: admission.rule,
         };
-        let reg = shared.live.register(DIR, caller.clone(), port, Some(decided));
+        let reg = shared
+            .live
+            .register(DIR, caller.clone(), port, Some(decided));
         Some((Verdict::Forward, reg))
     }
 }
 
 /// Carries an admitted connection or stream to the app, until it ends or a sweep closes it.
-async fn carry<S>(io: S, verdict: Verdict, mut reg: Registration, target: SocketAddr, shared: &Shared)
-where
+async fn carry<S>(
+    io: S,
+    verdict: Verdict,
+    mut reg: Registration,
+    target: SocketAddr,
+    shared: &Shared,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     match verdict {
@@ -249,7 +252,9 @@ where
     };
     tracing::debug!(peer_id = %caller.info.id, peer_region = ?caller.region, "session established");
     // The whole session (and every stream on it) ends when its certificate no longer passes.
-    let mut reg = shared.live.register(DIR, caller.clone(), target.port(), None);
+    let mut reg = shared
+        .live
+        .register(DIR, caller.clone(), target.port(), None);
     let mut streams = tokio::task::JoinSet::new();
     let mut draining = shared.draining.clone();
     let mut goaway_sent = false;

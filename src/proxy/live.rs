@@ -344,7 +344,10 @@ impl Sweeper {
                 return Some((CloseReason::Revoked, "revoked".into()));
             }
             if now >= info.not_after {
-                return Some((CloseReason::ExpiredCertificate, "expired_certificate".into()));
+                return Some((
+                    CloseReason::ExpiredCertificate,
+                    "expired_certificate".into(),
+                ));
             }
             let authz = self.authz.as_ref()?;
             authz.recheck(e)

@@ -291,13 +291,19 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
     for lc in &config.listeners {
         listener_ls.push(bind("listener", lc.listen).await?);
     }
-    let own_ports = [Some(admin), inbound_l.as_ref().map(|l| l.1), outbound_l.as_ref().map(|l| l.1)]
-        .into_iter()
-        .flatten()
-        .chain(listener_ls.iter().map(|l| l.1))
-        .map(|a| a.port())
-        .collect();
-    let live = authz.as_ref().map_or_else(live::LiveConns::new, |a| a.live());
+    let own_ports = [
+        Some(admin),
+        inbound_l.as_ref().map(|l| l.1),
+        outbound_l.as_ref().map(|l| l.1),
+    ]
+    .into_iter()
+    .flatten()
+    .chain(listener_ls.iter().map(|l| l.1))
+    .map(|a| a.port())
+    .collect();
+    let live = authz
+        .as_ref()
+        .map_or_else(live::LiveConns::new, |a| a.live());
     tokio::spawn(
         live::Sweeper {
             live: live.clone(),

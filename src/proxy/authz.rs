@@ -296,6 +296,17 @@ impl Authz {
         }
     }
 
+    /// How many serials are refused after impossible travel now (expired refusals pruned).
+    pub fn refused_serials(&self) -> usize {
+        let mut refused = self
+            .refused_serials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let now = self.clock.now();
+        refused.retain(|_, t| *t > now);
+        refused.len()
+    }
+
     /// Refuses `serial` until `until`, within [`MAX_REFUSED`]: when full, expired refusals go
     /// first, then the one that expires soonest.
     fn refuse(&self, serial: &str, until: SystemTime) {

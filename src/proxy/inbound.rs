@@ -374,3 +374,54 @@ where
         Err(reason) => m.closed_live(DIR, reason),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn inbound(ports: Vec<u16>, app_address: Option<SocketAddr>) -> Inbound {
+        Inbound {
+            listen: "0.0.0.0:15006".parse().unwrap(),
+            allow: vec![],
+            app_address,
+            ports,
+            policy: None,
+            reload_interval: Duration::from_secs(2),
+            anomaly: Default::default(),
+        }
+    }
+
+    fn to(port: u16) -> Option<SocketAddr> {
+        Some(SocketAddr::from(([10, 0, 0, 7], port)))
+    }
+
+    /// F10: a redirected connection reaches 127.0.0.1 only on a declared app port.
+    #[test]
+    fn redirected_connections_reach_declared_app_ports_only() {
+        let own = [15006, 15001, 15020, 7001];
+        let i = inbound(vec![8080, 9090], None);
+        let local = |p: u16| Ok(SocketAddr::from(([127, 0, 0, 1], p)));
+        assert_eq!(app_target(to(8080), &i, &own), local(8080));
+        assert_eq!(app_target(to(9090), &i, &own), local(9090));
+        // A loopback-only debug port of the pod, and an explicit listener of the sidecar.
+        assert_eq!(app_target(to(6060), &i, &own), Err("undeclared_port"));
+        assert_eq!(app_target(to(7001), &i, &own), Err("undeclared_port"));
+        // Nothing declared: nothing is reached.
+        let none = inbound(vec![], None);
+        assert_eq!(app_target(to(8080), &none, &own), Err("undeclared_port"));
+        // Declared by mistake and also a port of the sidecar (bound on port 0, say): refused.
+        let clash = inbound(vec![7001], None);
+        assert_eq!(app_target(to(7001), &clash, &own), Err("undeclared_port"));
+    }
+
+    #[test]
+    fn connections_that_were_not_redirected_go_to_the_app_address() {
+        let app: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(app_target(None, &inbound(vec![], Some(app)), &[]), Ok(app));
+        assert_eq!(
+            app_target(None, &inbound(vec![8080], None), &[]),
+            Err("no_app_address")
+        );
+    }
+}

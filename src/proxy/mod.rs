@@ -278,6 +278,11 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         addr: config.admin,
         source,
     })?;
+    if let Some(i) = config.inbound.as_ref() {
+        if i.ports.is_empty() && i.app_address.is_none() {
+            tracing::warn!("inbound has no `ports` and no `app_address`: every inbound connection will be refused (undeclared_port)");
+        }
+    }
     // Bound before anything serves, so the inbound side knows every port of its own.
     let inbound_l = match &config.inbound {
         Some(i) => Some(bind("inbound", i.listen).await?),

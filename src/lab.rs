@@ -171,7 +171,7 @@ impl Lab {
             audit = self.dir.join(format!("{name}-audit.log")),
         );
         let tables = format!(
-            "\n[identity]\nsource = \"ca\"\nca_url = \"https://{ca}\"\ntoken_file = {token_file:?}\n\n\
+            "\n[identity]\nsource = \"ca\"\nca_url = \"https://{ca}\"\ntoken_file = {token_file:?}\nrefresh_interval = \"1s\"\n\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\n",
             ca = self.region(region).ca.api,
         );

@@ -192,6 +192,15 @@ async fn raw_tunnel(lab: &Lab) -> quinn::Connection {
 /// A raw QUIC client holding an SVID for `name` from region `region`'s CA, connected to gateway
 /// a.
 async fn raw_tunnel_from(lab: &Lab, region: &str, name: &str) -> quinn::Connection {
+    raw_tunnel_with_svid(lab, region, name).await.0
+}
+
+/// [`raw_tunnel_from`], and the SVID it presented.
+async fn raw_tunnel_with_svid(
+    lab: &Lab,
+    region: &str,
+    name: &str,
+) -> (quinn::Connection, trustline::identity::Svid) {
     use trustline::tls::{ExpectedPeer, SpiffeServerVerifier, TLS13_ONLY};
     let id = trustline::identity::parse_workload_id(&wid(name)).unwrap();
     let bundle = trustline::identity::Bundle::from_pem(
@@ -223,10 +232,43 @@ async fn raw_tunnel_from(lab: &Lab, region: &str, name: &str) -> quinn::Connecti
         .unwrap();
     let cfg = trustline::tunnel::quic_client(tls, Default::default()).unwrap();
     let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.connect_with(cfg, lab.region("a").gateway_addrs[0], "gateway")
+    let conn = ep
+        .connect_with(cfg, lab.region("a").gateway_addrs[0], "gateway")
         .unwrap()
         .await
-        .expect("QUIC connection to gateway a")
+        .expect("QUIC connection to gateway a");
+    (conn, svid)
+}
+
+/// F14 at the gateway: a tunnel connection whose workload certificate is revoked is closed once
+/// the gateway's revocation list has the serial, not only refused at the next handshake.
+#[tokio::test]
+async fn a_gateway_closes_the_tunnel_of_a_revoked_workload() {
+    use trustline::ca::admin::{self, AdminRequest};
+    let (_d, lab, _api) = setup(1).await;
+    let (conn, svid) = raw_tunnel_with_svid(&lab, "a", "probe").await;
+    let r = admin::call(
+        &lab.region("a").ca.admin_socket,
+        &AdminRequest::Revoke {
+            serial: svid.info.serial.to_string(),
+        },
+    )
+    .await
+    .expect("admin socket");
+    assert!(r.ok, "revocation refused: {:?}", r.error);
+    match tokio::time::timeout(PATIENCE, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            assert_eq!(c.error_code.into_inner(), code::REFUSED as u64);
+            assert_eq!(String::from_utf8_lossy(&c.reason), "revoked");
+        }
+        other => panic!("expected the gateway to close the tunnel, got {other:?}"),
+    }
+    eventually("gateway a audits the closure", || {
+        audit(&lab, "gateway-a0")
+            .lines()
+            .any(|l| l.contains("\"event\":\"tunnel_closed\"") && l.contains("revoked"))
+    })
+    .await;
 }
 
 async fn reset_code(conn: &quinn::Connection, bytes: &[u8]) -> u64 {

@@ -41,7 +41,6 @@ struct Gateway {
     metrics: TunnelMetrics,
     audit: Arc<AuditLog>,
     identity: Arc<Identity>,
-    clock: Clock,
 }
 
 /// A running gateway.
@@ -124,7 +123,6 @@ pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, String>
         metrics: metrics.clone(),
         audit,
         identity: identity.clone(),
-        clock: clock.clone(),
     });
     tokio::spawn(accept_loop(gw.clone(), endpoint.clone(), stop_rx));
     tracing::info!(region = %gw.config.region, %listen, %admin, peers = gw.peers.len(), "gateway listening");
@@ -250,13 +248,15 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
     if let Some(l) = &labels {
         gw.metrics.up.get_or_create(l).set(1);
     }
-    // The peer's certificate is re-checked while the connection lasts: on every change of the
-    // revocation list, at its expiry, and at least every refresh interval.
+    // The peer's certificate is re-checked for revocation while the connection lasts: on every
+    // change of the revocation list, and at least every refresh interval. (Not for expiry: the
+    // paths do not re-dial ahead of their own certificate's expiry yet, so closing a path then
+    // would cut every stream riding it once per SVID lifetime.)
     let peer_cert = super::peer_chain(&conn)
         .first()
         .and_then(|c| crate::identity::inspect_cert(c).ok());
     let mut revocations = gw.identity.revocations();
-    let recheck = tokio::time::sleep(next_recheck(&gw, peer_cert.as_ref()));
+    let recheck = tokio::time::sleep(gw.config.identity.refresh);
     tokio::pin!(recheck);
     loop {
         let lapsed = tokio::select! {
@@ -291,7 +291,7 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
             }
             recheck
                 .as_mut()
-                .reset(tokio::time::Instant::now() + next_recheck(&gw, peer_cert.as_ref()));
+                .reset(tokio::time::Instant::now() + gw.config.identity.refresh);
         }
     }
     if let Some(l) = &labels {
@@ -299,19 +299,7 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
     }
 }
 
-/// Until the next re-check of a connection's peer certificate: the refresh interval, or its
-/// expiry if that is sooner.
-fn next_recheck(gw: &Gateway, cert: Option<&crate::identity::CertInfo>) -> std::time::Duration {
-    let every = gw.config.identity.refresh;
-    let Some(c) = cert else { return every };
-    let left = c
-        .not_after
-        .duration_since(gw.clock.now())
-        .unwrap_or_default();
-    every.min(left + std::time::Duration::from_millis(1))
-}
-
-/// Why a connection's peer certificate no longer passes (`revoked`, `expired_certificate`).
+/// Why a connection's peer certificate no longer passes: `revoked`.
 fn peer_cert_lapsed(
     gw: &Gateway,
     cert: Option<&crate::identity::CertInfo>,
@@ -319,13 +307,11 @@ fn peer_cert_lapsed(
     let Some(c) = cert else {
         return Some("no_certificate");
     };
-    if gw.identity.revoked.load().contains(&c.serial) {
-        Some("revoked")
-    } else if gw.clock.now() >= c.not_after {
-        Some("expired_certificate")
-    } else {
-        None
-    }
+    gw.identity
+        .revoked
+        .load()
+        .contains(&c.serial)
+        .then_some("revoked")
 }
 
 /// Closes a tunnel connection (and its streams) whose peer certificate lapsed, audited.

@@ -902,6 +902,63 @@ async fn a_live_connection_is_closed_when_the_callers_certificate_expires() {
     );
 }
 
+/// F14 on an HTTP port: a keep-alive connection of a caller whose certificate is revoked is
+/// closed once checkout's revocation list has the serial (requests were decided one by one, but
+/// the certificate under them is re-checked too).
+#[tokio::test]
+async fn a_live_http_connection_of_a_revoked_caller_is_closed() {
+    let mesh = Mesh::new(&["eu-west"]).await;
+    let app = http_app().await;
+    let policy = mesh.policy_path();
+    write_policy(
+        &policy,
+        &format!(
+            r#"[service.checkout]
+http_ports = [{port}]
+
+[[service.checkout.rule]]
+name = "frontend-in"
+action = "allow"
+from = ["{frontend}"]
+"#,
+            port = app.port(),
+            frontend = mesh.id("frontend"),
+        ),
+    );
+    let checkout = mesh
+        .checkout(Protect {
+            app,
+            policy: &policy,
+            reload_interval: NEVER,
+            clock: Clock::system(),
+        })
+        .await;
+    let frontend = mesh.caller("frontend", 0, &checkout).await;
+    let tcp = TcpStream::connect(frontend.listeners[0]).await.unwrap();
+    let mut conn = BufReader::new(tcp);
+    assert_eq!(request(&mut conn, "GET", "/orders/1").await.status, 200);
+
+    let svid = frontend.identity.current().expect("SVID");
+    let r = admin::call(
+        &mesh.cas[0].bound.admin_socket,
+        &admin::AdminRequest::Revoke {
+            serial: svid.info.serial.to_string(),
+        },
+    )
+    .await
+    .expect("admin socket");
+    assert!(r.ok, "revocation refused: {:?}", r.error);
+    eventually("checkout's revocation list has the serial", || {
+        checkout.identity.revoked.load().contains(&svid.info.serial)
+    })
+    .await;
+    assert_closed_without_data(conn.get_mut(), "the revoked caller's HTTP connection").await;
+    eventually("checkout counts the closure as revoked", || {
+        checkout.metrics.closed_live_count("inbound", "revoked") >= 1
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn dry_run_rule_logs_a_deny_without_enforcing_it() {
     let mesh = Mesh::new(&["eu-west"]).await;

@@ -121,6 +121,7 @@ impl Mesh {
         ca: usize,
         inbound: Option<Protect<'_>>,
         services: &[(&str, SocketAddr, &SpiffeId)],
+        top: &str,
     ) -> Bound {
         let dir = self.dir.path();
         let id = self.id(name);
@@ -164,6 +165,7 @@ bundle = {bundle:?}
 drain_timeout = "1s"
 handshake_timeout = "5s"
 audit_log = {audit:?}
+{top}
 
 [identity]
 source = "ca"
@@ -197,14 +199,19 @@ listen = "127.0.0.1:0"
 
     /// `checkout`, protecting `app` with `policy`, SVID from CA 0.
     async fn checkout(&self, p: Protect<'_>) -> Bound {
-        self.sidecar("checkout", 0, Some(p), &[]).await
+        self.sidecar("checkout", 0, Some(p), &[], "").await
     }
 
     /// A caller `name` (SVID from CA `ca`) with one explicit listener to `checkout`.
     async fn caller(&self, name: &str, ca: usize, checkout: &Bound) -> Bound {
+        self.caller_with(name, ca, checkout, "").await
+    }
+
+    /// [`Mesh::caller`] with `top` among its top-level settings (such as `pooling = false`).
+    async fn caller_with(&self, name: &str, ca: usize, checkout: &Bound, top: &str) -> Bound {
         let target = checkout.inbound.expect("inbound");
         let svc = [("checkout", target, checkout.identity.id())];
-        self.sidecar(name, ca, None, &svc).await
+        self.sidecar(name, ca, None, &svc, top).await
     }
 
     fn policy_path(&self) -> PathBuf {
@@ -904,9 +911,15 @@ async fn a_live_connection_is_closed_when_the_callers_certificate_expires() {
 
 /// F14 on an HTTP port: a keep-alive connection of a caller whose certificate is revoked is
 /// closed once checkout's revocation list has the serial (requests were decided one by one, but
-/// the certificate under them is re-checked too).
+/// the certificate under them is re-checked too), on a pooled session and on its own.
 #[tokio::test]
 async fn a_live_http_connection_of_a_revoked_caller_is_closed() {
+    for top in ["", "pooling = false"] {
+        revoked_http_caller_is_closed(top).await;
+    }
+}
+
+async fn revoked_http_caller_is_closed(top: &str) {
     let mesh = Mesh::new(&["eu-west"]).await;
     let app = http_app().await;
     let policy = mesh.policy_path();
@@ -933,7 +946,7 @@ from = ["{frontend}"]
             clock: Clock::system(),
         })
         .await;
-    let frontend = mesh.caller("frontend", 0, &checkout).await;
+    let frontend = mesh.caller_with("frontend", 0, &checkout, top).await;
     let tcp = TcpStream::connect(frontend.listeners[0]).await.unwrap();
     let mut conn = BufReader::new(tcp);
     assert_eq!(request(&mut conn, "GET", "/orders/1").await.status, 200);
@@ -952,7 +965,11 @@ from = ["{frontend}"]
         checkout.identity.revoked.load().contains(&svid.info.serial)
     })
     .await;
-    assert_closed_without_data(conn.get_mut(), "the revoked caller's HTTP connection").await;
+    assert_closed_without_data(
+        conn.get_mut(),
+        &format!("the revoked caller's HTTP connection ({top:?})"),
+    )
+    .await;
     eventually("checkout counts the closure as revoked", || {
         checkout.metrics.closed_live_count("inbound", "revoked") >= 1
     })

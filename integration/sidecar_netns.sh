@@ -6,12 +6,14 @@
 #   A 10.77.0.1 ──veth── 10.77.0.2 B 10.78.0.1 ──veth── 10.78.0.2 C (no sidecar)
 #   A 10.79.1.1 ──veth── CA ──veth── 10.79.2.1 B        (the CA listens on 10.79.0.1:8443)
 #
-# Pods: app (B: python3 http.server on 0.0.0.0:8000, and on 8001 which is excluded from
-# redirection), sidecar as UID 1337 (setpriv), `trustline redirect --proxy-uid 1337`. The CA sits
-# in its own namespace; sidecars get their SVIDs from it with join tokens. The wire is checked
-# with a python3 AF_PACKET sniffer on B's veth (tcpdump is not needed).
+# Pods: app (B: python3 http.server on 0.0.0.0:8000 and [::]:8000, and on 8001 which is excluded
+# from redirection; a loopback-only "debug" service on 127.0.0.1:8002 that B does not declare),
+# sidecar as UID 1337 (setpriv), `trustline redirect --proxy-uid 1337`. The CA sits in its own
+# namespace; sidecars get their SVIDs from it with join tokens. The wire is checked with a
+# python3 AF_PACKET sniffer on B's veth (tcpdump is not needed). The A-B and B-C links also carry
+# IPv6 (fd77::/64, fd78::/64): IPv6 TCP must go through the sidecar or be refused, never around.
 #
-# requires: root ip iptables openssl curl python3 setpriv
+# requires: root ip iptables ip6tables openssl curl python3 setpriv
 #
 # Usage: sudo TRUSTLINE=target/debug/trustline integration/sidecar_netns.sh   (KEEP=1 keeps the temp dir)
 set -euo pipefail
@@ -23,13 +25,17 @@ ID_B=spiffe://$TD/ns/demo/sa/server-b
 PROXY_UID=1337
 APP_PORT=8000
 EXCLUDED_PORT=8001
+DEBUG_PORT=8002
 URL=http://10.77.0.2:$APP_PORT/
+URL6_FROM_A="http://[fd77::2]:$APP_PORT/"
+URL6_FROM_C="http://[fd78::1]:$APP_PORT/"
 MARKER=trustline-netns-secret-body
+DEBUG_MARKER=trustline-netns-loopback-only-debug
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib/checks.bash"
 
 need_root "network namespaces, iptables"
-need_tools ip iptables openssl curl python3 setpriv
+need_tools ip iptables ip6tables openssl curl python3 setpriv
 need_trustline
 # pyenv and similar shims may not work inside `ip netns exec`: use the real interpreter.
 PY=$(python3 -c 'import sys; print(sys.executable)')
@@ -92,6 +98,15 @@ link() {
 }
 link "$NA" "tlab$S" 10.77.0.1/24 "$NB" "tlba$S" 10.77.0.2/24
 link "$NB" "tlbc$S" 10.78.0.1/24 "$NC" "tlcb$S" 10.78.0.2/24
+# link6 NS IF ADDR: IPv6 on a veth end (nodad: usable at once).
+link6() {
+    in_ns "$1" sysctl -qw "net.ipv6.conf.$2.disable_ipv6=0"
+    in_ns "$1" ip -6 addr add "$3" dev "$2" nodad
+}
+link6 "$NA" "tlab$S" fd77::1/64
+link6 "$NB" "tlba$S" fd77::2/64
+link6 "$NB" "tlbc$S" fd78::1/64
+link6 "$NC" "tlcb$S" fd78::2/64
 link "$NA" "tlak$S" 10.79.1.1/24 "$NCA" "tlka$S" 10.79.1.2/24
 link "$NB" "tlbk$S" 10.79.2.1/24 "$NCA" "tlkb$S" 10.79.2.2/24
 in_ns "$NCA" ip addr add 10.79.0.1/32 dev lo
@@ -130,11 +145,34 @@ for port in $APP_PORT $EXCLUDED_PORT; do
         >/dev/null 2>"$D/app-$port.log" &
     PIDS+=($!)
 done
+# The same app on IPv6 (IPv6 only, so the IPv4 one keeps its port and its plain log lines).
+cat >"$D/app6.py" <<'EOF'
+import functools, http.server, socket, sys
+class V6(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[2])
+V6(("::", int(sys.argv[1])), handler).serve_forever()
+EOF
+ip netns exec "$NB" "$PY" "$D/app6.py" "$APP_PORT" "$D/www" >/dev/null 2>"$D/app6-$APP_PORT.log" &
+PIDS+=($!)
+# A debugging service bound to loopback only: nobody outside the pod may reach it.
+mkdir -p "$D/debug"
+echo "$DEBUG_MARKER" >"$D/debug/index.html"
+ip netns exec "$NB" "$PY" -m http.server "$DEBUG_PORT" --bind 127.0.0.1 --directory "$D/debug" \
+    >/dev/null 2>"$D/app-$DEBUG_PORT.log" &
+PIDS+=($!)
 wait_for "B's app" 100 in_ns "$NB" curl -sf "http://127.0.0.1:$APP_PORT/"
 wait_for "B's second app" 100 in_ns "$NB" curl -sf "http://127.0.0.1:$EXCLUDED_PORT/"
-# Control: before interception, C reaches B's app in plain text.
+wait_for "B's IPv6 app" 100 in_ns "$NB" curl -sf "http://[::1]:$APP_PORT/"
+wait_for "B's debug service" 100 in_ns "$NB" curl -sf "http://127.0.0.1:$DEBUG_PORT/"
+# Control: before interception, C reaches B's app in plain text, over IPv4 and IPv6.
 check "control: before redirect, C reaches B's app directly" \
     bash -c '[[ $(ip netns exec "$1" curl -sS --max-time 5 "$2") == "$3" ]]' _ "$NC" "$URL" "$MARKER"
+check "control: before redirect, C reaches B's app directly over IPv6 ($URL6_FROM_C)" \
+    bash -c '[[ $(ip netns exec "$1" curl -sS --max-time 5 "$2") == "$3" ]]' _ "$NC" "$URL6_FROM_C" "$MARKER"
 
 # --- interception, then the sidecars ------------------------------------------------------------
 in_ns "$NA" "$TRUSTLINE" redirect --proxy-uid "$PROXY_UID" >"$D/redirect-a.out"
@@ -143,11 +181,16 @@ for _ in 1 2; do
     in_ns "$NB" "$TRUSTLINE" redirect --proxy-uid "$PROXY_UID" \
         --exclude-inbound-ports "$EXCLUDED_PORT" >"$D/redirect-b.out"
 done
-trustline_rules() { in_ns "$1" iptables -w -t nat -S | grep -c TRUSTLINE || true; }
+# TRUSTLINE lines of iptables and ip6tables together.
+trustline_rules() {
+    { in_ns "$1" iptables -w -t nat -S; in_ns "$1" ip6tables -w -t nat -S; } | grep -c TRUSTLINE || true
+}
 DRY_B=$("$TRUSTLINE" redirect --dry-run --proxy-uid "$PROXY_UID" --exclude-inbound-ports "$EXCLUDED_PORT")
-# -N lines and -A lines both mention TRUSTLINE: one per dry-run command.
+# -N lines and -A lines both mention TRUSTLINE: one per dry-run command (IPv4 and IPv6).
 check "redirect installed twice in B leaves one copy ($(trustline_rules "$NB") TRUSTLINE lines, $(wc -l <<<"$DRY_B") commands)" \
     [ "$(trustline_rules "$NB")" = "$(wc -l <<<"$DRY_B")" ]
+check "redirect installs IPv6 rules too ($(in_ns "$NB" ip6tables -w -t nat -S | grep -c TRUSTLINE) ip6tables TRUSTLINE lines in B)" \
+    [ "$(in_ns "$NB" ip6tables -w -t nat -S | grep -c TRUSTLINE)" -gt 0 ]
 
 # pod NS NAME SPIFFE-ID CONFIG-TAIL: the pod's directory (owned by the sidecar UID), its join
 # token (0600) and config, and the sidecar started as that UID.
@@ -181,9 +224,15 @@ listen = \"127.0.0.1:15001\"
 [[service]]
 name = \"server-b\"
 addresses = [\"10.77.0.2:$APP_PORT\"]
+spiffe_ids = [\"$ID_B\"]
+
+[[service]]
+name = \"server-b-debug\"
+addresses = [\"10.77.0.2:$DEBUG_PORT\"]
 spiffe_ids = [\"$ID_B\"]"
 pod "$NB" b "$ID_B" "[inbound]
 listen = \"0.0.0.0:15006\"
+ports = [$APP_PORT]
 allow = [\"$ID_A\"]"
 # Ready means an SVID from the CA: the sidecars' own CA connections were not redirected.
 wait_for "sidecar A to be ready" 300 in_ns "$NA" curl -sf http://127.0.0.1:15020/readyz
@@ -324,10 +373,35 @@ check "(c) an --exclude-inbound-ports port ($EXCLUDED_PORT) is not redirected: C
     bash -c '[[ $(ip netns exec "$1" curl -sS --max-time 5 "http://10.77.0.2:$2/") == "$3" ]]' \
     _ "$NC" "$EXCLUDED_PORT" "$MARKER"
 
+# --- (e): only declared app ports, IPv6 intercepted ------------------------------------------
+# A is allowed in, but B declares only $APP_PORT: B's loopback-only debug service stays out of
+# reach, though A's sidecar carries the call over mTLS to B's inbound side.
+before=$(metric "$NB" trustline_connections_failed_total 'direction="inbound",reason="undeclared_port"')
+DEBUG_GETS=$(grep -c '"GET /' "$D/app-$DEBUG_PORT.log" || true)
+GOT=$(in_ns "$NA" curl -sS --max-time 5 "http://10.77.0.2:$DEBUG_PORT/" 2>/dev/null || true)
+check "(e) an allowed peer dialling B's undeclared port $DEBUG_PORT does not reach B's loopback-only service" \
+    bash -c '[[ $1 != *"$2"* ]]' _ "$GOT" "$DEBUG_MARKER"
+after=$(metric "$NB" trustline_connections_failed_total 'direction="inbound",reason="undeclared_port"')
+check "(e) B counts it as undeclared_port ($before -> $after)" [ "$after" -gt "$before" ]
+check "(e) B's debug service saw no request from outside the pod" \
+    [ "$(grep -c '"GET /' "$D/app-$DEBUG_PORT.log" || true)" = "$DEBUG_GETS" ]
+# IPv6: C (no sidecar) and A's app both try B's app over IPv6; neither may get around the
+# sidecars (they listen on IPv4 only, so the redirected IPv6 connections are refused).
+V6_GETS=$(grep -c '"GET /' "$D/app6-$APP_PORT.log" || true)
+GOT=$(in_ns "$NC" curl -sS --max-time 5 "$URL6_FROM_C" 2>/dev/null || true)
+check "(e) plain curl over IPv6 from C ($URL6_FROM_C) does not reach B's app" \
+    bash -c '[[ $1 != *"$2"* ]]' _ "$GOT" "$MARKER"
+GOT=$(in_ns "$NA" curl -sS --max-time 5 "$URL6_FROM_A" 2>/dev/null || true)
+check "(e) plain curl over IPv6 from A's app ($URL6_FROM_A) does not get to B's app around the sidecars" \
+    bash -c '[[ $1 != *"$2"* ]]' _ "$GOT" "$MARKER"
+check "(e) B's IPv6 app saw no request after the redirect" \
+    [ "$(grep -c '"GET /' "$D/app6-$APP_PORT.log" || true)" = "$V6_GETS" ]
+
 # --- (d): dry run and removal ----------------------------------------------------------------
 DRY=$("$TRUSTLINE" redirect --dry-run --proxy-uid "$PROXY_UID")
-check "(d) --dry-run prints $(wc -l <<<"$DRY") iptables commands with both REDIRECTs" bash -c '
-    ! grep -qv "^iptables -w -t nat " <<<"$1" &&
+check "(d) --dry-run prints $(wc -l <<<"$DRY") iptables and ip6tables commands with both REDIRECTs" bash -c '
+    ! grep -qvE "^ip6?tables -w -t nat " <<<"$1" &&
+    grep -q "^ip6tables -w -t nat -A TRUSTLINE_OUTPUT -d ::1/128 -j RETURN$" <<<"$1" &&
     grep -q -- "-j REDIRECT --to-ports 15006$" <<<"$1" &&
     grep -q -- "-j REDIRECT --to-ports 15001$" <<<"$1" &&
     grep -q -- "--uid-owner 1337 -j RETURN$" <<<"$1"' _ "$DRY"
@@ -336,12 +410,12 @@ check "(d) --dry-run changes nothing" [ "$(trustline_rules "$NC")" = 0 ]
 # The printed commands are shell-ready and exact: run them in C, compare with A's real install.
 in_ns "$NC" bash -e <<<"$DRY"
 check "(d) the dry-run commands, run by a shell, make the same rules as the install" \
-    [ "$(in_ns "$NC" iptables -t nat -S)" = "$(in_ns "$NA" iptables -t nat -S)" ]
+    [ "$(in_ns "$NC" iptables -t nat -S; in_ns "$NC" ip6tables -t nat -S)" = "$(in_ns "$NA" iptables -t nat -S; in_ns "$NA" ip6tables -t nat -S)" ]
 for ns in "$NA" "$NB" "$NC"; do in_ns "$ns" "$TRUSTLINE" redirect --remove >/dev/null; done
 check "(d) --remove leaves no TRUSTLINE rule or chain (iptables -t nat -S in A, B, C)" \
     [ "$(($(trustline_rules "$NA") + $(trustline_rules "$NB") + $(trustline_rules "$NC")))" = 0 ]
 check "(d) --remove again is not an error" \
-    bash -c '[[ $(ip netns exec "$1" "$2" redirect --remove) == "no trustline rules were installed" ]]' \
+    bash -c '[[ $(ip netns exec "$1" "$2" redirect --remove | tr "\n" " ") == "IPv4: no trustline rules were installed IPv6: no trustline rules were installed " ]]' \
     _ "$NB" "$TRUSTLINE"
 check "(d) --dry-run --remove prints the deletions" \
     bash -c '"$1" redirect --remove --dry-run | grep -q -- "-X TRUSTLINE_OUTPUT$"' _ "$TRUSTLINE"

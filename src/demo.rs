@@ -247,6 +247,7 @@ async fn sidecar(
             listen: "127.0.0.1:0".parse().expect("address"),
             allow: vec![],
             app_address: Some(i.app),
+            ports: vec![],
             policy: Some((i.policy, i.service)),
             reload_interval: Duration::from_secs(2),
             anomaly: Default::default(),

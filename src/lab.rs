@@ -41,7 +41,8 @@ impl Default for LabOptions {
             one_way_delay: Duration::from_millis(75),
             gateways: 1,
             svid_ttl: Duration::from_secs(3600),
-            refresh_interval: Duration::from_secs(30),
+            // Short: a lab lives on loopback, and its tests wait for revocations to arrive.
+            refresh_interval: Duration::from_secs(1),
         }
     }
 }

@@ -119,6 +119,15 @@ fn bad_sidecar_configs_name_file_field_and_reason() {
             "bundle",
         ),
         (good.replace("workers = 1", "workers = 0"), "workers"),
+        // An explicit listener's port is the sidecar's, not the app's (a confused deputy).
+        (
+            good.replace("[inbound]\n", "[inbound]\nports = [8080, 7001]\n"),
+            "inbound.ports[1]",
+        ),
+        (
+            good.replace("[inbound]\n", "[inbound]\nports = [15006]\n"),
+            "inbound.ports[0]",
+        ),
     ];
     for (text, field) in cases {
         let err = refused(&dir, &text);

@@ -249,6 +249,42 @@ async fn raw_tunnel_with(
         .await
 }
 
+/// F14 at the gateway: a tunnel connection whose workload certificate is revoked is closed once
+/// the gateway's revocation list has the serial, not only refused at the next handshake.
+#[tokio::test]
+async fn a_gateway_closes_the_tunnel_of_a_revoked_workload() {
+    use trustline::ca::admin::{self, AdminRequest};
+    let (_d, lab, _api) = setup(1).await;
+    let mut serial = None;
+    let conn = raw_tunnel_with(&lab, "a", "probe", |c| {
+        serial = Some(trustline::identity::inspect_cert(&c[0]).unwrap().serial)
+    })
+    .await
+    .expect("QUIC connection to gateway a");
+    let r = admin::call(
+        &lab.region("a").ca.admin_socket,
+        &AdminRequest::Revoke {
+            serial: serial.unwrap().to_string(),
+        },
+    )
+    .await
+    .expect("admin socket");
+    assert!(r.ok, "revocation refused: {:?}", r.error);
+    match tokio::time::timeout(PATIENCE, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            assert_eq!(c.error_code.into_inner(), code::REFUSED as u64);
+            assert_eq!(String::from_utf8_lossy(&c.reason), "revoked");
+        }
+        other => panic!("expected the gateway to close the tunnel, got {other:?}"),
+    }
+    eventually("gateway a audits the closure", || {
+        audit(&lab, "gateway-a0")
+            .lines()
+            .any(|l| l.contains("\"event\":\"tunnel_closed\"") && l.contains("revoked"))
+    })
+    .await;
+}
+
 async fn reset_code(conn: &quinn::Connection, bytes: &[u8]) -> u64 {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(bytes).await.unwrap();

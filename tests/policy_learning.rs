@@ -176,24 +176,25 @@ fn impossible_travel_is_audited_and_can_refuse_the_serial() {
         anomaly,
     )
     .unwrap();
+    let far = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
     let at = |serial, region| Caller {
         peer: WEB,
         serial,
         region: Some(region),
         port: 5432,
     };
-    assert!(authz.admit(&at("aa", "eu-west")).allowed);
+    assert!(authz.admit(&at("aa", "eu-west"), far).allowed);
     assert!(
-        authz.admit(&at("bb", "us-east")).allowed,
+        authz.admit(&at("bb", "us-east"), far).allowed,
         "another serial may live elsewhere"
     );
-    let second = authz.admit(&at("aa", "us-east"));
+    let second = authz.admit(&at("aa", "us-east"), far);
     assert!(
         !second.allowed,
         "the same serial from a second region is refused"
     );
     assert!(
-        !authz.admit(&at("aa", "eu-west")).allowed,
+        !authz.admit(&at("aa", "eu-west"), far).allowed,
         "and stays refused"
     );
     // A single-region identity with two different serials.
@@ -203,8 +204,8 @@ fn impossible_travel_is_audited_and_can_refuse_the_serial() {
         region: Some(region),
         port: 5432,
     };
-    assert!(authz.admit(&job("c1", "eu-west")).allowed);
-    assert!(!authz.admit(&job("c2", "us-east")).allowed);
+    assert!(authz.admit(&job("c1", "eu-west"), far).allowed);
+    assert!(!authz.admit(&job("c2", "us-east"), far).allowed);
     assert_eq!(authz.metrics.anomalies.get(), 2);
     let events: Vec<serde_json::Value> = std::fs::read_to_string(&log)
         .unwrap()
@@ -218,4 +219,78 @@ fn impossible_travel_is_audited_and_can_refuse_the_serial() {
         .as_str()
         .unwrap()
         .contains("eu-west then us-east"));
+}
+
+/// A sidecar that refuses on anomalies, with a single-region `JOB`, on an injected clock.
+fn refusing_authz(dir: &Path, clock: Clock) -> Arc<Authz> {
+    use trustline::proxy::authz::AnomalyConfig;
+    let policy = dir.join("p.toml");
+    std::fs::write(&policy, "[service.checkout]\ndefault = \"allow\"\n").unwrap();
+    let audit = Arc::new(AuditLog::open(&dir.join("audit.log")).unwrap());
+    let anomaly = AnomalyConfig {
+        window: std::time::Duration::from_secs(600),
+        single_region: vec![JOB.to_string()],
+        refuse: true,
+    };
+    Authz::load(policy, "checkout".into(), None, audit, clock, anomaly).unwrap()
+}
+
+/// F19: the serial refused is the one that turned up in a second region; the workload seen
+/// first keeps working (its ID is not moved to the other region by the refused sighting), and
+/// the refusal ends with the refused certificate.
+#[test]
+fn an_anomaly_refuses_the_travelling_serial_until_it_expires_not_the_first_one() {
+    use std::time::{Duration, SystemTime};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual(SystemTime::now());
+    let authz = refusing_authz(dir.path(), clock.clone());
+    let hour = clock.now() + Duration::from_secs(3600);
+    let job = |serial, region| Caller {
+        peer: JOB,
+        serial,
+        region: Some(region),
+        port: 5432,
+    };
+    assert!(authz.admit(&job("c1", "eu-west"), hour).allowed);
+    assert!(
+        !authz.admit(&job("c2", "us-east"), hour).allowed,
+        "the serial seen in a second region is refused"
+    );
+    assert!(
+        authz.admit(&job("c1", "eu-west"), hour).allowed,
+        "the serial seen first, in the ID's region, still works"
+    );
+    assert!(!authz.admit(&job("c2", "us-east"), hour).allowed);
+    assert_eq!(authz.refused_serials(), 1);
+    // After the refused certificate's not_after (and the anomaly window) the refusal is gone.
+    clock.advance(Duration::from_secs(2 * 3600));
+    assert_eq!(authz.refused_serials(), 0);
+    let later = clock.now() + Duration::from_secs(3600);
+    assert!(
+        authz.admit(&job("c2", "eu-west"), later).allowed,
+        "a refusal does not outlive its certificate"
+    );
+}
+
+/// F19: the refused serials are bounded, whatever an attacker makes travel.
+#[test]
+fn refused_serials_are_bounded() {
+    use std::time::{Duration, SystemTime};
+    use trustline::proxy::authz::MAX_REFUSED;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual(SystemTime::now());
+    let authz = refusing_authz(dir.path(), clock.clone());
+    let until = clock.now() + Duration::from_secs(3600);
+    for n in 0..MAX_REFUSED + 50 {
+        let serial = format!("{n:x}");
+        let at = |region| Caller {
+            peer: WEB,
+            serial: &serial,
+            region: Some(region),
+            port: 5432,
+        };
+        authz.admit(&at("eu-west"), until);
+        assert!(!authz.admit(&at("us-east"), until).allowed);
+    }
+    assert_eq!(authz.refused_serials(), MAX_REFUSED);
 }

@@ -122,6 +122,7 @@ impl Mesh {
         ca: usize,
         inbound: Option<Protect<'_>>,
         services: &[(&str, SocketAddr, &SpiffeId)],
+        top: &str,
     ) -> Bound {
         let dir = self.dir.path();
         let id = self.id(name);
@@ -165,12 +166,13 @@ bundle = {bundle:?}
 drain_timeout = "1s"
 handshake_timeout = "5s"
 audit_log = {audit:?}
+{top}
 
 [identity]
 source = "ca"
 ca_url = "https://{ca_api}"
 token_file = {token_file:?}
-refresh_interval = "30s"
+refresh_interval = "1s"
 
 [admin]
 listen = "127.0.0.1:0"
@@ -198,14 +200,19 @@ listen = "127.0.0.1:0"
 
     /// `checkout`, protecting `app` with `policy`, SVID from CA 0.
     async fn checkout(&self, p: Protect<'_>) -> Bound {
-        self.sidecar("checkout", 0, Some(p), &[]).await
+        self.sidecar("checkout", 0, Some(p), &[], "").await
     }
 
     /// A caller `name` (SVID from CA `ca`) with one explicit listener to `checkout`.
     async fn caller(&self, name: &str, ca: usize, checkout: &Bound) -> Bound {
+        self.caller_with(name, ca, checkout, "").await
+    }
+
+    /// [`Mesh::caller`] with `top` among its top-level settings (such as `pooling = false`).
+    async fn caller_with(&self, name: &str, ca: usize, checkout: &Bound, top: &str) -> Bound {
         let target = checkout.inbound.expect("inbound");
         let svc = [("checkout", target, checkout.identity.id())];
-        self.sidecar(name, ca, None, &svc).await
+        self.sidecar(name, ca, None, &svc, top).await
     }
 
     fn policy_path(&self) -> PathBuf {
@@ -1133,6 +1140,187 @@ hours = ["{window}"]
     );
 }
 
+/// F14: a raw TCP connection admitted inside an `hours` window is closed when the window ends
+/// (the injected clock moves past it; the sweep runs at least every refresh interval), audited
+/// with the rule that denies it now and the one that had allowed it.
+#[tokio::test]
+async fn a_live_l4_connection_is_closed_when_its_time_window_ends() {
+    let mesh = Mesh::new(&["eu-west"]).await;
+    let app = echo_app().await;
+    let start = SystemTime::now();
+    let clock = Clock::manual(start);
+    let (window, advance) = window_an_hour_after(start, 30);
+    let policy = mesh.policy_path();
+    write_policy(
+        &policy,
+        &format!(
+            r#"[service.checkout]
+
+[[service.checkout.rule]]
+name = "frontend-in-window"
+action = "allow"
+from = ["{frontend}"]
+hours = ["{window}"]
+"#,
+            frontend = mesh.id("frontend"),
+        ),
+    );
+    let checkout = mesh
+        .checkout(Protect {
+            app,
+            policy: &policy,
+            reload_interval: NEVER,
+            clock: clock.clone(),
+        })
+        .await;
+    let frontend = mesh.caller("frontend", 0, &checkout).await;
+    clock.advance(advance);
+    let mut live = TcpStream::connect(frontend.listeners[0]).await.unwrap();
+    assert_eq!(round_trip(&mut live, b"inside").await.unwrap(), b"inside");
+    // Still inside the window (10 of its 30 minutes in): a sweep leaves it alone.
+    clock.advance(Duration::from_secs(10 * 60));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(round_trip(&mut live, b"still").await.unwrap(), b"still");
+
+    clock.advance(Duration::from_secs(11 * 60));
+    assert_closed_without_data(&mut live, &format!("the connection after {window} ended")).await;
+    eventually("checkout counts the closure", || {
+        checkout
+            .metrics
+            .closed_live_count("inbound", "time_window_closed")
+            == 1
+    })
+    .await;
+    let audit = mesh.audit("checkout");
+    let closed: Vec<_> = audit
+        .iter()
+        .filter(|l| {
+            l["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("time_window_closed"))
+        })
+        .collect();
+    assert_eq!(closed.len(), 1, "{audit:#?}");
+    assert_eq!(closed[0]["outcome"], "deny");
+    assert_eq!(closed[0]["rule"], "default");
+    assert_eq!(closed[0]["source_id"], mesh.id("frontend").to_string());
+    assert!(
+        closed[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("frontend-in-window"),
+        "{audit:#?}"
+    );
+    assert_refused(frontend.listeners[0], "a new connection after the window").await;
+}
+
+/// F14: a live connection is closed when the caller's certificate expires, though nothing else
+/// happens (no reload, no revocation): the injected clock moves past its `not_after`.
+#[tokio::test]
+async fn a_live_connection_is_closed_when_the_callers_certificate_expires() {
+    let mesh = Mesh::new(&["eu-west"]).await;
+    let app = echo_app().await;
+    let clock = Clock::manual(SystemTime::now());
+    let policy = mesh.policy_path();
+    write_policy(&policy, &allow_only(&mesh, "frontend"));
+    let checkout = mesh
+        .checkout(Protect {
+            app,
+            policy: &policy,
+            reload_interval: NEVER,
+            clock: clock.clone(),
+        })
+        .await;
+    let frontend = mesh.caller("frontend", 0, &checkout).await;
+    let mut live = TcpStream::connect(frontend.listeners[0]).await.unwrap();
+    assert_eq!(round_trip(&mut live, b"valid").await.unwrap(), b"valid");
+    let not_after = frontend.identity.current().expect("SVID").info.not_after;
+    let left = not_after.duration_since(clock.now()).unwrap();
+    clock.advance(left + Duration::from_secs(1));
+    assert_closed_without_data(&mut live, "the connection after the caller's SVID expired").await;
+    eventually("checkout counts the closure", || {
+        checkout
+            .metrics
+            .closed_live_count("inbound", "expired_certificate")
+            >= 1
+    })
+    .await;
+    let audit = mesh.audit("checkout");
+    assert!(
+        audit.iter().any(|l| l["rule"] == "expired_certificate"
+            && l["source_serial"] == serial(&frontend)
+            && l["outcome"] == "deny"),
+        "{audit:#?}"
+    );
+}
+
+/// F14 on an HTTP port: a keep-alive connection of a caller whose certificate is revoked is
+/// closed once checkout's revocation list has the serial (requests were decided one by one, but
+/// the certificate under them is re-checked too), on a pooled session and on its own.
+#[tokio::test]
+async fn a_live_http_connection_of_a_revoked_caller_is_closed() {
+    for top in ["", "pooling = false"] {
+        revoked_http_caller_is_closed(top).await;
+    }
+}
+
+async fn revoked_http_caller_is_closed(top: &str) {
+    let mesh = Mesh::new(&["eu-west"]).await;
+    let app = http_app().await;
+    let policy = mesh.policy_path();
+    write_policy(
+        &policy,
+        &format!(
+            r#"[service.checkout]
+http_ports = [{port}]
+
+[[service.checkout.rule]]
+name = "frontend-in"
+action = "allow"
+from = ["{frontend}"]
+"#,
+            port = app.port(),
+            frontend = mesh.id("frontend"),
+        ),
+    );
+    let checkout = mesh
+        .checkout(Protect {
+            app,
+            policy: &policy,
+            reload_interval: NEVER,
+            clock: Clock::system(),
+        })
+        .await;
+    let frontend = mesh.caller_with("frontend", 0, &checkout, top).await;
+    let tcp = TcpStream::connect(frontend.listeners[0]).await.unwrap();
+    let mut conn = BufReader::new(tcp);
+    assert_eq!(request(&mut conn, "GET", "/orders/1").await.status, 200);
+
+    let svid = frontend.identity.current().expect("SVID");
+    let r = admin::call(
+        &mesh.cas[0].bound.admin_socket,
+        &admin::AdminRequest::Revoke {
+            serial: svid.info.serial.to_string(),
+        },
+    )
+    .await
+    .expect("admin socket");
+    assert!(r.ok, "revocation refused: {:?}", r.error);
+    eventually("checkout's revocation list has the serial", || {
+        checkout.identity.revoked.load().contains(&svid.info.serial)
+    })
+    .await;
+    assert_closed_without_data(
+        conn.get_mut(),
+        &format!("the revoked caller's HTTP connection ({top:?})"),
+    )
+    .await;
+    eventually("checkout counts the closure as revoked", || {
+        checkout.metrics.closed_live_count("inbound", "revoked") >= 1
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn dry_run_rule_logs_a_deny_without_enforcing_it() {
     let mesh = Mesh::new(&["eu-west"]).await;
@@ -1237,7 +1425,7 @@ async fn hot_reload_closes_a_live_connection_the_new_policy_denies() {
     eventually("checkout counts the closure", || {
         checkout
             .metrics
-            .failures("inbound", "closed_by_policy_reload")
+            .closed_live_count("inbound", "policy_reload")
             == 1
     })
     .await;

@@ -524,6 +524,76 @@ async fn many_idle_pooled_connections_leave_room_for_a_new_one() {
     );
 }
 
+/// Waits for the far end to close `s`: EOF or an error, with no data, within [`PATIENCE`].
+async fn assert_closed(s: &mut TcpStream, what: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(PATIENCE, s.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(n)) => panic!("{what}: got {n} bytes"),
+        Err(_) => panic!("{what}: still open after {PATIENCE:?}"),
+    }
+}
+
+/// Opens a connection through `p` and checks it carries bytes.
+async fn open_live(p: &Pair) -> TcpStream {
+    let mut live = TcpStream::connect(p.entry()).await.unwrap();
+    assert_eq!(round_trip(&mut live, b"before").await.unwrap(), b"before");
+    live
+}
+
+/// F14: an open connection of a caller whose certificate is revoked is closed once the
+/// destination's revocation list has the serial, with the simple allow list (no policy), both
+/// on a pooled session (the session goes) and on a direct connection.
+#[tokio::test]
+async fn a_live_connection_of_a_revoked_caller_is_closed() {
+    let ca = start_ca(HOUR).await;
+    for reuse in [Reuse::Pooled, Reuse::Nothing] {
+        let p = ca.pair_with(id("api"), reuse).await;
+        let mut live = open_live(&p).await;
+        let serial =
+            p.a.identity
+                .current()
+                .expect("A's SVID")
+                .info
+                .serial
+                .clone();
+        revoke_and_wait(&ca, &p.b, &serial).await;
+        assert_closed(
+            &mut live,
+            &format!("{reuse:?}: the revoked caller's connection"),
+        )
+        .await;
+        eventually("B counts the closure as revoked", || {
+            p.b.metrics.closed_live_count("inbound", "revoked") >= 1
+        })
+        .await;
+        eventually("B forgets the closed connection", || p.b.live.is_empty()).await;
+    }
+}
+
+/// F14, outbound: a direct connection to a server whose certificate is revoked is closed by the
+/// caller once its revocation list has the serial (the server does not check its own).
+#[tokio::test]
+async fn a_live_connection_to_a_revoked_server_is_closed_by_the_caller() {
+    let ca = start_ca(HOUR).await;
+    let p = ca.pair_with(id("api"), Reuse::Nothing).await;
+    let mut live = open_live(&p).await;
+    let serial =
+        p.b.identity
+            .current()
+            .expect("B's SVID")
+            .info
+            .serial
+            .clone();
+    revoke_and_wait(&ca, &p.a, &serial).await;
+    assert_closed(&mut live, "the connection to the revoked server").await;
+    eventually("A counts the closure as revoked", || {
+        p.a.metrics.closed_live_count("outbound", "revoked") == 1
+    })
+    .await;
+}
+
 /// A revoked destination: A retires its warm session to B once A's revocation list has B's
 /// serial, and the new handshake refuses B, so no new connection reaches B's app.
 #[tokio::test]
@@ -624,7 +694,9 @@ async fn pooled_sessions_follow_rotations_under_load_without_a_failed_request() 
 }
 
 /// Long-lived and new connections from A to B while both rotate `rotations` times at least;
-/// returns the pair and how many times A rotated.
+/// returns the pair and how many times A rotated. A rotation drops no connection; a long-lived
+/// one is closed only when the certificate it was authenticated with expires (counted as
+/// `expired_certificate`), and its worker then opens a new one.
 async fn rotate_under_load(reuse: Reuse, rotations: u64) -> (Pair, u64) {
     // Twice the CA's minimum lifetime: X.509 times are whole seconds, so a 2 s SVID can live
     // barely 1 s and be renewed with 0.4 s to spare, which a loaded CI machine's renewal round
@@ -640,9 +712,10 @@ async fn rotate_under_load(reuse: Reuse, rotations: u64) -> (Pair, u64) {
         let errors = errors.clone();
         move |e: String| errors.lock().unwrap().push(e)
     };
+    let cuts = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for w in 0..3 {
-        let (stop, ok, fail) = (stop.clone(), ok.clone(), fail.clone());
+        let (stop, ok, fail, cuts) = (stop.clone(), ok.clone(), fail.clone(), cuts.clone());
         workers.push(tokio::spawn(async move {
             let mut conn = TcpStream::connect(entry).await.expect("connect");
             let mut n = 0u64;
@@ -650,6 +723,12 @@ async fn rotate_under_load(reuse: Reuse, rotations: u64) -> (Pair, u64) {
                 let msg = format!("long-lived {w} request {n}");
                 match round_trip(&mut conn, msg.as_bytes()).await {
                     Ok(b) if b == msg.as_bytes() => ok.fetch_add(1, Ordering::Relaxed),
+                    // Closed by a sidecar (checked against its count below): a new connection.
+                    Err(e) if e.kind() != std::io::ErrorKind::TimedOut => {
+                        cuts.fetch_add(1, Ordering::Relaxed);
+                        conn = TcpStream::connect(entry).await.expect("connect");
+                        continue;
+                    }
                     other => return fail(format!("{msg}: {other:?}")),
                 };
                 n += 1;
@@ -697,6 +776,32 @@ async fn rotate_under_load(reuse: Reuse, rotations: u64) -> (Pair, u64) {
     }
     let errors = errors.lock().unwrap().clone();
     let (a, b) = rotated();
+    let cuts = cuts.load(Ordering::Relaxed);
+    let expired =
+        p.a.metrics
+            .closed_live_count("outbound", "expired_certificate")
+            + p.b
+                .metrics
+                .closed_live_count("inbound", "expired_certificate");
+    let other_closures: Vec<_> = [&p.a, &p.b]
+        .iter()
+        .flat_map(|b| {
+            ["revoked", "policy_reload", "time_window_closed"].map(|r| {
+                (
+                    r,
+                    b.metrics.closed_live_count("inbound", r)
+                        + b.metrics.closed_live_count("outbound", r),
+                )
+            })
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert!(other_closures.is_empty(), "closed for {other_closures:?}");
+    // A pooled session carries all three, so one closure may cut three connections.
+    assert!(
+        cuts <= 3 * expired,
+        "{cuts} long-lived connections cut, {expired} closures of an expired certificate counted"
+    );
     if !errors.is_empty() {
         panic!(
             "{} failed requests after {a}/{b} rotations, first: {:?}; A counted {:?}, B {:?}",

@@ -65,6 +65,8 @@ pub struct Identity {
     pub revoked: RevokedSet,
     current: ArcSwapOption<Svid>,
     rotations: watch::Sender<u64>,
+    /// Bumped when the revocation list changes, so live connections are re-checked at once.
+    revocations: watch::Sender<u64>,
     id: SpiffeId,
     trust: Arc<Trust>,
     /// The roots from the sidecar's own configuration, kept across bundle refreshes.
@@ -83,6 +85,7 @@ impl Identity {
             revoked: Arc::new(ArcSwap::from_pointee(HashSet::new())),
             current: ArcSwapOption::empty(),
             rotations: watch::channel(0).0,
+            revocations: watch::channel(0).0,
             id,
             trust,
             configured_roots,
@@ -150,6 +153,19 @@ impl Identity {
     /// A receiver that changes on every rotation (the value counts them).
     pub fn rotations(&self) -> watch::Receiver<u64> {
         self.rotations.subscribe()
+    }
+
+    /// A receiver that changes whenever the revocation list changes.
+    pub fn revocations(&self) -> watch::Receiver<u64> {
+        self.revocations.subscribe()
+    }
+
+    /// Replaces the revocation list; announces it when it changed.
+    pub fn set_revoked(&self, set: HashSet<Serial>) {
+        if **self.revoked.load() != set {
+            self.revoked.store(Arc::new(set));
+            self.revocations.send_modify(|n| *n += 1);
+        }
     }
 
     /// Validates `svid` (chain to the bundle, our SPIFFE ID, key matches) and publishes it.
@@ -329,7 +345,7 @@ async fn refresh_loop(
 ) {
     loop {
         match fetch_revoked(&client).await {
-            Ok(set) => identity.revoked.store(Arc::new(set)),
+            Ok(set) => identity.set_revoked(set),
             Err(e) => {
                 tracing::warn!(error = %e, "refreshing the revocation list failed; keeping the last one")
             }

@@ -73,6 +73,17 @@ impl TravelDetector {
         }
         found
     }
+
+    /// Puts `t`'s key back in the region it was seen in before, as of `at`: the sighting that
+    /// revealed `t` was refused, so it is not where the key lives now (otherwise the workload
+    /// seen there first would be flagged in turn on its next call).
+    pub fn restore(&mut self, t: &Travel, at: SystemTime) {
+        let map = match t.kind {
+            "serial" => &mut self.serials,
+            _ => &mut self.ids,
+        };
+        map.insert(t.key.clone(), (t.previous_region.clone(), at));
+    }
 }
 
 #[cfg(test)]

@@ -1,12 +1,21 @@
 //! Authorization in the sidecar: the policy file (hot-reloaded, last good kept), decisions at
 //! connection time, the audit trail, per-rule counters, and re-authorising live connections
-//! when the policy changes.
+//! (see [`super::live`]) when the policy changes and while their time windows run.
+//!
+//! Impossible travel with `refuse_on_anomaly`: the serial refused is the one of the sighting
+//! that revealed the anomaly (the serial seen in a second region; for a single-region ID, the
+//! serial that turned up in another region while the ID's last sighting was recent). The ID's
+//! established region is kept as it was, so the workload already seen there is not flagged in
+//! turn when it calls again. A refusal lasts until that certificate's `not_after` (it cannot
+//! be used after that anyway) and at most [`MAX_REFUSED`] serials are held.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+
+use super::live::{close_audited, CloseReason, Entry, LiveConns};
 
 use arc_swap::ArcSwap;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -95,14 +104,8 @@ impl AuthzMetrics {
     }
 }
 
-/// The facts of a live connection, kept to re-authorise it on reload.
-struct Live {
-    peer: String,
-    serial: String,
-    region: Option<String>,
-    port: u16,
-    close: watch::Sender<bool>,
-}
+/// Most serials refused after impossible travel held at once.
+pub const MAX_REFUSED: usize = 10_000;
 
 /// The sidecar's authorization state.
 pub struct Authz {
@@ -113,40 +116,26 @@ pub struct Authz {
     pub metrics: AuthzMetrics,
     audit: Arc<AuditLog>,
     clock: Clock,
-    live: Mutex<HashMap<u64, Live>>,
-    next: AtomicU64,
+    /// The sidecar's live connections, re-decided on reload.
+    live: Arc<LiveConns>,
+    /// Counts the policies applied (the first is 0): a live connection decided on an older one
+    /// and denied now was closed by a reload, not by its time window.
+    generation: AtomicU64,
     travel: Mutex<TravelDetector>,
     /// The file's (mtime, size) taken just before the first load, so an edit racing the
     /// start-up is still picked up by the watcher.
     loaded_stamp: Option<(SystemTime, u64)>,
     refuse_anomalous: bool,
-    refused_serials: Mutex<std::collections::HashSet<String>>,
+    /// Serials refused after impossible travel, with their certificate's `not_after`.
+    refused_serials: Mutex<HashMap<String, SystemTime>>,
 }
 
 /// What a connection learns from an L4 decision.
 pub struct Admission {
     pub allowed: bool,
     pub rule: String,
-    /// Dropping it unregisters the connection; `closed` fires if a reload denies it.
-    pub ticket: Option<Ticket>,
-}
-
-/// Registration of a live connection.
-pub struct Ticket {
-    authz: Arc<Authz>,
-    id: u64,
-    /// Changes to `true` when a policy reload no longer allows this connection.
-    pub closed: watch::Receiver<bool>,
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        self.authz
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
-    }
+    /// The policy generation the decision was made on (see [`Authz::generation`]).
+    pub generation: u64,
 }
 
 /// Connection facts handed to [`Authz::admit`].
@@ -183,8 +172,8 @@ impl Authz {
             metrics: AuthzMetrics::default(),
             audit,
             clock,
-            live: Mutex::new(HashMap::new()),
-            next: AtomicU64::new(1),
+            live: LiveConns::new(),
+            generation: AtomicU64::new(0),
             loaded_stamp,
             travel: Mutex::new(TravelDetector::new(anomaly.window, anomaly.single_region)),
             refuse_anomalous: anomaly.refuse,
@@ -195,6 +184,24 @@ impl Authz {
     /// The policy in force.
     pub fn policy(&self) -> Arc<Policy> {
         self.policy.load_full()
+    }
+
+    /// The registry of live connections this policy re-decides.
+    pub fn live(&self) -> Arc<LiveConns> {
+        self.live.clone()
+    }
+
+    /// How many reloads were applied: the generation of the policy in force.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether a rule of this service has `hours`: decisions then change with time.
+    pub fn has_time_windows(&self) -> bool {
+        self.policy
+            .load()
+            .service(&self.service)
+            .is_some_and(|s| s.rules.iter().any(|r| !r.hours.is_empty()))
     }
 
     fn now(&self) -> jiff::Timestamp {
@@ -257,63 +264,85 @@ impl Authz {
         self.record(c, Some(http), "deny", REFUSED, "enforced", detail);
     }
 
-    /// Decides a new connection and, if allowed, registers it for re-authorisation on reload.
-    pub fn admit(self: &Arc<Self>, c: &Caller<'_>) -> Admission {
-        if let Some(rule) = self.travel_check(c) {
+    /// Decides a new connection of a caller whose certificate is valid until `not_after`.
+    /// The caller registers an allowed one in [`Authz::live`] with the returned generation.
+    pub fn admit(&self, c: &Caller<'_>, not_after: SystemTime) -> Admission {
+        // Read first: a reload after this point sees the connection as decided on the old one.
+        let generation = self.generation();
+        if let Some(rule) = self.travel_check(c, not_after) {
             return Admission {
                 allowed: false,
                 rule,
-                ticket: None,
+                generation,
             };
         }
-        let http = self.is_http_port(c.port);
         // On HTTP ports the decision is per request; the connection itself is let through.
-        let (outcome, rule) = if http {
+        let (outcome, rule) = if self.is_http_port(c.port) {
             (Outcome::Allow, "http-per-request".to_string())
         } else {
             self.decide(c, None, true)
         };
-        if outcome == Outcome::Deny {
-            return Admission {
-                allowed: false,
-                rule,
-                ticket: None,
-            };
-        }
-        let (tx, rx) = watch::channel(false);
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        if !http {
-            self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
-                id,
-                Live {
-                    peer: c.peer.to_string(),
-                    serial: c.serial.to_string(),
-                    region: c.region.map(str::to_string),
-                    port: c.port,
-                    close: tx,
-                },
-            );
-        }
         Admission {
-            allowed: true,
+            allowed: outcome == Outcome::Allow,
             rule,
-            ticket: Some(Ticket {
-                authz: self.clone(),
-                id,
-                closed: rx,
-            }),
+            generation,
         }
     }
 
+    /// Whether `serial` is refused after impossible travel; forgets an expired refusal.
+    fn is_refused(&self, serial: &str) -> bool {
+        let mut refused = self
+            .refused_serials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match refused.get(serial) {
+            None => false,
+            Some(until) if *until <= self.clock.now() => {
+                refused.remove(serial);
+                false
+            }
+            Some(_) => true,
+        }
+    }
+
+    /// How many serials are refused after impossible travel now (expired refusals pruned).
+    pub fn refused_serials(&self) -> usize {
+        let mut refused = self
+            .refused_serials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let now = self.clock.now();
+        refused.retain(|_, t| *t > now);
+        refused.len()
+    }
+
+    /// Refuses `serial` until `until`, within [`MAX_REFUSED`]: when full, expired refusals go
+    /// first, then the one that expires soonest.
+    fn refuse(&self, serial: &str, until: SystemTime) {
+        let mut refused = self
+            .refused_serials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if refused.len() >= MAX_REFUSED && !refused.contains_key(serial) {
+            let now = self.clock.now();
+            refused.retain(|_, t| *t > now);
+            if refused.len() >= MAX_REFUSED {
+                let soonest = refused
+                    .iter()
+                    .min_by_key(|(_, t)| **t)
+                    .map(|(s, _)| s.clone());
+                if let Some(s) = soonest {
+                    refused.remove(&s);
+                }
+            }
+        }
+        refused.insert(serial.to_string(), until);
+    }
+
     /// Impossible travel: records the sighting, audits anomalies, and with `refuse` set denies
-    /// the serial from then on. Returns the refusal reason when refused.
-    fn travel_check(&self, c: &Caller<'_>) -> Option<String> {
-        let lock = |m: &Mutex<std::collections::HashSet<String>>| {
-            m.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(c.serial)
-        };
-        if lock(&self.refused_serials) {
+    /// the serial from then on (see the module docs). Returns the refusal reason when refused.
+    fn travel_check(&self, c: &Caller<'_>, not_after: SystemTime) -> Option<String> {
+        if self.is_refused(c.serial) {
             self.record(
                 c,
                 None,
@@ -346,10 +375,13 @@ impl Authz {
             self.audit.record(&ev);
         }
         if !found.is_empty() && self.refuse_anomalous {
-            self.refused_serials
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(c.serial.to_string());
+            // The refused sighting does not move the ID or serial to its region.
+            let mut travel = self.travel.lock().unwrap_or_else(|e| e.into_inner());
+            for t in &found {
+                travel.restore(t, self.clock.now());
+            }
+            drop(travel);
+            self.refuse(c.serial, not_after);
             return Some("anomaly-refused".into());
         }
         None
@@ -414,6 +446,7 @@ impl Authz {
             Err(e) => return Err(self.reload_failed(e.to_string())),
         };
         self.policy.store(Arc::new(fresh));
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.metrics.reloads.inc();
         self.metrics.stale.set(0);
         tracing::info!(policy = %self.path.display(), "policy reloaded");
@@ -427,25 +460,57 @@ impl Authz {
         why
     }
 
+    /// Closes the live connections the policy in force denies; returns how many.
     fn reauthorise(&self) -> usize {
-        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        let mut closed = 0;
-        for l in live.values() {
-            let c = Caller {
-                peer: &l.peer,
-                serial: &l.serial,
-                region: l.region.as_deref(),
-                port: l.port,
-            };
-            let (outcome, rule) = self.decide(&c, None, false);
-            if outcome == Outcome::Deny {
-                closed += 1;
+        let closed = self.live.recheck(|e| self.recheck(e));
+        let n = closed.len();
+        for c in closed {
+            if c.reason == CloseReason::PolicyReload {
                 self.metrics.closed_by_reload.inc();
-                tracing::warn!(peer_id = %l.peer, port = l.port, %rule, "closing a live connection the new policy denies");
-                let _ = l.close.send(true);
             }
+            close_audited(
+                c,
+                &self.audit,
+                &self.service,
+                self.region.as_deref(),
+                &self.clock,
+            );
         }
-        closed
+        n
+    }
+
+    /// Re-decides a live L4 connection (those without a policy generation are not decided
+    /// here): the deciding rule and why, when the policy in force denies it now.
+    pub(crate) fn recheck(&self, e: &mut Entry) -> Option<(CloseReason, String)> {
+        let decided_on = e.policy.as_ref()?.generation;
+        let policy = self.policy.load();
+        let svc = policy.service(&self.service)?;
+        let peer = e.peer.info.id.to_string();
+        let facts = Facts {
+            peer: &peer,
+            region: e.peer.region.as_deref(),
+            port: e.port,
+            http: None,
+            at: self.now(),
+        };
+        let d = evaluate(svc, &facts);
+        if d.outcome == Outcome::Allow {
+            // Allowed by the policy in force: a later denial is this policy's (its windows).
+            if let Some(p) = e.policy.as_mut() {
+                p.generation = self.generation();
+                if p.rule != d.rule {
+                    p.rule = d.rule.to_string();
+                }
+            }
+            return None;
+        }
+        self.count(d.rule, "deny", "enforced");
+        let reason = if decided_on != self.generation() {
+            CloseReason::PolicyReload
+        } else {
+            CloseReason::TimeWindowClosed
+        };
+        Some((reason, d.rule.to_string()))
     }
 
     /// Watches the file and reloads it when it changes, until `stop` changes.

@@ -13,6 +13,7 @@
 //! [inbound]
 //! listen = "0.0.0.0:15006"
 //! allow = ["spiffe://example.org/ns/shop/sa/frontend"]
+//! ports = [8080]                 # redirected connections reach 127.0.0.1 on these ports only
 //!
 //! [[service]]
 //! name = "checkout"
@@ -111,6 +112,8 @@ struct InboundFile {
     #[serde(default)]
     allow: Vec<String>,
     app_address: Option<String>,
+    #[serde(default)]
+    ports: Vec<u16>,
     policy: Option<PathBuf>,
     service: Option<String>,
     reload_interval: Option<String>,
@@ -182,6 +185,9 @@ pub struct Inbound {
     pub allow: Vec<SpiffeId>,
     /// Where connections that were not redirected go (explicit mode).
     pub app_address: Option<SocketAddr>,
+    /// The app ports a redirected connection may reach on 127.0.0.1 (transparent mode); any
+    /// other destination port is refused (`undeclared_port`). Never a port of the sidecar's own.
+    pub ports: Vec<u16>,
     /// A policy file and the service of it this sidecar protects (replaces `allow`).
     pub policy: Option<(PathBuf, String)>,
     /// How often the policy file is checked for changes.
@@ -305,6 +311,10 @@ impl SidecarConfig {
                 Some((listen, unknown))
             }
         };
+        let admin = ctx.addr(
+            "admin.listen",
+            raw.admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN),
+        )?;
         let inbound = match &raw.inbound {
             None => None,
             Some(i) => Some(Inbound {
@@ -346,8 +356,16 @@ impl SidecarConfig {
                     .as_deref()
                     .map(|a| ctx.addr("inbound.app_address", a))
                     .transpose()?,
+                ports: i.ports.clone(),
             }),
         };
+        if let Some(i) = &inbound {
+            let own = [Some(admin), Some(i.listen), outbound.map(|o| o.0)]
+                .into_iter()
+                .flatten()
+                .chain(listeners.iter().map(|l| l.listen));
+            check_app_ports(&ctx, &i.ports, own)?;
+        }
         if inbound.is_none() && outbound.is_none() && listeners.is_empty() {
             return Err(ctx.err(
                 "(file)",
@@ -385,10 +403,7 @@ impl SidecarConfig {
             )?,
             workers,
             audit_log: raw.audit_log.as_deref().map(|p| ctx.path(p)),
-            admin: ctx.addr(
-                "admin.listen",
-                raw.admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN),
-            )?,
+            admin,
             outbound,
             inbound,
             services,
@@ -396,6 +411,32 @@ impl SidecarConfig {
             tunnel,
         })
     }
+}
+
+/// `inbound.ports` are app ports: not 0, each once, and none of the sidecar's own (`own`: its
+/// listeners), which a caller would otherwise reach as a confused deputy.
+fn check_app_ports(
+    ctx: &Ctx<'_>,
+    ports: &[u16],
+    own: impl Iterator<Item = SocketAddr>,
+) -> Result<(), ConfigError> {
+    let own: Vec<SocketAddr> = own.collect();
+    for (n, p) in ports.iter().enumerate() {
+        let field = format!("inbound.ports[{n}]");
+        if *p == 0 {
+            return Err(ctx.err(field, "0 is not a port"));
+        }
+        if ports[..n].contains(p) {
+            return Err(ctx.err(field, format!("{p} is listed twice")));
+        }
+        if let Some(a) = own.iter().find(|a| a.port() == *p) {
+            return Err(ctx.err(
+                field,
+                format!("{p} is a port of the sidecar itself ({a}), not of the app"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The keep-alive timing of a `[tunnel]` table.

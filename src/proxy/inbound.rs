@@ -1,5 +1,15 @@
 //! The inbound side: mTLS 1.3 server, SPIFFE checks (in the verifier), then the policy (or the
 //! simple allow list), then the app; per request on the policy's HTTP ports.
+//!
+//! A redirected connection goes to `127.0.0.1:<the port the caller dialled>` only when that
+//! port is declared in `inbound.ports` and is none of the sidecar's own listeners; anything
+//! else is refused as `undeclared_port`, so a caller cannot reach a loopback-only service of
+//! the pod or make the sidecar call out on its behalf through an explicit `[[listener]]`.
+//!
+//! Every admitted connection, session and session stream is registered in
+//! [`super::live::LiveConns`] and closed when its caller's certificate is revoked or expires, or
+//! (L4 under a policy) when the policy no longer allows it. On HTTP ports each request is
+//! decided when it starts; a request in flight when its rule's time window ends runs to its end.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -10,8 +20,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::authz::{Caller, Ticket};
+use super::authz::Caller;
+use super::config::Inbound;
 use super::http::Peer;
+use super::live::{Decided, PeerCert, Registration};
 use super::metrics::{Dir, Flow};
 use super::{accept_loop, original_dst, splice, Shared};
 use crate::identity::{inspect_cert, region_of_chain};
@@ -47,20 +59,14 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
         return;
     }
     let inbound = shared.config.inbound.as_ref().expect("inbound configured");
-    // Redirected by iptables: the app listens on the original port on localhost.
-    let target = match original_dst(&tcp) {
-        Some(orig) => SocketAddr::from(([127, 0, 0, 1], orig.port())),
-        None => match inbound.app_address {
-            Some(a) => a,
-            None => {
-                m.fail(DIR, "no_app_address");
-                tracing::warn!(
-                    reason = "no_app_address",
-                    "connection was not redirected and no inbound.app_address is set"
-                );
-                return;
-            }
-        },
+    let orig = original_dst(&tcp);
+    let target = match app_target(orig, inbound, &shared.own_ports) {
+        Ok(t) => t,
+        Err(reason) => {
+            m.fail(DIR, reason);
+            tracing::warn!(reason, original_destination = ?orig, declared = ?inbound.ports, "inbound connection refused: not a declared app port (inbound.ports), or no inbound.app_address");
+            return;
+        }
     };
     let started = Instant::now();
     // The handshake's state is boxed so that it is freed once done, instead of sizing the task
@@ -103,10 +109,10 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
         m.fail(DIR, "no_client_certificate");
         return;
     };
-    let caller = Verified {
+    let caller = Arc::new(PeerCert {
         region: region_of_chain(chain),
         info,
-    };
+    });
     if tls.get_ref().1.alpn_protocol() == Some(crate::tunnel::SESSION_ALPN) {
         if !could_admit(&caller, target.port(), &shared) {
             refuse_session(&caller, target.port(), &shared);
@@ -114,18 +120,18 @@ async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
         }
         // Boxed here and below: a connection's task is as large as its largest path, and the
         // HTTP/2 and HTTP/1 servers would otherwise make every plain connection pay for them.
-        Box::pin(serve_session(tls, Arc::new(caller), target, shared)).await;
+        Box::pin(serve_session(tls, caller, target, shared)).await;
         return;
     }
-    if let Some(verdict) = admit(&caller, target.port(), &shared) {
-        carry(tls, verdict, target, &shared).await;
+    if let Some((verdict, reg)) = admit(&caller, target.port(), &shared) {
+        carry(tls, verdict, reg, target, &shared).await;
     }
 }
 
 /// Whether the allow list or the policy could admit some stream of `caller` to `port`: a
 /// session (all of whose streams go to one port) is refused up front to a caller every stream
 /// of which would be denied.
-fn could_admit(caller: &Verified, port: u16, shared: &Shared) -> bool {
+fn could_admit(caller: &PeerCert, port: u16, shared: &Shared) -> bool {
     let Some(authz) = &shared.authz else {
         let inbound = shared.config.inbound.as_ref().expect("inbound configured");
         return inbound.allow.contains(&caller.info.id);
@@ -139,7 +145,7 @@ fn could_admit(caller: &Verified, port: u16, shared: &Shared) -> bool {
 
 /// Refuses a session no stream of which could be admitted, decided, counted and audited like
 /// a refused connection (the deciding rule named), so the audit trail shows the caller.
-fn refuse_session(caller: &Verified, port: u16, shared: &Shared) {
+fn refuse_session(caller: &Arc<PeerCert>, port: u16, shared: &Shared) {
     let Some(authz) = &shared.authz else {
         // The allow list refuses it, logs and counts it.
         let _ = admit(caller, port, shared);
@@ -157,23 +163,34 @@ fn refuse_session(caller: &Verified, port: u16, shared: &Shared) {
     tracing::warn!(reason = "policy_denied", %rule, peer_id = %peer, peer_region = ?c.region, serial = %serial, port, "inbound session refused: no rule admits this caller to this port at any time");
 }
 
-/// The verified caller of a connection or session.
-struct Verified {
-    info: crate::identity::CertInfo,
-    region: Option<String>,
+/// Where a connection goes: `orig` (the redirected destination) must be a declared app port
+/// (`inbound.ports`) and not one of the sidecar's own listener ports (`own`); a connection
+/// that was not redirected goes to `inbound.app_address`. The error is the refusal reason.
+pub(crate) fn app_target(
+    orig: Option<SocketAddr>,
+    inbound: &Inbound,
+    own: &[u16],
+) -> Result<SocketAddr, &'static str> {
+    match orig {
+        Some(o) if inbound.ports.contains(&o.port()) && !own.contains(&o.port()) => {
+            Ok(SocketAddr::from(([127, 0, 0, 1], o.port())))
+        }
+        Some(_) => Err("undeclared_port"),
+        None => inbound.app_address.ok_or("no_app_address"),
+    }
 }
 
 /// What an admitted connection does next.
 enum Verdict {
-    /// Splice to the app (closed early if a policy reload denies it).
-    Forward(Option<Ticket>),
+    /// Splice to the app.
+    Forward,
     /// Decide each HTTP request.
     Http(Arc<super::authz::Authz>, Peer),
 }
 
-/// The allow list or the policy on one connection or session stream; `None` when denied
-/// (logged and counted here).
-fn admit(caller: &Verified, port: u16, shared: &Shared) -> Option<Verdict> {
+/// The allow list or the policy on one connection or session stream, and its registration as
+/// a live connection; `None` when denied (logged and counted here).
+fn admit(caller: &Arc<PeerCert>, port: u16, shared: &Shared) -> Option<(Verdict, Registration)> {
     let m = &shared.metrics;
     let info = &caller.info;
     let region = &caller.region;
@@ -185,7 +202,8 @@ fn admit(caller: &Verified, port: u16, shared: &Shared) -> Option<Verdict> {
             return None;
         }
         tracing::debug!(peer_id = %info.id, peer_region = ?region, serial = %info.serial, port, "inbound connection allowed");
-        return Some(Verdict::Forward(None));
+        let reg = shared.live.register(DIR, caller.clone(), port, None);
+        return Some((Verdict::Forward, reg));
     };
     let peer = Peer {
         id: info.id.to_string(),
@@ -193,12 +211,15 @@ fn admit(caller: &Verified, port: u16, shared: &Shared) -> Option<Verdict> {
         region: region.clone(),
         port,
     };
-    let admission = authz.admit(&Caller {
-        peer: &peer.id,
-        serial: &peer.serial,
-        region: peer.region.as_deref(),
-        port: peer.port,
-    });
+    let admission = authz.admit(
+        &Caller {
+            peer: &peer.id,
+            serial: &peer.serial,
+            region: peer.region.as_deref(),
+            port: peer.port,
+        },
+        info.not_after,
+    );
     if !admission.allowed {
         m.fail(DIR, "policy_denied");
         tracing::warn!(reason = "policy_denied", rule = %admission.rule, peer_id = %peer.id, peer_region = ?peer.region, serial = %peer.serial, port = peer.port, "inbound connection denied by policy");
@@ -206,15 +227,29 @@ fn admit(caller: &Verified, port: u16, shared: &Shared) -> Option<Verdict> {
     }
     tracing::debug!(peer_id = %peer.id, peer_region = ?peer.region, serial = %peer.serial, rule = %admission.rule, port, "inbound connection allowed");
     if authz.is_http_port(port) {
-        Some(Verdict::Http(authz, peer))
+        // Requests are decided one by one; the connection is re-checked for its certificate.
+        let reg = shared.live.register(DIR, caller.clone(), port, None);
+        Some((Verdict::Http(authz, peer), reg))
     } else {
-        Some(Verdict::Forward(admission.ticket))
+        let decided = Decided {
+            generation: admission.generation,
+            rule: admission.rule,
+        };
+        let reg = shared
+            .live
+            .register(DIR, caller.clone(), port, Some(decided));
+        Some((Verdict::Forward, reg))
     }
 }
 
-/// Carries an admitted connection or stream to the app.
-async fn carry<S>(io: S, verdict: Verdict, target: SocketAddr, shared: &Shared)
-where
+/// Carries an admitted connection or stream to the app, until it ends or a sweep closes it.
+async fn carry<S>(
+    io: S,
+    verdict: Verdict,
+    mut reg: Registration,
+    target: SocketAddr,
+    shared: &Shared,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     match verdict {
@@ -222,17 +257,20 @@ where
             let m = &shared.metrics;
             m.opened.get_or_create(&Dir { direction: DIR }).inc();
             let head = shared.config.handshake_timeout;
-            Box::pin(super::http::serve(io, authz, peer, target, head)).await;
+            tokio::select! {
+                _ = Box::pin(super::http::serve(io, authz, peer, target, head)) => {}
+                reason = reg.closed() => m.closed_live(DIR, reason),
+            }
             m.closed.get_or_create(&Dir { direction: DIR }).inc();
         }
-        Verdict::Forward(ticket) => forward(io, target, ticket, shared).await,
+        Verdict::Forward => forward(io, target, reg, shared).await,
     }
 }
 
 /// A multiplexed session from another sidecar (see [`crate::tunnel`]): each HTTP/2 `CONNECT`
 /// stream is one application connection, decided on its own like a connection. When the
 /// sidecar drains, the session refuses new streams (GOAWAY) and ends with its last stream.
-async fn serve_session<S>(io: S, caller: Arc<Verified>, target: SocketAddr, shared: Arc<Shared>)
+async fn serve_session<S>(io: S, caller: Arc<PeerCert>, target: SocketAddr, shared: Arc<Shared>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -253,6 +291,10 @@ where
         }
     };
     tracing::debug!(peer_id = %caller.info.id, peer_region = ?caller.region, "session established");
+    // The whole session (and every stream on it) ends when its certificate no longer passes.
+    let mut reg = shared
+        .live
+        .register(DIR, caller.clone(), target.port(), None);
     let mut streams = tokio::task::JoinSet::new();
     let mut draining = shared.draining.clone();
     let mut goaway_sent = false;
@@ -275,6 +317,10 @@ where
                 None => break,
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            reason = reg.closed() => {
+                shared.metrics.closed_live(DIR, reason);
+                break;
+            }
         }
     }
 }
@@ -282,7 +328,7 @@ where
 async fn session_stream(
     req: hyper::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<bytes::Bytes>,
-    caller: Arc<Verified>,
+    caller: Arc<PeerCert>,
     target: SocketAddr,
     shared: Arc<Shared>,
 ) {
@@ -312,7 +358,7 @@ async fn session_stream(
         respond.send_reset(h2::Reason::REFUSED_STREAM);
         return;
     }
-    let Some(verdict) = admit(&caller, target.port(), &shared) else {
+    let Some((verdict, reg)) = admit(&caller, target.port(), &shared) else {
         let _ = respond.send_response(answer(403), true);
         return;
     };
@@ -324,11 +370,11 @@ async fn session_stream(
         }
     };
     let io = crate::tunnel::session::H2Stream::server(send, req.into_body());
-    carry(io, verdict, target, &shared).await;
+    carry(io, verdict, reg, target, &shared).await;
 }
 
-/// Connects the app and splices, until either side is done or a policy reload closes it.
-async fn forward<S>(mut tls: S, target: SocketAddr, ticket: Option<Ticket>, shared: &Shared)
+/// Connects the app and splices, until either side is done or a sweep closes it.
+async fn forward<S>(mut tls: S, target: SocketAddr, mut reg: Registration, shared: &Shared)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -343,24 +389,13 @@ where
     };
     let _ = app.set_nodelay(true);
     m.opened.get_or_create(&Dir { direction: DIR }).inc();
-    let closed = async {
-        match ticket {
-            Some(mut t) => {
-                let _ = t.closed.wait_for(|c| *c).await;
-            }
-            None => std::future::pending().await,
-        }
-    };
     let result = tokio::select! {
-        r = splice(&mut app, &mut tls) => Some(r),
-        _ = closed => {
-            tracing::warn!(reason = "policy_reload", "connection closed: the new policy denies it");
-            None
-        }
+        r = splice(&mut app, &mut tls) => Ok(r),
+        reason = reg.closed() => Err(reason),
     };
     m.closed.get_or_create(&Dir { direction: DIR }).inc();
     match result {
-        Some(Ok((to_peer, from_peer))) => {
+        Ok(Ok((to_peer, from_peer))) => {
             m.bytes
                 .get_or_create(&Flow {
                     direction: DIR,
@@ -375,7 +410,58 @@ where
                 .inc_by(from_peer);
             tracing::debug!(to_peer, from_peer, "inbound connection closed");
         }
-        Some(Err(e)) => tracing::debug!(error = %e, "inbound connection ended with error"),
-        None => m.fail(DIR, "closed_by_policy_reload"),
+        Ok(Err(e)) => tracing::debug!(error = %e, "inbound connection ended with error"),
+        Err(reason) => m.closed_live(DIR, reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn inbound(ports: Vec<u16>, app_address: Option<SocketAddr>) -> Inbound {
+        Inbound {
+            listen: "0.0.0.0:15006".parse().unwrap(),
+            allow: vec![],
+            app_address,
+            ports,
+            policy: None,
+            reload_interval: Duration::from_secs(2),
+            anomaly: Default::default(),
+        }
+    }
+
+    fn to(port: u16) -> Option<SocketAddr> {
+        Some(SocketAddr::from(([10, 0, 0, 7], port)))
+    }
+
+    /// F10: a redirected connection reaches 127.0.0.1 only on a declared app port.
+    #[test]
+    fn redirected_connections_reach_declared_app_ports_only() {
+        let own = [15006, 15001, 15020, 7001];
+        let i = inbound(vec![8080, 9090], None);
+        let local = |p: u16| Ok(SocketAddr::from(([127, 0, 0, 1], p)));
+        assert_eq!(app_target(to(8080), &i, &own), local(8080));
+        assert_eq!(app_target(to(9090), &i, &own), local(9090));
+        // A loopback-only debug port of the pod, and an explicit listener of the sidecar.
+        assert_eq!(app_target(to(6060), &i, &own), Err("undeclared_port"));
+        assert_eq!(app_target(to(7001), &i, &own), Err("undeclared_port"));
+        // Nothing declared: nothing is reached.
+        let none = inbound(vec![], None);
+        assert_eq!(app_target(to(8080), &none, &own), Err("undeclared_port"));
+        // Declared by mistake and also a port of the sidecar (bound on port 0, say): refused.
+        let clash = inbound(vec![7001], None);
+        assert_eq!(app_target(to(7001), &clash, &own), Err("undeclared_port"));
+    }
+
+    #[test]
+    fn connections_that_were_not_redirected_go_to_the_app_address() {
+        let app: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(app_target(None, &inbound(vec![], Some(app)), &[]), Ok(app));
+        assert_eq!(
+            app_target(None, &inbound(vec![8080], None), &[]),
+            Err("no_app_address")
+        );
     }
 }

@@ -34,6 +34,8 @@ pub struct ProxyMetrics {
     pub opened: Family<Dir, Counter>,
     pub closed: Family<Dir, Counter>,
     pub failed: Family<Failure, Counter>,
+    /// Live connections closed by a re-check (see [`super::live`]), by reason.
+    pub closed_live: Family<Failure, Counter>,
     pub bytes: Family<Flow, Counter>,
     pub handshake: Family<Dir, Histogram, fn() -> Histogram>,
     pub svid_expiry: Gauge,
@@ -51,6 +53,7 @@ impl ProxyMetrics {
             opened: Family::default(),
             closed: Family::default(),
             failed: Family::default(),
+            closed_live: Family::default(),
             bytes: Family::default(),
             handshake: Family::new_with_constructor(handshake_histogram as fn() -> Histogram),
             svid_expiry: Gauge::default(),
@@ -70,6 +73,11 @@ impl ProxyMetrics {
             "trustline_connections_failed",
             "Connections refused or failed, by reason",
             m.failed.clone(),
+        );
+        registry.register(
+            "trustline_live_connections_closed",
+            "Live connections closed because their peer's certificate was revoked or expired, or the policy no longer allows them",
+            m.closed_live.clone(),
         );
         registry.register("trustline_bytes", "Bytes proxied", m.bytes.clone());
         registry.register(
@@ -95,6 +103,23 @@ impl ProxyMetrics {
         self.failed
             .get_or_create(&Failure { direction, reason })
             .inc();
+    }
+
+    /// Counts a live connection closed by a re-check.
+    pub fn closed_live(&self, direction: &'static str, reason: super::live::CloseReason) {
+        self.closed_live
+            .get_or_create(&Failure {
+                direction,
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// Live connections of `direction` closed for `reason` (for tests and logs).
+    pub fn closed_live_count(&self, direction: &'static str, reason: &'static str) -> u64 {
+        self.closed_live
+            .get_or_create(&Failure { direction, reason })
+            .get()
     }
 
     /// Reads a failure count (for tests and logs).

@@ -6,7 +6,10 @@
 //! - **Explicit listeners** (`[[listener]]`): plain text on a local port → mTLS to one service,
 //!   for hosts without interception (like ghostunnel).
 //! - **Inbound** (default 15006): mTLS 1.3 server requiring an X.509-SVID of our trust domain,
-//!   then the allow list (default deny), then the app on localhost at the original port.
+//!   then the allow list (default deny), then the app on localhost at the original port when
+//!   that port is declared in `inbound.ports` (see [`inbound`]).
+//! - **Live connections** are re-checked while they last ([`live`]): a revoked or expired
+//!   certificate, a policy reload or a closing time window closes them, not only new ones.
 //!
 //! The identity task ([`crate::identity::manager`]) publishes the SVID; every handshake reads
 //! the newest. Until one is held, `/readyz` fails and connections are closed at once.
@@ -15,6 +18,7 @@ pub mod authz;
 pub mod config;
 mod http;
 mod inbound;
+pub mod live;
 pub mod metrics;
 mod outbound;
 pub mod redirect;
@@ -110,6 +114,11 @@ pub(crate) struct Shared {
     pub sessions: Option<Arc<crate::tunnel::session::SessionPool>>,
     /// Turns true when the sidecar drains: inbound sessions then refuse new streams (GOAWAY).
     pub draining: watch::Receiver<bool>,
+    /// Live connections, re-checked by the sweeper.
+    pub live: Arc<live::LiveConns>,
+    /// Ports of the sidecar's own listeners (admin, inbound, outbound, explicit): never an app
+    /// port, whatever `inbound.ports` says.
+    pub own_ports: Vec<u16>,
 }
 
 /// A running sidecar: real addresses, identity, metrics, and the drain handle.
@@ -125,6 +134,8 @@ pub struct Bound {
     pub authz: Option<Arc<authz::Authz>>,
     /// Sessions to other regions, if a service is in another region.
     pub sessions: Option<Arc<crate::tunnel::session::SessionPool>>,
+    /// The live connections, re-checked while they last.
+    pub live: Arc<live::LiveConns>,
     tracker: Arc<Tracker>,
     stop_accepting: watch::Sender<bool>,
     stop_all: watch::Sender<bool>,
@@ -267,6 +278,52 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         addr: config.admin,
         source,
     })?;
+    if let Some(i) = config.inbound.as_ref() {
+        if i.ports.is_empty() && i.app_address.is_none() {
+            tracing::warn!("inbound has no `ports` and no `app_address`: every inbound connection will be refused (undeclared_port)");
+        }
+    }
+    // Bound before anything serves, so the inbound side knows every port of its own.
+    let inbound_l = match &config.inbound {
+        Some(i) => Some(bind("inbound", i.listen).await?),
+        None => None,
+    };
+    let outbound_l = match config.outbound {
+        Some((listen, _)) => Some(bind("outbound", listen).await?),
+        None => None,
+    };
+    let mut listener_ls = Vec::new();
+    for lc in &config.listeners {
+        listener_ls.push(bind("listener", lc.listen).await?);
+    }
+    let own_ports = [
+        Some(admin),
+        inbound_l.as_ref().map(|l| l.1),
+        outbound_l.as_ref().map(|l| l.1),
+    ]
+    .into_iter()
+    .flatten()
+    .chain(listener_ls.iter().map(|l| l.1))
+    .map(|a| a.port())
+    .collect();
+    let live = authz
+        .as_ref()
+        .map_or_else(live::LiveConns::new, |a| a.live());
+    tokio::spawn(
+        live::Sweeper {
+            live: live.clone(),
+            identity: identity.clone(),
+            authz: authz.clone(),
+            audit: audit.clone(),
+            service: authz
+                .as_ref()
+                .map_or_else(|| identity.id().to_string(), |a| a.service.clone()),
+            region: config.region.clone(),
+            clock: clock.clone(),
+            every: config.identity.refresh,
+        }
+        .run(stop_all_rx.clone()),
+    );
     let shared = Arc::new(Shared {
         identity: identity.clone(),
         metrics: metrics.clone(),
@@ -280,6 +337,8 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         authz: authz.clone(),
         sessions: sessions.clone(),
         draining: stop_accepting_rx.clone(),
+        live: live.clone(),
+        own_ports,
         config,
     });
     tokio::spawn(watch_rotations(
@@ -288,9 +347,8 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         stop_all_rx.clone(),
     ));
 
-    let inbound = match shared.config.inbound.clone() {
-        Some(i) => {
-            let (l, addr) = bind("inbound", i.listen).await?;
+    let inbound = match inbound_l {
+        Some((l, addr)) => {
             tokio::spawn(inbound::serve(
                 l,
                 shared.clone(),
@@ -301,9 +359,8 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         }
         None => None,
     };
-    let outbound = match shared.config.outbound {
-        Some((listen, _)) => {
-            let (l, addr) = bind("outbound", listen).await?;
+    let outbound = match outbound_l {
+        Some((l, addr)) => {
             tokio::spawn(outbound::serve_transparent(
                 l,
                 shared.clone(),
@@ -315,8 +372,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         None => None,
     };
     let mut listeners = Vec::new();
-    for (n, lc) in shared.config.listeners.clone().into_iter().enumerate() {
-        let (l, addr) = bind("listener", lc.listen).await?;
+    for (n, (l, addr)) in listener_ls.into_iter().enumerate() {
         tokio::spawn(outbound::serve_explicit(
             l,
             n,
@@ -336,6 +392,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         metrics,
         authz,
         sessions,
+        live,
         tracker: shared.tracker.clone(),
         stop_accepting,
         stop_all,

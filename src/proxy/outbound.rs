@@ -1,4 +1,8 @@
 //! The outbound side: transparent (iptables) and explicit listeners, mTLS 1.3 client.
+//!
+//! A direct mTLS connection is registered in [`super::live::LiveConns`] with the server's
+//! certificate and closed when that certificate is revoked or expires. Pooled sessions are
+//! retired by the session pool on the same facts (see [`crate::tunnel::session`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -11,6 +15,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::config::UnknownDestination;
+use super::live::{PeerCert, Registration};
 use super::metrics::{Dir, Flow};
 use super::{accept_loop, original_dst, splice, Shared};
 use crate::tls::mesh::{self, failure_reason};
@@ -167,7 +172,15 @@ async fn to_service(mut app: TcpStream, service: usize, addr: SocketAddr, shared
         .get_or_create(&Dir { direction: DIR })
         .observe(started.elapsed().as_secs_f64());
     tracing::debug!(service = %svc.name, %addr, "outbound mTLS established");
-    carry(&mut app, &mut tls, m).await;
+    // The verifier accepted the chain, so its leaf parses; read back its serial and expiry.
+    let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let Some(info) = leaf.and_then(|c| crate::identity::inspect_cert(c).ok()) else {
+        m.fail(DIR, "no_server_certificate");
+        return;
+    };
+    let peer = Arc::new(PeerCert { info, region: None });
+    let reg = shared.live.register(DIR, peer, addr.port(), None);
+    carry(&mut app, &mut tls, Some(reg), m).await;
 }
 
 /// A new stream on the warm session to the destination sidecar: directly in our region
@@ -188,16 +201,34 @@ async fn on_session(
         }
     };
     tracing::debug!(service = %target.name, region = target.region.as_deref().unwrap_or("(ours)"), addr = %target.addr, "stream opened on the session");
-    carry(&mut app, &mut stream, m).await;
+    carry(&mut app, &mut stream, None, m).await;
 }
 
-/// Splices an established outbound connection, with its metrics.
-async fn carry<P>(app: &mut TcpStream, peer: &mut P, m: &super::metrics::ProxyMetrics)
-where
+/// Splices an established outbound connection, with its metrics, until it ends or a sweep
+/// closes it (`reg`).
+async fn carry<P>(
+    app: &mut TcpStream,
+    peer: &mut P,
+    reg: Option<Registration>,
+    m: &super::metrics::ProxyMetrics,
+) where
     P: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     m.opened.get_or_create(&Dir { direction: DIR }).inc();
-    let result = splice(app, peer).await;
+    let closed = async {
+        match reg {
+            Some(mut r) => r.closed().await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        r = splice(app, peer) => r,
+        reason = closed => {
+            m.closed_live(DIR, reason);
+            m.closed.get_or_create(&Dir { direction: DIR }).inc();
+            return;
+        }
+    };
     m.closed.get_or_create(&Dir { direction: DIR }).inc();
     if let Err(e) = &result {
         tracing::debug!(error = %e, "outbound connection ended with an error");

@@ -19,8 +19,13 @@
 //! `iptables -t nat -S`, deletes every jump into our chains, then flushes and deletes them;
 //! nothing installed is not an error. `--dry-run` prints the commands and touches nothing.
 //!
-//! **IPv4 only**: IPv6 TCP is not intercepted. Disable IPv6 in the pod (or block it with
-//! ip6tables) if it must not bypass the sidecar.
+//! **IPv6** is intercepted the same way (`--ipv6 on`, the default): the same chains and rules
+//! are installed with ip6tables (loopback is `::1/128`), so IPv6 TCP cannot bypass the sidecar.
+//! A sidecar listening on IPv4 only then refuses redirected IPv6 connections (nothing listens on
+//! the IPv6 side of its ports) rather than letting them through; listen on `[::]` to carry them.
+//! `--ipv6 off` installs the IPv4 rules only, for pods without IPv6 (or without ip6tables); it
+//! must be said explicitly, and even then the pod's non-loopback IPv6 addresses, if it has any,
+//! are named in a warning. UDP is never intercepted (the mesh carries TCP).
 //!
 //! Rule generation is pure ([`install_commands`], [`remove_commands`]); only [`run`] executes.
 
@@ -77,6 +82,30 @@ pub struct RedirectArgs {
     /// The iptables program (e.g. iptables-legacy).
     #[arg(long, default_value = "iptables", value_name = "PROGRAM")]
     pub iptables: String,
+    /// Intercept IPv6 too, with ip6tables (`on`), or IPv4 only (`off`: IPv6 TCP then bypasses
+    /// the sidecar, so say it only for pods without IPv6).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"], value_name = "on|off")]
+    pub ipv6: String,
+    /// The ip6tables program (e.g. ip6tables-legacy).
+    #[arg(long, default_value = "ip6tables", value_name = "PROGRAM")]
+    pub ip6tables: String,
+}
+
+/// An address family and what differs between its rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The loopback network, never redirected on the way out.
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.1/32",
+            Family::V6 => "::1/128",
+        }
+    }
 }
 
 /// Errors of `trustline redirect`.
@@ -177,8 +206,13 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
-/// The commands that install interception, assuming no trustline chain exists yet.
+/// The IPv4 commands that install interception, assuming no trustline chain exists yet.
 pub fn install_commands(i: &Interception) -> Vec<IptablesCmd> {
+    install_commands_for(i, Family::V4)
+}
+
+/// The commands of one family (run with iptables or ip6tables) that install interception.
+pub fn install_commands_for(i: &Interception, family: Family) -> Vec<IptablesCmd> {
     let (inr, inb, red, out) = (
         CHAIN_IN_REDIRECT,
         CHAIN_INBOUND,
@@ -209,7 +243,7 @@ pub fn install_commands(i: &Interception) -> Vec<IptablesCmd> {
     );
     c.extend([
         format!("-A {out} -o lo -j RETURN"),
-        format!("-A {out} -d 127.0.0.1/32 -j RETURN"),
+        format!("-A {out} -d {} -j RETURN", family.loopback()),
     ]);
     c.extend(
         i.exclude_outbound
@@ -332,6 +366,21 @@ impl Iptables for System {
     }
 }
 
+/// The pod's IPv6 addresses other than loopback, from `/proc/net/if_inet6` text (32 hex digits,
+/// then index, prefix length, scope, flags and the interface), as `address%interface`.
+pub fn ipv6_addresses(if_inet6: &str) -> Vec<String> {
+    if_inet6
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let (hex, dev) = (w.first()?, w.last()?);
+            let bits = u128::from_str_radix(hex, 16).ok()?;
+            let addr = std::net::Ipv6Addr::from(bits);
+            (!addr.is_loopback()).then(|| format!("{addr}%{dev}"))
+        })
+        .collect()
+}
+
 /// Removes what is installed; returns the number of commands run.
 fn remove(ipt: &mut dyn Iptables) -> Result<usize, RedirectError> {
     let state = ipt.run(&IptablesCmd::nat(&["-S"]))?;
@@ -342,10 +391,31 @@ fn remove(ipt: &mut dyn Iptables) -> Result<usize, RedirectError> {
     Ok(cmds.len())
 }
 
-/// Carries out `args` with `ipt`, reporting to `out`.
+/// Carries out `args` with `ipt` (IPv4) and `ipt6` (IPv6, unless `--ipv6 off`), reporting to
+/// `out`. IPv4 is done first, then IPv6, each complete before the other starts.
 pub fn execute(
     args: &RedirectArgs,
     ipt: &mut dyn Iptables,
+    ipt6: &mut dyn Iptables,
+    out: &mut dyn Write,
+) -> Result<(), RedirectError> {
+    let mut families: Vec<(Family, &mut dyn Iptables, &str)> =
+        vec![(Family::V4, ipt, &args.iptables)];
+    if args.ipv6 == "on" {
+        families.push((Family::V6, ipt6, &args.ip6tables));
+    }
+    for (family, ipt, program) in families {
+        execute_family(args, family, ipt, program, out)?;
+    }
+    Ok(())
+}
+
+/// [`execute`] for one family.
+fn execute_family(
+    args: &RedirectArgs,
+    family: Family,
+    ipt: &mut dyn Iptables,
+    program: &str,
     out: &mut dyn Write,
 ) -> Result<(), RedirectError> {
     let plan = match args.remove {
@@ -354,23 +424,30 @@ pub fn execute(
     };
     if args.dry_run {
         let cmds = match &plan {
-            Some(i) => install_commands(i),
+            Some(i) => install_commands_for(i, family),
             None => remove_installed(),
         };
         for c in cmds {
-            writeln!(out, "{}", c.shell(&args.iptables))?;
+            writeln!(out, "{}", c.shell(program))?;
         }
         return Ok(());
     }
+    let name = match family {
+        Family::V4 => "IPv4",
+        Family::V6 => "IPv6",
+    };
     let removed = remove(ipt)?;
     let Some(i) = plan else {
         match removed {
-            0 => writeln!(out, "no trustline rules were installed")?,
-            n => writeln!(out, "removed the trustline rules and chains ({n} commands)")?,
+            0 => writeln!(out, "{name}: no trustline rules were installed")?,
+            n => writeln!(
+                out,
+                "{name}: removed the trustline rules and chains ({n} commands)"
+            )?,
         }
         return Ok(());
     };
-    let cmds = install_commands(&i);
+    let cmds = install_commands_for(&i, family);
     for (done, c) in cmds.iter().enumerate() {
         ipt.run(c).map_err(|e| RedirectError::Partial {
             done,
@@ -381,7 +458,7 @@ pub fn execute(
     let list = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
     writeln!(
         out,
-        "installed {} rules: inbound tcp -> :{} (except ports {}); outbound tcp -> :{} (except uid {}{}, loopback{})",
+        "{name}: installed {} rules: inbound tcp -> :{} (except ports {}); outbound tcp -> :{} (except uid {}{}, loopback{})",
         cmds.len(),
         i.inbound_port,
         list(&i.exclude_inbound),
@@ -402,7 +479,21 @@ pub fn run(args: &RedirectArgs) -> Result<(), RedirectError> {
     let mut ipt = System {
         program: args.iptables.clone(),
     };
-    match execute(args, &mut ipt, &mut std::io::stdout().lock()) {
+    let mut ipt6 = System {
+        program: args.ip6tables.clone(),
+    };
+    if args.ipv6 == "off" && !args.remove {
+        let exposed =
+            ipv6_addresses(&std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default());
+        if !exposed.is_empty() {
+            eprintln!(
+                "WARNING: --ipv6 off: IPv6 TCP is NOT intercepted, and this network namespace has IPv6 addresses ({}): \
+                 IPv6 traffic to and from them bypasses the sidecar (no mTLS, no policy). Use --ipv6 on, or remove them.",
+                exposed.join(", ")
+            );
+        }
+    }
+    match execute(args, &mut ipt, &mut ipt6, &mut std::io::stdout().lock()) {
         // `trustline redirect --dry-run | head` is not an error.
         Err(RedirectError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         r => r,

@@ -248,10 +248,31 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
     if let Some(l) = &labels {
         gw.metrics.up.get_or_create(l).set(1);
     }
+    // The peer's certificate is re-checked for revocation while the connection lasts: on every
+    // change of the revocation list, and at least every refresh interval. (Not for expiry: the
+    // paths do not re-dial ahead of their own certificate's expiry yet, so closing a path then
+    // would cut every stream riding it once per SVID lifetime.)
+    let peer_cert = super::peer_chain(&conn)
+        .first()
+        .and_then(|c| crate::identity::inspect_cert(c).ok());
+    let mut revocations = gw.identity.revocations();
+    let recheck = tokio::time::sleep(gw.config.identity.refresh);
+    tokio::pin!(recheck);
     loop {
-        let bi = tokio::select! {
+        let lapsed = tokio::select! {
+            _ = &mut recheck => true,
+            r = revocations.changed() => r.is_ok(),
             s = conn.accept_bi() => match s {
-                Ok(s) => s,
+                Ok(bi) => {
+                    let gw = gw.clone();
+                    let role = role.clone();
+                    let labels = labels.clone();
+                    tokio::spawn(async move {
+                        let io = quic_io(bi);
+                        handle_stream(&gw, role, io, remote, labels).await;
+                    });
+                    continue;
+                }
                 Err(e) => {
                     if let Role::Gateway { region } = &role {
                         let ev = TunnelEvent::new("tunnel_down", remote, Some(region), e.to_string());
@@ -263,17 +284,51 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
             },
             _ = stop.changed() => break,
         };
-        let gw = gw.clone();
-        let role = role.clone();
-        let labels = labels.clone();
-        tokio::spawn(async move {
-            let io = quic_io(bi);
-            handle_stream(&gw, role, io, remote, labels).await;
-        });
+        if lapsed {
+            if let Some(reason) = peer_cert_lapsed(&gw, peer_cert.as_ref()) {
+                close_lapsed(&gw, &conn, &role, reason);
+                break;
+            }
+            recheck
+                .as_mut()
+                .reset(tokio::time::Instant::now() + gw.config.identity.refresh);
+        }
     }
     if let Some(l) = &labels {
         gw.metrics.up.get_or_create(l).set(0);
     }
+}
+
+/// Why a connection's peer certificate no longer passes: `revoked`.
+fn peer_cert_lapsed(
+    gw: &Gateway,
+    cert: Option<&crate::identity::CertInfo>,
+) -> Option<&'static str> {
+    let Some(c) = cert else {
+        return Some("no_certificate");
+    };
+    gw.identity
+        .revoked
+        .load()
+        .contains(&c.serial)
+        .then_some("revoked")
+}
+
+/// Closes a tunnel connection (and its streams) whose peer certificate lapsed, audited.
+fn close_lapsed(gw: &Gateway, conn: &quinn::Connection, role: &Role, reason: &'static str) {
+    let remote = conn.remote_address();
+    let region = match role {
+        Role::Gateway { region } => region.as_str(),
+        Role::Workload { .. } => gw.config.region.as_str(),
+    };
+    tracing::warn!(%remote, reason, "closing a tunnel connection: its peer's certificate no longer passes");
+    gw.metrics.refused.get_or_create(&Refused { reason }).inc();
+    let mut ev = TunnelEvent::new("tunnel_closed", remote, Some(region), reason);
+    if let Role::Workload { id } = role {
+        ev.peer_id = Some(id.clone());
+    }
+    gw.audit.record(&ev);
+    conn.close(quinn::VarInt::from_u32(code::REFUSED), reason.as_bytes());
 }
 
 /// Why a stream is refused: the QUIC error code sent back, a metric label, the deciding gateway

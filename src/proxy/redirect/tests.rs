@@ -105,7 +105,12 @@ fn flags_are_checked() {
         Err(RedirectError::NoProxyUid)
     ));
     assert!(matches!(
-        execute(&no_uid, &mut Fake::default(), &mut Vec::new()),
+        execute(
+            &no_uid,
+            &mut Fake::default(),
+            &mut Fake::default(),
+            &mut Vec::new()
+        ),
         Err(RedirectError::NoProxyUid)
     ));
 }
@@ -259,9 +264,14 @@ impl Iptables for Fake {
     }
 }
 
+/// Runs `argv` with `fake` as iptables (IPv4) and a fake ip6tables that is thrown away.
 fn exec(fake: &mut Fake, argv: &[&str]) -> Result<String, RedirectError> {
+    exec_both(fake, &mut Fake::default(), argv)
+}
+
+fn exec_both(fake: &mut Fake, fake6: &mut Fake, argv: &[&str]) -> Result<String, RedirectError> {
     let mut out = Vec::new();
-    execute(&parse(argv).unwrap(), fake, &mut out)?;
+    execute(&parse(argv).unwrap(), fake, fake6, &mut out)?;
     Ok(String::from_utf8(out).unwrap())
 }
 
@@ -270,27 +280,44 @@ fn installing_twice_leaves_one_copy_and_remove_is_idempotent() {
     let mut fake = Fake::default();
     fake.rules.push("-A PREROUTING -j DOCKER".into());
     let out = exec(&mut fake, &["--proxy-uid", "1337"]).unwrap();
-    assert!(out.starts_with("installed 15 rules"), "{out}");
+    assert!(out.starts_with("IPv4: installed 15 rules"), "{out}");
     let once = fake.rules.clone();
     exec(&mut fake, &["--proxy-uid", "1337"]).unwrap();
     assert_eq!(fake.rules, once);
 
     let out = exec(&mut fake, &["--remove"]).unwrap();
-    assert!(out.starts_with("removed"), "{out}");
+    assert!(out.starts_with("IPv4: removed"), "{out}");
     assert_eq!(fake.rules, ["-A PREROUTING -j DOCKER"]);
     let out = exec(&mut fake, &["--remove"]).unwrap();
-    assert_eq!(out, "no trustline rules were installed\n");
+    assert_eq!(
+        out,
+        "IPv4: no trustline rules were installed\nIPv6: no trustline rules were installed\n"
+    );
 }
 
 #[test]
 fn dry_run_touches_nothing() {
     let mut fake = Fake::default();
     let out = exec(&mut fake, &["--proxy-uid", "1337", "--dry-run"]).unwrap();
-    assert_eq!(out.lines().count(), 15);
-    assert!(out.lines().all(|l| l.starts_with("iptables -w -t nat ")));
+    assert_eq!(out.lines().count(), 30);
+    assert!(out
+        .lines()
+        .take(15)
+        .all(|l| l.starts_with("iptables -w -t nat ")));
+    assert!(out
+        .lines()
+        .skip(15)
+        .all(|l| l.starts_with("ip6tables -w -t nat ")));
     let out = exec(
         &mut fake,
-        &["--remove", "--dry-run", "--iptables", "iptables-legacy"],
+        &[
+            "--remove",
+            "--dry-run",
+            "--iptables",
+            "iptables-legacy",
+            "--ipv6",
+            "off",
+        ],
     )
     .unwrap();
     assert!(out
@@ -350,4 +377,81 @@ fn pod_example_matches_the_redirect_defaults() {
     assert_eq!(c.outbound.unwrap().0.port(), a.outbound_port);
     assert_eq!(c.inbound.unwrap().listen.port(), a.inbound_port);
     assert_eq!(c.admin.port(), ADMIN_PORT);
+}
+
+/// F11: the IPv6 rules are the IPv4 ones with the IPv6 loopback, run by ip6tables.
+#[test]
+fn ipv6_rules_mirror_the_ipv4_ones() {
+    let p = plan(&["--proxy-uid", "1337", "--exclude-inbound-ports", "8001"]);
+    let v4 = lines(&install_commands_for(&p, Family::V4));
+    let v6 = lines(&install_commands_for(&p, Family::V6));
+    let want: Vec<String> = v4
+        .iter()
+        .map(|l| l.replace("-d 127.0.0.1/32", "-d ::1/128"))
+        .collect();
+    assert_eq!(v6, want);
+    assert!(v6.contains(&"iptables -w -t nat -A TRUSTLINE_OUTPUT -d ::1/128 -j RETURN".to_string()));
+    assert!(v6.contains(
+        &"iptables -w -t nat -A TRUSTLINE_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006"
+            .to_string()
+    ));
+    assert!(
+        v6.contains(&"iptables -w -t nat -A PREROUTING -p tcp -j TRUSTLINE_INBOUND".to_string())
+    );
+}
+
+/// F11: an install intercepts IPv6 by default; `--ipv6 off` must be said to skip it.
+#[test]
+fn install_and_removal_cover_ipv6_unless_told_off() {
+    let (mut v4, mut v6) = (Fake::default(), Fake::default());
+    let out = exec_both(&mut v4, &mut v6, &["--proxy-uid", "1337"]).unwrap();
+    assert!(out.contains("IPv4: installed 15 rules"), "{out}");
+    assert!(out.contains("IPv6: installed 15 rules"), "{out}");
+    assert!(v6
+        .rules
+        .contains(&"-A PREROUTING -p tcp -j TRUSTLINE_INBOUND".to_string()));
+    assert!(v6
+        .rules
+        .contains(&"-A OUTPUT -p tcp -j TRUSTLINE_OUTPUT".to_string()));
+    assert!(v6
+        .rules
+        .contains(&"-A TRUSTLINE_OUTPUT -d ::1/128 -j RETURN".to_string()));
+    exec_both(&mut v4, &mut v6, &["--remove"]).unwrap();
+    assert!(v4.rules.is_empty() && v6.rules.is_empty(), "{:?}", v6.rules);
+
+    let (mut v4, mut v6) = (Fake::default(), Fake::default());
+    exec_both(&mut v4, &mut v6, &["--proxy-uid", "1337", "--ipv6", "off"]).unwrap();
+    assert_eq!(v4.rules.len(), 15);
+    assert!(v6.ran.is_empty());
+    assert!(parse(&["--proxy-uid", "1", "--ipv6", "maybe"]).is_err());
+}
+
+/// F11: a failing ip6tables (no IPv6 NAT in the kernel, say) fails the install; it does not
+/// leave IPv6 open silently.
+#[test]
+fn a_failing_ip6tables_fails_the_install() {
+    let mut v4 = Fake::default();
+    let mut v6 = Fake {
+        fail_on: Some("-N TRUSTLINE_IN_REDIRECT".into()),
+        ..Fake::default()
+    };
+    let err = exec_both(&mut v4, &mut v6, &["--proxy-uid", "1337"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("0 of 15 install commands had run"), "{err}");
+}
+
+#[test]
+fn ipv6_addresses_other_than_loopback_are_named() {
+    let text = "\
+fe8000000000000000fc00fffe000001 04 40 20 80     eth0
+00000000000000000000000000000001 01 80 10 80       lo
+fd000000000000000000000000000002 04 40 00 82     eth0
+";
+    assert_eq!(
+        ipv6_addresses(text),
+        ["fe80::fc:ff:fe00:1%eth0", "fd00::2%eth0"]
+    );
+    assert!(ipv6_addresses("00000000000000000000000000000001 01 80 10 80 lo\n").is_empty());
+    assert!(ipv6_addresses("").is_empty());
 }

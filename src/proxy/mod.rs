@@ -178,6 +178,28 @@ async fn bind(
 }
 
 /// Starts the identity task, binds every listener and serves. Returns once bound.
+/// Settings that are valid but open something up: said once at start, loudly.
+fn warn_of_footguns(config: &SidecarConfig) {
+    if let Some(i) = config.inbound.as_ref() {
+        if i.ports.is_empty() && i.app_address.is_none() {
+            tracing::warn!("inbound has no `ports` and no `app_address`: every inbound connection will be refused (undeclared_port)");
+        }
+    }
+    for l in config
+        .listeners
+        .iter()
+        .filter(|l| !l.listen.ip().is_loopback())
+    {
+        tracing::warn!(listen = %l.listen, id = %config.identity.id, "a [[listener]] on a non-loopback address lends this workload's identity to anyone who can reach it; bind it to 127.0.0.1 unless that is intended");
+    }
+    if config
+        .outbound
+        .is_some_and(|(_, unknown)| unknown == config::UnknownDestination::Passthrough)
+    {
+        tracing::warn!("outbound.unknown_destination = \"passthrough\": the app's connections to addresses no [[service]] names leave in clear text, with no identity and no policy");
+    }
+}
+
 pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyError> {
     let (stop_all, stop_all_rx) = watch::channel(false);
     let (stop_accepting, stop_accepting_rx) = watch::channel(false);
@@ -278,11 +300,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         addr: config.admin,
         source,
     })?;
-    if let Some(i) = config.inbound.as_ref() {
-        if i.ports.is_empty() && i.app_address.is_none() {
-            tracing::warn!("inbound has no `ports` and no `app_address`: every inbound connection will be refused (undeclared_port)");
-        }
-    }
+    warn_of_footguns(&config);
     // Bound before anything serves, so the inbound side knows every port of its own.
     let inbound_l = match &config.inbound {
         Some(i) => Some(bind("inbound", i.listen).await?),

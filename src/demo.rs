@@ -77,6 +77,7 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         metrics_listen: None,
         audit_log: None,
         rate_limit: 50,
+        limits: Default::default(),
     };
     let ca = crate::ca::server::build(config, Clock::system()).await?;
     println!(

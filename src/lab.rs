@@ -94,6 +94,7 @@ impl Lab {
                     metrics_listen: None,
                     audit_log: Some(dir.join(format!("ca-{name}-audit.log"))),
                     rate_limit: 0,
+                    limits: Default::default(),
                 },
                 Clock::system(),
             )

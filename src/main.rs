@@ -433,6 +433,7 @@ async fn ca_serve(a: ServeArgs) -> anyhow::Result<()> {
         metrics_listen: a.metrics_listen,
         audit_log: a.audit_log,
         rate_limit: a.rate_limit,
+        limits: None,
     };
     let config = CaServeConfig::resolve(flags, a.config.as_deref())?;
     let bound = trustline::ca::server::build(config, Clock::system()).await?;

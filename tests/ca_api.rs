@@ -85,6 +85,7 @@ async fn start_with(rate_limit: u32) -> Ca {
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         audit_log: None,
         rate_limit,
+        limits: Default::default(),
     };
     let bound = build(config, clock.clone()).await.expect("CA starts");
     let bundle = Bundle::from_pem(

@@ -78,6 +78,7 @@ impl Mesh {
                 metrics_listen: None,
                 audit_log: None,
                 rate_limit: 0,
+                limits: Default::default(),
             };
             let bound = trustline::ca::server::build(config, Clock::system())
                 .await

@@ -11,5 +11,6 @@ pub mod bundle_json;
 pub mod client;
 pub mod config;
 pub mod ledger;
+pub mod limits;
 pub mod metrics;
 pub mod server;

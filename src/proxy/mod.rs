@@ -174,6 +174,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         .map_err(ProxyError::Identity)?;
     let mut registry = Registry::default();
     let metrics = ProxyMetrics::new(&mut registry);
+    identity.register(&mut registry);
     let audit = Arc::new(match &config.audit_log {
         Some(p) => crate::audit::AuditLog::open(p).map_err(|source| ProxyError::Audit {
             path: p.clone(),

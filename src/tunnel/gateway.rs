@@ -110,6 +110,7 @@ pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, String>
     }
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    identity.register(&mut registry);
     let admin = crate::admin::serve(
         config.admin,
         admin_state(registry, &identity, &peers),

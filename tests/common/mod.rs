@@ -162,6 +162,7 @@ pub async fn start_ca_with(svid_ttl: Duration, extra_roots: &[&Pki]) -> Ca {
         metrics_listen: None,
         audit_log: None,
         rate_limit: 0,
+        limits: Default::default(),
     };
     let bound = trustline::ca::server::build(config, Clock::system())
         .await

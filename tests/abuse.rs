@@ -1,0 +1,239 @@
+//! Bounded under abuse: every listener closes what it should not keep (idle, dripping, over a
+//! cap), every client gives up on a peer that never answers, and while one client floods, the
+//! others keep being served. Real sockets on 127.0.0.1, real TLS 1.3, certificates from our CA.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use trustline::ca::client::CaClient;
+use trustline::ca::config::{CaLimits, CaServeConfig};
+use trustline::clock::Clock;
+
+/// How long a test gives a server to close what its limits say it must close.
+const CLOSE_BOUND: Duration = Duration::from_secs(15);
+
+/// A CA with `limits` and a metrics listener.
+async fn start_ca_limited(limits: CaLimits) -> Ca {
+    let pki = Pki::new(TD);
+    let config = CaServeConfig {
+        ca_dir: pki.region.clone(),
+        data_dir: pki.dir.path().join("data"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        svid_ttl: Duration::from_secs(3600),
+        san: vec![],
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        audit_log: None,
+        rate_limit: 0,
+        limits,
+    };
+    let bound = trustline::ca::server::build(config, Clock::system())
+        .await
+        .expect("CA starts");
+    Ca { pki, bound }
+}
+
+/// A TLS 1.3 connection to the CA without a client certificate, handshake done.
+async fn anonymous_tls(ca: &Ca) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let client = CaClient::new(&ca.url(), ca.pki.bundle(), Clock::system()).unwrap();
+    let tcp = TcpStream::connect(ca.bound.api).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    tokio_rustls::TlsConnector::from(client.tls_config(None).unwrap())
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake with the CA")
+}
+
+/// Waits until the server closes `s` (EOF or an error on read); panics after `bound`.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, bound: Duration, what: &str) {
+    let mut buf = [0u8; 512];
+    let deadline = Instant::now() + bound;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Err(_) => panic!("{what}: still open after {bound:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => continue, // an error answer before the close
+        }
+    }
+}
+
+/// The value of one metric series (exact name with labels) on an admin listener, 0 if absent.
+async fn metric(admin: SocketAddr, series: &str) -> u64 {
+    let (status, text) = http_get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn idle_and_dripping_ca_connections_are_closed_while_issuance_goes_on() {
+    let ca = start_ca_limited(CaLimits {
+        header_read_timeout: Duration::from_secs(1),
+        ..CaLimits::default()
+    })
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(anonymous_tls(&ca).await);
+    }
+    // One client drips a request line, a byte at a time, never finishing its headers.
+    let mut drip = anonymous_tls(&ca).await;
+    let dripping = Arc::new(AtomicBool::new(true));
+    let still = dripping.clone();
+    let dripper = tokio::spawn(async move {
+        for b in b"GET /v1/bundle HTTP/1.1\r\nHost: ca\r\nX-Slow: ".iter().cycle() {
+            if !still.load(Ordering::Relaxed) || drip.write_all(&[*b]).await.is_err() {
+                return drip;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        unreachable!()
+    });
+    // Everyone else keeps being served during the flood.
+    let svid = ca.issue(&id("web")).await;
+    assert_eq!(svid.id(), &id("web"));
+    for (n, s) in idle.iter_mut().enumerate() {
+        closed_within(s, CLOSE_BOUND, &format!("idle connection {n}")).await;
+    }
+    let started = Instant::now();
+    let mut drip = loop {
+        if dripper.is_finished() {
+            break dripper.await.unwrap();
+        }
+        assert!(
+            started.elapsed() < CLOSE_BOUND,
+            "the dripping connection is still open after {CLOSE_BOUND:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    dripping.store(false, Ordering::Relaxed);
+    closed_within(&mut drip, CLOSE_BOUND, "the dripping connection").await;
+    let metrics = ca.bound.metrics.expect("metrics listener");
+    let timeouts = metric(
+        metrics,
+        "trustline_ca_connections_refused_total{reason=\"header_timeout\"}",
+    )
+    .await;
+    assert!(timeouts >= 21, "{timeouts} header timeouts counted");
+}
+
+#[tokio::test]
+async fn the_ca_refuses_connections_over_its_per_client_cap_with_a_metric() {
+    let ca = start_ca_limited(CaLimits {
+        max_connections_per_client: 4,
+        ..CaLimits::default()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(anonymous_tls(&ca).await);
+    }
+    // The fifth from the same address is closed at once, before any TLS.
+    let mut fifth = TcpStream::connect(ca.bound.api).await.unwrap();
+    closed_within(&mut fifth, CLOSE_BOUND, "the fifth connection").await;
+    let metrics = ca.bound.metrics.expect("metrics listener");
+    let series = "trustline_ca_connections_refused_total{reason=\"max_connections_per_client\"}";
+    assert_eq!(metric(metrics, series).await, 1);
+    // A place freed is a place for the next client.
+    drop(held.pop());
+    eventually_async("a freed place admits a renewal", || async {
+        let client = CaClient::new(&ca.url(), ca.pki.bundle(), Clock::system()).unwrap();
+        client
+            .issue_with_token(&id("web"), &ca.token(&id("web")).await)
+            .await
+            .is_ok()
+    })
+    .await;
+}
+
+/// A TCP front for the CA: it accepts and holds every connection without a byte back until
+/// [`Front::open`], then forwards new connections to the CA (the held ones stay stuck).
+struct Front {
+    addr: SocketAddr,
+    forward: Arc<AtomicBool>,
+}
+
+impl Front {
+    async fn start(ca: SocketAddr) -> Front {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let forward = Arc::new(AtomicBool::new(false));
+        let fwd = forward.clone();
+        tokio::spawn(async move {
+            let mut stuck = Vec::new();
+            while let Ok((mut s, _)) = l.accept().await {
+                if !fwd.load(Ordering::Relaxed) {
+                    stuck.push(s);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut up) = TcpStream::connect(ca).await {
+                        let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+                    }
+                });
+            }
+        });
+        Front { addr, forward }
+    }
+
+    fn open(&self) {
+        self.forward.store(true, Ordering::Relaxed);
+    }
+}
+
+#[tokio::test]
+async fn a_ca_that_accepts_and_never_answers_does_not_freeze_renewal_or_revocation_refresh() {
+    let ca = start_ca(Duration::from_secs(3600)).await;
+    let front = Front::start(ca.bound.api).await;
+    let token_file = ca.pki.dir.path().join("web.token");
+    std::fs::write(&token_file, ca.token(&id("web")).await).unwrap();
+    let identity = format!(
+        "source = \"ca\"\nca_url = \"https://{}\"\ntoken_file = {token_file:?}\nrefresh_interval = \"200ms\"",
+        front.addr
+    );
+    let app = echo_app().await;
+    let cfg = ca.config_file(
+        "web",
+        &ca.pki.region.join("bundle.pem"),
+        &identity,
+        &inbound(app, &[]),
+    );
+    let sidecar = start(cfg).await;
+    // Both the first issuance and the first revocation fetch are now stuck on the front.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(sidecar.identity.ready().is_err());
+    front.open();
+    let bound = Duration::from_secs(40);
+    let started = Instant::now();
+    while sidecar.identity.ready().is_err() {
+        assert!(
+            started.elapsed() < bound,
+            "no SVID {bound:?} after the CA became reachable"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let other = ca.issue(&id("db")).await;
+    ca.revoke(&other.info.serial).await;
+    while !sidecar.identity.revoked.load().contains(&other.info.serial) {
+        assert!(
+            started.elapsed() < bound,
+            "the revocation list did not refresh within {bound:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refreshed = metric(
+        sidecar.admin,
+        "trustline_revocation_list_refreshed_timestamp_seconds",
+    )
+    .await;
+    assert!(refreshed > 1_700_000_000, "refresh time {refreshed}");
+}

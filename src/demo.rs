@@ -250,6 +250,7 @@ async fn sidecar(
             policy: Some((i.policy, i.service)),
             reload_interval: Duration::from_secs(2),
             anomaly: Default::default(),
+            sessions: Default::default(),
         }),
         services,
         listeners,

@@ -192,31 +192,69 @@ where
 /// A multiplexed session from another sidecar (see [`crate::tunnel`]): each HTTP/2 `CONNECT`
 /// stream is one application connection, decided on its own like a connection. When the
 /// sidecar drains, the session refuses new streams (GOAWAY) and ends with its last stream.
+///
+/// Bounded ([`super::config::SessionLimits`]): sessions per caller ID and in total, streams per
+/// session, header list size, an idle timeout (no open stream), a keep-alive PING, and a churn
+/// budget (refused streams, streams the caller resets) past which the session is closed with
+/// `ENHANCE_YOUR_CALM`.
 async fn serve_session<S>(io: S, caller: Arc<Verified>, target: SocketAddr, shared: Arc<Shared>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    use super::session_limits::{
+        SessionCounts, CLOSE_GRACE, KEEPALIVE, MAX_HEADER_LIST, MAX_LOCAL_RESETS, PREFACE_TIMEOUT,
+    };
     use crate::tunnel::session::{MAX_FRAME, SESSION_WINDOW, STREAM_WINDOW};
-    let mut conn = match h2::server::Builder::new()
+    use tokio::time::Instant;
+    let m = &shared.metrics;
+    let limits = shared.config.inbound.as_ref().expect("inbound configured").sessions;
+    // TODO(lead, F7): refuse the session ALPN to callers the policy can never admit; this is
+    // the place, before any session state is spent on the caller.
+    let _place = match shared.session_gate.enter(&caller.info.id) {
+        Ok(p) => p,
+        Err(reason) => {
+            m.fail(DIR, reason);
+            return;
+        }
+    };
+    let handshake = h2::server::Builder::new()
         .max_frame_size(MAX_FRAME)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(SESSION_WINDOW)
-        .max_concurrent_streams(1000)
-        .handshake::<_, bytes::Bytes>(io)
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => {
-            shared.metrics.fail(DIR, "session_failed");
+        .max_concurrent_streams(limits.max_streams)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
+        .handshake::<_, bytes::Bytes>(io);
+    let mut conn = match tokio::time::timeout(PREFACE_TIMEOUT, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            m.fail(DIR, "session_failed");
             tracing::warn!(reason = "session_failed", error = %e, "session preface failed");
+            return;
+        }
+        Err(_) => {
+            m.fail(DIR, "session_preface_timeout");
+            tracing::warn!(
+                reason = "session_preface_timeout",
+                "no session preface within {PREFACE_TIMEOUT:?}"
+            );
             return;
         }
     };
     tracing::debug!(peer_id = %caller.info.id, peer_region = ?caller.region, "session established");
+    let counts = Arc::new(SessionCounts::default());
     let mut streams = tokio::task::JoinSet::new();
     let mut draining = shared.draining.clone();
     let mut goaway_sent = false;
+    let mut pings = conn.ping_pong();
+    let mut ping_out = false;
+    let mut keepalive = tokio::time::interval_at(Instant::now() + KEEPALIVE, KEEPALIVE);
+    let mut idle_since = Instant::now();
+    // Set when the session was told to go away (idle, over budget): the latest it may end.
+    let mut closing: Option<Instant> = None;
     loop {
+        let idle_at = idle_since + limits.idle_timeout;
+        let close_at = closing.unwrap_or(idle_at);
         tokio::select! {
             r = draining.wait_for(|d| *d), if !goaway_sent => {
                 goaway_sent = true;
@@ -225,8 +263,13 @@ where
                 }
             }
             r = conn.accept() => match r {
-                Some(Ok((req, respond))) => {
-                    streams.spawn(session_stream(req, respond, caller.clone(), target, shared.clone()));
+                Some(Ok((req, mut respond))) => {
+                    if closing.is_some() {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let stream = session_stream(req, respond, caller.clone(), target, shared.clone(), counts.clone());
+                    streams.spawn(stream);
                 }
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "session ended with an error");
@@ -234,18 +277,64 @@ where
                 }
                 None => break,
             },
-            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            Some(_) = streams.join_next(), if !streams.is_empty() => {
+                if streams.is_empty() {
+                    idle_since = Instant::now();
+                }
+            }
+            _ = tokio::time::sleep_until(idle_at), if streams.is_empty() && closing.is_none() && !goaway_sent => {
+                tracing::debug!(peer_id = %caller.info.id, idle = ?limits.idle_timeout, "idle session closing");
+                conn.graceful_shutdown();
+                closing = Some(Instant::now() + CLOSE_GRACE);
+            }
+            _ = tokio::time::sleep_until(close_at), if closing.is_some() => break,
+            _ = keepalive.tick(), if pings.is_some() => {
+                if ping_out {
+                    m.fail(DIR, "session_keepalive_timeout");
+                    tracing::warn!(reason = "session_keepalive_timeout", peer_id = %caller.info.id, "session closed: no answer to a PING within {KEEPALIVE:?}");
+                    break;
+                }
+                ping_out = pings.as_mut().is_some_and(|p| p.send_ping(h2::Ping::opaque()).is_ok());
+            }
+            _ = std::future::poll_fn(|cx| pings.as_mut().expect("pings taken").poll_pong(cx)), if ping_out => {
+                ping_out = false;
+            }
+        }
+        if closing.is_none() {
+            if let Some(reason) = counts.over_budget(&limits) {
+                m.fail(DIR, reason);
+                tracing::warn!(reason, peer_id = %caller.info.id, serial = %caller.info.serial, "session closed: over its churn budget (refused or reset streams)");
+                conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                closing = Some(Instant::now() + CLOSE_GRACE);
+            }
         }
     }
 }
 
+/// One stream of a session, counted into its session's budget.
 async fn session_stream(
     req: hyper::Request<h2::RecvStream>,
-    mut respond: h2::server::SendResponse<bytes::Bytes>,
+    respond: h2::server::SendResponse<bytes::Bytes>,
     caller: Arc<Verified>,
     target: SocketAddr,
     shared: Arc<Shared>,
+    counts: Arc<super::session_limits::SessionCounts>,
 ) {
+    if !carry_stream(req, respond, &caller, target, &shared, &counts).await {
+        counts.denied.fetch_add(1, Ordering::Relaxed);
+    }
+    counts.ended.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Decides one stream and carries it; false when it was refused.
+async fn carry_stream(
+    req: hyper::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<bytes::Bytes>,
+    caller: &Verified,
+    target: SocketAddr,
+    shared: &Shared,
+    counts: &super::session_limits::SessionCounts,
+) -> bool {
     let m = &shared.metrics;
     let answer = |status: u16| {
         hyper::Response::builder()
@@ -256,7 +345,7 @@ async fn session_stream(
     if req.method() != hyper::Method::CONNECT {
         m.fail(DIR, "bad_session_request");
         let _ = respond.send_response(answer(405), true);
-        return;
+        return false;
     }
     // The session was authenticated once; its certificate must still hold for each new stream.
     let expired = shared.clock.now() >= caller.info.not_after;
@@ -270,21 +359,25 @@ async fn session_stream(
         m.fail(DIR, reason);
         tracing::warn!(reason, peer_id = %caller.info.id, serial = %caller.info.serial, "session stream refused: the session's certificate no longer passes");
         respond.send_reset(h2::Reason::REFUSED_STREAM);
-        return;
+        return false;
     }
-    let Some(verdict) = admit(&caller, target.port(), &shared) else {
+    let Some(verdict) = admit(caller, target.port(), shared) else {
         let _ = respond.send_response(answer(403), true);
-        return;
+        return false;
     };
     let send = match respond.send_response(answer(200), false) {
         Ok(s) => s,
         Err(e) => {
+            // Reset by the caller before the answer: churn, counted like any other reset.
+            counts.resets.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %e, "session stream closed before the answer");
-            return;
+            return true;
         }
     };
-    let io = crate::tunnel::session::H2Stream::server(send, req.into_body());
-    carry(io, verdict, target, &shared).await;
+    let io = crate::tunnel::session::H2Stream::server(send, req.into_body())
+        .count_resets(counts.resets.clone());
+    carry(io, verdict, target, shared).await;
+    true
 }
 
 /// Connects the app and splices, until either side is done or a policy reload closes it.

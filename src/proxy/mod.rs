@@ -18,6 +18,7 @@ mod inbound;
 pub mod metrics;
 mod outbound;
 pub mod redirect;
+mod session_limits;
 mod splice;
 pub(crate) use splice::splice;
 
@@ -110,6 +111,8 @@ pub(crate) struct Shared {
     pub sessions: Option<Arc<crate::tunnel::session::SessionPool>>,
     /// Turns true when the sidecar drains: inbound sessions then refuse new streams (GOAWAY).
     pub draining: watch::Receiver<bool>,
+    /// Caps of inbound sessions, per caller and in total.
+    pub session_gate: session_limits::SessionGate,
 }
 
 /// A running sidecar: real addresses, identity, metrics, and the drain handle.
@@ -281,6 +284,13 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         authz: authz.clone(),
         sessions: sessions.clone(),
         draining: stop_accepting_rx.clone(),
+        session_gate: session_limits::SessionGate::new(
+            &config
+                .inbound
+                .as_ref()
+                .map(|i| i.sessions)
+                .unwrap_or_default(),
+        ),
         config,
     });
     tokio::spawn(watch_rotations(

@@ -237,3 +237,172 @@ async fn a_ca_that_accepts_and_never_answers_does_not_freeze_renewal_or_revocati
     .await;
     assert!(refreshed > 1_700_000_000, "refresh time {refreshed}");
 }
+
+/// A raw multiplexed session to a sidecar's inbound as `cred`: the HTTP/2 client half, and the
+/// task driving the connection (it ends when the sidecar closes the session).
+async fn raw_session(
+    ca: &Ca,
+    inbound: SocketAddr,
+    cred: Cred,
+) -> Result<
+    (
+        h2::client::SendRequest<bytes::Bytes>,
+        tokio::task::JoinHandle<Result<(), h2::Error>>,
+    ),
+    String,
+> {
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(cred));
+    let mut cfg = (*cfg).clone();
+    cfg.alpn_protocols = vec![trustline::tunnel::SESSION_ALPN.to_vec()];
+    let tcp = TcpStream::connect(inbound).await.map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("api").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let (send, conn) = tokio::time::timeout(PATIENCE, h2::client::handshake(tls))
+        .await
+        .map_err(|_| "no HTTP/2 settings".to_string())?
+        .map_err(|e| format!("HTTP/2: {e}"))?;
+    let driver = tokio::spawn(conn);
+    // The first stream proves the session is served (a refused session is closed at once).
+    let mut probe = send.clone().ready().await.map_err(|e| e.to_string())?;
+    let req = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri("127.0.0.1:1")
+        .body(())
+        .unwrap();
+    let (resp, mut stream) = probe.send_request(req, false).map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(PATIENCE, resp)
+        .await
+        .map_err(|_| "no answer to a stream".to_string())?
+        .map_err(|e| format!("stream: {e}"))?;
+    stream.send_reset(h2::Reason::CANCEL);
+    if resp.status() != 200 && resp.status() != 403 {
+        return Err(format!("answered {}", resp.status()));
+    }
+    Ok((send, driver))
+}
+
+/// A sidecar `api` whose inbound (to an echo app) allows `web`, with `[inbound.sessions]`
+/// settings `sessions`.
+async fn api_with_sessions(ca: &Ca, sessions: &str) -> trustline::proxy::Bound {
+    let app = echo_app().await;
+    let section = format!(
+        "{}[inbound.sessions]\n{sessions}\n\n",
+        inbound(app, &[id("web")])
+    );
+    start_ready(ca.sidecar_config("api", &section).await).await
+}
+
+#[tokio::test]
+async fn sessions_from_one_caller_beyond_its_cap_are_refused_and_others_still_get_one() {
+    let ca = start_ca(Duration::from_secs(3600)).await;
+    let api = api_with_sessions(&ca, "max_per_caller = 2").await;
+    let inbound = api.inbound.unwrap();
+    let web = ca.issue(&id("web")).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(raw_session(&ca, inbound, Cred::from(&web)).await.expect("a session within the cap"));
+    }
+    let third = raw_session(&ca, inbound, Cred::from(&web)).await;
+    assert!(third.is_err(), "a third session of one caller was served");
+    assert_eq!(api.metrics.failures("inbound", "session_cap_caller"), 1);
+    // Another caller is not held to web's cap (it is denied per stream, answered 403).
+    let db = ca.issue(&id("db")).await;
+    raw_session(&ca, inbound, Cred::from(&db))
+        .await
+        .expect("another caller's session");
+    // A session closed frees its place.
+    drop(held.pop());
+    eventually_async("a freed place admits a new session", || async {
+        raw_session(&ca, inbound, Cred::from(&web)).await.is_ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_idle_session_is_closed() {
+    let ca = start_ca(Duration::from_secs(3600)).await;
+    let api = api_with_sessions(&ca, "idle_timeout = \"1s\"").await;
+    let web = ca.issue(&id("web")).await;
+    let (send, driver) = raw_session(&ca, api.inbound.unwrap(), Cred::from(&web))
+        .await
+        .expect("a session");
+    let ended = tokio::time::timeout(CLOSE_BOUND, driver).await;
+    assert!(ended.is_ok(), "an idle session is still open after {CLOSE_BOUND:?}");
+    drop(send);
+}
+
+#[tokio::test]
+async fn a_reset_flood_ends_that_session_and_other_callers_keep_working() {
+    let ca = start_ca(Duration::from_secs(3600)).await;
+    let pair = ca.pair().await;
+    let inbound = pair.b.inbound.unwrap();
+    let web = ca.issue(&id("web")).await;
+    let (send, mut driver) = raw_session(&ca, inbound, Cred::from(&web))
+        .await
+        .expect("a session");
+    // Each stream is admitted (the app is connected for it), then reset at once.
+    let mut sent = 0;
+    let flood = async {
+        loop {
+            let Ok(mut s) = send.clone().ready().await else {
+                return;
+            };
+            let req = hyper::Request::builder()
+                .method(hyper::Method::CONNECT)
+                .uri(pair.app.to_string())
+                .body(())
+                .unwrap();
+            let Ok((resp, mut stream)) = s.send_request(req, false) else {
+                return;
+            };
+            let _ = resp.await;
+            stream.send_reset(h2::Reason::CANCEL);
+            sent += 1;
+            assert!(sent < 5000, "the session took {sent} reset streams");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), flood)
+        .await
+        .expect("the flooded session ended");
+    let ended = tokio::time::timeout(CLOSE_BOUND, &mut driver).await;
+    assert!(ended.is_ok(), "the flooded session is still open");
+    assert_eq!(pair.b.metrics.failures("inbound", "session_reset_flood"), 1);
+    // Everyone else keeps being served, the flooder's own identity included (new session).
+    assert_eq!(call(pair.entry(), b"still here").await.unwrap(), b"still here");
+}
+
+#[tokio::test]
+async fn a_caller_denied_stream_after_stream_has_its_session_closed_after_a_budget() {
+    let ca = start_ca(Duration::from_secs(3600)).await;
+    let api = api_with_sessions(&ca, "max_denied_streams = 8").await;
+    let db = ca.issue(&id("db")).await; // not on api's allow list
+    let (send, mut driver) = raw_session(&ca, api.inbound.unwrap(), Cred::from(&db))
+        .await
+        .expect("a session");
+    let mut denied = 1; // the probe stream of raw_session
+    let flood = async {
+        while let Ok(mut s) = send.clone().ready().await {
+            let req = hyper::Request::builder()
+                .method(hyper::Method::CONNECT)
+                .uri("127.0.0.1:1")
+                .body(())
+                .unwrap();
+            let Ok((resp, _stream)) = s.send_request(req, false) else {
+                return;
+            };
+            match resp.await {
+                Ok(r) if r.status() == 403 => denied += 1,
+                _ => return,
+            }
+            assert!(denied < 1000, "{denied} streams denied on one session");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), flood)
+        .await
+        .expect("the session ended");
+    assert!(denied <= 8, "{denied} denials (and audit and log lines) on one session");
+    assert!(tokio::time::timeout(CLOSE_BOUND, &mut driver).await.is_ok());
+    assert_eq!(api.metrics.failures("inbound", "session_denied_budget"), 1);
+}

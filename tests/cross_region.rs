@@ -443,3 +443,69 @@ async fn a_gateway_refuses_workloads_of_another_region() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_workload_over_its_stream_quota_is_refused_and_others_still_cross() {
+    use trustline::tunnel::header::StreamHeader;
+    let (_d, mut lab) = lab(1, Duration::from_secs(3600)).await;
+    let api = api_in_b(&lab).await;
+    let (a, b) = gateway_sections(api.inbound.unwrap());
+    lab.start_gateways("b", &b).await.expect("gateways b");
+    let a = format!("{a}\n[limits]\nmax_streams_per_id = 4\n");
+    lab.start_gateways("a", &a).await.expect("gateways a");
+    lab.wait_paths_up().await.expect("paths up");
+    let conn = raw_tunnel(&lab).await;
+    let good = StreamHeader {
+        region: "b".into(),
+        service: "api".into(),
+        addr: api.inbound.unwrap(),
+    }
+    .encode()
+    .unwrap();
+    // Four streams held open (each rides the tunnel to b's api sidecar)...
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&good).await.unwrap();
+        held.push((send, recv));
+    }
+    // ...and the fifth of the same workload is refused at gateway a.
+    assert_eq!(reset_code(&conn, &good).await, code::REFUSED as u64);
+    let gw_a = lab.region("a").gateways[0].as_ref().unwrap();
+    let (_, metrics) = common::http_get(gw_a.admin, "/metrics").await;
+    assert!(
+        metrics.contains("trustline_tunnel_refused_streams_total{reason=\"stream_quota\"} 1"),
+        "{metrics}"
+    );
+    // Another workload of the region still crosses, within its usual wait.
+    let web = caller_in_a(&lab, "web", api.inbound.unwrap()).await;
+    assert_eq!(call(web.listeners[0], b"mine").await.unwrap(), b"mine");
+    drop(held);
+}
+
+#[tokio::test]
+async fn gateway_metrics_never_carry_a_peers_ephemeral_address() {
+    let (_d, lab, _api) = setup(1).await;
+    let gw_b = lab.region("b").gateways[0].as_ref().unwrap();
+    let configured: Vec<String> = lab
+        .region("a")
+        .relayed_addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    let (_, metrics) = common::http_get(gw_b.admin, "/metrics").await;
+    let peers: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("trustline_tunnel_"))
+        .filter_map(|l| l.split("peer=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(
+        peers.iter().any(|p| p.starts_with("spiffe://")),
+        "gateway a's accepted connection is labelled by its ID: {peers:?}"
+    );
+    for p in peers {
+        if p.parse::<SocketAddr>().is_ok() {
+            assert!(configured.iter().any(|c| c == p), "series labelled with {p}, not a configured peer");
+        }
+    }
+}

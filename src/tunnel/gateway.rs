@@ -243,7 +243,12 @@ fn refuse_over_quota(
     reason: &'static str,
     what: &str,
 ) {
-    gw.metrics.refused.get_or_create(&Refused { reason }).inc();
+    let family = if reason == "stream_quota" {
+        &gw.metrics.refused
+    } else {
+        &gw.metrics.refused_connections
+    };
+    family.get_or_create(&Refused { reason }).inc();
     if let Some(held_back) = gw.quotas.log.allow() {
         tracing::warn!(%remote, peer_id, reason, held_back, "{what}: refused");
         let detail = format!("{reason}: {what} ({held_back} more refused since the last event)");

@@ -43,6 +43,8 @@ pub struct TunnelMetrics {
     pub reconnects: Family<PathLabels, Counter>,
     pub failovers: Counter,
     pub refused: Family<Refused, Counter>,
+    /// QUIC connections refused by a quota, by reason.
+    pub refused_connections: Family<Refused, Counter>,
     /// Stream opens that found no stream credit on the path within their wait.
     pub open_timeouts: Counter,
 }
@@ -89,6 +91,11 @@ impl TunnelMetrics {
             "trustline_tunnel_open_timeouts",
             "Streams not opened: the path had no stream credit within the wait",
             self.open_timeouts.clone(),
+        );
+        r.register(
+            "trustline_tunnel_refused_connections",
+            "QUIC connections refused by a quota (per address, per workload, in total), by reason",
+            self.refused_connections.clone(),
         );
         r.register(
             "trustline_tunnel_refused_streams",

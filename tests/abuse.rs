@@ -406,3 +406,40 @@ async fn a_caller_denied_stream_after_stream_has_its_session_closed_after_a_budg
     assert!(tokio::time::timeout(CLOSE_BOUND, &mut driver).await.is_ok());
     assert_eq!(api.metrics.failures("inbound", "session_denied_budget"), 1);
 }
+
+#[tokio::test]
+async fn an_oversized_header_list_on_a_session_stream_is_not_served() {
+    let ca = start_ca(Duration::from_secs(3600)).await;
+    let api = api_with_sessions(&ca, "").await;
+    let web = ca.issue(&id("web")).await;
+    let (send, _driver) = raw_session(&ca, api.inbound.unwrap(), Cred::from(&web))
+        .await
+        .expect("a session");
+    let mut s = send.ready().await.expect("session ready");
+    let req = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri("127.0.0.1:1")
+        .header("x-pad", "a".repeat(64 << 10))
+        .body(())
+        .unwrap();
+    let served = match s.send_request(req, false) {
+        Err(_) => false, // the client already knows the sidecar's limit
+        Ok((resp, _stream)) => match tokio::time::timeout(PATIENCE, resp).await {
+            Ok(Ok(r)) => matches!(r.status().as_u16(), 200 | 403),
+            Ok(Err(_)) => false,
+            Err(_) => panic!("no answer to an oversized header list"),
+        },
+    };
+    assert!(!served, "a 64 KiB header list was decided on");
+}
+
+#[tokio::test]
+async fn an_admin_connection_that_sends_nothing_is_closed() {
+    let ca = start_ca(Duration::from_secs(3600)).await;
+    let app = echo_app().await;
+    let api = start_ready(ca.sidecar_config("api", &inbound(app, &[])).await).await;
+    let mut idle = TcpStream::connect(api.admin).await.unwrap();
+    closed_within(&mut idle, Duration::from_secs(30), "an idle admin connection").await;
+    // The listener still answers.
+    assert_eq!(http_get(api.admin, "/healthz").await.0, 200);
+}

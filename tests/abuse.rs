@@ -90,7 +90,10 @@ async fn idle_and_dripping_ca_connections_are_closed_while_issuance_goes_on() {
     let dripping = Arc::new(AtomicBool::new(true));
     let still = dripping.clone();
     let dripper = tokio::spawn(async move {
-        for b in b"GET /v1/bundle HTTP/1.1\r\nHost: ca\r\nX-Slow: ".iter().cycle() {
+        for b in b"GET /v1/bundle HTTP/1.1\r\nHost: ca\r\nX-Slow: "
+            .iter()
+            .cycle()
+        {
             if !still.load(Ordering::Relaxed) || drip.write_all(&[*b]).await.is_err() {
                 return drip;
             }
@@ -254,7 +257,9 @@ async fn raw_session(
     let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(cred));
     let mut cfg = (*cfg).clone();
     cfg.alpn_protocols = vec![trustline::tunnel::SESSION_ALPN.to_vec()];
-    let tcp = TcpStream::connect(inbound).await.map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(inbound)
+        .await
+        .map_err(|e| e.to_string())?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from("api").unwrap(), tcp)
         .await
@@ -302,7 +307,11 @@ async fn sessions_from_one_caller_beyond_its_cap_are_refused_and_others_still_ge
     let web = ca.issue(&id("web")).await;
     let mut held = Vec::new();
     for _ in 0..2 {
-        held.push(raw_session(&ca, inbound, Cred::from(&web)).await.expect("a session within the cap"));
+        held.push(
+            raw_session(&ca, inbound, Cred::from(&web))
+                .await
+                .expect("a session within the cap"),
+        );
     }
     let third = raw_session(&ca, inbound, Cred::from(&web)).await;
     assert!(third.is_err(), "a third session of one caller was served");
@@ -329,7 +338,10 @@ async fn an_idle_session_is_closed() {
         .await
         .expect("a session");
     let ended = tokio::time::timeout(CLOSE_BOUND, driver).await;
-    assert!(ended.is_ok(), "an idle session is still open after {CLOSE_BOUND:?}");
+    assert!(
+        ended.is_ok(),
+        "an idle session is still open after {CLOSE_BOUND:?}"
+    );
     drop(send);
 }
 
@@ -370,7 +382,10 @@ async fn a_reset_flood_ends_that_session_and_other_callers_keep_working() {
     assert!(ended.is_ok(), "the flooded session is still open");
     assert_eq!(pair.b.metrics.failures("inbound", "session_reset_flood"), 1);
     // Everyone else keeps being served, the flooder's own identity included (new session).
-    assert_eq!(call(pair.entry(), b"still here").await.unwrap(), b"still here");
+    assert_eq!(
+        call(pair.entry(), b"still here").await.unwrap(),
+        b"still here"
+    );
 }
 
 #[tokio::test]
@@ -402,7 +417,10 @@ async fn a_caller_denied_stream_after_stream_has_its_session_closed_after_a_budg
     tokio::time::timeout(Duration::from_secs(30), flood)
         .await
         .expect("the session ended");
-    assert!(denied <= 8, "{denied} denials (and audit and log lines) on one session");
+    assert!(
+        denied <= 8,
+        "{denied} denials (and audit and log lines) on one session"
+    );
     assert!(tokio::time::timeout(CLOSE_BOUND, &mut driver).await.is_ok());
     assert_eq!(api.metrics.failures("inbound", "session_denied_budget"), 1);
 }
@@ -439,7 +457,12 @@ async fn an_admin_connection_that_sends_nothing_is_closed() {
     let app = echo_app().await;
     let api = start_ready(ca.sidecar_config("api", &inbound(app, &[])).await).await;
     let mut idle = TcpStream::connect(api.admin).await.unwrap();
-    closed_within(&mut idle, Duration::from_secs(30), "an idle admin connection").await;
+    closed_within(
+        &mut idle,
+        Duration::from_secs(30),
+        "an idle admin connection",
+    )
+    .await;
     // The listener still answers.
     assert_eq!(http_get(api.admin, "/healthz").await.0, 200);
 }

@@ -10,8 +10,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
 use super::authority::{parse_csr, Authority, CsrError, LeafUsage};
-pub use super::limits::RateLimiter;
 use super::ledger::{token_hash, Authorisation, IssuedRecord, Ledger, LedgerError, TokenSpend};
+pub use super::limits::RateLimiter;
 use super::metrics::CaMetrics;
 use crate::audit::AuditLog;
 use crate::clock::{rfc3339, unix_secs, Clock};

@@ -139,7 +139,10 @@ impl RateLimiter {
             capacity,
             state: Mutex::new(Buckets {
                 map: HashMap::new(),
-                overflow: Bucket { tokens: burst, last: now },
+                overflow: Bucket {
+                    tokens: burst,
+                    last: now,
+                },
                 pruned: now,
             }),
         }
@@ -229,8 +232,14 @@ mod tests {
         }
         assert!(r.tracked() <= 1000, "tracked {} clients", r.tracked());
         // 999 places in the map, then one shared bucket of burst 2 (plus what refills).
-        assert!(granted < 1000 + 50, "{granted} requests granted to the sprayer");
-        assert!(r.allow(known), "a client already known keeps its own bucket");
+        assert!(
+            granted < 1000 + 50,
+            "{granted} requests granted to the sprayer"
+        );
+        assert!(
+            r.allow(known),
+            "a client already known keeps its own bucket"
+        );
     }
 
     #[test]

@@ -207,7 +207,12 @@ where
     use crate::tunnel::session::{MAX_FRAME, SESSION_WINDOW, STREAM_WINDOW};
     use tokio::time::Instant;
     let m = &shared.metrics;
-    let limits = shared.config.inbound.as_ref().expect("inbound configured").sessions;
+    let limits = shared
+        .config
+        .inbound
+        .as_ref()
+        .expect("inbound configured")
+        .sessions;
     // TODO(lead, F7): refuse the session ALPN to callers the policy can never admit; this is
     // the place, before any session state is spent on the caller.
     let _place = match shared.session_gate.enter(&caller.info.id) {

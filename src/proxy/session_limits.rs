@@ -40,7 +40,10 @@ impl SessionGate {
 
     /// A place for a session of `caller`, or the metric reason it was refused (logged here, at
     /// most once a second with the number held back).
-    pub fn enter(&self, caller: &crate::identity::SpiffeId) -> Result<Permit<String>, &'static str> {
+    pub fn enter(
+        &self,
+        caller: &crate::identity::SpiffeId,
+    ) -> Result<Permit<String>, &'static str> {
         self.gate.enter(caller.to_string()).map_err(|full| {
             let reason = match full {
                 Full::Total => "session_cap_total",

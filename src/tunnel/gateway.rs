@@ -324,7 +324,13 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
         Some(id) => match gw.quotas.conns_by_id.enter(id.clone()) {
             Ok(p) => Some(p),
             Err(_) => {
-                refuse_over_quota(&gw, remote, Some(id), "connection_quota", "too many connections of one workload");
+                refuse_over_quota(
+                    &gw,
+                    remote,
+                    Some(id),
+                    "connection_quota",
+                    "too many connections of one workload",
+                );
                 conn.close(quinn::VarInt::from_u32(code::REFUSED), b"connection quota");
                 return;
             }
@@ -353,7 +359,13 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
         let place = match stream_place(&gw, workload.as_ref()) {
             Ok(p) => p,
             Err(id) => {
-                refuse_over_quota(&gw, remote, Some(id), "stream_quota", "too many open streams of one workload");
+                refuse_over_quota(
+                    &gw,
+                    remote,
+                    Some(id),
+                    "stream_quota",
+                    "too many open streams of one workload",
+                );
                 reset(&mut quic_io(bi), code::REFUSED);
                 continue;
             }

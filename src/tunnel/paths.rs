@@ -154,16 +154,17 @@ impl Paths {
                 // A path out of stream credit (the peer's stream limit reached) would otherwise
                 // hold this open, and every caller behind it, without bound.
                 let left = deadline.saturating_duration_since(Instant::now());
-                let opened = match tokio::time::timeout(left.max(MIN_OPEN_WAIT), conn.open_bi()).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        self.metrics.open_timeouts.inc();
-                        return Err(format!(
-                            "no stream credit on the path to region {} ({}) within {wait:?}",
-                            self.region, path.addr
-                        ));
-                    }
-                };
+                let opened =
+                    match tokio::time::timeout(left.max(MIN_OPEN_WAIT), conn.open_bi()).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            self.metrics.open_timeouts.inc();
+                            return Err(format!(
+                                "no stream credit on the path to region {} ({}) within {wait:?}",
+                                self.region, path.addr
+                            ));
+                        }
+                    };
                 match opened {
                     Ok(bi) => {
                         path.active.fetch_add(1, Ordering::Relaxed);

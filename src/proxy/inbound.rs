@@ -201,10 +201,7 @@ async fn serve_session<S>(io: S, caller: Arc<Verified>, target: SocketAddr, shar
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    use super::session_limits::{
-        SessionCounts, CLOSE_GRACE, KEEPALIVE, MAX_HEADER_LIST, MAX_LOCAL_RESETS, PREFACE_TIMEOUT,
-    };
-    use crate::tunnel::session::{MAX_FRAME, SESSION_WINDOW, STREAM_WINDOW};
+    use super::session_limits::{KeepAlive, SessionCounts, CLOSE_GRACE};
     use tokio::time::Instant;
     let m = &shared.metrics;
     let limits = shared
@@ -222,41 +219,21 @@ where
             return;
         }
     };
-    let handshake = h2::server::Builder::new()
-        .max_frame_size(MAX_FRAME)
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(SESSION_WINDOW)
-        .max_concurrent_streams(limits.max_streams)
-        .max_header_list_size(MAX_HEADER_LIST)
-        .max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
-        .handshake::<_, bytes::Bytes>(io);
-    let mut conn = match tokio::time::timeout(PREFACE_TIMEOUT, handshake).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            m.fail(DIR, "session_failed");
-            tracing::warn!(reason = "session_failed", error = %e, "session preface failed");
-            return;
-        }
-        Err(_) => {
-            m.fail(DIR, "session_preface_timeout");
-            tracing::warn!(
-                reason = "session_preface_timeout",
-                "no session preface within {PREFACE_TIMEOUT:?}"
-            );
-            return;
-        }
+    let Some(mut conn) = open_session(io, &limits, &shared).await else {
+        return;
     };
     tracing::debug!(peer_id = %caller.info.id, peer_region = ?caller.region, "session established");
     let counts = Arc::new(SessionCounts::default());
     let mut streams = tokio::task::JoinSet::new();
     let mut draining = shared.draining.clone();
     let mut goaway_sent = false;
-    let mut pings = conn.ping_pong();
-    let mut ping_out = false;
-    let mut keepalive = tokio::time::interval_at(Instant::now() + KEEPALIVE, KEEPALIVE);
+    let mut keepalive = KeepAlive::new(conn.ping_pong());
     let mut idle_since = Instant::now();
-    // Set when the session was told to go away (idle, over budget): the latest it may end.
+    // Set when the session was told to go away (idle, over budget): the latest it may end once
+    // its streams are done (an idle close lets streams already in flight finish).
     let mut closing: Option<Instant> = None;
+    // Over budget: new streams are refused at once.
+    let mut refusing = false;
     loop {
         let idle_at = idle_since + limits.idle_timeout;
         let close_at = closing.unwrap_or(idle_at);
@@ -269,7 +246,7 @@ where
             }
             r = conn.accept() => match r {
                 Some(Ok((req, mut respond))) => {
-                    if closing.is_some() {
+                    if refusing {
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
                         continue;
                     }
@@ -292,26 +269,60 @@ where
                 conn.graceful_shutdown();
                 closing = Some(Instant::now() + CLOSE_GRACE);
             }
-            _ = tokio::time::sleep_until(close_at), if closing.is_some() => break,
-            _ = keepalive.tick(), if pings.is_some() => {
-                if ping_out {
-                    m.fail(DIR, "session_keepalive_timeout");
-                    tracing::warn!(reason = "session_keepalive_timeout", peer_id = %caller.info.id, "session closed: no answer to a PING within {KEEPALIVE:?}");
-                    break;
-                }
-                ping_out = pings.as_mut().is_some_and(|p| p.send_ping(h2::Ping::opaque()).is_ok());
-            }
-            _ = std::future::poll_fn(|cx| pings.as_mut().expect("pings taken").poll_pong(cx)), if ping_out => {
-                ping_out = false;
+            _ = tokio::time::sleep_until(close_at), if closing.is_some() && (refusing || streams.is_empty()) => break,
+            _ = keepalive.dead() => {
+                m.fail(DIR, "session_keepalive_timeout");
+                tracing::warn!(reason = "session_keepalive_timeout", peer_id = %caller.info.id, "session closed: a PING went unanswered");
+                break;
             }
         }
-        if closing.is_none() {
+        if !refusing {
             if let Some(reason) = counts.over_budget(&limits) {
                 m.fail(DIR, reason);
                 tracing::warn!(reason, peer_id = %caller.info.id, serial = %caller.info.serial, "session closed: over its churn budget (refused or reset streams)");
                 conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                refusing = true;
                 closing = Some(Instant::now() + CLOSE_GRACE);
             }
+        }
+    }
+}
+
+/// The HTTP/2 server half of a session, with its limits set on purpose (h2's defaults allow a
+/// 16 MiB header list); `None` when the preface fails or does not come in time (counted).
+async fn open_session<S>(
+    io: S,
+    limits: &super::config::SessionLimits,
+    shared: &Shared,
+) -> Option<h2::server::Connection<S, bytes::Bytes>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use super::session_limits::{MAX_HEADER_LIST, MAX_LOCAL_RESETS, PREFACE_TIMEOUT};
+    use crate::tunnel::session::{MAX_FRAME, SESSION_WINDOW, STREAM_WINDOW};
+    let m = &shared.metrics;
+    let handshake = h2::server::Builder::new()
+        .max_frame_size(MAX_FRAME)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(SESSION_WINDOW)
+        .max_concurrent_streams(limits.max_streams)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
+        .handshake::<_, bytes::Bytes>(io);
+    match tokio::time::timeout(PREFACE_TIMEOUT, handshake).await {
+        Ok(Ok(c)) => Some(c),
+        Ok(Err(e)) => {
+            m.fail(DIR, "session_failed");
+            tracing::warn!(reason = "session_failed", error = %e, "session preface failed");
+            None
+        }
+        Err(_) => {
+            m.fail(DIR, "session_preface_timeout");
+            tracing::warn!(
+                reason = "session_preface_timeout",
+                "no session preface within {PREFACE_TIMEOUT:?}"
+            );
+            None
         }
     }
 }

@@ -57,6 +57,50 @@ impl SessionGate {
     }
 }
 
+/// The keep-alive of a session: a PING every [`KEEPALIVE`]; the peer is dead when one is still
+/// unanswered at the next.
+pub struct KeepAlive {
+    pings: Option<h2::PingPong>,
+    out: bool,
+    timer: tokio::time::Interval,
+}
+
+impl KeepAlive {
+    pub fn new(pings: Option<h2::PingPong>) -> Self {
+        let first = tokio::time::Instant::now() + KEEPALIVE;
+        KeepAlive {
+            pings,
+            out: false,
+            timer: tokio::time::interval_at(first, KEEPALIVE),
+        }
+    }
+
+    /// Resolves once the peer left a PING unanswered for [`KEEPALIVE`]. Cancel-safe: the state
+    /// lives in `self`, so it can be polled anew in every round of a `select!`.
+    pub async fn dead(&mut self) {
+        let Some(pings) = self.pings.as_mut() else {
+            return std::future::pending().await;
+        };
+        loop {
+            if self.out {
+                tokio::select! {
+                    r = std::future::poll_fn(|cx| pings.poll_pong(cx)) => {
+                        self.out = false;
+                        if r.is_err() {
+                            // The connection is ending; its own error ends the session.
+                            return std::future::pending().await;
+                        }
+                    }
+                    _ = self.timer.tick() => return,
+                }
+            } else {
+                self.timer.tick().await;
+                self.out = pings.send_ping(h2::Ping::opaque()).is_ok();
+            }
+        }
+    }
+}
+
 /// What one session has done so far, for its churn budget.
 #[derive(Default)]
 pub struct SessionCounts {

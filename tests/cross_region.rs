@@ -512,3 +512,32 @@ async fn gateway_metrics_never_carry_a_peers_ephemeral_address() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_workload_over_its_connection_quota_is_refused_at_the_gateway() {
+    let (_d, mut lab) = lab(1, Duration::from_secs(3600)).await;
+    let api = api_in_b(&lab).await;
+    let (a, b) = gateway_sections(api.inbound.unwrap());
+    lab.start_gateways("b", &b).await.expect("gateways b");
+    let a = format!("{a}\n[limits]\nmax_connections_per_id = 1\n");
+    lab.start_gateways("a", &a).await.expect("gateways a");
+    lab.wait_paths_up().await.expect("paths up");
+    let first = raw_tunnel(&lab).await;
+    let second = raw_tunnel(&lab).await;
+    let closed = tokio::time::timeout(PATIENCE, second.closed()).await;
+    assert!(
+        matches!(closed, Ok(quinn::ConnectionError::ApplicationClosed(ref c)) if c.error_code.into_inner() == code::REFUSED as u64),
+        "the second connection of one workload: {closed:?}"
+    );
+    assert!(first.close_reason().is_none(), "the first one stays up");
+    let gw_a = lab.region("a").gateways[0].as_ref().unwrap();
+    let (_, metrics) = common::http_get(gw_a.admin, "/metrics").await;
+    assert!(
+        metrics
+            .contains("trustline_tunnel_refused_connections_total{reason=\"connection_quota\"} 1"),
+        "{metrics}"
+    );
+    // Other workloads have their own quota.
+    let web = caller_in_a(&lab, "web", api.inbound.unwrap()).await;
+    assert_eq!(call(web.listeners[0], b"mine").await.unwrap(), b"mine");
+}

@@ -541,3 +541,71 @@ async fn a_workload_over_its_connection_quota_is_refused_at_the_gateway() {
     let web = caller_in_a(&lab, "web", api.inbound.unwrap()).await;
     assert_eq!(call(web.listeners[0], b"mine").await.unwrap(), b"mine");
 }
+
+/// A stand-in for region b's gateway on its fixed address: a real gateway-b certificate from
+/// b's CA, but it grants no stream credit at all, as a tunnel whose streams are all taken.
+async fn gateway_b_without_stream_credit(lab: &Lab) -> quinn::Endpoint {
+    use trustline::tls::TLS13_ONLY;
+    let id = trustline::tunnel::gateway_id(&lab.td, "b");
+    let bundle = trustline::identity::Bundle::from_pem(
+        lab.td.clone(),
+        &std::fs::read(lab.bundle()).unwrap(),
+        "bundle",
+    )
+    .unwrap();
+    let client = trustline::ca::client::CaClient::new(
+        &format!("https://{}", lab.region("b").ca.api),
+        bundle,
+        trustline::clock::Clock::system(),
+    )
+    .unwrap();
+    let token = lab.token("b", &id.to_string()).await.unwrap();
+    let svid = client.issue_with_token(&id, &token).await.unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(trustline::tls::provider())
+        .with_protocol_versions(TLS13_ONLY)
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(svid.chain.clone(), svid.key.clone_key())
+        .unwrap();
+    let mut cfg = trustline::tunnel::quic_server(tls, Default::default()).unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(0));
+    cfg.transport_config(Arc::new(transport));
+    let ep = quinn::Endpoint::server(cfg, lab.region("b").gateway_addrs[0]).unwrap();
+    let accepting = ep.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(incoming) = accepting.accept().await {
+            if let Ok(c) = incoming.await {
+                held.push(c);
+            }
+        }
+    });
+    ep
+}
+
+#[tokio::test]
+async fn a_path_without_stream_credit_refuses_within_the_wait_instead_of_hanging() {
+    use trustline::tunnel::header::StreamHeader;
+    let (_d, mut lab) = lab(1, Duration::from_secs(3600)).await;
+    let _fake_b = gateway_b_without_stream_credit(&lab).await;
+    let (a, _) = gateway_sections("127.0.0.1:9".parse().unwrap());
+    lab.start_gateways("a", &a).await.expect("gateways a");
+    let gw_a = lab.region("a").gateways[0].as_ref().unwrap();
+    eventually("gateway a's path to b is up", || gw_a.peers["b"].up() > 0).await;
+    let conn = raw_tunnel(&lab).await;
+    let header = StreamHeader {
+        region: "b".into(),
+        service: "api".into(),
+        addr: "127.0.0.1:9".parse().unwrap(),
+    }
+    .encode()
+    .unwrap();
+    // Gateway a's wait for a path is 2 s; the refusal must come back well within PATIENCE.
+    assert_eq!(reset_code(&conn, &header).await, code::NO_ROUTE as u64);
+    let (_, metrics) = common::http_get(gw_a.admin, "/metrics").await;
+    assert!(
+        metrics.contains("trustline_tunnel_open_timeouts_total 1"),
+        "{metrics}"
+    );
+}

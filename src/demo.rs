@@ -78,6 +78,7 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         audit_log: None,
         rate_limit: 50,
         peers: Default::default(),
+        limits: Default::default(),
     };
     let ca = crate::ca::server::build(config, Clock::system()).await?;
     println!(
@@ -251,6 +252,7 @@ async fn sidecar(
             policy: Some((i.policy, i.service)),
             reload_interval: Duration::from_secs(2),
             anomaly: Default::default(),
+            sessions: Default::default(),
         }),
         services,
         listeners,

@@ -104,6 +104,7 @@ impl Lab {
                         urls: Vec::new(),
                         refresh: options.refresh_interval,
                     },
+                    limits: Default::default(),
                 },
                 Clock::system(),
             )

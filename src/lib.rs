@@ -14,6 +14,7 @@ pub mod config;
 pub mod demo;
 pub mod identity;
 pub mod lab;
+pub mod limits;
 pub mod policy;
 pub mod proxy;
 pub mod tls;

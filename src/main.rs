@@ -482,6 +482,7 @@ async fn ca_serve(a: ServeArgs) -> anyhow::Result<()> {
         rate_limit: a.rate_limit,
         peers: (!a.peer_ca.is_empty()).then_some(a.peer_ca),
         peer_refresh: a.peer_refresh,
+        limits: None,
     };
     let config = CaServeConfig::resolve(flags, a.config.as_deref())?;
     let bound = trustline::ca::server::build(config, Clock::system()).await?;

@@ -86,6 +86,7 @@ async fn start_with(rate_limit: u32) -> Ca {
         audit_log: None,
         rate_limit,
         peers: Default::default(),
+        limits: Default::default(),
     };
     let bound = build(config, clock.clone()).await.expect("CA starts");
     let bundle = Bundle::from_pem(

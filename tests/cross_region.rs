@@ -799,3 +799,169 @@ async fn a_peer_that_is_not_a_ca_is_not_believed() {
     assert_eq!(p["url"], impostor, "{p}");
     assert!(p["fetched_at"].is_null(), "nothing was taken from it: {p}");
 }
+
+#[tokio::test]
+async fn a_workload_over_its_stream_quota_is_refused_and_others_still_cross() {
+    use trustline::tunnel::header::StreamHeader;
+    let (_d, mut lab) = lab(LabOptions::default()).await;
+    let api = api_in_b(&lab).await;
+    let (a, b) = gateway_sections(api.inbound.unwrap());
+    lab.start_gateways("b", &b).await.expect("gateways b");
+    let a = format!("{a}\n[limits]\nmax_streams_per_id = 4\n");
+    lab.start_gateways("a", &a).await.expect("gateways a");
+    lab.wait_paths_up().await.expect("paths up");
+    let conn = raw_tunnel(&lab).await;
+    let good = StreamHeader {
+        region: "b".into(),
+        service: "api".into(),
+        addr: api.inbound.unwrap(),
+    }
+    .encode()
+    .unwrap();
+    // Four streams held open (each rides the tunnel to b's api sidecar)...
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&good).await.unwrap();
+        held.push((send, recv));
+    }
+    // ...and the fifth of the same workload is refused at gateway a.
+    assert_eq!(reset_code(&conn, &good).await, code::REFUSED as u64);
+    let gw_a = lab.region("a").gateways[0].as_ref().unwrap();
+    let (_, metrics) = common::http_get(gw_a.admin, "/metrics").await;
+    assert!(
+        metrics.contains("trustline_tunnel_refused_streams_total{reason=\"stream_quota\"} 1"),
+        "{metrics}"
+    );
+    // Another workload of the region still crosses, within its usual wait.
+    let web = caller_in_a(&lab, "web", api.inbound.unwrap()).await;
+    assert_eq!(call(web.listeners[0], b"mine").await.unwrap(), b"mine");
+    drop(held);
+}
+
+#[tokio::test]
+async fn gateway_metrics_never_carry_a_peers_ephemeral_address() {
+    let (_d, lab, _api) = setup(1).await;
+    let gw_b = lab.region("b").gateways[0].as_ref().unwrap();
+    let configured: Vec<String> = lab
+        .region("a")
+        .relayed_addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    let (_, metrics) = common::http_get(gw_b.admin, "/metrics").await;
+    let peers: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("trustline_tunnel_"))
+        .filter_map(|l| l.split("peer=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(
+        peers.iter().any(|p| p.starts_with("spiffe://")),
+        "gateway a's accepted connection is labelled by its ID: {peers:?}"
+    );
+    for p in peers {
+        if p.parse::<SocketAddr>().is_ok() {
+            assert!(
+                configured.iter().any(|c| c == p),
+                "series labelled with {p}, not a configured peer"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_workload_over_its_connection_quota_is_refused_at_the_gateway() {
+    let (_d, mut lab) = lab(LabOptions::default()).await;
+    let api = api_in_b(&lab).await;
+    let (a, b) = gateway_sections(api.inbound.unwrap());
+    lab.start_gateways("b", &b).await.expect("gateways b");
+    let a = format!("{a}\n[limits]\nmax_connections_per_id = 1\n");
+    lab.start_gateways("a", &a).await.expect("gateways a");
+    lab.wait_paths_up().await.expect("paths up");
+    let first = raw_tunnel(&lab).await;
+    let second = raw_tunnel(&lab).await;
+    let closed = tokio::time::timeout(PATIENCE, second.closed()).await;
+    assert!(
+        matches!(closed, Ok(quinn::ConnectionError::ApplicationClosed(ref c)) if c.error_code.into_inner() == code::REFUSED as u64),
+        "the second connection of one workload: {closed:?}"
+    );
+    assert!(first.close_reason().is_none(), "the first one stays up");
+    let gw_a = lab.region("a").gateways[0].as_ref().unwrap();
+    let (_, metrics) = common::http_get(gw_a.admin, "/metrics").await;
+    assert!(
+        metrics
+            .contains("trustline_tunnel_refused_connections_total{reason=\"connection_quota\"} 1"),
+        "{metrics}"
+    );
+    // Other workloads have their own quota.
+    let web = caller_in_a(&lab, "web", api.inbound.unwrap()).await;
+    assert_eq!(call(web.listeners[0], b"mine").await.unwrap(), b"mine");
+}
+
+/// A stand-in for region b's gateway on its fixed address: a real gateway-b certificate from
+/// b's CA, but it grants no stream credit at all, as a tunnel whose streams are all taken.
+async fn gateway_b_without_stream_credit(lab: &Lab) -> quinn::Endpoint {
+    use trustline::tls::TLS13_ONLY;
+    let id = trustline::tunnel::gateway_id(&lab.td, "b");
+    let bundle = trustline::identity::Bundle::from_pem(
+        lab.td.clone(),
+        &std::fs::read(lab.bundle()).unwrap(),
+        "bundle",
+    )
+    .unwrap();
+    let client = trustline::ca::client::CaClient::new(
+        &format!("https://{}", lab.region("b").ca.api),
+        bundle,
+        trustline::clock::Clock::system(),
+    )
+    .unwrap();
+    let token = lab.token("b", &id.to_string()).await.unwrap();
+    let svid = client.issue_with_token(&id, &token).await.unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(trustline::tls::provider())
+        .with_protocol_versions(TLS13_ONLY)
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(svid.chain.clone(), svid.key.clone_key())
+        .unwrap();
+    let mut cfg = trustline::tunnel::quic_server(tls, Default::default()).unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(0));
+    cfg.transport_config(Arc::new(transport));
+    let ep = quinn::Endpoint::server(cfg, lab.region("b").gateway_addrs[0]).unwrap();
+    let accepting = ep.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(incoming) = accepting.accept().await {
+            if let Ok(c) = incoming.await {
+                held.push(c);
+            }
+        }
+    });
+    ep
+}
+
+#[tokio::test]
+async fn a_path_without_stream_credit_refuses_within_the_wait_instead_of_hanging() {
+    use trustline::tunnel::header::StreamHeader;
+    let (_d, mut lab) = lab(LabOptions::default()).await;
+    let _fake_b = gateway_b_without_stream_credit(&lab).await;
+    let (a, _) = gateway_sections("127.0.0.1:9".parse().unwrap());
+    lab.start_gateways("a", &a).await.expect("gateways a");
+    let gw_a = lab.region("a").gateways[0].as_ref().unwrap();
+    eventually("gateway a's path to b is up", || gw_a.peers["b"].up() > 0).await;
+    let conn = raw_tunnel(&lab).await;
+    let header = StreamHeader {
+        region: "b".into(),
+        service: "api".into(),
+        addr: "127.0.0.1:9".parse().unwrap(),
+    }
+    .encode()
+    .unwrap();
+    // Gateway a's wait for a path is 2 s; the refusal must come back well within PATIENCE.
+    assert_eq!(reset_code(&conn, &header).await, code::NO_ROUTE as u64);
+    let (_, metrics) = common::http_get(gw_a.admin, "/metrics").await;
+    assert!(
+        metrics.contains("trustline_tunnel_open_timeouts_total 1"),
+        "{metrics}"
+    );
+}

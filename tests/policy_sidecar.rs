@@ -79,6 +79,7 @@ impl Mesh {
                 audit_log: None,
                 rate_limit: 0,
                 peers: Default::default(),
+                limits: Default::default(),
             };
             let bound = trustline::ca::server::build(config, Clock::system())
                 .await

@@ -3,14 +3,20 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+/// Longest wait for a request's headers (and, between requests, an idle connection).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The pause after a failed accept (out of file descriptors, say), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// A role-specific JSON endpoint: returns the body.
 pub type JsonRoute = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
@@ -36,7 +42,14 @@ pub async fn serve(
     tokio::spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
-                r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+                r = listener.accept() => match r {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed; pausing");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                },
                 _ = shutdown.changed() => return,
             };
             let state = state.clone();
@@ -45,7 +58,10 @@ pub async fn serve(
                     let state = state.clone();
                     async move { Ok::<_, std::convert::Infallible>(handle(&state, req)) }
                 });
+                // hyper ignores `header_read_timeout` without a timer.
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
             });

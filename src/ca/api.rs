@@ -1,8 +1,6 @@
 //! The CA's HTTP API: `POST /v1/svid`, `GET /v1/bundle`, `GET /v1/revoked`.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,6 +11,7 @@ use serde::Serialize;
 
 use super::authority::{parse_csr, Authority, CsrError, LeafUsage};
 use super::ledger::{token_hash, Authorisation, IssuedRecord, Ledger, LedgerError, TokenSpend};
+pub use super::limits::RateLimiter;
 use super::metrics::CaMetrics;
 use crate::audit::AuditLog;
 use crate::clock::{rfc3339, unix_secs, Clock};
@@ -32,6 +31,8 @@ pub struct CaState {
     pub rate: RateLimiter,
     /// The other regions' CAs and the revocations learned from them.
     pub peers: std::sync::Arc<super::peers::Peers>,
+    /// Longest a request body may take to arrive (a slow body holds a connection).
+    pub body_timeout: Duration,
 }
 
 /// Facts about one client connection, taken once after the TLS handshake.
@@ -71,6 +72,7 @@ impl ApiError {
             StatusCode::FORBIDDEN => "forbidden",
             StatusCode::PAYLOAD_TOO_LARGE => "too_large",
             StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+            StatusCode::REQUEST_TIMEOUT => "timed_out",
             _ => "error",
         }
     }
@@ -233,7 +235,10 @@ enum Auth {
     Svid(CertInfo),
 }
 
-async fn read_body(req: Request<hyper::body::Incoming>) -> Result<Bytes, ApiError> {
+async fn read_body(
+    req: Request<hyper::body::Incoming>,
+    deadline: Duration,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -248,7 +253,15 @@ async fn read_body(req: Request<hyper::body::Incoming>) -> Result<Bytes, ApiErro
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+    let body = Limited::new(req.into_body(), MAX_BODY).collect();
+    let Ok(read) = tokio::time::timeout(deadline, body).await else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request body did not arrive within {deadline:?}"),
+        ));
+    };
+    match read {
         Ok(b) => Ok(b.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(ApiError::bad_request(format!("reading body: {e}"))),
@@ -356,7 +369,7 @@ async fn svid(
         )));
     }
     let bearer = bearer(&req).map_err(no_id)?;
-    let body = read_body(req).await.map_err(no_id)?;
+    let body = read_body(req, state.body_timeout).await.map_err(no_id)?;
     let csr = parse_csr(&body).map_err(|e| no_id(e.into()))?;
     let requested = csr.requested.clone();
     let with_id = |e: ApiError| (e, Some(requested.clone()));
@@ -504,45 +517,4 @@ fn list_json(seq: u64, revoked: &[(Serial, u64)], banned: &[(String, u64)]) -> s
         .map(|(id, since)| serde_json::json!({"spiffe_id": id, "since": since}))
         .collect();
     serde_json::json!({"sequence": seq, "revoked": revoked, "spiffe_ids": banned})
-}
-
-/// A token bucket per client IP address.
-pub struct RateLimiter {
-    per_sec: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
-}
-
-impl RateLimiter {
-    /// `per_sec` requests per second with bursts of twice that; 0 turns limiting off.
-    pub fn new(per_sec: u32) -> Self {
-        RateLimiter {
-            per_sec: per_sec as f64,
-            burst: (per_sec as f64 * 2.0).max(1.0),
-            buckets: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Takes one token for `ip`; false when its bucket is empty.
-    pub fn allow(&self, ip: IpAddr) -> bool {
-        if self.per_sec == 0.0 {
-            return true;
-        }
-        let now = Instant::now();
-        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() > 100_000 {
-            // Forget idle clients rather than grow without bound.
-            map.retain(|_, (_, t)| now.duration_since(*t) < Duration::from_secs(60));
-        }
-        let (tokens, last) = map.entry(ip).or_insert((self.burst, now));
-        *tokens =
-            (*tokens + now.duration_since(*last).as_secs_f64() * self.per_sec).min(self.burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }

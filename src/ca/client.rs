@@ -2,6 +2,7 @@
 //! returned chain only after verifying it against the bundle and checking the SPIFFE ID.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -14,6 +15,19 @@ use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use crate::clock::Clock;
 use crate::identity::{certs_from_pem, Bundle, IdentityError, SpiffeId, Svid};
 use crate::tls::{provider, ExpectedPeer, SpiffeServerVerifier, TLS13_ONLY};
+
+/// Longest a TCP connect to the CA may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest the TLS handshake with the CA may take.
+pub const TLS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest one request may take, from sending it to the last byte of the answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keep-alive on CA connections: a peer that vanished (a host lost mid-request, a
+/// middlebox that dropped the flow) is noticed by the kernel, not only by the timeouts.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Largest answer read from the CA (a revocation list of ~50,000 serials).
+const MAX_ANSWER: usize = 4 << 20;
 
 /// Why a call to the CA failed.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +43,12 @@ pub enum ClientError {
     Tls(String),
     #[error("HTTP with the CA: {0}")]
     Http(String),
+    #[error("the CA at {addr} did not {what} within {after:?}")]
+    Timeout {
+        addr: String,
+        what: &'static str,
+        after: Duration,
+    },
     #[error("CA refused ({status}): {error}: {detail}")]
     Refused {
         status: StatusCode,
@@ -129,21 +149,37 @@ impl CaClient {
         self.connect_with(self.tls_config(client_svid)?).await
     }
 
-    /// Opens a keep-alive HTTPS connection with a prepared TLS config.
+    /// Opens a keep-alive HTTPS connection with a prepared TLS config. Connect and handshake
+    /// each have a deadline ([`CONNECT_TIMEOUT`], [`TLS_TIMEOUT`]), and so has every request
+    /// on the connection ([`REQUEST_TIMEOUT`]): a CA that accepts and never answers cannot hold
+    /// renewal or the revocation refresh.
     pub async fn connect_with(
         &self,
         tls: Arc<rustls::ClientConfig>,
     ) -> Result<CaConnection, ClientError> {
-        let tcp = tokio::net::TcpStream::connect(&self.addr)
+        let timeout = |what, after| ClientError::Timeout {
+            addr: self.addr.clone(),
+            what,
+            after,
+        };
+        let connect = tokio::net::TcpStream::connect(&self.addr);
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
+            .map_err(|_| timeout("accept the connection", CONNECT_TIMEOUT))?
             .map_err(|source| ClientError::Connect {
                 addr: self.addr.clone(),
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
-        let tls = tokio_rustls::TlsConnector::from(tls)
-            .connect(self.server_name.clone(), tcp)
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL);
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+        let handshake =
+            tokio_rustls::TlsConnector::from(tls).connect(self.server_name.clone(), tcp);
+        let tls = tokio::time::timeout(TLS_TIMEOUT, handshake)
             .await
+            .map_err(|_| timeout("finish the TLS handshake", TLS_TIMEOUT))?
             .map_err(|e| ClientError::Tls(e.to_string()))?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
@@ -154,6 +190,7 @@ impl CaClient {
         Ok(CaConnection {
             sender,
             host: self.host.clone(),
+            addr: self.addr.clone(),
         })
     }
 
@@ -223,6 +260,7 @@ fn refusal(status: StatusCode, body: &[u8]) -> ClientError {
 pub struct CaConnection {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     host: String,
+    addr: String,
 }
 
 impl CaConnection {
@@ -265,28 +303,37 @@ impl CaConnection {
         self.send(req).await
     }
 
-    /// Sends any request on this connection.
+    /// Sends any request on this connection; the whole exchange must finish within
+    /// [`REQUEST_TIMEOUT`].
     pub async fn send(
         &mut self,
         req: Request<Full<Bytes>>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        self.sender
-            .ready()
+        let exchange = async {
+            self.sender
+                .ready()
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?;
+            let resp = self
+                .sender
+                .send_request(req)
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?;
+            let status = resp.status();
+            let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        let resp = self
-            .sender
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
-            .to_bytes();
-        Ok((status, body))
+            .map_err(|_| ClientError::Timeout {
+                addr: self.addr.clone(),
+                what: "answer the request",
+                after: REQUEST_TIMEOUT,
+            })?
     }
 }
 

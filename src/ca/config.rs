@@ -39,6 +39,85 @@ pub struct CaServeFile {
     pub peers: Option<Vec<String>>,
     /// How often each peer's list is pulled, e.g. `5s`.
     pub peer_refresh: Option<String>,
+    /// `[limits]`: connection caps and timeouts of the API listener (file only).
+    pub limits: Option<CaLimitsFile>,
+}
+
+/// The `[limits]` table of a CA config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaLimitsFile {
+    pub max_connections: Option<usize>,
+    pub max_connections_per_client: Option<usize>,
+    pub header_read_timeout: Option<String>,
+    pub body_timeout: Option<String>,
+}
+
+/// Caps and timeouts of the API listener: what keeps one client (or a flood of anonymous
+/// handshakes) from starving renewals.
+#[derive(Clone, Copy, Debug)]
+pub struct CaLimits {
+    /// Open connections in total; more are closed at accept.
+    pub max_connections: usize,
+    /// Open connections per client address (IPv6: per /64).
+    pub max_connections_per_client: usize,
+    /// Longest wait for a request's headers, the first one and each next on a keep-alive
+    /// connection (so it is also the idle bound of a connection).
+    pub header_read_timeout: Duration,
+    /// Longest a request body may take to arrive.
+    pub body_timeout: Duration,
+}
+
+impl Default for CaLimits {
+    fn default() -> Self {
+        CaLimits {
+            max_connections: 4096,
+            max_connections_per_client: 128,
+            header_read_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl CaLimits {
+    fn from_file(f: Option<CaLimitsFile>, file: Option<&Path>) -> Result<Self, ConfigError> {
+        let d = CaLimits::default();
+        let Some(f) = f else { return Ok(d) };
+        let count = |key: &str, v: Option<usize>, default: usize| match v {
+            Some(0) => Err(ConfigError::field(
+                file,
+                &format!("limits.{key}"),
+                "must be at least 1",
+            )),
+            v => Ok(v.unwrap_or(default)),
+        };
+        let time = |key: &str, v: Option<&str>, default: Duration| match v {
+            None => Ok(default),
+            Some(v) => match parse_duration(v) {
+                Ok(t) if t.is_zero() => Err(ConfigError::field(
+                    file,
+                    &format!("limits.{key}"),
+                    "must be more than 0",
+                )),
+                Ok(t) => Ok(t),
+                Err(e) => Err(ConfigError::field(file, &format!("limits.{key}"), e)),
+            },
+        };
+        Ok(CaLimits {
+            max_connections: count("max_connections", f.max_connections, d.max_connections)?,
+            max_connections_per_client: count(
+                "max_connections_per_client",
+                f.max_connections_per_client,
+                d.max_connections_per_client,
+            )?,
+            header_read_timeout: time(
+                "header_read_timeout",
+                f.header_read_timeout.as_deref(),
+                d.header_read_timeout,
+            )?,
+            body_timeout: time("body_timeout", f.body_timeout.as_deref(), d.body_timeout)?,
+        })
+    }
 }
 
 /// Peer CAs whose revocations this CA republishes ([`super::peers`]).
@@ -78,6 +157,8 @@ pub struct CaServeConfig {
     pub audit_log: Option<PathBuf>,
     pub rate_limit: u32,
     pub peers: PeerConfig,
+    /// Connection caps and timeouts of the API listener.
+    pub limits: CaLimits,
 }
 
 /// Defaults of `ca serve`.
@@ -217,6 +298,7 @@ impl CaServeConfig {
                 .or(from_file.rate_limit)
                 .unwrap_or(DEFAULT_RATE_LIMIT),
             peers: PeerConfig { urls, refresh },
+            limits: CaLimits::from_file(from_file.limits, file)?,
         })
     }
 }

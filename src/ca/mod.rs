@@ -12,6 +12,7 @@ pub mod bundle_json;
 pub mod client;
 pub mod config;
 pub mod ledger;
+pub mod limits;
 pub mod metrics;
 pub mod peers;
 pub mod server;

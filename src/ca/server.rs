@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use rcgen::KeyPair;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -20,8 +20,9 @@ use tracing::Instrument;
 
 use super::api::{self, CaState, Peer, RateLimiter};
 use super::authority::{Authority, AuthorityError, LeafUsage};
-use super::config::CaServeConfig;
+use super::config::{CaLimits, CaServeConfig};
 use super::ledger::Ledger;
+use super::limits::ConnLimits;
 use super::metrics::CaMetrics;
 use crate::audit::AuditLog;
 use crate::clock::{unix_secs, Clock};
@@ -140,6 +141,12 @@ pub async fn build(config: CaServeConfig, clock: Clock) -> Result<Bound, ServeEr
     let audit = AuditLog::open(&audit_path).map_err(io("opening audit log", &audit_path))?;
     let mut registry = Registry::default();
     let metrics = CaMetrics::new(&mut registry);
+    let limits = config.limits;
+    let conn_limits = Arc::new(ConnLimits::new(
+        limits.max_connections,
+        limits.max_connections_per_client,
+        &mut registry,
+    ));
     metrics.set_expiry("issuing", unix_secs(authority.not_after));
 
     let server_id = SpiffeId::new(format!("spiffe://{}/trustline/ca", authority.trust_domain))
@@ -161,6 +168,7 @@ pub async fn build(config: CaServeConfig, clock: Clock) -> Result<Bound, ServeEr
         svid_ttl: config.svid_ttl,
         rate: RateLimiter::new(config.rate_limit),
         peers: Arc::new(super::peers::Peers::default()),
+        body_timeout: limits.body_timeout,
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
 
@@ -208,7 +216,12 @@ pub async fn build(config: CaServeConfig, clock: Clock) -> Result<Bound, ServeEr
         shutdown_rx.clone(),
     ));
     tokio::spawn(prune_loop(state.clone(), shutdown_rx.clone()));
-    tokio::spawn(accept_loop(listener, tls, state.clone(), shutdown_rx));
+    let listen = Listen {
+        tls,
+        caps: conn_limits,
+        limits,
+    };
+    tokio::spawn(accept_loop(listener, listen, state.clone(), shutdown_rx));
     tracing::info!(api = %api_addr, admin = %admin_socket.display(), metrics = ?metrics_addr,
         trust_domain = %state.authority.trust_domain, region = ?state.authority.region, "CA serving");
     let bound = Bound {
@@ -325,13 +338,20 @@ async fn renew_server_cert(
     }
 }
 
+/// What the API listener serves connections with.
+struct Listen {
+    tls: Arc<rustls::ServerConfig>,
+    caps: Arc<ConnLimits>,
+    limits: CaLimits,
+}
+
 async fn accept_loop(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    listen: Listen,
     state: Arc<CaState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let acceptor = tokio_rustls::TlsAcceptor::from(listen.tls);
     loop {
         let (tcp, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -344,13 +364,23 @@ async fn accept_loop(
             },
             _ = shutdown.changed() => return,
         };
+        // Over a cap, the connection is closed before any TLS work is spent on it.
+        let Some(permit) = listen.caps.admit(addr.ip()) else {
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let state = state.clone();
         let shutdown = shutdown.clone();
+        let caps = listen.caps.clone();
+        let limits = listen.limits;
         let span = tracing::info_span!("ca_conn", client = %addr);
         tokio::spawn(
-            async move { serve_conn(acceptor, tcp, addr, state, shutdown).await }.instrument(span),
+            async move {
+                let _permit = permit;
+                serve_conn(acceptor, tcp, addr, state, &caps, limits, shutdown).await
+            }
+            .instrument(span),
         );
     }
 }
@@ -360,15 +390,19 @@ async fn serve_conn(
     tcp: tokio::net::TcpStream,
     addr: SocketAddr,
     state: Arc<CaState>,
+    caps: &ConnLimits,
+    limits: CaLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
+            caps.count("handshake_failed");
             tracing::info!(error = %e, "TLS handshake refused");
             return;
         }
         Err(_) => {
+            caps.count("handshake_timeout");
             tracing::info!("TLS handshake timed out");
             return;
         }
@@ -393,12 +427,21 @@ async fn serve_conn(
         let peer = peer.clone();
         async move { Ok::<_, std::convert::Infallible>(api::handle(&state, &peer, req).await) }
     });
+    // Without a timer hyper silently ignores `header_read_timeout`. The timeout also runs
+    // between requests of a keep-alive connection, so it bounds an idle connection too.
     let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(64 * 1024)
         .serve_connection(TokioIo::new(tls), svc);
     tokio::pin!(conn);
     tokio::select! {
-        r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "connection ended with error") },
+        r = conn.as_mut() => if let Err(e) = r {
+            if e.is_timeout() {
+                caps.count("header_timeout");
+            }
+            tracing::debug!(error = %e, "connection ended with error")
+        },
         _ = shutdown.changed() => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;

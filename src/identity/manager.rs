@@ -72,6 +72,9 @@ pub struct Identity {
     /// The roots from the sidecar's own configuration, kept across bundle refreshes.
     configured_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     bundle_fetches: std::sync::atomic::AtomicU64,
+    /// When the revocation list was last refreshed (Unix seconds; 0: never): a list that stops
+    /// refreshing fails open for new revocations, so it is exported for alerting.
+    revocation_refreshed: prometheus_client::metrics::gauge::Gauge,
     clock: Clock,
 }
 
@@ -90,6 +93,7 @@ impl Identity {
             trust,
             configured_roots,
             bundle_fetches: Default::default(),
+            revocation_refreshed: Default::default(),
             clock,
         }))
     }
@@ -108,6 +112,15 @@ impl Identity {
     pub fn bundle_fetches(&self) -> u64 {
         self.bundle_fetches
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Registers the identity's metrics (the revocation list's freshness).
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "trustline_revocation_list_refreshed_timestamp_seconds",
+            "When the revocation list was last fetched from the CA (Unix time; 0 = never); alert on time() minus this",
+            self.revocation_refreshed.clone(),
+        );
     }
 
     /// The shared trust state the TLS verifiers read.
@@ -345,7 +358,11 @@ async fn refresh_loop(
 ) {
     loop {
         match fetch_revoked(&client).await {
-            Ok(set) => identity.set_revoked(set),
+            Ok(set) => {
+                identity.set_revoked(set);
+                let now = crate::clock::unix_secs(identity.clock.now());
+                identity.revocation_refreshed.set(now as i64);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "refreshing the revocation list failed; keeping the last one")
             }

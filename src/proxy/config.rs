@@ -117,10 +117,23 @@ struct InboundFile {
     policy: Option<PathBuf>,
     service: Option<String>,
     reload_interval: Option<String>,
+    /// `[inbound.sessions]`: caps of multiplexed sessions from other sidecars.
+    #[serde(default)]
+    sessions: SessionLimitsFile,
     #[serde(default)]
     single_region_ids: Vec<String>,
     anomaly_window: Option<String>,
     refuse_on_anomaly: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionLimitsFile {
+    idle_timeout: Option<String>,
+    max_total: Option<usize>,
+    max_per_caller: Option<usize>,
+    max_streams: Option<u32>,
+    max_denied_streams: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,6 +207,71 @@ pub struct Inbound {
     pub reload_interval: Duration,
     /// Impossible-travel detection.
     pub anomaly: super::authz::AnomalyConfig,
+    /// Caps of the multiplexed sessions other sidecars open to this one.
+    pub sessions: SessionLimits,
+}
+
+/// Caps of inbound multiplexed sessions (`[inbound.sessions]`): what one caller, or one
+/// session, can hold of this sidecar.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionLimits {
+    /// A session with no open stream for this long is closed (GOAWAY). Callers re-open on
+    /// demand; a pre-warmed cross-region session is re-opened at once.
+    pub idle_timeout: Duration,
+    /// Sessions open at once, from all callers.
+    pub max_total: usize,
+    /// Sessions open at once from one caller SPIFFE ID (all its replicas together).
+    pub max_per_caller: usize,
+    /// Concurrent streams (application connections) of one session. A caller's pool holds one
+    /// session per destination, so this is also its concurrency to this sidecar.
+    pub max_streams: u32,
+    /// Streams of one session that may be refused (policy, a revoked or expired certificate)
+    /// before the session is closed: each refusal is an audit line and a log line, so this
+    /// bounds them per handshake, as for plain connections.
+    pub max_denied_streams: u32,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            idle_timeout: Duration::from_secs(120),
+            max_total: 4096,
+            max_per_caller: 256,
+            max_streams: 1000,
+            max_denied_streams: 16,
+        }
+    }
+}
+
+fn session_limits(ctx: &Ctx<'_>, f: &SessionLimitsFile) -> Result<SessionLimits, ConfigError> {
+    let d = SessionLimits::default();
+    let at_least_one = |key: &str, v: Option<usize>, default: usize| match v {
+        Some(0) => Err(ctx.err(format!("inbound.sessions.{key}"), "must be at least 1")),
+        v => Ok(v.unwrap_or(default)),
+    };
+    let idle_timeout = ctx.duration(
+        "inbound.sessions.idle_timeout",
+        f.idle_timeout.as_deref(),
+        d.idle_timeout,
+    )?;
+    if idle_timeout.is_zero() {
+        return Err(ctx.err("inbound.sessions.idle_timeout", "must be more than 0"));
+    }
+    Ok(SessionLimits {
+        idle_timeout,
+        max_total: at_least_one("max_total", f.max_total, d.max_total)?,
+        max_per_caller: at_least_one("max_per_caller", f.max_per_caller, d.max_per_caller)?,
+        max_streams: at_least_one(
+            "max_streams",
+            f.max_streams.map(|v| v as usize),
+            d.max_streams as usize,
+        )? as u32,
+        max_denied_streams: at_least_one(
+            "max_denied_streams",
+            f.max_denied_streams.map(|v| v as usize),
+            d.max_denied_streams as usize,
+        )? as u32,
+    })
 }
 
 /// The validated sidecar configuration.
@@ -319,6 +397,7 @@ impl SidecarConfig {
             None => None,
             Some(i) => Some(Inbound {
                 policy: inbound_policy(&ctx, i)?,
+                sessions: session_limits(&ctx, &i.sessions)?,
                 anomaly: super::authz::AnomalyConfig {
                     window: ctx.duration(
                         "inbound.anomaly_window",

@@ -22,6 +22,7 @@ pub mod live;
 pub mod metrics;
 mod outbound;
 pub mod redirect;
+mod session_limits;
 mod splice;
 pub(crate) use splice::splice;
 
@@ -119,6 +120,8 @@ pub(crate) struct Shared {
     /// Ports of the sidecar's own listeners (admin, inbound, outbound, explicit): never an app
     /// port, whatever `inbound.ports` says.
     pub own_ports: Vec<u16>,
+    /// Caps of inbound sessions, per caller and in total.
+    pub session_gate: session_limits::SessionGate,
 }
 
 /// A running sidecar: real addresses, identity, metrics, and the drain handle.
@@ -207,6 +210,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         .map_err(ProxyError::Identity)?;
     let mut registry = Registry::default();
     let metrics = ProxyMetrics::new(&mut registry);
+    identity.register(&mut registry);
     let audit = Arc::new(match &config.audit_log {
         Some(p) => crate::audit::AuditLog::open(p).map_err(|source| ProxyError::Audit {
             path: p.clone(),
@@ -357,6 +361,13 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         draining: stop_accepting_rx.clone(),
         live: live.clone(),
         own_ports,
+        session_gate: session_limits::SessionGate::new(
+            &config
+                .inbound
+                .as_ref()
+                .map(|i| i.sessions)
+                .unwrap_or_default(),
+        ),
         config,
     });
     tokio::spawn(watch_rotations(

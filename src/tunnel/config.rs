@@ -63,6 +63,72 @@ struct GatewayFile {
     exposed: Vec<ExposeFile>,
     #[serde(default, rename = "rule")]
     rules: Vec<RuleFile>,
+    #[serde(default)]
+    limits: LimitsFile,
+}
+
+/// `[limits]`: per-peer quotas of a gateway.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    max_connections_per_id: Option<usize>,
+    max_streams_per_id: Option<usize>,
+}
+
+/// Quotas that keep one workload (or one address) from taking a region's tunnel: its streams
+/// leaving for other regions, and its QUIC connections (each may buffer up to the transport's
+/// receive window, 32 MiB).
+#[derive(Clone, Copy, Debug)]
+pub struct GatewayLimits {
+    /// QUIC connections at once, from everyone.
+    pub max_connections: usize,
+    /// Connections (handshakes included) from one address (IPv6: one /64).
+    pub max_connections_per_ip: usize,
+    /// Connections from one workload SPIFFE ID (all its replicas together).
+    pub max_connections_per_id: usize,
+    /// Streams one workload SPIFFE ID may have open through this gateway, over all its
+    /// connections; far below a tunnel connection's 10,000, so a workload cannot take a
+    /// region's tunnel.
+    pub max_streams_per_id: usize,
+}
+
+impl Default for GatewayLimits {
+    fn default() -> Self {
+        GatewayLimits {
+            max_connections: 16_384,
+            max_connections_per_ip: 256,
+            max_connections_per_id: 256,
+            max_streams_per_id: 1024,
+        }
+    }
+}
+
+fn limits(ctx: &Ctx<'_>, f: &LimitsFile) -> Result<GatewayLimits, ConfigError> {
+    let d = GatewayLimits::default();
+    let get = |key: &str, v: Option<usize>, default: usize| match v {
+        Some(0) => Err(ctx.err(format!("limits.{key}"), "must be at least 1")),
+        v => Ok(v.unwrap_or(default)),
+    };
+    Ok(GatewayLimits {
+        max_connections: get("max_connections", f.max_connections, d.max_connections)?,
+        max_connections_per_ip: get(
+            "max_connections_per_ip",
+            f.max_connections_per_ip,
+            d.max_connections_per_ip,
+        )?,
+        max_connections_per_id: get(
+            "max_connections_per_id",
+            f.max_connections_per_id,
+            d.max_connections_per_id,
+        )?,
+        max_streams_per_id: get(
+            "max_streams_per_id",
+            f.max_streams_per_id,
+            d.max_streams_per_id,
+        )?,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,6 +247,8 @@ pub struct GatewayConfig {
     pub policy: RegionPolicy,
     /// How long a stream to an exposed address may take to connect.
     pub connect_timeout: Duration,
+    /// Per-peer quotas.
+    pub limits: GatewayLimits,
 }
 
 fn names(
@@ -312,6 +380,7 @@ impl GatewayConfig {
             exposed,
             policy: RegionPolicy { rules },
             connect_timeout: Duration::from_secs(5),
+            limits: limits(&ctx, &raw.limits)?,
         })
     }
 }

@@ -4,8 +4,9 @@
 //! workloads' mTLS: it reads the stream header and then only copies bytes.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use tokio::net::TcpStream;
@@ -20,6 +21,7 @@ use super::{code, gateway_id, TunnelPeer, HEADER_TIMEOUT};
 use crate::audit::AuditLog;
 use crate::clock::Clock;
 use crate::identity::manager::{self, Identity};
+use crate::limits::{client_key, Full, Gate, LogEvery, Permit};
 use crate::tls::mesh;
 
 /// How long a leaving stream waits for a path to the other region: shorter than the sidecar's
@@ -41,6 +43,31 @@ struct Gateway {
     metrics: TunnelMetrics,
     audit: Arc<AuditLog>,
     identity: Arc<Identity>,
+    quotas: Quotas,
+}
+
+/// The per-peer quotas of [`super::config::GatewayLimits`], as gates.
+struct Quotas {
+    /// QUIC connections (handshakes included), in total and per client address.
+    by_ip: Gate<IpAddr>,
+    /// Connections of each workload ID.
+    conns_by_id: Gate<Arc<str>>,
+    /// Open streams of each workload ID, over all its connections.
+    streams_by_id: Gate<Arc<str>>,
+    /// Quota refusals are logged and audited at most once a second (with how many were held
+    /// back): a workload at its quota could otherwise write a line per stream it tries.
+    log: LogEvery,
+}
+
+impl Quotas {
+    fn new(l: &super::config::GatewayLimits) -> Self {
+        Quotas {
+            by_ip: Gate::new(l.max_connections, l.max_connections_per_ip),
+            conns_by_id: Gate::new(l.max_connections, l.max_connections_per_id),
+            streams_by_id: Gate::new(usize::MAX, l.max_streams_per_id),
+            log: LogEvery::new(Duration::from_secs(1)),
+        }
+    }
 }
 
 /// A running gateway.
@@ -110,6 +137,7 @@ pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, String>
     }
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    identity.register(&mut registry);
     let admin = crate::admin::serve(
         config.admin,
         admin_state(registry, &identity, &peers),
@@ -117,12 +145,14 @@ pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, String>
     )
     .await
     .map_err(|e| format!("binding admin on {}: {e}", config.admin))?;
+    let config_limits = config.limits;
     let gw = Arc::new(Gateway {
         config,
         peers: peers.clone(),
         metrics: metrics.clone(),
         audit,
         identity: identity.clone(),
+        quotas: Quotas::new(&config_limits),
     });
     tokio::spawn(accept_loop(gw.clone(), endpoint.clone(), stop_rx));
     tracing::info!(region = %gw.config.region, %listen, %admin, peers = gw.peers.len(), "gateway listening");
@@ -178,15 +208,53 @@ async fn accept_loop(gw: Arc<Gateway>, endpoint: quinn::Endpoint, mut stop: watc
             },
             _ = stop.changed() => return,
         };
+        let remote = incoming.remote_address();
+        // Before the handshake: one address cannot hold every connection slot.
+        let place = match gw.quotas.by_ip.enter(client_key(remote.ip())) {
+            Ok(p) => p,
+            Err(full) => {
+                let reason = match full {
+                    Full::Total => "connection_cap",
+                    Full::PerKey => "connection_cap_ip",
+                };
+                refuse_over_quota(&gw, remote, None, reason, "too many QUIC connections");
+                incoming.refuse();
+                continue;
+            }
+        };
         let gw = gw.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
+            let _place = place;
             match incoming.await {
                 Ok(conn) => serve_conn(gw, conn, stop).await,
                 Err(e) => tracing::debug!(%remote, error = %e, "tunnel handshake failed"),
             }
         });
+    }
+}
+
+/// Counts a quota refusal, and logs and audits it at most once a second (with how many were
+/// held back since the last line).
+fn refuse_over_quota(
+    gw: &Gateway,
+    remote: SocketAddr,
+    peer_id: Option<&str>,
+    reason: &'static str,
+    what: &str,
+) {
+    let family = if reason == "stream_quota" {
+        &gw.metrics.refused
+    } else {
+        &gw.metrics.refused_connections
+    };
+    family.get_or_create(&Refused { reason }).inc();
+    if let Some(held_back) = gw.quotas.log.allow() {
+        tracing::warn!(%remote, peer_id, reason, held_back, "{what}: refused");
+        let detail = format!("{reason}: {what} ({held_back} more refused since the last event)");
+        let mut ev = TunnelEvent::new("quota_refused", remote, None, detail);
+        ev.peer_id = peer_id.map(str::to_string);
+        gw.audit.record(&ev);
     }
 }
 
@@ -235,8 +303,10 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
             ev.peer_id = Some(gateway_id(gw.identity.id().trust_domain(), region).to_string());
             gw.audit.record(&ev);
             tracing::info!(%remote, %region, "gateway of another region connected");
+            // Labelled by the peer's identity, never its ip:port: every reconnection would add
+            // new series.
             Some(PathLabels {
-                peer: remote.to_string(),
+                peer: gateway_id(gw.identity.id().trust_domain(), region).to_string(),
                 region: region.clone(),
             })
         }
@@ -245,8 +315,31 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
             None
         }
     };
+    // A workload's key for its quotas, shared by its streams (no allocation per stream).
+    let workload: Option<Arc<str>> = match &role {
+        Role::Workload { id } => Some(Arc::from(id.as_str())),
+        Role::Gateway { .. } => None,
+    };
+    let _conn_place = match &workload {
+        Some(id) => match gw.quotas.conns_by_id.enter(id.clone()) {
+            Ok(p) => Some(p),
+            Err(_) => {
+                refuse_over_quota(
+                    &gw,
+                    remote,
+                    Some(id),
+                    "connection_quota",
+                    "too many connections of one workload",
+                );
+                conn.close(quinn::VarInt::from_u32(code::REFUSED), b"connection quota");
+                return;
+            }
+        },
+        None => None,
+    };
+    // Several gateways of a region share the label set: the gauge counts their connections.
     if let Some(l) = &labels {
-        gw.metrics.up.get_or_create(l).set(1);
+        gw.metrics.up.get_or_create(l).inc();
     }
     // The peer's certificate is re-checked for revocation while the connection lasts: on every
     // change of the revocation list, and at least every refresh interval. (Not for expiry: the
@@ -264,13 +357,7 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
             r = revocations.changed() => r.is_ok(),
             s = conn.accept_bi() => match s {
                 Ok(bi) => {
-                    let gw = gw.clone();
-                    let role = role.clone();
-                    let labels = labels.clone();
-                    tokio::spawn(async move {
-                        let io = quic_io(bi);
-                        handle_stream(&gw, role, io, remote, labels).await;
-                    });
+                    accept_stream(&gw, bi, &role, workload.as_ref(), remote, &labels);
                     continue;
                 }
                 Err(e) => {
@@ -295,7 +382,50 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
         }
     }
     if let Some(l) = &labels {
-        gw.metrics.up.get_or_create(l).set(0);
+        gw.metrics.up.get_or_create(l).dec();
+    }
+}
+
+/// Serves one stream of a tunnel connection, or resets it when `workload` is over its quota.
+fn accept_stream(
+    gw: &Arc<Gateway>,
+    bi: (quinn::SendStream, quinn::RecvStream),
+    role: &Role,
+    workload: Option<&Arc<str>>,
+    remote: SocketAddr,
+    labels: &Option<PathLabels>,
+) {
+    let place = match stream_place(gw, workload) {
+        Ok(p) => p,
+        Err(id) => {
+            let why = "too many open streams of one workload";
+            refuse_over_quota(gw, remote, Some(id), "stream_quota", why);
+            reset(&mut quic_io(bi), code::REFUSED);
+            return;
+        }
+    };
+    let (gw, role, labels) = (gw.clone(), role.clone(), labels.clone());
+    tokio::spawn(async move {
+        let _place = place;
+        let io = quic_io(bi);
+        handle_stream(&gw, role, io, remote, labels).await;
+    });
+}
+
+/// A place for one more stream of `workload` (none needed for a peer gateway's streams), or the
+/// workload that is at its quota.
+fn stream_place<'a>(
+    gw: &Gateway,
+    workload: Option<&'a Arc<str>>,
+) -> Result<Option<Permit<Arc<str>>>, &'a str> {
+    match workload {
+        None => Ok(None),
+        Some(id) => gw
+            .quotas
+            .streams_by_id
+            .enter(id.clone())
+            .map(Some)
+            .map_err(|_| id.as_ref()),
     }
 }
 

@@ -9,7 +9,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
-/// One tunnel path: the peer's address and region.
+/// One tunnel path: the peer's configured address (or, for an accepted peer gateway, its
+/// SPIFFE ID; never an ephemeral ip:port) and region.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PathLabels {
     pub peer: String,
@@ -42,6 +43,10 @@ pub struct TunnelMetrics {
     pub reconnects: Family<PathLabels, Counter>,
     pub failovers: Counter,
     pub refused: Family<Refused, Counter>,
+    /// QUIC connections refused by a quota, by reason.
+    pub refused_connections: Family<Refused, Counter>,
+    /// Stream opens that found no stream credit on the path within their wait.
+    pub open_timeouts: Counter,
 }
 
 impl TunnelMetrics {
@@ -81,6 +86,16 @@ impl TunnelMetrics {
             "trustline_tunnel_failovers",
             "Paths lost while another path to the same region stayed up",
             self.failovers.clone(),
+        );
+        r.register(
+            "trustline_tunnel_open_timeouts",
+            "Streams not opened: the path had no stream credit within the wait",
+            self.open_timeouts.clone(),
+        );
+        r.register(
+            "trustline_tunnel_refused_connections",
+            "QUIC connections refused by a quota (per address, per workload, in total), by reason",
+            self.refused_connections.clone(),
         );
         r.register(
             "trustline_tunnel_refused_streams",

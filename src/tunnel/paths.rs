@@ -19,6 +19,8 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The least a stream open waits for credit, even when the path wait is nearly spent.
+const MIN_OPEN_WAIT: Duration = Duration::from_millis(100);
 
 /// One QUIC connection to one gateway, replaced when lost.
 pub struct Path {
@@ -149,7 +151,21 @@ impl Paths {
         loop {
             let notified = self.changed.notified();
             if let Some((path, conn)) = self.pick() {
-                match conn.open_bi().await {
+                // A path out of stream credit (the peer's stream limit reached) would otherwise
+                // hold this open, and every caller behind it, without bound.
+                let left = deadline.saturating_duration_since(Instant::now());
+                let opened =
+                    match tokio::time::timeout(left.max(MIN_OPEN_WAIT), conn.open_bi()).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            self.metrics.open_timeouts.inc();
+                            return Err(format!(
+                                "no stream credit on the path to region {} ({}) within {wait:?}",
+                                self.region, path.addr
+                            ));
+                        }
+                    };
+                match opened {
                     Ok(bi) => {
                         path.active.fetch_add(1, Ordering::Relaxed);
                         self.metrics.active.get_or_create(&path.labels).inc();

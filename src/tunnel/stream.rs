@@ -4,6 +4,8 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -24,6 +26,10 @@ pub struct H2Stream {
     send: h2::SendStream<Bytes>,
     recv: Recv,
     shut: bool,
+    /// Set once the peer's reset was counted (so a stream counts once).
+    reset_seen: bool,
+    /// Where the answering side counts streams the caller reset (its session's churn budget).
+    resets: Option<Arc<AtomicU32>>,
 }
 
 fn io_err(e: h2::Error) -> io::Error {
@@ -48,6 +54,8 @@ impl H2Stream {
             send,
             recv: Recv::Pending(response),
             shut: false,
+            reset_seen: false,
+            resets: None,
         }
     }
 
@@ -57,7 +65,26 @@ impl H2Stream {
             send,
             recv: Recv::Body(body, Bytes::new()),
             shut: false,
+            reset_seen: false,
+            resets: None,
         }
+    }
+
+    /// Counts into `resets` when the peer resets this stream.
+    pub fn count_resets(mut self, resets: Arc<AtomicU32>) -> Self {
+        self.resets = Some(resets);
+        self
+    }
+
+    /// `e` as an I/O error, counting it first if it is the peer's reset.
+    fn fail(&mut self, e: h2::Error) -> io::Error {
+        if e.is_reset() && e.is_remote() && !self.reset_seen {
+            self.reset_seen = true;
+            if let Some(c) = &self.resets {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        io_err(e)
     }
 }
 
@@ -97,7 +124,7 @@ impl AsyncRead for H2Stream {
                                 self.recv = Recv::Done;
                                 return Poll::Ready(Ok(()));
                             }
-                            return Poll::Ready(Err(io_err(e)));
+                            return Poll::Ready(Err(self.fail(e)));
                         }
                         None => {
                             self.recv = Recv::Done;
@@ -124,15 +151,18 @@ impl AsyncWrite for H2Stream {
             let cap = self.send.capacity();
             if cap > 0 {
                 let n = cap.min(buf.len()).min(MAX_CHUNK);
-                self.send
+                if let Err(e) = self
+                    .send
                     .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                    .map_err(io_err)?;
+                {
+                    return Poll::Ready(Err(self.fail(e)));
+                }
                 return Poll::Ready(Ok(n));
             }
             self.send.reserve_capacity(buf.len().min(MAX_CHUNK));
             match ready!(self.send.poll_capacity(cx)) {
                 Some(Ok(_)) => continue,
-                Some(Err(e)) => return Poll::Ready(Err(io_err(e))),
+                Some(Err(e)) => return Poll::Ready(Err(self.fail(e))),
                 None => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::BrokenPipe,

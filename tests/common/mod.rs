@@ -163,6 +163,7 @@ pub async fn start_ca_with(svid_ttl: Duration, extra_roots: &[&Pki]) -> Ca {
         audit_log: None,
         rate_limit: 0,
         peers: Default::default(),
+        limits: Default::default(),
     };
     let bound = trustline::ca::server::build(config, Clock::system())
         .await

@@ -1515,3 +1515,86 @@ action = "permit"
         .await
         .expect("batch allowed now");
 }
+
+/// Speaks HTTP/1.1 to `checkout`'s inbound directly over mTLS as `caller` (no pooled session):
+/// sends one request and returns whatever came back (empty when the connection was closed).
+async fn direct_http(mesh: &Mesh, checkout: &Bound, caller: &Bound, path: &str) -> String {
+    use trustline::tls::{ExpectedPeer, SpiffeServerVerifier, TLS13_ONLY};
+    let bundle = trustline::identity::Bundle::from_pem(
+        mesh.td.clone(),
+        &std::fs::read(mesh.root.join("bundle.pem")).unwrap(),
+        "bundle",
+    )
+    .unwrap();
+    let svid = caller.identity.current().expect("caller SVID");
+    let verifier = SpiffeServerVerifier::new(
+        bundle.store(),
+        ExpectedPeer::AnyOf(vec![mesh.id("checkout")]),
+    );
+    let mut cfg = rustls::ClientConfig::builder_with_provider(trustline::tls::provider())
+        .with_protocol_versions(TLS13_ONLY)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(verifier))
+        .with_client_auth_cert(svid.chain.clone(), svid.key.clone_key())
+        .unwrap();
+    cfg.alpn_protocols = vec![trustline::tls::mesh::MESH_ALPN.to_vec()];
+    let tcp = TcpStream::connect(checkout.inbound.unwrap()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("checkout").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let Ok(mut tls) = connector.connect(name, tcp).await else {
+        return String::new();
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: checkout\r\nConnection: close\r\n\r\n");
+    if tls.write_all(req.as_bytes()).await.is_err() {
+        return String::new();
+    }
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, tls.read_to_end(&mut got))
+        .await
+        .expect("answered or closed");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn an_http_port_refuses_the_connection_of_a_caller_no_rule_could_ever_allow() {
+    let mesh = Mesh::new(&["eu-west"]).await;
+    let app = http_app().await;
+    let policy = mesh.policy_path();
+    write_policy(
+        &policy,
+        &format!(
+            r#"[service.checkout]
+http_ports = [{port}]
+
+[[service.checkout.rule]]
+name = "frontend-orders"
+action = "allow"
+from = ["{frontend}"]
+paths = ["/orders/*"]
+"#,
+            port = app.port(),
+            frontend = mesh.id("frontend"),
+        ),
+    );
+    let checkout = mesh
+        .checkout(Protect {
+            app,
+            policy: &policy,
+            reload_interval: NEVER,
+            clock: Clock::system(),
+        })
+        .await;
+    let frontend = mesh.caller("frontend", 0, &checkout).await;
+    let batch = mesh.caller("batch", 0, &checkout).await;
+    let allowed = direct_http(&mesh, &checkout, &frontend, "/orders/1").await;
+    assert!(allowed.starts_with("HTTP/1.1 200"), "{allowed}");
+    // batch could never be allowed a request: no connection to send them on.
+    let refused = direct_http(&mesh, &checkout, &batch, "/orders/1").await;
+    assert_eq!(refused, "", "batch got an HTTP answer");
+    eventually("the refusal is counted with its rule", || {
+        checkout.metrics.failures("inbound", "policy_denied") == 1
+            && decisions(&checkout, "default", "deny", "enforced") == 1
+    })
+    .await;
+}

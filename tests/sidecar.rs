@@ -1119,3 +1119,56 @@ async fn a_session_is_refused_to_a_caller_no_stream_of_which_could_be_admitted()
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_home_made_copy_of_the_root_after_a_root_issued_leaf_is_refused() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web")]).await;
+    // A leaf signed by the root itself (no intermediate, so no region)...
+    let root = trustline::ca::authority::Authority::load(&ca.pki.root).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let issued = root
+        .sign_leaf(
+            &id("web"),
+            &key,
+            HOUR,
+            SystemTime::now(),
+            trustline::ca::authority::LeafUsage::Svid,
+        )
+        .unwrap();
+    // ...then a certificate with the root's name and public key but signed by another key,
+    // claiming a region: it would pass for a copy of the root and be read as the leaf's issuer.
+    let root_der = ca.pki.roots().remove(0);
+    let (_, parsed) = x509_parser::parse_x509_certificate(&root_der).unwrap();
+    let spki =
+        rcgen::SubjectPublicKeyInfo::from_der(parsed.tbs_certificate.subject_pki.raw).unwrap();
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, ca.pki.td.to_string());
+    dn.push(
+        DnType::CommonName,
+        format!("trustline root CA {}", ca.pki.td),
+    );
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let region = format!("spiffe://{}/trustline/region/us", ca.pki.td);
+    p.subject_alt_names = vec![SanType::URI(region.try_into().unwrap())];
+    let forger = KeyPair::generate().unwrap();
+    let forger_issuer = Issuer::new(CertificateParams::default(), forger);
+    let fake = p.signed_by(&spki, &forger_issuer).unwrap();
+    assert_eq!(
+        x509_parser::parse_x509_certificate(fake.der())
+            .unwrap()
+            .1
+            .subject(),
+        parsed.subject(),
+        "the copy names the root"
+    );
+    let cred = Cred {
+        chain: vec![issued.leaf.clone(), fake.der().clone()],
+        key: pkcs8(&key),
+    };
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(cred));
+    assert_refused(&b, cfg, "stray_certificate").await;
+}

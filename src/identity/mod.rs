@@ -231,16 +231,39 @@ pub struct Bundle {
     store: Arc<RootCertStore>,
 }
 
-/// The trust domain a CA certificate names in its SPIFFE URI SAN, if it has one.
-fn trust_domain_of(cert: &CertificateDer<'_>) -> Option<TrustDomain> {
-    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    let sans = c.subject_alternative_name().ok()??;
-    sans.value.general_names.iter().find_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => {
-            SpiffeId::new(*u).ok().map(|id| id.trust_domain().clone())
+/// Which trust domain a root speaks for, by its SPIFFE URI SAN.
+enum RootDomain {
+    /// No SPIFFE URI at all: the bundle's own (whoever configured it said so).
+    Unnamed,
+    Named(TrustDomain),
+    /// A SAN that does not parse, or a `spiffe://` URI that is not a valid SPIFFE ID: never
+    /// taken for ours (fail closed).
+    Unreadable,
+}
+
+fn root_domain(cert: &CertificateDer<'_>) -> RootDomain {
+    let Ok((_, c)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return RootDomain::Unreadable;
+    };
+    let sans = match c.subject_alternative_name() {
+        Ok(Some(s)) => s,
+        Ok(None) => return RootDomain::Unnamed,
+        Err(_) => return RootDomain::Unreadable,
+    };
+    let spiffe = sans.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u)
+            if u.get(..9)
+                .is_some_and(|s| s.eq_ignore_ascii_case("spiffe://")) =>
+        {
+            Some(*u)
         }
         _ => None,
-    })
+    });
+    match spiffe.map(SpiffeId::new) {
+        None => RootDomain::Unnamed,
+        Some(Ok(id)) => RootDomain::Named(id.trust_domain().clone()),
+        Some(Err(_)) => RootDomain::Unreadable,
+    }
 }
 
 impl Bundle {
@@ -252,8 +275,12 @@ impl Bundle {
     ) -> Result<Self, IdentityError> {
         let mut store = RootCertStore::empty();
         for r in &roots {
-            let td = trust_domain_of(r);
-            if td.as_ref().is_some_and(|td| *td != trust_domain) {
+            let ours = match root_domain(r) {
+                RootDomain::Unnamed => true,
+                RootDomain::Named(td) => td == trust_domain,
+                RootDomain::Unreadable => false,
+            };
+            if !ours {
                 continue;
             }
             store
@@ -310,5 +337,36 @@ impl Bundle {
         crate::tls::verify_path(&self.store, by, leaf, intermediates, now)
             .map_err(|e| IdentityError::Untrusted(e.to_string()))?;
         Ok(info)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root(uri: Option<&str>) -> CertificateDer<'static> {
+        let mut p = rcgen::CertificateParams::default();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        if let Some(u) = uri {
+            p.subject_alt_names = vec![rcgen::SanType::URI(u.try_into().unwrap())];
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn only_roots_of_the_bundles_trust_domain_or_naming_none_verify_its_identities() {
+        let td = parse_trust_domain("mesh.test").unwrap();
+        let trusted = |uri: Option<&str>| {
+            let b = Bundle::new(td.clone(), vec![root(uri)]).unwrap();
+            assert_eq!(b.roots.len(), 1, "every root is carried");
+            !b.store().is_empty()
+        };
+        assert!(trusted(None));
+        assert!(trusted(Some("spiffe://mesh.test")));
+        assert!(!trusted(Some("spiffe://other.test")));
+        // Not a valid SPIFFE ID (upper case): not taken for ours either.
+        assert!(!trusted(Some("spiffe://Other.Test")));
+        assert!(!trusted(Some("SPIFFE://other.test")));
     }
 }

@@ -74,6 +74,10 @@ pub enum PathError {
     Backslash { at: usize },
     #[error("`;` at byte {at} (path_semicolons = \"refuse\")")]
     Semicolon { at: usize },
+    #[error(
+        "dot segment with parameters {segment:?} (servers that cut `;params` read it as `..`)"
+    )]
+    DotSegmentParams { segment: String },
 }
 
 /// What one byte of a path is, before normalisation.
@@ -135,6 +139,14 @@ pub fn normalise<'a>(path: &'a str, opts: &PathOptions) -> Result<Cow<'a, str>, 
         return Ok(Cow::Borrowed(path));
     }
     let decoded = decode(path.as_bytes(), opts)?;
+    if let Some(segment) = decoded
+        .split('/')
+        .find(|s| is_dot_with_params(s.as_bytes()))
+    {
+        return Err(PathError::DotSegmentParams {
+            segment: segment.to_string(),
+        });
+    }
     Ok(Cow::Owned(remove_dots(&decoded)))
 }
 
@@ -176,8 +188,17 @@ fn is_normal(p: &[u8], opts: &PathOptions) -> bool {
     !is_dot_segment(&p[seg..])
 }
 
+/// A dot segment, or (only possible with `path_semicolons = "keep"`) one with parameters.
 fn is_dot_segment(s: &[u8]) -> bool {
-    s == b"." || s == b".."
+    s == b"." || s == b".." || is_dot_with_params(s)
+}
+
+/// `.;x` or `..;x`: a dot segment to a server that cuts `;params` out of segments (Tomcat,
+/// Spring: `/api/..;/admin` is `/admin` to them), an ordinary name to RFC 3986. Read either
+/// way it would decide one path and serve another, so it is refused.
+fn is_dot_with_params(s: &[u8]) -> bool {
+    let base = s.split(|b| *b == b';').next().unwrap_or_default();
+    base.len() < s.len() && (base == b"." || base == b"..")
 }
 
 /// Step 1–3: checks every byte, decodes unreserved escapes, upper-cases the others, applies the
@@ -342,6 +363,19 @@ mod tests {
             ("/%2F%2fadmin", "/admin"),
             ("/admin;x/y", "/admin;x/y"),
         ];
+        // `..;` is `..` to Tomcat and Spring: refused even when semicolons are kept.
+        for raw in [
+            "/api/..;/admin",
+            "/api/..;x/admin",
+            "/api/.;/x",
+            "/api/%2e%2e;/admin",
+        ] {
+            assert!(
+                matches!(norm(raw, &LENIENT), Err(PathError::DotSegmentParams { .. })),
+                "{raw:?}: {:?}",
+                norm(raw, &LENIENT)
+            );
+        }
         for (raw, want) in table {
             // `\admin` does not start with `/`: still refused, decoding happens after.
             if raw.starts_with('\\') {

@@ -276,8 +276,11 @@ impl Authz {
                 generation,
             };
         }
-        // On HTTP ports the decision is per request; the connection itself is let through.
-        let (outcome, rule) = if self.is_http_port(c.port) {
+        // On HTTP ports the decision is per request; the connection itself is let through,
+        // unless no request of this caller could ever be allowed (then it is decided, and
+        // refused, as a connection: it gets no connection to send denied request after
+        // denied request on).
+        let (outcome, rule) = if self.is_http_port(c.port) && self.could_admit(c) {
             (Outcome::Allow, "http-per-request".to_string())
         } else {
             self.decide(c, None, true)
@@ -287,6 +290,15 @@ impl Authz {
             rule,
             generation,
         }
+    }
+
+    /// Whether some connection or request of `c` could be allowed at some time
+    /// ([`crate::policy::reach::could_admit`]).
+    pub fn could_admit(&self, c: &Caller<'_>) -> bool {
+        let policy = self.policy.load();
+        policy
+            .service(&self.service)
+            .is_some_and(|svc| crate::policy::reach::could_admit(svc, c.peer, c.region, c.port))
     }
 
     /// Whether `serial` is refused after impossible travel; forgets an expired refusal.

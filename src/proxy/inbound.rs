@@ -136,10 +136,12 @@ fn could_admit(caller: &PeerCert, port: u16, shared: &Shared) -> bool {
         let inbound = shared.config.inbound.as_ref().expect("inbound configured");
         return inbound.allow.contains(&caller.info.id);
     };
-    let policy = authz.policy();
-    policy.service(&authz.service).is_some_and(|svc| {
-        let (peer, region) = (caller.info.id.to_string(), caller.region.as_deref());
-        crate::policy::reach::could_admit(svc, &peer, region, port)
+    let (peer, serial) = (caller.info.id.to_string(), caller.info.serial.to_string());
+    authz.could_admit(&Caller {
+        peer: &peer,
+        serial: &serial,
+        region: caller.region.as_deref(),
+        port,
     })
 }
 

@@ -158,7 +158,10 @@ pub fn verify_path(
     }
 }
 
-/// `chain` without the copies of trusted roots at its end (senders may include the root).
+/// `chain` without the copies of trusted roots at its end (senders may include the root). A
+/// copy has a trusted root's subject and key *and* is signed by that key: a home-made
+/// certificate that merely borrows a root's name and public key (to be read as the issuer of
+/// a leaf the root signed) stays in the chain, and the path check then refuses it.
 fn without_trailing_roots<'a, 'c>(
     mut chain: &'a [CertificateDer<'c>],
     roots: &RootCertStore,
@@ -168,13 +171,19 @@ fn without_trailing_roots<'a, 'c>(
             roots.roots.iter().any(|r| {
                 r.subject == a.subject && r.subject_public_key_info == a.subject_public_key_info
             })
-        });
+        }) && self_signed(last);
         if !is_root {
             break;
         }
         chain = rest;
     }
     chain
+}
+
+/// Whether `cert` carries a valid signature by its own key.
+fn self_signed(cert: &CertificateDer<'_>) -> bool {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .is_ok_and(|(_, c)| c.verify_signature(None).is_ok())
 }
 
 /// A webpki error as rustls reports it (the mapping rustls' own verifiers use), so metrics keep

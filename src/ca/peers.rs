@@ -138,6 +138,12 @@ pub fn parse_list(body: &[u8], now: u64) -> Result<PeerList, PeerError> {
     let mut banned = Vec::with_capacity(doc.spiffe_ids.len());
     for b in doc.spiffe_ids {
         let id = parse_id(&b.spiffe_id).map_err(|_| PeerError::Entry(b.spiffe_id))?;
+        // trustline's own roles (gateways, CAs) are never cut off from another region: a ban
+        // of gateway/b published by CA a would stop region b's own gateway from renewing. A
+        // peer can still revoke such a certificate by serial.
+        if id.path().starts_with("/trustline/") {
+            continue;
+        }
         banned.push((id.to_string(), b.since));
     }
     Ok(PeerList {
@@ -352,6 +358,13 @@ mod tests {
         assert_eq!(l.revoked.len(), 2);
         assert_eq!(l.revoked[0], (Serial::parse_hex("0b").unwrap(), 200));
         assert_eq!(l.revoked[1].1, 100 + MAX_SVID_TTL.as_secs());
+        assert_eq!(l.banned, vec![("spiffe://td/ns/x/sa/y".to_string(), 3)]);
+    }
+
+    #[test]
+    fn a_peer_cannot_ban_trustlines_own_roles() {
+        let body = br#"{"sequence":1,"revoked":[],"spiffe_ids":[{"spiffe_id":"spiffe://td/trustline/gateway/b","since":3},{"spiffe_id":"spiffe://td/trustline/ca","since":3},{"spiffe_id":"spiffe://td/ns/x/sa/y","since":3}]}"#;
+        let l = parse_list(body, 100).unwrap();
         assert_eq!(l.banned, vec![("spiffe://td/ns/x/sa/y".to_string(), 3)]);
     }
 

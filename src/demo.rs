@@ -92,7 +92,8 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         &std::fs::read(root.join("bundle.pem"))?,
         "bundle.pem",
     )?;
-    let client = CaClient::new(&format!("https://{}", ca.api), bundle, Clock::system())?;
+    let client = CaClient::new(&format!("https://{}", ca.api), bundle, Clock::system())?
+        .expect_region("eu-west");
     println!("\n3. Two workloads join with single-use tokens (keys never leave them):");
     let mut svids = Vec::new();
     for (who, id) in [
@@ -231,6 +232,7 @@ async fn sidecar(
             source: IdentitySource::Ca {
                 url: format!("https://{ca_url}"),
                 token_file,
+                region: Some("eu-west".into()),
             },
             refresh: Duration::from_secs(30),
         },

@@ -139,7 +139,7 @@ impl Lab {
         }
         // Each CA republishes the other's revocations; their ports are known only now.
         for (i, region) in regions.iter().enumerate() {
-            let other = format!("https://{}", regions[1 - i].ca.api);
+            let other = format!("{}=https://{}", regions[1 - i].name, regions[1 - i].ca.api);
             region
                 .ca
                 .set_peers(&[other])

@@ -240,9 +240,10 @@ struct ServeArgs {
     /// SVID requests per second per client IP, 0 for no limit [default: 50].
     #[arg(long)]
     rate_limit: Option<u32>,
-    /// Another region's CA (https://HOST:PORT) whose revocations this CA pulls and serves with
-    /// its own (repeatable; replaces `peers` of the file).
-    #[arg(long = "peer-ca", value_name = "URL")]
+    /// Another region's CA (https://HOST:PORT, or REGION=https://HOST:PORT to require that
+    /// region's CA) whose revocations this CA pulls and serves with its own (repeatable;
+    /// replaces `peers` of the file). A peer of this CA's own region is refused.
+    #[arg(long = "peer-ca", value_name = "[REGION=]URL")]
     peer_ca: Vec<String>,
     /// How often each peer CA's revocations are pulled [default: 5s].
     #[arg(long)]

@@ -45,6 +45,8 @@ fn example_ca_config_is_valid() {
     let c = CaServeConfig::resolve(CaServeFile::default(), Some(&file)).unwrap();
     assert_eq!(c.ca_dir, dir.join("pki/eu-west"));
     assert_eq!(c.svid_ttl, Duration::from_secs(24 * 3600));
+    let peers = trustline::ca::config::parse_peers(&c.peers.urls).unwrap();
+    assert_eq!(peers[0].region.as_deref(), Some("us-east"));
 }
 
 #[test]
@@ -149,6 +151,11 @@ fn example_gateway_and_cross_region_configs_are_valid() {
         "spiffe://example.org/trustline/gateway/eu-west"
     );
     assert_eq!(g.peers[0].addresses.len(), 2);
+    // The gateway's CA must be its own region's (the region check of the CA client).
+    assert!(matches!(
+        &g.identity.source,
+        trustline::identity::manager::IdentitySource::Ca { region: Some(r), .. } if r == "eu-west"
+    ));
     assert_eq!(
         g.policy.decide("us-east", "eu-west", "checkout"),
         (true, "us-to-checkout".to_string())
@@ -161,6 +168,10 @@ fn example_gateway_and_cross_region_configs_are_valid() {
     std::fs::write(&file, example("sidecar-cross-region.toml")).unwrap();
     let s = SidecarConfig::load(&file).unwrap();
     assert_eq!(s.services[0].region.as_deref(), Some("eu-west"));
+    assert!(matches!(
+        &s.identity.source,
+        trustline::identity::manager::IdentitySource::Ca { region: Some(r), .. } if r == "us-east"
+    ));
     assert_eq!(s.tunnel.unwrap().gateways.len(), 2);
 }
 

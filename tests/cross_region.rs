@@ -965,3 +965,117 @@ async fn a_path_without_stream_credit_refuses_within_the_wait_instead_of_hanging
         "{metrics}"
     );
 }
+
+fn lab_bundle(lab: &Lab) -> trustline::identity::Bundle {
+    trustline::identity::Bundle::from_pem(
+        lab.td.clone(),
+        &std::fs::read(lab.bundle()).unwrap(),
+        "bundle",
+    )
+    .unwrap()
+}
+
+/// Every regional CA's server certificate names `spiffe://TD/trustline/ca`, so without the
+/// region check whoever holds one region's CA key can serve another region's sidecars a forged
+/// bundle and an empty revocation list.
+#[tokio::test]
+async fn a_ca_of_another_region_cannot_stand_in_for_ours() {
+    use trustline::ca::client::CaClient;
+    use trustline::identity::manager::IdentitySource;
+    let (_d, lab) = lab(LabOptions::default()).await;
+    let b_url = format!("https://{}", lab.region("b").ca.api);
+    let client =
+        CaClient::new(&b_url, lab_bundle(&lab), trustline::clock::Clock::system()).unwrap();
+    // Region b's own clients reach it.
+    let ca_b = client.clone().expect_region("b");
+    ca_b.fetch_bundle_pem()
+        .await
+        .expect("CA b is region b's CA");
+    // A client of region a pointed at CA b is refused in the handshake, saying why.
+    let for_a = client.expect_region("a");
+    let e = for_a.fetch_bundle_pem().await.unwrap_err();
+    assert!(
+        matches!(e, trustline::ca::client::ClientError::Tls(_)),
+        "refused in TLS: {e}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains("issued by region b's CA") && msg.contains("expected region a's CA"),
+        "{msg}"
+    );
+    let e = trustline::identity::manager::fetch_revoked(&for_a)
+        .await
+        .unwrap_err();
+    assert!(e.contains("expected region a"), "{e}");
+    // The roles pass their region on: a sidecar of region a that is sent to CA b gets neither
+    // its bundle nor its revocation list there.
+    let app = echo_app().await;
+    let sections = format!(
+        "[inbound]\nlisten = \"127.0.0.1:0\"\napp_address = \"{app}\"\nallow = [\"{}\"]\n",
+        wid("x")
+    );
+    let mut cfg = lab.sidecar_config("a", "web", &sections).await.unwrap();
+    match &mut cfg.identity.source {
+        IdentitySource::Ca { url, region, .. } => {
+            assert_eq!(region.as_deref(), Some("a"));
+            *url = b_url;
+        }
+        other => panic!("a CA source: {other:?}"),
+    }
+    let sidecar = trustline::proxy::build(cfg, trustline::clock::Clock::system())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        sidecar.identity.bundle_fetches(),
+        0,
+        "nothing taken from CA b"
+    );
+}
+
+#[tokio::test]
+async fn a_peer_of_our_own_region_is_refused() {
+    let (_d, lab) = lab(LabOptions::default()).await;
+    let a = &lab.region("a").ca;
+    let own = format!("https://{}", a.api);
+    let b_url = format!("https://{}", lab.region("b").ca.api);
+    // A peer named as our own region's CA is refused at configuration.
+    let e = a.set_peers(&[format!("a={b_url}")]).unwrap_err();
+    assert!(e.contains("this CA's own region"), "{e}");
+    let client = trustline::ca::client::CaClient::new(
+        &own,
+        lab_bundle(&lab),
+        trustline::clock::Clock::system(),
+    )
+    .unwrap()
+    .expect_region("a");
+    let peer = || async {
+        let body = client.get_limited("/v1/revoked", 1 << 20).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["peers"][0].clone()
+    };
+    // A peer whose certificate our own region's CA issued (here: ourselves) is not believed.
+    a.set_peers(std::slice::from_ref(&own)).unwrap();
+    eventually_async("CA a refuses a peer of its own region", || async {
+        peer().await["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("issued by region a's CA, this CA's own region"))
+    })
+    .await;
+    assert!(peer().await["fetched_at"].is_null());
+    // A peer named as region b's CA must be region b's.
+    a.set_peers(&[format!("b={own}")]).unwrap();
+    eventually_async("CA a refuses a peer that is not region b's CA", || async {
+        peer().await["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("expected region b's CA"))
+    })
+    .await;
+    // The real one is followed, and its region is shown.
+    a.set_peers(&[format!("b={b_url}")]).unwrap();
+    eventually_async("CA a follows CA b", || async {
+        let p = peer().await;
+        p["error"].is_null() && p["region"] == "b"
+    })
+    .await;
+}

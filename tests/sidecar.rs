@@ -1172,3 +1172,34 @@ async fn a_home_made_copy_of_the_root_after_a_root_issued_leaf_is_refused() {
     let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(cred));
     assert_refused(&b, cfg, "stray_certificate").await;
 }
+
+/// A root the CA publishes is trusted only when the CA was checked to be our own region's
+/// (`region` set): otherwise any region's CA could be answering and add its own root.
+#[tokio::test]
+async fn a_root_the_ca_publishes_is_trusted_only_from_our_own_regions_ca() {
+    use trustline::identity::manager::IdentitySource;
+    // A second root of our own trust domain: one that would vouch for our identities.
+    let twin = Pki::new(TD);
+    let ca = start_ca_with(HOUR, &[&twin]).await;
+    for region in [None, Some("eu")] {
+        let mut cfg = ca
+            .sidecar_config("api", &inbound(echo_app().await, &[id("web")]))
+            .await;
+        cfg.identity.bundle = ca.pki.bundle();
+        if let IdentitySource::Ca { region: r, .. } = &mut cfg.identity.source {
+            *r = region.map(str::to_string);
+        }
+        let b = start_ready(cfg).await;
+        eventually("two bundle refreshes from the CA", || {
+            b.identity.bundle_fetches() >= 2
+        })
+        .await;
+        let trusted = b.identity.bundle().roots.contains(&twin.roots()[0]);
+        assert_eq!(trusted, region.is_some(), "region {region:?}");
+        let cred = twin.leaf(&id("web"), SystemTime::now(), HOUR);
+        let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(cred));
+        if region.is_none() {
+            assert_refused(&b, cfg, "bad_signature").await;
+        }
+    }
+}

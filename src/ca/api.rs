@@ -498,8 +498,9 @@ fn revoked(state: &CaState, req: &Request<hyper::body::Incoming>) -> Resp {
             .status()
             .into_iter()
             .map(|(url, p)| {
-                serde_json::json!({"url": url, "sequence": p.sequence, "fetched_at": p.fetched_at,
-                    "revoked": p.revoked.len(), "spiffe_ids": p.banned.len(), "error": p.error})
+                serde_json::json!({"url": url, "region": p.region, "sequence": p.sequence,
+                    "fetched_at": p.fetched_at, "revoked": p.revoked.len(),
+                    "spiffe_ids": p.banned.len(), "error": p.error})
             })
             .collect();
         doc["peers"] = peers.into();

@@ -10,10 +10,12 @@ use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use rcgen::{CertificateParams, KeyPair, SanType};
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::clock::Clock;
-use crate::identity::{certs_from_pem, Bundle, IdentityError, SpiffeId, Svid};
+use crate::identity::{certs_from_pem, region_of_chain, Bundle, IdentityError, SpiffeId, Svid};
 use crate::tls::{provider, ExpectedPeer, SpiffeServerVerifier, TLS13_ONLY};
 
 /// Longest a TCP connect to the CA may take.
@@ -71,6 +73,105 @@ pub struct CaClient {
     server_name: ServerName<'static>,
     bundle: Bundle,
     clock: Clock,
+    region: CaRegion,
+}
+
+/// Which regional CA must have issued the CA server's certificate (read with
+/// [`region_of_chain`] on the verified chain, inside the handshake).
+///
+/// Every regional CA's server certificate names the same `spiffe://TD/trustline/ca`, so the
+/// SPIFFE ID alone lets whoever holds one region's CA server key stand in for any region's CA.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum CaRegion {
+    /// Any CA of the trust domain (a client that does not know its CA's region).
+    #[default]
+    Any,
+    /// Exactly this region's CA: the client knows which region's CA it talks to.
+    Is(String),
+    /// Any CA but this region's: a peer CA seen from a CA of this region (a peer issued by our
+    /// own region's CA is ourselves or an impersonation).
+    Not(String),
+}
+
+impl CaRegion {
+    /// Whether a server certificate issued by `found`'s CA (`None`: not by a regional CA) is
+    /// acceptable; the refusal says what was expected and what was found.
+    pub fn check(&self, found: Option<&str>) -> Result<(), String> {
+        let shown = found.map_or_else(
+            || "no region (not issued by a regional CA)".to_string(),
+            |r| format!("region {r}"),
+        );
+        match self {
+            CaRegion::Any => Ok(()),
+            CaRegion::Is(want) if found == Some(want.as_str()) => Ok(()),
+            CaRegion::Is(want) => Err(format!(
+                "the CA's certificate was issued by {shown}'s CA; expected region {want}'s CA \
+                 (another region's CA cannot stand in for this one)"
+            )),
+            CaRegion::Not(own) if found == Some(own.as_str()) => Err(format!(
+                "the peer CA's certificate was issued by region {own}'s CA, this CA's own \
+                 region: a peer must be another region's CA (this is ourselves or an impersonation)"
+            )),
+            CaRegion::Not(_) => Ok(()),
+        }
+    }
+}
+
+/// The CA server check: the SPIFFE verifier (chain, `spiffe://TD/trustline/ca`), then the
+/// region of the CA that issued the server's certificate, so a CA of the wrong region fails
+/// the handshake itself.
+#[derive(Debug)]
+struct CaServerVerifier {
+    spiffe: SpiffeServerVerifier,
+    region: CaRegion,
+}
+
+impl ServerCertVerifier for CaServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ok =
+            self.spiffe
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        if self.region != CaRegion::Any {
+            // The chain is exactly its verified path (verify_path), so the certificate after
+            // the leaf is the one that signed it.
+            let mut chain = vec![end_entity.clone()];
+            chain.extend(intermediates.iter().cloned());
+            let found = region_of_chain(&chain);
+            self.region
+                .check(found.as_deref())
+                .map_err(|detail| crate::tls::mesh::reject("wrong_region", detail))?;
+        }
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.spiffe.verify_tls12_signature(m, c, d)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.spiffe.verify_tls13_signature(m, c, d)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.spiffe.supported_verify_schemes()
+    }
 }
 
 /// A fresh key pair and the PEM CSR naming `id` as its only SAN.
@@ -113,10 +214,30 @@ impl CaClient {
             server_name,
             bundle,
             clock,
+            region: CaRegion::Any,
         })
     }
 
-    /// The TLS client config: TLS 1.3, the CA server must be `spiffe://TD/trustline/ca`.
+    /// Requires the CA server's certificate to be issued by `region`'s CA (checked in the TLS
+    /// handshake): a client that knows which region's CA it talks to sets it, so another
+    /// region's CA (one compromised CA key) cannot stand in for it.
+    pub fn expect_region(self, region: impl Into<String>) -> Self {
+        self.with_region(CaRegion::Is(region.into()))
+    }
+
+    /// Sets the region rule for the CA server's certificate ([`CaRegion`]).
+    pub fn with_region(mut self, region: CaRegion) -> Self {
+        self.region = region;
+        self
+    }
+
+    /// The region rule this client enforces.
+    pub fn region(&self) -> &CaRegion {
+        &self.region
+    }
+
+    /// The TLS client config: TLS 1.3, the CA server must be `spiffe://TD/trustline/ca`, issued
+    /// by the region's CA that [`CaClient::region`] asks for.
     pub fn tls_config(
         &self,
         client_svid: Option<&Svid>,
@@ -126,8 +247,13 @@ impl CaClient {
             self.bundle.trust_domain
         ))
         .map_err(|e| ClientError::Tls(e.to_string()))?;
-        let verifier =
-            SpiffeServerVerifier::new(self.bundle.store(), ExpectedPeer::AnyOf(vec![ca_id]));
+        let verifier = CaServerVerifier {
+            spiffe: SpiffeServerVerifier::new(
+                self.bundle.store(),
+                ExpectedPeer::AnyOf(vec![ca_id]),
+            ),
+            region: self.region.clone(),
+        };
         let builder =
             rustls::ClientConfig::builder_with_details(provider(), Arc::new(self.clock.clone()))
                 .with_protocol_versions(TLS13_ONLY)
@@ -181,6 +307,11 @@ impl CaClient {
             .await
             .map_err(|_| timeout("finish the TLS handshake", TLS_TIMEOUT))?
             .map_err(|e| ClientError::Tls(e.to_string()))?;
+        let server_region = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(region_of_chain);
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
@@ -191,6 +322,7 @@ impl CaClient {
             sender,
             host: self.host.clone(),
             addr: self.addr.clone(),
+            server_region,
         })
     }
 
@@ -261,9 +393,16 @@ pub struct CaConnection {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     host: String,
     addr: String,
+    server_region: Option<String>,
 }
 
 impl CaConnection {
+    /// The region of the CA that issued the server's certificate (verified in the handshake);
+    /// `None` when a root issued it.
+    pub fn server_region(&self) -> Option<&str> {
+        self.server_region.as_deref()
+    }
+
     /// `POST /v1/svid` with a PEM CSR, optionally with a bearer token; the raw answer.
     pub async fn post_csr(
         &mut self,
@@ -342,6 +481,16 @@ impl CaClient {
     /// refusal and a body over `max_body` bytes an error (peer CAs read each other's lists
     /// with it, so a peer cannot make us buffer without bound). Callers bound the time.
     pub async fn get_limited(&self, path: &str, max_body: usize) -> Result<Bytes, ClientError> {
+        Ok(self.get_limited_from(path, max_body).await?.0)
+    }
+
+    /// [`CaClient::get_limited`], with the region of the CA that issued the server's
+    /// certificate ([`CaConnection::server_region`]).
+    pub async fn get_limited_from(
+        &self,
+        path: &str,
+        max_body: usize,
+    ) -> Result<(Bytes, Option<String>), ClientError> {
         let mut conn = self.connect(None).await?;
         let req = Request::builder()
             .method(Method::GET)
@@ -367,6 +516,30 @@ impl CaClient {
         if !status.is_success() {
             return Err(refusal(status, &body));
         }
-        Ok(body)
+        Ok((body, conn.server_region))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CaRegion;
+
+    #[test]
+    fn the_region_rule_names_what_it_expected_and_what_it_found() {
+        assert!(CaRegion::Any.check(None).is_ok());
+        let a = CaRegion::Is("a".into());
+        assert!(a.check(Some("a")).is_ok());
+        let e = a.check(Some("b")).unwrap_err();
+        assert!(
+            e.contains("region b's CA") && e.contains("expected region a's"),
+            "{e}"
+        );
+        assert!(a
+            .check(None)
+            .unwrap_err()
+            .contains("not issued by a regional CA"));
+        let not_a = CaRegion::Not("a".into());
+        assert!(not_a.check(Some("b")).is_ok());
+        assert!(not_a.check(Some("a")).unwrap_err().contains("own region"));
     }
 }

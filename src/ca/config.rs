@@ -34,8 +34,8 @@ pub struct CaServeFile {
     pub audit_log: Option<PathBuf>,
     /// SVID requests per second per client IP (0 = unlimited).
     pub rate_limit: Option<u32>,
-    /// The other regions' CAs (`https://HOST:PORT`) whose revocations this CA pulls and
-    /// serves with its own.
+    /// The other regions' CAs (`https://HOST:PORT`, or `REGION=https://HOST:PORT` to require
+    /// that region's CA) whose revocations this CA pulls and serves with its own.
     pub peers: Option<Vec<String>>,
     /// How often each peer's list is pulled, e.g. `5s`.
     pub peer_refresh: Option<String>,
@@ -123,7 +123,7 @@ impl CaLimits {
 /// Peer CAs whose revocations this CA republishes ([`super::peers`]).
 #[derive(Clone, Debug)]
 pub struct PeerConfig {
-    /// `https://HOST:PORT` of each peer CA.
+    /// Each peer CA: `https://HOST:PORT` or `REGION=https://HOST:PORT` ([`PeerSpec`]).
     pub urls: Vec<String>,
     /// Pull interval.
     pub refresh: Duration,
@@ -303,16 +303,38 @@ impl CaServeConfig {
     }
 }
 
-/// Peer CA URLs must be `https://HOST:PORT`, each once, at most [`super::peers::MAX_PEERS`].
-pub fn check_peer_urls(urls: &[String]) -> Result<(), String> {
-    if urls.len() > super::peers::MAX_PEERS {
+/// One `peers` entry: `https://HOST:PORT`, or `REGION=https://HOST:PORT` to require that the
+/// peer's certificate be issued by that region's CA. Without a region the peer may be any CA of
+/// the trust domain but one of this CA's own region.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerSpec {
+    /// The region whose CA the peer must be.
+    pub region: Option<String>,
+    /// `https://HOST:PORT`.
+    pub url: String,
+}
+
+/// Parses `peers` entries ([`PeerSpec`]): each URL `https://HOST:PORT`, each once, at most
+/// [`super::peers::MAX_PEERS`].
+pub fn parse_peers(entries: &[String]) -> Result<Vec<PeerSpec>, String> {
+    if entries.len() > super::peers::MAX_PEERS {
         return Err(format!(
             "{} peers, more than the {} allowed",
-            urls.len(),
+            entries.len(),
             super::peers::MAX_PEERS
         ));
     }
-    for (i, url) in urls.iter().enumerate() {
+    let mut specs: Vec<PeerSpec> = Vec::with_capacity(entries.len());
+    for entry in entries {
+        // A CA URL never holds `=`, so it separates a region from the URL.
+        let (region, url) = match entry.split_once('=') {
+            Some((r, u)) => {
+                crate::identity::check_region(r)
+                    .map_err(|why| format!("{entry:?}: region {r:?}: {why}"))?;
+                (Some(r.to_string()), u)
+            }
+            None => (None, entry.as_str()),
+        };
         let ok = url
             .strip_prefix("https://")
             .map(|r| r.trim_end_matches('/'))
@@ -320,14 +342,24 @@ pub fn check_peer_urls(urls: &[String]) -> Result<(), String> {
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
         if !ok {
             return Err(format!(
-                "{url:?} is not a CA URL like https://ca.eu-west:8443"
+                "{entry:?} is not a CA URL like https://ca.eu-west:8443 (or \
+                 eu-west=https://ca.eu-west:8443)"
             ));
         }
-        if urls[..i].contains(url) {
+        if specs.iter().any(|s| s.url == url) {
             return Err(format!("{url:?} is listed twice"));
         }
+        specs.push(PeerSpec {
+            region,
+            url: url.to_string(),
+        });
     }
-    Ok(())
+    Ok(specs)
+}
+
+/// Checks `peers` entries ([`parse_peers`]).
+pub fn check_peer_urls(urls: &[String]) -> Result<(), String> {
+    parse_peers(urls).map(|_| ())
 }
 
 #[cfg(test)]
@@ -352,5 +384,22 @@ mod tests {
         }
         let twice = ["https://ca:1".to_string(), "https://ca:1".into()];
         assert!(check_peer_urls(&twice).unwrap_err().contains("twice"));
+        let twice = ["https://ca:1".to_string(), "b=https://ca:1".into()];
+        assert!(check_peer_urls(&twice).unwrap_err().contains("twice"));
+    }
+
+    #[test]
+    fn a_peer_may_name_its_region() {
+        let specs = super::parse_peers(&[
+            "us-east=https://ca.us-east:8443".to_string(),
+            "https://ca.eu:8443".into(),
+        ])
+        .unwrap();
+        assert_eq!(specs[0].region.as_deref(), Some("us-east"));
+        assert_eq!(specs[0].url, "https://ca.us-east:8443");
+        assert_eq!(specs[1].region, None);
+        let e = check_peer_urls(&["US=https://ca:1".to_string()]).unwrap_err();
+        assert!(e.contains("region \"US\""), "{e}");
+        assert!(check_peer_urls(&["=https://ca:1".to_string()]).is_err());
     }
 }

@@ -12,7 +12,10 @@
 //! A peer's ban of a SPIFFE ID is honoured here while it stands: no issuance or renewal for it,
 //! and this CA's own live SVIDs of it are published as revoked.
 //!
-//! A peer's certificate must chain to our bundle and name `spiffe://TD/trustline/ca`. A peer
+//! A peer's certificate must chain to our bundle and name `spiffe://TD/trustline/ca`, and be
+//! issued by the CA of the region the peer entry names (`REGION=https://...`), or else by any
+//! CA but our own region's: every regional CA's server certificate names the same ID, and one
+//! issued by our own region's CA is ourselves or someone holding our key. A peer
 //! that is down keeps its last good list (its serials until they expire, its bans until it
 //! answers again); every fetch has a timeout and a size and entry cap, and runs in its own
 //! task, so a slow peer delays neither serving nor the other peers.
@@ -26,8 +29,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::api::CaState;
-use super::client::{CaClient, ClientError};
-use super::config::MAX_SVID_TTL;
+use super::client::{CaClient, CaRegion, ClientError};
+use super::config::{PeerSpec, MAX_SVID_TTL};
 use super::ledger::Ledger;
 use crate::clock::Clock;
 use crate::identity::{parse_id, Bundle, Serial};
@@ -58,6 +61,8 @@ pub struct PeerList {
     pub local_of_banned: Vec<(Serial, u64)>,
     /// Why the last fetch failed, if it did.
     pub error: Option<String>,
+    /// The region of the CA that issued the peer's certificate at the last good fetch.
+    pub region: Option<String>,
 }
 
 /// The published revocation view: this CA's own and its peers' entries.
@@ -153,6 +158,7 @@ pub fn parse_list(body: &[u8], now: u64) -> Result<PeerList, PeerError> {
         banned,
         local_of_banned: Vec::new(),
         error: None,
+        region: None,
     })
 }
 
@@ -316,10 +322,12 @@ async fn pull_loop(
 }
 
 async fn fetch(client: &CaClient, clock: &Clock) -> Result<PeerList, PeerError> {
-    let body = client
-        .get_limited("/v1/revoked?scope=local", MAX_PEER_BODY)
+    let (body, region) = client
+        .get_limited_from("/v1/revoked?scope=local", MAX_PEER_BODY)
         .await?;
-    parse_list(&body, clock.unix())
+    let mut list = parse_list(&body, clock.unix())?;
+    list.region = region;
+    Ok(list)
 }
 
 /// Adds this CA's live serials of each ID the peer bans (no new ones can appear: issuance
@@ -335,14 +343,35 @@ fn with_local_of_banned(mut list: PeerList, ledger: &Ledger) -> Result<PeerList,
     Ok(list)
 }
 
-/// A client for each peer URL, verifying it as `spiffe://TD/trustline/ca` against `bundle`.
+/// A client for each peer, verifying it as `spiffe://TD/trustline/ca` against `bundle`, issued
+/// by the region's CA the entry names, or else by any CA but `own_region`'s (this CA's). A peer
+/// naming our own region is refused.
 pub fn clients(
-    urls: &[String],
+    peers: &[PeerSpec],
     bundle: &Bundle,
     clock: &Clock,
-) -> Result<Vec<(String, CaClient)>, ClientError> {
-    urls.iter()
-        .map(|u| Ok((u.clone(), CaClient::new(u, bundle.clone(), clock.clone())?)))
+    own_region: Option<&str>,
+) -> Result<Vec<(String, CaClient)>, String> {
+    peers
+        .iter()
+        .map(|p| {
+            let rule = match (&p.region, own_region) {
+                (Some(r), Some(own)) if r == own => {
+                    return Err(format!(
+                        "peer {} is named as region {r}'s CA, this CA's own region: a peer is \
+                         another region's CA",
+                        p.url
+                    ))
+                }
+                (Some(r), _) => CaRegion::Is(r.clone()),
+                (None, Some(own)) => CaRegion::Not(own.to_string()),
+                (None, None) => CaRegion::Any,
+            };
+            let client = CaClient::new(&p.url, bundle.clone(), clock.clone())
+                .map_err(|e: ClientError| e.to_string())?
+                .with_region(rule);
+            Ok((p.url.clone(), client))
+        })
         .collect()
 }
 

@@ -64,10 +64,16 @@ impl Bound {
 
     /// Follows exactly these peer CAs from now on (`peers` in the config does this at start;
     /// a lab whose CAs listen on port 0 learns their addresses only once they are bound).
+    /// Entries are `https://HOST:PORT` or `REGION=https://HOST:PORT`
+    /// ([`super::config::PeerSpec`]); one naming this CA's own region is refused.
     pub fn set_peers(&self, urls: &[String]) -> Result<(), String> {
-        super::config::check_peer_urls(urls)?;
-        let clients = super::peers::clients(urls, &self.state.authority.bundle, &self.state.clock)
-            .map_err(|e| e.to_string())?;
+        let specs = super::config::parse_peers(urls)?;
+        let clients = super::peers::clients(
+            &specs,
+            &self.state.authority.bundle,
+            &self.state.clock,
+            self.state.authority.region.as_deref(),
+        )?;
         super::peers::Peers::follow(
             &self.state,
             clients,

@@ -34,7 +34,15 @@ const BACKOFF_START: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug)]
 pub enum IdentitySource {
     /// The trustline CA: first SVID with a join token, renewals over mTLS.
-    Ca { url: String, token_file: PathBuf },
+    Ca {
+        url: String,
+        token_file: PathBuf,
+        /// The region whose CA this is (the role's own `region`). When set, the CA server's
+        /// certificate must be issued by that region's CA, and the roots the CA publishes are
+        /// trusted; when not, any CA of the trust domain is accepted and only the configured
+        /// roots are kept from its bundle.
+        region: Option<String>,
+    },
     /// PEM files written by something else (cert-manager, spiffe-helper), reloaded on change.
     Files {
         cert: PathBuf,
@@ -235,8 +243,16 @@ pub fn start(
     let identity = Identity::new(config.id.clone(), config.bundle.clone(), clock.clone())?;
     let span = tracing::info_span!("identity", id = %config.id);
     match &config.source {
-        IdentitySource::Ca { url, token_file } => {
-            match CaClient::new(url, config.bundle.clone(), clock) {
+        IdentitySource::Ca {
+            url,
+            token_file,
+            region,
+        } => {
+            let client = CaClient::new(url, config.bundle.clone(), clock).map(|c| match region {
+                Some(r) => c.expect_region(r.clone()),
+                None => c,
+            });
+            match client {
                 Ok(client) => {
                     tokio::spawn(
                         ca_loop(
@@ -378,10 +394,28 @@ async fn refresh_loop(
 
 /// Fetches the CA's bundle; the roots configured locally stay trusted beside it (they may hold
 /// roots the CA does not publish, such as a federated domain's).
+///
+/// A root the configured bundle does not hold is taken only from a CA whose region was checked
+/// in the handshake ([`CaClient::expect_region`]: our own region's CA, authoritative for our
+/// trust domain as a SPIFFE bundle endpoint is). Without that check any region's CA could be
+/// answering, and one compromised CA key would add its own root everywhere.
 async fn refresh_bundle(identity: &Identity, client: &CaClient) -> Result<(), String> {
     let pem = client.fetch_bundle_pem().await.map_err(|e| e.to_string())?;
     let current = identity.bundle();
-    let roots = crate::identity::certs_from_pem(&pem, "CA bundle").map_err(|e| e.to_string())?;
+    let mut roots =
+        crate::identity::certs_from_pem(&pem, "CA bundle").map_err(|e| e.to_string())?;
+    let region_checked = matches!(client.region(), crate::ca::client::CaRegion::Is(_));
+    if !region_checked {
+        let before = roots.len();
+        roots.retain(|r| identity.configured_roots.contains(r));
+        if roots.len() < before {
+            tracing::warn!(
+                ignored = before - roots.len(),
+                "the CA's bundle holds roots the configured bundle does not; they are not trusted \
+                 (set the role's `region` to check the CA's region and take its bundle)"
+            );
+        }
+    }
     let fresh = identity.with_configured_roots(roots)?;
     identity
         .bundle_fetches

@@ -362,10 +362,17 @@ impl SidecarConfig {
         let td = parse_trust_domain(&raw.trust_domain)
             .map_err(|e| ctx.err("trust_domain", e.to_string()))?;
         let id = ctx.id("spiffe_id", &raw.spiffe_id, &td)?;
-        let identity = identity_config(&ctx, &td, id, &raw.bundle, &raw.identity)?;
         if let Some(r) = &raw.region {
             crate::tunnel::header::check_region(r).map_err(|e| ctx.err("region", e))?;
         }
+        let identity = identity_config(
+            &ctx,
+            &td,
+            id,
+            &raw.bundle,
+            raw.region.as_deref(),
+            &raw.identity,
+        )?;
         let services = services(&ctx, &raw.services, &td, raw.region.as_deref())?;
         let tunnel = tunnel_side(&ctx, raw.tunnel.as_ref(), &services)?;
         let listeners = listeners(&ctx, &raw.listeners, &services)?;
@@ -595,6 +602,7 @@ pub(crate) fn identity_config(
     td: &TrustDomain,
     id: SpiffeId,
     bundle: &Path,
+    region: Option<&str>,
     f: &IdentityFile,
 ) -> Result<IdentityConfig, ConfigError> {
     let bundle_path = ctx.path(bundle);
@@ -605,7 +613,7 @@ pub(crate) fn identity_config(
     Ok(IdentityConfig {
         id,
         bundle,
-        source: identity_source(ctx, f)?,
+        source: identity_source(ctx, f, region)?,
         refresh: ctx.duration(
             "identity.refresh_interval",
             f.refresh_interval.as_deref(),
@@ -614,7 +622,12 @@ pub(crate) fn identity_config(
     })
 }
 
-fn identity_source(ctx: &Ctx<'_>, f: &IdentityFile) -> Result<IdentitySource, ConfigError> {
+/// `region` is the role's own: with it, the CA must be that region's ([`IdentitySource::Ca`]).
+fn identity_source(
+    ctx: &Ctx<'_>,
+    f: &IdentityFile,
+    region: Option<&str>,
+) -> Result<IdentitySource, ConfigError> {
     let need = |v: &Option<PathBuf>, field: &str| {
         v.as_deref().map(|p| ctx.path(p)).ok_or_else(|| {
             ctx.err(
@@ -638,6 +651,7 @@ fn identity_source(ctx: &Ctx<'_>, f: &IdentityFile) -> Result<IdentitySource, Co
             Ok(IdentitySource::Ca {
                 url,
                 token_file: need(&f.token_file, "token_file")?,
+                region: region.map(str::to_string),
             })
         }
         "files" => Ok(IdentitySource::Files {

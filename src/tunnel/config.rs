@@ -284,7 +284,8 @@ impl GatewayConfig {
             .map_err(|e| ctx.err("trust_domain", e.to_string()))?;
         check_region(&raw.region).map_err(|e| ctx.err("region", e))?;
         let id = super::gateway_id(&td, &raw.region);
-        let identity = identity_config(&ctx, &td, id, &raw.bundle, &raw.identity)?;
+        let identity =
+            identity_config(&ctx, &td, id, &raw.bundle, Some(&raw.region), &raw.identity)?;
         let mut peers: Vec<Peer> = Vec::new();
         for (i, p) in raw.peers.iter().enumerate() {
             let f = |x: &str| format!("peer[{i}].{x}");

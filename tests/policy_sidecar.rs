@@ -1265,33 +1265,32 @@ async fn a_live_http_connection_of_a_revoked_caller_is_closed() {
     }
 }
 
-async fn revoked_http_caller_is_closed(top: &str) {
-    let mesh = Mesh::new(&["eu-west"]).await;
+/// `checkout` protecting an HTTP app (decided per request on its port) with `rules`, the
+/// policy text after the service's header, on the system clock.
+async fn http_checkout(mesh: &Mesh, rules: &str) -> Bound {
     let app = http_app().await;
     let policy = mesh.policy_path();
-    write_policy(
-        &policy,
-        &format!(
-            r#"[service.checkout]
-http_ports = [{port}]
-
-[[service.checkout.rule]]
-name = "frontend-in"
-action = "allow"
-from = ["{frontend}"]
-"#,
-            port = app.port(),
-            frontend = mesh.id("frontend"),
-        ),
+    let text = format!(
+        "[service.checkout]\nhttp_ports = [{}]\n\n{rules}",
+        app.port()
     );
-    let checkout = mesh
-        .checkout(Protect {
-            app,
-            policy: &policy,
-            reload_interval: NEVER,
-            clock: Clock::system(),
-        })
-        .await;
+    write_policy(&policy, &text);
+    mesh.checkout(Protect {
+        app,
+        policy: &policy,
+        reload_interval: NEVER,
+        clock: Clock::system(),
+    })
+    .await
+}
+
+async fn revoked_http_caller_is_closed(top: &str) {
+    let mesh = Mesh::new(&["eu-west"]).await;
+    let rules = format!(
+        "[[service.checkout.rule]]\nname = \"frontend-in\"\naction = \"allow\"\nfrom = [\"{}\"]\n",
+        mesh.id("frontend")
+    );
+    let checkout = http_checkout(&mesh, &rules).await;
     let frontend = mesh.caller_with("frontend", 0, &checkout, top).await;
     let tcp = TcpStream::connect(frontend.listeners[0]).await.unwrap();
     let mut conn = BufReader::new(tcp);
@@ -1559,32 +1558,12 @@ async fn direct_http(mesh: &Mesh, checkout: &Bound, caller: &Bound, path: &str) 
 #[tokio::test]
 async fn an_http_port_refuses_the_connection_of_a_caller_no_rule_could_ever_allow() {
     let mesh = Mesh::new(&["eu-west"]).await;
-    let app = http_app().await;
-    let policy = mesh.policy_path();
-    write_policy(
-        &policy,
-        &format!(
-            r#"[service.checkout]
-http_ports = [{port}]
-
-[[service.checkout.rule]]
-name = "frontend-orders"
-action = "allow"
-from = ["{frontend}"]
-paths = ["/orders/*"]
-"#,
-            port = app.port(),
-            frontend = mesh.id("frontend"),
-        ),
+    let rules = format!(
+        "[[service.checkout.rule]]\nname = \"frontend-orders\"\naction = \"allow\"\n\
+         from = [\"{}\"]\npaths = [\"/orders/*\"]\n",
+        mesh.id("frontend")
     );
-    let checkout = mesh
-        .checkout(Protect {
-            app,
-            policy: &policy,
-            reload_interval: NEVER,
-            clock: Clock::system(),
-        })
-        .await;
+    let checkout = http_checkout(&mesh, &rules).await;
     let frontend = mesh.caller("frontend", 0, &checkout).await;
     let batch = mesh.caller("batch", 0, &checkout).await;
     let allowed = direct_http(&mesh, &checkout, &frontend, "/orders/1").await;

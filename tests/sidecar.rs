@@ -594,6 +594,26 @@ async fn a_live_connection_to_a_revoked_server_is_closed_by_the_caller() {
     .await;
 }
 
+/// The pooled counterpart: A's warm session to a server whose certificate is revoked is closed
+/// with the streams it carries, not only retired for new ones.
+#[tokio::test]
+async fn a_pooled_stream_to_a_revoked_server_is_closed_by_the_caller() {
+    let ca = start_ca(HOUR).await;
+    let p = ca.pair().await;
+    let mut live = open_live(&p).await;
+    let serial =
+        p.b.identity
+            .current()
+            .expect("B's SVID")
+            .info
+            .serial
+            .clone();
+    revoke_and_wait(&ca, &p.a, &serial).await;
+    assert_closed(&mut live, "the pooled stream to the revoked server").await;
+    let pool = p.a.sessions.as_ref().expect("A pools");
+    assert_eq!(pool.closed_for_peer.load(Ordering::Relaxed), 1);
+}
+
 /// A revoked destination: A retires its warm session to B once A's revocation list has B's
 /// serial, and the new handshake refuses B, so no new connection reaches B's app.
 #[tokio::test]

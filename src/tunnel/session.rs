@@ -113,6 +113,9 @@ pub struct SessionPool {
     generation: AtomicU64,
     /// Sessions established (cold starts), for metrics and tests.
     pub established: AtomicU64,
+    /// Sessions closed, with their open streams, because the destination's certificate was
+    /// revoked or expired.
+    pub closed_for_peer: Arc<AtomicU64>,
 }
 
 impl SessionPool {
@@ -133,6 +136,7 @@ impl SessionPool {
             entries: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
             established: AtomicU64::new(0),
+            closed_for_peer: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -351,7 +355,7 @@ impl SessionPool {
             generation,
             rotation: opened.rotation,
             not_after,
-            peer_serial: peer.serial,
+            peer_serial: peer.serial.clone(),
             send: send.clone(),
         });
         self.established.fetch_add(1, Ordering::Relaxed);
@@ -362,9 +366,21 @@ impl SessionPool {
         // cross-region ones are kept warm on purpose (`prewarm`).
         let idle = target.region.is_none().then_some(self.timeouts.idle);
         let started = self.started; // not the pool itself: the session must not keep it alive
+        let lapse = PeerLapse {
+            identity: self.identity.clone(),
+            revocations: self.identity.revocations(),
+            serial: peer.serial,
+            expires_in: peer
+                .not_after
+                .duration_since(self.clock.now())
+                .unwrap_or_default(),
+            closed: self.closed_for_peer.clone(),
+        };
         tokio::spawn(async move {
             let _keep = keep;
             tokio::pin!(conn);
+            let lapsed = lapse.wait();
+            tokio::pin!(lapsed);
             // Until the session is retired for idleness: the check's timer and the idle time.
             let mut idle_check = idle.map(|d| (tokio::time::interval(d / 4), d.as_millis() as u64));
             loop {
@@ -373,6 +389,11 @@ impl SessionPool {
                         if let Err(e) = r {
                             tracing::debug!(error = %e, %service, "session ended");
                         }
+                        break;
+                    }
+                    reason = &mut lapsed => {
+                        // Dropping the connection ends every stream on it, not only new ones.
+                        tracing::warn!(reason, %service, "session closed with its open streams: the destination's certificate no longer passes");
                         break;
                     }
                     Some(idle_ms) = async {
@@ -432,6 +453,41 @@ impl SessionPool {
 }
 
 /// Milliseconds since `started` (a pool's start): the clock of `Entry::last_used`.
+/// What ends a session whatever its streams: the destination's certificate revoked (seen on
+/// our revocation list) or expired.
+struct PeerLapse {
+    identity: Arc<Identity>,
+    revocations: tokio::sync::watch::Receiver<u64>,
+    serial: crate::identity::Serial,
+    expires_in: Duration,
+    closed: Arc<AtomicU64>,
+}
+
+impl PeerLapse {
+    /// Waits until the certificate lapses; the reason.
+    async fn wait(mut self) -> &'static str {
+        let expiry = tokio::time::sleep(self.expires_in);
+        tokio::pin!(expiry);
+        let reason = loop {
+            if self.identity.revoked.load().contains(&self.serial) {
+                break "revoked";
+            }
+            tokio::select! {
+                _ = &mut expiry => break "expired_certificate",
+                r = self.revocations.changed() => {
+                    if r.is_err() {
+                        // The identity is gone (shutting down): expiry still holds.
+                        (&mut expiry).await;
+                        break "expired_certificate";
+                    }
+                }
+            }
+        };
+        self.closed.fetch_add(1, Ordering::Relaxed);
+        reason
+    }
+}
+
 fn millis_since(started: std::time::Instant) -> u64 {
     started.elapsed().as_millis() as u64
 }

@@ -907,3 +907,73 @@ async fn expired_revocations_leave_the_published_list_and_memory() {
         "the expired entry leaves memory"
     );
 }
+
+#[tokio::test]
+async fn the_revoked_list_is_built_once_per_change_and_served_from_cache() {
+    let ca = start().await;
+    let web = ca.issue(WEB).await;
+    let builds = || ca.bound.state.revoked_cache.builds();
+    assert!(
+        ca.admin(AdminRequest::Revoke {
+            serial: web.info.serial.to_string()
+        })
+        .await
+        .ok
+    );
+    let before = builds();
+    for _ in 0..20 {
+        assert!(listed(&ca.revoked().await, &web));
+    }
+    assert_eq!(builds(), before + 1, "20 requests, one build");
+    // A revocation shows up on the very next request.
+    ca.clock.advance(Duration::from_secs(60));
+    let db = ca.issue(DB).await;
+    assert!(
+        ca.admin(AdminRequest::Revoke {
+            serial: db.info.serial.to_string()
+        })
+        .await
+        .ok
+    );
+    let v = ca.revoked().await;
+    assert!(listed(&v, &web) && listed(&v, &db), "{v}");
+    assert_eq!(builds(), before + 2);
+    // An entry that expires leaves the list without any other change.
+    // (Read from the state: the CA's own server certificate would expire with it, here.)
+    ca.clock.advance(Duration::from_secs(3600 - 60 + 1));
+    let state = &ca.bound.state;
+    let body = state
+        .revoked_cache
+        .body(state, trustline::ca::revoked_list::Scope::All)
+        .await;
+    let after: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(!listed(&after, &web) && listed(&after, &db), "{after}");
+    assert_eq!(builds(), before + 3);
+    // The peers' state is not told to anyone who asks.
+    assert!(v.get("peers").is_none(), "{v}");
+}
+
+#[tokio::test]
+async fn the_get_endpoints_answer_429_past_their_rate() {
+    let ca = start_with(2).await; // GETs: 20/s, bursts of 40
+    let mut conn = ca.client.connect(None).await.unwrap();
+    let mut limited = 0;
+    for n in 0..120 {
+        let path = if n % 2 == 0 {
+            "/v1/revoked"
+        } else {
+            "/v1/bundle"
+        };
+        let (status, body) = conn.get(path, None).await.unwrap();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["error"], "rate_limited");
+            limited += 1;
+        }
+    }
+    assert!(limited >= 40, "{limited} of 120 refused");
+    assert_eq!(
+        ca.bound.state.metrics.reads_rate_limited.get(),
+        limited as u64
+    );
+}

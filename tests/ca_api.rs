@@ -549,6 +549,15 @@ async fn audit_log_and_metrics_record_outcomes() {
     assert!(text.contains("trustline_ca_svid_requests_total{outcome=\"unauthorized\"} 1"));
     assert!(text.contains("trustline_ca_cert_expiry_timestamp_seconds{cert=\"issuing\"}"));
     assert!(text.contains("trustline_ca_svid_request_duration_seconds_bucket"));
+    // The peers' state is for operators, on the metrics listener.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /peers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains(r#"{"peers":[]}"#), "{text}");
 }
 
 #[tokio::test]

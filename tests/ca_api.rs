@@ -549,6 +549,15 @@ async fn audit_log_and_metrics_record_outcomes() {
     assert!(text.contains("trustline_ca_svid_requests_total{outcome=\"unauthorized\"} 1"));
     assert!(text.contains("trustline_ca_cert_expiry_timestamp_seconds{cert=\"issuing\"}"));
     assert!(text.contains("trustline_ca_svid_request_duration_seconds_bucket"));
+    // The peers' state is for operators, on the metrics listener.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /peers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains(r#"{"peers":[]}"#), "{text}");
 }
 
 #[tokio::test]
@@ -905,5 +914,75 @@ async fn expired_revocations_leave_the_published_list_and_memory() {
         ledger.prune(ca.clock.unix()),
         1,
         "the expired entry leaves memory"
+    );
+}
+
+#[tokio::test]
+async fn the_revoked_list_is_built_once_per_change_and_served_from_cache() {
+    let ca = start().await;
+    let web = ca.issue(WEB).await;
+    let builds = || ca.bound.state.revoked_cache.builds();
+    assert!(
+        ca.admin(AdminRequest::Revoke {
+            serial: web.info.serial.to_string()
+        })
+        .await
+        .ok
+    );
+    let before = builds();
+    for _ in 0..20 {
+        assert!(listed(&ca.revoked().await, &web));
+    }
+    assert_eq!(builds(), before + 1, "20 requests, one build");
+    // A revocation shows up on the very next request.
+    ca.clock.advance(Duration::from_secs(60));
+    let db = ca.issue(DB).await;
+    assert!(
+        ca.admin(AdminRequest::Revoke {
+            serial: db.info.serial.to_string()
+        })
+        .await
+        .ok
+    );
+    let v = ca.revoked().await;
+    assert!(listed(&v, &web) && listed(&v, &db), "{v}");
+    assert_eq!(builds(), before + 2);
+    // An entry that expires leaves the list without any other change.
+    // (Read from the state: the CA's own server certificate would expire with it, here.)
+    ca.clock.advance(Duration::from_secs(3600 - 60 + 1));
+    let state = &ca.bound.state;
+    let body = state
+        .revoked_cache
+        .body(state, trustline::ca::revoked_list::Scope::All)
+        .await;
+    let after: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(!listed(&after, &web) && listed(&after, &db), "{after}");
+    assert_eq!(builds(), before + 3);
+    // The peers' state is not told to anyone who asks.
+    assert!(v.get("peers").is_none(), "{v}");
+}
+
+#[tokio::test]
+async fn the_get_endpoints_answer_429_past_their_rate() {
+    let ca = start_with(2).await; // GETs: 20/s, bursts of 40
+    let mut conn = ca.client.connect(None).await.unwrap();
+    let mut limited = 0;
+    for n in 0..120 {
+        let path = if n % 2 == 0 {
+            "/v1/revoked"
+        } else {
+            "/v1/bundle"
+        };
+        let (status, body) = conn.get(path, None).await.unwrap();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["error"], "rate_limited");
+            limited += 1;
+        }
+    }
+    assert!(limited >= 40, "{limited} of 120 refused");
+    assert_eq!(
+        ca.bound.state.metrics.reads_rate_limited.get(),
+        limited as u64
     );
 }

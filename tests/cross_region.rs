@@ -598,12 +598,15 @@ async fn a_serial_revoked_in_one_region_is_refused_in_the_other() {
             .any(|e| e["serial"] == serial),
         "{v}"
     );
+    // Where it learned it is for operators (the metrics listener's /peers), not in the answer.
+    assert!(v.get("peers").is_none(), "{v}");
+    let p = lab.region("b").ca.state.peers.status_json();
     assert_eq!(
-        v["peers"][0]["url"],
+        p["peers"][0]["url"],
         format!("https://{}", lab.region("a").ca.api),
-        "{v}"
+        "{p}"
     );
-    assert!(v["peers"][0]["error"].is_null(), "{v}");
+    assert!(p["peers"][0]["error"].is_null(), "{p}");
     // ...but not in what it offers its own peers: only its own revocations travel.
     let body = client
         .get_limited("/v1/revoked?scope=local", 1 << 20)
@@ -706,7 +709,11 @@ async fn what_a_peer_ca_revokes_or_cuts_off_holds_here_also_while_it_is_down() {
         }
         other => panic!("CA b must refuse an ID cut off at CA a: {other:?}"),
     };
-    assert_eq!(refused(b.renew(&from_b).await), (403, "revoked".into()));
+    // CA b revoked its SVID of the ID (a revoked certificate is refused before the ban is seen).
+    assert_eq!(
+        refused(b.renew(&from_b).await),
+        (401, "unauthorized".into())
+    );
     assert_eq!(
         refused(b.issue_with_token(&id_banned, &token_b).await),
         (403, "revoked".into())
@@ -714,7 +721,7 @@ async fn what_a_peer_ca_revokes_or_cuts_off_holds_here_also_while_it_is_down() {
     // CA a goes away: CA b notices, keeps the serial and goes on serving.
     lab.region("a").ca.shutdown();
     eventually_async("CA b sees its peer down", || async {
-        !get().await["peers"][0]["error"].is_null()
+        !lab.region("b").ca.state.peers.status_json()["peers"][0]["error"].is_null()
     })
     .await;
     let v = get().await;
@@ -726,6 +733,89 @@ async fn what_a_peer_ca_revokes_or_cuts_off_holds_here_also_while_it_is_down() {
     };
     assert!(m.peer_fetched.get_or_create(&peer).get() > 0);
     assert!(m.peer_failures.get_or_create(&peer).get() > 0);
+}
+
+/// A peer CA's ban revokes this region's SVIDs of the ID for good: lifting it allows new
+/// issuance, and a stolen SVID issued here does not come back.
+#[tokio::test]
+async fn a_peer_cas_lifted_ban_does_not_bring_back_this_regions_svids() {
+    let (_d, lab) = lab(LabOptions {
+        refresh_interval: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    let b = trustline::ca::client::CaClient::new(
+        &format!("https://{}", lab.region("b").ca.api),
+        lab_bundle(&lab),
+        trustline::clock::Clock::system(),
+    )
+    .unwrap();
+    let get = |path: &'static str| {
+        let b = &b;
+        async move {
+            let body = b.get_limited(path, 1 << 20).await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+        }
+    };
+    let banned = wid("lifted");
+    let id = trustline::identity::parse_workload_id(&banned).unwrap();
+    let stolen = b
+        .issue_with_token(&id, &lab.token("b", &banned).await.unwrap())
+        .await
+        .unwrap();
+    let serial = stolen.info.serial.to_string();
+    let lists = |v: &serde_json::Value, key: &str, field: &str, want: &str| {
+        v[key].as_array().unwrap().iter().any(|e| e[field] == want)
+    };
+    let socket = lab.region("a").ca.admin_socket.clone();
+    let admin = |req| {
+        let socket = socket.clone();
+        async move {
+            let r = trustline::ca::admin::call(&socket, &req).await.unwrap();
+            assert!(r.ok, "{:?}", r.error);
+        }
+    };
+    admin(trustline::ca::admin::AdminRequest::RevokeId {
+        spiffe_id: banned.clone(),
+    })
+    .await;
+    eventually_async("CA b lists its SVID of the ID CA a cut off", || async {
+        lists(&get("/v1/revoked").await, "revoked", "serial", &serial)
+    })
+    .await;
+    admin(trustline::ca::admin::AdminRequest::LiftId {
+        spiffe_id: banned.clone(),
+    })
+    .await;
+    eventually_async("CA b sees the ban lifted", || async {
+        !lists(
+            &get("/v1/revoked").await,
+            "spiffe_ids",
+            "spiffe_id",
+            &banned,
+        )
+    })
+    .await;
+    let v = get("/v1/revoked").await;
+    assert!(
+        lists(&v, "revoked", "serial", &serial),
+        "the SVID stays revoked: {v}"
+    );
+    let own = get("/v1/revoked?scope=local").await;
+    assert!(
+        lists(&own, "revoked", "serial", &serial),
+        "CA b revoked it in its own ledger: {own}"
+    );
+    match b.renew(&stolen).await {
+        Err(trustline::ca::client::ClientError::Refused { status, .. }) => {
+            assert_eq!(status.as_u16(), 401)
+        }
+        other => panic!("a revoked SVID must not renew: {other:?}"),
+    }
+    // The lift allows a new SVID for the ID.
+    b.issue_with_token(&id, &lab.token("b", &banned).await.unwrap())
+        .await
+        .unwrap();
 }
 
 /// A TLS server (http/1.1) on 127.0.0.1 presenting `svid`: anything but a CA.
@@ -783,12 +873,7 @@ async fn a_peer_that_is_not_a_ca_is_not_believed() {
         .ca
         .set_peers(std::slice::from_ref(&impostor))
         .unwrap();
-    let a = client("a");
-    let peer = || async {
-        let body = a.get_limited("/v1/revoked", 1 << 20).await.unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        v["peers"][0].clone()
-    };
+    let peer = || async { lab.region("a").ca.state.peers.status_json()["peers"][0].clone() };
     eventually_async("CA a refuses the impostor's certificate", || async {
         peer().await["error"]
             .as_str()
@@ -849,20 +934,31 @@ async fn gateway_metrics_never_carry_a_peers_ephemeral_address() {
         .iter()
         .map(|a| a.to_string())
         .collect();
+    let peer_labels = |metrics: &str| -> Vec<String> {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("trustline_tunnel_"))
+            .filter_map(|l| l.split("peer=\"").nth(1)?.split('"').next())
+            .map(str::to_string)
+            .collect()
+    };
+    // Gateway b counts the connection gateway a dialled once it has accepted it.
+    eventually_async(
+        "gateway a's accepted connection is labelled by its ID",
+        || async {
+            let (_, metrics) = common::http_get(gw_b.admin, "/metrics").await;
+            peer_labels(&metrics)
+                .iter()
+                .any(|p| p.starts_with("spiffe://"))
+        },
+    )
+    .await;
     let (_, metrics) = common::http_get(gw_b.admin, "/metrics").await;
-    let peers: Vec<&str> = metrics
-        .lines()
-        .filter(|l| l.starts_with("trustline_tunnel_"))
-        .filter_map(|l| l.split("peer=\"").nth(1)?.split('"').next())
-        .collect();
-    assert!(
-        peers.iter().any(|p| p.starts_with("spiffe://")),
-        "gateway a's accepted connection is labelled by its ID: {peers:?}"
-    );
+    let peers = peer_labels(&metrics);
     for p in peers {
         if p.parse::<SocketAddr>().is_ok() {
             assert!(
-                configured.iter().any(|c| c == p),
+                configured.iter().any(|c| *c == p),
                 "series labelled with {p}, not a configured peer"
             );
         }
@@ -1050,9 +1146,9 @@ async fn a_peer_of_our_own_region_is_refused() {
     .unwrap()
     .expect_region("a");
     let peer = || async {
-        let body = client.get_limited("/v1/revoked", 1 << 20).await.unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        v["peers"][0].clone()
+        // The region-checked client still reaches its own CA.
+        client.get_limited("/v1/revoked", 1 << 20).await.unwrap();
+        a.state.peers.status_json()["peers"][0].clone()
     };
     // A peer whose certificate our own region's CA issued (here: ourselves) is not believed.
     a.set_peers(std::slice::from_ref(&own)).unwrap();

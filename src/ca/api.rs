@@ -13,9 +13,10 @@ use super::authority::{parse_csr, Authority, CsrError, LeafUsage};
 use super::ledger::{token_hash, Authorisation, IssuedRecord, Ledger, LedgerError, TokenSpend};
 pub use super::limits::RateLimiter;
 use super::metrics::CaMetrics;
+use super::revoked_list::Scope;
 use crate::audit::AuditLog;
 use crate::clock::{rfc3339, unix_secs, Clock};
-use crate::identity::{CertInfo, Serial, SpiffeId, REGION_PATH_PREFIX};
+use crate::identity::{CertInfo, SpiffeId, REGION_PATH_PREFIX};
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -29,6 +30,10 @@ pub struct CaState {
     pub clock: Clock,
     pub svid_ttl: Duration,
     pub rate: RateLimiter,
+    /// The per-client rate of the GET endpoints, generous: they are open to anyone.
+    pub read_rate: RateLimiter,
+    /// `GET /v1/revoked`'s bodies, rebuilt only when the lists change.
+    pub revoked_cache: super::revoked_list::RevokedCache,
     /// The other regions' CAs and the revocations learned from them.
     pub peers: std::sync::Arc<super::peers::Peers>,
     /// Longest a request body may take to arrive (a slow body holds a connection).
@@ -195,8 +200,17 @@ pub async fn handle(state: &CaState, peer: &Peer, req: Request<hyper::body::Inco
                 .observe(started.elapsed().as_secs_f64());
             resp
         }
+        (&Method::GET, "/v1/bundle" | "/v1/revoked") if !state.read_rate.allow(peer.addr.ip()) => {
+            state.metrics.reads_rate_limited.inc();
+            tracing::debug!(client = %peer.addr, "GET refused: over the per-client rate");
+            error_response(&ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests from this client; retry later",
+            ))
+        }
         (&Method::GET, "/v1/bundle") => bundle(state, &req),
-        (&Method::GET, "/v1/revoked") => revoked(state, &req),
+        (&Method::GET, "/v1/revoked") => revoked(state, &req).await,
         (_, "/v1/svid" | "/v1/bundle" | "/v1/revoked") => error_response(&ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -476,46 +490,15 @@ fn bundle(state: &CaState, req: &Request<hyper::body::Incoming>) -> Resp {
 }
 
 /// `GET /v1/revoked`: the unexpired revoked serials and the banned SPIFFE IDs of this CA and
-/// of its peers, with each peer's state; `?scope=local` gives this CA's own entries only (what
-/// peers pull). `sequence` counts this CA's own changes.
-fn revoked(state: &CaState, req: &Request<hyper::body::Incoming>) -> Resp {
-    let now = state.clock.unix();
-    let (seq, local) = state.ledger.revoked_list(now);
-    let bans = state.ledger.banned_list();
+/// of its peers; `?scope=local` gives this CA's own entries only (what peers pull). `sequence`
+/// counts this CA's own changes. The peers' state (URLs, errors) is not told to anyone who asks:
+/// it is on the metrics listener's `/peers`.
+async fn revoked(state: &CaState, req: &Request<hyper::body::Incoming>) -> Resp {
     let local_only = req
         .uri()
         .query()
         .is_some_and(|q| q.split('&').any(|p| p == "scope=local"));
-    let mut doc = if local_only {
-        list_json(seq, &local, &bans)
-    } else {
-        let all = state.peers.union(local, bans, now);
-        list_json(seq, &all.revoked, &all.banned)
-    };
-    if !local_only && !state.peers.is_empty() {
-        let peers: Vec<_> = state
-            .peers
-            .status()
-            .into_iter()
-            .map(|(url, p)| {
-                serde_json::json!({"url": url, "region": p.region, "sequence": p.sequence,
-                    "fetched_at": p.fetched_at, "revoked": p.revoked.len(),
-                    "spiffe_ids": p.banned.len(), "error": p.error})
-            })
-            .collect();
-        doc["peers"] = peers.into();
-    }
-    respond(StatusCode::OK, "application/json", doc.to_string())
-}
-
-fn list_json(seq: u64, revoked: &[(Serial, u64)], banned: &[(String, u64)]) -> serde_json::Value {
-    let revoked: Vec<_> = revoked
-        .iter()
-        .map(|(s, na)| serde_json::json!({"serial": s.to_string(), "not_after": na}))
-        .collect();
-    let banned: Vec<_> = banned
-        .iter()
-        .map(|(id, since)| serde_json::json!({"spiffe_id": id, "since": since}))
-        .collect();
-    serde_json::json!({"sequence": seq, "revoked": revoked, "spiffe_ids": banned})
+    let scope = if local_only { Scope::Local } else { Scope::All };
+    let body = state.revoked_cache.body(state, scope).await;
+    respond(StatusCode::OK, "application/json", body)
 }

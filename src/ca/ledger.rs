@@ -339,6 +339,11 @@ impl Ledger {
         before - map.len()
     }
 
+    /// The revocation sequence number: it moves with every change of the published list.
+    pub fn sequence(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+
     /// The revocation sequence number and the revoked serials not yet expired at `now`.
     pub fn revoked_list(&self, now: u64) -> (u64, Vec<(Serial, u64)>) {
         let map = self.revoked.read().unwrap_or_else(|e| e.into_inner());

@@ -14,6 +14,9 @@ use prometheus_client::registry::Registry;
 
 use crate::limits::{client_key, Full, Gate, LogEvery, Permit};
 
+/// The GET endpoints' per-client rate is this many times the SVID request rate: sidecars and
+/// peer CAs poll them, and a cached answer is cheap, but not free.
+pub const READ_RATE_FACTOR: u32 = 10;
 /// Clients the rate limiter tracks at once; beyond that, new clients share one bucket.
 const MAX_CLIENTS: usize = 65_536;
 /// How often, at most, a full rate limiter looks for clients to forget.

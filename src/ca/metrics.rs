@@ -40,6 +40,8 @@ pub struct CaMetrics {
     pub peer_fetched: Family<PeerLabels, Gauge>,
     /// Failed pulls of a peer CA's revocation list.
     pub peer_failures: Family<PeerLabels, Counter>,
+    /// GET requests (`/v1/bundle`, `/v1/revoked`) refused by the per-client rate limit.
+    pub reads_rate_limited: Counter,
 }
 
 impl CaMetrics {
@@ -52,6 +54,7 @@ impl CaMetrics {
             admin_ops: Family::default(),
             peer_fetched: Family::default(),
             peer_failures: Family::default(),
+            reads_rate_limited: Counter::default(),
         };
         registry.register(
             "trustline_ca_svid_requests",
@@ -82,6 +85,11 @@ impl CaMetrics {
             "trustline_ca_peer_revocation_failures",
             "Failed pulls of a peer CA's revocation list",
             m.peer_failures.clone(),
+        );
+        registry.register(
+            "trustline_ca_reads_rate_limited",
+            "GET /v1/bundle and /v1/revoked requests refused by the per-client rate limit",
+            m.reads_rate_limited.clone(),
         );
         m
     }

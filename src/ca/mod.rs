@@ -15,4 +15,5 @@ pub mod ledger;
 pub mod limits;
 pub mod metrics;
 pub mod peers;
+pub mod revoked_list;
 pub mod server;

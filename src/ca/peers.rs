@@ -21,6 +21,7 @@
 //! task, so a slow peer delays neither serving nor the other peers.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -31,7 +32,7 @@ use tokio::task::JoinHandle;
 use super::api::CaState;
 use super::client::{CaClient, CaRegion, ClientError};
 use super::config::{PeerSpec, MAX_SVID_TTL};
-use super::ledger::Ledger;
+use super::ledger::LedgerError;
 use crate::clock::Clock;
 use crate::identity::{parse_id, Bundle, Serial};
 
@@ -57,8 +58,6 @@ pub struct PeerList {
     pub revoked: Vec<(Serial, u64)>,
     /// Its banned SPIFFE IDs and since when.
     pub banned: Vec<(String, u64)>,
-    /// This CA's own unexpired serials of the IDs the peer bans: refused while the ban stands.
-    pub local_of_banned: Vec<(Serial, u64)>,
     /// Why the last fetch failed, if it did.
     pub error: Option<String>,
     /// The region of the CA that issued the peer's certificate at the last good fetch.
@@ -78,6 +77,8 @@ pub struct Peers {
     /// Every ID some peer bans, for the check on each SVID request.
     banned: RwLock<HashSet<String>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Moves whenever what [`Peers::union`] gives may have changed (the published list's cache).
+    generation: AtomicU64,
 }
 
 /// Why a peer list was not taken.
@@ -97,6 +98,8 @@ pub enum PeerError {
     },
     #[error("bad entry {0:?}")]
     Entry(String),
+    #[error("revoking this CA's SVIDs of {id}, which the peer bans: {error}")]
+    Ledger { id: String, error: LedgerError },
 }
 
 #[derive(Deserialize)]
@@ -156,7 +159,6 @@ pub fn parse_list(body: &[u8], now: u64) -> Result<PeerList, PeerError> {
         fetched_at: Some(now),
         revoked,
         banned,
-        local_of_banned: Vec::new(),
         error: None,
         region: None,
     })
@@ -178,6 +180,34 @@ impl Peers {
             .iter()
             .map(|(u, l)| (u.clone(), l.clone()))
             .collect()
+    }
+
+    /// A number that moves whenever a peer's entries change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Each peer's state for operators (the metrics listener's `/peers`): URL, region, when
+    /// its list last arrived, how many entries, and why the last fetch failed.
+    pub fn status_json(&self) -> serde_json::Value {
+        let peers: Vec<_> = self
+            .read()
+            .iter()
+            .map(|(url, p)| {
+                serde_json::json!({"url": url, "region": p.region, "sequence": p.sequence,
+                    "fetched_at": p.fetched_at, "revoked": p.revoked.len(),
+                    "spiffe_ids": p.banned.len(), "error": p.error})
+            })
+            .collect();
+        serde_json::json!({ "peers": peers })
+    }
+
+    /// The IDs the peer at `url` banned at its last good list.
+    fn banned_by(&self, url: &str) -> HashSet<String> {
+        self.read()
+            .get(url)
+            .map(|l| l.banned.iter().map(|(id, _)| id.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// Whether a peer bans `spiffe_id`.
@@ -209,8 +239,7 @@ impl Peers {
         let mut revoked: BTreeMap<Serial, u64> = local.into_iter().collect();
         let mut banned: BTreeMap<String, u64> = bans.into_iter().collect();
         for l in lists.values() {
-            let entries = l.revoked.iter().chain(&l.local_of_banned);
-            for (s, na) in entries.filter(|(_, na)| *na > now) {
+            for (s, na) in l.revoked.iter().filter(|(_, na)| *na > now) {
                 let e = revoked.entry(s.clone()).or_insert(*na);
                 *e = (*e).max(*na);
             }
@@ -240,8 +269,12 @@ impl Peers {
                         "peer CA's revocation list is fetched again"
                     );
                 }
+                let same = cur.revoked == list.revoked && cur.banned == list.banned;
                 *cur = list;
-                self.index_bans(&lists);
+                if !same {
+                    self.index_bans(&lists);
+                    self.generation.fetch_add(1, Ordering::AcqRel);
+                }
             }
             Err(e) => {
                 if cur.error.is_none() {
@@ -251,7 +284,6 @@ impl Peers {
                 }
                 cur.error = Some(e.to_string());
                 cur.revoked.retain(|(_, na)| *na > now);
-                cur.local_of_banned.retain(|(_, na)| *na > now);
             }
         }
     }
@@ -277,6 +309,7 @@ impl Peers {
                 lists.insert(url.clone(), old.remove(url).unwrap_or_default());
             }
             this.index_bans(&lists);
+            this.generation.fetch_add(1, Ordering::AcqRel);
         }
         for (url, client) in clients {
             let state = state.clone();
@@ -300,7 +333,10 @@ async fn pull_loop(
     loop {
         let fetched = tokio::time::timeout(PEER_FETCH_TIMEOUT, fetch(&client, &state.clock)).await;
         let outcome = match fetched {
-            Ok(r) => r.and_then(|list| with_local_of_banned(list, &state.ledger)),
+            Ok(Ok(list)) => revoke_local_of_banned(&state, &url, &list)
+                .await
+                .map(|()| list),
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(PeerError::Timeout(PEER_FETCH_TIMEOUT)),
         };
         let labels = super::metrics::PeerLabels { peer: url.clone() };
@@ -330,17 +366,37 @@ async fn fetch(client: &CaClient, clock: &Clock) -> Result<PeerList, PeerError> 
     Ok(list)
 }
 
-/// Adds this CA's live serials of each ID the peer bans (no new ones can appear: issuance
-/// for a peer-banned ID is refused), so a cut-off identity is refused in every region.
-fn with_local_of_banned(mut list: PeerList, ledger: &Ledger) -> Result<PeerList, PeerError> {
+/// Revokes, in this CA's ledger, its live serials of each ID the peer newly bans (no new ones
+/// can appear: issuance for a peer-banned ID is refused), so a cut-off identity is refused in
+/// every region, and a lifted ban allows new issuance only: a stolen SVID does not come back.
+/// A failure leaves the list untaken, so the next pull tries again.
+async fn revoke_local_of_banned(
+    state: &CaState,
+    url: &str,
+    list: &PeerList,
+) -> Result<(), PeerError> {
     let now = list.fetched_at.unwrap_or_default();
-    for (id, _) in &list.banned {
-        let live = ledger
-            .live_serials(id, now)
-            .map_err(|e| PeerError::Entry(format!("{id}: {e}")))?;
-        list.local_of_banned.extend(live);
+    let known = state.peers.banned_by(url);
+    for (id, _) in list.banned.iter().filter(|(id, _)| !known.contains(id)) {
+        let failed = |error| PeerError::Ledger {
+            id: id.clone(),
+            error,
+        };
+        for (serial, _) in state.ledger.live_serials(id, now).map_err(failed)? {
+            if state.ledger.is_revoked(&serial) {
+                continue;
+            }
+            match state.ledger.revoke(serial.clone(), now).await {
+                Ok(r) => {
+                    tracing::warn!(peer = url, spiffe_id = %id, %serial, revoked = r.serials.len(),
+                        "revoked this CA's SVID of an ID a peer CA bans");
+                }
+                Err(LedgerError::AlreadyRevoked(_)) => {}
+                Err(e) => return Err(failed(e)),
+            }
+        }
     }
-    Ok(list)
+    Ok(())
 }
 
 /// A client for each peer, verifying it as `spiffe://TD/trustline/ca` against `bundle`, issued
@@ -428,5 +484,28 @@ mod tests {
         let u = peers.union(vec![], vec![], 20);
         assert_eq!(u.revoked, vec![(Serial::parse_hex("02").unwrap(), 99)]);
         assert!(peers.status()[0].1.error.is_some());
+    }
+
+    #[test]
+    fn the_generation_moves_only_when_a_peers_entries_change() {
+        let peers = Peers::default();
+        peers
+            .lists
+            .write()
+            .unwrap()
+            .insert("p".into(), PeerList::default());
+        let list = |body: &[u8], now| parse_list(body, now).unwrap();
+        let one = br#"{"sequence":1,"revoked":[{"serial":"01","not_after":99}]}"#;
+        let g = peers.generation();
+        peers.record("p", Ok(list(one, 1)), 1);
+        assert_eq!(peers.generation(), g + 1);
+        // The same entries fetched again (a later fetched_at) do not invalidate the cache.
+        peers.record("p", Ok(list(one, 2)), 2);
+        peers.record("p", Err(PeerError::Timeout(PEER_FETCH_TIMEOUT)), 3);
+        assert_eq!(peers.generation(), g + 1);
+        let two = br#"{"sequence":2,"revoked":[],"spiffe_ids":[{"spiffe_id":"spiffe://td/x","since":3}]}"#;
+        peers.record("p", Ok(list(two, 4)), 4);
+        assert_eq!(peers.generation(), g + 2);
+        assert!(peers.bans("spiffe://td/x"));
     }
 }

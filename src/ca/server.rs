@@ -173,6 +173,12 @@ pub async fn build(config: CaServeConfig, clock: Clock) -> Result<Bound, ServeEr
         clock: clock.clone(),
         svid_ttl: config.svid_ttl,
         rate: RateLimiter::new(config.rate_limit),
+        read_rate: RateLimiter::new(
+            config
+                .rate_limit
+                .saturating_mul(super::limits::READ_RATE_FACTOR),
+        ),
+        revoked_cache: Default::default(),
         peers: Arc::new(super::peers::Peers::default()),
         body_timeout: limits.body_timeout,
     });
@@ -198,7 +204,10 @@ pub async fn build(config: CaServeConfig, clock: Clock) -> Result<Bound, ServeEr
             let admin_state = Arc::new(crate::admin::AdminState {
                 registry,
                 ready: Box::new(|| Ok(())),
-                json: Vec::new(),
+                json: vec![("/peers", {
+                    let peers = state.peers.clone();
+                    Box::new(move || peers.status_json())
+                })],
             });
             Some(
                 crate::admin::serve(addr, admin_state, shutdown_rx.clone())

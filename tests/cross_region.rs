@@ -958,7 +958,7 @@ async fn gateway_metrics_never_carry_a_peers_ephemeral_address() {
     for p in peers {
         if p.parse::<SocketAddr>().is_ok() {
             assert!(
-                configured.iter().any(|c| *c == p),
+                configured.contains(&p),
                 "series labelled with {p}, not a configured peer"
             );
         }

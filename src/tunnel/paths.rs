@@ -365,11 +365,13 @@ impl Paths {
             };
             match new {
                 Ok(mut new) => {
-                    // The gateway has not rotated yet: this connection ends at its expiry.
-                    if new.remote.as_ref().map(|c| &c.serial)
-                        == up.remote.as_ref().map(|c| &c.serial)
-                    {
-                        new.renew_at = None;
+                    // Replaced for the gateway's expiry, but it has not rotated yet (its renewal
+                    // is late): tried again halfway to the expiry. (After our own rotation the
+                    // same gateway certificate is expected, and its planned replacement stands.)
+                    let same = new.remote.as_ref().map(|c| &c.serial)
+                        == up.remote.as_ref().map(|c| &c.serial);
+                    if same && !rotated {
+                        new.renew_at = retry_before_expiry(cfg.clock.now(), new.remote.as_ref());
                     }
                     cfg.metrics.replaced.get_or_create(&path.labels).inc();
                     let why = if rotated {
@@ -435,6 +437,12 @@ impl Up {
             (a, b) => a.or(b),
         }
     }
+}
+
+/// Halfway from `now` to the certificate's expiry, unless that is under [`BACKOFF_START`] away.
+fn retry_before_expiry(now: SystemTime, cert: Option<&CertInfo>) -> Option<SystemTime> {
+    let left = cert?.not_after.duration_since(now).ok()?;
+    (left / 2 >= BACKOFF_START).then(|| now + left / 2)
 }
 
 /// Dials `path`'s gateway and checks that it is one of the region.

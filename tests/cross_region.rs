@@ -447,9 +447,21 @@ async fn sessions_follow_svid_rotation_and_expiry() {
     // its streams once the caller's certificate has expired.
     let (_d, lab, api) = setup_with(1, Duration::from_secs(4)).await;
     let web = caller_in_a(&lab, "web", api.inbound.unwrap()).await;
+    // The tunnel paths (web → gateway a, gateway a → gateway b) are re-dialled on every
+    // rotation, make-before-break, and gateways close a connection at its peer's expiry.
+    let side_paths = web.sessions.as_ref().unwrap().gateways().unwrap().clone();
+    let gw_a = lab.region("a").gateways[0].as_ref().unwrap();
+    let gw_paths = gw_a.peers["b"].clone();
+    eventually("web's path is up", || side_paths.up() > 0).await;
+    let first_side = side_paths.all()[0].connection().expect("web's path up");
+    let first_gw = gw_paths.all()[0].connection().expect("gateway a's path up");
+    let mut side_conns = std::collections::HashSet::new();
     let started = Instant::now();
     let mut calls = 0;
     while started.elapsed() < Duration::from_secs(9) {
+        if let Some(c) = side_paths.all()[0].connection() {
+            side_conns.insert(c.stable_id());
+        }
         let r = call(web.listeners[0], b"tick").await;
         if r.is_err() {
             eprintln!("DEBUG web {:?}", common::failed_series(web.admin).await);
@@ -477,6 +489,90 @@ async fn sessions_follow_svid_rotation_and_expiry() {
         !audit(&lab, "api").contains("expired_certificate"),
         "no stream was refused for an expired session certificate"
     );
+    assert!(
+        side_conns.len() >= 3,
+        "web's path rode only {} connection(s) over two SVID lifetimes",
+        side_conns.len()
+    );
+    let replaced = gw_a
+        .metrics
+        .replaced
+        .get_or_create(&gw_paths.all()[0].labels)
+        .get();
+    assert!(
+        replaced >= 2,
+        "gateway a's path was replaced {replaced} time(s)"
+    );
+    for (who, c) in [("web", &first_side), ("gateway a", &first_gw)] {
+        assert!(
+            c.close_reason().is_some(),
+            "{who}'s first tunnel connection outlived its certificates"
+        );
+    }
+}
+
+/// A gateway closes an accepted tunnel connection when the peer's certificate expires, not only
+/// when it is revoked.
+#[tokio::test]
+async fn a_gateway_closes_a_tunnel_at_its_peers_certificate_expiry() {
+    let (_d, lab, _api) = setup_with(1, Duration::from_secs(3)).await;
+    let conn = raw_tunnel(&lab).await;
+    match tokio::time::timeout(PATIENCE, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            assert_eq!(c.error_code.into_inner(), code::REFUSED as u64);
+            assert_eq!(String::from_utf8_lossy(&c.reason), "expired_certificate");
+        }
+        other => panic!("expected the gateway to close the tunnel at expiry, got {other:?}"),
+    }
+    eventually("gateway a audits the closure", || {
+        audit(&lab, "gateway-a0")
+            .lines()
+            .any(|l| l.contains("\"event\":\"tunnel_closed\"") && l.contains("expired_certificate"))
+    })
+    .await;
+}
+
+/// A dialled path re-checks the gateway it reached: when that gateway's certificate is revoked,
+/// the path is closed at once (audited) and re-dialled, and comes back once the gateway holds a
+/// good certificate again.
+#[tokio::test]
+async fn a_path_to_a_gateway_whose_certificate_is_revoked_is_dropped_and_redialled() {
+    use trustline::ca::admin::{self, AdminRequest};
+    let (_d, mut lab, _api) = setup(1).await;
+    let gw_b = lab.region("b").gateways[0].as_ref().unwrap();
+    let serial = gw_b.identity.current().unwrap().info.serial.clone();
+    let paths = lab.region("a").gateways[0].as_ref().unwrap().peers["b"].clone();
+    let before = paths.all()[0]
+        .connection()
+        .expect("gateway a's path to b up");
+    let r = admin::call(
+        &lab.region("b").ca.admin_socket,
+        &AdminRequest::Revoke {
+            serial: serial.to_string(),
+        },
+    )
+    .await
+    .expect("admin socket");
+    assert!(r.ok, "revocation refused: {:?}", r.error);
+    match tokio::time::timeout(PATIENCE, before.closed()).await {
+        Ok(quinn::ConnectionError::LocallyClosed) => {}
+        other => panic!("expected gateway a to close its path to b, got {other:?}"),
+    }
+    eventually("gateway a audits the closure", || {
+        audit(&lab, "gateway-a0")
+            .lines()
+            .any(|l| l.contains("\"event\":\"tunnel_closed\"") && l.contains("revoked"))
+    })
+    .await;
+    // Gateway b comes back with a new certificate: the path is dialled again.
+    lab.stop_gateway("b", 0).await;
+    lab.start_gateway("b", 0).await.expect("gateway b again");
+    eventually("gateway a's path to b is up again", || {
+        paths.all()[0]
+            .connection()
+            .is_some_and(|c| c.stable_id() != before.stable_id())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -797,12 +797,21 @@ async fn rotate_under_load(reuse: Reuse, rotations: u64) -> (Pair, u64) {
     let errors = errors.lock().unwrap().clone();
     let (a, b) = rotated();
     let cuts = cuts.load(Ordering::Relaxed);
+    // Closed at the expiry of a certificate they were opened with: by B's live sweep (A's
+    // certificate), by A's (B's certificate, direct connections) and by A's pool (B's
+    // certificate, sessions: nothing is revoked here, so every one of those is an expiry).
+    let pool_closed = |b: &Bound| {
+        b.sessions
+            .as_ref()
+            .map_or(0, |s| s.closed_for_peer.load(Ordering::Relaxed))
+    };
     let expired =
         p.a.metrics
             .closed_live_count("outbound", "expired_certificate")
             + p.b
                 .metrics
-                .closed_live_count("inbound", "expired_certificate");
+                .closed_live_count("inbound", "expired_certificate")
+            + pool_closed(&p.a);
     let other_closures: Vec<_> = [&p.a, &p.b]
         .iter()
         .flat_map(|b| {

@@ -532,6 +532,9 @@ fn gateway_paths(
             addrs: tunnel.gateways.clone(),
             metrics,
             audit,
+            identity: identity.clone(),
+            clock: clock.clone(),
+            refresh: config.identity.refresh,
         },
         stop.clone(),
     ))

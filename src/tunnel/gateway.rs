@@ -44,6 +44,7 @@ struct Gateway {
     audit: Arc<AuditLog>,
     identity: Arc<Identity>,
     quotas: Quotas,
+    clock: Clock,
 }
 
 /// The per-peer quotas of [`super::config::GatewayLimits`], as gates.
@@ -130,6 +131,9 @@ pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, String>
                 addrs: p.addresses.clone(),
                 metrics: metrics.clone(),
                 audit: audit.clone(),
+                identity: identity.clone(),
+                clock: clock.clone(),
+                refresh: config.identity.refresh,
             },
             stop_rx.clone(),
         );
@@ -153,6 +157,7 @@ pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, String>
         audit,
         identity: identity.clone(),
         quotas: Quotas::new(&config_limits),
+        clock: clock.clone(),
     });
     tokio::spawn(accept_loop(gw.clone(), endpoint.clone(), stop_rx));
     tracing::info!(region = %gw.config.region, %listen, %admin, peers = gw.peers.len(), "gateway listening");
@@ -341,15 +346,13 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
     if let Some(l) = &labels {
         gw.metrics.up.get_or_create(l).inc();
     }
-    // The peer's certificate is re-checked for revocation while the connection lasts: on every
-    // change of the revocation list, and at least every refresh interval. (Not for expiry: the
-    // paths do not re-dial ahead of their own certificate's expiry yet, so closing a path then
-    // would cut every stream riding it once per SVID lifetime.)
+    // The peer's certificate is re-checked while the connection lasts: on every change of the
+    // revocation list, at its expiry, and at least every refresh interval.
     let peer_cert = super::peer_chain(&conn)
         .first()
         .and_then(|c| crate::identity::inspect_cert(c).ok());
     let mut revocations = gw.identity.revocations();
-    let recheck = tokio::time::sleep(gw.config.identity.refresh);
+    let recheck = tokio::time::sleep(next_recheck(&gw, peer_cert.as_ref()));
     tokio::pin!(recheck);
     loop {
         let lapsed = tokio::select! {
@@ -378,7 +381,7 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
             }
             recheck
                 .as_mut()
-                .reset(tokio::time::Instant::now() + gw.config.identity.refresh);
+                .reset(tokio::time::Instant::now() + next_recheck(&gw, peer_cert.as_ref()));
         }
     }
     if let Some(l) = &labels {
@@ -429,7 +432,19 @@ fn stream_place<'a>(
     }
 }
 
-/// Why a connection's peer certificate no longer passes: `revoked`.
+/// Until the next re-check of a connection's peer certificate: the refresh interval, or its
+/// expiry if that is sooner.
+fn next_recheck(gw: &Gateway, cert: Option<&crate::identity::CertInfo>) -> std::time::Duration {
+    let every = gw.config.identity.refresh;
+    let Some(c) = cert else { return every };
+    let left = c
+        .not_after
+        .duration_since(gw.clock.now())
+        .unwrap_or_default();
+    every.min(left + std::time::Duration::from_millis(1))
+}
+
+/// Why a connection's peer certificate no longer passes (`revoked`, `expired_certificate`).
 fn peer_cert_lapsed(
     gw: &Gateway,
     cert: Option<&crate::identity::CertInfo>,
@@ -437,11 +452,13 @@ fn peer_cert_lapsed(
     let Some(c) = cert else {
         return Some("no_certificate");
     };
-    gw.identity
-        .revoked
-        .load()
-        .contains(&c.serial)
-        .then_some("revoked")
+    if gw.identity.revoked.load().contains(&c.serial) {
+        Some("revoked")
+    } else if gw.clock.now() >= c.not_after {
+        Some("expired_certificate")
+    } else {
+        None
+    }
 }
 
 /// Closes a tunnel connection (and its streams) whose peer certificate lapsed, audited.

@@ -41,6 +41,8 @@ pub struct TunnelMetrics {
     pub active: Family<PathLabels, Gauge>,
     pub bytes: Family<ByteLabels, Counter>,
     pub reconnects: Family<PathLabels, Counter>,
+    /// Connections replaced by a new one (make-before-break) on a certificate change.
+    pub replaced: Family<PathLabels, Counter>,
     pub failovers: Counter,
     pub refused: Family<Refused, Counter>,
     /// QUIC connections refused by a quota, by reason.
@@ -81,6 +83,11 @@ impl TunnelMetrics {
             "trustline_tunnel_reconnects",
             "Times the path was lost and connected again",
             self.reconnects.clone(),
+        );
+        r.register(
+            "trustline_tunnel_replaced",
+            "Times the path's connection was replaced by a new one on a certificate rotation",
+            self.replaced.clone(),
         );
         r.register(
             "trustline_tunnel_failovers",

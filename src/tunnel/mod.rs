@@ -236,3 +236,12 @@ pub fn peer_chain(conn: &quinn::Connection) -> Vec<rustls::pki_types::Certificat
         .map(|b| *b)
         .unwrap_or_default()
 }
+
+/// How long a certificate of our CAs was issued for: its validity less the backdating of
+/// `not_before` (which absorbs clock skew and is no part of the lifetime the CA granted).
+pub fn issued_lifetime(c: &crate::identity::CertInfo) -> Duration {
+    c.not_after
+        .duration_since(c.not_before)
+        .unwrap_or_default()
+        .saturating_sub(crate::ca::authority::BACKDATE)
+}

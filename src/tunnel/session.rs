@@ -64,6 +64,11 @@ struct Live {
     not_after: SystemTime,
     /// The destination's certificate: the session is retired when it is revoked.
     peer_serial: crate::identity::Serial,
+    /// When the session takes no more new streams however long its certificates last: the
+    /// gateways' tunnel connections it rides are replaced on their own rotations and closed at
+    /// their certificates' expiry, which leaves them at least ~40 % of an SVID lifetime to drain;
+    /// a session retired after a fifth of one has moved off them by then.
+    retire_at: SystemTime,
     send: h2::client::SendRequest<Bytes>,
 }
 
@@ -151,7 +156,7 @@ impl SessionPool {
         let mut live = entry.live.lock().unwrap_or_else(|e| e.into_inner());
         let l = live.as_ref()?;
         if l.rotation == *self.identity.rotations().borrow()
-            && self.clock.now() < l.not_after
+            && self.clock.now() < l.not_after.min(l.retire_at)
             && !self.identity.revoked.load().contains(&l.peer_serial)
         {
             return Some((l.send.clone(), l.not_after));
@@ -246,11 +251,12 @@ impl SessionPool {
         self.identity.ready().map_err(|e| fail("not_ready", e))?;
         // Read before the handshake: a rotation during it retires the session at once.
         let rotation = *self.identity.rotations().borrow();
-        let own_not_after = self
+        let own = self
             .identity
             .current()
-            .map(|s| s.info.not_after)
             .ok_or_else(|| fail("not_ready", "no SVID"))?;
+        let own_not_after = own.info.not_after;
+        let retire_at = self.clock.now() + super::issued_lifetime(&own.info) / SESSION_AGE_DIVISOR;
         let tls = self.tls[target.service].as_ref().ok_or_else(|| {
             fail(
                 "no_route",
@@ -260,6 +266,7 @@ impl SessionPool {
         let opened = Opened {
             rotation,
             own_not_after,
+            retire_at,
         };
         let Some(region) = &target.region else {
             let tcp = tokio::net::TcpStream::connect(target.addr)
@@ -356,6 +363,7 @@ impl SessionPool {
             rotation: opened.rotation,
             not_after,
             peer_serial: peer.serial.clone(),
+            retire_at: opened.retire_at,
             send: send.clone(),
         });
         self.established.fetch_add(1, Ordering::Relaxed);
@@ -496,7 +504,11 @@ fn millis_since(started: std::time::Instant) -> u64 {
 struct Opened {
     rotation: u64,
     own_not_after: SystemTime,
+    retire_at: SystemTime,
 }
+
+/// A session takes new streams for at most this fraction (1/N) of our SVID's lifetime.
+const SESSION_AGE_DIVISOR: u32 = 5;
 
 fn session_failure(e: &std::io::Error) -> &'static str {
     match super::stream::reset_code(e) {

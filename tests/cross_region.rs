@@ -113,6 +113,30 @@ async fn setup_lab(options: LabOptions) -> (tempfile::TempDir, Lab, trustline::p
     (dir, lab, api)
 }
 
+/// The mesh's trust bundle, as the lab wrote it.
+fn lab_bundle(lab: &Lab) -> trustline::identity::Bundle {
+    trustline::identity::Bundle::from_pem(
+        lab.td.clone(),
+        &std::fs::read(lab.bundle()).unwrap(),
+        "bundle",
+    )
+    .unwrap()
+}
+
+/// A CA client for `region`'s CA, trusting `bundle`.
+fn ca_client(
+    lab: &Lab,
+    region: &str,
+    bundle: trustline::identity::Bundle,
+) -> trustline::ca::client::CaClient {
+    trustline::ca::client::CaClient::new(
+        &format!("https://{}", lab.region(region).ca.api),
+        bundle,
+        trustline::clock::Clock::system(),
+    )
+    .unwrap()
+}
+
 fn audit(lab: &Lab, name: &str) -> String {
     std::fs::read_to_string(lab.dir.join(format!("{name}-audit.log"))).unwrap_or_default()
 }
@@ -214,18 +238,8 @@ async fn raw_tunnel_with(
 ) -> Result<quinn::Connection, quinn::ConnectionError> {
     use trustline::tls::{ExpectedPeer, SpiffeServerVerifier, TLS13_ONLY};
     let id = trustline::identity::parse_workload_id(&wid(name)).unwrap();
-    let bundle = trustline::identity::Bundle::from_pem(
-        lab.td.clone(),
-        &std::fs::read(lab.bundle()).unwrap(),
-        "bundle",
-    )
-    .unwrap();
-    let client = trustline::ca::client::CaClient::new(
-        &format!("https://{}", lab.region(region).ca.api),
-        bundle.clone(),
-        trustline::clock::Clock::system(),
-    )
-    .unwrap();
+    let bundle = lab_bundle(lab);
+    let client = ca_client(lab, region, bundle.clone());
     let mut svid = client
         .issue_with_token(&id, &lab.token(region, &wid(name)).await.unwrap())
         .await
@@ -633,12 +647,7 @@ async fn a_serial_revoked_in_one_region_is_refused_in_the_other() {
     assert_eq!(call(web.listeners[0], b"before").await.unwrap(), b"before");
     // Region b's sidecar also admits web's SVID presented directly, without the gateways.
     let svid = web.identity.current().expect("web's SVID");
-    let bundle = trustline::identity::Bundle::from_pem(
-        lab.td.clone(),
-        &std::fs::read(lab.bundle()).unwrap(),
-        "bundle",
-    )
-    .unwrap();
+    let bundle = lab_bundle(&lab);
     let api_id = trustline::identity::parse_workload_id(&wid("api")).unwrap();
     let direct = || common::client_config(&bundle, &api_id, Some(common::Cred::from(&*svid)));
     assert_eq!(common::probe(api.inbound.unwrap(), direct()).await, b"ping");
@@ -677,12 +686,7 @@ async fn a_serial_revoked_in_one_region_is_refused_in_the_other() {
     })
     .await;
     // CA b serves the serial with its own list, and says where it learned it.
-    let client = trustline::ca::client::CaClient::new(
-        &format!("https://{}", lab.region("b").ca.api),
-        bundle.clone(),
-        trustline::clock::Clock::system(),
-    )
-    .unwrap();
+    let client = ca_client(&lab, "b", bundle.clone());
     let body = client.get_limited("/v1/revoked", 1 << 20).await.unwrap();
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let serial = svid.info.serial.to_string();
@@ -719,20 +723,8 @@ async fn what_a_peer_ca_revokes_or_cuts_off_holds_here_also_while_it_is_down() {
         ..Default::default()
     })
     .await;
-    let bundle = trustline::identity::Bundle::from_pem(
-        lab.td.clone(),
-        &std::fs::read(lab.bundle()).unwrap(),
-        "bundle",
-    )
-    .unwrap();
-    let ca = |region: &str| {
-        trustline::ca::client::CaClient::new(
-            &format!("https://{}", lab.region(region).ca.api),
-            bundle.clone(),
-            trustline::clock::Clock::system(),
-        )
-        .unwrap()
-    };
+    let bundle = lab_bundle(&lab);
+    let ca = |region: &str| ca_client(&lab, region, bundle.clone());
     let id = trustline::identity::parse_workload_id(&wid("stolen")).unwrap();
     let svid = ca("a")
         .issue_with_token(&id, &lab.token("a", &wid("stolen")).await.unwrap())
@@ -840,12 +832,7 @@ async fn a_peer_cas_lifted_ban_does_not_bring_back_this_regions_svids() {
         ..Default::default()
     })
     .await;
-    let b = trustline::ca::client::CaClient::new(
-        &format!("https://{}", lab.region("b").ca.api),
-        lab_bundle(&lab),
-        trustline::clock::Clock::system(),
-    )
-    .unwrap();
+    let b = ca_client(&lab, "b", lab_bundle(&lab));
     let get = |path: &'static str| {
         let b = &b;
         async move {
@@ -944,20 +931,8 @@ async fn a_peer_that_is_not_a_ca_is_not_believed() {
         ..Default::default()
     })
     .await;
-    let bundle = trustline::identity::Bundle::from_pem(
-        lab.td.clone(),
-        &std::fs::read(lab.bundle()).unwrap(),
-        "bundle",
-    )
-    .unwrap();
-    let client = |region: &str| {
-        trustline::ca::client::CaClient::new(
-            &format!("https://{}", lab.region(region).ca.api),
-            bundle.clone(),
-            trustline::clock::Clock::system(),
-        )
-        .unwrap()
-    };
+    let bundle = lab_bundle(&lab);
+    let client = |region: &str| ca_client(&lab, region, bundle.clone());
     // A workload's certificate chains to the root, but it is not the CA's.
     let id = trustline::identity::parse_workload_id(&wid("impostor")).unwrap();
     let svid = client("b")
@@ -1095,18 +1070,8 @@ async fn a_workload_over_its_connection_quota_is_refused_at_the_gateway() {
 async fn gateway_b_without_stream_credit(lab: &Lab) -> quinn::Endpoint {
     use trustline::tls::TLS13_ONLY;
     let id = trustline::tunnel::gateway_id(&lab.td, "b");
-    let bundle = trustline::identity::Bundle::from_pem(
-        lab.td.clone(),
-        &std::fs::read(lab.bundle()).unwrap(),
-        "bundle",
-    )
-    .unwrap();
-    let client = trustline::ca::client::CaClient::new(
-        &format!("https://{}", lab.region("b").ca.api),
-        bundle,
-        trustline::clock::Clock::system(),
-    )
-    .unwrap();
+    let bundle = lab_bundle(lab);
+    let client = ca_client(lab, "b", bundle);
     let token = lab.token("b", &id.to_string()).await.unwrap();
     let svid = client.issue_with_token(&id, &token).await.unwrap();
     let tls = rustls::ServerConfig::builder_with_provider(trustline::tls::provider())
@@ -1156,15 +1121,6 @@ async fn a_path_without_stream_credit_refuses_within_the_wait_instead_of_hanging
         metrics.contains("trustline_tunnel_open_timeouts_total 1"),
         "{metrics}"
     );
-}
-
-fn lab_bundle(lab: &Lab) -> trustline::identity::Bundle {
-    trustline::identity::Bundle::from_pem(
-        lab.td.clone(),
-        &std::fs::read(lab.bundle()).unwrap(),
-        "bundle",
-    )
-    .unwrap()
 }
 
 /// Every regional CA's server certificate names `spiffe://TD/trustline/ca`, so without the

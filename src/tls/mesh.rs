@@ -239,14 +239,13 @@ pub struct PeerChecks {
 impl PeerChecks {
     fn check(&self, leaf: &CertificateDer<'_>) -> Result<crate::identity::CertInfo, rustls::Error> {
         let info = inspect_cert(leaf).map_err(|e| reject("bad_spiffe_id", e.to_string()))?;
-        if info.is_ca {
-            return Err(reject(
-                "leaf_is_ca",
-                format!("{} is a CA certificate", info.id),
-            ));
-        }
-        if let Err(e) = info.check_leaf_profile() {
-            return Err(reject("bad_key_usage", format!("{}: {e}", info.id)));
+        match info.check_leaf_profile() {
+            Ok(()) => {}
+            Err(crate::identity::IdentityError::LeafIsCa) => {
+                let detail = format!("{} is a CA certificate", info.id);
+                return Err(reject("leaf_is_ca", detail));
+            }
+            Err(e) => return Err(reject("bad_key_usage", format!("{}: {e}", info.id))),
         }
         if !info.id.is_member_of(&self.trust_domain) {
             return Err(reject(

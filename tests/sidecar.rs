@@ -1041,6 +1041,18 @@ async fn a_chain_sent_with_its_root_is_accepted() {
 }
 
 #[tokio::test]
+async fn a_chain_padded_with_copies_of_the_root_is_refused() {
+    let ca = start_ca(HOUR).await;
+    let b = target(&ca, vec![id("web")]).await;
+    // Each copy would cost a signature check before the caller is authenticated: one is the
+    // sender's convenience, more are padding.
+    let root = ca.pki.roots()[0].clone();
+    let padded = web_with_chain(&ca.pki, |c| c.extend(std::iter::repeat_n(root, 20)));
+    let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(padded));
+    assert_refused(&b, cfg, "stray_certificate").await;
+}
+
+#[tokio::test]
 async fn a_root_of_another_trust_domain_cannot_vouch_for_our_identities() {
     let other = Pki::new("other.test");
     // The other domain's root is in the mesh's bundle, and its CA signs an ID of *our* trust

@@ -158,26 +158,29 @@ pub fn verify_path(
     }
 }
 
-/// `chain` without the copies of trusted roots at its end (senders may include the root). A
-/// copy has a trusted root's subject and key *and* is signed by that key: a home-made
-/// certificate that merely borrows a root's name and public key (to be read as the issuer of
-/// a leaf the root signed) stays in the chain, and the path check then refuses it.
+/// `chain` without a copy of a trusted root at its end (senders may include the root). A copy
+/// has a trusted root's subject and key *and* is signed by that key: a home-made certificate
+/// that merely borrows a root's name and public key (to be read as the issuer of a leaf the
+/// root signed) stays in the chain, and the path check then refuses it. One copy at most: each
+/// costs a signature check before the peer is authenticated, and a chain padded with copies
+/// (a 64 KiB handshake message holds a hundred) would make every handshake pay for them.
 fn without_trailing_roots<'a, 'c>(
-    mut chain: &'a [CertificateDer<'c>],
+    chain: &'a [CertificateDer<'c>],
     roots: &RootCertStore,
 ) -> &'a [CertificateDer<'c>] {
-    while let Some((last, rest)) = chain.split_last() {
-        let is_root = webpki::anchor_from_trusted_cert(last).is_ok_and(|a| {
-            roots.roots.iter().any(|r| {
-                r.subject == a.subject && r.subject_public_key_info == a.subject_public_key_info
-            })
-        }) && self_signed(last);
-        if !is_root {
-            break;
-        }
-        chain = rest;
+    let Some((last, rest)) = chain.split_last() else {
+        return chain;
+    };
+    let is_root = webpki::anchor_from_trusted_cert(last).is_ok_and(|a| {
+        roots.roots.iter().any(|r| {
+            r.subject == a.subject && r.subject_public_key_info == a.subject_public_key_info
+        })
+    }) && self_signed(last);
+    if is_root {
+        rest
+    } else {
+        chain
     }
-    chain
 }
 
 /// Whether `cert` carries a valid signature by its own key.

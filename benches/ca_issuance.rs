@@ -37,10 +37,10 @@ use std::time::Duration;
 use hyper::StatusCode;
 use tokio::time::Instant;
 use trustline::ca::admin;
-use trustline::ca::client::{make_csr, CaClient, CaConnection};
 use trustline::ca::ledger::Ledger;
 use trustline::clock::Clock;
 use trustline::identity::{parse_trust_domain, parse_workload_id, Bundle, SpiffeId, Svid};
+use trustline::svid::ca_client::{make_csr, CaClient, CaConnection};
 
 /// The server binary Cargo built with this benchmark.
 const BIN: &str = env!("CARGO_BIN_EXE_trustline");

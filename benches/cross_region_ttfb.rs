@@ -58,8 +58,8 @@ async fn plain_tls() -> (
         .self_signed(&key)
         .unwrap();
     let der = CertificateDer::from(cert.der().to_vec());
-    let server = rustls::ServerConfig::builder_with_provider(trustline::tls::provider())
-        .with_protocol_versions(trustline::tls::TLS13_ONLY)
+    let server = rustls::ServerConfig::builder_with_provider(trustline::crypto::provider())
+        .with_protocol_versions(trustline::crypto::TLS13_ONLY)
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(
@@ -100,8 +100,8 @@ async fn plain_tls() -> (
     .unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(der).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(trustline::tls::provider())
-        .with_protocol_versions(trustline::tls::TLS13_ONLY)
+    let client = rustls::ClientConfig::builder_with_provider(trustline::crypto::provider())
+        .with_protocol_versions(trustline::crypto::TLS13_ONLY)
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();

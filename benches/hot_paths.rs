@@ -40,11 +40,12 @@ use rustls::{
     ClientConfig, ClientConnection, ConnectionCommon, HandshakeKind, ServerConfig, ServerConnection,
 };
 use trustline::ca::authority::{self, parse_csr, Authority, LeafUsage};
-use trustline::ca::client::make_csr;
 use trustline::clock::Clock;
+use trustline::crypto::provider;
 use trustline::identity::{chain_to_pem, inspect_cert, parse_id, parse_trust_domain, SpiffeId};
+use trustline::svid::ca_client::make_csr;
 use trustline::tls::mesh::{self, MeshServerVerifier, PeerChecks, SpiffeClientVerifier, Trust};
-use trustline::tls::{provider, ExpectedPeer};
+use trustline::tls::ExpectedPeer;
 
 const TRUST_DOMAIN: &str = "bench.test";
 const CLIENT_ID: &str = "spiffe://bench.test/ns/shop/sa/web";

@@ -12,10 +12,10 @@ use anyhow::Context;
 
 use crate::ca::admin;
 use crate::ca::authority;
-use crate::ca::client::CaClient;
 use crate::ca::config::CaServeConfig;
 use crate::clock::{rfc3339, Clock};
 use crate::identity::{parse_trust_domain, parse_workload_id, region_of_chain, Bundle, Svid};
+use crate::svid::ca_client::CaClient;
 
 /// Runs the demo and prints what happens.
 pub async fn run() -> anyhow::Result<()> {
@@ -198,8 +198,8 @@ async fn sidecar(
     inbound: Option<InboundSpec>,
     services: Vec<crate::proxy::config::Service>,
 ) -> anyhow::Result<crate::proxy::Bound> {
-    use crate::identity::manager::{IdentityConfig, IdentitySource};
     use crate::proxy::config::{Inbound, Listener, SidecarConfig};
+    use crate::svid::{IdentityConfig, IdentitySource};
     let Site {
         dir,
         td,

@@ -13,9 +13,9 @@ use common::*;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use trustline::ca::client::CaClient;
 use trustline::ca::config::{CaLimits, CaServeConfig};
 use trustline::clock::Clock;
+use trustline::svid::ca_client::CaClient;
 
 /// How long a test gives a server to close what its limits say it must close.
 const CLOSE_BOUND: Duration = Duration::from_secs(15);
@@ -257,7 +257,7 @@ async fn raw_session(
 > {
     let cfg = client_config(&ca.pki.bundle(), &id("api"), Some(cred));
     let mut cfg = (*cfg).clone();
-    cfg.alpn_protocols = vec![trustline::tunnel::SESSION_ALPN.to_vec()];
+    cfg.alpn_protocols = vec![trustline::proxy::session::SESSION_ALPN.to_vec()];
     let tcp = TcpStream::connect(inbound)
         .await
         .map_err(|e| e.to_string())?;

@@ -10,13 +10,13 @@ use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use trustline::ca::admin::{self, AdminRequest};
 use trustline::ca::authority::{self, LeafUsage};
-use trustline::ca::client::{make_csr, CaClient, ClientError};
 use trustline::ca::config::CaServeConfig;
 use trustline::ca::server::{build, Bound};
 use trustline::clock::Clock;
 use trustline::identity::{
     inspect_cert, parse_trust_domain, parse_workload_id, Bundle, SpiffeId, Svid,
 };
+use trustline::svid::ca_client::{make_csr, CaClient, ClientError};
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 
 struct Ca {

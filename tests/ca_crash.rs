@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use trustline::ca::admin::{self, AdminRequest};
-use trustline::ca::client::{CaClient, ClientError};
 use trustline::ca::ledger::{token_hash, Authorisation, Ledger};
 use trustline::clock::Clock;
 use trustline::identity::{parse_trust_domain, Bundle, SpiffeId};
+use trustline::svid::ca_client::{CaClient, ClientError};
 
 const TRUST_DOMAIN: &str = "crash.test";
 /// Join tokens minted, one per distinct workload ID.

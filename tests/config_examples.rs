@@ -7,9 +7,9 @@ use std::time::Duration;
 use spiffe::transport::Endpoint;
 use trustline::ca::authority;
 use trustline::ca::config::{CaServeConfig, CaServeFile};
-use trustline::identity::manager::IdentitySource;
 use trustline::identity::parse_trust_domain;
 use trustline::proxy::config::SidecarConfig;
+use trustline::svid::IdentitySource;
 
 fn example(name: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -154,7 +154,7 @@ fn example_gateway_and_cross_region_configs_are_valid() {
     // The gateway's CA must be its own region's (the region check of the CA client).
     assert!(matches!(
         &g.identity.source,
-        trustline::identity::manager::IdentitySource::Ca { region: Some(r), .. } if r == "eu-west"
+        trustline::svid::IdentitySource::Ca { region: Some(r), .. } if r == "eu-west"
     ));
     assert_eq!(
         g.policy.decide("us-east", "eu-west", "checkout"),
@@ -170,7 +170,7 @@ fn example_gateway_and_cross_region_configs_are_valid() {
     assert_eq!(s.services[0].region.as_deref(), Some("eu-west"));
     assert!(matches!(
         &s.identity.source,
-        trustline::identity::manager::IdentitySource::Ca { region: Some(r), .. } if r == "us-east"
+        trustline::svid::IdentitySource::Ca { region: Some(r), .. } if r == "us-east"
     ));
     assert_eq!(s.tunnel.unwrap().gateways.len(), 2);
 }

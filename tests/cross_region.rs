@@ -128,8 +128,8 @@ fn ca_client(
     lab: &Lab,
     region: &str,
     bundle: trustline::identity::Bundle,
-) -> trustline::ca::client::CaClient {
-    trustline::ca::client::CaClient::new(
+) -> trustline::svid::ca_client::CaClient {
+    trustline::svid::ca_client::CaClient::new(
         &format!("https://{}", lab.region(region).ca.api),
         bundle,
         trustline::clock::Clock::system(),
@@ -236,7 +236,8 @@ async fn raw_tunnel_with(
     name: &str,
     edit: impl FnOnce(&mut Vec<rustls::pki_types::CertificateDer<'static>>),
 ) -> Result<quinn::Connection, quinn::ConnectionError> {
-    use trustline::tls::{ExpectedPeer, SpiffeServerVerifier, TLS13_ONLY};
+    use trustline::crypto::TLS13_ONLY;
+    use trustline::tls::{ExpectedPeer, SpiffeServerVerifier};
     let id = trustline::identity::parse_workload_id(&wid(name)).unwrap();
     let bundle = lab_bundle(lab);
     let client = ca_client(lab, region, bundle.clone());
@@ -249,7 +250,7 @@ async fn raw_tunnel_with(
         bundle.store(),
         ExpectedPeer::AnyOf(vec![trustline::tunnel::gateway_id(&lab.td, "a")]),
     );
-    let tls = rustls::ClientConfig::builder_with_provider(trustline::tls::provider())
+    let tls = rustls::ClientConfig::builder_with_provider(trustline::crypto::provider())
         .with_protocol_versions(TLS13_ONLY)
         .unwrap()
         .dangerous()
@@ -790,13 +791,13 @@ async fn what_a_peer_ca_revokes_or_cuts_off_holds_here_also_while_it_is_down() {
             .any(|e| e["serial"] == from_b.info.serial.to_string()),
         "CA b lists its own SVID of the cut-off ID: {v}"
     );
-    let refused = |r: Result<trustline::identity::Svid, trustline::ca::client::ClientError>| match r
-    {
-        Err(trustline::ca::client::ClientError::Refused { status, error, .. }) => {
-            (status.as_u16(), error)
-        }
-        other => panic!("CA b must refuse an ID cut off at CA a: {other:?}"),
-    };
+    let refused =
+        |r: Result<trustline::identity::Svid, trustline::svid::ca_client::ClientError>| match r {
+            Err(trustline::svid::ca_client::ClientError::Refused { status, error, .. }) => {
+                (status.as_u16(), error)
+            }
+            other => panic!("CA b must refuse an ID cut off at CA a: {other:?}"),
+        };
     // CA b revoked its SVID of the ID (a revoked certificate is refused before the ban is seen).
     assert_eq!(
         refused(b.renew(&from_b).await),
@@ -890,7 +891,7 @@ async fn a_peer_cas_lifted_ban_does_not_bring_back_this_regions_svids() {
         "CA b revoked it in its own ledger: {own}"
     );
     match b.renew(&stolen).await {
-        Err(trustline::ca::client::ClientError::Refused { status, .. }) => {
+        Err(trustline::svid::ca_client::ClientError::Refused { status, .. }) => {
             assert_eq!(status.as_u16(), 401)
         }
         other => panic!("a revoked SVID must not renew: {other:?}"),
@@ -903,8 +904,8 @@ async fn a_peer_cas_lifted_ban_does_not_bring_back_this_regions_svids() {
 
 /// A TLS server (http/1.1) on 127.0.0.1 presenting `svid`: anything but a CA.
 async fn tls_server_with(svid: &trustline::identity::Svid) -> SocketAddr {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(trustline::tls::provider())
-        .with_protocol_versions(trustline::tls::TLS13_ONLY)
+    let mut cfg = rustls::ServerConfig::builder_with_provider(trustline::crypto::provider())
+        .with_protocol_versions(trustline::crypto::TLS13_ONLY)
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(svid.chain.clone(), svid.key.clone_key())
@@ -1068,13 +1069,13 @@ async fn a_workload_over_its_connection_quota_is_refused_at_the_gateway() {
 /// A stand-in for region b's gateway on its fixed address: a real gateway-b certificate from
 /// b's CA, but it grants no stream credit at all, as a tunnel whose streams are all taken.
 async fn gateway_b_without_stream_credit(lab: &Lab) -> quinn::Endpoint {
-    use trustline::tls::TLS13_ONLY;
+    use trustline::crypto::TLS13_ONLY;
     let id = trustline::tunnel::gateway_id(&lab.td, "b");
     let bundle = lab_bundle(lab);
     let client = ca_client(lab, "b", bundle);
     let token = lab.token("b", &id.to_string()).await.unwrap();
     let svid = client.issue_with_token(&id, &token).await.unwrap();
-    let tls = rustls::ServerConfig::builder_with_provider(trustline::tls::provider())
+    let tls = rustls::ServerConfig::builder_with_provider(trustline::crypto::provider())
         .with_protocol_versions(TLS13_ONLY)
         .unwrap()
         .with_no_client_auth()
@@ -1128,8 +1129,8 @@ async fn a_path_without_stream_credit_refuses_within_the_wait_instead_of_hanging
 /// bundle and an empty revocation list.
 #[tokio::test]
 async fn a_ca_of_another_region_cannot_stand_in_for_ours() {
-    use trustline::ca::client::CaClient;
-    use trustline::identity::manager::IdentitySource;
+    use trustline::svid::ca_client::CaClient;
+    use trustline::svid::IdentitySource;
     let (_d, lab) = lab(LabOptions::default()).await;
     let b_url = format!("https://{}", lab.region("b").ca.api);
     let client =
@@ -1143,7 +1144,7 @@ async fn a_ca_of_another_region_cannot_stand_in_for_ours() {
     let for_a = client.expect_region("a");
     let e = for_a.fetch_bundle_pem().await.unwrap_err();
     assert!(
-        matches!(e, trustline::ca::client::ClientError::Tls(_)),
+        matches!(e, trustline::svid::ca_client::ClientError::Tls(_)),
         "refused in TLS: {e}"
     );
     let msg = e.to_string();
@@ -1151,9 +1152,7 @@ async fn a_ca_of_another_region_cannot_stand_in_for_ours() {
         msg.contains("issued by region b's CA") && msg.contains("expected region a's CA"),
         "{msg}"
     );
-    let e = trustline::identity::manager::fetch_revoked(&for_a)
-        .await
-        .unwrap_err();
+    let e = trustline::svid::fetch_revoked(&for_a).await.unwrap_err();
     assert!(e.contains("expected region a"), "{e}");
     // The roles pass their region on: a sidecar of region a that is sent to CA b gets neither
     // its bundle nor its revocation list there.
@@ -1190,7 +1189,7 @@ async fn a_peer_of_our_own_region_is_refused() {
     // A peer named as our own region's CA is refused at configuration.
     let e = a.set_peers(&[format!("a={b_url}")]).unwrap_err();
     assert!(e.contains("this CA's own region"), "{e}");
-    let client = trustline::ca::client::CaClient::new(
+    let client = trustline::svid::ca_client::CaClient::new(
         &own,
         lab_bundle(&lab),
         trustline::clock::Clock::system(),

@@ -1518,7 +1518,8 @@ action = "permit"
 /// Speaks HTTP/1.1 to `checkout`'s inbound directly over mTLS as `caller` (no pooled session):
 /// sends one request and returns whatever came back (empty when the connection was closed).
 async fn direct_http(mesh: &Mesh, checkout: &Bound, caller: &Bound, path: &str) -> String {
-    use trustline::tls::{ExpectedPeer, SpiffeServerVerifier, TLS13_ONLY};
+    use trustline::crypto::TLS13_ONLY;
+    use trustline::tls::{ExpectedPeer, SpiffeServerVerifier};
     let bundle = trustline::identity::Bundle::from_pem(
         mesh.td.clone(),
         &std::fs::read(mesh.root.join("bundle.pem")).unwrap(),
@@ -1530,7 +1531,7 @@ async fn direct_http(mesh: &Mesh, checkout: &Bound, caller: &Bound, path: &str) 
         bundle.store(),
         ExpectedPeer::AnyOf(vec![mesh.id("checkout")]),
     );
-    let mut cfg = rustls::ClientConfig::builder_with_provider(trustline::tls::provider())
+    let mut cfg = rustls::ClientConfig::builder_with_provider(trustline::crypto::provider())
         .with_protocol_versions(TLS13_ONLY)
         .unwrap()
         .dangerous()

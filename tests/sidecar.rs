@@ -1121,7 +1121,7 @@ async fn a_leaf_that_may_sign_certificates_is_refused() {
 async fn session_reply(addr: std::net::SocketAddr, pki: &Pki, cred: Cred) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut cfg = (*client_config(&pki.bundle(), &id("api"), Some(cred))).clone();
-    cfg.alpn_protocols = vec![trustline::tunnel::SESSION_ALPN.to_vec()];
+    cfg.alpn_protocols = vec![trustline::proxy::session::SESSION_ALPN.to_vec()];
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("api").unwrap();
     let connect = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp);
@@ -1218,7 +1218,7 @@ async fn a_home_made_copy_of_the_root_after_a_root_issued_leaf_is_refused() {
 /// (`region` set): otherwise any region's CA could be answering and add its own root.
 #[tokio::test]
 async fn a_root_the_ca_publishes_is_trusted_only_from_our_own_regions_ca() {
-    use trustline::identity::manager::IdentitySource;
+    use trustline::svid::IdentitySource;
     // A second root of our own trust domain: one that would vouch for our identities.
     let twin = Pki::new(TD);
     let ca = start_ca_with(HOUR, &[&twin]).await;

@@ -292,7 +292,7 @@ fn config_error(dir: &Path, identity: &str) -> Result<SidecarConfig, String> {
 #[test]
 fn the_socket_comes_from_the_file_or_the_environment_and_is_otherwise_a_clear_error() {
     use spiffe::transport::Endpoint;
-    use trustline::identity::manager::IdentitySource;
+    use trustline::svid::IdentitySource;
     let dir = tempfile::tempdir().unwrap();
     let endpoint = |c: SidecarConfig| match c.identity.source {
         IdentitySource::WorkloadApi { endpoint } => endpoint,

@@ -20,8 +20,7 @@ use crate::identity::{
 };
 use crate::util::{write_public, write_secret};
 
-/// Clock skew allowance: leaves start this long before they are signed.
-pub const BACKDATE: Duration = Duration::from_secs(60);
+pub use crate::identity::BACKDATE;
 
 /// What can go wrong making, loading or using a CA.
 #[derive(Debug, thiserror::Error)]

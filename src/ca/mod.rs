@@ -9,7 +9,6 @@ pub mod admin;
 pub mod api;
 pub mod authority;
 pub mod bundle_json;
-pub mod client;
 pub mod config;
 pub mod ledger;
 pub mod limits;

@@ -30,11 +30,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::api::CaState;
-use super::client::{CaClient, CaRegion, ClientError};
 use super::config::{PeerSpec, MAX_SVID_TTL};
 use super::ledger::LedgerError;
 use crate::clock::Clock;
 use crate::identity::{parse_id, Bundle, Serial};
+use crate::svid::ca_client::{CaClient, CaRegion, ClientError};
 
 /// Longest one fetch of a peer's list may take (connect, TLS, answer).
 pub const PEER_FETCH_TIMEOUT: Duration = Duration::from_secs(5);

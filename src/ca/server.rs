@@ -26,8 +26,8 @@ use super::limits::ConnLimits;
 use super::metrics::CaMetrics;
 use crate::audit::AuditLog;
 use crate::clock::{unix_secs, Clock};
+use crate::crypto::{provider, TLS13_ONLY};
 use crate::identity::{inspect_cert, SpiffeId};
-use crate::tls::{provider, TLS13_ONLY};
 
 /// Longest a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

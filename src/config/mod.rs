@@ -1,9 +1,14 @@
 //! Loading TOML configuration files with errors that name the file, the line, the field and the
 //! reason. Each role defines its own `deny_unknown_fields` structs and `validate()`.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
+
+use crate::identity::{parse_workload_id, SpiffeId, TrustDomain};
+use crate::util::parse_duration;
 
 /// A configuration problem, located as precisely as it can be.
 #[derive(Debug, thiserror::Error)]
@@ -57,4 +62,49 @@ pub fn parse_toml<T: DeserializeOwned>(text: &str, path: Option<&Path>) -> Resul
             reason: e.message().trim().to_string(),
         }
     })
+}
+
+/// Where a config file is, for errors and relative paths.
+pub struct Ctx<'a> {
+    pub file: &'a Path,
+    pub dir: PathBuf,
+}
+
+impl Ctx<'_> {
+    pub fn err(&self, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::field(Some(self.file), &field.into(), reason)
+    }
+    pub fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+    pub fn addr(&self, field: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+        v.parse().map_err(|_| {
+            self.err(
+                field,
+                format!("{v:?} is not an address like 127.0.0.1:8080"),
+            )
+        })
+    }
+    pub fn duration(
+        &self,
+        field: &str,
+        v: Option<&str>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(v) => parse_duration(v).map_err(|e| self.err(field, e)),
+        }
+    }
+    pub fn id(&self, field: &str, v: &str, td: &TrustDomain) -> Result<SpiffeId, ConfigError> {
+        let id = parse_workload_id(v).map_err(|e| self.err(field, e.to_string()))?;
+        if !id.is_member_of(td) {
+            return Err(self.err(field, format!("{id} is not in trust domain {td}")));
+        }
+        Ok(id)
+    }
 }

@@ -27,7 +27,19 @@ pub struct CertInfo {
     pub key_usage: Option<(bool, bool)>,
 }
 
+/// Clock skew allowance of our CAs: certificates start this long before they are signed.
+pub const BACKDATE: Duration = Duration::from_secs(60);
+
 impl CertInfo {
+    /// How long a certificate of our CAs was issued for: its validity less the backdating of
+    /// `not_before` (which absorbs clock skew and is no part of the lifetime the CA granted).
+    pub fn issued_lifetime(&self) -> Duration {
+        self.not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default()
+            .saturating_sub(BACKDATE)
+    }
+
     /// The X.509-SVID profile of a leaf beyond its one SPIFFE URI SAN: CA:FALSE, and a key
     /// usage with digitalSignature and neither keyCertSign nor cRLSign (X509-SVID spec 4.3).
     pub fn check_leaf_profile(&self) -> Result<(), IdentityError> {

@@ -5,9 +5,8 @@
 //! against the SVID profile (exactly one SPIFFE URI SAN, not a CA).
 
 mod cert;
-pub mod manager;
 
-pub use cert::{inspect_cert, region_of_chain, CertInfo, REGION_PATH_PREFIX};
+pub use cert::{inspect_cert, region_of_chain, CertInfo, BACKDATE, REGION_PATH_PREFIX};
 
 pub use spiffe::{SpiffeId, TrustDomain};
 

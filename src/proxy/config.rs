@@ -28,11 +28,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::{load_toml, ConfigError};
-use crate::identity::manager::{IdentityConfig, IdentitySource};
-use crate::identity::{parse_trust_domain, parse_workload_id, Bundle, SpiffeId, TrustDomain};
-use crate::util::parse_duration;
-use spiffe::transport::Endpoint;
+use crate::config::{load_toml, ConfigError, Ctx};
+use crate::identity::{parse_trust_domain, SpiffeId, TrustDomain};
+use crate::svid::config::{identity_config, IdentityFile};
+use crate::svid::IdentityConfig;
+use crate::tunnel::config::{tunnel_timing, TunnelFile};
 
 /// Default admin listener.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15020";
@@ -65,31 +65,6 @@ struct SidecarFile {
     #[serde(default, rename = "listener")]
     listeners: Vec<ListenerFile>,
     tunnel: Option<TunnelFile>,
-}
-
-/// `[tunnel]`: how this sidecar reaches other regions (shared with the gateway config).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct TunnelFile {
-    #[serde(default)]
-    pub gateways: Vec<String>,
-    pub keepalive: Option<String>,
-    pub idle_timeout: Option<String>,
-    pub prewarm: Option<bool>,
-}
-
-/// The `[identity]` table, shared by the sidecar and gateway configs.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct IdentityFile {
-    source: String,
-    ca_url: Option<String>,
-    token_file: Option<PathBuf>,
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    poll_interval: Option<String>,
-    refresh_interval: Option<String>,
-    socket: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -282,7 +257,7 @@ pub struct SidecarConfig {
     pub region: Option<String>,
     pub resumption: bool,
     /// Same-region services: one warm multiplexed session per destination sidecar address
-    /// instead of a handshake per connection (see [`crate::tunnel::session`]).
+    /// instead of a handshake per connection (see [`crate::proxy::session::pool`]).
     pub pooling: bool,
     /// A same-region session with no new stream for this long is closed (after its last open
     /// stream ends).
@@ -299,56 +274,6 @@ pub struct SidecarConfig {
     pub listeners: Vec<Listener>,
     /// Set when a service is in another region.
     pub tunnel: Option<TunnelSide>,
-}
-
-/// Where a config file is, for errors and relative paths.
-pub(crate) struct Ctx<'a> {
-    pub file: &'a Path,
-    pub dir: PathBuf,
-}
-
-impl Ctx<'_> {
-    pub(crate) fn err(&self, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-        ConfigError::field(Some(self.file), &field.into(), reason)
-    }
-    pub(crate) fn path(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.dir.join(p)
-        }
-    }
-    pub(crate) fn addr(&self, field: &str, v: &str) -> Result<SocketAddr, ConfigError> {
-        v.parse().map_err(|_| {
-            self.err(
-                field,
-                format!("{v:?} is not an address like 127.0.0.1:8080"),
-            )
-        })
-    }
-    pub(crate) fn duration(
-        &self,
-        field: &str,
-        v: Option<&str>,
-        default: Duration,
-    ) -> Result<Duration, ConfigError> {
-        match v {
-            None => Ok(default),
-            Some(v) => parse_duration(v).map_err(|e| self.err(field, e)),
-        }
-    }
-    pub(crate) fn id(
-        &self,
-        field: &str,
-        v: &str,
-        td: &TrustDomain,
-    ) -> Result<SpiffeId, ConfigError> {
-        let id = parse_workload_id(v).map_err(|e| self.err(field, e.to_string()))?;
-        if !id.is_member_of(td) {
-            return Err(self.err(field, format!("{id} is not in trust domain {td}")));
-        }
-        Ok(id)
-    }
 }
 
 impl SidecarConfig {
@@ -525,33 +450,6 @@ fn check_app_ports(
     Ok(())
 }
 
-/// The keep-alive timing of a `[tunnel]` table.
-pub(crate) fn tunnel_timing(
-    ctx: &Ctx<'_>,
-    t: Option<&TunnelFile>,
-) -> Result<crate::tunnel::Timing, ConfigError> {
-    let d = crate::tunnel::Timing::default();
-    let timing = crate::tunnel::Timing {
-        keepalive: ctx.duration(
-            "tunnel.keepalive",
-            t.and_then(|t| t.keepalive.as_deref()),
-            d.keepalive,
-        )?,
-        idle_timeout: ctx.duration(
-            "tunnel.idle_timeout",
-            t.and_then(|t| t.idle_timeout.as_deref()),
-            d.idle_timeout,
-        )?,
-    };
-    if timing.keepalive.is_zero() || timing.keepalive >= timing.idle_timeout {
-        return Err(ctx.err(
-            "tunnel.keepalive",
-            "must be above 0 and below tunnel.idle_timeout",
-        ));
-    }
-    Ok(timing)
-}
-
 fn tunnel_side(
     ctx: &Ctx<'_>,
     t: Option<&TunnelFile>,
@@ -594,144 +492,6 @@ fn inbound_policy(
         (Some(_), Some(_)) if !i.allow.is_empty() => Err(ctx.err("inbound.allow", "use either `allow` or `policy`, not both")),
         (Some(p), Some(s)) => Ok(Some((ctx.path(p), s.clone()))),
     }
-}
-
-/// The identity of a role: its ID, the bundle file (`bundle`) and the `[identity]` table.
-pub(crate) fn identity_config(
-    ctx: &Ctx<'_>,
-    td: &TrustDomain,
-    id: SpiffeId,
-    bundle: &Path,
-    region: Option<&str>,
-    f: &IdentityFile,
-) -> Result<IdentityConfig, ConfigError> {
-    let bundle_path = ctx.path(bundle);
-    let bundle_pem = std::fs::read(&bundle_path)
-        .map_err(|e| ctx.err("bundle", format!("{}: {e}", bundle_path.display())))?;
-    let bundle = Bundle::from_pem(td.clone(), &bundle_pem, &bundle_path.display().to_string())
-        .map_err(|e| ctx.err("bundle", e.to_string()))?;
-    Ok(IdentityConfig {
-        id,
-        bundle,
-        source: identity_source(ctx, f, region)?,
-        refresh: ctx.duration(
-            "identity.refresh_interval",
-            f.refresh_interval.as_deref(),
-            Duration::from_secs(30),
-        )?,
-    })
-}
-
-/// `region` is the role's own: with it, the CA must be that region's ([`IdentitySource::Ca`]).
-fn identity_source(
-    ctx: &Ctx<'_>,
-    f: &IdentityFile,
-    region: Option<&str>,
-) -> Result<IdentitySource, ConfigError> {
-    let need = |v: &Option<PathBuf>, field: &str| {
-        v.as_deref().map(|p| ctx.path(p)).ok_or_else(|| {
-            ctx.err(
-                format!("identity.{field}"),
-                format!("required for source = {:?}", f.source),
-            )
-        })
-    };
-    match f.source.as_str() {
-        "ca" => {
-            let url = f
-                .ca_url
-                .clone()
-                .ok_or_else(|| ctx.err("identity.ca_url", "required for source = \"ca\""))?;
-            if !url.starts_with("https://") {
-                return Err(ctx.err(
-                    "identity.ca_url",
-                    format!("{url:?} must start with https://"),
-                ));
-            }
-            Ok(IdentitySource::Ca {
-                url,
-                token_file: need(&f.token_file, "token_file")?,
-                region: region.map(str::to_string),
-            })
-        }
-        "files" => Ok(IdentitySource::Files {
-            cert: need(&f.cert, "cert")?,
-            key: need(&f.key, "key")?,
-            poll: ctx.duration(
-                "identity.poll_interval",
-                f.poll_interval.as_deref(),
-                Duration::from_secs(2),
-            )?,
-        }),
-        "workload-api" => Ok(IdentitySource::WorkloadApi {
-            endpoint: workload_api_endpoint(
-                ctx,
-                f.socket.as_deref(),
-                std::env::var(SPIFFE_ENDPOINT_SOCKET).ok(),
-            )?,
-        }),
-        other => Err(ctx.err(
-            "identity.source",
-            format!("{other:?}: expected \"ca\", \"files\" or \"workload-api\""),
-        )),
-    }
-}
-
-/// The environment variable naming the Workload API socket when `identity.socket` is unset.
-pub const SPIFFE_ENDPOINT_SOCKET: &str = "SPIFFE_ENDPOINT_SOCKET";
-
-/// The Workload API endpoint: `socket` from the file (a `unix:` URI, or a plain path relative to
-/// the file), else `env` (the value of `SPIFFE_ENDPOINT_SOCKET`, a URI). Unix sockets only.
-fn workload_api_endpoint(
-    ctx: &Ctx<'_>,
-    socket: Option<&str>,
-    env: Option<String>,
-) -> Result<Endpoint, ConfigError> {
-    let field = "identity.socket";
-    let value = match (socket, env.as_deref()) {
-        (Some(s), _) => s,
-        (None, Some(e)) if !e.is_empty() => e,
-        _ => {
-            return Err(ctx.err(
-                field,
-                format!(
-                    "required for source = \"workload-api\" when {SPIFFE_ENDPOINT_SOCKET} is not \
-                     set, e.g. socket = \"unix:///run/spire/agent.sock\""
-                ),
-            ))
-        }
-    };
-    let from_env = socket.is_none();
-    let what = if from_env {
-        format!("{SPIFFE_ENDPOINT_SOCKET}={value:?}")
-    } else {
-        format!("{value:?}")
-    };
-    if value.contains(':') {
-        return match Endpoint::parse(value) {
-            Ok(e @ Endpoint::Unix(_)) => Ok(e),
-            // The API carries private keys in clear text: a local socket only.
-            Ok(_) => Err(ctx.err(
-                field,
-                format!("{what}: only unix sockets are accepted (the Workload API sends private keys unencrypted)"),
-            )),
-            Err(e) => Err(ctx.err(
-                field,
-                format!("{what}: {e} (expected unix:///path/to/socket or a path)"),
-            )),
-        };
-    }
-    if value.is_empty() {
-        return Err(ctx.err(field, "empty; give the agent's socket path"));
-    }
-    if from_env {
-        // The variable holds a URI by the SPIFFE spec; a bare absolute path is accepted too.
-        if !value.starts_with('/') {
-            return Err(ctx.err(field, format!("{what}: expected unix:///path/to/socket")));
-        }
-        return Ok(Endpoint::Unix(PathBuf::from(value)));
-    }
-    Ok(Endpoint::Unix(ctx.path(Path::new(value))))
 }
 
 fn services(

@@ -29,8 +29,8 @@ use super::authz::Authz;
 use crate::audit::decision::DecisionEvent;
 use crate::audit::AuditLog;
 use crate::clock::{rfc3339, Clock};
-use crate::identity::manager::Identity;
 use crate::identity::CertInfo;
+use crate::svid::Identity;
 
 /// Why a sweep closed a live connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,7 +11,7 @@
 //! - **Live connections** are re-checked while they last ([`live`]): a revoked or expired
 //!   certificate, a policy reload or a closing time window closes them, not only new ones.
 //!
-//! The identity task ([`crate::identity::manager`]) publishes the SVID; every handshake reads
+//! The identity task ([`crate::svid`]) publishes the SVID; every handshake reads
 //! the newest. Until one is held, `/readyz` fails and connections are closed at once.
 
 pub mod authz;
@@ -22,21 +22,20 @@ pub mod live;
 pub mod metrics;
 mod outbound;
 pub mod redirect;
-mod session_limits;
-mod splice;
-pub(crate) use splice::splice;
+pub mod session;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use crate::clock::{unix_secs, Clock};
-use crate::identity::manager::{self, Identity};
+use crate::drain::Tracker;
+use crate::svid::{self, Identity};
 use crate::tls::mesh;
 use crate::tls::ExpectedPeer;
 use config::SidecarConfig;
@@ -64,36 +63,6 @@ pub enum ProxyError {
     },
 }
 
-/// Counts live connections so a drain can wait for them.
-#[derive(Default)]
-pub struct Tracker {
-    active: AtomicUsize,
-    idle: Notify,
-}
-
-/// Held by a live connection; dropping it counts the connection out.
-pub struct Tracked(Arc<Tracker>);
-
-impl Tracker {
-    fn enter(self: &Arc<Self>) -> Tracked {
-        self.active.fetch_add(1, Ordering::AcqRel);
-        Tracked(self.clone())
-    }
-
-    /// Connections in flight.
-    pub fn active(&self) -> usize {
-        self.active.load(Ordering::Acquire)
-    }
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
 /// What every connection handler shares.
 pub(crate) struct Shared {
     pub config: SidecarConfig,
@@ -112,7 +81,7 @@ pub(crate) struct Shared {
     /// The policy, when the inbound side has one (else the `allow` list applies).
     pub authz: Option<Arc<authz::Authz>>,
     /// Warm sessions to other sidecars (`pooling`, or a service in another region).
-    pub sessions: Option<Arc<crate::tunnel::session::SessionPool>>,
+    pub sessions: Option<Arc<session::pool::SessionPool>>,
     /// Turns true when the sidecar drains: inbound sessions then refuse new streams (GOAWAY).
     pub draining: watch::Receiver<bool>,
     /// Live connections, re-checked by the sweeper.
@@ -121,7 +90,7 @@ pub(crate) struct Shared {
     /// port, whatever `inbound.ports` says.
     pub own_ports: Vec<u16>,
     /// Caps of inbound sessions, per caller and in total.
-    pub session_gate: session_limits::SessionGate,
+    pub session_gate: session::limits::SessionGate,
 }
 
 /// A running sidecar: real addresses, identity, metrics, and the drain handle.
@@ -136,7 +105,7 @@ pub struct Bound {
     /// The inbound policy, if configured.
     pub authz: Option<Arc<authz::Authz>>,
     /// Sessions to other regions, if a service is in another region.
-    pub sessions: Option<Arc<crate::tunnel::session::SessionPool>>,
+    pub sessions: Option<Arc<session::pool::SessionPool>>,
     /// The live connections, re-checked while they last.
     pub live: Arc<live::LiveConns>,
     tracker: Arc<Tracker>,
@@ -149,16 +118,7 @@ impl Bound {
     /// remaining tasks (open connections are closed). Returns the connections cut off.
     pub async fn drain(&self, deadline: Duration) -> usize {
         let _ = self.stop_accepting.send(true);
-        let wait = async {
-            loop {
-                let idle = self.tracker.idle.notified();
-                if self.tracker.active() == 0 {
-                    return;
-                }
-                idle.await;
-            }
-        };
-        let _ = tokio::time::timeout(deadline, wait).await;
+        let _ = tokio::time::timeout(deadline, self.tracker.idle()).await;
         let left = self.tracker.active();
         let _ = self.stop_all.send(true);
         left
@@ -206,7 +166,7 @@ fn warn_of_footguns(config: &SidecarConfig) {
 pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyError> {
     let (stop_all, stop_all_rx) = watch::channel(false);
     let (stop_accepting, stop_accepting_rx) = watch::channel(false);
-    let identity = manager::start(config.identity.clone(), clock.clone(), stop_all_rx.clone())
+    let identity = svid::start(config.identity.clone(), clock.clone(), stop_all_rx.clone())
         .map_err(ProxyError::Identity)?;
     let mut registry = Registry::default();
     let metrics = ProxyMetrics::new(&mut registry);
@@ -259,7 +219,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
     // Sidecars of other regions open multiplexed sessions (see `crate::tunnel`).
     server
         .alpn_protocols
-        .push(crate::tunnel::SESSION_ALPN.to_vec());
+        .push(crate::proxy::session::SESSION_ALPN.to_vec());
     let server_verifiers: Vec<_> = config
         .services
         .iter()
@@ -361,7 +321,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         draining: stop_accepting_rx.clone(),
         live: live.clone(),
         own_ports,
-        session_gate: session_limits::SessionGate::new(
+        session_gate: session::limits::SessionGate::new(
             &config
                 .inbound
                 .as_ref()
@@ -428,7 +388,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
     })
 }
 
-/// The session pool (see [`crate::tunnel::session`]): sessions to other regions' sidecars ride
+/// The session pool (see [`crate::proxy::session::pool`]): sessions to other regions' sidecars ride
 /// the paths to this region's gateways (opened here when a service is in another region; with
 /// `prewarm`, the sessions to every remote address are opened now), and with `pooling` those to
 /// this region's sidecars are direct TCP connections. `None` when neither applies.
@@ -440,8 +400,8 @@ fn sessions(
     audit: Arc<crate::audit::AuditLog>,
     registry: &mut Registry,
     stop: watch::Receiver<bool>,
-) -> Result<Option<Arc<crate::tunnel::session::SessionPool>>, ProxyError> {
-    use crate::tunnel::{self, session};
+) -> Result<Option<Arc<session::pool::SessionPool>>, ProxyError> {
+    use session::pool;
     if config.tunnel.is_none() && !config.pooling {
         return Ok(None);
     }
@@ -459,8 +419,8 @@ fn sessions(
             // really runs on (see `SessionPool`). Sessions are long-lived, and in TLS 1.3
             // resumption saves no round trip, so it costs only CPU, once per session.
             let mut c = mesh::client_config(v.clone(), identity.resolver.clone(), false, clock)?;
-            c.alpn_protocols = vec![tunnel::SESSION_ALPN.to_vec()];
-            Some(session::ServiceTls {
+            c.alpn_protocols = vec![session::SESSION_ALPN.to_vec()];
+            Some(pool::ServiceTls {
                 connector: tokio_rustls::TlsConnector::from(Arc::new(c)),
                 verifier: v.clone(),
             })
@@ -468,12 +428,12 @@ fn sessions(
             None
         });
     }
-    let pool = session::SessionPool::new(
+    let pool = pool::SessionPool::new(
         gateways,
         per_service,
         identity.clone(),
         clock.clone(),
-        session::Timeouts {
+        pool::Timeouts {
             handshake: config.handshake_timeout,
             idle: config.pool_idle_timeout,
         },
@@ -485,7 +445,7 @@ fn sessions(
             .enumerate()
             .filter(|(_, s)| s.region.is_some())
             .flat_map(|(i, s)| {
-                s.addresses.iter().map(move |a| session::Target {
+                s.addresses.iter().map(move |a| session::pool::Target {
                     service: i,
                     name: s.name.clone(),
                     region: s.region.clone(),

@@ -2,7 +2,7 @@
 //!
 //! A direct mTLS connection is registered in [`super::live::LiveConns`] with the server's
 //! certificate and closed when that certificate is revoked or expires. Pooled sessions are
-//! retired by the session pool on the same facts (see [`crate::tunnel::session`]).
+//! retired by the session pool on the same facts (see [`crate::proxy::session::pool`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -17,7 +17,8 @@ use tracing::Instrument;
 use super::config::UnknownDestination;
 use super::live::{PeerCert, Registration};
 use super::metrics::{Dir, Flow};
-use super::{accept_loop, original_dst, splice, Shared};
+use super::{accept_loop, original_dst, Shared};
+use crate::copy::splice;
 use crate::tls::mesh::{self, failure_reason};
 
 const DIR: &str = "outbound";
@@ -123,7 +124,7 @@ async fn to_service(mut app: TcpStream, service: usize, addr: SocketAddr, shared
     }
     let svc = &shared.config.services[service];
     if let Some(pool) = shared.sessions.as_ref().filter(|p| p.serves(service)) {
-        let target = crate::tunnel::session::Target {
+        let target = crate::proxy::session::pool::Target {
             service,
             name: svc.name.clone(),
             region: svc.region.clone(),
@@ -187,8 +188,8 @@ async fn to_service(mut app: TcpStream, service: usize, addr: SocketAddr, shared
 /// (`pooling`), through the local gateways for another region (see [`crate::tunnel`]).
 async fn on_session(
     mut app: TcpStream,
-    target: &crate::tunnel::session::Target,
-    pool: &Arc<crate::tunnel::session::SessionPool>,
+    target: &crate::proxy::session::pool::Target,
+    pool: &Arc<crate::proxy::session::pool::SessionPool>,
     shared: &Shared,
 ) {
     let m = &shared.metrics;

@@ -16,8 +16,9 @@ use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 pub use super::Presenter;
-use super::{provider, tls13_signature, verify_schemes, ExpectedPeer, REFUSE_TLS12, TLS13_ONLY};
+use super::{tls13_signature, verify_schemes, ExpectedPeer, REFUSE_TLS12};
 use crate::clock::Clock;
+use crate::crypto::{provider, TLS13_ONLY};
 use crate::identity::{inspect_cert, Bundle, Serial, TrustDomain};
 
 /// ALPN protocol marking mesh traffic between sidecars.

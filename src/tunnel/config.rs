@@ -35,10 +35,10 @@ use serde::Deserialize;
 
 use super::header::{check_region, check_service};
 use super::Timing;
-use crate::config::{load_toml, ConfigError};
-use crate::identity::manager::IdentityConfig;
+use crate::config::{load_toml, ConfigError, Ctx};
 use crate::identity::parse_trust_domain;
-use crate::proxy::config::{identity_config, tunnel_timing, Ctx, IdentityFile, TunnelFile};
+use crate::svid::config::{identity_config, IdentityFile};
+use crate::svid::IdentityConfig;
 
 /// Default QUIC listener.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:15443";
@@ -384,6 +384,41 @@ impl GatewayConfig {
             limits: limits(&ctx, &raw.limits)?,
         })
     }
+}
+
+/// `[tunnel]`: how this sidecar reaches other regions (shared with the gateway config).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelFile {
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    pub keepalive: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub prewarm: Option<bool>,
+}
+
+/// The keep-alive timing of a `[tunnel]` table.
+pub fn tunnel_timing(ctx: &Ctx<'_>, t: Option<&TunnelFile>) -> Result<Timing, ConfigError> {
+    let d = Timing::default();
+    let timing = Timing {
+        keepalive: ctx.duration(
+            "tunnel.keepalive",
+            t.and_then(|t| t.keepalive.as_deref()),
+            d.keepalive,
+        )?,
+        idle_timeout: ctx.duration(
+            "tunnel.idle_timeout",
+            t.and_then(|t| t.idle_timeout.as_deref()),
+            d.idle_timeout,
+        )?,
+    };
+    if timing.keepalive.is_zero() || timing.keepalive >= timing.idle_timeout {
+        return Err(ctx.err(
+            "tunnel.keepalive",
+            "must be above 0 and below tunnel.idle_timeout",
+        ));
+    }
+    Ok(timing)
 }
 
 #[cfg(test)]

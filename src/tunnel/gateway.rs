@@ -16,12 +16,12 @@ use super::config::GatewayConfig;
 use super::header::StreamHeader;
 use super::metrics::{PathLabels, Refused, TunnelEvent, TunnelMetrics};
 use super::paths::{PathStream, Paths, PathsConfig};
-use super::stream::{quic_io, reset, reset_code, QuicIo};
+use super::quic::{quic_io, reset, reset_code, QuicIo};
 use super::{code, gateway_id, TunnelPeer, HEADER_TIMEOUT};
 use crate::audit::AuditLog;
 use crate::clock::Clock;
-use crate::identity::manager::{self, Identity};
 use crate::limits::{client_key, Full, Gate, LogEvery, Permit};
+use crate::svid::{self, Identity};
 use crate::tls::mesh;
 
 /// How long a leaving stream waits for a path to the other region: shorter than the sidecar's
@@ -98,7 +98,7 @@ impl Bound {
 /// peers and serves. Returns once bound.
 pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, String> {
     let (stop, stop_rx) = watch::channel(false);
-    let identity = manager::start(config.identity.clone(), clock.clone(), stop_rx.clone())?;
+    let identity = svid::start(config.identity.clone(), clock.clone(), stop_rx.clone())?;
     let audit = Arc::new(match &config.audit_log {
         Some(p) => AuditLog::open(p).map_err(|e| format!("audit log {}: {e}", p.display()))?,
         None => AuditLog::disabled(),
@@ -625,7 +625,7 @@ async fn arriving(
     };
     let _ = tcp.set_nodelay(true);
     tracing::debug!(%from, service = %header.service, addr = %header.addr, %rule, "stream in");
-    match crate::proxy::splice(&mut tcp, io).await {
+    match crate::copy::splice(&mut tcp, io).await {
         Ok((to_tunnel, from_tunnel)) => {
             if let Some(l) = labels {
                 gw.metrics.count_bytes(l, to_tunnel, from_tunnel);
@@ -681,7 +681,7 @@ async fn leaving(
         return Err(refusal(code::BROKEN, "path_lost", Some(&rule), detail));
     }
     tracing::debug!(%id, region = %header.region, service = %header.service, path = %load.path.addr, "stream out");
-    match crate::proxy::splice(io, &mut up).await {
+    match crate::copy::splice(io, &mut up).await {
         Ok((tx, rx)) => load.count(tx, rx),
         Err(e) => {
             // Carry the far side's reset code back to the sidecar.

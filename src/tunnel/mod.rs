@@ -52,22 +52,19 @@ pub mod gateway;
 pub mod header;
 pub mod metrics;
 pub mod paths;
-pub mod session;
-mod stream;
+pub mod quic;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::Clock;
-use crate::identity::manager::Identity;
 use crate::identity::SpiffeId;
+use crate::svid::Identity;
 use crate::tls::mesh::MeshServerVerifier;
 use crate::tls::ExpectedPeer;
 
 /// ALPN of tunnel QUIC connections (sidecar ↔ gateway, gateway ↔ gateway).
 pub const TUNNEL_ALPN: &[u8] = b"trustline-tunnel/1";
-/// ALPN of a multiplexed sidecar-to-sidecar session (HTTP/2 inside mTLS 1.3).
-pub const SESSION_ALPN: &[u8] = b"trustline-mux/1";
 /// How long a stream may take to send its header.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a new stream may wait for a path to come up (a gateway restarting, a failover).
@@ -235,13 +232,4 @@ pub fn peer_chain(conn: &quinn::Connection) -> Vec<rustls::pki_types::Certificat
         })
         .map(|b| *b)
         .unwrap_or_default()
-}
-
-/// How long a certificate of our CAs was issued for: its validity less the backdating of
-/// `not_before` (which absorbs clock skew and is no part of the lifetime the CA granted).
-pub fn issued_lifetime(c: &crate::identity::CertInfo) -> Duration {
-    c.not_after
-        .duration_since(c.not_before)
-        .unwrap_or_default()
-        .saturating_sub(crate::ca::authority::BACKDATE)
 }

@@ -10,12 +10,12 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::{watch, Notify};
 
 use super::metrics::{PathLabels, TunnelEvent, TunnelMetrics};
-use super::stream::{quic_io, QuicIo};
+use super::quic::{quic_io, QuicIo};
 use super::TunnelPeer;
 use crate::audit::AuditLog;
 use crate::clock::Clock;
-use crate::identity::manager::Identity;
 use crate::identity::CertInfo;
+use crate::svid::Identity;
 
 /// Backoff between reconnection attempts of one path.
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -462,7 +462,7 @@ async fn dial(cfg: &PathsConfig, path: &Path) -> Result<Up, String> {
         .and_then(|c| crate::identity::inspect_cert(c).ok());
     let renew_at = remote
         .as_ref()
-        .and_then(|c| c.not_after.checked_sub(super::issued_lifetime(c) / 3));
+        .and_then(|c| c.not_after.checked_sub(c.issued_lifetime() / 3));
     Ok(Up {
         live: Arc::new(Live { conn }),
         peer,

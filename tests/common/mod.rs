@@ -15,14 +15,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use trustline::ca::admin::{self, AdminRequest};
 use trustline::ca::authority::{self, Authority, LeafUsage};
-use trustline::ca::client::CaClient;
 use trustline::ca::config::CaServeConfig;
 use trustline::clock::Clock;
+use trustline::crypto::TLS13_ONLY;
 use trustline::identity::{
     certs_from_pem, parse_trust_domain, Bundle, Serial, SpiffeId, Svid, TrustDomain,
 };
 use trustline::proxy::config::SidecarConfig;
-use trustline::tls::{mesh::MESH_ALPN, ExpectedPeer, SpiffeServerVerifier, TLS13_ONLY};
+use trustline::svid::ca_client::CaClient;
+use trustline::tls::{mesh::MESH_ALPN, ExpectedPeer, SpiffeServerVerifier};
 
 /// The mesh's trust domain.
 pub const TD: &str = "mesh.test";
@@ -412,7 +413,7 @@ pub fn client_config(
 ) -> Arc<rustls::ClientConfig> {
     let verifier =
         SpiffeServerVerifier::new(roots.store(), ExpectedPeer::AnyOf(vec![server.clone()]));
-    let builder = rustls::ClientConfig::builder_with_provider(trustline::tls::provider())
+    let builder = rustls::ClientConfig::builder_with_provider(trustline::crypto::provider())
         .with_protocol_versions(TLS13_ONLY)
         .expect("TLS 1.3")
         .dangerous()

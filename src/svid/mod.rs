@@ -19,11 +19,13 @@ use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::{certs_from_pem, Bundle, Serial, SpiffeId, Svid};
-use crate::ca::client::CaClient;
 use crate::clock::{rfc3339, Clock};
+use crate::identity::{certs_from_pem, Bundle, Serial, SpiffeId, Svid};
 use crate::tls::mesh::{RevokedSet, SvidResolver, Trust};
+use ca_client::CaClient;
 
+pub mod ca_client;
+pub mod config;
 mod workload_api;
 
 /// Longest wait between renewal attempts.
@@ -205,7 +207,7 @@ impl Identity {
         let ck = CertifiedKey::from_der(
             svid.chain.clone(),
             svid.key.clone_key(),
-            &crate::tls::provider(),
+            &crate::crypto::provider(),
         )
         .map_err(|e| format!("certificate and key: {e}"))?;
         self.resolver.0.store(Some(Arc::new(ck)));
@@ -404,7 +406,7 @@ async fn refresh_bundle(identity: &Identity, client: &CaClient) -> Result<(), St
     let current = identity.bundle();
     let mut roots =
         crate::identity::certs_from_pem(&pem, "CA bundle").map_err(|e| e.to_string())?;
-    let region_checked = matches!(client.region(), crate::ca::client::CaRegion::Is(_));
+    let region_checked = matches!(client.region(), crate::svid::ca_client::CaRegion::Is(_));
     if !region_checked {
         let before = roots.len();
         roots.retain(|r| identity.configured_roots.contains(r));
@@ -458,7 +460,8 @@ pub fn load_svid_files(cert: &PathBuf, key: &PathBuf) -> Result<Svid, String> {
     let chain =
         certs_from_pem(&chain_pem, &cert.display().to_string()).map_err(|e| e.to_string())?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
-    let info = super::inspect_cert(&chain[0]).map_err(|e| format!("{}: {e}", cert.display()))?;
+    let info =
+        crate::identity::inspect_cert(&chain[0]).map_err(|e| format!("{}: {e}", cert.display()))?;
     Ok(Svid { chain, key, info })
 }
 

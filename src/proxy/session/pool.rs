@@ -14,20 +14,13 @@ use bytes::Bytes;
 use rustls::pki_types::ServerName;
 use tokio::sync::{watch, Notify};
 
-use super::header::StreamHeader;
-use super::paths::{PathStream, Paths};
-pub use super::stream::H2Stream;
-use super::PATH_WAIT;
+use super::{H2Stream, MAX_FRAME, SESSION_WINDOW, STREAM_WINDOW};
 use crate::clock::Clock;
-use crate::identity::manager::Identity;
+use crate::svid::Identity;
 use crate::tls::mesh::{self, MeshServerVerifier};
-
-/// HTTP/2 flow-control windows of a session: sized for a WAN round trip.
-pub const STREAM_WINDOW: u32 = 1 << 20;
-pub const SESSION_WINDOW: u32 = 16 << 20;
-/// Largest DATA frame a session end accepts: four TLS records, so bulk transfers cost fewer
-/// frames (HTTP/2's default is 16 KiB).
-pub const MAX_FRAME: u32 = 64 << 10;
+use crate::tunnel::header::StreamHeader;
+use crate::tunnel::paths::{PathStream, Paths};
+use crate::tunnel::PATH_WAIT;
 
 /// Where a session goes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -256,7 +249,7 @@ impl SessionPool {
             .current()
             .ok_or_else(|| fail("not_ready", "no SVID"))?;
         let own_not_after = own.info.not_after;
-        let retire_at = self.clock.now() + super::issued_lifetime(&own.info) / SESSION_AGE_DIVISOR;
+        let retire_at = self.clock.now() + own.info.issued_lifetime() / SESSION_AGE_DIVISOR;
         let tls = self.tls[target.service].as_ref().ok_or_else(|| {
             fail(
                 "no_route",
@@ -511,8 +504,8 @@ struct Opened {
 const SESSION_AGE_DIVISOR: u32 = 5;
 
 fn session_failure(e: &std::io::Error) -> &'static str {
-    match super::stream::reset_code(e) {
-        Some(c) => super::code::label(c as u64),
+    match crate::tunnel::quic::reset_code(e) {
+        Some(c) => crate::tunnel::code::label(c as u64),
         None => mesh::failure_reason(e),
     }
 }

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::config::SessionLimits;
 use crate::limits::{Full, Gate, LogEvery, Permit};
+use crate::proxy::config::SessionLimits;
 
 /// HTTP/2 header block a session stream may send (decoded size): a `CONNECT` needs a few hundred
 /// bytes; h2's default of 16 MiB lets HPACK references make one stream cost megabytes.

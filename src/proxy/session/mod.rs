@@ -1,5 +1,13 @@
-//! Byte streams over tunnel transports: an HTTP/2 `CONNECT` stream of a session, and a QUIC
-//! stream (both `AsyncRead + AsyncWrite`).
+//! The sidecar-to-sidecar session protocol: one mutual TLS 1.3 connection between two sidecars
+//! (ALPN [`SESSION_ALPN`]) with HTTP/2 inside, each application connection one `CONNECT` stream.
+//! Same-region sessions ride a direct TCP connection (`pooling`); cross-region ones ride a
+//! gateway path of [`crate::tunnel`]. The calling half is [`pool`], the answering half
+//! `server` (inbound), the answering side's budgets `limits`; [`H2Stream`] is a stream of
+//! either half as `AsyncRead + AsyncWrite`.
+
+pub(crate) mod limits;
+pub mod pool;
+pub(super) mod server;
 
 use std::future::Future;
 use std::io;
@@ -10,6 +18,16 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// ALPN of a sidecar-to-sidecar session.
+pub const SESSION_ALPN: &[u8] = b"trustline-mux/1";
+
+/// HTTP/2 flow-control windows of a session: sized for a WAN round trip.
+pub const STREAM_WINDOW: u32 = 1 << 20;
+pub const SESSION_WINDOW: u32 = 16 << 20;
+/// Largest DATA frame a session end accepts: four TLS records, so bulk transfers cost fewer
+/// frames (HTTP/2's default is 16 KiB).
+pub const MAX_FRAME: u32 = 64 << 10;
 
 /// The largest DATA frame payload written at once.
 const MAX_CHUNK: usize = 64 * 1024;
@@ -185,31 +203,4 @@ impl AsyncWrite for H2Stream {
         }
         Poll::Ready(Ok(()))
     }
-}
-
-/// A QUIC stream as one duplex byte stream.
-pub type QuicIo = tokio::io::Join<quinn::RecvStream, quinn::SendStream>;
-
-/// A bidirectional QUIC stream as a [`QuicIo`].
-pub fn quic_io((send, recv): (quinn::SendStream, quinn::RecvStream)) -> QuicIo {
-    tokio::io::join(recv, send)
-}
-
-/// Closes a QUIC stream both ways with an error code (the connection stays up).
-pub fn reset(io: &mut QuicIo, code: u32) {
-    let c = quinn::VarInt::from_u32(code);
-    let _ = io.writer_mut().reset(c);
-    let _ = io.reader_mut().stop(c);
-}
-
-/// The error code of a QUIC stream the far side reset, if that is what `e` is.
-pub fn reset_code(e: &io::Error) -> Option<u32> {
-    let inner = e.get_ref()?;
-    if let Some(quinn::ReadError::Reset(c)) = inner.downcast_ref::<quinn::ReadError>() {
-        return u32::try_from(c.into_inner()).ok();
-    }
-    if let Some(quinn::WriteError::Stopped(c)) = inner.downcast_ref::<quinn::WriteError>() {
-        return u32::try_from(c.into_inner()).ok();
-    }
-    None
 }

@@ -15,8 +15,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::clock::Clock;
+use crate::crypto::{provider, TLS13_ONLY};
 use crate::identity::{certs_from_pem, region_of_chain, Bundle, IdentityError, SpiffeId, Svid};
-use crate::tls::{provider, ExpectedPeer, SpiffeServerVerifier, TLS13_ONLY};
+use crate::tls::{ExpectedPeer, SpiffeServerVerifier};
 
 /// Longest a TCP connect to the CA may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

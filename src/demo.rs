@@ -15,6 +15,7 @@ use crate::ca::authority;
 use crate::ca::config::CaServeConfig;
 use crate::clock::{rfc3339, Clock};
 use crate::identity::{parse_trust_domain, parse_workload_id, region_of_chain, Bundle, Svid};
+use crate::region::{Region, ServiceName};
 use crate::svid::ca_client::CaClient;
 
 /// Runs the demo and prints what happens.
@@ -45,7 +46,7 @@ fn show(who: &str, svid: &Svid) {
         svid.id(),
         svid.info.serial,
         rfc3339(svid.info.not_after),
-        region_of_chain(&svid.chain).unwrap_or_else(|| "-".into())
+        region_of_chain(&svid.chain).map_or_else(|| "-".to_string(), |r| r.to_string())
     );
 }
 
@@ -93,7 +94,7 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         "bundle.pem",
     )?;
     let client = CaClient::new(&format!("https://{}", ca.api), bundle, Clock::system())?
-        .expect_region("eu-west");
+        .expect_region(Region::new("eu-west")?);
     println!("\n3. Two workloads join with single-use tokens (keys never leave them):");
     let mut svids = Vec::new();
     for (who, id) in [
@@ -232,11 +233,11 @@ async fn sidecar(
             source: IdentitySource::Ca {
                 url: format!("https://{ca_url}"),
                 token_file,
-                region: Some("eu-west".into()),
+                region: Some(Region::new("eu-west")?),
             },
             refresh: Duration::from_secs(30),
         },
-        region: Some("eu-west".into()),
+        region: Some(Region::new("eu-west")?),
         resumption: true,
         pooling: true,
         pool_idle_timeout: Duration::from_secs(60),
@@ -338,7 +339,7 @@ async fn mesh(site: &Site<'_>) -> anyhow::Result<()> {
     };
     let checkout = sidecar(site, "checkout", Some(spec), vec![]).await?;
     let svc = Service {
-        name: "checkout".into(),
+        name: ServiceName::new("checkout")?,
         region: None,
         addresses: vec![checkout.inbound.expect("inbound")],
         spiffe_ids: vec![checkout.identity.id().clone()],

@@ -638,7 +638,7 @@ fn ca_init_keys_are_0600_and_never_overwritten_without_force() {
             false,
         );
         assert!(made.is_err(), "region {bad:?} must be refused");
-        assert!(trustline::tunnel::header::check_region(bad).is_err());
+        assert!(trustline::region::Region::new(bad).is_err());
     }
 }
 

@@ -13,9 +13,14 @@ use std::time::{Duration, Instant};
 use common::{call, echo_app, eventually, eventually_async, PATIENCE};
 use tokio::io::AsyncReadExt;
 use trustline::lab::{Lab, LabOptions, TD};
+use trustline::region::{Region, ServiceName};
 use trustline::tunnel::code;
 
 const ONE_WAY: Duration = Duration::from_millis(5);
+
+fn region(name: &str) -> Region {
+    Region::new(name).unwrap()
+}
 
 fn wid(name: &str) -> String {
     format!("spiffe://{TD}/ns/shop/sa/{name}")
@@ -329,12 +334,11 @@ async fn a_bad_stream_header_closes_only_its_stream() {
         code::BAD_HEADER as u64
     );
     let good = StreamHeader {
-        region: "b".into(),
-        service: "nope".into(),
+        region: region("b"),
+        service: ServiceName::new("nope").unwrap(),
         addr: api.inbound.unwrap(),
     }
-    .encode()
-    .unwrap();
+    .encode();
     let mut trailing = good.clone();
     trailing[4] += 1;
     trailing.push(0);
@@ -969,12 +973,11 @@ async fn a_workload_over_its_stream_quota_is_refused_and_others_still_cross() {
     lab.wait_paths_up().await.expect("paths up");
     let conn = raw_tunnel(&lab).await;
     let good = StreamHeader {
-        region: "b".into(),
-        service: "api".into(),
+        region: region("b"),
+        service: ServiceName::new("api").unwrap(),
         addr: api.inbound.unwrap(),
     }
-    .encode()
-    .unwrap();
+    .encode();
     // Four streams held open (each rides the tunnel to b's api sidecar)...
     let mut held = Vec::new();
     for _ in 0..4 {
@@ -1109,12 +1112,11 @@ async fn a_path_without_stream_credit_refuses_within_the_wait_instead_of_hanging
     eventually("gateway a's path to b is up", || gw_a.peers["b"].up() > 0).await;
     let conn = raw_tunnel(&lab).await;
     let header = StreamHeader {
-        region: "b".into(),
-        service: "api".into(),
+        region: region("b"),
+        service: ServiceName::new("api").unwrap(),
         addr: "127.0.0.1:9".parse().unwrap(),
     }
-    .encode()
-    .unwrap();
+    .encode();
     // Gateway a's wait for a path is 2 s; the refusal must come back well within PATIENCE.
     assert_eq!(reset_code(&conn, &header).await, code::NO_ROUTE as u64);
     let (_, metrics) = common::http_get(gw_a.admin, "/metrics").await;
@@ -1136,12 +1138,12 @@ async fn a_ca_of_another_region_cannot_stand_in_for_ours() {
     let client =
         CaClient::new(&b_url, lab_bundle(&lab), trustline::clock::Clock::system()).unwrap();
     // Region b's own clients reach it.
-    let ca_b = client.clone().expect_region("b");
+    let ca_b = client.clone().expect_region(region("b"));
     ca_b.fetch_bundle_pem()
         .await
         .expect("CA b is region b's CA");
     // A client of region a pointed at CA b is refused in the handshake, saying why.
-    let for_a = client.expect_region("a");
+    let for_a = client.expect_region(region("a"));
     let e = for_a.fetch_bundle_pem().await.unwrap_err();
     assert!(
         matches!(e, trustline::svid::ca_client::ClientError::Tls(_)),
@@ -1195,7 +1197,7 @@ async fn a_peer_of_our_own_region_is_refused() {
         trustline::clock::Clock::system(),
     )
     .unwrap()
-    .expect_region("a");
+    .expect_region(region("a"));
     let peer = || async {
         // The region-checked client still reaches its own CA.
         client.get_limited("/v1/revoked", 1 << 20).await.unwrap();

@@ -37,7 +37,7 @@ fn record(dir: &Path) -> std::path::PathBuf {
     let authz = Authz::load(
         policy,
         "checkout".into(),
-        Some("eu-west".into()),
+        Some(trustline::region::Region::new("eu-west").unwrap()),
         audit,
         Clock::system(),
         Default::default(),

@@ -1228,7 +1228,7 @@ async fn a_root_the_ca_publishes_is_trusted_only_from_our_own_regions_ca() {
             .await;
         cfg.identity.bundle = ca.pki.bundle();
         if let IdentitySource::Ca { region: r, .. } = &mut cfg.identity.source {
-            *r = region.map(str::to_string);
+            *r = region.map(|r| trustline::region::Region::new(r).unwrap());
         }
         let b = start_ready(cfg).await;
         eventually("two bundle refreshes from the CA", || {

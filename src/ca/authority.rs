@@ -18,6 +18,7 @@ use crate::identity::{
     certs_from_pem, inspect_cert, parse_trust_domain, Bundle, Serial, SpiffeId, TrustDomain,
     REGION_PATH_PREFIX,
 };
+use crate::region::Region;
 use crate::util::{write_public, write_secret};
 
 pub use crate::identity::BACKDATE;
@@ -228,10 +229,9 @@ pub fn init_root(
     Ok(paths)
 }
 
-/// Checks a region name with the rule every role uses ([`crate::identity::check_region`]).
-pub fn validate_region(region: &str) -> Result<(), AuthorityError> {
-    crate::identity::check_region(region)
-        .map_err(|why| AuthorityError::BadRegion(format!("{region:?}: {why}")))
+/// Checks a region name with the rule every role uses ([`Region`]).
+pub fn validate_region(region: &str) -> Result<Region, AuthorityError> {
+    Region::new(region).map_err(|why| AuthorityError::BadRegion(format!("{region:?}: {why}")))
 }
 
 /// `trustline ca init --root ROOTDIR --region NAME --out DIR`: a regional intermediate signed by
@@ -243,7 +243,7 @@ pub fn init_intermediate(
     ttl: Duration,
     force: bool,
 ) -> Result<CaPaths, AuthorityError> {
-    validate_region(region)?;
+    let region = validate_region(region)?;
     let root = Authority::load(root_dir)?;
     let paths = CaPaths::new(out);
     refuse_overwrite(&paths, force)?;
@@ -285,7 +285,7 @@ pub struct Authority {
     /// The trust domain, from the CA certificate's URI SAN.
     pub trust_domain: TrustDomain,
     /// The region of an intermediate; `None` for a root.
-    pub region: Option<String>,
+    pub region: Option<Region>,
     /// The CA's own certificate.
     pub cert: CertificateDer<'static>,
     /// Certificates sent after the leaf: the intermediate(s), never the root.
@@ -320,7 +320,8 @@ impl Authority {
             .id
             .path()
             .strip_prefix(REGION_PATH_PREFIX)
-            .map(str::to_string);
+            .map(|r| Region::new(r).map_err(|e| bad(&paths.cert, format!("region {r:?}: {e}"))))
+            .transpose()?;
         let key_str =
             std::str::from_utf8(&key_pem).map_err(|_| bad(&paths.key, "not PEM text".into()))?;
         let key = KeyPair::from_pem(key_str).map_err(|e| bad(&paths.key, e.to_string()))?;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::{load_toml, ConfigError};
+use crate::region::Region;
 use crate::util::parse_duration;
 
 /// Shortest SVID lifetime accepted (tests of rotation use seconds).
@@ -309,7 +310,7 @@ impl CaServeConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerSpec {
     /// The region whose CA the peer must be.
-    pub region: Option<String>,
+    pub region: Option<Region>,
     /// `https://HOST:PORT`.
     pub url: String,
 }
@@ -329,9 +330,8 @@ pub fn parse_peers(entries: &[String]) -> Result<Vec<PeerSpec>, String> {
         // A CA URL never holds `=`, so it separates a region from the URL.
         let (region, url) = match entry.split_once('=') {
             Some((r, u)) => {
-                crate::identity::check_region(r)
-                    .map_err(|why| format!("{entry:?}: region {r:?}: {why}"))?;
-                (Some(r.to_string()), u)
+                let r = Region::new(r).map_err(|why| format!("{entry:?}: region {r:?}: {why}"))?;
+                (Some(r), u)
             }
             None => (None, entry.as_str()),
         };

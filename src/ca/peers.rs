@@ -34,6 +34,7 @@ use super::config::{PeerSpec, MAX_SVID_TTL};
 use super::ledger::LedgerError;
 use crate::clock::Clock;
 use crate::identity::{parse_id, Bundle, Serial};
+use crate::region::Region;
 use crate::svid::ca_client::{CaClient, CaRegion, ClientError};
 
 /// Longest one fetch of a peer's list may take (connect, TLS, answer).
@@ -61,7 +62,7 @@ pub struct PeerList {
     /// Why the last fetch failed, if it did.
     pub error: Option<String>,
     /// The region of the CA that issued the peer's certificate at the last good fetch.
-    pub region: Option<String>,
+    pub region: Option<Region>,
 }
 
 /// The published revocation view: this CA's own and its peers' entries.
@@ -406,7 +407,7 @@ pub fn clients(
     peers: &[PeerSpec],
     bundle: &Bundle,
     clock: &Clock,
-    own_region: Option<&str>,
+    own_region: Option<&Region>,
 ) -> Result<Vec<(String, CaClient)>, String> {
     peers
         .iter()
@@ -420,7 +421,7 @@ pub fn clients(
                     ))
                 }
                 (Some(r), _) => CaRegion::Is(r.clone()),
-                (None, Some(own)) => CaRegion::Not(own.to_string()),
+                (None, Some(own)) => CaRegion::Not(own.clone()),
                 (None, None) => CaRegion::Any,
             };
             let client = CaClient::new(&p.url, bundle.clone(), clock.clone())

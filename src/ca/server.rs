@@ -72,7 +72,7 @@ impl Bound {
             &specs,
             &self.state.authority.bundle,
             &self.state.clock,
-            self.state.authority.region.as_deref(),
+            self.state.authority.region.as_ref(),
         )?;
         super::peers::Peers::follow(
             &self.state,

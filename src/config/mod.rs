@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use crate::identity::{parse_workload_id, SpiffeId, TrustDomain};
+use crate::region::{Region, ServiceName};
 use crate::util::parse_duration;
 
 /// A configuration problem, located as precisely as it can be.
@@ -106,5 +107,13 @@ impl Ctx<'_> {
             return Err(self.err(field, format!("{id} is not in trust domain {td}")));
         }
         Ok(id)
+    }
+    /// A region name, by the one rule of [`Region`].
+    pub fn region(&self, field: &str, v: &str) -> Result<Region, ConfigError> {
+        Region::new(v).map_err(|e| self.err(field, e.to_string()))
+    }
+    /// A service name, by the one rule of [`ServiceName`].
+    pub fn service(&self, field: &str, v: &str) -> Result<ServiceName, ConfigError> {
+        ServiceName::new(v).map_err(|e| self.err(field, e.to_string()))
     }
 }

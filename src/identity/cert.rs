@@ -6,6 +6,7 @@ use rustls::pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 
 use super::{IdentityError, Serial, SpiffeId};
+use crate::region::Region;
 
 /// Path prefix of the SPIFFE ID carried by a regional intermediate CA.
 pub const REGION_PATH_PREFIX: &str = "/trustline/region/";
@@ -125,10 +126,13 @@ pub fn inspect_cert(der: &CertificateDer<'_>) -> Result<CertInfo, IdentityError>
 /// Only meaningful for a chain that was verified by [`crate::tls::verify_path`] (every verifier
 /// of trustline), which refuses chains that are not exactly their verified path: the
 /// certificate after the leaf is then the one that signed it.
-pub fn region_of_chain(chain: &[CertificateDer<'_>]) -> Option<String> {
+pub fn region_of_chain(chain: &[CertificateDer<'_>]) -> Option<Region> {
     let leaf = inspect_cert(chain.first()?).ok()?;
     let issuer = inspect_cert(chain.get(1)?).ok()?;
     let name = issuer.id.path().strip_prefix(REGION_PATH_PREFIX)?;
     let ours = issuer.id.trust_domain() == leaf.id.trust_domain();
-    (issuer.is_ca && ours && super::valid_region(name)).then(|| name.to_string())
+    if !(issuer.is_ca && ours) {
+        return None;
+    }
+    Region::new(name).ok()
 }

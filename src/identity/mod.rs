@@ -12,10 +12,9 @@ pub use spiffe::{SpiffeId, TrustDomain};
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::RootCertStore;
 
 /// What can be wrong with an identity, a certificate or a bundle.
@@ -68,26 +67,6 @@ pub fn parse_workload_id(value: &str) -> Result<SpiffeId, IdentityError> {
         });
     }
     Ok(id)
-}
-
-/// Checks a region name, the one rule for every place a region is named (CA, configs, policy,
-/// tunnel headers, certificate chains): 1 to 63 of `a-z 0-9 -`, a DNS label's characters, so a
-/// region the CA accepts is accepted everywhere.
-pub fn check_region(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.len() > 63 {
-        return Err(format!("{} bytes, expected 1..=63", s.len()));
-    }
-    match s
-        .bytes()
-        .find(|b| !(b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-'))
-    {
-        Some(b) => Err(format!("character {:?} (allowed: a-z 0-9 -)", b as char)),
-        None => Ok(()),
-    }
-}
-
-fn valid_region(s: &str) -> bool {
-    check_region(s).is_ok()
 }
 
 /// Parses a trust domain name such as `example.org`.
@@ -310,32 +289,6 @@ impl Bundle {
     /// The roots as PEM.
     pub fn to_pem(&self) -> String {
         chain_to_pem(&self.roots)
-    }
-
-    /// Verifies an SVID chain (leaf first) against these roots at `now`: path to a root, validity,
-    /// the SVID profile of the leaf, and membership of this trust domain.
-    pub fn verify_svid_chain(
-        &self,
-        chain: &[CertificateDer<'_>],
-        now: SystemTime,
-    ) -> Result<CertInfo, IdentityError> {
-        let (leaf, intermediates) = chain.split_first().ok_or(IdentityError::EmptyChain)?;
-        let info = inspect_cert(leaf)?;
-        info.check_leaf_profile()?;
-        if !info.id.is_member_of(&self.trust_domain) {
-            return Err(IdentityError::WrongTrustDomain {
-                id: info.id.to_string(),
-                expected: self.trust_domain.to_string(),
-            });
-        }
-        let now = UnixTime::since_unix_epoch(
-            now.duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default(),
-        );
-        let by = crate::tls::Presenter::Server;
-        crate::tls::verify_path(&self.store, by, leaf, intermediates, now)
-            .map_err(|e| IdentityError::Untrusted(e.to_string()))?;
-        Ok(info)
     }
 }
 

@@ -30,6 +30,7 @@ use toml::Spanned;
 use super::matchers::{PathPattern, Principal, TimeWindow};
 use super::path::{PathOptions, Semicolons, Slashes};
 use super::{Action, DefaultAction, Mode, Rule, ServicePolicy};
+use crate::region::Region;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -448,9 +449,7 @@ fn rule(
         }
     });
     let regions = each(c, svc, n, line, "regions", &r.regions, |s| {
-        crate::identity::check_region(s)
-            .map(|_| s.to_string())
-            .map_err(|why| format!("region {s:?}: {why}"))
+        Region::new(s).map_err(|why| format!("region {s:?}: {why}"))
     });
     if r.ports.contains(&0) {
         c.push(

@@ -24,6 +24,8 @@ pub use file::{load, parse, Issue, Policy, PolicyError, Severity};
 
 use matchers::{PathPattern, Principal, TimeWindow};
 
+use crate::region::Region;
+
 /// What a rule does when it matches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -67,7 +69,7 @@ pub struct Rule {
     /// (`delete`), which lenient servers treat as the same method.
     pub methods: Vec<String>,
     pub paths: Vec<PathPattern>,
-    pub regions: Vec<String>,
+    pub regions: Vec<Region>,
     pub hours: Vec<TimeWindow>,
     /// Line of the rule in its file.
     pub line: usize,

@@ -31,6 +31,7 @@ use crate::clock::{rfc3339, Clock};
 use crate::policy::anomaly::TravelDetector;
 use crate::policy::eval::Http;
 use crate::policy::{evaluate, Facts, Outcome, Policy};
+use crate::region::Region;
 
 /// Impossible-travel settings.
 #[derive(Clone, Debug)]
@@ -110,7 +111,7 @@ pub const MAX_REFUSED: usize = 10_000;
 /// The sidecar's authorization state.
 pub struct Authz {
     pub service: String,
-    pub region: Option<String>,
+    pub region: Option<Region>,
     path: PathBuf,
     policy: ArcSwap<Policy>,
     pub metrics: AuthzMetrics,
@@ -151,7 +152,7 @@ impl Authz {
     pub fn load(
         path: PathBuf,
         service: String,
-        region: Option<String>,
+        region: Option<Region>,
         audit: Arc<AuditLog>,
         clock: Clock,
         anomaly: AnomalyConfig,
@@ -420,7 +421,7 @@ impl Authz {
             source_serial: c.serial.to_string(),
             source_region: c.region.map(str::to_string),
             destination_service: self.service.clone(),
-            destination_region: self.region.clone(),
+            destination_region: self.region.as_ref().map(Region::to_string),
             port: c.port,
             method: http.map(|h| h.method.to_string()),
             path: http.map(|h| h.path.to_string()),

@@ -30,6 +30,7 @@ use serde::Deserialize;
 
 use crate::config::{load_toml, ConfigError, Ctx};
 use crate::identity::{parse_trust_domain, SpiffeId, TrustDomain};
+use crate::region::{Region, ServiceName};
 use crate::svid::config::{identity_config, IdentityFile};
 use crate::svid::IdentityConfig;
 use crate::tunnel::config::{tunnel_timing, TunnelFile};
@@ -140,9 +141,9 @@ pub enum UnknownDestination {
 /// A known service: where it is and who it must be.
 #[derive(Clone, Debug)]
 pub struct Service {
-    pub name: String,
+    pub name: ServiceName,
     /// Another region's service (reached through the local gateways), or `None` for local.
-    pub region: Option<String>,
+    pub region: Option<Region>,
     pub addresses: Vec<SocketAddr>,
     pub spiffe_ids: Vec<SpiffeId>,
 }
@@ -254,7 +255,7 @@ fn session_limits(ctx: &Ctx<'_>, f: &SessionLimitsFile) -> Result<SessionLimits,
 pub struct SidecarConfig {
     pub trust_domain: TrustDomain,
     pub identity: IdentityConfig,
-    pub region: Option<String>,
+    pub region: Option<Region>,
     pub resumption: bool,
     /// Same-region services: one warm multiplexed session per destination sidecar address
     /// instead of a handshake per connection (see [`crate::proxy::session::pool`]).
@@ -287,18 +288,12 @@ impl SidecarConfig {
         let td = parse_trust_domain(&raw.trust_domain)
             .map_err(|e| ctx.err("trust_domain", e.to_string()))?;
         let id = ctx.id("spiffe_id", &raw.spiffe_id, &td)?;
-        if let Some(r) = &raw.region {
-            crate::tunnel::header::check_region(r).map_err(|e| ctx.err("region", e))?;
-        }
-        let identity = identity_config(
-            &ctx,
-            &td,
-            id,
-            &raw.bundle,
-            raw.region.as_deref(),
-            &raw.identity,
-        )?;
-        let services = services(&ctx, &raw.services, &td, raw.region.as_deref())?;
+        let region = match &raw.region {
+            Some(r) => Some(ctx.region("region", r)?),
+            None => None,
+        };
+        let identity = identity_config(&ctx, &td, id, &raw.bundle, region.as_ref(), &raw.identity)?;
+        let services = services(&ctx, &raw.services, &td, region.as_ref())?;
         let tunnel = tunnel_side(&ctx, raw.tunnel.as_ref(), &services)?;
         let listeners = listeners(&ctx, &raw.listeners, &services)?;
         let outbound = match &raw.outbound {
@@ -398,7 +393,7 @@ impl SidecarConfig {
         Ok(SidecarConfig {
             identity,
             trust_domain: td,
-            region: raw.region,
+            region,
             resumption: raw.resumption.unwrap_or(true),
             pooling: raw.pooling.unwrap_or(true),
             pool_idle_timeout,
@@ -498,7 +493,7 @@ fn services(
     ctx: &Ctx<'_>,
     raw: &[ServiceFile],
     td: &TrustDomain,
-    own_region: Option<&str>,
+    own_region: Option<&Region>,
 ) -> Result<Vec<Service>, ConfigError> {
     let mut seen: HashMap<SocketAddr, &str> = HashMap::new();
     let mut out = Vec::new();
@@ -521,23 +516,20 @@ fn services(
             }
             addresses.push(addr);
         }
-        crate::tunnel::header::check_service(&s.name).map_err(|e| ctx.err(f("name"), e))?;
+        let name = ctx.service(&f("name"), &s.name)?;
         let region = match (&s.region, own_region) {
             (None, _) => None,
-            (Some(r), Some(own)) if r == own => None,
+            (Some(r), Some(own)) if own == r.as_str() => None,
             (Some(r), None) => {
                 return Err(ctx.err(
                     f("region"),
                     format!("service is in region {r}: set this sidecar's own `region` too"),
                 ))
             }
-            (Some(r), Some(_)) => {
-                crate::tunnel::header::check_region(r).map_err(|e| ctx.err(f("region"), e))?;
-                Some(r.clone())
-            }
+            (Some(r), Some(_)) => Some(ctx.region(&f("region"), r)?),
         };
         out.push(Service {
-            name: s.name.clone(),
+            name,
             region,
             addresses,
             spiffe_ids: s
@@ -561,7 +553,7 @@ fn listeners(
         .map(|(i, l)| {
             let service = services
                 .iter()
-                .position(|s| s.name == l.service)
+                .position(|s| s.name == l.service.as_str())
                 .ok_or_else(|| {
                     ctx.err(
                         format!("listener[{i}].service"),

@@ -40,6 +40,7 @@ use super::authz::{Authz, Caller};
 use crate::policy::eval::Http;
 use crate::policy::path::{normalise, PathError, PathOptions};
 use crate::policy::Outcome;
+use crate::region::Region;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 type Upstream = hyper::client::conn::http1::SendRequest<Incoming>;
@@ -55,7 +56,7 @@ const PING: Duration = Duration::from_secs(20);
 pub(super) struct Peer {
     pub id: String,
     pub serial: String,
-    pub region: Option<String>,
+    pub region: Option<Region>,
     pub port: u16,
 }
 

@@ -30,6 +30,7 @@ use crate::audit::decision::DecisionEvent;
 use crate::audit::AuditLog;
 use crate::clock::{rfc3339, Clock};
 use crate::identity::CertInfo;
+use crate::region::Region;
 use crate::svid::Identity;
 
 /// Why a sweep closed a live connection.
@@ -60,7 +61,7 @@ impl CloseReason {
 /// A verified peer certificate: its facts and the region of its issuing CA.
 pub(crate) struct PeerCert {
     pub info: CertInfo,
-    pub region: Option<String>,
+    pub region: Option<Region>,
 }
 
 /// One live connection.
@@ -258,7 +259,7 @@ pub(crate) fn close_audited(
         event: "decision",
         source_id: info.id.to_string(),
         source_serial: info.serial.to_string(),
-        source_region: entry.peer.region.clone(),
+        source_region: entry.peer.region.as_ref().map(Region::to_string),
         destination_service: service.to_string(),
         destination_region: region.map(str::to_string),
         port: entry.port,
@@ -291,7 +292,7 @@ pub(crate) struct Sweeper {
     pub audit: Arc<AuditLog>,
     /// What audit lines name as the destination: the policy's service, else our SPIFFE ID.
     pub service: String,
-    pub region: Option<String>,
+    pub region: Option<Region>,
     pub clock: Clock,
     /// The revocation refresh interval: the longest the sweeper sleeps.
     pub every: Duration,

@@ -469,7 +469,12 @@ fn gateway_paths(
     stop: &watch::Receiver<bool>,
 ) -> Result<Arc<crate::tunnel::paths::Paths>, ProxyError> {
     use crate::tunnel::{self, paths};
-    let region = config.region.clone().unwrap_or_default();
+    // Validated: a sidecar with services in other regions names its own region.
+    let Some(region) = config.region.clone() else {
+        return Err(ProxyError::Identity(
+            "a [tunnel] needs the sidecar's own `region`".into(),
+        ));
+    };
     let client = tunnel::gateway_client(identity, &region, tunnel.timing, clock)
         .map_err(ProxyError::Identity)?;
     let bind: SocketAddr = if tunnel.gateways.iter().all(SocketAddr::is_ipv4) {

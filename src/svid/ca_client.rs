@@ -17,6 +17,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use crate::clock::Clock;
 use crate::crypto::{provider, TLS13_ONLY};
 use crate::identity::{certs_from_pem, region_of_chain, Bundle, IdentityError, SpiffeId, Svid};
+use crate::region::Region;
 use crate::tls::{ExpectedPeer, SpiffeServerVerifier};
 
 /// Longest a TCP connect to the CA may take.
@@ -88,10 +89,10 @@ pub enum CaRegion {
     #[default]
     Any,
     /// Exactly this region's CA: the client knows which region's CA it talks to.
-    Is(String),
+    Is(Region),
     /// Any CA but this region's: a peer CA seen from a CA of this region (a peer issued by our
     /// own region's CA is ourselves or an impersonation).
-    Not(String),
+    Not(Region),
 }
 
 impl CaRegion {
@@ -222,8 +223,8 @@ impl CaClient {
     /// Requires the CA server's certificate to be issued by `region`'s CA (checked in the TLS
     /// handshake): a client that knows which region's CA it talks to sets it, so another
     /// region's CA (one compromised CA key) cannot stand in for it.
-    pub fn expect_region(self, region: impl Into<String>) -> Self {
-        self.with_region(CaRegion::Is(region.into()))
+    pub fn expect_region(self, region: Region) -> Self {
+        self.with_region(CaRegion::Is(region))
     }
 
     /// Sets the region rule for the CA server's certificate ([`CaRegion`]).
@@ -352,7 +353,7 @@ impl CaClient {
             return Err(refusal(status, &body));
         }
         let chain = certs_from_pem(&body, "CA response")?;
-        let info = self.bundle.verify_svid_chain(&chain, self.clock.now())?;
+        let info = crate::tls::verify_svid_chain(&self.bundle, &chain, self.clock.now())?;
         if &info.id != id {
             return Err(ClientError::WrongId {
                 got: info.id.to_string(),
@@ -394,14 +395,14 @@ pub struct CaConnection {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     host: String,
     addr: String,
-    server_region: Option<String>,
+    server_region: Option<Region>,
 }
 
 impl CaConnection {
     /// The region of the CA that issued the server's certificate (verified in the handshake);
     /// `None` when a root issued it.
-    pub fn server_region(&self) -> Option<&str> {
-        self.server_region.as_deref()
+    pub fn server_region(&self) -> Option<&Region> {
+        self.server_region.as_ref()
     }
 
     /// `POST /v1/svid` with a PEM CSR, optionally with a bearer token; the raw answer.
@@ -491,7 +492,7 @@ impl CaClient {
         &self,
         path: &str,
         max_body: usize,
-    ) -> Result<(Bytes, Option<String>), ClientError> {
+    ) -> Result<(Bytes, Option<Region>), ClientError> {
         let mut conn = self.connect(None).await?;
         let req = Request::builder()
             .method(Method::GET)
@@ -528,7 +529,7 @@ mod tests {
     #[test]
     fn the_region_rule_names_what_it_expected_and_what_it_found() {
         assert!(CaRegion::Any.check(None).is_ok());
-        let a = CaRegion::Is("a".into());
+        let a = CaRegion::Is(crate::region::Region::new("a").unwrap());
         assert!(a.check(Some("a")).is_ok());
         let e = a.check(Some("b")).unwrap_err();
         assert!(
@@ -539,7 +540,7 @@ mod tests {
             .check(None)
             .unwrap_err()
             .contains("not issued by a regional CA"));
-        let not_a = CaRegion::Not("a".into());
+        let not_a = CaRegion::Not(crate::region::Region::new("a").unwrap());
         assert!(not_a.check(Some("b")).is_ok());
         assert!(not_a.check(Some("a")).unwrap_err().contains("own region"));
     }

@@ -11,6 +11,7 @@ use spiffe::transport::Endpoint;
 use super::{IdentityConfig, IdentitySource};
 use crate::config::{ConfigError, Ctx};
 use crate::identity::{Bundle, SpiffeId, TrustDomain};
+use crate::region::Region;
 
 /// The `[identity]` table, shared by the sidecar and gateway configs.
 #[derive(Debug, Deserialize)]
@@ -32,7 +33,7 @@ pub fn identity_config(
     td: &TrustDomain,
     id: SpiffeId,
     bundle: &Path,
-    region: Option<&str>,
+    region: Option<&Region>,
     f: &IdentityFile,
 ) -> Result<IdentityConfig, ConfigError> {
     let bundle_path = ctx.path(bundle);
@@ -56,7 +57,7 @@ pub fn identity_config(
 fn identity_source(
     ctx: &Ctx<'_>,
     f: &IdentityFile,
-    region: Option<&str>,
+    region: Option<&Region>,
 ) -> Result<IdentitySource, ConfigError> {
     let need = |v: &Option<PathBuf>, field: &str| {
         v.as_deref().map(|p| ctx.path(p)).ok_or_else(|| {
@@ -81,7 +82,7 @@ fn identity_source(
             Ok(IdentitySource::Ca {
                 url,
                 token_file: need(&f.token_file, "token_file")?,
-                region: region.map(str::to_string),
+                region: region.cloned(),
             })
         }
         "files" => Ok(IdentitySource::Files {

@@ -21,6 +21,7 @@ use tracing::Instrument;
 
 use crate::clock::{rfc3339, Clock};
 use crate::identity::{certs_from_pem, Bundle, Serial, SpiffeId, Svid};
+use crate::region::Region;
 use crate::tls::mesh::{RevokedSet, SvidResolver, Trust};
 use ca_client::CaClient;
 
@@ -43,7 +44,7 @@ pub enum IdentitySource {
         /// certificate must be issued by that region's CA, and the roots the CA publishes are
         /// trusted; when not, any CA of the trust domain is accepted and only the configured
         /// roots are kept from its bundle.
-        region: Option<String>,
+        region: Option<Region>,
     },
     /// PEM files written by something else (cert-manager, spiffe-helper), reloaded on change.
     Files {
@@ -193,11 +194,9 @@ impl Identity {
 
     /// Validates `svid` (chain to the bundle, our SPIFFE ID, key matches) and publishes it.
     pub fn publish(&self, svid: Svid) -> Result<(), String> {
-        let info = self
-            .trust
-            .bundle()
-            .verify_svid_chain(&svid.chain, self.clock.now())
-            .map_err(|e| e.to_string())?;
+        let info =
+            crate::tls::verify_svid_chain(&self.trust.bundle(), &svid.chain, self.clock.now())
+                .map_err(|e| e.to_string())?;
         if info.id != self.id {
             return Err(format!(
                 "SVID is for {}, this sidecar is {}",

@@ -157,8 +157,7 @@ fn apply(identity: &Identity, ctx: &X509Context) -> Result<Option<Arc<Svid>>, St
         })
         .unwrap_or_default();
     let bundle = identity.with_configured_roots(agent_roots)?;
-    bundle
-        .verify_svid_chain(&svid.chain, identity.clock.now())
+    crate::tls::verify_svid_chain(&bundle, &svid.chain, identity.clock.now())
         .map_err(|e| format!("SVID {}: {e}", svid.info.serial))?;
     if bundle.roots != identity.bundle().roots {
         identity

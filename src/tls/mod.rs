@@ -7,6 +7,7 @@
 //! and each role checks the SPIFFE ID after the handshake.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -15,7 +16,7 @@ use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 pub mod mesh;
 
 use crate::crypto::provider;
-use crate::identity::{inspect_cert, SpiffeId, TrustDomain};
+use crate::identity::{inspect_cert, Bundle, CertInfo, IdentityError, SpiffeId, TrustDomain};
 
 /// Which server identities a client accepts.
 #[derive(Clone, Debug)]
@@ -128,6 +129,32 @@ pub fn verify_path(
         )),
         Err(e) => Err(pki_error(e)),
     }
+}
+
+/// Verifies an SVID chain (leaf first) against `bundle`'s roots at `now`: path to a root, validity,
+/// the SVID profile of the leaf, and membership of this trust domain.
+pub fn verify_svid_chain(
+    bundle: &Bundle,
+    chain: &[CertificateDer<'_>],
+    now: SystemTime,
+) -> Result<CertInfo, IdentityError> {
+    let (leaf, intermediates) = chain.split_first().ok_or(IdentityError::EmptyChain)?;
+    let info = inspect_cert(leaf)?;
+    info.check_leaf_profile()?;
+    if !info.id.is_member_of(&bundle.trust_domain) {
+        return Err(IdentityError::WrongTrustDomain {
+            id: info.id.to_string(),
+            expected: bundle.trust_domain.to_string(),
+        });
+    }
+    let now = UnixTime::since_unix_epoch(
+        now.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default(),
+    );
+    let by = Presenter::Server;
+    verify_path(&bundle.store(), by, leaf, intermediates, now)
+        .map_err(|e| IdentityError::Untrusted(e.to_string()))?;
+    Ok(info)
 }
 
 /// `chain` without a copy of a trusted root at its end (senders may include the root). A copy

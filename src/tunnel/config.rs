@@ -33,10 +33,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::header::{check_region, check_service};
 use super::Timing;
 use crate::config::{load_toml, ConfigError, Ctx};
 use crate::identity::parse_trust_domain;
+use crate::region::{NameError, Region, ServiceName};
 use crate::svid::config::{identity_config, IdentityFile};
 use crate::svid::IdentityConfig;
 
@@ -167,14 +167,14 @@ struct RuleFile {
 /// Another region's gateways.
 #[derive(Clone, Debug)]
 pub struct Peer {
-    pub region: String,
+    pub region: Region,
     pub addresses: Vec<SocketAddr>,
 }
 
 /// A local service other regions may reach.
 #[derive(Clone, Debug)]
 pub struct Exposed {
-    pub service: String,
+    pub service: ServiceName,
     pub addresses: Vec<SocketAddr>,
 }
 
@@ -235,7 +235,7 @@ impl RegionPolicy {
 /// The validated gateway configuration.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
-    pub region: String,
+    pub region: Region,
     pub identity: IdentityConfig,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
@@ -251,11 +251,19 @@ pub struct GatewayConfig {
     pub limits: GatewayLimits,
 }
 
+fn region_rule(s: &str) -> Result<(), NameError> {
+    Region::new(s).map(drop)
+}
+
+fn service_rule(s: &str) -> Result<(), NameError> {
+    ServiceName::new(s).map(drop)
+}
+
 fn names(
     ctx: &Ctx<'_>,
     field: &str,
     v: &[String],
-    check: fn(&str) -> Result<(), String>,
+    check: fn(&str) -> Result<(), NameError>,
 ) -> Result<Match, ConfigError> {
     if v.is_empty() {
         return Err(ctx.err(field, "empty: list names, or [\"*\"] for any"));
@@ -282,18 +290,17 @@ impl GatewayConfig {
         };
         let td = parse_trust_domain(&raw.trust_domain)
             .map_err(|e| ctx.err("trust_domain", e.to_string()))?;
-        check_region(&raw.region).map_err(|e| ctx.err("region", e))?;
-        let id = super::gateway_id(&td, &raw.region);
-        let identity =
-            identity_config(&ctx, &td, id, &raw.bundle, Some(&raw.region), &raw.identity)?;
+        let region = ctx.region("region", &raw.region)?;
+        let id = super::gateway_id(&td, &region);
+        let identity = identity_config(&ctx, &td, id, &raw.bundle, Some(&region), &raw.identity)?;
         let mut peers: Vec<Peer> = Vec::new();
         for (i, p) in raw.peers.iter().enumerate() {
             let f = |x: &str| format!("peer[{i}].{x}");
-            check_region(&p.region).map_err(|e| ctx.err(f("region"), e))?;
-            if p.region == raw.region {
+            let peer_region = ctx.region(&f("region"), &p.region)?;
+            if peer_region == region {
                 return Err(ctx.err(f("region"), "a peer must be another region"));
             }
-            if peers.iter().any(|q| q.region == p.region) {
+            if peers.iter().any(|q| q.region == peer_region) {
                 return Err(ctx.err(
                     f("region"),
                     format!(
@@ -306,7 +313,7 @@ impl GatewayConfig {
                 return Err(ctx.err(f("addresses"), "at least one gateway address"));
             }
             peers.push(Peer {
-                region: p.region.clone(),
+                region: peer_region,
                 addresses: p
                     .addresses
                     .iter()
@@ -318,15 +325,15 @@ impl GatewayConfig {
         let mut exposed: Vec<Exposed> = Vec::new();
         for (i, e) in raw.exposed.iter().enumerate() {
             let f = |x: &str| format!("expose[{i}].{x}");
-            check_service(&e.service).map_err(|why| ctx.err(f("service"), why))?;
-            if exposed.iter().any(|x| x.service == e.service) {
+            let service = ctx.service(&f("service"), &e.service)?;
+            if exposed.iter().any(|x| x.service == service) {
                 return Err(ctx.err(f("service"), format!("{} is exposed twice", e.service)));
             }
             if e.addresses.is_empty() {
                 return Err(ctx.err(f("addresses"), "at least one address"));
             }
             exposed.push(Exposed {
-                service: e.service.clone(),
+                service,
                 addresses: e
                     .addresses
                     .iter()
@@ -354,9 +361,9 @@ impl GatewayConfig {
             rules.push(Rule {
                 name: r.name.clone(),
                 allow,
-                from: names(&ctx, &f("from"), &r.from, check_region)?,
-                to: names(&ctx, &f("to"), &r.to, check_region)?,
-                services: names(&ctx, &f("services"), &r.services, check_service)?,
+                from: names(&ctx, &f("from"), &r.from, region_rule)?,
+                to: names(&ctx, &f("to"), &r.to, region_rule)?,
+                services: names(&ctx, &f("services"), &r.services, service_rule)?,
             });
         }
         let workers = raw.workers.unwrap_or(1);
@@ -364,7 +371,7 @@ impl GatewayConfig {
             return Err(ctx.err("workers", format!("{workers}: expected 1..=64")));
         }
         Ok(GatewayConfig {
-            region: raw.region,
+            region,
             identity,
             listen: ctx.addr("listen", raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?,
             admin: ctx.addr(

@@ -21,6 +21,7 @@ use super::{code, gateway_id, TunnelPeer, HEADER_TIMEOUT};
 use crate::audit::AuditLog;
 use crate::clock::Clock;
 use crate::limits::{client_key, Full, Gate, LogEvery, Permit};
+use crate::region::Region;
 use crate::svid::{self, Identity};
 use crate::tls::mesh;
 
@@ -39,7 +40,7 @@ enum Role {
 
 struct Gateway {
     config: GatewayConfig,
-    peers: HashMap<String, Arc<Paths>>,
+    peers: HashMap<Region, Arc<Paths>>,
     metrics: TunnelMetrics,
     audit: Arc<AuditLog>,
     identity: Arc<Identity>,
@@ -79,7 +80,7 @@ pub struct Bound {
     pub identity: Arc<Identity>,
     pub metrics: TunnelMetrics,
     /// Paths to each peer region.
-    pub peers: HashMap<String, Arc<Paths>>,
+    pub peers: HashMap<Region, Arc<Paths>>,
     endpoint: quinn::Endpoint,
     stop: watch::Sender<bool>,
 }
@@ -175,7 +176,7 @@ pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, String>
 fn admin_state(
     registry: Registry,
     identity: &Arc<Identity>,
-    peers: &HashMap<String, Arc<Paths>>,
+    peers: &HashMap<Region, Arc<Paths>>,
 ) -> Arc<crate::admin::AdminState> {
     let ready_id = identity.clone();
     let peers = peers.clone();
@@ -268,7 +269,7 @@ fn role_of(gw: &Gateway, conn: &quinn::Connection) -> Result<Role, String> {
     let peer = TunnelPeer::of(conn)?;
     let own = &gw.config.region;
     if let Some(r) = peer.gateway_of() {
-        if r == own {
+        if own == r {
             return Err(format!("{} is a gateway of this same region", peer.id));
         }
         return Ok(Role::Gateway {
@@ -527,8 +528,8 @@ fn refuse(
         ev.peer_id = Some(id.clone());
     }
     if let Some(h) = header {
-        ev.destination_region = Some(h.region.clone());
-        ev.destination_service = Some(h.service.clone());
+        ev.destination_region = Some(h.region.to_string());
+        ev.destination_service = Some(h.service.to_string());
         ev.destination_address = Some(h.addr.to_string());
     }
     ev.rule = rule;
@@ -672,9 +673,7 @@ async fn leaving(
         .await
         .map_err(|e| refusal(code::NO_ROUTE, "no_path", Some(&rule), e))?;
     // A header that parsed encodes again to the same bytes (see the header's tests).
-    let bytes = header
-        .encode()
-        .map_err(|e| refusal(code::BAD_HEADER, "bad_header", None, e.to_string()))?;
+    let bytes = header.encode();
     let PathStream { io: mut up, load } = out;
     if let Err(e) = up.writer_mut().write_all(&bytes).await {
         let detail = format!("forwarding the header: {e}");

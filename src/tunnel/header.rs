@@ -21,6 +21,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::region::{NameError, Region, ServiceName};
+
 /// The header magic.
 pub const MAGIC: &[u8; 2] = b"TL";
 /// The only version this build speaks.
@@ -34,9 +36,9 @@ pub const PREFIX: usize = 5;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamHeader {
     /// The destination's region.
-    pub region: String,
+    pub region: Region,
     /// The destination service's name.
-    pub service: String,
+    pub service: ServiceName,
     /// The destination address, as the destination region's gateway reaches it.
     pub addr: SocketAddr,
 }
@@ -64,40 +66,9 @@ pub enum HeaderError {
     Io(String),
 }
 
-/// Checks a region name (also used by the configs): the one rule of
-/// [`crate::identity::check_region`].
-pub use crate::identity::check_region;
-
-/// Checks a service name (also used by the configs).
-pub fn check_service(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.len() > 253 {
-        return Err(format!("{} bytes, expected 1..=253", s.len()));
-    }
-    match s
-        .bytes()
-        .find(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')))
-    {
-        Some(b) => Err(format!(
-            "character {:?} (allowed: A-Z a-z 0-9 . _ -)",
-            b as char
-        )),
-        None => Ok(()),
-    }
-}
-
 impl StreamHeader {
-    /// Encodes the header; fails only on names the parser would refuse.
-    pub fn encode(&self) -> Result<Vec<u8>, HeaderError> {
-        check_region(&self.region).map_err(|why| HeaderError::Bad {
-            at: PREFIX,
-            field: "region",
-            why,
-        })?;
-        check_service(&self.service).map_err(|why| HeaderError::Bad {
-            at: PREFIX + 1 + self.region.len(),
-            field: "service",
-            why,
-        })?;
+    /// Encodes the header (the names are valid by their types).
+    pub fn encode(&self) -> Vec<u8> {
         let mut body = Vec::with_capacity(64);
         body.push(self.region.len() as u8);
         body.extend_from_slice(self.region.as_bytes());
@@ -119,7 +90,7 @@ impl StreamHeader {
         out.push(VERSION);
         out.extend_from_slice(&(body.len() as u16).to_be_bytes());
         out.extend_from_slice(&body);
-        Ok(out)
+        out
     }
 
     /// Checks the fixed prefix; returns the body length.
@@ -140,8 +111,8 @@ impl StreamHeader {
     /// Parses a body (offsets in errors count from the start of the header).
     pub fn parse_body(body: &[u8]) -> Result<Self, HeaderError> {
         let mut r = Reader { buf: body, at: 0 };
-        let region = r.name("region", check_region)?;
-        let service = r.name("service", check_service)?;
+        let region = r.name("region", Region::new)?;
+        let service = r.name("service", ServiceName::new)?;
         let family_at = r.at;
         let ip = match r.take(1, "address family")?[0] {
             4 => IpAddr::V4(Ipv4Addr::from(
@@ -225,11 +196,11 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    fn name(
+    fn name<T>(
         &mut self,
         field: &'static str,
-        check: fn(&str) -> Result<(), String>,
-    ) -> Result<String, HeaderError> {
+        parse: fn(&str) -> Result<T, NameError>,
+    ) -> Result<T, HeaderError> {
         let at = PREFIX + self.at;
         let n = self.take(1, field)?[0] as usize;
         let raw = self.take(n, field)?;
@@ -238,8 +209,11 @@ impl<'a> Reader<'a> {
             field,
             why: "not UTF-8".into(),
         })?;
-        check(s).map_err(|why| HeaderError::Bad { at, field, why })?;
-        Ok(s.to_string())
+        parse(s).map_err(|e| HeaderError::Bad {
+            at,
+            field,
+            why: e.to_string(),
+        })
     }
 }
 
@@ -249,8 +223,8 @@ mod tests {
 
     fn sample() -> StreamHeader {
         StreamHeader {
-            region: "eu-west".into(),
-            service: "checkout.shop".into(),
+            region: Region::new("eu-west").unwrap(),
+            service: ServiceName::new("checkout.shop").unwrap(),
             addr: "10.1.2.3:8080".parse().unwrap(),
         }
     }
@@ -267,14 +241,14 @@ mod tests {
                 addr: addr.parse().unwrap(),
                 ..sample()
             };
-            let bytes = h.encode().unwrap();
+            let bytes = h.encode();
             assert_eq!(parse(&bytes).await.unwrap(), h);
         }
     }
 
     #[tokio::test]
     async fn refuses_each_malformation_with_its_offset() {
-        let good = sample().encode().unwrap();
+        let good = sample().encode();
         let mut bad_magic = good.clone();
         bad_magic[0] = b'X';
         assert!(matches!(
@@ -332,25 +306,15 @@ mod tests {
             parse(&port0).await,
             Err(HeaderError::Bad { field: "port", .. })
         ));
-        // Empty names.
-        assert!(StreamHeader {
-            region: String::new(),
-            ..sample()
-        }
-        .encode()
-        .is_err());
-        assert!(StreamHeader {
-            service: "a b".into(),
-            ..sample()
-        }
-        .encode()
-        .is_err());
+        // Names the parser refuses cannot be built to encode.
+        assert!(Region::new("").is_err());
+        assert!(ServiceName::new("a b").is_err());
     }
 
     #[test]
     fn any_byte_string_is_refused_or_parsed_without_panic() {
         // A cheap deterministic fuzz: every prefix and single-byte mutation of a good header.
-        let good = sample().encode().unwrap();
+        let good = sample().encode();
         for cut in 0..good.len() {
             let _ = StreamHeader::parse_body(&good[PREFIX.min(cut)..cut]);
         }
@@ -360,7 +324,7 @@ mod tests {
                 m[i - PREFIX] = b;
                 if let Ok(h) = StreamHeader::parse_body(&m) {
                     // Whatever parses must encode back to the same bytes.
-                    assert_eq!(h.encode().unwrap()[PREFIX..], m[..]);
+                    assert_eq!(h.encode()[PREFIX..], m[..]);
                 }
             }
         }

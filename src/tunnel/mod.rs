@@ -59,6 +59,7 @@ use std::time::Duration;
 
 use crate::clock::Clock;
 use crate::identity::SpiffeId;
+use crate::region::Region;
 use crate::svid::Identity;
 use crate::tls::mesh::MeshServerVerifier;
 use crate::tls::ExpectedPeer;
@@ -194,7 +195,7 @@ pub fn gateway_client(
 pub struct TunnelPeer {
     pub id: SpiffeId,
     /// The region of the CA that issued its certificate.
-    pub issued_in: Option<String>,
+    pub issued_in: Option<Region>,
 }
 
 impl TunnelPeer {

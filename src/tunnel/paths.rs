@@ -15,6 +15,7 @@ use super::TunnelPeer;
 use crate::audit::AuditLog;
 use crate::clock::Clock;
 use crate::identity::CertInfo;
+use crate::region::Region;
 use crate::svid::Identity;
 
 /// Backoff between reconnection attempts of one path.
@@ -98,7 +99,7 @@ pub struct PathsConfig {
     pub endpoint: quinn::Endpoint,
     pub client: quinn::ClientConfig,
     /// The region of the gateways (checked against their chains).
-    pub region: String,
+    pub region: Region,
     pub addrs: Vec<SocketAddr>,
     pub metrics: TunnelMetrics,
     pub audit: Arc<AuditLog>,
@@ -112,7 +113,7 @@ pub struct PathsConfig {
 
 /// The paths to the gateways of one region.
 pub struct Paths {
-    pub region: String,
+    pub region: Region,
     paths: Vec<Arc<Path>>,
     changed: Notify,
     metrics: TunnelMetrics,
@@ -129,7 +130,7 @@ impl Paths {
                     addr: *a,
                     labels: PathLabels {
                         peer: a.to_string(),
-                        region: cfg.region.clone(),
+                        region: cfg.region.to_string(),
                     },
                     conn: ArcSwapOption::empty(),
                     active: AtomicUsize::new(0),

@@ -16,6 +16,7 @@ use tokio::sync::{watch, Notify};
 
 use super::{H2Stream, MAX_FRAME, SESSION_WINDOW, STREAM_WINDOW};
 use crate::clock::Clock;
+use crate::region::{Region, ServiceName};
 use crate::svid::Identity;
 use crate::tls::mesh::{self, MeshServerVerifier};
 use crate::tunnel::header::StreamHeader;
@@ -27,9 +28,9 @@ use crate::tunnel::PATH_WAIT;
 pub struct Target {
     /// Index of the service in the sidecar's config.
     pub service: usize,
-    pub name: String,
+    pub name: ServiceName,
     /// The destination's region when it is not ours (through the gateways); `None`: direct.
-    pub region: Option<String>,
+    pub region: Option<Region>,
     pub addr: SocketAddr,
 }
 
@@ -288,8 +289,7 @@ impl SessionPool {
             service: target.name.clone(),
             addr: target.addr,
         }
-        .encode()
-        .map_err(|e| fail("bad_header", e))?;
+        .encode();
         // The header goes out with the ClientHello (no wait for an answer).
         path.io
             .writer_mut()
@@ -319,7 +319,7 @@ impl SessionPool {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         K: Send + 'static,
     {
-        let name = ServerName::try_from(target.name.clone())
+        let name = ServerName::try_from(target.name.to_string())
             .unwrap_or_else(|_| ServerName::try_from("mesh.invalid").expect("valid name"));
         let connect = tls.connector.connect(name, io);
         let stream = match tokio::time::timeout(self.timeouts.handshake, connect).await {

@@ -20,6 +20,7 @@ pub mod lab;
 pub mod limits;
 pub mod policy;
 pub mod proxy;
+pub mod refusal;
 pub mod region;
 pub mod svid;
 pub mod tls;

@@ -371,7 +371,7 @@ async fn mesh(site: &Site<'_>) -> anyhow::Result<()> {
 /// Part two: two regions 150 ms apart, each with its own CA and gateway.
 async fn regions(dir: &Path) -> anyhow::Result<()> {
     use crate::lab::{Lab, LabOptions, TD};
-    use std::time::Instant;
+    use tokio::time::Instant;
     std::fs::create_dir_all(dir)?;
     let options = LabOptions::default();
     println!(

@@ -119,7 +119,10 @@ mod tests {
         for r in Refusal::ALL {
             let l = r.label();
             assert!(seen.insert(l), "{l} twice");
-            assert!(l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{l}");
+            assert!(
+                l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{l}"
+            );
         }
     }
 }

@@ -21,6 +21,7 @@ use super::{code, gateway_id, TunnelPeer, HEADER_TIMEOUT};
 use crate::audit::AuditLog;
 use crate::clock::Clock;
 use crate::limits::{client_key, Full, Gate, LogEvery, Permit};
+use crate::policy::region::RegionDecision;
 use crate::region::Region;
 use crate::svid::{self, Identity};
 use crate::tls::mesh;
@@ -584,7 +585,7 @@ async fn arriving(
         let detail = format!("stream for region {} reached region {own}", header.region);
         return Err(refusal(code::NO_ROUTE, "wrong_region", None, detail));
     }
-    let (allowed, rule) = gw.config.policy.decide(from, own, &header.service);
+    let RegionDecision { allowed, rule } = gw.config.policy.decide(from, own, &header.service);
     if !allowed {
         let detail = format!("region {from} may not reach {}", header.service);
         return Err(refusal(code::REFUSED, "policy_denied", Some(&rule), detail));
@@ -653,10 +654,10 @@ async fn leaving(
         let detail = "same region: the sidecar connects directly".to_string();
         return Err(refusal(code::NO_ROUTE, "same_region", None, detail));
     }
-    let (allowed, rule) = gw
-        .config
-        .policy
-        .decide(own, &header.region, &header.service);
+    let RegionDecision { allowed, rule } =
+        gw.config
+            .policy
+            .decide(own, &header.region, &header.service);
     if !allowed {
         let detail = format!(
             "{id} may not leave for {} in {}",

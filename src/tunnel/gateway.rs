@@ -588,7 +588,7 @@ async fn arriving(
     let RegionDecision { allowed, rule } = gw.config.policy.decide(from, own, &header.service);
     if !allowed {
         let detail = format!("region {from} may not reach {}", header.service);
-        return Err(refusal(code::REFUSED, "policy_denied", Some(&rule), detail));
+        return Err(refusal(code::REFUSED, "policy_denied", Some(rule), detail));
     }
     let exposed = gw
         .config
@@ -601,7 +601,7 @@ async fn arriving(
             "{} at {} is not exposed by this gateway",
             header.service, header.addr
         );
-        return Err(refusal(code::REFUSED, "not_exposed", Some(&rule), detail));
+        return Err(refusal(code::REFUSED, "not_exposed", Some(rule), detail));
     }
     let connect = TcpStream::connect(header.addr);
     let mut tcp = match tokio::time::timeout(gw.config.connect_timeout, connect).await {
@@ -611,7 +611,7 @@ async fn arriving(
             return Err(refusal(
                 code::UNREACHABLE,
                 "unreachable",
-                Some(&rule),
+                Some(rule),
                 detail,
             ));
         }
@@ -620,7 +620,7 @@ async fn arriving(
             return Err(refusal(
                 code::UNREACHABLE,
                 "unreachable",
-                Some(&rule),
+                Some(rule),
                 detail,
             ));
         }
@@ -663,22 +663,22 @@ async fn leaving(
             "{id} may not leave for {} in {}",
             header.service, header.region
         );
-        return Err(refusal(code::REFUSED, "policy_denied", Some(&rule), detail));
+        return Err(refusal(code::REFUSED, "policy_denied", Some(rule), detail));
     }
     let Some(paths) = gw.peers.get(&header.region) else {
         let detail = format!("no [[peer]] for region {}", header.region);
-        return Err(refusal(code::NO_ROUTE, "no_route", Some(&rule), detail));
+        return Err(refusal(code::NO_ROUTE, "no_route", Some(rule), detail));
     };
     let out = paths
         .open(REMOTE_PATH_WAIT)
         .await
-        .map_err(|e| refusal(code::NO_ROUTE, "no_path", Some(&rule), e))?;
+        .map_err(|e| refusal(code::NO_ROUTE, "no_path", Some(rule), e))?;
     // A header that parsed encodes again to the same bytes (see the header's tests).
     let bytes = header.encode();
     let PathStream { io: mut up, load } = out;
     if let Err(e) = up.writer_mut().write_all(&bytes).await {
         let detail = format!("forwarding the header: {e}");
-        return Err(refusal(code::BROKEN, "path_lost", Some(&rule), detail));
+        return Err(refusal(code::BROKEN, "path_lost", Some(rule), detail));
     }
     tracing::debug!(%id, region = %header.region, service = %header.service, path = %load.path.addr, "stream out");
     match crate::copy::splice(io, &mut up).await {

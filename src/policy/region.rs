@@ -4,7 +4,7 @@
 //!
 //! Pure, like the rest of `policy/`: the gateway config (`tunnel/config.rs`) parses the
 //! `[[rule]]` tables into these types, the gateway calls [`RegionPolicy::decide`] per stream, and
-//! `trustline policy explain --gateway` renders an [`RegionExplanation`].
+//! `trustline policy explain --gateway` renders a [`RegionExplanation`].
 
 use std::fmt::{self, Write as _};
 

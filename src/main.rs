@@ -101,11 +101,12 @@ enum PolicyCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Prints the decision for a caller, the deciding rule, and why each rule matched or not.
+    /// Prints the decision for a caller (or, with --gateway, a cross-region stream), the deciding
+    /// rule, and why each rule matched or not.
     #[command(
-        after_help = "Example:\n  trustline policy explain --policy config/policy.toml --from spiffe://example.org/ns/shop/sa/frontend \\\n      --to checkout --port 8080 --method GET --path /api/orders --region eu-west --at 2026-11-23T10:00:00+01:00"
+        after_help = "Examples:\n  trustline policy explain --policy config/policy.toml --from spiffe://example.org/ns/shop/sa/frontend \\\n      --to checkout --port 8080 --method GET --path /api/orders --region eu-west --at 2026-11-23T10:00:00+01:00\n  trustline policy explain --gateway config/gateway.toml --from-region us-east --to-region eu-west \\\n      --service checkout"
     )]
-    Explain(ExplainArgs),
+    Explain(ExplainCommand),
     /// Writes the least-privilege allow list covering the flows of an audit log.
     #[command(
         after_help = "Example (a sidecar ran with `default = \"audit\"` to map traffic first):\n  trustline policy suggest --audit checkout-audit.log --service checkout > checkout-policy.toml"
@@ -132,31 +133,69 @@ enum PolicyCommand {
     },
 }
 
+/// `policy explain`: a sidecar's service rules (`--policy`) or a gateway's region rules
+/// (`--gateway`).
 #[derive(Args)]
+#[command(
+    group(clap::ArgGroup::new("rules").required(true).args(["policy", "gateway"])),
+    override_usage = "trustline policy explain --policy FILE --from ID --to SERVICE --port PORT [OPTIONS]\n       \
+                      trustline policy explain --gateway FILE --from-region REGION --to-region REGION --service NAME"
+)]
+struct ExplainCommand {
+    #[command(flatten)]
+    service: Option<ExplainArgs>,
+    #[command(flatten)]
+    gateway: Option<GatewayExplainArgs>,
+}
+
+// Each mode's flags are required only in that mode (`required = false` plus `requires`, so clap
+// still names what is missing); a flattened `Option` alone would not lift `required`.
+/// `policy explain --gateway`: a stream through a gateway, decided by its `[[rule]]` tables.
+#[derive(Args)]
+#[group(id = "gateway-rules", conflicts_with = "service-rules")]
+#[command(next_help_heading = "A gateway's region rules (--gateway)")]
+struct GatewayExplainArgs {
+    /// Gateway config file; only its `region` and `[[rule]]` tables are read.
+    #[arg(long, value_name = "FILE", required = false, requires_all = ["from_region", "to_region", "service"])]
+    gateway: PathBuf,
+    /// The stream's source region (the calling workload's).
+    #[arg(long, value_name = "REGION", required = false, requires = "gateway")]
+    from_region: trustline::region::Region,
+    /// The stream's destination region.
+    #[arg(long, value_name = "REGION", required = false, requires = "gateway")]
+    to_region: trustline::region::Region,
+    /// The destination service (as the stream header names it).
+    #[arg(long, value_name = "NAME", required = false, requires = "gateway")]
+    service: trustline::region::ServiceName,
+}
+
+#[derive(Args)]
+#[group(id = "service-rules")]
+#[command(next_help_heading = "A sidecar's service rules (--policy)")]
 struct ExplainArgs {
     /// Policy file.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE", required = false, requires_all = ["from", "to", "port"])]
     policy: PathBuf,
     /// The caller's SPIFFE ID.
-    #[arg(long)]
+    #[arg(long, required = false, requires = "policy")]
     from: String,
     /// The protected service (a [service.NAME] of the file).
-    #[arg(long)]
+    #[arg(long, required = false, requires = "policy")]
     to: String,
     /// Destination port.
-    #[arg(long)]
+    #[arg(long, required = false, requires = "policy")]
     port: u16,
     /// HTTP method (for HTTP ports).
-    #[arg(long, requires = "path")]
+    #[arg(long, requires = "path", requires = "policy")]
     method: Option<String>,
     /// HTTP path (for HTTP ports).
-    #[arg(long, requires = "method")]
+    #[arg(long, requires = "method", requires = "policy")]
     path: Option<String>,
     /// The caller's region (as its certificate chain would say).
-    #[arg(long)]
+    #[arg(long, requires = "policy")]
     region: Option<String>,
     /// When (RFC 3339); default now.
-    #[arg(long)]
+    #[arg(long, requires = "policy")]
     at: Option<String>,
 }
 
@@ -365,7 +404,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Redirect(a) => trustline::proxy::redirect::run(&a).map_err(Into::into),
         Command::Policy(PolicyCommand::Check { files }) => policy_check(&files),
-        Command::Policy(PolicyCommand::Explain(a)) => policy_explain(a),
+        Command::Policy(PolicyCommand::Explain(a)) => match (a.service, a.gateway) {
+            (_, Some(g)) => gateway_explain(g),
+            (Some(a), None) => policy_explain(a),
+            (None, None) => bail!("give --policy FILE or --gateway FILE"),
+        },
         Command::Policy(PolicyCommand::Suggest { audit, service }) => {
             policy_suggest(&audit, service)
         }
@@ -657,6 +700,16 @@ fn policy_explain(a: ExplainArgs) -> anyhow::Result<()> {
         "{}",
         trustline::policy::eval::render(&trustline::policy::explain(svc, &facts))
     );
+    Ok(())
+}
+
+/// `policy explain --gateway`: the region-level decision of one gateway for one stream.
+fn gateway_explain(a: GatewayExplainArgs) -> anyhow::Result<()> {
+    let rules = GatewayConfig::load_rules(&a.gateway)?;
+    let e = rules
+        .policy
+        .explain(&rules.region, &a.from_region, &a.to_region, &a.service);
+    print!("{}", trustline::policy::region::render(&e));
     Ok(())
 }
 

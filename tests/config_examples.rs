@@ -8,6 +8,7 @@ use spiffe::transport::Endpoint;
 use trustline::ca::authority;
 use trustline::ca::config::{CaServeConfig, CaServeFile};
 use trustline::identity::parse_trust_domain;
+use trustline::policy::region::RegionDecision;
 use trustline::proxy::config::SidecarConfig;
 use trustline::svid::IdentitySource;
 
@@ -158,11 +159,17 @@ fn example_gateway_and_cross_region_configs_are_valid() {
     ));
     assert_eq!(
         g.policy.decide("us-east", "eu-west", "checkout"),
-        (true, "us-to-checkout".to_string())
+        RegionDecision {
+            allowed: true,
+            rule: "us-to-checkout"
+        }
     );
     assert_eq!(
         g.policy.decide("ap-south", "eu-west", "checkout"),
-        (false, "no-ap".to_string())
+        RegionDecision {
+            allowed: false,
+            rule: "no-ap"
+        }
     );
     let file = dir.join("sidecar-cross-region.toml");
     std::fs::write(&file, example("sidecar-cross-region.toml")).unwrap();

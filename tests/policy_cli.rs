@@ -98,3 +98,145 @@ fn explain_names_the_deciding_rule_and_the_dry_run() {
     );
     assert!(out.contains("path /admin not in"), "{out}");
 }
+
+/// `policy explain --gateway` on the example gateway config (eu-west), whose bundle and identity
+/// files do not exist: only the region and the `[[rule]]` tables are read.
+fn explain_gateway(from: &str, to: &str, service: &str) -> (bool, String) {
+    trustline(&[
+        "policy",
+        "explain",
+        "--gateway",
+        "config/gateway.toml",
+        "--from-region",
+        from,
+        "--to-region",
+        to,
+        "--service",
+        service,
+    ])
+}
+
+#[test]
+fn explain_gateway_names_the_deciding_rule_and_why_each_rule_matched() {
+    let (ok, out) = explain_gateway("us-east", "eu-west", "checkout");
+    assert!(ok, "{out}");
+    assert!(
+        out.starts_with("decision: ALLOW by rule \"us-to-checkout\"\n"),
+        "{out}"
+    );
+    assert!(out.contains("as the stream arrives in eu-west"), "{out}");
+    assert!(out.contains("Allow \"us-to-checkout\": MATCHED"), "{out}");
+    assert!(
+        out.contains("Allow \"eu-out\": no match: source region us-east not in from [\"eu-west\"]"),
+        "{out}"
+    );
+
+    let (ok, out) = explain_gateway("eu-west", "us-east", "anything");
+    assert!(ok, "{out}");
+    assert!(
+        out.starts_with("decision: ALLOW by rule \"eu-out\"\n"),
+        "{out}"
+    );
+    assert!(out.contains("as the stream leaves eu-west"), "{out}");
+
+    // The deny rule is last in the file and still decides first.
+    let (ok, out) = explain_gateway("ap-south", "eu-west", "checkout");
+    assert!(ok, "{out}");
+    assert!(
+        out.starts_with("decision: DENY by rule \"no-ap\"\n"),
+        "{out}"
+    );
+    assert!(out.contains("Deny \"no-ap\": MATCHED"), "{out}");
+
+    let (ok, out) = explain_gateway("us-east", "eu-west", "ledger");
+    assert!(ok, "{out}");
+    assert!(
+        out.starts_with("decision: DENY by rule \"default-deny\"\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("no match: service ledger not in services [\"checkout\"]"),
+        "{out}"
+    );
+}
+
+#[test]
+fn explain_gateway_refuses_bad_configs_and_flags_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad-gateway.toml");
+    let good = std::fs::read_to_string("config/gateway.toml").unwrap();
+    let bad = good.replace("from = [\"us-east\"]", "from = [\"US_East\"]");
+    assert_ne!(good, bad);
+    std::fs::write(&f, bad).unwrap();
+    let (ok, out) = trustline(&[
+        "policy",
+        "explain",
+        "--gateway",
+        f.to_str().unwrap(),
+        "--from-region",
+        "us-east",
+        "--to-region",
+        "eu-west",
+        "--service",
+        "checkout",
+    ]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("bad-gateway.toml: rule[1] (us-to-checkout).from[0]: \"US_East\""),
+        "{out}"
+    );
+
+    let missing = dir.path().join("missing.toml");
+    let (ok, out) = trustline(&[
+        "policy",
+        "explain",
+        "--gateway",
+        missing.to_str().unwrap(),
+        "--from-region",
+        "us-east",
+        "--to-region",
+        "eu-west",
+        "--service",
+        "checkout",
+    ]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("missing.toml"), "{out}");
+
+    // A policy file is not a gateway config.
+    let (ok, out) = trustline(&[
+        "policy",
+        "explain",
+        "--gateway",
+        "config/policy.toml",
+        "--from-region",
+        "us-east",
+        "--to-region",
+        "eu-west",
+        "--service",
+        "checkout",
+    ]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("config/policy.toml:"), "{out}");
+
+    // Names are checked at the flag by the one rule for regions.
+    let (ok, out) = explain_gateway("EU", "eu-west", "checkout");
+    assert!(!ok, "{out}");
+    assert!(out.contains("--from-region"), "{out}");
+    // The two kinds of rules take their own flags.
+    let (ok, out) = trustline(&[
+        "policy",
+        "explain",
+        "--gateway",
+        "config/gateway.toml",
+        "--from-region",
+        "us-east",
+        "--to-region",
+        "eu-west",
+        "--service",
+        "checkout",
+        "--port",
+        "8080",
+    ]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("cannot be used with"), "{out}");
+}

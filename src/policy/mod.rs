@@ -4,6 +4,8 @@
 //! This module is pure: no sockets, no runtime. [`file`] reads and validates policy files (and
 //! reports every problem with file, line, rule and field); [`eval`] compiles a service's rules
 //! into an index and decides in well under a microsecond, also with 10,000 rules or principals.
+//! [`region`] is the gateways' region-level engine (source region, destination region, service),
+//! with the same deny-first order and its own `default-deny`.
 //!
 //! Semantics (Istio's): DENY rules first, then ALLOW, then the service's default. The default is
 //! `deny` once a service has any ALLOW rule, `allow` otherwise, or set explicitly; `audit` allows
@@ -18,6 +20,7 @@ pub mod flows;
 pub mod matchers;
 pub mod path;
 pub mod reach;
+pub mod region;
 
 pub use eval::{evaluate, explain, Decision, Explanation, Facts, Outcome};
 pub use file::{load, parse, Issue, Policy, PolicyError, Severity};

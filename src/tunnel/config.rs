@@ -1,5 +1,5 @@
-//! `trustline gateway --config FILE`: the TOML file, its validation, and the region-level
-//! policy.
+//! `trustline gateway --config FILE`: the TOML file and its validation. The `[[rule]]` tables
+//! become a [`RegionPolicy`] (the engine is `policy/region.rs`).
 //!
 //! ```toml
 //! trust_domain = "example.org"
@@ -29,6 +29,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -36,6 +37,7 @@ use serde::Deserialize;
 use super::Timing;
 use crate::config::{load_toml, ConfigError, Ctx};
 use crate::identity::parse_trust_domain;
+use crate::policy::region::{Match, RegionPolicy, RegionRule};
 use crate::region::{NameError, Region, ServiceName};
 use crate::svid::config::{identity_config, IdentityFile};
 use crate::svid::IdentityConfig;
@@ -178,60 +180,6 @@ pub struct Exposed {
     pub addresses: Vec<SocketAddr>,
 }
 
-/// A list entry of a rule: a name, or `*`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Match {
-    Any,
-    Names(Vec<String>),
-}
-
-impl Match {
-    fn matches(&self, v: &str) -> bool {
-        match self {
-            Match::Any => true,
-            Match::Names(n) => n.iter().any(|x| x == v),
-        }
-    }
-}
-
-/// One region-level rule.
-#[derive(Clone, Debug)]
-pub struct Rule {
-    pub name: String,
-    pub allow: bool,
-    pub from: Match,
-    pub to: Match,
-    pub services: Match,
-}
-
-/// The gateway's region-level policy: deny rules first, then allow rules, then deny.
-#[derive(Clone, Debug, Default)]
-pub struct RegionPolicy {
-    pub rules: Vec<Rule>,
-}
-
-impl RegionPolicy {
-    /// Whether a stream from region `from` to `service` in region `to` may pass, and the rule
-    /// that decided (`default-deny` when none matched).
-    pub fn decide(&self, from: &str, to: &str, service: &str) -> (bool, String) {
-        let hit = |allow: bool| {
-            self.rules.iter().find(|r| {
-                r.allow == allow
-                    && r.from.matches(from)
-                    && r.to.matches(to)
-                    && r.services.matches(service)
-            })
-        };
-        if let Some(r) = hit(false) {
-            return (false, r.name.clone());
-        }
-        match hit(true) {
-            Some(r) => (true, r.name.clone()),
-            None => (false, "default-deny".into()),
-        }
-    }
-}
-
 /// The validated gateway configuration.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
@@ -251,20 +199,11 @@ pub struct GatewayConfig {
     pub limits: GatewayLimits,
 }
 
-fn region_rule(s: &str) -> Result<(), NameError> {
-    Region::new(s).map(drop)
-}
-
-fn service_rule(s: &str) -> Result<(), NameError> {
-    ServiceName::new(s).map(drop)
-}
-
-fn names(
+fn names<T: FromStr<Err = NameError>>(
     ctx: &Ctx<'_>,
     field: &str,
     v: &[String],
-    check: fn(&str) -> Result<(), NameError>,
-) -> Result<Match, ConfigError> {
+) -> Result<Match<T>, ConfigError> {
     if v.is_empty() {
         return Err(ctx.err(field, "empty: list names, or [\"*\"] for any"));
     }
@@ -274,13 +213,66 @@ fn names(
         }
         return Ok(Match::Any);
     }
-    for (n, x) in v.iter().enumerate() {
-        check(x).map_err(|e| ctx.err(format!("{field}[{n}]"), format!("{x:?}: {e}")))?;
+    v.iter()
+        .enumerate()
+        .map(|(n, x)| {
+            T::from_str(x).map_err(|e| ctx.err(format!("{field}[{n}]"), format!("{x:?}: {e}")))
+        })
+        .collect::<Result<_, _>>()
+        .map(Match::Names)
+}
+
+/// The `[[rule]]` tables, validated, in file order.
+fn region_policy(ctx: &Ctx<'_>, raw: &[RuleFile]) -> Result<RegionPolicy, ConfigError> {
+    let mut rules: Vec<RegionRule> = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        let f = |x: &str| format!("rule[{i}] ({}).{x}", r.name);
+        if r.name.is_empty() || rules.iter().any(|x| x.name == r.name) {
+            return Err(ctx.err(f("name"), "rule names must be non-empty and unique"));
+        }
+        let allow = match r.action.as_deref().unwrap_or("allow") {
+            "allow" => true,
+            "deny" => false,
+            other => {
+                return Err(ctx.err(
+                    f("action"),
+                    format!("{other:?}: expected \"allow\" or \"deny\""),
+                ))
+            }
+        };
+        rules.push(RegionRule {
+            name: r.name.clone(),
+            allow,
+            from: names(ctx, &f("from"), &r.from)?,
+            to: names(ctx, &f("to"), &r.to)?,
+            services: names(ctx, &f("services"), &r.services)?,
+        });
     }
-    Ok(Match::Names(v.to_vec()))
+    Ok(RegionPolicy { rules })
+}
+
+/// A gateway's region and its region-level policy: what `policy explain --gateway` needs.
+#[derive(Clone, Debug)]
+pub struct GatewayRules {
+    pub region: Region,
+    pub policy: RegionPolicy,
 }
 
 impl GatewayConfig {
+    /// Reads a gateway config file and validates only its `region` and `[[rule]]` tables (with
+    /// the errors of [`Self::load`]): the bundle and identity files need not exist.
+    pub fn load_rules(file: &Path) -> Result<GatewayRules, ConfigError> {
+        let raw: GatewayFile = load_toml(file)?;
+        let ctx = Ctx {
+            file,
+            dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
+        };
+        Ok(GatewayRules {
+            region: ctx.region("region", &raw.region)?,
+            policy: region_policy(&ctx, &raw.rules)?,
+        })
+    }
+
     /// Reads and validates a gateway config file.
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
         let raw: GatewayFile = load_toml(file)?;
@@ -342,30 +334,7 @@ impl GatewayConfig {
                     .collect::<Result<_, _>>()?,
             });
         }
-        let mut rules: Vec<Rule> = Vec::new();
-        for (i, r) in raw.rules.iter().enumerate() {
-            let f = |x: &str| format!("rule[{i}] ({}).{x}", r.name);
-            if r.name.is_empty() || rules.iter().any(|x| x.name == r.name) {
-                return Err(ctx.err(f("name"), "rule names must be non-empty and unique"));
-            }
-            let allow = match r.action.as_deref().unwrap_or("allow") {
-                "allow" => true,
-                "deny" => false,
-                other => {
-                    return Err(ctx.err(
-                        f("action"),
-                        format!("{other:?}: expected \"allow\" or \"deny\""),
-                    ))
-                }
-            };
-            rules.push(Rule {
-                name: r.name.clone(),
-                allow,
-                from: names(&ctx, &f("from"), &r.from, region_rule)?,
-                to: names(&ctx, &f("to"), &r.to, region_rule)?,
-                services: names(&ctx, &f("services"), &r.services, service_rule)?,
-            });
-        }
+        let policy = region_policy(&ctx, &raw.rules)?;
         let workers = raw.workers.unwrap_or(1);
         if !(1..=64).contains(&workers) {
             return Err(ctx.err("workers", format!("{workers}: expected 1..=64")));
@@ -386,7 +355,7 @@ impl GatewayConfig {
             timing: tunnel_timing(&ctx, raw.tunnel.as_ref())?,
             peers,
             exposed,
-            policy: RegionPolicy { rules },
+            policy,
             connect_timeout: Duration::from_secs(5),
             limits: limits(&ctx, &raw.limits)?,
         })
@@ -426,41 +395,4 @@ pub fn tunnel_timing(ctx: &Ctx<'_>, t: Option<&TunnelFile>) -> Result<Timing, Co
         ));
     }
     Ok(timing)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rule(name: &str, allow: bool, from: Match, services: Match) -> Rule {
-        Rule {
-            name: name.into(),
-            allow,
-            from,
-            to: Match::Any,
-            services,
-        }
-    }
-
-    #[test]
-    fn deny_first_then_allow_then_default_deny() {
-        let p = RegionPolicy {
-            rules: vec![
-                rule(
-                    "any-to-web",
-                    true,
-                    Match::Any,
-                    Match::Names(vec!["web".into()]),
-                ),
-                rule("no-ap", false, Match::Names(vec!["ap".into()]), Match::Any),
-            ],
-        };
-        assert_eq!(p.decide("eu", "us", "web"), (true, "any-to-web".into()));
-        assert_eq!(p.decide("ap", "us", "web"), (false, "no-ap".into()));
-        assert_eq!(p.decide("eu", "us", "db"), (false, "default-deny".into()));
-        assert_eq!(
-            RegionPolicy::default().decide("eu", "us", "web"),
-            (false, "default-deny".into())
-        );
-    }
 }

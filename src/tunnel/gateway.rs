@@ -21,6 +21,7 @@ use super::{code, gateway_id, TunnelPeer, HEADER_TIMEOUT};
 use crate::audit::AuditLog;
 use crate::clock::Clock;
 use crate::limits::{client_key, Full, Gate, LogEvery, Permit};
+use crate::policy::region::RegionDecision;
 use crate::region::Region;
 use crate::svid::{self, Identity};
 use crate::tls::mesh;
@@ -584,10 +585,10 @@ async fn arriving(
         let detail = format!("stream for region {} reached region {own}", header.region);
         return Err(refusal(code::NO_ROUTE, "wrong_region", None, detail));
     }
-    let (allowed, rule) = gw.config.policy.decide(from, own, &header.service);
+    let RegionDecision { allowed, rule } = gw.config.policy.decide(from, own, &header.service);
     if !allowed {
         let detail = format!("region {from} may not reach {}", header.service);
-        return Err(refusal(code::REFUSED, "policy_denied", Some(&rule), detail));
+        return Err(refusal(code::REFUSED, "policy_denied", Some(rule), detail));
     }
     let exposed = gw
         .config
@@ -600,7 +601,7 @@ async fn arriving(
             "{} at {} is not exposed by this gateway",
             header.service, header.addr
         );
-        return Err(refusal(code::REFUSED, "not_exposed", Some(&rule), detail));
+        return Err(refusal(code::REFUSED, "not_exposed", Some(rule), detail));
     }
     let connect = TcpStream::connect(header.addr);
     let mut tcp = match tokio::time::timeout(gw.config.connect_timeout, connect).await {
@@ -610,7 +611,7 @@ async fn arriving(
             return Err(refusal(
                 code::UNREACHABLE,
                 "unreachable",
-                Some(&rule),
+                Some(rule),
                 detail,
             ));
         }
@@ -619,7 +620,7 @@ async fn arriving(
             return Err(refusal(
                 code::UNREACHABLE,
                 "unreachable",
-                Some(&rule),
+                Some(rule),
                 detail,
             ));
         }
@@ -653,31 +654,31 @@ async fn leaving(
         let detail = "same region: the sidecar connects directly".to_string();
         return Err(refusal(code::NO_ROUTE, "same_region", None, detail));
     }
-    let (allowed, rule) = gw
-        .config
-        .policy
-        .decide(own, &header.region, &header.service);
+    let RegionDecision { allowed, rule } =
+        gw.config
+            .policy
+            .decide(own, &header.region, &header.service);
     if !allowed {
         let detail = format!(
             "{id} may not leave for {} in {}",
             header.service, header.region
         );
-        return Err(refusal(code::REFUSED, "policy_denied", Some(&rule), detail));
+        return Err(refusal(code::REFUSED, "policy_denied", Some(rule), detail));
     }
     let Some(paths) = gw.peers.get(&header.region) else {
         let detail = format!("no [[peer]] for region {}", header.region);
-        return Err(refusal(code::NO_ROUTE, "no_route", Some(&rule), detail));
+        return Err(refusal(code::NO_ROUTE, "no_route", Some(rule), detail));
     };
     let out = paths
         .open(REMOTE_PATH_WAIT)
         .await
-        .map_err(|e| refusal(code::NO_ROUTE, "no_path", Some(&rule), e))?;
+        .map_err(|e| refusal(code::NO_ROUTE, "no_path", Some(rule), e))?;
     // A header that parsed encodes again to the same bytes (see the header's tests).
     let bytes = header.encode();
     let PathStream { io: mut up, load } = out;
     if let Err(e) = up.writer_mut().write_all(&bytes).await {
         let detail = format!("forwarding the header: {e}");
-        return Err(refusal(code::BROKEN, "path_lost", Some(&rule), detail));
+        return Err(refusal(code::BROKEN, "path_lost", Some(rule), detail));
     }
     tracing::debug!(%id, region = %header.region, service = %header.service, path = %load.path.addr, "stream out");
     match crate::copy::splice(io, &mut up).await {

@@ -3,20 +3,20 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
-use serde::Serialize;
-
-use super::authority::{parse_csr, Authority, CsrError, LeafUsage};
+use super::authority::{check_workload_id, parse_csr, Authority, CsrError, LeafUsage};
+use super::error::ClientCertError;
 use super::ledger::{token_hash, Authorisation, IssuedRecord, Ledger, LedgerError, TokenSpend};
 pub use super::limits::RateLimiter;
 use super::metrics::CaMetrics;
 use super::revoked_list::Scope;
+use crate::audit::ca::CaEvent;
 use crate::audit::AuditLog;
 use crate::clock::{rfc3339, unix_secs, Clock};
-use crate::identity::{CertInfo, SpiffeId, REGION_PATH_PREFIX};
+use crate::identity::{CertInfo, SpiffeId};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -24,7 +24,8 @@ pub const MAX_BODY: usize = 16 * 1024;
 /// Everything a request handler needs.
 pub struct CaState {
     pub authority: Authority,
-    pub ledger: Ledger,
+    /// The store of issuances, tokens and revocations.
+    pub ledger: std::sync::Arc<dyn Ledger>,
     pub audit: AuditLog,
     pub metrics: CaMetrics,
     pub clock: Clock,
@@ -41,11 +42,11 @@ pub struct CaState {
 }
 
 /// Facts about one client connection, taken once after the TLS handshake.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Peer {
     pub addr: SocketAddr,
     /// The client certificate's facts, when one was presented (rustls verified its chain).
-    pub svid: Option<Result<CertInfo, String>>,
+    pub svid: Option<Result<CertInfo, ClientCertError>>,
 }
 
 /// A JSON error answer.
@@ -121,57 +122,6 @@ fn error_response(e: &ApiError) -> Resp {
     respond(e.status, "application/json", body)
 }
 
-/// One CA audit event (fixed schema).
-#[derive(Serialize)]
-struct AuditEvent<'a> {
-    time: String,
-    event: &'a str,
-    spiffe_id: Option<String>,
-    serial: Option<String>,
-    client: String,
-    outcome: &'a str,
-    reason: Option<String>,
-}
-
-/// Whether a SPIFFE ID may hold a workload SVID from this CA.
-pub fn check_workload_id(authority: &Authority, id: &SpiffeId) -> Result<(), String> {
-    if !id.is_member_of(&authority.trust_domain) {
-        return Err(format!(
-            "{id} is not in trust domain {}",
-            authority.trust_domain
-        ));
-    }
-    if id.path().is_empty() {
-        return Err(format!("{id} has no path; workload IDs need one"));
-    }
-    check_role_id(authority, id)
-}
-
-/// IDs under `/trustline/` name trustline's own roles and are issued only for them: the CA's
-/// server ID and the region IDs of CA certificates never to a workload, and a gateway ID
-/// (`/trustline/gateway/REGION`) only by that region's CA, so that a gateway's region binding
-/// (ID and issuing CA agree) cannot be forged by another region's CA or its admin.
-fn check_role_id(authority: &Authority, id: &SpiffeId) -> Result<(), String> {
-    let Some(role) = id.path().strip_prefix("/trustline/") else {
-        return Ok(());
-    };
-    if id.path().starts_with(REGION_PATH_PREFIX) || role == "ca" || role.starts_with("ca/") {
-        return Err(format!("{id} is reserved for trustline's own CAs"));
-    }
-    match (role.strip_prefix("gateway/"), authority.region.as_deref()) {
-        (Some(r), Some(ours)) if r == ours => Ok(()),
-        (Some(r), _) => {
-            Err(format!(
-            "{id} is a gateway ID of region {r}; only region {r}'s CA issues it (this CA is {})",
-            authority.region.as_deref().map_or("the root".to_string(), |o| format!("region {o}"))
-        ))
-        }
-        (None, _) => Err(format!(
-            "{id} is under /trustline/, reserved for trustline's own roles (ca, gateway/REGION)"
-        )),
-    }
-}
-
 /// Routes one request.
 pub async fn handle(state: &CaState, peer: &Peer, req: Request<hyper::body::Incoming>) -> Resp {
     match (req.method(), req.uri().path()) {
@@ -227,13 +177,13 @@ pub async fn handle(state: &CaState, peer: &Peer, req: Request<hyper::body::Inco
 fn audit(
     state: &CaState,
     peer: &Peer,
-    event: &str,
+    event: &'static str,
     id: Option<&SpiffeId>,
     serial: Option<String>,
-    outcome: &str,
+    outcome: &'static str,
     reason: Option<&str>,
 ) {
-    state.audit.record(&AuditEvent {
+    state.audit.record(&CaEvent {
         time: rfc3339(state.clock.now()),
         event,
         spiffe_id: id.map(|i| i.to_string()),
@@ -319,7 +269,7 @@ fn authorise(state: &CaState, peer: &Peer, bearer: Option<&str>) -> Result<Auth,
         Some(Err(why)) => Err(ApiError::unauthorized(format!("client certificate: {why}"))),
         Some(Ok(info)) => {
             check_workload_id(&state.authority, &info.id)
-                .map_err(|why| ApiError::new(StatusCode::FORBIDDEN, "forbidden", why))?;
+                .map_err(|why| ApiError::new(StatusCode::FORBIDDEN, "forbidden", why.to_string()))?;
             if state.ledger.is_revoked(&info.serial) {
                 return Err(ApiError::unauthorized(format!(
                     "client certificate {} is revoked",

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::error::PeerConfigError;
 use crate::config::{load_toml, ConfigError};
 use crate::region::Region;
 use crate::util::parse_duration;
@@ -269,7 +270,8 @@ impl CaServeConfig {
         }
         let peers_src = src(flags.peers.is_some());
         let urls = flags.peers.or(from_file.peers).unwrap_or_default();
-        check_peer_urls(&urls).map_err(|e| ConfigError::field(peers_src, "peers", e))?;
+        check_peer_urls(&urls)
+            .map_err(|e| ConfigError::field(peers_src, "peers", e.to_string()))?;
         let refresh_src = src(flags.peer_refresh.is_some());
         let refresh = match flags.peer_refresh.or(from_file.peer_refresh) {
             None => DEFAULT_PEER_REFRESH,
@@ -317,48 +319,54 @@ pub struct PeerSpec {
 
 /// Parses `peers` entries ([`PeerSpec`]): each URL `https://HOST:PORT`, each once, at most
 /// [`super::peers::MAX_PEERS`].
-pub fn parse_peers(entries: &[String]) -> Result<Vec<PeerSpec>, String> {
+pub fn parse_peers(entries: &[String]) -> Result<Vec<PeerSpec>, PeerConfigError> {
     if entries.len() > super::peers::MAX_PEERS {
-        return Err(format!(
-            "{} peers, more than the {} allowed",
-            entries.len(),
-            super::peers::MAX_PEERS
-        ));
+        return Err(PeerConfigError::TooMany {
+            count: entries.len(),
+            max: super::peers::MAX_PEERS,
+        });
     }
     let mut specs: Vec<PeerSpec> = Vec::with_capacity(entries.len());
     for entry in entries {
-        // A CA URL never holds `=`, so it separates a region from the URL.
-        let (region, url) = match entry.split_once('=') {
-            Some((r, u)) => {
-                let r = Region::new(r).map_err(|why| format!("{entry:?}: region {r:?}: {why}"))?;
-                (Some(r), u)
-            }
-            None => (None, entry.as_str()),
-        };
-        let ok = url
-            .strip_prefix("https://")
-            .map(|r| r.trim_end_matches('/'))
-            .and_then(|r| r.rsplit_once(':'))
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !ok {
-            return Err(format!(
-                "{entry:?} is not a CA URL like https://ca.eu-west:8443 (or \
-                 eu-west=https://ca.eu-west:8443)"
-            ));
+        let spec = parse_peer(entry)?;
+        if specs.iter().any(|s| s.url == spec.url) {
+            return Err(PeerConfigError::Twice(spec.url));
         }
-        if specs.iter().any(|s| s.url == url) {
-            return Err(format!("{url:?} is listed twice"));
-        }
-        specs.push(PeerSpec {
-            region,
-            url: url.to_string(),
-        });
+        specs.push(spec);
     }
     Ok(specs)
 }
 
+/// One `peers` entry.
+fn parse_peer(entry: &str) -> Result<PeerSpec, PeerConfigError> {
+    // A CA URL never holds `=`, so it separates a region from the URL.
+    let (region, url) = match entry.split_once('=') {
+        Some((r, u)) => {
+            let region = Region::new(r).map_err(|why| PeerConfigError::Region {
+                entry: entry.to_string(),
+                region: r.to_string(),
+                why,
+            })?;
+            (Some(region), u)
+        }
+        None => (None, entry),
+    };
+    let ok = url
+        .strip_prefix("https://")
+        .map(|r| r.trim_end_matches('/'))
+        .and_then(|r| r.rsplit_once(':'))
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !ok {
+        return Err(PeerConfigError::Url(entry.to_string()));
+    }
+    Ok(PeerSpec {
+        region,
+        url: url.to_string(),
+    })
+}
+
 /// Checks `peers` entries ([`parse_peers`]).
-pub fn check_peer_urls(urls: &[String]) -> Result<(), String> {
+pub fn check_peer_urls(urls: &[String]) -> Result<(), PeerConfigError> {
     parse_peers(urls).map(|_| ())
 }
 
@@ -379,13 +387,19 @@ mod tests {
             "https://:8443",
             "https://ca:99999",
         ] {
-            let e = check_peer_urls(&[bad.to_string()]).unwrap_err();
+            let e = check_peer_urls(&[bad.to_string()]).unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }
         let twice = ["https://ca:1".to_string(), "https://ca:1".into()];
-        assert!(check_peer_urls(&twice).unwrap_err().contains("twice"));
+        assert!(check_peer_urls(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
         let twice = ["https://ca:1".to_string(), "b=https://ca:1".into()];
-        assert!(check_peer_urls(&twice).unwrap_err().contains("twice"));
+        assert!(check_peer_urls(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
     }
 
     #[test]
@@ -398,7 +412,9 @@ mod tests {
         assert_eq!(specs[0].region.as_deref(), Some("us-east"));
         assert_eq!(specs[0].url, "https://ca.us-east:8443");
         assert_eq!(specs[1].region, None);
-        let e = check_peer_urls(&["US=https://ca:1".to_string()]).unwrap_err();
+        let e = check_peer_urls(&["US=https://ca:1".to_string()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("region \"US\""), "{e}");
         assert!(check_peer_urls(&["=https://ca:1".to_string()]).is_err());
     }

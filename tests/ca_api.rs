@@ -986,3 +986,28 @@ async fn the_get_endpoints_answer_429_past_their_rate() {
         limited as u64
     );
 }
+
+#[tokio::test]
+async fn drain_closes_the_listeners_and_waits_for_the_servers_tasks() {
+    let ca = start().await;
+    let _svid = ca.issue(WEB).await;
+    // An idle keep-alive connection is closed by the drain, not waited for until the deadline.
+    let mut idle = ca.client.connect(None).await.expect("connect");
+    let _ = idle.post_csr("not a csr", None).await.expect("request");
+    let started = std::time::Instant::now();
+    assert_eq!(ca.bound.drain(Duration::from_secs(30)).await, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(ca.bound.active_tasks(), 0);
+    assert!(tokio::net::TcpStream::connect(ca.bound.api).await.is_err());
+    let e = admin::token(&ca.bound.admin_socket, WEB, 900)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("cannot reach the CA admin socket"),
+        "{e}"
+    );
+}

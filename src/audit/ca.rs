@@ -20,3 +20,25 @@ pub struct CaEvent {
     /// Why it was refused.
     pub reason: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::CaEvent;
+
+    #[test]
+    fn a_ca_event_writes_every_field_in_its_fixed_order() {
+        let e = CaEvent {
+            time: "2026-01-02T03:04:05Z".into(),
+            event: "revoke",
+            spiffe_id: None,
+            serial: Some("0a".into()),
+            client: "admin-socket".into(),
+            outcome: "error",
+            reason: Some("serial 0a was not issued by this CA".into()),
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"time":"2026-01-02T03:04:05Z","event":"revoke","spiffe_id":null,"serial":"0a","client":"admin-socket","outcome":"error","reason":"serial 0a was not issued by this CA"}"#
+        );
+    }
+}

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::authority::{check_workload_id, parse_csr, Authority, CsrError, LeafUsage};
+use super::authority::{check_workload_id, parse_csr, Authority, Csr, CsrError, LeafUsage};
 use super::error::ClientCertError;
 use super::ledger::{token_hash, Authorisation, IssuedRecord, Ledger, LedgerError, TokenSpend};
 pub use super::limits::RateLimiter;
@@ -232,58 +232,65 @@ async fn read_body(
     }
 }
 
+/// What authorises this request: a join token, or else the client's current SVID.
 fn authorise(state: &CaState, peer: &Peer, bearer: Option<&str>) -> Result<Auth, ApiError> {
-    if let Some(token) = bearer {
-        let hash = token_hash(token);
-        let rec = state
-            .ledger
-            .token(&hash)?
-            .ok_or_else(|| ApiError::unauthorized("unknown join token"))?;
-        let now = state.clock.unix();
-        if rec.used.is_some() {
-            return Err(ApiError::unauthorized("join token already used"));
-        }
-        if rec.voided_at.is_some() {
-            return Err(ApiError::unauthorized(LedgerError::TokenVoided.to_string()));
-        }
-        if rec.expires_at <= now {
-            return Err(ApiError::unauthorized("join token expired"));
-        }
-        let id = SpiffeId::new(&rec.spiffe_id).map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })?;
-        check_not_banned(state, &id)?;
-        return Ok(Auth::Token {
-            spend: TokenSpend {
-                hash,
-                spiffe_id: rec.spiffe_id,
-                now,
-            },
-            id,
-        });
-    }
-    match &peer.svid {
-        None => Err(ApiError::unauthorized(
+    match (bearer, &peer.svid) {
+        (Some(token), _) => authorise_token(state, token),
+        (None, None) => Err(ApiError::unauthorized(
             "no authorisation: send `Authorization: Bearer <join token>` or present your current SVID as client certificate",
         )),
-        Some(Err(why)) => Err(ApiError::unauthorized(format!("client certificate: {why}"))),
-        Some(Ok(info)) => {
-            check_workload_id(&state.authority, &info.id)
-                .map_err(|why| ApiError::new(StatusCode::FORBIDDEN, "forbidden", why.to_string()))?;
-            if state.ledger.is_revoked(&info.serial) {
-                return Err(ApiError::unauthorized(format!(
-                    "client certificate {} is revoked",
-                    info.serial
-                )));
-            }
-            check_not_banned(state, &info.id)?;
-            // A keep-alive connection can outlive the certificate it was opened with.
-            if info.not_after <= state.clock.now() {
-                return Err(ApiError::unauthorized("client certificate expired"));
-            }
-            Ok(Auth::Svid(info.clone()))
-        }
+        (None, Some(Err(why))) => Err(ApiError::unauthorized(format!("client certificate: {why}"))),
+        (None, Some(Ok(info))) => authorise_renewal(state, info),
     }
+}
+
+/// A first issuance: the token must be known, unused, not voided and unexpired (the ledger
+/// checks again when it spends it).
+fn authorise_token(state: &CaState, token: &str) -> Result<Auth, ApiError> {
+    let hash = token_hash(token);
+    let rec = state
+        .ledger
+        .token(&hash)?
+        .ok_or_else(|| ApiError::unauthorized("unknown join token"))?;
+    let now = state.clock.unix();
+    if rec.used.is_some() {
+        return Err(ApiError::unauthorized("join token already used"));
+    }
+    if rec.voided_at.is_some() {
+        return Err(ApiError::unauthorized(LedgerError::TokenVoided.to_string()));
+    }
+    if rec.expires_at <= now {
+        return Err(ApiError::unauthorized("join token expired"));
+    }
+    let id = SpiffeId::new(&rec.spiffe_id)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    check_not_banned(state, &id)?;
+    Ok(Auth::Token {
+        spend: TokenSpend {
+            hash,
+            spiffe_id: rec.spiffe_id,
+            now,
+        },
+        id,
+    })
+}
+
+/// A renewal with the SVID presented as client certificate (rustls verified its chain).
+fn authorise_renewal(state: &CaState, info: &CertInfo) -> Result<Auth, ApiError> {
+    check_workload_id(&state.authority, &info.id)
+        .map_err(|why| ApiError::new(StatusCode::FORBIDDEN, "forbidden", why.to_string()))?;
+    if state.ledger.is_revoked(&info.serial) {
+        return Err(ApiError::unauthorized(format!(
+            "client certificate {} is revoked",
+            info.serial
+        )));
+    }
+    check_not_banned(state, &info.id)?;
+    // A keep-alive connection can outlive the certificate it was opened with.
+    if info.not_after <= state.clock.now() {
+        return Err(ApiError::unauthorized("client certificate expired"));
+    }
+    Ok(Auth::Svid(info.clone()))
 }
 
 /// Refuses an ID banned here or by a peer region's CA (the ledger re-checks its own bans when
@@ -336,32 +343,53 @@ async fn svid(
     let body = read_body(req, state.body_timeout).await.map_err(no_id)?;
     let csr = parse_csr(&body).map_err(|e| no_id(e.into()))?;
     let requested = csr.requested.clone();
-    let with_id = |e: ApiError| (e, Some(requested.clone()));
-    let auth = authorise(state, peer, bearer.as_deref()).map_err(with_id)?;
-    let (authorised, event, authorisation) = match &auth {
-        Auth::Token { id, spend } => (
-            id.clone(),
-            "issue",
-            Authorisation::Token {
-                token_hash: crate::util::hex(&spend.hash[..8]),
-            },
-        ),
-        Auth::Svid(info) => (
-            info.id.clone(),
-            "renew",
-            Authorisation::Svid {
-                serial: info.serial.to_string(),
-            },
-        ),
-    };
-    if requested != authorised {
-        return Err(with_id(
-            CsrError::Mismatch {
-                requested: requested.to_string(),
-                authorised: authorised.to_string(),
-            }
-            .into(),
-        ));
+    let auth =
+        authorise(state, peer, bearer.as_deref()).map_err(|e| (e, Some(requested.clone())))?;
+    issue(state, peer, csr, auth)
+        .await
+        .map_err(|e| (e, Some(requested)))
+}
+
+impl Auth {
+    /// The ID it authorises, the audit event (`issue` or `renew`) and the ledger's record of it.
+    fn grant(&self) -> (SpiffeId, &'static str, Authorisation) {
+        match self {
+            Auth::Token { id, spend } => (
+                id.clone(),
+                "issue",
+                Authorisation::Token {
+                    token_hash: crate::util::hex(&spend.hash[..8]),
+                },
+            ),
+            Auth::Svid(info) => (
+                info.id.clone(),
+                "renew",
+                Authorisation::Svid {
+                    serial: info.serial.to_string(),
+                },
+            ),
+        }
+    }
+
+    /// The token to spend with the issuance, if it is a first one.
+    fn into_spend(self) -> Option<TokenSpend> {
+        match self {
+            Auth::Token { spend, .. } => Some(spend),
+            Auth::Svid(_) => None,
+        }
+    }
+}
+
+/// Signs the SVID `csr` asks for if `auth` allows it, records it (spending the token), and
+/// answers with its chain.
+async fn issue(state: &CaState, peer: &Peer, csr: Csr, auth: Auth) -> Result<Resp, ApiError> {
+    let (authorised, event, authorisation) = auth.grant();
+    if csr.requested != authorised {
+        return Err(CsrError::Mismatch {
+            requested: csr.requested.to_string(),
+            authorised: authorised.to_string(),
+        }
+        .into());
     }
     let now = state.clock.now();
     let issued = state
@@ -373,43 +401,25 @@ async fn svid(
             now,
             LeafUsage::Svid,
         )
-        .map_err(|e| {
-            with_id(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                e.to_string(),
-            ))
-        })?;
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     let record = IssuedRecord {
         spiffe_id: authorised.to_string(),
         not_after: unix_secs(issued.not_after),
         issued_at: unix_secs(now),
         authorisation,
     };
-    let spend = match auth {
-        Auth::Token { spend, .. } => Some(spend),
-        Auth::Svid(_) => None,
-    };
     state
         .ledger
-        .record_issue(issued.serial.clone(), record, spend)
-        .await
-        .map_err(|e| with_id(e.into()))?;
+        .record_issue(issued.serial.clone(), record, auth.into_spend())
+        .await?;
     let outcome = if event == "issue" {
         "issued"
     } else {
         "renewed"
     };
     state.metrics.count(outcome);
-    audit(
-        state,
-        peer,
-        event,
-        Some(&authorised),
-        Some(issued.serial.to_string()),
-        "ok",
-        None,
-    );
+    let serial = Some(issued.serial.to_string());
+    audit(state, peer, event, Some(&authorised), serial, "ok", None);
     tracing::debug!(client = %peer.addr, id = %authorised, serial = %issued.serial, not_after = %rfc3339(issued.not_after), "SVID {outcome}");
     let pem = crate::identity::chain_to_pem(&state.authority.chain_for(&issued.leaf));
     Ok(respond(

@@ -113,3 +113,64 @@ async fn fired(rx: &mut watch::Receiver<bool>) {
         std::future::pending::<()>().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    /// Sets its flag when dropped (the task ended or was cut).
+    struct Ended(Arc<AtomicBool>);
+
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_tasks_that_finish_after_shutdown() {
+        let stopper = Stopper::new();
+        let done = Arc::new(AtomicBool::new(false));
+        let mut shutdown = stopper.tasks().shutdown.clone();
+        let flag = done.clone();
+        stopper.tasks().spawn(async move {
+            let _ = shutdown.changed().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            flag.store(true, Ordering::SeqCst);
+        });
+        assert_eq!(stopper.active(), 1);
+        assert_eq!(stopper.drain(Duration::from_secs(10)).await, 0);
+        assert!(done.load(Ordering::SeqCst), "the task finished its work");
+        assert_eq!(stopper.active(), 0);
+    }
+
+    #[tokio::test]
+    async fn drain_cuts_what_still_runs_at_the_deadline() {
+        let stopper = Stopper::new();
+        let ended = Arc::new(AtomicBool::new(false));
+        let guard = Ended(ended.clone());
+        stopper.tasks().spawn(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+        });
+        assert_eq!(stopper.drain(Duration::from_millis(50)).await, 1);
+        assert!(ended.load(Ordering::SeqCst), "the task was cut");
+        assert_eq!(stopper.active(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_stopper_does_not_cut_its_tasks() {
+        let stopper = Stopper::new();
+        let tasks = stopper.tasks().clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tasks.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = tx.send(());
+        });
+        drop(stopper);
+        task.await.unwrap();
+        assert!(rx.await.is_ok(), "the task ran to its end");
+    }
+}

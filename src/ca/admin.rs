@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::api::CaState;
@@ -160,8 +160,6 @@ async fn serve_one(stream: UnixStream, state: &CaState) -> std::io::Result<()> {
     out.push(b'\n');
     w.write_all(&out).await
 }
-
-use tokio::io::AsyncReadExt as _;
 
 async fn execute(state: &CaState, req: AdminRequest) -> AdminResponse {
     let now = state.clock.now();

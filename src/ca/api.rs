@@ -3,6 +3,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+
 use super::authority::{check_workload_id, parse_csr, Authority, Csr, CsrError, LeafUsage};
 use super::error::ClientCertError;
 use super::ledger::{token_hash, Authorisation, IssuedRecord, Ledger, LedgerError, TokenSpend};
@@ -13,10 +18,6 @@ use crate::audit::ca::CaEvent;
 use crate::audit::AuditLog;
 use crate::clock::{rfc3339, unix_secs, Clock};
 use crate::identity::{CertInfo, SpiffeId};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 16 * 1024;

@@ -1,5 +1,5 @@
 //! `trustline ca serve`: binds the HTTPS API, the admin socket and the metrics listener, keeps
-//! the server's own certificate fresh ([`super::server_cert`]), and drains on shutdown.
+//! the server's own certificate fresh (`server_cert.rs`), and drains on shutdown.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

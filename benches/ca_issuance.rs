@@ -37,7 +37,7 @@ use std::time::Duration;
 use hyper::StatusCode;
 use tokio::time::Instant;
 use trustline::ca::admin;
-use trustline::ca::ledger::Ledger;
+use trustline::ca::ledger::{Ledger, RedbLedger};
 use trustline::clock::Clock;
 use trustline::identity::{parse_trust_domain, parse_workload_id, Bundle, SpiffeId, Svid};
 use trustline::svid::ca_client::{make_csr, CaClient, CaConnection};
@@ -205,7 +205,7 @@ fn dump(dir: &Path, server: &CaProcess, timeline: &[Timed]) {
 
 /// Counts the serials in the ledger file (the server must be stopped).
 fn ledger_serials(path: &Path) -> u64 {
-    let ledger = Ledger::open(path).expect("reopening the ledger");
+    let ledger = RedbLedger::open(path).expect("reopening the ledger");
     ledger.issued().expect("reading the ledger").len() as u64
 }
 

@@ -863,7 +863,7 @@ async fn a_revoked_spiffe_id_gets_nothing_until_lifted() {
         "the ban voided the token"
     );
     let t = admin::token(&ca.bound.admin_socket, WEB, 900).await;
-    assert!(t.unwrap_err().contains("revoked"));
+    assert!(t.unwrap_err().to_string().contains("revoked"));
     assert!(ca.client.renew(&other).await.is_ok());
     // A second ban says so; lifting works once.
     let again = ca
@@ -984,5 +984,30 @@ async fn the_get_endpoints_answer_429_past_their_rate() {
     assert_eq!(
         ca.bound.state.metrics.reads_rate_limited.get(),
         limited as u64
+    );
+}
+
+#[tokio::test]
+async fn drain_closes_the_listeners_and_waits_for_the_servers_tasks() {
+    let ca = start().await;
+    let _svid = ca.issue(WEB).await;
+    // An idle keep-alive connection is closed by the drain, not waited for until the deadline.
+    let mut idle = ca.client.connect(None).await.expect("connect");
+    let _ = idle.post_csr("not a csr", None).await.expect("request");
+    let started = std::time::Instant::now();
+    assert_eq!(ca.bound.drain(Duration::from_secs(30)).await, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(ca.bound.active_tasks(), 0);
+    assert!(tokio::net::TcpStream::connect(ca.bound.api).await.is_err());
+    let e = admin::token(&ca.bound.admin_socket, WEB, 900)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("cannot reach the CA admin socket"),
+        "{e}"
     );
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use trustline::ca::admin::{self, AdminRequest};
-use trustline::ca::ledger::{token_hash, Authorisation, Ledger};
+use trustline::ca::ledger::{token_hash, Authorisation, Ledger, RedbLedger};
 use trustline::clock::Clock;
 use trustline::identity::{parse_trust_domain, Bundle, SpiffeId};
 use trustline::svid::ca_client::{CaClient, ClientError};
@@ -278,7 +278,7 @@ fn hex(bytes: &[u8]) -> String {
 /// every spent token names an issued serial for its ID, every token-authorised serial is named by
 /// exactly one spent token, and no serial is bought twice.
 fn read_ledger(path: &Path, ids: &[SpiffeId], tokens: &[String]) -> LedgerView {
-    let ledger = Ledger::open(path).expect("opening the ledger after the crash");
+    let ledger = RedbLedger::open(path).expect("opening the ledger after the crash");
     let issued = ledger.issued().expect("reading issued serials");
     let records = ledger.tokens().expect("reading tokens");
     drop(ledger);

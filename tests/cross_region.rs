@@ -1192,7 +1192,10 @@ async fn a_peer_of_our_own_region_is_refused() {
     let own = format!("https://{}", a.api);
     let b_url = format!("https://{}", lab.region("b").ca.api);
     // A peer named as our own region's CA is refused at configuration.
-    let e = a.set_peers(&[format!("a={b_url}")]).unwrap_err();
+    let e = a
+        .set_peers(&[format!("a={b_url}")])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("this CA's own region"), "{e}");
     let client = trustline::svid::ca_client::CaClient::new(
         &own,

@@ -11,6 +11,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
+pub mod ca;
 pub mod decision;
 
 /// An append-only JSON-lines audit file (or a sink that drops events).

@@ -6,14 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::watch;
 
-use super::api::{check_workload_id, CaState};
-use super::ledger::{new_token, token_hash, LedgerError, Revocation, TokenRecord};
+use super::api::CaState;
+use super::authority::check_workload_id;
+use super::error::{AdminClientError, AdminError};
+use super::ledger::{new_token, token_hash, Revocation, TokenRecord};
 use super::metrics::OutcomeLabels;
-use crate::clock::rfc3339;
+use super::tasks::Tasks;
+use crate::audit::ca::CaEvent;
+use crate::clock::{rfc3339, unix_secs};
 use crate::identity::{parse_workload_id, Serial};
 
 /// Longest join-token lifetime the CA hands out.
@@ -84,50 +87,55 @@ impl AdminResponse {
         }
     }
 
-    fn err(e: impl Into<String>) -> Self {
+    fn err(e: AdminError) -> Self {
         AdminResponse {
             ok: false,
-            error: Some(e.into()),
+            error: Some(e.to_string()),
             ..Self::ok()
         }
     }
+
+    /// The answer to an operation: its result, or why it was refused.
+    fn of(r: Result<AdminResponse, AdminError>) -> Self {
+        r.unwrap_or_else(Self::err)
+    }
 }
 
-/// Binds the admin socket (replacing a stale one) with mode 0600 and serves it.
-pub fn serve(
-    path: &Path,
-    state: Arc<CaState>,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
+/// Binds the admin socket (replacing a stale one) with mode 0600 and serves it until shutdown;
+/// requests in flight then finish.
+pub(super) fn serve(path: &Path, state: Arc<CaState>, tasks: &Tasks) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if path.exists() {
         std::fs::remove_file(path)?;
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    tokio::spawn(async move {
-        loop {
-            let stream = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        // Out of descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "admin accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.changed() => return,
-            };
-            let state = state.clone();
-            tokio::spawn(async move {
-                if let Err(e) = serve_one(stream, &state).await {
-                    tracing::warn!(error = %e, "admin connection failed");
-                }
-            });
-        }
-    });
+    tasks.spawn(accept_loop(listener, state, tasks.clone()));
     Ok(())
+}
+
+async fn accept_loop(listener: UnixListener, state: Arc<CaState>, tasks: Tasks) {
+    let mut shutdown = tasks.shutdown.clone();
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let state = state.clone();
+        tasks.spawn(async move {
+            if let Err(e) = serve_one(stream, &state).await {
+                tracing::warn!(error = %e, "admin connection failed");
+            }
+        });
+    }
 }
 
 async fn serve_one(stream: UnixStream, state: &CaState) -> std::io::Result<()> {
@@ -138,7 +146,7 @@ async fn serve_one(stream: UnixStream, state: &CaState) -> std::io::Result<()> {
         .await?;
     let resp = match serde_json::from_str::<AdminRequest>(&line) {
         Ok(req) => execute(state, req).await,
-        Err(e) => AdminResponse::err(format!("malformed admin request: {e}")),
+        Err(e) => AdminResponse::err(AdminError::Malformed(e)),
     };
     let outcome = if resp.ok { "ok" } else { "error" };
     state
@@ -153,19 +161,6 @@ async fn serve_one(stream: UnixStream, state: &CaState) -> std::io::Result<()> {
     w.write_all(&out).await
 }
 
-use tokio::io::AsyncReadExt as _;
-
-#[derive(Serialize)]
-struct AdminAudit<'a> {
-    time: String,
-    event: &'a str,
-    spiffe_id: Option<String>,
-    serial: Option<String>,
-    client: &'a str,
-    outcome: &'a str,
-    reason: Option<String>,
-}
-
 async fn execute(state: &CaState, req: AdminRequest) -> AdminResponse {
     let now = state.clock.now();
     let (event, id, serial, resp) = match req {
@@ -177,121 +172,119 @@ async fn execute(state: &CaState, req: AdminRequest) -> AdminResponse {
             ("token", Some(spiffe_id), None, resp)
         }
         AdminRequest::Revoke { serial } => {
-            let resp = match Serial::parse_hex(&serial) {
-                None => AdminResponse::err(format!("serial {serial:?} is not hex")),
-                Some(s) => answer(state.ledger.revoke(s, crate::clock::unix_secs(now)).await),
-            };
+            let resp = revoke(state, &serial, unix_secs(now)).await;
             ("revoke", None, Some(serial), resp)
         }
         AdminRequest::RevokeId { spiffe_id } => {
-            let resp = match workload_id(state, &spiffe_id) {
-                Err(e) => AdminResponse::err(e),
-                Ok(id) => answer(state.ledger.ban(&id, crate::clock::unix_secs(now)).await),
-            };
+            let resp = ban(state, &spiffe_id, unix_secs(now)).await;
             ("revoke_id", Some(spiffe_id), None, resp)
         }
         AdminRequest::LiftId { spiffe_id } => {
-            let resp = match workload_id(state, &spiffe_id) {
-                Err(e) => AdminResponse::err(e),
-                Ok(id) => match state.ledger.lift(&id).await {
-                    Ok(seq) => AdminResponse {
-                        sequence: Some(seq),
-                        ..AdminResponse::ok()
-                    },
-                    Err(e) => AdminResponse::err(e.to_string()),
-                },
-            };
+            let resp = lift(state, &spiffe_id).await;
             ("lift_id", Some(spiffe_id), None, resp)
         }
     };
-    state.audit.record(&AdminAudit {
+    let resp = AdminResponse::of(resp);
+    state.audit.record(&CaEvent {
         time: rfc3339(now),
         event,
         spiffe_id: id,
         serial,
-        client: "admin-socket",
+        client: "admin-socket".to_string(),
         outcome: if resp.ok { "ok" } else { "error" },
         reason: resp.error.clone(),
     });
     resp
 }
 
-fn answer(r: Result<Revocation, LedgerError>) -> AdminResponse {
-    match r {
-        Ok(r) => AdminResponse::revocation(r),
-        Err(e) => AdminResponse::err(e.to_string()),
-    }
+async fn revoke(state: &CaState, serial: &str, now: u64) -> Result<AdminResponse, AdminError> {
+    let s = Serial::parse_hex(serial).ok_or_else(|| AdminError::BadSerial(serial.to_string()))?;
+    Ok(AdminResponse::revocation(
+        state.ledger.revoke(s, now).await?,
+    ))
+}
+
+async fn ban(state: &CaState, spiffe_id: &str, now: u64) -> Result<AdminResponse, AdminError> {
+    let id = workload_id(state, spiffe_id)?;
+    Ok(AdminResponse::revocation(state.ledger.ban(&id, now).await?))
+}
+
+async fn lift(state: &CaState, spiffe_id: &str) -> Result<AdminResponse, AdminError> {
+    let id = workload_id(state, spiffe_id)?;
+    let seq = state.ledger.lift(&id).await?;
+    Ok(AdminResponse {
+        sequence: Some(seq),
+        ..AdminResponse::ok()
+    })
 }
 
 /// A workload SPIFFE ID this CA may issue, in its canonical text.
-fn workload_id(state: &CaState, spiffe_id: &str) -> Result<String, String> {
-    let id = parse_workload_id(spiffe_id).map_err(|e| e.to_string())?;
+fn workload_id(state: &CaState, spiffe_id: &str) -> Result<String, AdminError> {
+    let id = parse_workload_id(spiffe_id)?;
     check_workload_id(&state.authority, &id)?;
     Ok(id.to_string())
 }
 
-async fn make_token(state: &CaState, spiffe_id: &str, ttl_secs: u64) -> AdminResponse {
-    let id = match workload_id(state, spiffe_id) {
-        Ok(id) => id,
-        Err(e) => return AdminResponse::err(e),
-    };
+async fn make_token(
+    state: &CaState,
+    spiffe_id: &str,
+    ttl_secs: u64,
+) -> Result<AdminResponse, AdminError> {
+    let id = workload_id(state, spiffe_id)?;
     let ttl = Duration::from_secs(ttl_secs);
     if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
-        return AdminResponse::err(format!(
-            "token ttl must be between 1s and {}",
-            humantime::format_duration(MAX_TOKEN_TTL)
-        ));
+        return Err(AdminError::TokenTtl { max: MAX_TOKEN_TTL });
     }
     let token = new_token();
     let now = state.clock.now();
     let expires = now + ttl;
     let record = TokenRecord {
         spiffe_id: id,
-        expires_at: crate::clock::unix_secs(expires),
-        created_at: crate::clock::unix_secs(now),
+        expires_at: unix_secs(expires),
+        created_at: unix_secs(now),
         used: None,
         voided_at: None,
     };
-    match state.ledger.add_token(token_hash(&token), record).await {
-        Ok(()) => AdminResponse {
-            token: Some(token),
-            expires_at: Some(rfc3339(expires)),
-            ..AdminResponse::ok()
-        },
-        Err(e) => AdminResponse::err(e.to_string()),
-    }
+    state.ledger.add_token(token_hash(&token), record).await?;
+    Ok(AdminResponse {
+        token: Some(token),
+        expires_at: Some(rfc3339(expires)),
+        ..AdminResponse::ok()
+    })
 }
 
 /// A single-use join token for `spiffe_id`, valid `ttl_secs`, from the CA whose admin socket is
 /// `socket`; the CA's refusal as the error.
-pub async fn token(socket: &Path, spiffe_id: &str, ttl_secs: u64) -> Result<String, String> {
+pub async fn token(
+    socket: &Path,
+    spiffe_id: &str,
+    ttl_secs: u64,
+) -> Result<String, AdminClientError> {
     let req = AdminRequest::Token {
         spiffe_id: spiffe_id.to_string(),
         ttl_secs,
     };
     let resp = call(socket, &req).await?;
-    match (resp.ok, resp.token) {
-        (true, Some(t)) => Ok(t),
-        _ => Err(resp.error.unwrap_or_else(|| "no token returned".into())),
+    match (resp.ok, resp.token, resp.error) {
+        (true, Some(t), _) => Ok(t),
+        (_, _, Some(refusal)) => Err(AdminClientError::Refused(refusal)),
+        (_, _, None) => Err(AdminClientError::NoToken),
     }
 }
 
 /// Client side: sends one request to the admin socket of a running CA.
-pub async fn call(socket: &Path, req: &AdminRequest) -> Result<AdminResponse, String> {
-    let stream = UnixStream::connect(socket).await.map_err(|e| {
-        format!(
-            "cannot reach the CA admin socket {}: {e} (is `trustline ca serve` running with this --data dir, and are you allowed to open the socket?)",
-            socket.display()
-        )
-    })?;
-    let (r, mut w) = stream.into_split();
-    let mut out = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-    out.push(b'\n');
-    w.write_all(&out).await.map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(r)
-        .read_line(&mut line)
+pub async fn call(socket: &Path, req: &AdminRequest) -> Result<AdminResponse, AdminClientError> {
+    let stream = UnixStream::connect(socket)
         .await
-        .map_err(|e| e.to_string())?;
-    serde_json::from_str(&line).map_err(|e| format!("bad answer from CA: {e}"))
+        .map_err(|source| AdminClientError::Connect {
+            socket: socket.to_path_buf(),
+            source,
+        })?;
+    let (r, mut w) = stream.into_split();
+    let mut out = serde_json::to_vec(req).map_err(AdminClientError::Encode)?;
+    out.push(b'\n');
+    w.write_all(&out).await?;
+    let mut line = String::new();
+    BufReader::new(r).read_line(&mut line).await?;
+    serde_json::from_str(&line).map_err(AdminClientError::BadAnswer)
 }

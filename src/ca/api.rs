@@ -7,16 +7,17 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use serde::Serialize;
 
-use super::authority::{parse_csr, Authority, CsrError, LeafUsage};
+use super::authority::{check_workload_id, parse_csr, Authority, Csr, CsrError, LeafUsage};
+use super::error::ClientCertError;
 use super::ledger::{token_hash, Authorisation, IssuedRecord, Ledger, LedgerError, TokenSpend};
 pub use super::limits::RateLimiter;
 use super::metrics::CaMetrics;
 use super::revoked_list::Scope;
+use crate::audit::ca::CaEvent;
 use crate::audit::AuditLog;
 use crate::clock::{rfc3339, unix_secs, Clock};
-use crate::identity::{CertInfo, SpiffeId, REGION_PATH_PREFIX};
+use crate::identity::{CertInfo, SpiffeId};
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -24,7 +25,8 @@ pub const MAX_BODY: usize = 16 * 1024;
 /// Everything a request handler needs.
 pub struct CaState {
     pub authority: Authority,
-    pub ledger: Ledger,
+    /// The store of issuances, tokens and revocations.
+    pub ledger: std::sync::Arc<dyn Ledger>,
     pub audit: AuditLog,
     pub metrics: CaMetrics,
     pub clock: Clock,
@@ -41,11 +43,11 @@ pub struct CaState {
 }
 
 /// Facts about one client connection, taken once after the TLS handshake.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Peer {
     pub addr: SocketAddr,
     /// The client certificate's facts, when one was presented (rustls verified its chain).
-    pub svid: Option<Result<CertInfo, String>>,
+    pub svid: Option<Result<CertInfo, ClientCertError>>,
 }
 
 /// A JSON error answer.
@@ -121,57 +123,6 @@ fn error_response(e: &ApiError) -> Resp {
     respond(e.status, "application/json", body)
 }
 
-/// One CA audit event (fixed schema).
-#[derive(Serialize)]
-struct AuditEvent<'a> {
-    time: String,
-    event: &'a str,
-    spiffe_id: Option<String>,
-    serial: Option<String>,
-    client: String,
-    outcome: &'a str,
-    reason: Option<String>,
-}
-
-/// Whether a SPIFFE ID may hold a workload SVID from this CA.
-pub fn check_workload_id(authority: &Authority, id: &SpiffeId) -> Result<(), String> {
-    if !id.is_member_of(&authority.trust_domain) {
-        return Err(format!(
-            "{id} is not in trust domain {}",
-            authority.trust_domain
-        ));
-    }
-    if id.path().is_empty() {
-        return Err(format!("{id} has no path; workload IDs need one"));
-    }
-    check_role_id(authority, id)
-}
-
-/// IDs under `/trustline/` name trustline's own roles and are issued only for them: the CA's
-/// server ID and the region IDs of CA certificates never to a workload, and a gateway ID
-/// (`/trustline/gateway/REGION`) only by that region's CA, so that a gateway's region binding
-/// (ID and issuing CA agree) cannot be forged by another region's CA or its admin.
-fn check_role_id(authority: &Authority, id: &SpiffeId) -> Result<(), String> {
-    let Some(role) = id.path().strip_prefix("/trustline/") else {
-        return Ok(());
-    };
-    if id.path().starts_with(REGION_PATH_PREFIX) || role == "ca" || role.starts_with("ca/") {
-        return Err(format!("{id} is reserved for trustline's own CAs"));
-    }
-    match (role.strip_prefix("gateway/"), authority.region.as_deref()) {
-        (Some(r), Some(ours)) if r == ours => Ok(()),
-        (Some(r), _) => {
-            Err(format!(
-            "{id} is a gateway ID of region {r}; only region {r}'s CA issues it (this CA is {})",
-            authority.region.as_deref().map_or("the root".to_string(), |o| format!("region {o}"))
-        ))
-        }
-        (None, _) => Err(format!(
-            "{id} is under /trustline/, reserved for trustline's own roles (ca, gateway/REGION)"
-        )),
-    }
-}
-
 /// Routes one request.
 pub async fn handle(state: &CaState, peer: &Peer, req: Request<hyper::body::Incoming>) -> Resp {
     match (req.method(), req.uri().path()) {
@@ -227,13 +178,13 @@ pub async fn handle(state: &CaState, peer: &Peer, req: Request<hyper::body::Inco
 fn audit(
     state: &CaState,
     peer: &Peer,
-    event: &str,
+    event: &'static str,
     id: Option<&SpiffeId>,
     serial: Option<String>,
-    outcome: &str,
+    outcome: &'static str,
     reason: Option<&str>,
 ) {
-    state.audit.record(&AuditEvent {
+    state.audit.record(&CaEvent {
         time: rfc3339(state.clock.now()),
         event,
         spiffe_id: id.map(|i| i.to_string()),
@@ -282,58 +233,65 @@ async fn read_body(
     }
 }
 
+/// What authorises this request: a join token, or else the client's current SVID.
 fn authorise(state: &CaState, peer: &Peer, bearer: Option<&str>) -> Result<Auth, ApiError> {
-    if let Some(token) = bearer {
-        let hash = token_hash(token);
-        let rec = state
-            .ledger
-            .token(&hash)?
-            .ok_or_else(|| ApiError::unauthorized("unknown join token"))?;
-        let now = state.clock.unix();
-        if rec.used.is_some() {
-            return Err(ApiError::unauthorized("join token already used"));
-        }
-        if rec.voided_at.is_some() {
-            return Err(ApiError::unauthorized(LedgerError::TokenVoided.to_string()));
-        }
-        if rec.expires_at <= now {
-            return Err(ApiError::unauthorized("join token expired"));
-        }
-        let id = SpiffeId::new(&rec.spiffe_id).map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })?;
-        check_not_banned(state, &id)?;
-        return Ok(Auth::Token {
-            spend: TokenSpend {
-                hash,
-                spiffe_id: rec.spiffe_id,
-                now,
-            },
-            id,
-        });
-    }
-    match &peer.svid {
-        None => Err(ApiError::unauthorized(
+    match (bearer, &peer.svid) {
+        (Some(token), _) => authorise_token(state, token),
+        (None, None) => Err(ApiError::unauthorized(
             "no authorisation: send `Authorization: Bearer <join token>` or present your current SVID as client certificate",
         )),
-        Some(Err(why)) => Err(ApiError::unauthorized(format!("client certificate: {why}"))),
-        Some(Ok(info)) => {
-            check_workload_id(&state.authority, &info.id)
-                .map_err(|why| ApiError::new(StatusCode::FORBIDDEN, "forbidden", why))?;
-            if state.ledger.is_revoked(&info.serial) {
-                return Err(ApiError::unauthorized(format!(
-                    "client certificate {} is revoked",
-                    info.serial
-                )));
-            }
-            check_not_banned(state, &info.id)?;
-            // A keep-alive connection can outlive the certificate it was opened with.
-            if info.not_after <= state.clock.now() {
-                return Err(ApiError::unauthorized("client certificate expired"));
-            }
-            Ok(Auth::Svid(info.clone()))
-        }
+        (None, Some(Err(why))) => Err(ApiError::unauthorized(format!("client certificate: {why}"))),
+        (None, Some(Ok(info))) => authorise_renewal(state, info),
     }
+}
+
+/// A first issuance: the token must be known, unused, not voided and unexpired (the ledger
+/// checks again when it spends it).
+fn authorise_token(state: &CaState, token: &str) -> Result<Auth, ApiError> {
+    let hash = token_hash(token);
+    let rec = state
+        .ledger
+        .token(&hash)?
+        .ok_or_else(|| ApiError::unauthorized("unknown join token"))?;
+    let now = state.clock.unix();
+    if rec.used.is_some() {
+        return Err(ApiError::unauthorized("join token already used"));
+    }
+    if rec.voided_at.is_some() {
+        return Err(ApiError::unauthorized(LedgerError::TokenVoided.to_string()));
+    }
+    if rec.expires_at <= now {
+        return Err(ApiError::unauthorized("join token expired"));
+    }
+    let id = SpiffeId::new(&rec.spiffe_id)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    check_not_banned(state, &id)?;
+    Ok(Auth::Token {
+        spend: TokenSpend {
+            hash,
+            spiffe_id: rec.spiffe_id,
+            now,
+        },
+        id,
+    })
+}
+
+/// A renewal with the SVID presented as client certificate (rustls verified its chain).
+fn authorise_renewal(state: &CaState, info: &CertInfo) -> Result<Auth, ApiError> {
+    check_workload_id(&state.authority, &info.id)
+        .map_err(|why| ApiError::new(StatusCode::FORBIDDEN, "forbidden", why.to_string()))?;
+    if state.ledger.is_revoked(&info.serial) {
+        return Err(ApiError::unauthorized(format!(
+            "client certificate {} is revoked",
+            info.serial
+        )));
+    }
+    check_not_banned(state, &info.id)?;
+    // A keep-alive connection can outlive the certificate it was opened with.
+    if info.not_after <= state.clock.now() {
+        return Err(ApiError::unauthorized("client certificate expired"));
+    }
+    Ok(Auth::Svid(info.clone()))
 }
 
 /// Refuses an ID banned here or by a peer region's CA (the ledger re-checks its own bans when
@@ -386,32 +344,53 @@ async fn svid(
     let body = read_body(req, state.body_timeout).await.map_err(no_id)?;
     let csr = parse_csr(&body).map_err(|e| no_id(e.into()))?;
     let requested = csr.requested.clone();
-    let with_id = |e: ApiError| (e, Some(requested.clone()));
-    let auth = authorise(state, peer, bearer.as_deref()).map_err(with_id)?;
-    let (authorised, event, authorisation) = match &auth {
-        Auth::Token { id, spend } => (
-            id.clone(),
-            "issue",
-            Authorisation::Token {
-                token_hash: crate::util::hex(&spend.hash[..8]),
-            },
-        ),
-        Auth::Svid(info) => (
-            info.id.clone(),
-            "renew",
-            Authorisation::Svid {
-                serial: info.serial.to_string(),
-            },
-        ),
-    };
-    if requested != authorised {
-        return Err(with_id(
-            CsrError::Mismatch {
-                requested: requested.to_string(),
-                authorised: authorised.to_string(),
-            }
-            .into(),
-        ));
+    let auth =
+        authorise(state, peer, bearer.as_deref()).map_err(|e| (e, Some(requested.clone())))?;
+    issue(state, peer, csr, auth)
+        .await
+        .map_err(|e| (e, Some(requested)))
+}
+
+impl Auth {
+    /// The ID it authorises, the audit event (`issue` or `renew`) and the ledger's record of it.
+    fn grant(&self) -> (SpiffeId, &'static str, Authorisation) {
+        match self {
+            Auth::Token { id, spend } => (
+                id.clone(),
+                "issue",
+                Authorisation::Token {
+                    token_hash: crate::util::hex(&spend.hash[..8]),
+                },
+            ),
+            Auth::Svid(info) => (
+                info.id.clone(),
+                "renew",
+                Authorisation::Svid {
+                    serial: info.serial.to_string(),
+                },
+            ),
+        }
+    }
+
+    /// The token to spend with the issuance, if it is a first one.
+    fn into_spend(self) -> Option<TokenSpend> {
+        match self {
+            Auth::Token { spend, .. } => Some(spend),
+            Auth::Svid(_) => None,
+        }
+    }
+}
+
+/// Signs the SVID `csr` asks for if `auth` allows it, records it (spending the token), and
+/// answers with its chain.
+async fn issue(state: &CaState, peer: &Peer, csr: Csr, auth: Auth) -> Result<Resp, ApiError> {
+    let (authorised, event, authorisation) = auth.grant();
+    if csr.requested != authorised {
+        return Err(CsrError::Mismatch {
+            requested: csr.requested.to_string(),
+            authorised: authorised.to_string(),
+        }
+        .into());
     }
     let now = state.clock.now();
     let issued = state
@@ -423,43 +402,25 @@ async fn svid(
             now,
             LeafUsage::Svid,
         )
-        .map_err(|e| {
-            with_id(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                e.to_string(),
-            ))
-        })?;
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     let record = IssuedRecord {
         spiffe_id: authorised.to_string(),
         not_after: unix_secs(issued.not_after),
         issued_at: unix_secs(now),
         authorisation,
     };
-    let spend = match auth {
-        Auth::Token { spend, .. } => Some(spend),
-        Auth::Svid(_) => None,
-    };
     state
         .ledger
-        .record_issue(issued.serial.clone(), record, spend)
-        .await
-        .map_err(|e| with_id(e.into()))?;
+        .record_issue(issued.serial.clone(), record, auth.into_spend())
+        .await?;
     let outcome = if event == "issue" {
         "issued"
     } else {
         "renewed"
     };
     state.metrics.count(outcome);
-    audit(
-        state,
-        peer,
-        event,
-        Some(&authorised),
-        Some(issued.serial.to_string()),
-        "ok",
-        None,
-    );
+    let serial = Some(issued.serial.to_string());
+    audit(state, peer, event, Some(&authorised), serial, "ok", None);
     tracing::debug!(client = %peer.addr, id = %authorised, serial = %issued.serial, not_after = %rfc3339(issued.not_after), "SVID {outcome}");
     let pem = crate::identity::chain_to_pem(&state.authority.chain_for(&issued.leaf));
     Ok(respond(

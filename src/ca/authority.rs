@@ -21,49 +21,8 @@ use crate::identity::{
 use crate::region::Region;
 use crate::util::{write_public, write_secret};
 
+pub use super::error::{AuthorityError, CsrError, WorkloadIdError};
 pub use crate::identity::BACKDATE;
-
-/// What can go wrong making, loading or using a CA.
-#[derive(Debug, thiserror::Error)]
-pub enum AuthorityError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{0} exists; refusing to overwrite a CA key (use --force to replace it)")]
-    Exists(PathBuf),
-    #[error("{path}: {reason}")]
-    BadFile { path: PathBuf, reason: String },
-    #[error("region name {0}")]
-    BadRegion(String),
-    #[error("certificate generation failed: {0}")]
-    Rcgen(#[from] rcgen::Error),
-    #[error(transparent)]
-    Identity(#[from] crate::identity::IdentityError),
-}
-
-/// Why a CSR was refused. Every variant is the client's fault (HTTP 400).
-#[derive(Debug, thiserror::Error)]
-pub enum CsrError {
-    #[error("body is not a PEM certificate request: {0}")]
-    NotPem(String),
-    #[error("malformed certificate request: {0}")]
-    Malformed(String),
-    #[error("certificate request signature does not verify")]
-    BadSignature,
-    #[error("unsupported key type {0}; use ECDSA P-256, ECDSA P-384 or Ed25519")]
-    UnsupportedKey(String),
-    #[error("certificate request must name exactly one URI SAN (the SPIFFE ID), found {0}")]
-    UriCount(usize),
-    #[error("requested URI {0:?} is not a valid SPIFFE ID")]
-    BadUri(String),
-    #[error("requested SPIFFE ID {requested} does not match the authorised {authorised}")]
-    Mismatch {
-        requested: String,
-        authorised: String,
-    },
-}
 
 /// A verified CSR: the only two things trustline takes from it.
 pub struct Csr {
@@ -415,6 +374,42 @@ impl Authority {
         chain.push(leaf.clone());
         chain.extend(self.intermediates.iter().cloned());
         chain
+    }
+}
+
+/// Whether a SPIFFE ID may hold a workload SVID from this CA.
+pub fn check_workload_id(authority: &Authority, id: &SpiffeId) -> Result<(), WorkloadIdError> {
+    if !id.is_member_of(&authority.trust_domain) {
+        return Err(WorkloadIdError::OtherTrustDomain {
+            id: id.clone(),
+            trust_domain: authority.trust_domain.clone(),
+        });
+    }
+    if id.path().is_empty() {
+        return Err(WorkloadIdError::NoPath(id.clone()));
+    }
+    check_role_id(authority, id)
+}
+
+/// IDs under `/trustline/` name trustline's own roles and are issued only for them: the CA's
+/// server ID and the region IDs of CA certificates never to a workload, and a gateway ID
+/// (`/trustline/gateway/REGION`) only by that region's CA, so that a gateway's region binding
+/// (ID and issuing CA agree) cannot be forged by another region's CA or its admin.
+fn check_role_id(authority: &Authority, id: &SpiffeId) -> Result<(), WorkloadIdError> {
+    let Some(role) = id.path().strip_prefix("/trustline/") else {
+        return Ok(());
+    };
+    if id.path().starts_with(REGION_PATH_PREFIX) || role == "ca" || role.starts_with("ca/") {
+        return Err(WorkloadIdError::ReservedForCas(id.clone()));
+    }
+    match (role.strip_prefix("gateway/"), authority.region.as_deref()) {
+        (Some(r), Some(ours)) if r == ours => Ok(()),
+        (Some(r), _) => Err(WorkloadIdError::OtherRegionsGateway {
+            id: id.clone(),
+            region: r.to_string(),
+            ours: authority.region.clone(),
+        }),
+        (None, _) => Err(WorkloadIdError::ReservedForRoles(id.clone())),
     }
 }
 

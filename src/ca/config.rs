@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::error::PeerConfigError;
 use crate::config::{load_toml, ConfigError};
 use crate::region::Region;
 use crate::util::parse_duration;
@@ -171,25 +172,7 @@ pub const DEFAULT_RATE_LIMIT: u32 = 50;
 impl CaServeConfig {
     /// Merges flags (`flags`) over the optional file, then validates.
     pub fn resolve(flags: CaServeFile, file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut from_file = match file {
-            Some(p) => load_toml::<CaServeFile>(p)?,
-            None => CaServeFile::default(),
-        };
-        // Relative paths in a file are relative to the file, as in the sidecar's config.
-        if let Some(dir) = file.and_then(Path::parent) {
-            for p in [
-                &mut from_file.ca,
-                &mut from_file.data,
-                &mut from_file.audit_log,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                if p.is_relative() {
-                    *p = dir.join(&*p);
-                }
-            }
-        }
+        let from_file = read_file(file)?;
         // Where each value came from, for error messages.
         let src = |flag_set: bool| if flag_set { None } else { file };
         let ca_src = src(flags.ca.is_some());
@@ -210,82 +193,23 @@ impl CaServeConfig {
             ));
         }
         let listen_src = src(flags.listen.is_some());
-        let listen = flags
-            .listen
-            .or(from_file.listen)
-            .unwrap_or_else(|| DEFAULT_LISTEN.into());
-        let listen = listen.parse().map_err(|_| {
-            ConfigError::field(
-                listen_src,
-                "listen",
-                format!("{listen:?} is not an address like 127.0.0.1:8443"),
-            )
-        })?;
+        let listen = parse_listen(flags.listen.or(from_file.listen), listen_src)?;
         let ttl_src = src(flags.svid_ttl.is_some());
-        let ttl = flags
-            .svid_ttl
-            .or(from_file.svid_ttl)
-            .unwrap_or_else(|| DEFAULT_SVID_TTL.into());
-        let svid_ttl =
-            parse_duration(&ttl).map_err(|e| ConfigError::field(ttl_src, "svid_ttl", e))?;
-        if !(MIN_SVID_TTL..=MAX_SVID_TTL).contains(&svid_ttl) {
-            return Err(ConfigError::field(
-                ttl_src,
-                "svid_ttl",
-                format!("{ttl} is outside 2s..90d"),
-            ));
-        }
+        let svid_ttl = parse_svid_ttl(flags.svid_ttl.or(from_file.svid_ttl), ttl_src)?;
         let metrics_src = src(flags.metrics_listen.is_some());
-        let metrics = flags
-            .metrics_listen
-            .or(from_file.metrics_listen)
-            .unwrap_or_else(|| DEFAULT_METRICS.into());
-        let metrics_listen = if metrics == "off" {
-            None
-        } else {
-            Some(metrics.parse().map_err(|_| {
-                ConfigError::field(
-                    metrics_src,
-                    "metrics_listen",
-                    format!("{metrics:?} is not an address (or `off`)"),
-                )
-            })?)
-        };
+        let metrics_listen = parse_metrics(
+            flags.metrics_listen.or(from_file.metrics_listen),
+            metrics_src,
+        )?;
         let mut san = from_file.san.unwrap_or_default();
         san.extend(flags.san.unwrap_or_default());
-        for name in &san {
-            let ok = name.parse::<std::net::IpAddr>().is_ok()
-                || (!name.is_empty()
-                    && name.split('.').all(|l| {
-                        !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    }));
-            if !ok {
-                return Err(ConfigError::field(
-                    file,
-                    "san",
-                    format!("{name:?} is not a DNS name or IP address"),
-                ));
-            }
-        }
+        check_san(&san, file)?;
         let peers_src = src(flags.peers.is_some());
         let urls = flags.peers.or(from_file.peers).unwrap_or_default();
-        check_peer_urls(&urls).map_err(|e| ConfigError::field(peers_src, "peers", e))?;
+        check_peer_urls(&urls)
+            .map_err(|e| ConfigError::field(peers_src, "peers", e.to_string()))?;
         let refresh_src = src(flags.peer_refresh.is_some());
-        let refresh = match flags.peer_refresh.or(from_file.peer_refresh) {
-            None => DEFAULT_PEER_REFRESH,
-            Some(text) => {
-                let d = parse_duration(&text)
-                    .map_err(|e| ConfigError::field(refresh_src, "peer_refresh", e))?;
-                if !PEER_REFRESH_RANGE.contains(&d) {
-                    return Err(ConfigError::field(
-                        refresh_src,
-                        "peer_refresh",
-                        format!("{text} is outside 1s..1h"),
-                    ));
-                }
-                d
-            }
-        };
+        let refresh = parse_refresh(flags.peer_refresh.or(from_file.peer_refresh), refresh_src)?;
         Ok(CaServeConfig {
             ca_dir,
             data_dir,
@@ -304,6 +228,101 @@ impl CaServeConfig {
     }
 }
 
+/// The config file, if any, with its relative paths made relative to the file (as in the
+/// sidecar's config).
+fn read_file(file: Option<&Path>) -> Result<CaServeFile, ConfigError> {
+    let Some(path) = file else {
+        return Ok(CaServeFile::default());
+    };
+    let mut f = load_toml::<CaServeFile>(path)?;
+    if let Some(dir) = path.parent() {
+        for p in [&mut f.ca, &mut f.data, &mut f.audit_log]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+    }
+    Ok(f)
+}
+
+fn parse_listen(text: Option<String>, src: Option<&Path>) -> Result<SocketAddr, ConfigError> {
+    let listen = text.unwrap_or_else(|| DEFAULT_LISTEN.into());
+    listen.parse().map_err(|_| {
+        ConfigError::field(
+            src,
+            "listen",
+            format!("{listen:?} is not an address like 127.0.0.1:8443"),
+        )
+    })
+}
+
+fn parse_svid_ttl(text: Option<String>, src: Option<&Path>) -> Result<Duration, ConfigError> {
+    let ttl = text.unwrap_or_else(|| DEFAULT_SVID_TTL.into());
+    let svid_ttl = parse_duration(&ttl).map_err(|e| ConfigError::field(src, "svid_ttl", e))?;
+    if !(MIN_SVID_TTL..=MAX_SVID_TTL).contains(&svid_ttl) {
+        return Err(ConfigError::field(
+            src,
+            "svid_ttl",
+            format!("{ttl} is outside 2s..90d"),
+        ));
+    }
+    Ok(svid_ttl)
+}
+
+fn parse_metrics(
+    text: Option<String>,
+    src: Option<&Path>,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    let metrics = text.unwrap_or_else(|| DEFAULT_METRICS.into());
+    if metrics == "off" {
+        return Ok(None);
+    }
+    metrics.parse().map(Some).map_err(|_| {
+        ConfigError::field(
+            src,
+            "metrics_listen",
+            format!("{metrics:?} is not an address (or `off`)"),
+        )
+    })
+}
+
+/// Each extra name of the server certificate is a DNS name or an IP address.
+fn check_san(san: &[String], file: Option<&Path>) -> Result<(), ConfigError> {
+    for name in san {
+        let ok = name.parse::<std::net::IpAddr>().is_ok()
+            || (!name.is_empty()
+                && name.split('.').all(|l| {
+                    !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                }));
+        if !ok {
+            return Err(ConfigError::field(
+                file,
+                "san",
+                format!("{name:?} is not a DNS name or IP address"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn parse_refresh(text: Option<String>, src: Option<&Path>) -> Result<Duration, ConfigError> {
+    let Some(text) = text else {
+        return Ok(DEFAULT_PEER_REFRESH);
+    };
+    let d = parse_duration(&text).map_err(|e| ConfigError::field(src, "peer_refresh", e))?;
+    if !PEER_REFRESH_RANGE.contains(&d) {
+        return Err(ConfigError::field(
+            src,
+            "peer_refresh",
+            format!("{text} is outside 1s..1h"),
+        ));
+    }
+    Ok(d)
+}
+
 /// One `peers` entry: `https://HOST:PORT`, or `REGION=https://HOST:PORT` to require that the
 /// peer's certificate be issued by that region's CA. Without a region the peer may be any CA of
 /// the trust domain but one of this CA's own region.
@@ -317,48 +336,54 @@ pub struct PeerSpec {
 
 /// Parses `peers` entries ([`PeerSpec`]): each URL `https://HOST:PORT`, each once, at most
 /// [`super::peers::MAX_PEERS`].
-pub fn parse_peers(entries: &[String]) -> Result<Vec<PeerSpec>, String> {
+pub fn parse_peers(entries: &[String]) -> Result<Vec<PeerSpec>, PeerConfigError> {
     if entries.len() > super::peers::MAX_PEERS {
-        return Err(format!(
-            "{} peers, more than the {} allowed",
-            entries.len(),
-            super::peers::MAX_PEERS
-        ));
+        return Err(PeerConfigError::TooMany {
+            count: entries.len(),
+            max: super::peers::MAX_PEERS,
+        });
     }
     let mut specs: Vec<PeerSpec> = Vec::with_capacity(entries.len());
     for entry in entries {
-        // A CA URL never holds `=`, so it separates a region from the URL.
-        let (region, url) = match entry.split_once('=') {
-            Some((r, u)) => {
-                let r = Region::new(r).map_err(|why| format!("{entry:?}: region {r:?}: {why}"))?;
-                (Some(r), u)
-            }
-            None => (None, entry.as_str()),
-        };
-        let ok = url
-            .strip_prefix("https://")
-            .map(|r| r.trim_end_matches('/'))
-            .and_then(|r| r.rsplit_once(':'))
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !ok {
-            return Err(format!(
-                "{entry:?} is not a CA URL like https://ca.eu-west:8443 (or \
-                 eu-west=https://ca.eu-west:8443)"
-            ));
+        let spec = parse_peer(entry)?;
+        if specs.iter().any(|s| s.url == spec.url) {
+            return Err(PeerConfigError::Twice(spec.url));
         }
-        if specs.iter().any(|s| s.url == url) {
-            return Err(format!("{url:?} is listed twice"));
-        }
-        specs.push(PeerSpec {
-            region,
-            url: url.to_string(),
-        });
+        specs.push(spec);
     }
     Ok(specs)
 }
 
+/// One `peers` entry.
+fn parse_peer(entry: &str) -> Result<PeerSpec, PeerConfigError> {
+    // A CA URL never holds `=`, so it separates a region from the URL.
+    let (region, url) = match entry.split_once('=') {
+        Some((r, u)) => {
+            let region = Region::new(r).map_err(|why| PeerConfigError::Region {
+                entry: entry.to_string(),
+                region: r.to_string(),
+                why,
+            })?;
+            (Some(region), u)
+        }
+        None => (None, entry),
+    };
+    let ok = url
+        .strip_prefix("https://")
+        .map(|r| r.trim_end_matches('/'))
+        .and_then(|r| r.rsplit_once(':'))
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !ok {
+        return Err(PeerConfigError::Url(entry.to_string()));
+    }
+    Ok(PeerSpec {
+        region,
+        url: url.to_string(),
+    })
+}
+
 /// Checks `peers` entries ([`parse_peers`]).
-pub fn check_peer_urls(urls: &[String]) -> Result<(), String> {
+pub fn check_peer_urls(urls: &[String]) -> Result<(), PeerConfigError> {
     parse_peers(urls).map(|_| ())
 }
 
@@ -379,13 +404,19 @@ mod tests {
             "https://:8443",
             "https://ca:99999",
         ] {
-            let e = check_peer_urls(&[bad.to_string()]).unwrap_err();
+            let e = check_peer_urls(&[bad.to_string()]).unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }
         let twice = ["https://ca:1".to_string(), "https://ca:1".into()];
-        assert!(check_peer_urls(&twice).unwrap_err().contains("twice"));
+        assert!(check_peer_urls(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
         let twice = ["https://ca:1".to_string(), "b=https://ca:1".into()];
-        assert!(check_peer_urls(&twice).unwrap_err().contains("twice"));
+        assert!(check_peer_urls(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
     }
 
     #[test]
@@ -398,7 +429,9 @@ mod tests {
         assert_eq!(specs[0].region.as_deref(), Some("us-east"));
         assert_eq!(specs[0].url, "https://ca.us-east:8443");
         assert_eq!(specs[1].region, None);
-        let e = check_peer_urls(&["US=https://ca:1".to_string()]).unwrap_err();
+        let e = check_peer_urls(&["US=https://ca:1".to_string()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("region \"US\""), "{e}");
         assert!(check_peer_urls(&["=https://ca:1".to_string()]).is_err());
     }

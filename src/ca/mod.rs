@@ -2,17 +2,22 @@
 //!
 //! The CA knows nothing of the data path. [`authority`] makes and loads CAs and signs leaves;
 //! [`ledger`] makes issuance durable; [`api`] and [`server`] serve HTTPS; [`admin`] is the
-//! local admin socket; [`client`] is what workloads (and the sidecar) use to get SVIDs;
-//! [`peers`] carries revocations between the regions' CAs.
+//! local admin socket; [`peers`] carries revocations between the regions' CAs. Each operation
+//! has its error enum, all gathered in [`error`] and convertible into [`Error`].
 
 pub mod admin;
 pub mod api;
 pub mod authority;
 pub mod bundle_json;
 pub mod config;
+pub mod error;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;
 pub mod peers;
 pub mod revoked_list;
 pub mod server;
+mod server_cert;
+mod tasks;
+
+pub use error::Error;

@@ -31,11 +31,14 @@ use tokio::task::JoinHandle;
 
 use super::api::CaState;
 use super::config::{PeerSpec, MAX_SVID_TTL};
+use super::error::PeerConfigError;
+pub use super::error::PeerError;
 use super::ledger::LedgerError;
+use super::tasks::Tasks;
 use crate::clock::Clock;
 use crate::identity::{parse_id, Bundle, Serial};
 use crate::region::Region;
-use crate::svid::ca_client::{CaClient, CaRegion, ClientError};
+use crate::svid::ca_client::{CaClient, CaRegion};
 
 /// Longest one fetch of a peer's list may take (connect, TLS, answer).
 pub const PEER_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -80,27 +83,6 @@ pub struct Peers {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Moves whenever what [`Peers::union`] gives may have changed (the published list's cache).
     generation: AtomicU64,
-}
-
-/// Why a peer list was not taken.
-#[derive(Debug, thiserror::Error)]
-pub enum PeerError {
-    #[error("{0}")]
-    Client(#[from] ClientError),
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-    #[error("the list is not revocation JSON: {0}")]
-    Json(#[from] serde_json::Error),
-    #[error("{what}: {count} entries, over the cap of {cap}; keeping the last good list")]
-    TooMany {
-        what: &'static str,
-        count: usize,
-        cap: usize,
-    },
-    #[error("bad entry {0:?}")]
-    Entry(String),
-    #[error("revoking this CA's SVIDs of {id}, which the peer bans: {error}")]
-    Ledger { id: String, error: LedgerError },
 }
 
 #[derive(Deserialize)]
@@ -291,11 +273,11 @@ impl Peers {
 
     /// Follows exactly `clients` from now on (by URL), each pulled every `every` until
     /// `shutdown`. A peer followed before keeps its last list; one no longer named is dropped.
-    pub fn follow(
+    pub(super) fn follow(
         state: &Arc<CaState>,
         clients: Vec<(String, CaClient)>,
         every: Duration,
-        shutdown: watch::Receiver<bool>,
+        spawn: &Tasks,
     ) {
         let this = &state.peers;
         let mut tasks = this.tasks.lock().unwrap_or_else(|e| e.into_inner());
@@ -314,9 +296,9 @@ impl Peers {
         }
         for (url, client) in clients {
             let state = state.clone();
-            let shutdown = shutdown.clone();
+            let shutdown = spawn.shutdown.clone();
             let span = tracing::info_span!("peer_ca", peer = %url);
-            tasks.push(tokio::spawn(tracing::Instrument::instrument(
+            tasks.push(spawn.spawn(tracing::Instrument::instrument(
                 async move { pull_loop(state, url, client, every, shutdown).await },
                 span,
             )));
@@ -408,25 +390,22 @@ pub fn clients(
     bundle: &Bundle,
     clock: &Clock,
     own_region: Option<&Region>,
-) -> Result<Vec<(String, CaClient)>, String> {
+) -> Result<Vec<(String, CaClient)>, PeerConfigError> {
     peers
         .iter()
         .map(|p| {
             let rule = match (&p.region, own_region) {
                 (Some(r), Some(own)) if r == own => {
-                    return Err(format!(
-                        "peer {} is named as region {r}'s CA, this CA's own region: a peer is \
-                         another region's CA",
-                        p.url
-                    ))
+                    return Err(PeerConfigError::OwnRegion {
+                        url: p.url.clone(),
+                        region: r.clone(),
+                    })
                 }
                 (Some(r), _) => CaRegion::Is(r.clone()),
                 (None, Some(own)) => CaRegion::Not(own.clone()),
                 (None, None) => CaRegion::Any,
             };
-            let client = CaClient::new(&p.url, bundle.clone(), clock.clone())
-                .map_err(|e: ClientError| e.to_string())?
-                .with_region(rule);
+            let client = CaClient::new(&p.url, bundle.clone(), clock.clone())?.with_region(rule);
             Ok((p.url.clone(), client))
         })
         .collect()

@@ -1,46 +1,37 @@
-//! `trustline ca serve`: binds the HTTPS API, the admin socket and the metrics listener, and keeps
-//! the server's own certificate fresh.
+//! `trustline ca serve`: binds the HTTPS API, the admin socket and the metrics listener, keeps
+//! the server's own certificate fresh (`server_cert.rs`), and drains on shutdown.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
-use rcgen::KeyPair;
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
-use rustls::sign::CertifiedKey;
-use rustls::RootCertStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::api::{self, CaState, Peer, RateLimiter};
-use super::authority::{Authority, AuthorityError, LeafUsage};
+use super::authority::Authority;
 use super::config::{CaLimits, CaServeConfig};
-use super::ledger::Ledger;
+pub use super::error::ServeError;
+use super::error::{ClientCertError, PeerConfigError};
+use super::ledger::{Ledger, RedbLedger};
 use super::limits::ConnLimits;
 use super::metrics::CaMetrics;
+use super::server_cert::{server_tls, ServerCert};
+use super::tasks::{Stopper, Tasks};
 use crate::audit::AuditLog;
 use crate::clock::{unix_secs, Clock};
-use crate::crypto::{provider, TLS13_ONLY};
-use crate::identity::{inspect_cert, SpiffeId};
+use crate::identity::{inspect_cert, CertInfo};
 
 /// Longest a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Serves the newest server certificate to every handshake.
-#[derive(Debug)]
-struct ServerCert(ArcSwap<CertifiedKey>);
-
-impl ResolvesServerCert for ServerCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.load_full())
-    }
-}
+/// Longest an open connection gets to finish its request once shutdown is asked.
+const CONN_GRACE: Duration = Duration::from_secs(5);
+/// How long [`Bound::drain`] should wait, by default: a connection's grace.
+pub const DRAIN_TIMEOUT: Duration = CONN_GRACE;
 
 /// A running CA server: its real addresses and a shutdown handle.
 pub struct Bound {
@@ -53,20 +44,32 @@ pub struct Bound {
     /// Shared state (tests read the ledger through it).
     pub state: Arc<CaState>,
     peer_refresh: Duration,
-    shutdown: watch::Sender<bool>,
+    stopper: Stopper,
 }
 
 impl Bound {
-    /// Stops accepting and ends the background tasks.
+    /// Stops accepting and asks the background tasks to end; returns at once.
     pub fn shutdown(&self) {
-        let _ = self.shutdown.send(true);
+        self.stopper.shutdown();
+    }
+
+    /// Stops accepting, lets the requests in flight (API and admin) finish and the background
+    /// tasks end, waiting up to `deadline`, then cuts what is left. Returns how many tasks were
+    /// still running at the deadline (0 when everything finished in time).
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        self.stopper.drain(deadline).await
+    }
+
+    /// The server's tasks running now (connections, loops).
+    pub fn active_tasks(&self) -> usize {
+        self.stopper.active()
     }
 
     /// Follows exactly these peer CAs from now on (`peers` in the config does this at start;
     /// a lab whose CAs listen on port 0 learns their addresses only once they are bound).
     /// Entries are `https://HOST:PORT` or `REGION=https://HOST:PORT`
     /// ([`super::config::PeerSpec`]); one naming this CA's own region is refused.
-    pub fn set_peers(&self, urls: &[String]) -> Result<(), String> {
+    pub fn set_peers(&self, urls: &[String]) -> Result<(), PeerConfigError> {
         let specs = super::config::parse_peers(urls)?;
         let clients = super::peers::clients(
             &specs,
@@ -78,48 +81,20 @@ impl Bound {
             &self.state,
             clients,
             self.peer_refresh,
-            self.shutdown.subscribe(),
+            self.stopper.tasks(),
         );
         Ok(())
     }
 
     /// Waits until shutdown is requested.
     pub async fn closed(&self) {
-        let mut rx = self.shutdown.subscribe();
+        let mut rx = self.stopper.subscribe();
         while !*rx.borrow_and_update() {
             if rx.changed().await.is_err() {
                 return;
             }
         }
     }
-}
-
-/// The errors `build` can report; all are fatal at start-up.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("loading CA from {dir}: {source}")]
-    Authority {
-        dir: PathBuf,
-        source: AuthorityError,
-    },
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("ledger: {0}")]
-    Ledger(#[from] super::ledger::LedgerError),
-    #[error("TLS configuration: {0}")]
-    Tls(String),
-    #[error("peer CAs: {0}")]
-    Peers(String),
-    #[error("binding {what} on {addr}: {source}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ServeError + 'a {
@@ -130,113 +105,42 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
+fn bind_err(what: &'static str, addr: SocketAddr) -> impl FnOnce(std::io::Error) -> ServeError {
+    move |source| ServeError::Bind { what, addr, source }
+}
+
 /// Loads the CA, opens the ledger, binds every listener and starts serving. Returns once all
 /// sockets are bound, so callers (and tests on port 0) can use the real addresses at once.
 pub async fn build(config: CaServeConfig, clock: Clock) -> Result<Bound, ServeError> {
-    let authority = Authority::load(&config.ca_dir).map_err(|source| ServeError::Authority {
-        dir: config.ca_dir.clone(),
-        source,
-    })?;
-    std::fs::create_dir_all(&config.data_dir).map_err(io("creating data dir", &config.data_dir))?;
-    set_mode(&config.data_dir, 0o700).map_err(io("securing data dir", &config.data_dir))?;
-    let ledger = Ledger::open(&config.data_dir.join("ledger.redb"))?;
-    let audit_path = config
-        .audit_log
-        .clone()
-        .unwrap_or_else(|| config.data_dir.join("audit.log"));
-    let audit = AuditLog::open(&audit_path).map_err(io("opening audit log", &audit_path))?;
     let mut registry = Registry::default();
-    let metrics = CaMetrics::new(&mut registry);
-    let limits = config.limits;
+    let (state, resolver) = open_state(&config, &clock, &mut registry)?;
     let conn_limits = Arc::new(ConnLimits::new(
-        limits.max_connections,
-        limits.max_connections_per_client,
+        config.limits.max_connections,
+        config.limits.max_connections_per_client,
         &mut registry,
     ));
-    metrics.set_expiry("issuing", unix_secs(authority.not_after));
-
-    let server_id = SpiffeId::new(format!("spiffe://{}/trustline/ca", authority.trust_domain))
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    names.extend(config.san.iter().cloned());
-    let (first, ttl) = server_cert(&authority, &server_id, &names, &clock, config.svid_ttl)
-        .map_err(ServeError::Tls)?;
-    metrics.set_expiry("server", unix_secs(first.1));
-    let resolver = Arc::new(ServerCert(ArcSwap::from_pointee(first.0)));
-    let tls = Arc::new(server_tls(&authority, resolver.clone(), &clock)?);
-
-    let state = Arc::new(CaState {
-        authority,
-        ledger,
-        audit,
-        metrics,
-        clock: clock.clone(),
-        svid_ttl: config.svid_ttl,
-        rate: RateLimiter::new(config.rate_limit),
-        read_rate: RateLimiter::new(
-            config
-                .rate_limit
-                .saturating_mul(super::limits::READ_RATE_FACTOR),
-        ),
-        revoked_cache: Default::default(),
-        peers: Arc::new(super::peers::Peers::default()),
-        body_timeout: limits.body_timeout,
-    });
-    let (shutdown, shutdown_rx) = watch::channel(false);
-
+    let tls = Arc::new(server_tls(&state.authority, resolver.clone(), &clock)?);
+    let stopper = Stopper::new();
+    let tasks = stopper.tasks();
     let listener = TcpListener::bind(config.listen)
         .await
-        .map_err(|source| ServeError::Bind {
-            what: "API",
-            addr: config.listen,
-            source,
-        })?;
-    let api_addr = listener.local_addr().map_err(|source| ServeError::Bind {
-        what: "API",
-        addr: config.listen,
-        source,
-    })?;
+        .map_err(bind_err("API", config.listen))?;
+    let api_addr = listener
+        .local_addr()
+        .map_err(bind_err("API", config.listen))?;
     let admin_socket = config.data_dir.join("admin.sock");
-    super::admin::serve(&admin_socket, state.clone(), shutdown_rx.clone())
+    super::admin::serve(&admin_socket, state.clone(), tasks)
         .map_err(io("binding admin socket", &admin_socket))?;
-    let metrics_addr = match config.metrics_listen {
-        Some(addr) => {
-            let admin_state = Arc::new(crate::admin::AdminState {
-                registry,
-                ready: Box::new(|| Ok(())),
-                json: vec![("/peers", {
-                    let peers = state.peers.clone();
-                    Box::new(move || peers.status_json())
-                })],
-            });
-            Some(
-                crate::admin::serve(addr, admin_state, shutdown_rx.clone())
-                    .await
-                    .map_err(|source| ServeError::Bind {
-                        what: "metrics",
-                        addr,
-                        source,
-                    })?,
-            )
-        }
-        None => None,
-    };
-
-    tokio::spawn(renew_server_cert(
-        state.clone(),
-        resolver,
-        server_id,
-        names,
-        ttl,
-        shutdown_rx.clone(),
-    ));
-    tokio::spawn(prune_loop(state.clone(), shutdown_rx.clone()));
-    let listen = Listen {
-        tls,
+    let metrics_addr = serve_metrics(&config, &state, registry, tasks).await?;
+    tasks.spawn(resolver.renew(state.clone(), tasks.shutdown.clone()));
+    tasks.spawn(prune_loop(state.clone(), tasks.shutdown.clone()));
+    let listen = Arc::new(Listen {
+        acceptor: tokio_rustls::TlsAcceptor::from(tls),
         caps: conn_limits,
-        limits,
-    };
-    tokio::spawn(accept_loop(listener, listen, state.clone(), shutdown_rx));
+        limits: config.limits,
+        tasks: tasks.clone(),
+    });
+    tasks.spawn(accept_loop(listener, listen, state.clone()));
     tracing::info!(api = %api_addr, admin = %admin_socket.display(), metrics = ?metrics_addr,
         trust_domain = %state.authority.trust_domain, region = ?state.authority.region, "CA serving");
     let bound = Bound {
@@ -245,15 +149,76 @@ pub async fn build(config: CaServeConfig, clock: Clock) -> Result<Bound, ServeEr
         admin_socket,
         state,
         peer_refresh: config.peers.refresh,
-        shutdown,
+        stopper,
     };
     if !config.peers.urls.is_empty() {
-        bound
-            .set_peers(&config.peers.urls)
-            .map_err(ServeError::Peers)?;
+        bound.set_peers(&config.peers.urls)?;
         tracing::info!(peers = ?config.peers.urls, every = ?config.peers.refresh, "following peer CAs' revocations");
     }
     Ok(bound)
+}
+
+/// Loads the CA, prepares the data directory, opens the ledger and the audit log, and issues
+/// the server's first certificate.
+fn open_state(
+    config: &CaServeConfig,
+    clock: &Clock,
+    registry: &mut Registry,
+) -> Result<(Arc<CaState>, Arc<ServerCert>), ServeError> {
+    let authority = Authority::load(&config.ca_dir).map_err(|source| ServeError::Authority {
+        dir: config.ca_dir.clone(),
+        source,
+    })?;
+    let data = &config.data_dir;
+    std::fs::create_dir_all(data).map_err(io("creating data dir", data))?;
+    set_mode(data, 0o700).map_err(io("securing data dir", data))?;
+    let ledger: Arc<dyn Ledger> = Arc::new(RedbLedger::open(&data.join("ledger.redb"))?);
+    let audit_path = config
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| data.join("audit.log"));
+    let audit = AuditLog::open(&audit_path).map_err(io("opening audit log", &audit_path))?;
+    let metrics = CaMetrics::new(registry);
+    metrics.set_expiry("issuing", unix_secs(authority.not_after));
+    let (resolver, not_after) = ServerCert::first(&authority, &config.san, clock, config.svid_ttl)?;
+    metrics.set_expiry("server", unix_secs(not_after));
+    let rate = config.rate_limit;
+    let state = Arc::new(CaState {
+        authority,
+        ledger,
+        audit,
+        metrics,
+        clock: clock.clone(),
+        svid_ttl: config.svid_ttl,
+        rate: RateLimiter::new(rate),
+        read_rate: RateLimiter::new(rate.saturating_mul(super::limits::READ_RATE_FACTOR)),
+        revoked_cache: Default::default(),
+        peers: Arc::new(super::peers::Peers::default()),
+        body_timeout: config.limits.body_timeout,
+    });
+    Ok((state, resolver))
+}
+
+/// Serves `/metrics` (and the peers' state on `/peers`), if configured.
+async fn serve_metrics(
+    config: &CaServeConfig,
+    state: &Arc<CaState>,
+    registry: Registry,
+    tasks: &Tasks,
+) -> Result<Option<SocketAddr>, ServeError> {
+    let Some(addr) = config.metrics_listen else {
+        return Ok(None);
+    };
+    let peers = state.peers.clone();
+    let admin_state = Arc::new(crate::admin::AdminState {
+        registry,
+        ready: Box::new(|| Ok(())),
+        json: vec![("/peers", Box::new(move || peers.status_json()))],
+    });
+    crate::admin::serve(addr, admin_state, tasks.shutdown.clone())
+        .await
+        .map(Some)
+        .map_err(bind_err("metrics", addr))
 }
 
 /// How often expired revocations are dropped from memory.
@@ -278,95 +243,16 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
-/// Issues the server's own certificate: a fresh in-memory key each time, serverAuth only, so it
-/// can never be used as a client SVID.
-#[allow(clippy::type_complexity)]
-fn server_cert(
-    authority: &Authority,
-    id: &SpiffeId,
-    names: &[String],
-    clock: &Clock,
-    svid_ttl: Duration,
-) -> Result<((CertifiedKey, std::time::SystemTime), Duration), String> {
-    let ttl = svid_ttl.min(Duration::from_secs(24 * 3600));
-    let key = KeyPair::generate().map_err(|e| e.to_string())?;
-    let issued = authority
-        .sign_leaf(id, &key, ttl, clock.now(), LeafUsage::Server { names })
-        .map_err(|e| e.to_string())?;
-    let chain = authority.chain_for(&issued.leaf);
-    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let ck = CertifiedKey::from_der(chain, key_der, &provider()).map_err(|e| e.to_string())?;
-    Ok(((ck, issued.not_after), ttl))
-}
-
-fn server_tls(
-    authority: &Authority,
-    resolver: Arc<ServerCert>,
-    clock: &Clock,
-) -> Result<rustls::ServerConfig, ServeError> {
-    // Renewal is only for SVIDs this CA issued, so the client-auth anchor is the CA's own
-    // certificate, not the whole root bundle. Client certificates are optional at the TLS
-    // layer (first issuance uses a join token); the handler requires one or the other.
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(authority.cert.clone())
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
-    let mut cfg = rustls::ServerConfig::builder_with_details(provider(), Arc::new(clock.clone()))
-        .with_protocol_versions(TLS13_ONLY)
-        .map_err(|e| ServeError::Tls(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(resolver);
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(cfg)
-}
-
-async fn renew_server_cert(
-    state: Arc<CaState>,
-    resolver: Arc<ServerCert>,
-    id: SpiffeId,
-    names: Vec<String>,
-    ttl: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut wait = ttl / 2;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => return,
-        }
-        match server_cert(&state.authority, &id, &names, &state.clock, state.svid_ttl) {
-            Ok(((ck, not_after), ttl)) => {
-                resolver.0.store(Arc::new(ck));
-                state.metrics.set_expiry("server", unix_secs(not_after));
-                tracing::info!(not_after = %crate::clock::rfc3339(not_after), "renewed the CA server certificate");
-                wait = ttl / 2;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "renewing the CA server certificate failed; retrying");
-                wait = Duration::from_secs(10);
-            }
-        }
-    }
-}
-
 /// What the API listener serves connections with.
 struct Listen {
-    tls: Arc<rustls::ServerConfig>,
+    acceptor: tokio_rustls::TlsAcceptor,
     caps: Arc<ConnLimits>,
     limits: CaLimits,
+    tasks: Tasks,
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    listen: Listen,
-    state: Arc<CaState>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(listen.tls);
+async fn accept_loop(listener: TcpListener, listen: Arc<Listen>, state: Arc<CaState>) {
+    let mut shutdown = listen.tasks.shutdown.clone();
     loop {
         let (tcp, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -384,16 +270,13 @@ async fn accept_loop(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
         let state = state.clone();
-        let shutdown = shutdown.clone();
-        let caps = listen.caps.clone();
-        let limits = listen.limits;
+        let conn = listen.clone();
         let span = tracing::info_span!("ca_conn", client = %addr);
-        tokio::spawn(
+        listen.tasks.spawn(
             async move {
                 let _permit = permit;
-                serve_conn(acceptor, tcp, addr, state, &caps, limits, shutdown).await
+                serve_conn(&conn, tcp, addr, state).await
             }
             .instrument(span),
         );
@@ -401,15 +284,13 @@ async fn accept_loop(
 }
 
 async fn serve_conn(
-    acceptor: tokio_rustls::TlsAcceptor,
+    listen: &Listen,
     tcp: tokio::net::TcpStream,
     addr: SocketAddr,
     state: Arc<CaState>,
-    caps: &ConnLimits,
-    limits: CaLimits,
-    mut shutdown: watch::Receiver<bool>,
 ) {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let caps = &listen.caps;
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, listen.acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             caps.count("handshake_failed");
@@ -427,15 +308,7 @@ async fn serve_conn(
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .map(|leaf| {
-            inspect_cert(leaf).map_err(|e| e.to_string()).and_then(|i| {
-                if i.is_ca {
-                    Err("a CA certificate is not an SVID".to_string())
-                } else {
-                    Ok(i)
-                }
-            })
-        });
+        .map(client_svid);
     let peer = Arc::new(Peer { addr, svid });
     let svc = hyper::service::service_fn(move |req| {
         let state = state.clone();
@@ -446,10 +319,11 @@ async fn serve_conn(
     // between requests of a keep-alive connection, so it bounds an idle connection too.
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(listen.limits.header_read_timeout)
         .max_buf_size(64 * 1024)
         .serve_connection(TokioIo::new(tls), svc);
     tokio::pin!(conn);
+    let mut shutdown = listen.tasks.shutdown.clone();
     tokio::select! {
         r = conn.as_mut() => if let Err(e) = r {
             if e.is_timeout() {
@@ -459,7 +333,16 @@ async fn serve_conn(
         },
         _ = shutdown.changed() => {
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            let _ = tokio::time::timeout(CONN_GRACE, conn).await;
         }
     }
+}
+
+/// The facts of a client certificate rustls verified, if it can be an SVID.
+fn client_svid(leaf: &rustls::pki_types::CertificateDer<'_>) -> Result<CertInfo, ClientCertError> {
+    let info = inspect_cert(leaf)?;
+    if info.is_ca {
+        return Err(ClientCertError::IsCa);
+    }
+    Ok(info)
 }

@@ -4,12 +4,15 @@
 
 use std::collections::HashSet;
 
-use redb::{MultimapTable, ReadableMultimapTable, ReadableTable, Table, WriteTransaction};
+use ::redb::{MultimapTable, ReadableMultimapTable, ReadableTable, Table, WriteTransaction};
 
 use super::{
-    db_err, Authorisation, BanRecord, Change, Done, IssuedRecord, LedgerError, Op, RevokedRecord,
-    TokenRecord, TokenSpend, TokenUse, BANNED, BY_ID, INDEX_VERSION, META, RENEWALS,
-    REVOCATION_SEQ, REVOKED, SERIALS, TOKENS,
+    db_err, Change, Done, Op, BANNED, BY_ID, INDEX_VERSION, META, RENEWALS, REVOCATION_SEQ,
+    REVOKED, SERIALS, TOKENS,
+};
+use crate::ca::ledger::{
+    Authorisation, BanRecord, IssuedRecord, LedgerError, RevokedRecord, TokenRecord, TokenSpend,
+    TokenUse,
 };
 use crate::identity::Serial;
 
@@ -329,7 +332,8 @@ fn bump(seq: &mut u64, changes: &mut Vec<Change>, revoked: Vec<(Serial, u64)>, n
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Authorisation, IssuedRecord, Ledger, SERIALS};
+    use super::super::{RedbLedger, SERIALS};
+    use crate::ca::ledger::{Authorisation, IssuedRecord, Ledger};
     use crate::identity::Serial;
 
     fn record(id: &str, authorisation: Authorisation) -> Vec<u8> {
@@ -369,7 +373,7 @@ mod tests {
             }
             w.commit().unwrap();
         }
-        let ledger = Ledger::open(&path).unwrap();
+        let ledger = RedbLedger::open(&path).unwrap();
         let r = ledger
             .revoke(Serial::parse_hex("0a").unwrap(), 1)
             .await

@@ -1,4 +1,4 @@
-//! The CA's durable ledger: issued serials, join tokens (hashed) and revocations, in redb.
+//! The embedded ledger: one redb file, one CA.
 //!
 //! All writes go through one writer thread that **group-commits**: it takes every request that
 //! is waiting, applies them in one write transaction, commits it durably (fsync) and only then
@@ -6,15 +6,8 @@
 //! received is on disk, and durability costs one fsync per batch rather than per request.
 //! Token consumption is checked and recorded inside the same transaction that records the
 //! serial, by the single writer, so a token cannot be used twice, concurrently or across restarts.
-//!
-//! Revocation reaches everything that descends from what is revoked: revoking a serial revokes
-//! every SVID renewed from it, transitively (the `renewals` index follows the lineage recorded
-//! as [`Authorisation::Svid`]), and the writer refuses to record a renewal from a revoked serial,
-//! so a renewal racing a revocation cannot escape it. A banned SPIFFE ID ([`Ledger::ban`]) gets
-//! no issuance or renewal until the ban is lifted, its unexpired serials are revoked and its
-//! unused join tokens voided, all in the one transaction that records the ban.
-//!
-//! The public surface is small on purpose: a shared SQL ledger for CA replicas can take its place.
+//! The revoked serials and the bans are also kept in memory, loaded at open and updated by the
+//! writer after each commit and before anyone is answered.
 
 mod apply;
 
@@ -23,10 +16,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, RwLock};
 
-use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
+use ::redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
+use super::{
+    BanRecord, IssuedRecord, Ledger, LedgerError, Pending, Revocation, RevokedRecord, TokenRecord,
+    TokenSpend,
+};
 use crate::identity::Serial;
 
 const SERIALS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("serials");
@@ -46,112 +42,8 @@ const INDEX_VERSION: &str = "index_version";
 /// Most requests folded into one transaction.
 const MAX_BATCH: usize = 512;
 
-/// Ledger failures. The token variants map to HTTP 401, the rest to 500 or admin errors.
-#[derive(Debug, thiserror::Error)]
-pub enum LedgerError {
-    #[error("ledger database: {0}")]
-    Db(String),
-    #[error("unknown join token")]
-    TokenUnknown,
-    #[error("join token already used")]
-    TokenUsed,
-    #[error("join token expired")]
-    TokenExpired,
-    #[error("join token is bound to another SPIFFE ID")]
-    TokenWrongId,
-    #[error("serial {0} already issued")]
-    DuplicateSerial(Serial),
-    #[error("serial {0} was not issued by this CA")]
-    UnknownSerial(Serial),
-    #[error("serial {0} is already revoked, and so is every SVID renewed from it")]
-    AlreadyRevoked(Serial),
-    #[error("{0} is revoked at this CA (lift with `trustline ca revoke --lift --spiffe-id`)")]
-    Banned(String),
-    #[error("{0} is already revoked")]
-    AlreadyBanned(String),
-    #[error("{0} is not revoked")]
-    NotBanned(String),
-    #[error("the SVID {0} renewing was revoked")]
-    ParentRevoked(Serial),
-    #[error("join token was voided when its SPIFFE ID was revoked")]
-    TokenVoided,
-    #[error("ledger writer stopped")]
-    Closed,
-}
-
 fn db_err(e: impl std::fmt::Display) -> LedgerError {
     LedgerError::Db(e.to_string())
-}
-
-/// How an issuance was authorised.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Authorisation {
-    /// First issuance with a join token (the token's hash prefix, for correlation).
-    Token { token_hash: String },
-    /// Renewal with the SVID of this serial.
-    Svid { serial: String },
-    /// The CA server's own certificate.
-    CaServer,
-}
-
-/// One issued certificate.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct IssuedRecord {
-    pub spiffe_id: String,
-    pub not_after: u64,
-    pub issued_at: u64,
-    pub authorisation: Authorisation,
-}
-
-/// One join token, stored under the SHA-256 of its text.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TokenRecord {
-    pub spiffe_id: String,
-    pub expires_at: u64,
-    pub created_at: u64,
-    /// Set once the token was consumed, with the serial it bought.
-    pub used: Option<TokenUse>,
-    /// When a ban of its SPIFFE ID voided the token (it stays void after the ban is lifted).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub voided_at: Option<u64>,
-}
-
-/// When and for what a token was used.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TokenUse {
-    pub at: u64,
-    pub serial: String,
-}
-
-/// A revoked serial.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RevokedRecord {
-    pub not_after: u64,
-    pub revoked_at: u64,
-}
-
-/// A banned SPIFFE ID.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct BanRecord {
-    /// When the ban was made (Unix seconds).
-    pub since: u64,
-}
-
-/// What one revocation or ban changed.
-#[derive(Clone, Debug, Default)]
-pub struct Revocation {
-    /// The revocation sequence number after it.
-    pub sequence: u64,
-    /// Every serial it revoked (the named one and its descendants, or an ID's live serials).
-    pub serials: Vec<Serial>,
-}
-
-/// A token to consume atomically with an issuance.
-pub struct TokenSpend {
-    pub hash: [u8; 32],
-    pub spiffe_id: String,
-    pub now: u64,
 }
 
 enum Op {
@@ -195,8 +87,8 @@ enum Change {
 
 type Job = (Op, oneshot::Sender<Result<Done, LedgerError>>);
 
-/// The ledger handle; cheap to share behind an `Arc`.
-pub struct Ledger {
+/// The redb ledger; cheap to share behind an `Arc`.
+pub struct RedbLedger {
     db: Arc<Database>,
     /// `None` only while dropping: closing the channel ends the writer.
     jobs: Option<mpsc::Sender<Job>>,
@@ -206,7 +98,7 @@ pub struct Ledger {
     seq: Arc<AtomicU64>,
 }
 
-impl Ledger {
+impl RedbLedger {
     /// Opens (creating) the ledger file and starts its writer thread.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
         let db = Arc::new(
@@ -238,7 +130,7 @@ impl Ledger {
             .name("ledger-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(db_err)?;
-        Ok(Ledger {
+        Ok(RedbLedger {
             db,
             jobs: Some(jobs),
             writer: Some(writer),
@@ -254,51 +146,46 @@ impl Ledger {
         jobs.send((op, tx)).map_err(|_| LedgerError::Closed)?;
         rx.await.map_err(|_| LedgerError::Closed)?
     }
+}
 
-    /// Records an issued serial, consuming `token` in the same durable transaction.
-    pub async fn record_issue(
+/// The trait's documentation says what each does; here is how redb does it.
+impl Ledger for RedbLedger {
+    fn record_issue(
         &self,
         serial: Serial,
         record: IssuedRecord,
         token: Option<TokenSpend>,
-    ) -> Result<(), LedgerError> {
-        self.submit(Op::Issue {
+    ) -> Pending<'_, ()> {
+        let op = Op::Issue {
             serial,
             record,
             token,
-        })
-        .await
-        .map(|_| ())
+        };
+        Box::pin(async move { self.submit(op).await.map(|_| ()) })
     }
 
-    /// Stores a new join token (by hash).
-    pub async fn add_token(&self, hash: [u8; 32], record: TokenRecord) -> Result<(), LedgerError> {
-        self.submit(Op::AddToken { hash, record }).await.map(|_| ())
+    fn add_token(&self, hash: [u8; 32], record: TokenRecord) -> Pending<'_, ()> {
+        Box::pin(async move { self.submit(Op::AddToken { hash, record }).await.map(|_| ()) })
     }
 
-    /// Revokes an issued serial and every SVID renewed from it, transitively. Revoking an
-    /// already revoked serial again revokes what descends from it and is not yet revoked (an
-    /// older ledger did not cascade), or fails with [`LedgerError::AlreadyRevoked`].
-    pub async fn revoke(&self, serial: Serial, now: u64) -> Result<Revocation, LedgerError> {
-        changed(self.submit(Op::Revoke { serial, now }).await?)
+    fn revoke(&self, serial: Serial, now: u64) -> Pending<'_, Revocation> {
+        Box::pin(async move { changed(self.submit(Op::Revoke { serial, now }).await?) })
     }
 
-    /// Bans a SPIFFE ID until [`Ledger::lift`]: no issuance or renewal for it, its unexpired
-    /// serials revoked, its unused join tokens voided.
-    pub async fn ban(&self, spiffe_id: &str, now: u64) -> Result<Revocation, LedgerError> {
+    fn ban(&self, spiffe_id: &str, now: u64) -> Pending<'_, Revocation> {
         let spiffe_id = spiffe_id.to_string();
-        changed(self.submit(Op::Ban { spiffe_id, now }).await?)
+        Box::pin(async move { changed(self.submit(Op::Ban { spiffe_id, now }).await?) })
     }
 
-    /// Lifts a ban. What it revoked stays revoked, and its voided tokens stay void: the
-    /// workload joins again with a new token.
-    pub async fn lift(&self, spiffe_id: &str) -> Result<u64, LedgerError> {
+    fn lift(&self, spiffe_id: &str) -> Pending<'_, u64> {
         let spiffe_id = spiffe_id.to_string();
-        changed(self.submit(Op::Lift { spiffe_id }).await?).map(|r| r.sequence)
+        Box::pin(
+            async move { changed(self.submit(Op::Lift { spiffe_id }).await?).map(|r| r.sequence) },
+        )
     }
 
-    /// Looks a token up by hash (a consistent read; the writer re-checks before consuming).
-    pub fn token(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>, LedgerError> {
+    // The writer checks the token again before it spends it.
+    fn token(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>, LedgerError> {
         let r = self.db.begin_read().map_err(db_err)?;
         let t = r.open_table(TOKENS).map_err(db_err)?;
         let v = t.get(hash.as_slice()).map_err(db_err)?;
@@ -306,46 +193,40 @@ impl Ledger {
             .transpose()
     }
 
-    /// Whether a serial is revoked (from memory; the ledger is the source of truth at start).
-    pub fn is_revoked(&self, serial: &Serial) -> bool {
+    // From memory: loaded at open, updated by the writer after each commit.
+    fn is_revoked(&self, serial: &Serial) -> bool {
         self.revoked
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .contains_key(serial)
     }
 
-    /// Whether a SPIFFE ID is banned at this CA.
-    pub fn is_banned(&self, spiffe_id: &str) -> bool {
+    fn is_banned(&self, spiffe_id: &str) -> bool {
         self.banned
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .contains_key(spiffe_id)
     }
 
-    /// The banned SPIFFE IDs and since when, sorted.
-    pub fn banned_list(&self) -> Vec<(String, u64)> {
+    fn banned_list(&self) -> Vec<(String, u64)> {
         let map = self.banned.read().unwrap_or_else(|e| e.into_inner());
         let mut list: Vec<_> = map.iter().map(|(id, b)| (id.clone(), b.since)).collect();
         list.sort();
         list
     }
 
-    /// Forgets revoked serials that expired by `now`: an expired certificate is refused anyway,
-    /// so the in-memory map holds only what can still be presented. The ledger keeps them.
-    pub fn prune(&self, now: u64) -> usize {
+    fn prune(&self, now: u64) -> usize {
         let mut map = self.revoked.write().unwrap_or_else(|e| e.into_inner());
         let before = map.len();
         map.retain(|_, not_after| *not_after > now);
         before - map.len()
     }
 
-    /// The revocation sequence number: it moves with every change of the published list.
-    pub fn sequence(&self) -> u64 {
+    fn sequence(&self) -> u64 {
         self.seq.load(Ordering::Acquire)
     }
 
-    /// The revocation sequence number and the revoked serials not yet expired at `now`.
-    pub fn revoked_list(&self, now: u64) -> (u64, Vec<(Serial, u64)>) {
+    fn revoked_list(&self, now: u64) -> (u64, Vec<(Serial, u64)>) {
         let map = self.revoked.read().unwrap_or_else(|e| e.into_inner());
         let mut list: Vec<_> = map
             .iter()
@@ -356,12 +237,7 @@ impl Ledger {
         (self.seq.load(Ordering::Acquire), list)
     }
 
-    /// The serials issued for `spiffe_id` that are unexpired at `now`, with their not_after.
-    pub fn live_serials(
-        &self,
-        spiffe_id: &str,
-        now: u64,
-    ) -> Result<Vec<(Serial, u64)>, LedgerError> {
+    fn live_serials(&self, spiffe_id: &str, now: u64) -> Result<Vec<(Serial, u64)>, LedgerError> {
         let r = self.db.begin_read().map_err(db_err)?;
         let by_id = r.open_multimap_table(BY_ID).map_err(db_err)?;
         let serials = r.open_table(SERIALS).map_err(db_err)?;
@@ -378,8 +254,7 @@ impl Ledger {
         Ok(out)
     }
 
-    /// Every issued serial (for audits and consistency checks).
-    pub fn issued(&self) -> Result<Vec<(Serial, IssuedRecord)>, LedgerError> {
+    fn issued(&self) -> Result<Vec<(Serial, IssuedRecord)>, LedgerError> {
         let r = self.db.begin_read().map_err(db_err)?;
         let t = r.open_table(SERIALS).map_err(db_err)?;
         let mut out = Vec::new();
@@ -393,8 +268,7 @@ impl Ledger {
         Ok(out)
     }
 
-    /// Every token record (hashes and state, never the token text).
-    pub fn tokens(&self) -> Result<Vec<TokenRecord>, LedgerError> {
+    fn tokens(&self) -> Result<Vec<TokenRecord>, LedgerError> {
         let r = self.db.begin_read().map_err(db_err)?;
         let t = r.open_table(TOKENS).map_err(db_err)?;
         let mut out = Vec::new();
@@ -406,7 +280,7 @@ impl Ledger {
     }
 }
 
-impl Drop for Ledger {
+impl Drop for RedbLedger {
     /// Stops the writer and waits for it, so the database file lock is free once dropped.
     fn drop(&mut self) {
         self.jobs.take();
@@ -542,19 +416,4 @@ impl Writer {
         }
         self.seq.store(seq, Ordering::Release);
     }
-}
-
-/// SHA-256 of a token's text: what the ledger stores.
-pub fn token_hash(token: &str) -> [u8; 32] {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
-/// A new random join token: `tlj_` and 32 random bytes in hex.
-pub fn new_token() -> String {
-    let mut b = [0u8; 32];
-    aws_lc_rs::rand::fill(&mut b).expect("system random generator failed");
-    format!("tlj_{}", crate::util::hex(&b))
 }

@@ -1,0 +1,147 @@
+//! The CA server's own HTTPS certificate and the TLS configuration that serves it. The
+//! certificate is issued by the CA itself with a fresh in-memory key each time, serverAuth only
+//! (so it can never be used as a client SVID), and renewed at half its life.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use rcgen::KeyPair;
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::RootCertStore;
+use tokio::sync::watch;
+
+use super::api::CaState;
+use super::authority::{Authority, LeafUsage};
+use super::error::{ServeError, ServerCertError};
+use crate::clock::{rfc3339, unix_secs, Clock};
+use crate::crypto::{provider, TLS13_ONLY};
+use crate::identity::SpiffeId;
+
+/// Longest life of the server certificate, whatever the SVID TTL.
+const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Wait before trying again after a failed renewal.
+const RETRY: Duration = Duration::from_secs(10);
+
+/// Serves the newest server certificate to every handshake, and knows how to make the next.
+#[derive(Debug)]
+pub(super) struct ServerCert {
+    current: ArcSwap<CertifiedKey>,
+    /// `spiffe://TD/trustline/ca`.
+    id: SpiffeId,
+    /// DNS names and IPs of the certificate.
+    names: Vec<String>,
+    ttl: Duration,
+}
+
+/// One issued server certificate.
+struct Leaf {
+    key: CertifiedKey,
+    not_after: SystemTime,
+}
+
+impl ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+impl ServerCert {
+    /// Issues the first certificate for `localhost`, `127.0.0.1` and `san`; gives its not_after.
+    pub(super) fn first(
+        authority: &Authority,
+        san: &[String],
+        clock: &Clock,
+        svid_ttl: Duration,
+    ) -> Result<(Arc<Self>, SystemTime), ServeError> {
+        let id = SpiffeId::new(format!("spiffe://{}/trustline/ca", authority.trust_domain))
+            .map_err(ServeError::ServerId)?;
+        let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        names.extend(san.iter().cloned());
+        let ttl = svid_ttl.min(MAX_TTL);
+        let leaf = issue(authority, &id, &names, clock, ttl)?;
+        let me = ServerCert {
+            current: ArcSwap::from_pointee(leaf.key),
+            id,
+            names,
+            ttl,
+        };
+        Ok((Arc::new(me), leaf.not_after))
+    }
+
+    /// Renews the certificate at half its life until `shutdown`.
+    pub(super) async fn renew(
+        self: Arc<Self>,
+        state: Arc<CaState>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut wait = self.ttl / 2;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+            match issue(
+                &state.authority,
+                &self.id,
+                &self.names,
+                &state.clock,
+                self.ttl,
+            ) {
+                Ok(leaf) => {
+                    self.current.store(Arc::new(leaf.key));
+                    state
+                        .metrics
+                        .set_expiry("server", unix_secs(leaf.not_after));
+                    tracing::info!(not_after = %rfc3339(leaf.not_after), "renewed the CA server certificate");
+                    wait = self.ttl / 2;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "renewing the CA server certificate failed; retrying");
+                    wait = RETRY;
+                }
+            }
+        }
+    }
+}
+
+fn issue(
+    authority: &Authority,
+    id: &SpiffeId,
+    names: &[String],
+    clock: &Clock,
+    ttl: Duration,
+) -> Result<Leaf, ServerCertError> {
+    let key = KeyPair::generate().map_err(ServerCertError::Key)?;
+    let issued = authority.sign_leaf(id, &key, ttl, clock.now(), LeafUsage::Server { names })?;
+    let chain = authority.chain_for(&issued.leaf);
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    Ok(Leaf {
+        key: CertifiedKey::from_der(chain, key_der, &provider())?,
+        not_after: issued.not_after,
+    })
+}
+
+/// The API's TLS 1.3 configuration, serving `resolver`'s certificate.
+pub(super) fn server_tls(
+    authority: &Authority,
+    resolver: Arc<ServerCert>,
+    clock: &Clock,
+) -> Result<rustls::ServerConfig, ServeError> {
+    // Renewal is only for SVIDs this CA issued, so the client-auth anchor is the CA's own
+    // certificate, not the whole root bundle. Client certificates are optional at the TLS
+    // layer (first issuance uses a join token); the handler requires one or the other.
+    let mut roots = RootCertStore::empty();
+    roots.add(authority.cert.clone())?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated()
+        .build()?;
+    let mut cfg = rustls::ServerConfig::builder_with_details(provider(), Arc::new(clock.clone()))
+        .with_protocol_versions(TLS13_ONLY)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}

@@ -17,7 +17,7 @@ use super::header::StreamHeader;
 use super::metrics::{PathLabels, Refused, TunnelEvent, TunnelMetrics};
 use super::paths::{PathStream, Paths, PathsConfig};
 use super::quic::{quic_io, reset, reset_code, QuicIo};
-use super::{code, gateway_id, TunnelPeer, HEADER_TIMEOUT};
+use super::{code, gateway_id, Error, TunnelPeer, HEADER_TIMEOUT};
 use crate::audit::AuditLog;
 use crate::clock::Clock;
 use crate::limits::{client_key, Full, Gate, LogEvery, Permit};
@@ -97,11 +97,15 @@ impl Bound {
 
 /// Starts the identity task, binds the QUIC endpoint and the admin listener, connects to the
 /// peers and serves. Returns once bound.
-pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, String> {
+pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, Error> {
     let (stop, stop_rx) = watch::channel(false);
-    let identity = svid::start(config.identity.clone(), clock.clone(), stop_rx.clone())?;
+    let identity = svid::start(config.identity.clone(), clock.clone(), stop_rx.clone())
+        .map_err(|e| Error::Identity(e.to_string()))?;
     let audit = Arc::new(match &config.audit_log {
-        Some(p) => AuditLog::open(p).map_err(|e| format!("audit log {}: {e}", p.display()))?,
+        Some(p) => AuditLog::open(p).map_err(|error| Error::AuditLog {
+            path: p.clone(),
+            error,
+        })?,
         None => AuditLog::disabled(),
     });
     // Any SVID of the trust domain may connect; the role is decided from its ID and chain.
@@ -114,13 +118,14 @@ pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, String>
         false,
         &clock,
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(Error::Tls)?;
     let server = super::quic_server(server_tls, config.timing)?;
-    let endpoint = quinn::Endpoint::server(server, config.listen)
-        .map_err(|e| format!("binding QUIC on {}: {e}", config.listen))?;
-    let listen = endpoint
-        .local_addr()
-        .map_err(|e| format!("QUIC socket: {e}"))?;
+    let endpoint = quinn::Endpoint::server(server, config.listen).map_err(|error| Error::Bind {
+        what: "QUIC",
+        addr: config.listen,
+        error,
+    })?;
+    let listen = endpoint.local_addr().map_err(Error::LocalAddr)?;
     let metrics = TunnelMetrics::default();
     let mut peers = HashMap::new();
     for p in &config.peers {
@@ -149,7 +154,11 @@ pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, String>
         stop_rx.clone(),
     )
     .await
-    .map_err(|e| format!("binding admin on {}: {e}", config.admin))?;
+    .map_err(|error| Error::Bind {
+        what: "admin",
+        addr: config.admin,
+        error,
+    })?;
     let config_limits = config.limits;
     let gw = Arc::new(Gateway {
         config,
@@ -265,22 +274,23 @@ fn refuse_over_quota(
 }
 
 /// Decides the role of an accepted connection, or closes it.
-fn role_of(gw: &Gateway, conn: &quinn::Connection) -> Result<Role, String> {
+fn role_of(gw: &Gateway, conn: &quinn::Connection) -> Result<Role, Error> {
     let peer = TunnelPeer::of(conn)?;
     let own = &gw.config.region;
     if let Some(r) = peer.gateway_of() {
         if own == r {
-            return Err(format!("{} is a gateway of this same region", peer.id));
+            return Err(Error::SameRegionGateway { id: peer.id });
         }
         return Ok(Role::Gateway {
             region: r.to_string(),
         });
     }
     if peer.issued_in.as_deref() != Some(own.as_str()) {
-        return Err(format!(
-            "{} (certificate of region {:?}) is not a workload of region {own}",
-            peer.id, peer.issued_in
-        ));
+        return Err(Error::NotWorkloadOfRegion {
+            id: peer.id,
+            issued_in: peer.issued_in,
+            region: own.clone(),
+        });
     }
     Ok(Role::Workload {
         id: peer.id.to_string(),
@@ -292,6 +302,7 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
     let role = match role_of(&gw, &conn) {
         Ok(r) => r,
         Err(why) => {
+            let why = why.to_string();
             tracing::warn!(%remote, %why, "tunnel connection refused");
             gw.metrics
                 .refused
@@ -671,7 +682,7 @@ async fn leaving(
     let out = paths
         .open(REMOTE_PATH_WAIT)
         .await
-        .map_err(|e| refusal(code::NO_ROUTE, "no_path", Some(&rule), e))?;
+        .map_err(|e| refusal(code::NO_ROUTE, "no_path", Some(&rule), e.to_string()))?;
     // A header that parsed encodes again to the same bytes (see the header's tests).
     let bytes = header.encode();
     let PathStream { io: mut up, load } = out;

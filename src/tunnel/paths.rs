@@ -11,7 +11,7 @@ use tokio::sync::{watch, Notify};
 
 use super::metrics::{PathLabels, TunnelEvent, TunnelMetrics};
 use super::quic::{quic_io, QuicIo};
-use super::TunnelPeer;
+use super::{Error, TunnelPeer};
 use crate::audit::AuditLog;
 use crate::clock::Clock;
 use crate::identity::CertInfo;
@@ -177,7 +177,7 @@ impl Paths {
 
     /// Opens a stream on the best path, waiting up to `wait` for one to come up. A path that
     /// fails to open a stream is skipped for the next one.
-    pub async fn open(&self, wait: Duration) -> Result<PathStream, String> {
+    pub async fn open(&self, wait: Duration) -> Result<PathStream, Error> {
         let deadline = Instant::now() + wait;
         loop {
             let notified = self.changed.notified();
@@ -192,10 +192,11 @@ impl Paths {
                         Ok(r) => r,
                         Err(_) => {
                             self.metrics.open_timeouts.inc();
-                            return Err(format!(
-                                "no stream credit on the path to region {} ({}) within {wait:?}",
-                                self.region, path.addr
-                            ));
+                            return Err(Error::NoStreamCredit {
+                                region: self.region.clone(),
+                                addr: path.addr,
+                                wait,
+                            });
                         }
                     };
                 match opened {
@@ -214,11 +215,10 @@ impl Paths {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!(
-                    "no gateway path to region {} is up ({} configured)",
-                    self.region,
-                    self.paths.len()
-                ));
+                return Err(Error::NoPathUp {
+                    region: self.region.clone(),
+                    configured: self.paths.len(),
+                });
             }
             let _ = tokio::time::timeout(left, notified).await;
         }
@@ -447,16 +447,16 @@ fn retry_before_expiry(now: SystemTime, cert: Option<&CertInfo>) -> Option<Syste
 }
 
 /// Dials `path`'s gateway and checks that it is one of the region.
-async fn dial(cfg: &PathsConfig, path: &Path) -> Result<Up, String> {
+async fn dial(cfg: &PathsConfig, path: &Path) -> Result<Up, Error> {
     let own_not_after = cfg.identity.current().map(|s| s.info.not_after);
     let connecting = cfg
         .endpoint
         .connect_with(cfg.client.clone(), path.addr, "gateway.trustline")
-        .map_err(|e| e.to_string())?;
+        .map_err(Error::Connect)?;
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
-        .map_err(|_| "connection timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| Error::ConnectTimeout)?
+        .map_err(Error::Connection)?;
     let peer = check_gateway(&conn, &cfg.region)?;
     let remote = super::peer_chain(&conn)
         .first()
@@ -526,18 +526,19 @@ async fn sample_rtt(conn: &quinn::Connection, labels: &PathLabels, m: &TunnelMet
 }
 
 /// A gateway's certificate must name a gateway of `region` and chain to that region's CA.
-pub fn check_gateway(conn: &quinn::Connection, region: &str) -> Result<TunnelPeer, String> {
+pub fn check_gateway(conn: &quinn::Connection, region: &str) -> Result<TunnelPeer, Error> {
     let checked = TunnelPeer::of(conn).and_then(|p| match p.gateway_of() {
         Some(r) if r == region => Ok(p),
-        _ => Err(format!(
-            "{} (certificate of region {:?}) is not a gateway of region {region}",
-            p.id, p.issued_in
-        )),
+        _ => Err(Error::NotGatewayOfRegion {
+            id: p.id,
+            issued_in: p.issued_in,
+            region: region.to_string(),
+        }),
     });
     if let Err(why) = &checked {
         conn.close(
             quinn::VarInt::from_u32(super::code::REFUSED),
-            why.as_bytes(),
+            why.to_string().as_bytes(),
         );
     }
     checked

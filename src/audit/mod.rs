@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 pub mod decision;
+pub mod tunnel;
 
 /// An append-only JSON-lines audit file (or a sink that drops events).
 #[derive(Debug)]

@@ -14,10 +14,11 @@ use tokio::sync::watch;
 
 use super::config::GatewayConfig;
 use super::header::StreamHeader;
-use super::metrics::{PathLabels, Refused, TunnelEvent, TunnelMetrics};
+use super::metrics::{PathLabels, Refused, TunnelMetrics};
 use super::paths::{PathStream, Paths, PathsConfig};
 use super::quic::{quic_io, reset, reset_code, QuicIo};
 use super::{code, gateway_id, Error, TunnelPeer, HEADER_TIMEOUT};
+use crate::audit::tunnel::TunnelEvent;
 use crate::audit::AuditLog;
 use crate::clock::Clock;
 use crate::limits::{client_key, Full, Gate, LogEvery, Permit};
@@ -267,7 +268,7 @@ fn refuse_over_quota(
     if let Some(held_back) = gw.quotas.log.allow() {
         tracing::warn!(%remote, peer_id, reason, held_back, "{what}: refused");
         let detail = format!("{reason}: {what} ({held_back} more refused since the last event)");
-        let mut ev = TunnelEvent::new("quota_refused", remote, None, detail);
+        let mut ev = TunnelEvent::new(&gw.clock, "quota_refused", remote, None, detail);
         ev.peer_id = peer_id.map(str::to_string);
         gw.audit.record(&ev);
     }
@@ -308,7 +309,7 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
                 .refused
                 .get_or_create(&Refused { reason: "bad_peer" })
                 .inc();
-            let ev = TunnelEvent::new("tunnel_refused", remote, None, why.clone());
+            let ev = TunnelEvent::new(&gw.clock, "tunnel_refused", remote, None, why.clone());
             gw.audit.record(&ev);
             conn.close(quinn::VarInt::from_u32(code::REFUSED), why.as_bytes());
             return;
@@ -316,7 +317,7 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
     };
     let labels = match &role {
         Role::Gateway { region } => {
-            let mut ev = TunnelEvent::new("tunnel_up", remote, Some(region), "accepted");
+            let mut ev = TunnelEvent::new(&gw.clock, "tunnel_up", remote, Some(region), "accepted");
             ev.peer_id = Some(gateway_id(gw.identity.id().trust_domain(), region).to_string());
             gw.audit.record(&ev);
             tracing::info!(%remote, %region, "gateway of another region connected");
@@ -377,7 +378,7 @@ async fn serve_conn(gw: Arc<Gateway>, conn: quinn::Connection, mut stop: watch::
                 }
                 Err(e) => {
                     if let Role::Gateway { region } = &role {
-                        let ev = TunnelEvent::new("tunnel_down", remote, Some(region), e.to_string());
+                        let ev = TunnelEvent::new(&gw.clock, "tunnel_down", remote, Some(region), e.to_string());
                         gw.audit.record(&ev);
                         tracing::warn!(%remote, %region, error = %e, "gateway of another region disconnected");
                     }
@@ -482,7 +483,7 @@ fn close_lapsed(gw: &Gateway, conn: &quinn::Connection, role: &Role, reason: &'s
     };
     tracing::warn!(%remote, reason, "closing a tunnel connection: its peer's certificate no longer passes");
     gw.metrics.refused.get_or_create(&Refused { reason }).inc();
-    let mut ev = TunnelEvent::new("tunnel_closed", remote, Some(region), reason);
+    let mut ev = TunnelEvent::new(&gw.clock, "tunnel_closed", remote, Some(region), reason);
     if let Role::Workload { id } = role {
         ev.peer_id = Some(id.clone());
     }
@@ -530,6 +531,7 @@ fn refuse(
     tracing::warn!(%remote, reason, %detail, "stream refused");
     gw.metrics.refused.get_or_create(&Refused { reason }).inc();
     let mut ev = TunnelEvent::new(
+        &gw.clock,
         "stream_refused",
         remote,
         Some(region),

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwapOption;
 use tokio::sync::{watch, Notify};
 
-use super::metrics::{PathLabels, TunnelEvent, TunnelMetrics};
+use super::metrics::{PathLabels, TunnelMetrics};
 use super::quic::{quic_io, QuicIo};
 use super::{Error, TunnelPeer};
+use crate::audit::tunnel::TunnelEvent;
 use crate::audit::AuditLog;
 use crate::clock::Clock;
 use crate::identity::CertInfo;
@@ -253,7 +254,8 @@ impl Paths {
                     cfg.metrics.up.get_or_create(&path.labels).set(1);
                     self.changed.notify_waiters();
                     tracing::info!(peer = %path.addr, region = %cfg.region, rtt_ms = up.live.conn.rtt().as_millis() as u64, "tunnel path up");
-                    let mut ev = TunnelEvent::new("tunnel_up", path.addr, Some(&cfg.region), "");
+                    let mut ev =
+                        TunnelEvent::new(&cfg.clock, "tunnel_up", path.addr, Some(&cfg.region), "");
                     ev.peer_id = peer_id.clone();
                     cfg.audit.record(&ev);
                     let reason = match self.hold(&path, &cfg, up, &mut rotations, &mut stop).await {
@@ -269,6 +271,7 @@ impl Paths {
                     let others = self.up();
                     tracing::warn!(peer = %path.addr, region = %cfg.region, %reason, other_paths_up = others, "tunnel path lost");
                     let mut ev = TunnelEvent::new(
+                        &cfg.clock,
                         "tunnel_down",
                         path.addr,
                         Some(&cfg.region),
@@ -279,6 +282,7 @@ impl Paths {
                     if others > 0 {
                         cfg.metrics.failovers.inc();
                         let mut ev = TunnelEvent::new(
+                            &cfg.clock,
                             "failover",
                             path.addr,
                             Some(&cfg.region),
@@ -342,8 +346,13 @@ impl Paths {
             };
             if let Some(reason) = remote_lapsed(cfg, up.remote.as_ref()) {
                 tracing::warn!(peer = %path.addr, region = %cfg.region, reason, "closing a tunnel path: the gateway's certificate no longer passes");
-                let mut ev =
-                    TunnelEvent::new("tunnel_closed", path.addr, Some(&cfg.region), reason);
+                let mut ev = TunnelEvent::new(
+                    &cfg.clock,
+                    "tunnel_closed",
+                    path.addr,
+                    Some(&cfg.region),
+                    reason,
+                );
                 ev.peer_id = Some(up.peer.id.to_string());
                 cfg.audit.record(&ev);
                 conn.close(
@@ -381,8 +390,13 @@ impl Paths {
                         "the gateway's certificate nears expiry"
                     };
                     tracing::info!(peer = %path.addr, region = %cfg.region, why, "tunnel path replaced");
-                    let mut ev =
-                        TunnelEvent::new("tunnel_replaced", path.addr, Some(&cfg.region), why);
+                    let mut ev = TunnelEvent::new(
+                        &cfg.clock,
+                        "tunnel_replaced",
+                        path.addr,
+                        Some(&cfg.region),
+                        why,
+                    );
                     ev.peer_id = Some(new.peer.id.to_string());
                     cfg.audit.record(&ev);
                     path.conn.store(Some(new.live.clone()));

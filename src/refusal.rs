@@ -98,6 +98,7 @@ refusals! {
     UnexpectedIdentity => "unexpected_identity",
     UnknownDestination => "unknown_destination",
     UnknownIssuer => "unknown_issuer",
+    Unreachable => "unreachable",
     UpstreamUnreachable => "upstream_unreachable",
     WrongRegion => "wrong_region",
     WrongTrustDomain => "wrong_trust_domain",
@@ -119,7 +120,10 @@ mod tests {
         for r in Refusal::ALL {
             let l = r.label();
             assert!(seen.insert(l), "{l} twice");
-            assert!(l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{l}");
+            assert!(
+                l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{l}"
+            );
         }
     }
 }

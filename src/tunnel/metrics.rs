@@ -9,6 +9,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::refusal::Refusal;
+
 /// One tunnel path: the peer's configured address (or, for an accepted peer gateway, its
 /// SPIFFE ID; never an ephemeral ip:port) and region.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -26,10 +28,17 @@ pub struct ByteLabels {
     pub dir: &'static str,
 }
 
-/// A refused stream's reason.
+/// A refused stream's (or connection's) reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Refused {
+    /// A [`Refusal`] label.
     pub reason: &'static str,
+}
+
+impl From<Refusal> for Refused {
+    fn from(r: Refusal) -> Self {
+        Refused { reason: r.label() }
+    }
 }
 
 /// Metrics of tunnel paths, shared by gateways and sidecars.

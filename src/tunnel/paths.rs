@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use tokio::sync::{watch, Notify};
+use tracing::Instrument;
 
 use super::metrics::{PathLabels, TunnelMetrics};
 use super::quic::{quic_io, QuicIo};
@@ -16,6 +17,7 @@ use crate::audit::tunnel::TunnelEvent;
 use crate::audit::AuditLog;
 use crate::clock::Clock;
 use crate::identity::CertInfo;
+use crate::refusal::Refusal;
 use crate::region::Region;
 use crate::svid::Identity;
 
@@ -146,7 +148,9 @@ impl Paths {
         });
         let cfg = Arc::new(cfg);
         for p in &me.paths {
-            tokio::spawn(me.clone().maintain(p.clone(), cfg.clone(), stop.clone()));
+            let span = tracing::info_span!("tunnel_path", peer = %p.addr, region = %cfg.region);
+            let task = me.clone().maintain(p.clone(), cfg.clone(), stop.clone());
+            tokio::spawn(task.instrument(span));
         }
         me
     }
@@ -345,19 +349,20 @@ impl Paths {
                 _ = tokio::time::sleep(wait) => false,
             };
             if let Some(reason) = remote_lapsed(cfg, up.remote.as_ref()) {
-                tracing::warn!(peer = %path.addr, region = %cfg.region, reason, "closing a tunnel path: the gateway's certificate no longer passes");
+                let label = reason.label();
+                tracing::warn!(peer = %path.addr, region = %cfg.region, reason = label, "closing a tunnel path: the gateway's certificate no longer passes");
                 let mut ev = TunnelEvent::new(
                     &cfg.clock,
                     "tunnel_closed",
                     path.addr,
                     Some(&cfg.region),
-                    reason,
+                    label,
                 );
                 ev.peer_id = Some(up.peer.id.to_string());
                 cfg.audit.record(&ev);
                 conn.close(
                     quinn::VarInt::from_u32(super::code::REFUSED),
-                    reason.as_bytes(),
+                    label.as_bytes(),
                 );
                 return Down::Lapsed(reason);
             }
@@ -405,7 +410,7 @@ impl Paths {
                     let until = old.expires().map_or(cfg.refresh, |t| {
                         t.duration_since(cfg.clock.now()).unwrap_or_default()
                     });
-                    tokio::spawn(drain(old.live.conn.clone(), until));
+                    tokio::spawn(drain(old.live.conn.clone(), until).in_current_span());
                     retry = false;
                 }
                 Err(e) => {
@@ -422,7 +427,7 @@ enum Down {
     Stopped,
     Lost(String),
     /// The gateway's certificate was revoked or expired (the reason).
-    Lapsed(&'static str),
+    Lapsed(Refusal),
 }
 
 /// How soon a failed replacement is tried again.
@@ -505,12 +510,12 @@ fn next_check(cfg: &PathsConfig, up: &Up) -> Duration {
 
 /// Why a held connection's gateway certificate no longer passes (`revoked`,
 /// `expired_certificate`).
-fn remote_lapsed(cfg: &PathsConfig, cert: Option<&CertInfo>) -> Option<&'static str> {
+fn remote_lapsed(cfg: &PathsConfig, cert: Option<&CertInfo>) -> Option<Refusal> {
     let c = cert?;
     if cfg.identity.revoked.load().contains(&c.serial) {
-        Some("revoked")
+        Some(Refusal::Revoked)
     } else if cfg.clock.now() >= c.not_after {
-        Some("expired_certificate")
+        Some(Refusal::ExpiredCertificate)
     } else {
         None
     }

@@ -98,6 +98,7 @@ refusals! {
     UnexpectedIdentity => "unexpected_identity",
     UnknownDestination => "unknown_destination",
     UnknownIssuer => "unknown_issuer",
+    Unreachable => "unreachable",
     UpstreamUnreachable => "upstream_unreachable",
     WrongRegion => "wrong_region",
     WrongTrustDomain => "wrong_trust_domain",

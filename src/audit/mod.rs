@@ -13,6 +13,7 @@ use serde::Serialize;
 
 pub mod ca;
 pub mod decision;
+pub mod tunnel;
 
 /// An append-only JSON-lines audit file (or a sink that drops events).
 #[derive(Debug)]

@@ -476,7 +476,7 @@ fn gateway_paths(
         ));
     };
     let client = tunnel::gateway_client(identity, &region, tunnel.timing, clock)
-        .map_err(ProxyError::Identity)?;
+        .map_err(|e| ProxyError::Identity(e.to_string()))?;
     let bind: SocketAddr = if tunnel.gateways.iter().all(SocketAddr::is_ipv4) {
         ([0, 0, 0, 0], 0).into()
     } else {

@@ -1,4 +1,5 @@
-//! Tunnel metrics (per path: RTT, streams, bytes, reconnects) and audit events.
+//! Tunnel metrics (per path: RTT, streams, bytes, reconnects). The audit events are
+//! [`crate::audit::tunnel::TunnelEvent`].
 
 use std::sync::atomic::AtomicU64;
 
@@ -7,7 +8,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
+
+use crate::refusal::Refusal;
 
 /// One tunnel path: the peer's configured address (or, for an accepted peer gateway, its
 /// SPIFFE ID; never an ephemeral ip:port) and region.
@@ -26,10 +28,17 @@ pub struct ByteLabels {
     pub dir: &'static str,
 }
 
-/// A refused stream's reason.
+/// A refused stream's (or connection's) reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Refused {
+    /// A [`Refusal`] label.
     pub reason: &'static str,
+}
+
+impl From<Refusal> for Refused {
+    fn from(r: Refusal) -> Self {
+        Refused { reason: r.label() }
+    }
 }
 
 /// Metrics of tunnel paths, shared by gateways and sidecars.
@@ -121,53 +130,6 @@ impl TunnelMetrics {
                     dir,
                 })
                 .inc_by(n);
-        }
-    }
-}
-
-/// One tunnel audit event (JSON line).
-#[derive(Clone, Debug, Serialize)]
-pub struct TunnelEvent {
-    pub time: String,
-    /// `tunnel_up`, `tunnel_down`, `failover` or `stream_refused`.
-    pub event: &'static str,
-    /// The SPIFFE ID of the other end of the QUIC connection.
-    pub peer_id: Option<String>,
-    pub peer_address: String,
-    pub peer_region: Option<String>,
-    /// For streams: where the header said it goes.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub destination_region: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub destination_service: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub destination_address: Option<String>,
-    /// The deciding gateway rule, for refusals by policy.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
-    /// Why (refusals, losses), or how many other paths stay up (failover).
-    pub detail: String,
-}
-
-impl TunnelEvent {
-    /// An event with the common fields set.
-    pub fn new(
-        event: &'static str,
-        peer_address: std::net::SocketAddr,
-        peer_region: Option<&str>,
-        detail: impl Into<String>,
-    ) -> Self {
-        TunnelEvent {
-            time: crate::clock::rfc3339(std::time::SystemTime::now()),
-            event,
-            peer_id: None,
-            peer_address: peer_address.to_string(),
-            peer_region: peer_region.map(str::to_string),
-            destination_region: None,
-            destination_service: None,
-            destination_address: None,
-            rule: None,
-            detail: detail.into(),
         }
     }
 }

@@ -48,6 +48,7 @@
 //! Keep-alives detect a lost path within `idle_timeout`; new streams then take another path.
 
 pub mod config;
+mod error;
 pub mod gateway;
 pub mod header;
 pub mod metrics;
@@ -63,6 +64,8 @@ use crate::region::Region;
 use crate::svid::Identity;
 use crate::tls::mesh::MeshServerVerifier;
 use crate::tls::ExpectedPeer;
+
+pub use error::Error;
 
 /// ALPN of tunnel QUIC connections (sidecar ↔ gateway, gateway ↔ gateway).
 pub const TUNNEL_ALPN: &[u8] = b"trustline-tunnel/1";
@@ -148,11 +151,16 @@ pub fn transport(timing: Timing) -> Arc<quinn::TransportConfig> {
 pub fn quic_server(
     mut tls: rustls::ServerConfig,
     timing: Timing,
-) -> Result<quinn::ServerConfig, String> {
+) -> Result<quinn::ServerConfig, Error> {
     tls.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
     tls.max_early_data_size = 0;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))
-        .map_err(|e| format!("QUIC server TLS: {e}"))?;
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).map_err(|error| {
+            Error::QuicTls {
+                side: "server",
+                error,
+            }
+        })?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport(timing));
     Ok(cfg)
@@ -162,11 +170,16 @@ pub fn quic_server(
 pub fn quic_client(
     mut tls: rustls::ClientConfig,
     timing: Timing,
-) -> Result<quinn::ClientConfig, String> {
+) -> Result<quinn::ClientConfig, Error> {
     tls.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
     tls.enable_early_data = false;
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
-        .map_err(|e| format!("QUIC client TLS: {e}"))?;
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).map_err(|error| {
+            Error::QuicTls {
+                side: "client",
+                error,
+            }
+        })?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport(timing));
     Ok(cfg)
@@ -180,14 +193,14 @@ pub fn gateway_client(
     region: &str,
     timing: Timing,
     clock: &Clock,
-) -> Result<quinn::ClientConfig, String> {
+) -> Result<quinn::ClientConfig, Error> {
     let verifier = Arc::new(MeshServerVerifier::new(
         identity.trust(),
         ExpectedPeer::AnyOf(vec![gateway_id(identity.id().trust_domain(), region)]),
         identity.peer_checks(),
     ));
     let tls = crate::tls::mesh::client_config(verifier, identity.resolver.clone(), false, clock)
-        .map_err(|e| e.to_string())?;
+        .map_err(Error::Tls)?;
     quic_client(tls, timing)
 }
 
@@ -201,18 +214,21 @@ pub struct TunnelPeer {
 impl TunnelPeer {
     /// Reads the peer of `conn`. A gateway ID (`.../trustline/gateway/REGION`) must come from
     /// that same region's CA, or the peer is refused.
-    pub fn of(conn: &quinn::Connection) -> Result<Self, String> {
+    pub fn of(conn: &quinn::Connection) -> Result<Self, Error> {
         let chain = peer_chain(conn);
-        let leaf = chain.first().ok_or("no certificate")?;
+        let leaf = chain.first().ok_or(Error::NoCertificate)?;
         let id = crate::identity::inspect_cert(leaf)
-            .map_err(|e| e.to_string())?
+            .map_err(Error::Certificate)?
             .id;
         let issued_in = crate::identity::region_of_chain(&chain);
         if let Some(r) = gateway_region(&id) {
             if issued_in.as_deref() != Some(r) {
-                return Err(format!(
-                    "{id} has a certificate of region {issued_in:?}, not {r}"
-                ));
+                let claimed = r.to_string();
+                return Err(Error::GatewayOfOtherRegion {
+                    id,
+                    issued_in,
+                    claimed,
+                });
             }
         }
         Ok(TunnelPeer { id, issued_in })

@@ -8,13 +8,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use tokio::sync::{watch, Notify};
+use tracing::Instrument;
 
-use super::metrics::{PathLabels, TunnelEvent, TunnelMetrics};
+use super::metrics::{PathLabels, TunnelMetrics};
 use super::quic::{quic_io, QuicIo};
-use super::TunnelPeer;
+use super::{Error, TunnelPeer};
+use crate::audit::tunnel::TunnelEvent;
 use crate::audit::AuditLog;
 use crate::clock::Clock;
 use crate::identity::CertInfo;
+use crate::refusal::Refusal;
 use crate::region::Region;
 use crate::svid::Identity;
 
@@ -145,7 +148,9 @@ impl Paths {
         });
         let cfg = Arc::new(cfg);
         for p in &me.paths {
-            tokio::spawn(me.clone().maintain(p.clone(), cfg.clone(), stop.clone()));
+            let span = tracing::info_span!("tunnel_path", peer = %p.addr, region = %cfg.region);
+            let task = me.clone().maintain(p.clone(), cfg.clone(), stop.clone());
+            tokio::spawn(task.instrument(span));
         }
         me
     }
@@ -177,7 +182,7 @@ impl Paths {
 
     /// Opens a stream on the best path, waiting up to `wait` for one to come up. A path that
     /// fails to open a stream is skipped for the next one.
-    pub async fn open(&self, wait: Duration) -> Result<PathStream, String> {
+    pub async fn open(&self, wait: Duration) -> Result<PathStream, Error> {
         let deadline = Instant::now() + wait;
         loop {
             let notified = self.changed.notified();
@@ -192,10 +197,11 @@ impl Paths {
                         Ok(r) => r,
                         Err(_) => {
                             self.metrics.open_timeouts.inc();
-                            return Err(format!(
-                                "no stream credit on the path to region {} ({}) within {wait:?}",
-                                self.region, path.addr
-                            ));
+                            return Err(Error::NoStreamCredit {
+                                region: self.region.clone(),
+                                addr: path.addr,
+                                wait,
+                            });
                         }
                     };
                 match opened {
@@ -214,11 +220,10 @@ impl Paths {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!(
-                    "no gateway path to region {} is up ({} configured)",
-                    self.region,
-                    self.paths.len()
-                ));
+                return Err(Error::NoPathUp {
+                    region: self.region.clone(),
+                    configured: self.paths.len(),
+                });
             }
             let _ = tokio::time::timeout(left, notified).await;
         }
@@ -253,7 +258,8 @@ impl Paths {
                     cfg.metrics.up.get_or_create(&path.labels).set(1);
                     self.changed.notify_waiters();
                     tracing::info!(peer = %path.addr, region = %cfg.region, rtt_ms = up.live.conn.rtt().as_millis() as u64, "tunnel path up");
-                    let mut ev = TunnelEvent::new("tunnel_up", path.addr, Some(&cfg.region), "");
+                    let mut ev =
+                        TunnelEvent::new(&cfg.clock, "tunnel_up", path.addr, Some(&cfg.region), "");
                     ev.peer_id = peer_id.clone();
                     cfg.audit.record(&ev);
                     let reason = match self.hold(&path, &cfg, up, &mut rotations, &mut stop).await {
@@ -269,6 +275,7 @@ impl Paths {
                     let others = self.up();
                     tracing::warn!(peer = %path.addr, region = %cfg.region, %reason, other_paths_up = others, "tunnel path lost");
                     let mut ev = TunnelEvent::new(
+                        &cfg.clock,
                         "tunnel_down",
                         path.addr,
                         Some(&cfg.region),
@@ -279,6 +286,7 @@ impl Paths {
                     if others > 0 {
                         cfg.metrics.failovers.inc();
                         let mut ev = TunnelEvent::new(
+                            &cfg.clock,
                             "failover",
                             path.addr,
                             Some(&cfg.region),
@@ -341,14 +349,20 @@ impl Paths {
                 _ = tokio::time::sleep(wait) => false,
             };
             if let Some(reason) = remote_lapsed(cfg, up.remote.as_ref()) {
-                tracing::warn!(peer = %path.addr, region = %cfg.region, reason, "closing a tunnel path: the gateway's certificate no longer passes");
-                let mut ev =
-                    TunnelEvent::new("tunnel_closed", path.addr, Some(&cfg.region), reason);
+                let label = reason.label();
+                tracing::warn!(peer = %path.addr, region = %cfg.region, reason = label, "closing a tunnel path: the gateway's certificate no longer passes");
+                let mut ev = TunnelEvent::new(
+                    &cfg.clock,
+                    "tunnel_closed",
+                    path.addr,
+                    Some(&cfg.region),
+                    label,
+                );
                 ev.peer_id = Some(up.peer.id.to_string());
                 cfg.audit.record(&ev);
                 conn.close(
                     quinn::VarInt::from_u32(super::code::REFUSED),
-                    reason.as_bytes(),
+                    label.as_bytes(),
                 );
                 return Down::Lapsed(reason);
             }
@@ -381,8 +395,13 @@ impl Paths {
                         "the gateway's certificate nears expiry"
                     };
                     tracing::info!(peer = %path.addr, region = %cfg.region, why, "tunnel path replaced");
-                    let mut ev =
-                        TunnelEvent::new("tunnel_replaced", path.addr, Some(&cfg.region), why);
+                    let mut ev = TunnelEvent::new(
+                        &cfg.clock,
+                        "tunnel_replaced",
+                        path.addr,
+                        Some(&cfg.region),
+                        why,
+                    );
                     ev.peer_id = Some(new.peer.id.to_string());
                     cfg.audit.record(&ev);
                     path.conn.store(Some(new.live.clone()));
@@ -391,7 +410,7 @@ impl Paths {
                     let until = old.expires().map_or(cfg.refresh, |t| {
                         t.duration_since(cfg.clock.now()).unwrap_or_default()
                     });
-                    tokio::spawn(drain(old.live.conn.clone(), until));
+                    tokio::spawn(drain(old.live.conn.clone(), until).in_current_span());
                     retry = false;
                 }
                 Err(e) => {
@@ -408,7 +427,7 @@ enum Down {
     Stopped,
     Lost(String),
     /// The gateway's certificate was revoked or expired (the reason).
-    Lapsed(&'static str),
+    Lapsed(Refusal),
 }
 
 /// How soon a failed replacement is tried again.
@@ -447,16 +466,16 @@ fn retry_before_expiry(now: SystemTime, cert: Option<&CertInfo>) -> Option<Syste
 }
 
 /// Dials `path`'s gateway and checks that it is one of the region.
-async fn dial(cfg: &PathsConfig, path: &Path) -> Result<Up, String> {
+async fn dial(cfg: &PathsConfig, path: &Path) -> Result<Up, Error> {
     let own_not_after = cfg.identity.current().map(|s| s.info.not_after);
     let connecting = cfg
         .endpoint
         .connect_with(cfg.client.clone(), path.addr, "gateway.trustline")
-        .map_err(|e| e.to_string())?;
+        .map_err(Error::Connect)?;
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
-        .map_err(|_| "connection timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| Error::ConnectTimeout)?
+        .map_err(Error::Connection)?;
     let peer = check_gateway(&conn, &cfg.region)?;
     let remote = super::peer_chain(&conn)
         .first()
@@ -491,12 +510,12 @@ fn next_check(cfg: &PathsConfig, up: &Up) -> Duration {
 
 /// Why a held connection's gateway certificate no longer passes (`revoked`,
 /// `expired_certificate`).
-fn remote_lapsed(cfg: &PathsConfig, cert: Option<&CertInfo>) -> Option<&'static str> {
+fn remote_lapsed(cfg: &PathsConfig, cert: Option<&CertInfo>) -> Option<Refusal> {
     let c = cert?;
     if cfg.identity.revoked.load().contains(&c.serial) {
-        Some("revoked")
+        Some(Refusal::Revoked)
     } else if cfg.clock.now() >= c.not_after {
-        Some("expired_certificate")
+        Some(Refusal::ExpiredCertificate)
     } else {
         None
     }
@@ -526,18 +545,19 @@ async fn sample_rtt(conn: &quinn::Connection, labels: &PathLabels, m: &TunnelMet
 }
 
 /// A gateway's certificate must name a gateway of `region` and chain to that region's CA.
-pub fn check_gateway(conn: &quinn::Connection, region: &str) -> Result<TunnelPeer, String> {
+pub fn check_gateway(conn: &quinn::Connection, region: &str) -> Result<TunnelPeer, Error> {
     let checked = TunnelPeer::of(conn).and_then(|p| match p.gateway_of() {
         Some(r) if r == region => Ok(p),
-        _ => Err(format!(
-            "{} (certificate of region {:?}) is not a gateway of region {region}",
-            p.id, p.issued_in
-        )),
+        _ => Err(Error::NotGatewayOfRegion {
+            id: p.id,
+            issued_in: p.issued_in,
+            region: region.to_string(),
+        }),
     });
     if let Err(why) = &checked {
         conn.close(
             quinn::VarInt::from_u32(super::code::REFUSED),
-            why.as_bytes(),
+            why.to_string().as_bytes(),
         );
     }
     checked

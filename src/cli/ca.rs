@@ -1,0 +1,260 @@
+//! `trustline ca`: init, serve, token, revoke.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use trustline::ca::admin::{self, AdminRequest};
+use trustline::ca::authority;
+use trustline::ca::config::{CaServeConfig, CaServeFile};
+use trustline::clock::Clock;
+use trustline::identity::parse_trust_domain;
+use trustline::util::parse_duration;
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Makes a root CA, or a regional intermediate signed by a root.
+    #[command(
+        after_help = "Examples:\n  trustline ca init --trust-domain example.org --out ca/root\n  trustline ca init --root ca/root --region eu-west --out ca/eu-west"
+    )]
+    Init(InitArgs),
+    /// Serves the CA's HTTPS API (TLS 1.3 only).
+    #[command(
+        after_help = "Examples:\n  trustline ca serve --ca ca/eu-west --data /var/lib/trustline-ca --listen 0.0.0.0:8443 --san ca.eu-west.internal\n  trustline ca serve --config ca.toml"
+    )]
+    Serve(ServeArgs),
+    /// Prints a single-use join token bound to one SPIFFE ID (talks to the running server).
+    #[command(
+        after_help = "Example:\n  trustline ca token --data ca/data --spiffe-id spiffe://example.org/ns/shop/sa/web --ttl 15m"
+    )]
+    Token(TokenArgs),
+    /// Revokes a certificate and every SVID renewed from it, or cuts a SPIFFE ID off until
+    /// lifted (talks to the running server).
+    #[command(
+        after_help = "Examples:\n  trustline ca revoke --data ca/data --serial 3f9a...\n  trustline ca revoke --data ca/data --spiffe-id spiffe://example.org/ns/shop/sa/web\n  trustline ca revoke --data ca/data --spiffe-id spiffe://example.org/ns/shop/sa/web --lift"
+    )]
+    Revoke(RevokeArgs),
+}
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// Trust domain of a new root, e.g. example.org.
+    #[arg(long, conflicts_with_all = ["root", "region"], required_unless_present = "root")]
+    trust_domain: Option<String>,
+    /// Directory of the root that signs a regional intermediate.
+    #[arg(long, requires = "region")]
+    root: Option<PathBuf>,
+    /// Region name recorded in the intermediate (spiffe://TD/trustline/region/NAME).
+    #[arg(long, requires = "root")]
+    region: Option<String>,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Lifetime (default 10 years for a root, 1 year for an intermediate).
+    #[arg(long)]
+    ttl: Option<String>,
+    /// Replace an existing key.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// CA directory (from `ca init`).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Data directory: ledger, admin socket, audit log.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// HTTPS API address [default: 127.0.0.1:8443].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Lifetime of issued SVIDs [default: 24h].
+    #[arg(long)]
+    svid_ttl: Option<String>,
+    /// Extra DNS name or IP for the server certificate (repeatable).
+    #[arg(long)]
+    san: Vec<String>,
+    /// Prometheus metrics address, or `off` [default: 127.0.0.1:15021].
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Audit log file [default: DATA/audit.log].
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+    /// SVID requests per second per client IP, 0 for no limit [default: 50].
+    #[arg(long)]
+    rate_limit: Option<u32>,
+    /// Another region's CA (https://HOST:PORT, or REGION=https://HOST:PORT to require that
+    /// region's CA) whose revocations this CA pulls and serves with its own (repeatable;
+    /// replaces `peers` of the file). A peer of this CA's own region is refused.
+    #[arg(long = "peer-ca", value_name = "[REGION=]URL")]
+    peer_ca: Vec<String>,
+    /// How often each peer CA's revocations are pulled [default: 5s].
+    #[arg(long)]
+    peer_refresh: Option<String>,
+    /// TOML file with any of the keys above (flags win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct TokenArgs {
+    /// Data directory of the running CA.
+    #[arg(long)]
+    data: PathBuf,
+    /// The SPIFFE ID the token is bound to.
+    #[arg(long)]
+    spiffe_id: String,
+    /// Token lifetime.
+    #[arg(long, default_value = "15m")]
+    ttl: String,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["serial", "spiffe_id"])))]
+pub struct RevokeArgs {
+    /// Data directory of the running CA.
+    #[arg(long)]
+    data: PathBuf,
+    /// Serial number in hex (as printed by trustline or `openssl x509 -serial`); every SVID
+    /// renewed from it is revoked too.
+    #[arg(long)]
+    serial: Option<String>,
+    /// A SPIFFE ID to cut off: no issuance or renewal, every live SVID revoked, its unused join
+    /// tokens voided, until `--lift`.
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// Lifts the cut-off of `--spiffe-id` (what it revoked stays revoked; rejoin with a new token).
+    #[arg(long, requires = "spiffe_id", conflicts_with = "serial")]
+    lift: bool,
+}
+
+/// Runs one `ca` subcommand.
+pub async fn run(command: CaCommand) -> anyhow::Result<()> {
+    match command {
+        CaCommand::Init(a) => ca_init(a),
+        CaCommand::Serve(a) => ca_serve(a).await,
+        CaCommand::Token(a) => ca_token(a).await,
+        CaCommand::Revoke(a) => ca_revoke(a).await,
+    }
+}
+
+async fn ca_token(a: TokenArgs) -> anyhow::Result<()> {
+    let ttl = parse_duration(&a.ttl)
+        .map_err(anyhow::Error::msg)
+        .context("--ttl")?;
+    let t = admin::token(&a.data.join("admin.sock"), &a.spiffe_id, ttl.as_secs())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    println!("{t}");
+    Ok(())
+}
+
+async fn ca_revoke(a: RevokeArgs) -> anyhow::Result<()> {
+    let (req, what) = match (a.serial, a.spiffe_id) {
+        (Some(serial), _) => (
+            AdminRequest::Revoke {
+                serial: serial.clone(),
+            },
+            serial,
+        ),
+        (None, Some(spiffe_id)) if a.lift => (
+            AdminRequest::LiftId {
+                spiffe_id: spiffe_id.clone(),
+            },
+            spiffe_id,
+        ),
+        (None, Some(spiffe_id)) => (
+            AdminRequest::RevokeId {
+                spiffe_id: spiffe_id.clone(),
+            },
+            spiffe_id,
+        ),
+        (None, None) => bail!("give --serial HEX or --spiffe-id ID"),
+    };
+    let resp = admin::call(&a.data.join("admin.sock"), &req)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if !resp.ok {
+        bail!("{}", resp.error.unwrap_or_default());
+    }
+    let seq = resp.sequence.unwrap_or_default();
+    match req {
+        AdminRequest::LiftId { .. } => {
+            println!("lifted the revocation of {what} (revocation list sequence {seq})")
+        }
+        _ => {
+            println!(
+                "revoked {what}: {} certificate(s) (revocation list sequence {seq})",
+                resp.revoked_count.unwrap_or_default()
+            );
+            for s in resp.revoked.unwrap_or_default() {
+                println!("  {s}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn ca_init(a: InitArgs) -> anyhow::Result<()> {
+    let ttl = a
+        .ttl
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .map_err(anyhow::Error::msg)
+        .context("--ttl")?;
+    let paths = match (a.trust_domain, a.root, a.region) {
+        (Some(td), None, None) => {
+            let td = parse_trust_domain(&td).context("--trust-domain")?;
+            let ttl = ttl.unwrap_or(Duration::from_secs(10 * 365 * 24 * 3600));
+            authority::init_root(&td, &a.out, ttl, a.force)?
+        }
+        (None, Some(root), Some(region)) => {
+            let ttl = ttl.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+            authority::init_intermediate(&root, &region, &a.out, ttl, a.force)?
+        }
+        _ => bail!("give either --trust-domain TD, or --root ROOTDIR --region NAME"),
+    };
+    println!(
+        "wrote {} (key {}, mode 0600)",
+        paths.cert.display(),
+        paths.key.display()
+    );
+    println!("trust bundle for workloads: {}", paths.bundle.display());
+    if paths.chain.exists() {
+        println!("chain (intermediate + root): {}", paths.chain.display());
+    }
+    Ok(())
+}
+
+async fn ca_serve(a: ServeArgs) -> anyhow::Result<()> {
+    let flags = CaServeFile {
+        ca: a.ca,
+        data: a.data,
+        listen: a.listen,
+        svid_ttl: a.svid_ttl,
+        san: (!a.san.is_empty()).then_some(a.san),
+        metrics_listen: a.metrics_listen,
+        audit_log: a.audit_log,
+        rate_limit: a.rate_limit,
+        peers: (!a.peer_ca.is_empty()).then_some(a.peer_ca),
+        peer_refresh: a.peer_refresh,
+        limits: None,
+    };
+    let config = CaServeConfig::resolve(flags, a.config.as_deref())?;
+    let bound = trustline::ca::server::build(config, Clock::system()).await?;
+    println!("trustline CA serving https://{}", bound.api);
+    super::wait_for_signal().await?;
+    tracing::info!("shutting down");
+    // Stop accepting, let open requests finish (up to the per-connection grace), cut the rest.
+    let cut = bound.drain(trustline::ca::server::DRAIN_TIMEOUT).await;
+    if cut > 0 {
+        tracing::warn!(
+            cut,
+            "tasks still running at the drain deadline were stopped"
+        );
+    }
+    Ok(())
+}

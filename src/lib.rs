@@ -1,9 +1,20 @@
 //! trustline: a zero-trust service-mesh data plane.
 //!
-//! One crate, one binary, a subcommand per role. The layers point down only: the roles
-//! ([`ca`], later the sidecar and the gateway) use the mechanisms ([`tls`], [`identity`],
-//! [`audit`]), which use plain types ([`clock`]). See `DESIGN.md` in the shared folder and the
-//! README for the whole picture.
+//! One crate, one binary, a subcommand per role. The module tree is the layer diagram, and
+//! `tests/layers.rs` holds it there: arrows point down only and no two top-level modules import
+//! each other, directly or round a circle.
+//!
+//! - Roles: [`ca`] (the CA service), [`proxy`] (the sidecar, with its session protocol),
+//!   [`tunnel`] (the QUIC transport and the gateway), [`wan`] (the WAN relay); [`lab`] and
+//!   [`demo`] build whole meshes from them; the binary's `cli/` dispatches to them.
+//! - Mechanisms: [`svid`] (the SVID rotation task and the CA client), [`tls`] (rustls configs
+//!   and SPIFFE verifiers), [`policy`] (the sidecar and gateway engines), [`audit`] (one schema
+//!   per event family), [`admin`] (the metrics listener), [`drain`], [`copy`], [`limits`].
+//! - Plain types: [`identity`] (SpiffeId, Serial, Svid, Bundle, certificate facts), [`region`]
+//!   (Region, ServiceName), [`refusal`] (failure reasons), [`crypto`] (the one provider),
+//!   [`config`] (TOML loading), [`clock`], [`util`].
+//!
+//! See `DESIGN.md` in the shared folder and the README for the whole picture.
 #![forbid(unsafe_code)]
 
 pub mod admin;

@@ -41,15 +41,18 @@ refusals! {
     BadSessionRequest => "bad_session_request",
     BadSignature => "bad_signature",
     BadSpiffeId => "bad_spiffe_id",
+    Broken => "broken",
     ConnectionCap => "connection_cap",
     ConnectionCapIp => "connection_cap_ip",
     ConnectionQuota => "connection_quota",
     EofDuringHandshake => "eof_during_handshake",
+    Expired => "expired",
     ExpiredCertificate => "expired_certificate",
     GatewayLost => "gateway_lost",
     HandshakeTimeout => "handshake_timeout",
     HeaderTimeout => "header_timeout",
     IncompatiblePeer => "incompatible_peer",
+    Io => "io",
     LeafIsCa => "leaf_is_ca",
     MaxConnections => "max_connections",
     MaxConnectionsPerId => "max_connections_per_id",
@@ -75,9 +78,11 @@ refusals! {
     NotYetValid => "not_yet_valid",
     PathLost => "path_lost",
     PolicyDenied => "policy_denied",
+    PolicyReload => "policy_reload",
     ProtocolError => "protocol_error",
     QuotaRefused => "quota_refused",
     RefusedByGateway => "refused_by_gateway",
+    Reset => "reset",
     Revoked => "revoked",
     SameRegion => "same_region",
     SessionCapCaller => "session_cap_caller",
@@ -92,12 +97,14 @@ refusals! {
     StreamQuota => "stream_quota",
     StreamRefused => "stream_refused",
     TimeWindowClosed => "time_window_closed",
+    Timeout => "timeout",
     TlsError => "tls_error",
     TunnelRefused => "tunnel_refused",
     UndeclaredPort => "undeclared_port",
     UnexpectedIdentity => "unexpected_identity",
     UnknownDestination => "unknown_destination",
     UnknownIssuer => "unknown_issuer",
+    Unreachable => "unreachable",
     UpstreamUnreachable => "upstream_unreachable",
     WrongRegion => "wrong_region",
     WrongTrustDomain => "wrong_trust_domain",
@@ -119,7 +126,10 @@ mod tests {
         for r in Refusal::ALL {
             let l = r.label();
             assert!(seen.insert(l), "{l} twice");
-            assert!(l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{l}");
+            assert!(
+                l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{l}"
+            );
         }
     }
 }

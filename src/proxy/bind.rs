@@ -8,19 +8,111 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tracing::Instrument;
 
+use super::authz::Authz;
 use super::config::{self, SidecarConfig};
 use super::inbound::{self, Inbound};
+use super::live::{LiveConns, Sweeper};
 use super::metrics::ProxyMetrics;
 use super::outbound::{self, Outbound};
 use super::ProxyError;
 use crate::clock::{unix_secs, Clock};
-use crate::svid::Identity;
+use crate::svid::{self, Identity};
+use crate::tunnel::paths::Paths;
+
+/// What start-up makes before the listeners are bound: everything that registers metrics, then
+/// the admin listener that serves them.
+pub(super) struct Setup {
+    pub identity: Arc<Identity>,
+    pub metrics: ProxyMetrics,
+    pub audit: Arc<crate::audit::AuditLog>,
+    /// The inbound policy, if configured.
+    pub authz: Option<Arc<Authz>>,
+    /// The paths to this region's gateways, when a service is in another region.
+    pub gateways: Option<Arc<Paths>>,
+    /// The admin listener's address.
+    pub admin: SocketAddr,
+}
+
+impl Setup {
+    /// Starts the identity task, opens the audit log, loads the policy, opens the gateway
+    /// paths and serves the admin listener; their tasks end when `stop` changes.
+    pub async fn new(
+        config: &SidecarConfig,
+        clock: &Clock,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Self, ProxyError> {
+        let identity = svid::start(config.identity.clone(), clock.clone(), stop.clone())
+            .map_err(|e| ProxyError::Identity(e.into()))?;
+        let mut registry = Registry::default();
+        let metrics = ProxyMetrics::new(&mut registry);
+        identity.register(&mut registry);
+        let audit = open_audit(config)?;
+        let authz = inbound::load_policy(config, &audit, clock, &mut registry, stop)?;
+        let gateways = match &config.tunnel {
+            Some(t) => Some(outbound::gateway_paths(
+                config,
+                t,
+                &identity,
+                clock,
+                audit.clone(),
+                &mut registry,
+                stop,
+            )?),
+            None => None,
+        };
+        let state = admin_state(registry, &identity, clock);
+        let admin = crate::admin::serve(config.admin, state, stop.clone())
+            .await
+            .map_err(|source| ProxyError::Bind {
+                what: "admin",
+                addr: config.admin,
+                source,
+            })?;
+        Ok(Setup {
+            identity,
+            metrics,
+            audit,
+            authz,
+            gateways,
+            admin,
+        })
+    }
+
+    /// The live connections (the policy's registry, when there is a policy), re-checked by a
+    /// [`Sweeper`] until `stop`.
+    pub fn sweep(
+        &self,
+        config: &SidecarConfig,
+        clock: &Clock,
+        stop: &watch::Receiver<bool>,
+    ) -> Arc<LiveConns> {
+        let live = self
+            .authz
+            .as_ref()
+            .map_or_else(LiveConns::new, |a| a.live());
+        let sweeper = Sweeper {
+            live: live.clone(),
+            identity: self.identity.clone(),
+            authz: self.authz.clone(),
+            audit: self.audit.clone(),
+            service: self
+                .authz
+                .as_ref()
+                .map_or_else(|| self.identity.id().to_string(), |a| a.service.clone()),
+            region: config.region.clone(),
+            clock: clock.clone(),
+            every: config.identity.refresh,
+        };
+        let span = tracing::info_span!("sweeper");
+        tokio::spawn(sweeper.run(stop.clone()).instrument(span));
+        live
+    }
+}
 
 /// The decision audit log of `config` (a disabled one when none is configured).
-pub(super) fn open_audit(
-    config: &SidecarConfig,
-) -> Result<Arc<crate::audit::AuditLog>, ProxyError> {
+fn open_audit(config: &SidecarConfig) -> Result<Arc<crate::audit::AuditLog>, ProxyError> {
     Ok(Arc::new(match &config.audit_log {
         Some(p) => crate::audit::AuditLog::open(p).map_err(|source| ProxyError::Audit {
             path: p.clone(),
@@ -140,7 +232,7 @@ pub(super) fn warn_of_footguns(config: &SidecarConfig) {
 }
 
 /// What the admin listener serves: metrics, readiness and `/identity`.
-pub(super) fn admin_state(
+fn admin_state(
     registry: Registry,
     identity: &Arc<Identity>,
     clock: &Clock,

@@ -30,14 +30,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::clock::Clock;
 use crate::drain::Tracker;
-use crate::svid::{self, Identity};
+use crate::svid::Identity;
 use config::SidecarConfig;
 use inbound::Inbound;
 use metrics::ProxyMetrics;
@@ -146,74 +145,37 @@ impl Bound {
 pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyError> {
     let (stop_all, stopped) = watch::channel(false);
     let (stop_accepting, draining) = watch::channel(false);
-    let identity = svid::start(config.identity.clone(), clock.clone(), stopped.clone())
-        .map_err(|e| ProxyError::Identity(e.into()))?;
-    // Everything that registers metrics comes before the admin listener, which serves them.
-    let mut registry = Registry::default();
-    let metrics = ProxyMetrics::new(&mut registry);
-    identity.register(&mut registry);
-    let audit = bind::open_audit(&config)?;
-    let authz = inbound::load_policy(&config, &audit, &clock, &mut registry, &stopped)?;
-    let gateways = match &config.tunnel {
-        Some(t) => Some(outbound::gateway_paths(
-            &config,
-            t,
-            &identity,
-            &clock,
-            audit.clone(),
-            &mut registry,
-            &stopped,
-        )?),
-        None => None,
-    };
-    let admin_state = bind::admin_state(registry, &identity, &clock);
-    let admin = crate::admin::serve(config.admin, admin_state, stopped.clone())
-        .await
-        .map_err(|source| ProxyError::Bind {
-            what: "admin",
-            addr: config.admin,
-            source,
-        })?;
+    let setup = bind::Setup::new(&config, &clock, &stopped).await?;
     bind::warn_of_footguns(&config);
     // Bound before anything serves, so the inbound side knows every port of its own.
     let listeners = bind::Listeners::bind(&config).await?;
-    let live = authz
-        .as_ref()
-        .map_or_else(live::LiveConns::new, |a| a.live());
-    spawn_sweeper(&config, &identity, &authz, audit, &live, &clock, &stopped);
+    let identity = setup.identity.clone();
+    let live = setup.sweep(&config, &clock, &stopped);
     let common = Arc::new(Common {
         identity: identity.clone(),
-        metrics: metrics.clone(),
-        clock: clock.clone(),
+        metrics: setup.metrics.clone(),
+        clock,
         live: live.clone(),
         tracker: Arc::new(Tracker::default()),
         draining,
         stopped: stopped.clone(),
-        own_ports: listeners.own_ports(admin),
+        own_ports: listeners.own_ports(setup.admin),
         handshake_timeout: config.handshake_timeout,
         next_id: AtomicU64::new(1),
     });
-    let outbound = Arc::new(Outbound::build(
-        &config,
-        common.clone(),
-        gateways,
-        stopped.clone(),
-    )?);
+    let (authz, gateways) = (setup.authz, setup.gateways);
+    let outbound = Outbound::build(&config, common.clone(), gateways, stopped.clone())?;
+    let outbound = Arc::new(outbound);
     let inbound = match &config.inbound {
-        Some(i) => Some(Arc::new(Inbound::build(
-            &config,
-            i,
-            authz.clone(),
-            common.clone(),
-        )?)),
+        Some(i) => Some(Inbound::build(&config, i, authz.clone(), common.clone())?),
         None => None,
     };
-    tokio::spawn(
-        bind::watch_rotations(identity.clone(), metrics.clone(), stopped)
-            .instrument(tracing::info_span!("rotations")),
-    );
+    let span = tracing::info_span!("rotations");
+    let rotations = bind::watch_rotations(identity.clone(), setup.metrics.clone(), stopped);
+    tokio::spawn(rotations.instrument(span));
     let sessions = outbound.pool.clone();
-    let (inbound, outbound, listeners) = listeners.serve(&config, inbound, outbound);
+    let admin = setup.admin;
+    let (inbound, outbound, listeners) = listeners.serve(&config, inbound.map(Arc::new), outbound);
     tracing::info!(id = %identity.id(), %admin, ?inbound, ?outbound, ?listeners, "sidecar listening");
     Ok(Bound {
         admin,
@@ -221,7 +183,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         outbound,
         listeners,
         identity,
-        metrics,
+        metrics: setup.metrics,
         authz,
         sessions,
         live,
@@ -229,35 +191,6 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         stop_accepting,
         stop_all,
     })
-}
-
-/// Re-checks the live connections (see [`live::Sweeper`]) until `stop`.
-fn spawn_sweeper(
-    config: &SidecarConfig,
-    identity: &Arc<Identity>,
-    authz: &Option<Arc<authz::Authz>>,
-    audit: Arc<crate::audit::AuditLog>,
-    live: &Arc<live::LiveConns>,
-    clock: &Clock,
-    stop: &watch::Receiver<bool>,
-) {
-    let sweeper = live::Sweeper {
-        live: live.clone(),
-        identity: identity.clone(),
-        authz: authz.clone(),
-        audit,
-        service: authz
-            .as_ref()
-            .map_or_else(|| identity.id().to_string(), |a| a.service.clone()),
-        region: config.region.clone(),
-        clock: clock.clone(),
-        every: config.identity.refresh,
-    };
-    tokio::spawn(
-        sweeper
-            .run(stop.clone())
-            .instrument(tracing::info_span!("sweeper")),
-    );
 }
 
 /// Accepts until the sidecar drains; hands each connection to `handle` and runs it until it

@@ -26,7 +26,6 @@ use super::session::SESSION_ALPN;
 use super::{accept_loop, original_dst, Common, ProxyError};
 use crate::clock::Clock;
 use crate::copy::splice;
-use crate::identity::SpiffeId;
 use crate::refusal::Refusal;
 use crate::region::{Region, ServiceName};
 use crate::svid::Identity;
@@ -35,18 +34,19 @@ use crate::tls::ExpectedPeer;
 
 const DIR: &str = "outbound";
 
-/// One `[[service]]`, resolved: where it is, who it must be, and the TLS clients that check it.
-pub struct OutboundService {
+/// One `[[service]]`, resolved: where it is, who it must be (in its verifier), and the TLS
+/// clients that check it.
+pub(crate) struct OutboundService {
     pub name: ServiceName,
     /// Another region's service (reached through the local gateways), or `None` for local.
     pub region: Option<Region>,
     pub addresses: Vec<SocketAddr>,
-    pub spiffe_ids: Vec<SpiffeId>,
     /// The TLS server name sent (the service's name; the verifier ignores it).
     pub server_name: ServerName<'static>,
     /// The client of direct connections (the service's expected identities).
     pub connector: TlsConnector,
-    /// The verifier of both clients, re-run on resumed sessions.
+    /// The verifier of both clients (it holds the identities the service must present),
+    /// re-run on resumed sessions.
     pub verifier: Arc<MeshServerVerifier>,
     /// The client of sessions (session ALPN, no resumption), when connections to this service
     /// ride the session pool.
@@ -92,7 +92,6 @@ impl OutboundService {
             name: s.name.clone(),
             region: s.region.clone(),
             addresses: s.addresses.clone(),
-            spiffe_ids: s.spiffe_ids.clone(),
             server_name: server_name(&s.name),
             connector: TlsConnector::from(Arc::new(direct)),
             verifier,

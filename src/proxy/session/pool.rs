@@ -33,7 +33,7 @@ mod driver;
 /// Where a session goes: one address of one service. Two targets are the same when they name
 /// the same service (the same [`OutboundService`], not only the same name) and address.
 #[derive(Clone)]
-pub struct Target {
+pub(crate) struct Target {
     pub service: Arc<OutboundService>,
     pub addr: SocketAddr,
 }
@@ -234,7 +234,7 @@ impl SessionPool {
     /// Opens a new stream to `target`: on the warm session if there is one, else after opening
     /// it. The returned stream is writable at once; the destination's verdict arrives with the
     /// first read.
-    pub async fn connect(self: &Arc<Self>, target: &Target) -> Result<H2Stream, Failure> {
+    pub(crate) async fn connect(self: &Arc<Self>, target: &Target) -> Result<H2Stream, Failure> {
         let entry = self.entry(target);
         entry
             .last_used
@@ -491,7 +491,11 @@ impl SessionPool {
 
     /// Keeps a session open to every target, re-opening it as soon as one is lost or retired
     /// (our rotation, a certificate's expiry), so new connections never wait for a handshake.
-    pub async fn prewarm(self: Arc<Self>, targets: Vec<Target>, stop: watch::Receiver<bool>) {
+    pub(crate) async fn prewarm(
+        self: Arc<Self>,
+        targets: Vec<Target>,
+        stop: watch::Receiver<bool>,
+    ) {
         for t in targets {
             let span = tracing::info_span!("prewarm", service = %t.name(), addr = %t.addr);
             tokio::spawn(self.clone().keep_warm(t, stop.clone()).instrument(span));

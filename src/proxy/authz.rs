@@ -109,7 +109,7 @@ impl AuthzMetrics {
 #[derive(Debug, thiserror::Error)]
 pub enum AuthzError {
     /// The file is missing or invalid.
-    #[error("{0}")]
+    #[error(transparent)]
     Invalid(#[from] crate::policy::PolicyError),
     /// The file has no section for the service this sidecar protects (at start).
     #[error("{}: no [service.{service}] in the policy file", path.display())]

@@ -66,13 +66,20 @@ pub enum ProxyError {
     NoRegion,
     /// The policy file could not be loaded.
     #[error("policy: {0}")]
-    Policy(#[from] authz::AuthzError),
+    Policy(authz::AuthzError),
     /// The audit log could not be opened.
     #[error("audit log {path}: {source}")]
     Audit {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+}
+
+// Not a `source`: the message already carries it, and `{:#}` would print it twice.
+impl From<authz::AuthzError> for ProxyError {
+    fn from(e: authz::AuthzError) -> Self {
+        ProxyError::Policy(e)
+    }
 }
 
 /// What both sides share.
@@ -239,4 +246,27 @@ pub(crate) fn original_dst(tcp: &tokio::net::TcpStream) -> Option<SocketAddr> {
     .ok()?
     .as_socket()?;
     (orig != local).then_some(orig)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_up_errors_say_what_they_said_and_once() {
+        let e = ProxyError::from(authz::AuthzError::NoService {
+            path: "/etc/p.toml".into(),
+            service: "api".into(),
+        });
+        let text = "policy: /etc/p.toml: no [service.api] in the policy file";
+        assert_eq!(e.to_string(), text);
+        // `main` prints the chain (`{:#}`): the cause is not repeated after the message.
+        assert_eq!(format!("{:#}", anyhow::Error::from(e)), text);
+        let e = ProxyError::Identity("no SVID yet".into());
+        assert_eq!(e.to_string(), "identity: no SVID yet");
+        assert_eq!(
+            ProxyError::NoRegion.to_string(),
+            "identity: a [tunnel] needs the sidecar's own `region`"
+        );
+    }
 }

@@ -392,7 +392,7 @@ impl Outbound {
     /// (`pooling`), through the local gateways for another region (see [`crate::tunnel`]).
     async fn on_session(&self, mut app: TcpStream, target: &Target, pool: &Arc<SessionPool>) {
         let m = &self.common.metrics;
-        let region = target.region().map_or("(ours)", Region::as_str);
+        let region = target.region_label();
         let mut stream = match pool.connect(target).await {
             Ok(s) => s,
             Err(f) => {

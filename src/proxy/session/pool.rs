@@ -50,7 +50,7 @@ impl Target {
     }
 
     /// The region for logs: `(ours)` when direct.
-    fn region_label(&self) -> &str {
+    pub fn region_label(&self) -> &str {
         self.region().map_or("(ours)", Region::as_str)
     }
 }

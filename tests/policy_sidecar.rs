@@ -1474,7 +1474,10 @@ name = "typo"
 action = "permit"
 "#,
     );
-    let err = authz.reload().expect_err("an invalid policy is refused");
+    let err = authz
+        .reload()
+        .expect_err("an invalid policy is refused")
+        .to_string();
     assert!(err.contains("permit"), "error names the bad value: {err}");
     assert!(err.contains("action"), "error names the field: {err}");
     assert_eq!(authz.metrics.reload_failures.get(), 1);
@@ -1506,7 +1509,11 @@ action = "permit"
     })
     .await;
     write_policy(&policy, &allow_only(&mesh, "batch"));
-    assert_eq!(authz.reload(), Ok(1), "frontend's live connection closed");
+    assert_eq!(
+        authz.reload().map_err(|e| e.to_string()),
+        Ok(1),
+        "frontend's live connection closed"
+    );
     assert_closed_without_data(&mut live, "frontend's live connection after a good reload").await;
     assert_eq!(authz.metrics.stale.get(), 0);
     assert_eq!(authz.metrics.reload_failures.get(), 1);

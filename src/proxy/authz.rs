@@ -105,6 +105,20 @@ impl AuthzMetrics {
     }
 }
 
+/// Why a policy file cannot be used (at start, or on a reload).
+#[derive(Debug, thiserror::Error)]
+pub enum AuthzError {
+    /// The file is missing or invalid.
+    #[error(transparent)]
+    Invalid(#[from] crate::policy::PolicyError),
+    /// The file has no section for the service this sidecar protects (at start).
+    #[error("{}: no [service.{service}] in the policy file", path.display())]
+    NoService { path: PathBuf, service: String },
+    /// A reloaded file no longer has the service's section.
+    #[error("no [service.{0}] in the new policy")]
+    ServiceGone(String),
+}
+
 /// Most serials refused after impossible travel held at once.
 pub const MAX_REFUSED: usize = 10_000;
 
@@ -156,14 +170,11 @@ impl Authz {
         audit: Arc<AuditLog>,
         clock: Clock,
         anomaly: AnomalyConfig,
-    ) -> Result<Arc<Self>, String> {
+    ) -> Result<Arc<Self>, AuthzError> {
         let loaded_stamp = crate::util::file_stamp(&path);
-        let policy = crate::policy::load(&path).map_err(|e| e.to_string())?;
+        let policy = crate::policy::load(&path)?;
         if policy.service(&service).is_none() {
-            return Err(format!(
-                "{}: no [service.{service}] in the policy file",
-                path.display()
-            ));
+            return Err(AuthzError::NoService { path, service });
         }
         Ok(Arc::new(Authz {
             service,
@@ -451,12 +462,11 @@ impl Authz {
 
     /// Reloads the file: on success swaps it in and closes live connections it denies; on
     /// failure keeps the last good policy, logs why and flags the metric.
-    pub fn reload(&self) -> Result<usize, String> {
+    pub fn reload(&self) -> Result<usize, AuthzError> {
         let fresh = match crate::policy::load(&self.path) {
             Ok(p) if p.service(&self.service).is_some() => p,
-            Ok(_) => Err(format!("no [service.{}] in the new policy", self.service))
-                .map_err(|e| self.reload_failed(e))?,
-            Err(e) => return Err(self.reload_failed(e.to_string())),
+            Ok(_) => return Err(self.reload_failed(AuthzError::ServiceGone(self.service.clone()))),
+            Err(e) => return Err(self.reload_failed(e.into())),
         };
         self.policy.store(Arc::new(fresh));
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -466,7 +476,7 @@ impl Authz {
         Ok(self.reauthorise())
     }
 
-    fn reload_failed(&self, why: String) -> String {
+    fn reload_failed(&self, why: AuthzError) -> AuthzError {
         self.metrics.reload_failures.inc();
         self.metrics.stale.set(1);
         tracing::error!(policy = %self.path.display(), error = %why, "policy reload refused; keeping the last good policy");

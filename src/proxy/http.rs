@@ -35,6 +35,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 use super::authz::{Authz, Caller};
 use crate::policy::eval::Http;
@@ -163,8 +164,20 @@ fn bad_request(why: &BadRequest) -> Response<Body> {
     r
 }
 
+/// Why no connection to the app could be had for a request.
+#[derive(Debug, thiserror::Error)]
+enum AppUnreachable {
+    #[error("app {app}: {source}")]
+    Connect {
+        app: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Handshake(#[from] hyper::Error),
+}
+
 impl Conn {
-    async fn upstream(&self) -> Result<Upstream, String> {
+    async fn upstream(&self) -> Result<Upstream, AppUnreachable> {
         loop {
             let idle = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
             match idle {
@@ -175,14 +188,18 @@ impl Conn {
         }
         let tcp = TcpStream::connect(self.app)
             .await
-            .map_err(|e| format!("app {}: {e}", self.app))?;
+            .map_err(|source| AppUnreachable::Connect {
+                app: self.app,
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
-        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(
+            async move {
+                let _ = conn.await;
+            }
+            .in_current_span(),
+        );
         Ok(send)
     }
 

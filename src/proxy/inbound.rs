@@ -12,177 +12,433 @@
 //! decided when it starts; a request in flight when its rule's time window ends runs to its end.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
 use tracing::Instrument;
 
-use super::authz::Caller;
-use super::config::Inbound;
+use super::authz::{Authz, Caller};
+use super::config::{SessionLimits, SidecarConfig};
 use super::http::Peer;
 use super::live::{Decided, PeerCert, Registration};
-use super::metrics::{Dir, Flow};
-use super::{accept_loop, original_dst, Shared};
+use super::metrics::Dir;
+use super::session::limits::SessionGate;
+use super::session::SESSION_ALPN;
+use super::{accept_loop, original_dst, Common, ProxyError};
+use crate::clock::Clock;
 use crate::copy::splice;
-use crate::identity::{inspect_cert, region_of_chain};
-use crate::tls::mesh::{self, failure_reason};
+use crate::identity::{inspect_cert, region_of_chain, SpiffeId};
+use crate::refusal::Refusal;
+use crate::svid::Identity;
+use crate::tls::mesh::{self, failure_reason, SpiffeClientVerifier};
 
 pub(super) const DIR: &str = "inbound";
 
-pub(super) async fn serve(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    stop_accepting: watch::Receiver<bool>,
-    stop_all: watch::Receiver<bool>,
-) {
-    accept_loop(
-        listener,
-        shared,
-        stop_accepting,
-        stop_all,
-        |tcp, peer, shared| {
-            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-            let span = tracing::info_span!("conn", id, dir = DIR, %peer);
-            async move { handle(tcp, shared).await }.instrument(span)
-        },
-    )
+/// Who may connect: the allow list or the policy.
+pub(crate) enum Admission {
+    /// `inbound.allow`: these callers, on any declared port (default deny).
+    AllowList(Vec<SpiffeId>),
+    /// `inbound.policy`: decided per connection, stream or request.
+    Policy(Arc<Authz>),
+}
+
+/// Where admitted connections go: `ports` for redirected ones, `address` for the others.
+#[derive(Clone, Debug)]
+pub(crate) struct Apps {
+    /// The app ports a redirected connection may reach on 127.0.0.1 (`inbound.ports`).
+    pub ports: Vec<u16>,
+    /// Where connections that were not redirected go (`inbound.app_address`).
+    pub address: Option<SocketAddr>,
+}
+
+impl Apps {
+    /// Where a connection goes: `orig` (the redirected destination) must be a declared app port
+    /// and not one of the sidecar's own listener ports (`own`); a connection that was not
+    /// redirected goes to the app address. The error is the refusal reason.
+    pub fn target(&self, orig: Option<SocketAddr>, own: &[u16]) -> Result<SocketAddr, Refusal> {
+        match orig {
+            Some(o) if self.ports.contains(&o.port()) && !own.contains(&o.port()) => {
+                Ok(SocketAddr::from(([127, 0, 0, 1], o.port())))
+            }
+            Some(_) => Err(Refusal::UndeclaredPort),
+            None => self.address.ok_or(Refusal::NoAppAddress),
+        }
+    }
+}
+
+/// The inbound side's state.
+pub(crate) struct Inbound {
+    pub common: Arc<Common>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    /// The verifier of callers, re-run on resumed sessions.
+    client_verifier: Arc<SpiffeClientVerifier>,
+    admission: Admission,
+    apps: Apps,
+    /// Caps of the multiplexed sessions other sidecars open to this one.
+    pub sessions: SessionLimits,
+    pub session_gate: SessionGate,
+}
+
+/// Loads `inbound.policy` if there is one (a bad file refuses to start), registers its metrics
+/// and watches the file until `stop`.
+pub(super) fn load_policy(
+    config: &SidecarConfig,
+    audit: &Arc<crate::audit::AuditLog>,
+    clock: &Clock,
+    registry: &mut Registry,
+    stop: &watch::Receiver<bool>,
+) -> Result<Option<Arc<Authz>>, ProxyError> {
+    let Some(inbound) = &config.inbound else {
+        return Ok(None);
+    };
+    let Some((path, service)) = inbound.policy.clone() else {
+        return Ok(None);
+    };
+    let a = Authz::load(
+        path,
+        service,
+        config.region.clone(),
+        audit.clone(),
+        clock.clone(),
+        inbound.anomaly.clone(),
+    )?;
+    a.metrics.register(registry);
+    let span = tracing::info_span!("policy_watch", service = %a.service);
+    tokio::spawn(
+        a.clone()
+            .watch(inbound.reload_interval, stop.clone())
+            .instrument(span),
+    );
+    Ok(Some(a))
+}
+
+impl Inbound {
+    /// The inbound side of `config`: its TLS server, admission (`authz`, else the allow list),
+    /// app ports and session caps.
+    pub(super) fn build(
+        config: &SidecarConfig,
+        inbound: &super::config::Inbound,
+        authz: Option<Arc<Authz>>,
+        common: Arc<Common>,
+    ) -> Result<Self, ProxyError> {
+        let identity: &Identity = &common.identity;
+        let client_verifier = Arc::new(SpiffeClientVerifier::new(
+            identity.trust(),
+            identity.peer_checks(),
+        ));
+        let mut server = mesh::server_config(
+            client_verifier.clone(),
+            identity.resolver.clone(),
+            config.resumption,
+            &common.clock,
+        )?;
+        // Sidecars open multiplexed sessions (see `crate::proxy::session`).
+        server.alpn_protocols.push(SESSION_ALPN.to_vec());
+        Ok(Inbound {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            client_verifier,
+            admission: match authz {
+                Some(a) => Admission::Policy(a),
+                None => Admission::AllowList(inbound.allow.clone()),
+            },
+            apps: Apps {
+                ports: inbound.ports.clone(),
+                address: inbound.app_address,
+            },
+            sessions: inbound.sessions,
+            session_gate: SessionGate::new(&inbound.sessions),
+            common,
+        })
+    }
+}
+
+/// Serves the inbound listener.
+pub(super) async fn serve(listener: TcpListener, inbound: Arc<Inbound>) {
+    let common = inbound.common.clone();
+    accept_loop(listener, common, move |tcp, peer| {
+        let id = inbound.common.next_id();
+        let span = tracing::info_span!("conn", id, dir = DIR, %peer);
+        let inbound = inbound.clone();
+        async move { inbound.handle(tcp).await }.instrument(span)
+    })
     .await
 }
 
-async fn handle(tcp: TcpStream, shared: Arc<Shared>) {
-    let m = &shared.metrics;
-    if let Err(why) = shared.identity.ready() {
-        m.fail(DIR, "not_ready");
-        tracing::warn!(reason = "not_ready", detail = %why, "inbound connection refused");
-        return;
+impl Inbound {
+    async fn handle(self: Arc<Self>, tcp: TcpStream) {
+        let m = &self.common.metrics;
+        if let Err(why) = self.common.identity.ready() {
+            m.fail(DIR, Refusal::NotReady);
+            tracing::warn!(reason = Refusal::NotReady.label(), detail = %why, "inbound connection refused");
+            return;
+        }
+        let orig = original_dst(&tcp);
+        let target = match self.apps.target(orig, &self.common.own_ports) {
+            Ok(t) => t,
+            Err(reason) => {
+                m.fail(DIR, reason);
+                tracing::warn!(reason = reason.label(), original_destination = ?orig, declared = ?self.apps.ports, "inbound connection refused: not a declared app port (inbound.ports), or no inbound.app_address");
+                return;
+            }
+        };
+        let Some(tls) = self.handshake(tcp).await else {
+            return;
+        };
+        let Some(caller) = self.caller(&tls) else {
+            return;
+        };
+        if tls.get_ref().1.alpn_protocol() == Some(SESSION_ALPN) {
+            if !self.could_admit(&caller, target.port()) {
+                self.refuse_session(&caller, target.port());
+                return;
+            }
+            // Boxed here and below: a connection's task is as large as its largest path, and the
+            // HTTP/2 and HTTP/1 servers would otherwise make every plain connection pay for them.
+            Box::pin(super::session::server::serve_session(
+                tls,
+                caller,
+                target,
+                self.clone(),
+            ))
+            .await;
+            return;
+        }
+        if let Some((verdict, reg)) = self.admit(&caller, target.port()) {
+            self.carry(tls, verdict, reg, target).await;
+        }
     }
-    let inbound = shared.config.inbound.as_ref().expect("inbound configured");
-    let orig = original_dst(&tcp);
-    let target = match app_target(orig, inbound, &shared.own_ports) {
-        Ok(t) => t,
-        Err(reason) => {
-            m.fail(DIR, reason);
-            tracing::warn!(reason, original_destination = ?orig, declared = ?inbound.ports, "inbound connection refused: not a declared app port (inbound.ports), or no inbound.app_address");
-            return;
-        }
-    };
-    let started = Instant::now();
-    // The handshake's state is boxed so that it is freed once done, instead of sizing the task
-    // of every connection for its whole life.
-    let handshake = tokio::time::timeout(
-        shared.config.handshake_timeout,
-        Box::pin(shared.server_tls.accept(tcp)),
-    )
-    .await;
-    // Boxed: the stream is handed down by value (session, policy, splice), and each hand-over
-    // would otherwise add a copy of the whole TLS state to the connection's task.
-    let tls = match handshake {
-        Ok(Ok(t)) => Box::new(t),
-        Ok(Err(e)) => {
-            let reason = failure_reason(&e);
-            m.fail(DIR, reason);
-            tracing::warn!(reason, detail = %e, "inbound handshake refused");
-            return;
-        }
-        Err(_) => {
-            m.fail(DIR, "handshake_timeout");
-            tracing::warn!(reason = "handshake_timeout", "inbound handshake timed out");
-            return;
-        }
-    };
-    if let Err(e) =
-        mesh::recheck_resumed_client(tls.get_ref().1, &shared.client_verifier, &shared.clock)
-    {
-        let reason = mesh::tls_reason(&e);
-        m.fail(DIR, reason);
-        tracing::warn!(reason, detail = %e, "resumed session refused: the peer's certificate no longer passes");
-        return;
-    }
-    m.handshake
-        .get_or_create(&Dir { direction: DIR })
-        .observe(started.elapsed().as_secs_f64());
-    let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
-    // The verifier already required one valid SPIFFE URI SAN; read it back for the decision.
-    let Some(info) = chain.first().and_then(|c| inspect_cert(c).ok()) else {
-        m.fail(DIR, "no_client_certificate");
-        return;
-    };
-    let caller = Arc::new(PeerCert {
-        region: region_of_chain(chain),
-        info,
-    });
-    if tls.get_ref().1.alpn_protocol() == Some(crate::proxy::session::SESSION_ALPN) {
-        if !could_admit(&caller, target.port(), &shared) {
-            refuse_session(&caller, target.port(), &shared);
-            return;
-        }
-        // Boxed here and below: a connection's task is as large as its largest path, and the
-        // HTTP/2 and HTTP/1 servers would otherwise make every plain connection pay for them.
-        Box::pin(super::session::server::serve_session(
-            tls, caller, target, shared,
-        ))
+
+    /// The TLS handshake within the handshake timeout, a resumed session re-checked; `None`
+    /// when refused (counted and logged).
+    async fn handshake(&self, tcp: TcpStream) -> Option<Box<TlsStream<TcpStream>>> {
+        let m = &self.common.metrics;
+        let started = Instant::now();
+        // The handshake's state is boxed so that it is freed once done, instead of sizing the
+        // task of every connection for its whole life.
+        let handshake = tokio::time::timeout(
+            self.common.handshake_timeout,
+            Box::pin(self.acceptor.accept(tcp)),
+        )
         .await;
-        return;
-    }
-    if let Some((verdict, reg)) = admit(&caller, target.port(), &shared) {
-        carry(tls, verdict, reg, target, &shared).await;
-    }
-}
-
-/// Whether the allow list or the policy could admit some stream of `caller` to `port`: a
-/// session (all of whose streams go to one port) is refused up front to a caller every stream
-/// of which would be denied.
-fn could_admit(caller: &PeerCert, port: u16, shared: &Shared) -> bool {
-    let Some(authz) = &shared.authz else {
-        let inbound = shared.config.inbound.as_ref().expect("inbound configured");
-        return inbound.allow.contains(&caller.info.id);
-    };
-    let (peer, serial) = (caller.info.id.to_string(), caller.info.serial.to_string());
-    authz.could_admit(&Caller {
-        peer: &peer,
-        serial: &serial,
-        region: caller.region.as_deref(),
-        port,
-    })
-}
-
-/// Refuses a session no stream of which could be admitted, decided, counted and audited like
-/// a refused connection (the deciding rule named), so the audit trail shows the caller.
-fn refuse_session(caller: &Arc<PeerCert>, port: u16, shared: &Shared) {
-    let Some(authz) = &shared.authz else {
-        // The allow list refuses it, logs and counts it.
-        let _ = admit(caller, port, shared);
-        return;
-    };
-    let (peer, serial) = (caller.info.id.to_string(), caller.info.serial.to_string());
-    let c = Caller {
-        peer: &peer,
-        serial: &serial,
-        region: caller.region.as_deref(),
-        port,
-    };
-    let (_, rule) = authz.decide(&c, None, true);
-    shared.metrics.fail(DIR, "policy_denied");
-    tracing::warn!(reason = "policy_denied", %rule, peer_id = %peer, peer_region = ?c.region, serial = %serial, port, "inbound session refused: no rule admits this caller to this port at any time");
-}
-
-/// Where a connection goes: `orig` (the redirected destination) must be a declared app port
-/// (`inbound.ports`) and not one of the sidecar's own listener ports (`own`); a connection
-/// that was not redirected goes to `inbound.app_address`. The error is the refusal reason.
-pub(crate) fn app_target(
-    orig: Option<SocketAddr>,
-    inbound: &Inbound,
-    own: &[u16],
-) -> Result<SocketAddr, &'static str> {
-    match orig {
-        Some(o) if inbound.ports.contains(&o.port()) && !own.contains(&o.port()) => {
-            Ok(SocketAddr::from(([127, 0, 0, 1], o.port())))
+        // Boxed: the stream is handed down by value (session, policy, splice), and each
+        // hand-over would otherwise add a copy of the whole TLS state to the connection's task.
+        let tls = match handshake {
+            Ok(Ok(t)) => Box::new(t),
+            Ok(Err(e)) => {
+                let reason = failure_reason(&e);
+                m.fail(DIR, reason);
+                tracing::warn!(reason = reason.label(), detail = %e, "inbound handshake refused");
+                return None;
+            }
+            Err(_) => {
+                let reason = Refusal::HandshakeTimeout;
+                m.fail(DIR, reason);
+                tracing::warn!(reason = reason.label(), "inbound handshake timed out");
+                return None;
+            }
+        };
+        let conn = tls.get_ref().1;
+        if let Err(e) =
+            mesh::recheck_resumed_client(conn, &self.client_verifier, &self.common.clock)
+        {
+            let reason = mesh::tls_reason(&e);
+            m.fail(DIR, reason);
+            tracing::warn!(reason = reason.label(), detail = %e, "resumed session refused: the peer's certificate no longer passes");
+            return None;
         }
-        Some(_) => Err("undeclared_port"),
-        None => inbound.app_address.ok_or("no_app_address"),
+        m.handshake
+            .get_or_create(&Dir { direction: DIR })
+            .observe(started.elapsed().as_secs_f64());
+        Some(tls)
+    }
+
+    /// The caller's certificate facts and region. The verifier already required one valid
+    /// SPIFFE URI SAN; this reads it back for the decision.
+    fn caller(&self, tls: &TlsStream<TcpStream>) -> Option<Arc<PeerCert>> {
+        let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+        let Some(info) = chain.first().and_then(|c| inspect_cert(c).ok()) else {
+            self.common.metrics.fail(DIR, Refusal::NoClientCertificate);
+            return None;
+        };
+        Some(Arc::new(PeerCert {
+            region: region_of_chain(chain),
+            info,
+        }))
+    }
+
+    /// Whether the allow list or the policy could admit some stream of `caller` to `port`: a
+    /// session (all of whose streams go to one port) is refused up front to a caller every
+    /// stream of which would be denied.
+    fn could_admit(&self, caller: &PeerCert, port: u16) -> bool {
+        match &self.admission {
+            Admission::AllowList(allow) => allow.contains(&caller.info.id),
+            Admission::Policy(authz) => {
+                let (peer, serial) = (caller.info.id.to_string(), caller.info.serial.to_string());
+                authz.could_admit(&Caller {
+                    peer: &peer,
+                    serial: &serial,
+                    region: caller.region.as_deref(),
+                    port,
+                })
+            }
+        }
+    }
+
+    /// Refuses a session no stream of which could be admitted, decided, counted and audited
+    /// like a refused connection (the deciding rule named), so the audit trail shows the caller.
+    fn refuse_session(&self, caller: &Arc<PeerCert>, port: u16) {
+        let Admission::Policy(authz) = &self.admission else {
+            // The allow list refuses it, logs and counts it.
+            let _ = self.admit(caller, port);
+            return;
+        };
+        let (peer, serial) = (caller.info.id.to_string(), caller.info.serial.to_string());
+        let c = Caller {
+            peer: &peer,
+            serial: &serial,
+            region: caller.region.as_deref(),
+            port,
+        };
+        let (_, rule) = authz.decide(&c, None, true);
+        let reason = Refusal::PolicyDenied;
+        self.common.metrics.fail(DIR, reason);
+        tracing::warn!(reason = reason.label(), %rule, peer_id = %peer, peer_region = ?c.region, serial = %serial, port, "inbound session refused: no rule admits this caller to this port at any time");
+    }
+
+    /// The allow list or the policy on one connection or session stream, and its registration
+    /// as a live connection; `None` when denied (logged and counted here).
+    pub(super) fn admit(
+        &self,
+        caller: &Arc<PeerCert>,
+        port: u16,
+    ) -> Option<(Verdict, Registration)> {
+        match &self.admission {
+            Admission::AllowList(allow) => self.admit_listed(allow, caller, port),
+            Admission::Policy(authz) => self.admit_by_policy(authz, caller, port),
+        }
+    }
+
+    fn admit_listed(
+        &self,
+        allow: &[SpiffeId],
+        caller: &Arc<PeerCert>,
+        port: u16,
+    ) -> Option<(Verdict, Registration)> {
+        let (info, region) = (&caller.info, &caller.region);
+        if !allow.contains(&info.id) {
+            let reason = Refusal::NotAllowed;
+            self.common.metrics.fail(DIR, reason);
+            tracing::warn!(reason = reason.label(), peer_id = %info.id, peer_region = ?region, serial = %info.serial, "inbound connection denied by allow list (default deny)");
+            return None;
+        }
+        tracing::debug!(peer_id = %info.id, peer_region = ?region, serial = %info.serial, port, "inbound connection allowed");
+        let reg = self.common.live.register(DIR, caller.clone(), port, None);
+        Some((Verdict::Forward, reg))
+    }
+
+    fn admit_by_policy(
+        &self,
+        authz: &Arc<Authz>,
+        caller: &Arc<PeerCert>,
+        port: u16,
+    ) -> Option<(Verdict, Registration)> {
+        let info = &caller.info;
+        let peer = Peer {
+            id: info.id.to_string(),
+            serial: info.serial.to_string(),
+            region: caller.region.clone(),
+            port,
+        };
+        let admission = authz.admit(
+            &Caller {
+                peer: &peer.id,
+                serial: &peer.serial,
+                region: peer.region.as_deref(),
+                port: peer.port,
+            },
+            info.not_after,
+        );
+        if !admission.allowed {
+            let reason = Refusal::PolicyDenied;
+            self.common.metrics.fail(DIR, reason);
+            tracing::warn!(reason = reason.label(), rule = %admission.rule, peer_id = %peer.id, peer_region = ?peer.region, serial = %peer.serial, port = peer.port, "inbound connection denied by policy");
+            return None;
+        }
+        tracing::debug!(peer_id = %peer.id, peer_region = ?peer.region, serial = %peer.serial, rule = %admission.rule, port, "inbound connection allowed");
+        let live = &self.common.live;
+        if authz.is_http_port(port) {
+            // Requests are decided one by one; the connection is re-checked for its certificate.
+            let reg = live.register(DIR, caller.clone(), port, None);
+            Some((Verdict::Http(authz.clone(), peer), reg))
+        } else {
+            let decided = Decided {
+                generation: admission.generation,
+                rule: admission.rule,
+            };
+            let reg = live.register(DIR, caller.clone(), port, Some(decided));
+            Some((Verdict::Forward, reg))
+        }
+    }
+
+    /// Carries an admitted connection or stream to the app, until it ends or a sweep closes it.
+    pub(super) async fn carry<S>(
+        &self,
+        io: S,
+        verdict: Verdict,
+        mut reg: Registration,
+        target: SocketAddr,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        match verdict {
+            Verdict::Http(authz, peer) => {
+                let m = &self.common.metrics;
+                m.opened.get_or_create(&Dir { direction: DIR }).inc();
+                let head = self.common.handshake_timeout;
+                tokio::select! {
+                    _ = Box::pin(super::http::serve(io, authz, peer, target, head)) => {}
+                    reason = reg.closed() => m.closed_live(DIR, reason),
+                }
+                m.closed.get_or_create(&Dir { direction: DIR }).inc();
+            }
+            Verdict::Forward => self.forward(io, target, reg).await,
+        }
+    }
+
+    /// Connects the app and splices, until either side is done or a sweep closes it.
+    async fn forward<S>(&self, mut tls: S, target: SocketAddr, mut reg: Registration)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let m = &self.common.metrics;
+        let mut app = match TcpStream::connect(target).await {
+            Ok(a) => a,
+            Err(e) => {
+                let reason = Refusal::AppUnreachable;
+                m.fail(DIR, reason);
+                tracing::warn!(reason = reason.label(), %target, error = %e, "cannot reach the app");
+                return;
+            }
+        };
+        let _ = app.set_nodelay(true);
+        m.opened.get_or_create(&Dir { direction: DIR }).inc();
+        let result = tokio::select! {
+            r = splice(&mut app, &mut tls) => Ok(r),
+            reason = reg.closed() => Err(reason),
+        };
+        m.closed.get_or_create(&Dir { direction: DIR }).inc();
+        match result {
+            Ok(Ok((to_peer, from_peer))) => {
+                m.count_bytes(DIR, to_peer, from_peer);
+                tracing::debug!(to_peer, from_peer, "inbound connection closed");
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "inbound connection ended with error"),
+            Err(reason) => m.closed_live(DIR, reason),
+        }
     }
 }
 
@@ -191,150 +447,15 @@ pub(super) enum Verdict {
     /// Splice to the app.
     Forward,
     /// Decide each HTTP request.
-    Http(Arc<super::authz::Authz>, Peer),
-}
-
-/// The allow list or the policy on one connection or session stream, and its registration as
-/// a live connection; `None` when denied (logged and counted here).
-pub(super) fn admit(
-    caller: &Arc<PeerCert>,
-    port: u16,
-    shared: &Shared,
-) -> Option<(Verdict, Registration)> {
-    let m = &shared.metrics;
-    let info = &caller.info;
-    let region = &caller.region;
-    let Some(authz) = shared.authz.clone() else {
-        let inbound = shared.config.inbound.as_ref().expect("inbound configured");
-        if !inbound.allow.contains(&info.id) {
-            m.fail(DIR, "not_allowed");
-            tracing::warn!(reason = "not_allowed", peer_id = %info.id, peer_region = ?region, serial = %info.serial, "inbound connection denied by allow list (default deny)");
-            return None;
-        }
-        tracing::debug!(peer_id = %info.id, peer_region = ?region, serial = %info.serial, port, "inbound connection allowed");
-        let reg = shared.live.register(DIR, caller.clone(), port, None);
-        return Some((Verdict::Forward, reg));
-    };
-    let peer = Peer {
-        id: info.id.to_string(),
-        serial: info.serial.to_string(),
-        region: region.clone(),
-        port,
-    };
-    let admission = authz.admit(
-        &Caller {
-            peer: &peer.id,
-            serial: &peer.serial,
-            region: peer.region.as_deref(),
-            port: peer.port,
-        },
-        info.not_after,
-    );
-    if !admission.allowed {
-        m.fail(DIR, "policy_denied");
-        tracing::warn!(reason = "policy_denied", rule = %admission.rule, peer_id = %peer.id, peer_region = ?peer.region, serial = %peer.serial, port = peer.port, "inbound connection denied by policy");
-        return None;
-    }
-    tracing::debug!(peer_id = %peer.id, peer_region = ?peer.region, serial = %peer.serial, rule = %admission.rule, port, "inbound connection allowed");
-    if authz.is_http_port(port) {
-        // Requests are decided one by one; the connection is re-checked for its certificate.
-        let reg = shared.live.register(DIR, caller.clone(), port, None);
-        Some((Verdict::Http(authz, peer), reg))
-    } else {
-        let decided = Decided {
-            generation: admission.generation,
-            rule: admission.rule,
-        };
-        let reg = shared
-            .live
-            .register(DIR, caller.clone(), port, Some(decided));
-        Some((Verdict::Forward, reg))
-    }
-}
-
-/// Carries an admitted connection or stream to the app, until it ends or a sweep closes it.
-pub(super) async fn carry<S>(
-    io: S,
-    verdict: Verdict,
-    mut reg: Registration,
-    target: SocketAddr,
-    shared: &Shared,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    match verdict {
-        Verdict::Http(authz, peer) => {
-            let m = &shared.metrics;
-            m.opened.get_or_create(&Dir { direction: DIR }).inc();
-            let head = shared.config.handshake_timeout;
-            tokio::select! {
-                _ = Box::pin(super::http::serve(io, authz, peer, target, head)) => {}
-                reason = reg.closed() => m.closed_live(DIR, reason),
-            }
-            m.closed.get_or_create(&Dir { direction: DIR }).inc();
-        }
-        Verdict::Forward => forward(io, target, reg, shared).await,
-    }
-}
-
-/// Connects the app and splices, until either side is done or a sweep closes it.
-async fn forward<S>(mut tls: S, target: SocketAddr, mut reg: Registration, shared: &Shared)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let m = &shared.metrics;
-    let mut app = match TcpStream::connect(target).await {
-        Ok(a) => a,
-        Err(e) => {
-            m.fail(DIR, "app_unreachable");
-            tracing::warn!(reason = "app_unreachable", %target, error = %e, "cannot reach the app");
-            return;
-        }
-    };
-    let _ = app.set_nodelay(true);
-    m.opened.get_or_create(&Dir { direction: DIR }).inc();
-    let result = tokio::select! {
-        r = splice(&mut app, &mut tls) => Ok(r),
-        reason = reg.closed() => Err(reason),
-    };
-    m.closed.get_or_create(&Dir { direction: DIR }).inc();
-    match result {
-        Ok(Ok((to_peer, from_peer))) => {
-            m.bytes
-                .get_or_create(&Flow {
-                    direction: DIR,
-                    flow: "to_peer",
-                })
-                .inc_by(to_peer);
-            m.bytes
-                .get_or_create(&Flow {
-                    direction: DIR,
-                    flow: "from_peer",
-                })
-                .inc_by(from_peer);
-            tracing::debug!(to_peer, from_peer, "inbound connection closed");
-        }
-        Ok(Err(e)) => tracing::debug!(error = %e, "inbound connection ended with error"),
-        Err(reason) => m.closed_live(DIR, reason),
-    }
+    Http(Arc<Authz>, Peer),
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
-    fn inbound(ports: Vec<u16>, app_address: Option<SocketAddr>) -> Inbound {
-        Inbound {
-            listen: "0.0.0.0:15006".parse().unwrap(),
-            allow: vec![],
-            app_address,
-            ports,
-            policy: None,
-            reload_interval: Duration::from_secs(2),
-            anomaly: Default::default(),
-            sessions: Default::default(),
-        }
+    fn apps(ports: Vec<u16>, address: Option<SocketAddr>) -> Apps {
+        Apps { ports, address }
     }
 
     fn to(port: u16) -> Option<SocketAddr> {
@@ -345,28 +466,31 @@ mod tests {
     #[test]
     fn redirected_connections_reach_declared_app_ports_only() {
         let own = [15006, 15001, 15020, 7001];
-        let i = inbound(vec![8080, 9090], None);
+        let i = apps(vec![8080, 9090], None);
         let local = |p: u16| Ok(SocketAddr::from(([127, 0, 0, 1], p)));
-        assert_eq!(app_target(to(8080), &i, &own), local(8080));
-        assert_eq!(app_target(to(9090), &i, &own), local(9090));
+        let undeclared = Err(Refusal::UndeclaredPort);
+        assert_eq!(i.target(to(8080), &own), local(8080));
+        assert_eq!(i.target(to(9090), &own), local(9090));
         // A loopback-only debug port of the pod, and an explicit listener of the sidecar.
-        assert_eq!(app_target(to(6060), &i, &own), Err("undeclared_port"));
-        assert_eq!(app_target(to(7001), &i, &own), Err("undeclared_port"));
+        assert_eq!(i.target(to(6060), &own), undeclared);
+        assert_eq!(i.target(to(7001), &own), undeclared);
         // Nothing declared: nothing is reached.
-        let none = inbound(vec![], None);
-        assert_eq!(app_target(to(8080), &none, &own), Err("undeclared_port"));
+        let none = apps(vec![], None);
+        assert_eq!(none.target(to(8080), &own), undeclared);
         // Declared by mistake and also a port of the sidecar (bound on port 0, say): refused.
-        let clash = inbound(vec![7001], None);
-        assert_eq!(app_target(to(7001), &clash, &own), Err("undeclared_port"));
+        let clash = apps(vec![7001], None);
+        assert_eq!(clash.target(to(7001), &own), undeclared);
+        assert_eq!(Refusal::UndeclaredPort.label(), "undeclared_port");
     }
 
     #[test]
     fn connections_that_were_not_redirected_go_to_the_app_address() {
         let app: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-        assert_eq!(app_target(None, &inbound(vec![], Some(app)), &[]), Ok(app));
+        assert_eq!(apps(vec![], Some(app)).target(None, &[]), Ok(app));
         assert_eq!(
-            app_target(None, &inbound(vec![8080], None), &[]),
-            Err("no_app_address")
+            apps(vec![8080], None).target(None, &[]),
+            Err(Refusal::NoAppAddress)
         );
+        assert_eq!(Refusal::NoAppAddress.label(), "no_app_address");
     }
 }

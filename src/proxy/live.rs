@@ -30,6 +30,7 @@ use crate::audit::decision::DecisionEvent;
 use crate::audit::AuditLog;
 use crate::clock::{rfc3339, Clock};
 use crate::identity::CertInfo;
+use crate::refusal::Refusal;
 use crate::region::Region;
 use crate::svid::Identity;
 
@@ -47,14 +48,19 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// The refusal this close reason is counted and audited as.
+    pub fn refusal(self) -> Refusal {
+        match self {
+            CloseReason::Revoked => Refusal::Revoked,
+            CloseReason::ExpiredCertificate => Refusal::ExpiredCertificate,
+            CloseReason::PolicyReload => Refusal::PolicyReload,
+            CloseReason::TimeWindowClosed => Refusal::TimeWindowClosed,
+        }
+    }
+
     /// The metric label and audit word.
     pub fn as_str(self) -> &'static str {
-        match self {
-            CloseReason::Revoked => "revoked",
-            CloseReason::ExpiredCertificate => "expired_certificate",
-            CloseReason::PolicyReload => "policy_reload",
-            CloseReason::TimeWindowClosed => "time_window_closed",
-        }
+        self.refusal().label()
     }
 }
 
@@ -341,14 +347,14 @@ impl Sweeper {
         let revoked = self.identity.revoked.load();
         let closed = self.live.recheck(|e| {
             let info = &e.peer.info;
-            if revoked.contains(&info.serial) {
-                return Some((CloseReason::Revoked, "revoked".into()));
-            }
-            if now >= info.not_after {
-                return Some((
-                    CloseReason::ExpiredCertificate,
-                    "expired_certificate".into(),
-                ));
+            let lapsed = if revoked.contains(&info.serial) {
+                Some(CloseReason::Revoked)
+            } else {
+                (now >= info.not_after).then_some(CloseReason::ExpiredCertificate)
+            };
+            if let Some(r) = lapsed {
+                // No rule closed it: the audit line names the reason as its rule.
+                return Some((r, r.as_str().to_string()));
             }
             let authz = self.authz.as_ref()?;
             authz.recheck(e)

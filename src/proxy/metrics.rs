@@ -7,6 +7,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::refusal::Refusal;
+
 /// Direction of a proxied connection.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Dir {
@@ -99,10 +101,22 @@ impl ProxyMetrics {
     }
 
     /// Counts a failure.
-    pub fn fail(&self, direction: &'static str, reason: &'static str) {
+    pub fn fail(&self, direction: &'static str, reason: Refusal) {
         self.failed
-            .get_or_create(&Failure { direction, reason })
+            .get_or_create(&Failure {
+                direction,
+                reason: reason.label(),
+            })
             .inc();
+    }
+
+    /// Counts the bytes of a finished connection of `direction`.
+    pub fn count_bytes(&self, direction: &'static str, to_peer: u64, from_peer: u64) {
+        for (flow, n) in [("to_peer", to_peer), ("from_peer", from_peer)] {
+            self.bytes
+                .get_or_create(&Flow { direction, flow })
+                .inc_by(n);
+        }
     }
 
     /// Counts a live connection closed by a re-check.
@@ -115,14 +129,14 @@ impl ProxyMetrics {
             .inc();
     }
 
-    /// Live connections of `direction` closed for `reason` (for tests and logs).
+    /// Live connections of `direction` closed for `reason`, a label (for tests and logs).
     pub fn closed_live_count(&self, direction: &'static str, reason: &'static str) -> u64 {
         self.closed_live
             .get_or_create(&Failure { direction, reason })
             .get()
     }
 
-    /// Reads a failure count (for tests and logs).
+    /// Reads a failure count by its label (for tests and logs).
     pub fn failures(&self, direction: &'static str, reason: &'static str) -> u64 {
         self.failed
             .get_or_create(&Failure { direction, reason })

@@ -146,9 +146,9 @@ impl ServerCertVerifier for CaServerVerifier {
             let mut chain = vec![end_entity.clone()];
             chain.extend(intermediates.iter().cloned());
             let found = region_of_chain(&chain);
-            self.region
-                .check(found.as_deref())
-                .map_err(|detail| crate::tls::mesh::reject("wrong_region", detail))?;
+            self.region.check(found.as_deref()).map_err(|detail| {
+                crate::tls::mesh::reject(crate::refusal::Refusal::WrongRegion, detail)
+            })?;
         }
         Ok(ok)
     }

@@ -20,6 +20,7 @@ use super::{tls13_signature, verify_schemes, ExpectedPeer, REFUSE_TLS12};
 use crate::clock::Clock;
 use crate::crypto::{provider, TLS13_ONLY};
 use crate::identity::{inspect_cert, Bundle, Serial, TrustDomain};
+use crate::refusal::Refusal;
 
 /// ALPN protocol marking mesh traffic between sidecars.
 pub const MESH_ALPN: &[u8] = b"trustline/1";
@@ -31,16 +32,16 @@ pub type RevokedSet = Arc<ArcSwap<HashSet<Serial>>>;
 #[derive(Debug, thiserror::Error)]
 #[error("{detail}")]
 pub struct SpiffeRejection {
-    /// A short, stable label for metrics: `bad_spiffe_id`, `wrong_trust_domain`, `leaf_is_ca`,
-    /// `unexpected_identity`.
-    pub reason: &'static str,
+    /// The reason for metrics: `bad_spiffe_id`, `wrong_trust_domain`, `leaf_is_ca`,
+    /// `unexpected_identity`, ...
+    pub reason: Refusal,
     /// What exactly was wrong.
     pub detail: String,
 }
 
 /// The error for a server whose SPIFFE ID is not the one expected for the destination.
 pub fn unexpected_identity(detail: String) -> rustls::Error {
-    reject("unexpected_identity", detail)
+    reject(Refusal::UnexpectedIdentity, detail)
 }
 
 /// The trust bundle in force, replaceable while connections run (bundle refresh). Verifiers read
@@ -179,52 +180,53 @@ impl Trust {
     }
 }
 
-pub(crate) fn reject(reason: &'static str, detail: String) -> rustls::Error {
+/// A certificate refused by a SPIFFE check for `reason`, as rustls carries it (see
+/// [`tls_reason`]).
+pub(crate) fn reject(reason: Refusal, detail: String) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
         SpiffeRejection { reason, detail },
     ))))
 }
 
-/// A short label for a failed handshake, for metrics and logs.
-pub fn failure_reason(e: &std::io::Error) -> &'static str {
+/// The reason of a failed handshake, for metrics and logs.
+pub fn failure_reason(e: &std::io::Error) -> Refusal {
     let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
         return match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => "eof_during_handshake",
-            std::io::ErrorKind::TimedOut => "timeout",
-            _ => "io",
+            std::io::ErrorKind::UnexpectedEof => Refusal::EofDuringHandshake,
+            std::io::ErrorKind::TimedOut => Refusal::Timeout,
+            _ => Refusal::Io,
         };
     };
     tls_reason(tls)
 }
 
-/// A short label for a rustls error.
-pub fn tls_reason(e: &rustls::Error) -> &'static str {
+/// The reason of a rustls error.
+pub fn tls_reason(e: &rustls::Error) -> Refusal {
     use rustls::Error as E;
     match e {
-        E::NoCertificatesPresented => "no_client_certificate",
+        E::NoCertificatesPresented => Refusal::NoClientCertificate,
         E::InvalidCertificate(c) => match c {
-            CertificateError::UnknownIssuer => "unknown_issuer",
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::UnknownIssuer => Refusal::UnknownIssuer,
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => Refusal::Expired,
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                "not_yet_valid"
+                Refusal::NotYetValid
             }
-            CertificateError::Revoked => "revoked",
-            CertificateError::BadSignature => "bad_signature",
+            CertificateError::Revoked => Refusal::Revoked,
+            CertificateError::BadSignature => Refusal::BadSignature,
             CertificateError::Other(o) => {
                 o.0.downcast_ref::<SpiffeRejection>()
-                    .map(|r| r.reason)
-                    .unwrap_or("bad_certificate")
+                    .map_or(Refusal::BadCertificate, |r| r.reason)
             }
-            _ => "bad_certificate",
+            _ => Refusal::BadCertificate,
         },
-        E::PeerIncompatible(_) => "incompatible_peer",
-        E::AlertReceived(_) => "alert_received",
+        E::PeerIncompatible(_) => Refusal::IncompatiblePeer,
+        E::AlertReceived(_) => Refusal::AlertReceived,
         E::InappropriateHandshakeMessage { .. } | E::InappropriateMessage { .. } => {
-            "protocol_error"
+            Refusal::ProtocolError
         }
-        E::NoApplicationProtocol => "no_alpn",
-        E::InvalidMessage(_) => "not_tls",
-        _ => "tls_error",
+        E::NoApplicationProtocol => Refusal::NoAlpn,
+        E::InvalidMessage(_) => Refusal::NotTls,
+        _ => Refusal::TlsError,
     }
 }
 
@@ -239,18 +241,18 @@ pub struct PeerChecks {
 
 impl PeerChecks {
     fn check(&self, leaf: &CertificateDer<'_>) -> Result<crate::identity::CertInfo, rustls::Error> {
-        let info = inspect_cert(leaf).map_err(|e| reject("bad_spiffe_id", e.to_string()))?;
+        let info = inspect_cert(leaf).map_err(|e| reject(Refusal::BadSpiffeId, e.to_string()))?;
         match info.check_leaf_profile() {
             Ok(()) => {}
             Err(crate::identity::IdentityError::LeafIsCa) => {
                 let detail = format!("{} is a CA certificate", info.id);
-                return Err(reject("leaf_is_ca", detail));
+                return Err(reject(Refusal::LeafIsCa, detail));
             }
-            Err(e) => return Err(reject("bad_key_usage", format!("{}: {e}", info.id))),
+            Err(e) => return Err(reject(Refusal::BadKeyUsage, format!("{}: {e}", info.id))),
         }
         if !info.id.is_member_of(&self.trust_domain) {
             return Err(reject(
-                "wrong_trust_domain",
+                Refusal::WrongTrustDomain,
                 format!("{} is not in trust domain {}", info.id, self.trust_domain),
             ));
         }
@@ -305,7 +307,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             );
             if other && inspect_cert(end_entity).is_ok_and(|i| i.is_ca) {
                 let detail = "a CA certificate was presented as a client SVID".to_string();
-                return Err(reject("leaf_is_ca", detail));
+                return Err(reject(Refusal::LeafIsCa, detail));
             }
             return Err(e);
         }
@@ -528,96 +530,4 @@ pub fn recheck_resumed_server(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::cell::Cell;
-
-    fn cert(not_after_secs: i64) -> CertificateDer<'static> {
-        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        p.not_before = time::OffsetDateTime::from_unix_timestamp(1_000).expect("time");
-        p.not_after = time::OffsetDateTime::from_unix_timestamp(not_after_secs).expect("time");
-        let key = rcgen::KeyPair::generate().expect("key");
-        p.self_signed(&key).expect("cert").der().clone()
-    }
-
-    fn trust(root: &CertificateDer<'static>) -> Arc<Trust> {
-        let td = crate::identity::parse_trust_domain("example.org").expect("td");
-        Trust::new(Bundle::new(td, vec![root.clone()]).expect("bundle")).expect("trust")
-    }
-
-    /// Runs the cached check and says whether the real check ran.
-    fn ran(trust: &Trust, by: Presenter, leaf: &CertificateDer<'_>, at: u64, ok: bool) -> bool {
-        let ran = Cell::new(false);
-        let verify = || {
-            ran.set(true);
-            if ok {
-                Ok(())
-            } else {
-                Err(rustls::Error::InvalidCertificate(
-                    CertificateError::BadSignature,
-                ))
-            }
-        };
-        let got = trust.verify_path_cached(
-            by,
-            leaf,
-            &[],
-            UnixTime::since_unix_epoch(std::time::Duration::from_secs(at)),
-            verify,
-        );
-        assert_eq!(
-            got.is_ok(),
-            ok || !ran.get(),
-            "the verdict follows the real check"
-        );
-        ran.get()
-    }
-
-    #[test]
-    fn a_verified_chain_is_remembered_within_its_validity_for_its_presenter_and_bundle() {
-        let leaf = cert(5_000);
-        let t = trust(&leaf);
-        assert!(
-            ran(&t, Presenter::Client, &leaf, 2_000, true),
-            "first time: verified"
-        );
-        assert!(
-            !ran(&t, Presenter::Client, &leaf, 3_000, true),
-            "again: remembered"
-        );
-        assert!(
-            ran(&t, Presenter::Server, &leaf, 3_000, true),
-            "the other end: verified"
-        );
-        assert!(
-            ran(&t, Presenter::Client, &leaf, 5_001, false),
-            "expired: verified again"
-        );
-        assert!(
-            ran(&t, Presenter::Client, &leaf, 999, false),
-            "not yet valid: verified again"
-        );
-        assert!(
-            !ran(&t, Presenter::Client, &leaf, 4_000, true),
-            "still remembered in its window"
-        );
-        let other = cert(9_000);
-        t.set_bundle(Bundle::new(t.bundle().trust_domain.clone(), vec![other]).unwrap())
-            .unwrap();
-        assert!(
-            ran(&t, Presenter::Client, &leaf, 3_000, false),
-            "new bundle: verified again"
-        );
-    }
-
-    #[test]
-    fn a_failed_chain_is_not_remembered() {
-        let leaf = cert(5_000);
-        let t = trust(&leaf);
-        assert!(ran(&t, Presenter::Client, &leaf, 2_000, false));
-        assert!(
-            ran(&t, Presenter::Client, &leaf, 2_000, false),
-            "a failure is checked again"
-        );
-    }
-}
+mod tests;

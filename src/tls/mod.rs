@@ -120,7 +120,7 @@ pub fn verify_path(
     match verified {
         Ok(_) => Ok(()),
         Err(_) if stray.get() => Err(mesh::reject(
-            "stray_certificate",
+            crate::refusal::Refusal::StrayCertificate,
             format!(
                 "the chain carries {} certificate(s) after the leaf, and they are not exactly its \
                  verified path to the trust bundle",

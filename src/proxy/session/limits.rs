@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::limits::{Full, Gate, LogEvery, Permit};
 use crate::proxy::config::SessionLimits;
+use crate::refusal::Refusal;
 
 /// HTTP/2 header block a session stream may send (decoded size): a `CONNECT` needs a few hundred
 /// bytes; h2's default of 16 MiB lets HPACK references make one stream cost megabytes.
@@ -38,19 +39,16 @@ impl SessionGate {
         }
     }
 
-    /// A place for a session of `caller`, or the metric reason it was refused (logged here, at
+    /// A place for a session of `caller`, or the reason it was refused (logged here, at
     /// most once a second with the number held back).
-    pub fn enter(
-        &self,
-        caller: &crate::identity::SpiffeId,
-    ) -> Result<Permit<String>, &'static str> {
+    pub fn enter(&self, caller: &crate::identity::SpiffeId) -> Result<Permit<String>, Refusal> {
         self.gate.enter(caller.to_string()).map_err(|full| {
             let reason = match full {
-                Full::Total => "session_cap_total",
-                Full::PerKey => "session_cap_caller",
+                Full::Total => Refusal::SessionCapTotal,
+                Full::PerKey => Refusal::SessionCapCaller,
             };
             if let Some(held_back) = self.log.allow() {
-                tracing::warn!(reason, peer_id = %caller, held_back, "inbound session refused: too many open sessions");
+                tracing::warn!(reason = reason.label(), peer_id = %caller, held_back, "inbound session refused: too many open sessions");
             }
             reason
         })
@@ -115,14 +113,14 @@ pub struct SessionCounts {
 impl SessionCounts {
     /// Why the session must end now, if it must: too many refused streams, or most of its
     /// streams reset by the caller (a rapid-reset flood costs an app connection per stream).
-    pub fn over_budget(&self, limits: &SessionLimits) -> Option<&'static str> {
+    pub fn over_budget(&self, limits: &SessionLimits) -> Option<Refusal> {
         if self.denied.load(Ordering::Relaxed) >= limits.max_denied_streams {
-            return Some("session_denied_budget");
+            return Some(Refusal::SessionDeniedBudget);
         }
         let ended = self.ended.load(Ordering::Relaxed);
         let resets = self.resets.load(Ordering::Relaxed);
         if ended >= RESET_JUDGED_AFTER && resets.saturating_mul(2) > ended {
-            return Some("session_reset_flood");
+            return Some(Refusal::SessionResetFlood);
         }
         None
     }
@@ -141,12 +139,12 @@ mod tests {
         c.resets.store(400, Ordering::Relaxed);
         assert_eq!(c.over_budget(&limits), None, "40 % resets is within budget");
         c.resets.store(600, Ordering::Relaxed);
-        assert_eq!(c.over_budget(&limits), Some("session_reset_flood"));
+        assert_eq!(c.over_budget(&limits), Some(Refusal::SessionResetFlood));
         let c = SessionCounts::default();
         c.ended.store(10, Ordering::Relaxed);
         c.resets.store(10, Ordering::Relaxed);
         assert_eq!(c.over_budget(&limits), None, "too few streams to judge");
         c.denied.store(limits.max_denied_streams, Ordering::Relaxed);
-        assert_eq!(c.over_budget(&limits), Some("session_denied_budget"));
+        assert_eq!(c.over_budget(&limits), Some(Refusal::SessionDeniedBudget));
     }
 }

@@ -5,43 +5,89 @@
 //! (`pooling`, on by default), so a new application connection costs a stream, not a handshake.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use rustls::pki_types::ServerName;
 use tokio::sync::{watch, Notify};
+use tracing::Instrument;
 
 use super::{H2Stream, MAX_FRAME, SESSION_WINDOW, STREAM_WINDOW};
 use crate::clock::Clock;
+use crate::identity::CertInfo;
+use crate::proxy::outbound::OutboundService;
+use crate::refusal::Refusal;
 use crate::region::{Region, ServiceName};
 use crate::svid::Identity;
 use crate::tls::mesh::{self, MeshServerVerifier};
 use crate::tunnel::header::StreamHeader;
 use crate::tunnel::paths::{PathStream, Paths};
 use crate::tunnel::PATH_WAIT;
+use driver::{Driver, PeerLapse};
 
-/// Where a session goes.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Target {
-    /// Index of the service in the sidecar's config.
-    pub service: usize,
-    pub name: ServiceName,
-    /// The destination's region when it is not ours (through the gateways); `None`: direct.
-    pub region: Option<Region>,
+mod driver;
+
+/// Where a session goes: one address of one service. Two targets are the same when they name
+/// the same service (the same [`OutboundService`], not only the same name) and address.
+#[derive(Clone)]
+pub(crate) struct Target {
+    pub service: Arc<OutboundService>,
     pub addr: SocketAddr,
 }
 
-/// Why a stream could not be opened: a metric label and the details.
+impl Target {
+    /// The service's name.
+    pub fn name(&self) -> &ServiceName {
+        &self.service.name
+    }
+
+    /// The destination's region when it is not ours (through the gateways); `None`: direct.
+    pub fn region(&self) -> Option<&Region> {
+        self.service.region.as_ref()
+    }
+
+    /// The region for logs: `(ours)` when direct.
+    pub fn region_label(&self) -> &str {
+        self.region().map_or("(ours)", Region::as_str)
+    }
+}
+
+impl PartialEq for Target {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.service, &other.service) && self.addr == other.addr
+    }
+}
+
+impl Eq for Target {}
+
+impl Hash for Target {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        std::ptr::hash(Arc::as_ptr(&self.service), state);
+        self.addr.hash(state);
+    }
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("name", self.name())
+            .field("region", &self.region())
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+/// Why a stream could not be opened: the reason (a metric label) and the details.
 #[derive(Debug)]
 pub struct Failure {
-    pub reason: &'static str,
+    pub reason: Refusal,
     pub detail: String,
 }
 
-fn fail(reason: &'static str, detail: impl ToString) -> Failure {
+fn fail(reason: Refusal, detail: impl ToString) -> Failure {
     Failure {
         reason,
         detail: detail.to_string(),
@@ -103,7 +149,6 @@ pub struct ServiceTls {
 pub struct SessionPool {
     /// This region's gateways, when a service is in another region.
     gateways: Option<Arc<Paths>>,
-    tls: Vec<Option<ServiceTls>>,
     identity: Arc<Identity>,
     clock: Clock,
     timeouts: Timeouts,
@@ -117,17 +162,23 @@ pub struct SessionPool {
     pub closed_for_peer: Arc<AtomicU64>,
 }
 
+/// A transport a session is opened over: a TCP connection or a gateway path stream, what must
+/// live as long as the session (a path's load count), and its name for logs.
+struct Dialled<IO, K> {
+    io: IO,
+    keep: K,
+    via: String,
+}
+
 impl SessionPool {
     pub fn new(
         gateways: Option<Arc<Paths>>,
-        tls: Vec<Option<ServiceTls>>,
         identity: Arc<Identity>,
         clock: Clock,
         timeouts: Timeouts,
     ) -> Arc<Self> {
         Arc::new(SessionPool {
             gateways,
-            tls,
             identity,
             clock,
             timeouts,
@@ -159,12 +210,6 @@ impl SessionPool {
         None
     }
 
-    /// Whether new connections to `service` ride a session (a service of another region, or
-    /// any service with `pooling`).
-    pub fn serves(&self, service: usize) -> bool {
-        self.tls.get(service).is_some_and(Option::is_some)
-    }
-
     fn entry(&self, t: &Target) -> Arc<Entry> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         match entries.get(t) {
@@ -189,7 +234,7 @@ impl SessionPool {
     /// Opens a new stream to `target`: on the warm session if there is one, else after opening
     /// it. The returned stream is writable at once; the destination's verdict arrives with the
     /// first read.
-    pub async fn connect(self: &Arc<Self>, target: &Target) -> Result<H2Stream, Failure> {
+    pub(crate) async fn connect(self: &Arc<Self>, target: &Target) -> Result<H2Stream, Failure> {
         let entry = self.entry(target);
         entry
             .last_used
@@ -209,7 +254,7 @@ impl SessionPool {
                 .method(hyper::Method::CONNECT)
                 .uri(target.addr.to_string())
                 .body(())
-                .map_err(|e| fail("bad_request", e))?;
+                .map_err(|e| fail(Refusal::BadRequest, e))?;
             match send.send_request(req, false) {
                 Ok((response, stream)) => return Ok(H2Stream::client(stream, response)),
                 Err(e) => {
@@ -218,7 +263,10 @@ impl SessionPool {
                 }
             }
         }
-        Err(fail("session_lost", "the session closed twice in a row"))
+        Err(fail(
+            Refusal::SessionLost,
+            "the session closed twice in a row",
+        ))
     }
 
     /// The usable session of `entry`, dialled if there is none.
@@ -237,95 +285,163 @@ impl SessionPool {
         self.dial(target, entry).await
     }
 
+    /// Opens a session to `target`: a TCP connection in our region, a gateway path to another.
     async fn dial(
         self: &Arc<Self>,
         target: &Target,
         entry: &Arc<Entry>,
     ) -> Result<(h2::client::SendRequest<Bytes>, SystemTime), Failure> {
-        self.identity.ready().map_err(|e| fail("not_ready", e))?;
-        // Read before the handshake: a rotation during it retires the session at once.
+        let opened = self.opened()?;
+        let tls = target.service.session_tls.as_ref().ok_or_else(|| {
+            fail(
+                Refusal::NoRoute,
+                format!("{} has no session configuration", target.name()),
+            )
+        })?;
+        let Some(region) = target.region() else {
+            let tcp = tokio::net::TcpStream::connect(target.addr)
+                .await
+                .map_err(|e| fail(Refusal::UpstreamUnreachable, e))?;
+            let _ = tcp.set_nodelay(true);
+            let direct = Dialled {
+                io: tcp,
+                keep: (),
+                via: "direct".into(),
+            };
+            return self.establish(target, entry, tls, direct, opened).await;
+        };
+        let path = self.gateway_path(target, region).await?;
+        let via = path.load.path.addr.to_string();
+        let PathStream { io, load } = path;
+        let dialled = Dialled {
+            io,
+            keep: load,
+            via,
+        };
+        self.establish(target, entry, tls, dialled, opened).await
+    }
+
+    /// What a session opened now is good for (read before its handshake: a rotation during it
+    /// retires the session at once).
+    fn opened(&self) -> Result<Opened, Failure> {
+        self.identity
+            .ready()
+            .map_err(|e| fail(Refusal::NotReady, e))?;
         let rotation = *self.identity.rotations().borrow();
         let own = self
             .identity
             .current()
-            .ok_or_else(|| fail("not_ready", "no SVID"))?;
-        let own_not_after = own.info.not_after;
-        let retire_at = self.clock.now() + own.info.issued_lifetime() / SESSION_AGE_DIVISOR;
-        let tls = self.tls[target.service].as_ref().ok_or_else(|| {
-            fail(
-                "no_route",
-                format!("{} has no session configuration", target.name),
-            )
-        })?;
-        let opened = Opened {
+            .ok_or_else(|| fail(Refusal::NotReady, "no SVID"))?;
+        Ok(Opened {
             rotation,
-            own_not_after,
-            retire_at,
-        };
-        let Some(region) = &target.region else {
-            let tcp = tokio::net::TcpStream::connect(target.addr)
-                .await
-                .map_err(|e| fail("upstream_unreachable", e))?;
-            let _ = tcp.set_nodelay(true);
-            return self
-                .establish(target, entry, tls, tcp, opened, (), "direct".into())
-                .await;
-        };
+            own_not_after: own.info.not_after,
+            retire_at: self.clock.now() + own.info.issued_lifetime() / SESSION_AGE_DIVISOR,
+        })
+    }
+
+    /// A stream on a path to one of this region's gateways, its header sent (with the
+    /// ClientHello that follows, without waiting for an answer).
+    async fn gateway_path(&self, target: &Target, region: &Region) -> Result<PathStream, Failure> {
         let gateways = self.gateways.as_ref().ok_or_else(|| {
             fail(
-                "no_gateway",
+                Refusal::NoGateway,
                 format!(
                     "{} is in region {region} and no gateway is configured",
-                    target.name
+                    target.name()
                 ),
             )
         })?;
         let mut path = gateways
             .open(PATH_WAIT)
             .await
-            .map_err(|e| fail("no_gateway", e))?;
+            .map_err(|e| fail(Refusal::NoGateway, e))?;
         let header = StreamHeader {
             region: region.clone(),
-            service: target.name.clone(),
+            service: target.name().clone(),
             addr: target.addr,
         }
         .encode();
-        // The header goes out with the ClientHello (no wait for an answer).
         path.io
             .writer_mut()
             .write_all(&header)
             .await
-            .map_err(|e| fail("gateway_lost", e))?;
-        let via = path.load.path.addr.to_string();
-        let PathStream { io, load } = path;
-        self.establish(target, entry, tls, io, opened, load, via)
-            .await
+            .map_err(|e| fail(Refusal::GatewayLost, e))?;
+        Ok(path)
     }
 
-    /// The handshake and HTTP/2 preface over `io`, then the session is stored in `entry`;
-    /// `keep` lives as long as the session (a gateway path's load count).
-    #[allow(clippy::too_many_arguments)]
+    /// The handshake and HTTP/2 preface over `dialled`, then the session is stored in `entry`
+    /// and its driver spawned.
     async fn establish<IO, K>(
         self: &Arc<Self>,
         target: &Target,
         entry: &Arc<Entry>,
         tls: &ServiceTls,
-        io: IO,
+        dialled: Dialled<IO, K>,
         opened: Opened,
-        keep: K,
-        via: String,
     ) -> Result<(h2::client::SendRequest<Bytes>, SystemTime), Failure>
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         K: Send + 'static,
     {
-        let name = ServerName::try_from(target.name.to_string())
-            .unwrap_or_else(|_| ServerName::try_from("mesh.invalid").expect("valid name"));
-        let connect = tls.connector.connect(name, io);
+        let (stream, peer) = self.handshake(target, tls, dialled.io).await?;
+        let not_after = opened.own_not_after.min(peer.not_after);
+        let (send, conn) = h2::client::Builder::new()
+            .max_frame_size(MAX_FRAME)
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(SESSION_WINDOW)
+            .max_concurrent_reset_streams(1024)
+            .handshake::<_, Bytes>(stream)
+            .await
+            .map_err(|e| fail(Refusal::SessionFailed, e))?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        *entry.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Live {
+            generation,
+            rotation: opened.rotation,
+            not_after,
+            peer_serial: peer.serial.clone(),
+            retire_at: opened.retire_at,
+            send: send.clone(),
+        });
+        self.established.fetch_add(1, Ordering::Relaxed);
+        let via = dialled.via;
+        tracing::info!(service = %target.name(), region = target.region_label(), addr = %target.addr, via = %via, "session to the destination sidecar established");
+        // Not a child of the connection that happened to open it: the session outlives it.
+        let span = tracing::info_span!(parent: None, "session", service = %target.name(), addr = %target.addr, via = %via);
+        let driver = self.driver(target, entry, generation, &peer);
+        let keep = dialled.keep;
+        tokio::spawn(
+            async move {
+                let _keep = keep;
+                driver.run(conn).await;
+            }
+            .instrument(span),
+        );
+        Ok((send, not_after))
+    }
+
+    /// The session's TLS handshake within the timeout, a resumed one re-checked, and the
+    /// destination's certificate.
+    async fn handshake<IO>(
+        &self,
+        target: &Target,
+        tls: &ServiceTls,
+        io: IO,
+    ) -> Result<(tokio_rustls::client::TlsStream<IO>, CertInfo), Failure>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let connect = tls
+            .connector
+            .connect(target.service.server_name.clone(), io);
         let stream = match tokio::time::timeout(self.timeouts.handshake, connect).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(fail(session_failure(&e), e)),
-            Err(_) => return Err(fail("handshake_timeout", "session handshake timed out")),
+            Err(_) => {
+                return Err(fail(
+                    Refusal::HandshakeTimeout,
+                    "session handshake timed out",
+                ))
+            }
         };
         mesh::recheck_resumed_server(stream.get_ref().1, &tls.verifier, &self.clock)
             .map_err(|e| fail(mesh::tls_reason(&e), e))?;
@@ -337,158 +453,85 @@ impl SessionPool {
             .and_then(|leaf| crate::identity::inspect_cert(leaf).ok())
             .ok_or_else(|| {
                 fail(
-                    "no_server_certificate",
+                    Refusal::NoServerCertificate,
                     "the session has no peer certificate",
                 )
             })?;
-        let not_after = opened.own_not_after.min(peer.not_after);
-        let (send, conn) = h2::client::Builder::new()
-            .max_frame_size(MAX_FRAME)
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(SESSION_WINDOW)
-            .max_concurrent_reset_streams(1024)
-            .handshake::<_, Bytes>(stream)
-            .await
-            .map_err(|e| fail("session_failed", e))?;
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
-        *entry.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Live {
+        Ok((stream, peer))
+    }
+
+    /// What runs a new session of `target` (see [`Driver::run`]).
+    fn driver(
+        &self,
+        target: &Target,
+        entry: &Arc<Entry>,
+        generation: u64,
+        peer: &CertInfo,
+    ) -> Driver {
+        Driver {
+            entry: entry.clone(),
             generation,
-            rotation: opened.rotation,
-            not_after,
-            peer_serial: peer.serial.clone(),
-            retire_at: opened.retire_at,
-            send: send.clone(),
-        });
-        self.established.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(service = %target.name, region = target.region.as_deref().unwrap_or("(ours)"), addr = %target.addr, via = %via, "session to the destination sidecar established");
-        let entry = entry.clone();
-        let service = target.name.clone();
-        // Same-region sessions are opened on demand, so they are also closed when idle;
-        // cross-region ones are kept warm on purpose (`prewarm`).
-        let idle = target.region.is_none().then_some(self.timeouts.idle);
-        let started = self.started; // not the pool itself: the session must not keep it alive
-        let lapse = PeerLapse {
-            identity: self.identity.clone(),
-            revocations: self.identity.revocations(),
-            serial: peer.serial,
-            expires_in: peer
-                .not_after
-                .duration_since(self.clock.now())
-                .unwrap_or_default(),
-            closed: self.closed_for_peer.clone(),
-        };
-        tokio::spawn(async move {
-            let _keep = keep;
-            tokio::pin!(conn);
-            let lapsed = lapse.wait();
-            tokio::pin!(lapsed);
-            // Until the session is retired for idleness: the check's timer and the idle time.
-            let mut idle_check = idle.map(|d| (tokio::time::interval(d / 4), d.as_millis() as u64));
-            loop {
-                tokio::select! {
-                    r = &mut conn => {
-                        if let Err(e) = r {
-                            tracing::debug!(error = %e, %service, "session ended");
-                        }
-                        break;
-                    }
-                    reason = &mut lapsed => {
-                        // Dropping the connection ends every stream on it, not only new ones.
-                        tracing::warn!(reason, %service, "session closed with its open streams: the destination's certificate no longer passes");
-                        break;
-                    }
-                    Some(idle_ms) = async {
-                        let (timer, idle_ms) = idle_check.as_mut()?;
-                        timer.tick().await;
-                        Some(*idle_ms)
-                    }, if idle_check.is_some() => {
-                        let unused = millis_since(started)
-                            .saturating_sub(entry.last_used.load(Ordering::Relaxed));
-                        if unused >= idle_ms {
-                            // No new stream will use it: once its open streams end, it closes.
-                            entry.retire(generation);
-                            idle_check = None;
-                            tracing::debug!(%service, "idle session closing");
-                        }
-                    }
-                }
-            }
-            entry.retire(generation);
-            entry.ended.notify_waiters();
-        });
-        Ok((send, not_after))
+            service: target.name().clone(),
+            // Same-region sessions are opened on demand, so they are also closed when idle;
+            // cross-region ones are kept warm on purpose (`prewarm`).
+            idle: target.region().is_none().then_some(self.timeouts.idle),
+            started: self.started, // not the pool itself: the session must not keep it alive
+            lapse: PeerLapse {
+                identity: self.identity.clone(),
+                revocations: self.identity.revocations(),
+                serial: peer.serial.clone(),
+                expires_in: peer
+                    .not_after
+                    .duration_since(self.clock.now())
+                    .unwrap_or_default(),
+                closed: self.closed_for_peer.clone(),
+            },
+        }
     }
 
     /// Keeps a session open to every target, re-opening it as soon as one is lost or retired
     /// (our rotation, a certificate's expiry), so new connections never wait for a handshake.
-    pub async fn prewarm(self: Arc<Self>, targets: Vec<Target>, stop: watch::Receiver<bool>) {
+    pub(crate) async fn prewarm(
+        self: Arc<Self>,
+        targets: Vec<Target>,
+        stop: watch::Receiver<bool>,
+    ) {
         for t in targets {
-            let me = self.clone();
-            let mut stop = stop.clone();
-            tokio::spawn(async move {
-                let entry = me.entry(&t);
-                let mut rotations = me.identity.rotations();
-                loop {
-                    let ended = entry.ended.notified();
-                    // Until the session must be retired, or a retry after a failure.
-                    let (up, wait) = match me.session(&t, &entry).await {
-                        Ok((_, not_after)) => (
-                            true,
-                            not_after.duration_since(me.clock.now()).unwrap_or_default(),
-                        ),
-                        Err(f) => {
-                            tracing::debug!(reason = f.reason, detail = %f.detail, service = %t.name, "pre-warming a session failed");
-                            (false, Duration::from_millis(500))
-                        }
-                    };
-                    tokio::select! {
-                        _ = ended, if up => {}
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = rotations.changed() => {}
-                        _ = stop.changed() => return,
-                    }
+            let span = tracing::info_span!("prewarm", service = %t.name(), addr = %t.addr);
+            tokio::spawn(self.clone().keep_warm(t, stop.clone()).instrument(span));
+        }
+    }
+
+    /// Keeps one target's session open (see [`SessionPool::prewarm`]).
+    async fn keep_warm(self: Arc<Self>, t: Target, mut stop: watch::Receiver<bool>) {
+        let entry = self.entry(&t);
+        let mut rotations = self.identity.rotations();
+        loop {
+            let ended = entry.ended.notified();
+            // Until the session must be retired, or a retry after a failure.
+            let (up, wait) = match self.session(&t, &entry).await {
+                Ok((_, not_after)) => (
+                    true,
+                    not_after
+                        .duration_since(self.clock.now())
+                        .unwrap_or_default(),
+                ),
+                Err(f) => {
+                    tracing::debug!(reason = f.reason.label(), detail = %f.detail, service = %t.name(), "pre-warming a session failed");
+                    (false, Duration::from_millis(500))
                 }
-            });
+            };
+            tokio::select! {
+                _ = ended, if up => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = rotations.changed() => {}
+                _ = stop.changed() => return,
+            }
         }
     }
 }
 
 /// Milliseconds since `started` (a pool's start): the clock of `Entry::last_used`.
-/// What ends a session whatever its streams: the destination's certificate revoked (seen on
-/// our revocation list) or expired.
-struct PeerLapse {
-    identity: Arc<Identity>,
-    revocations: tokio::sync::watch::Receiver<u64>,
-    serial: crate::identity::Serial,
-    expires_in: Duration,
-    closed: Arc<AtomicU64>,
-}
-
-impl PeerLapse {
-    /// Waits until the certificate lapses; the reason.
-    async fn wait(mut self) -> &'static str {
-        let expiry = tokio::time::sleep(self.expires_in);
-        tokio::pin!(expiry);
-        let reason = loop {
-            if self.identity.revoked.load().contains(&self.serial) {
-                break "revoked";
-            }
-            tokio::select! {
-                _ = &mut expiry => break "expired_certificate",
-                r = self.revocations.changed() => {
-                    if r.is_err() {
-                        // The identity is gone (shutting down): expiry still holds.
-                        (&mut expiry).await;
-                        break "expired_certificate";
-                    }
-                }
-            }
-        };
-        self.closed.fetch_add(1, Ordering::Relaxed);
-        reason
-    }
-}
-
 fn millis_since(started: std::time::Instant) -> u64 {
     started.elapsed().as_millis() as u64
 }
@@ -503,9 +546,24 @@ struct Opened {
 /// A session takes new streams for at most this fraction (1/N) of our SVID's lifetime.
 const SESSION_AGE_DIVISOR: u32 = 5;
 
-fn session_failure(e: &std::io::Error) -> &'static str {
+/// Why a session handshake failed: the gateway's reset of the path stream, or the TLS reason.
+fn session_failure(e: &std::io::Error) -> Refusal {
     match crate::tunnel::quic::reset_code(e) {
-        Some(c) => crate::tunnel::code::label(c as u64),
+        Some(c) => reset_reason(c),
         None => mesh::failure_reason(e),
+    }
+}
+
+/// The reason of a gateway's stream reset code ([`crate::tunnel::code`]), labelled as
+/// `code::label` labels it.
+fn reset_reason(code: u32) -> Refusal {
+    use crate::tunnel::code;
+    match code {
+        code::BAD_HEADER => Refusal::BadHeader,
+        code::REFUSED => Refusal::RefusedByGateway,
+        code::NO_ROUTE => Refusal::NoRoute,
+        code::UNREACHABLE => Refusal::Unreachable,
+        code::BROKEN => Refusal::Broken,
+        _ => Refusal::Reset,
     }
 }

@@ -3,157 +3,213 @@
 //! valid, not revoked) and admitted like a connection before it reaches the app.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::limits::SessionCounts;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::limits::{KeepAlive, SessionCounts, CLOSE_GRACE};
 use super::H2Stream;
-use crate::proxy::inbound::{admit, carry, DIR};
-use crate::proxy::live::PeerCert;
-use crate::proxy::Shared;
+use crate::proxy::inbound::{Inbound, DIR};
+use crate::proxy::live::{PeerCert, Registration};
+use crate::refusal::Refusal;
+
+type Conn<S> = h2::server::Connection<S, bytes::Bytes>;
 
 /// A multiplexed session from another sidecar (see [`crate::tunnel`]): each HTTP/2 `CONNECT`
 /// stream is one application connection, decided on its own like a connection. When the
 /// sidecar drains, the session refuses new streams (GOAWAY) and ends with its last stream.
 ///
-/// Bounded ([`super::config::SessionLimits`]): sessions per caller ID and in total, streams per
-/// session, header list size, an idle timeout (no open stream), a keep-alive PING, and a churn
-/// budget (refused streams, streams the caller resets) past which the session is closed with
-/// `ENHANCE_YOUR_CALM`.
+/// Bounded ([`crate::proxy::config::SessionLimits`]): sessions per caller ID and in total,
+/// streams per session, header list size, an idle timeout (no open stream), a keep-alive PING,
+/// and a churn budget (refused streams, streams the caller resets) past which the session is
+/// closed with `ENHANCE_YOUR_CALM`.
 pub(crate) async fn serve_session<S>(
     io: S,
     caller: Arc<PeerCert>,
     target: SocketAddr,
-    shared: Arc<Shared>,
+    inbound: Arc<Inbound>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    use super::limits::{KeepAlive, SessionCounts, CLOSE_GRACE};
-    use tokio::time::Instant;
-    let m = &shared.metrics;
-    let limits = shared
-        .config
-        .inbound
-        .as_ref()
-        .expect("inbound configured")
-        .sessions;
     // Callers the policy can never admit were refused before this (`could_admit`).
-    let _place = match shared.session_gate.enter(&caller.info.id) {
+    let _place = match inbound.session_gate.enter(&caller.info.id) {
         Ok(p) => p,
         Err(reason) => {
-            m.fail(DIR, reason);
+            inbound.common.metrics.fail(DIR, reason);
             return;
         }
     };
-    let Some(mut conn) = open_session(io, &limits, &shared).await else {
+    let Some(mut conn) = open_session(io, &inbound).await else {
         return;
     };
     tracing::debug!(peer_id = %caller.info.id, peer_region = ?caller.region, "session established");
     // The whole session (and every stream on it) ends when its certificate no longer passes.
-    let mut reg = shared
+    let reg = inbound
+        .common
         .live
         .register(DIR, caller.clone(), target.port(), None);
-    let counts = Arc::new(SessionCounts::default());
-    let mut streams = tokio::task::JoinSet::new();
-    let mut draining = shared.draining.clone();
-    let mut goaway_sent = false;
-    let mut keepalive = KeepAlive::new(conn.ping_pong());
-    let mut idle_since = Instant::now();
-    // Set when the session was told to go away (idle, over budget): the latest it may end once
-    // its streams are done (an idle close lets streams already in flight finish).
-    let mut closing: Option<Instant> = None;
-    // Over budget: new streams are refused at once.
-    let mut refusing = false;
-    loop {
-        let idle_at = idle_since + limits.idle_timeout;
-        let close_at = closing.unwrap_or(idle_at);
-        tokio::select! {
-            r = draining.wait_for(|d| *d), if !goaway_sent => {
-                goaway_sent = true;
-                if r.is_ok() {
-                    conn.graceful_shutdown();
-                }
-            }
-            r = conn.accept() => match r {
-                Some(Ok((req, mut respond))) => {
-                    if refusing {
-                        respond.send_reset(h2::Reason::REFUSED_STREAM);
-                        continue;
+    let mut session = Session {
+        keepalive: KeepAlive::new(conn.ping_pong()),
+        conn,
+        caller,
+        target,
+        counts: Arc::new(SessionCounts::default()),
+        streams: tokio::task::JoinSet::new(),
+        next_stream: AtomicU64::new(1),
+        idle_since: Instant::now(),
+        closing: None,
+        refusing: false,
+        goaway_sent: false,
+        inbound,
+    };
+    session.run(reg).await;
+}
+
+/// One inbound session while it runs.
+struct Session<S> {
+    conn: Conn<S>,
+    caller: Arc<PeerCert>,
+    target: SocketAddr,
+    inbound: Arc<Inbound>,
+    counts: Arc<SessionCounts>,
+    streams: tokio::task::JoinSet<()>,
+    next_stream: AtomicU64,
+    keepalive: KeepAlive,
+    /// Since when no stream is open.
+    idle_since: Instant,
+    /// Set when the session was told to go away (idle, over budget): the latest it may end
+    /// once its streams are done (an idle close lets streams already in flight finish).
+    closing: Option<Instant>,
+    /// Over budget: new streams are refused at once.
+    refusing: bool,
+    goaway_sent: bool,
+}
+
+impl<S> Session<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    /// Serves streams until the session ends, is closed, or its registration is swept.
+    async fn run(&mut self, mut reg: Registration) {
+        let m = &self.inbound.common.metrics.clone();
+        let limits = self.inbound.sessions;
+        let mut draining = self.inbound.common.draining.clone();
+        loop {
+            let idle_at = self.idle_since + limits.idle_timeout;
+            let close_at = self.closing.unwrap_or(idle_at);
+            tokio::select! {
+                r = draining.wait_for(|d| *d), if !self.goaway_sent => {
+                    self.goaway_sent = true;
+                    if r.is_ok() {
+                        self.conn.graceful_shutdown();
                     }
-                    let stream = session_stream(req, respond, caller.clone(), target, shared.clone(), counts.clone());
-                    streams.spawn(stream);
                 }
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "session ended with an error");
+                r = self.conn.accept() => match r {
+                    Some(Ok((req, respond))) => self.accept(req, respond),
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "session ended with an error");
+                        break;
+                    }
+                    None => break,
+                },
+                Some(_) = self.streams.join_next(), if !self.streams.is_empty() => {
+                    if self.streams.is_empty() {
+                        self.idle_since = Instant::now();
+                    }
+                }
+                _ = tokio::time::sleep_until(idle_at), if self.streams.is_empty() && self.closing.is_none() && !self.goaway_sent => {
+                    tracing::debug!(peer_id = %self.caller.info.id, idle = ?limits.idle_timeout, "idle session closing");
+                    self.conn.graceful_shutdown();
+                    self.closing = Some(Instant::now() + CLOSE_GRACE);
+                }
+                _ = tokio::time::sleep_until(close_at), if self.closing.is_some() && (self.refusing || self.streams.is_empty()) => break,
+                reason = reg.closed() => {
+                    m.closed_live(DIR, reason);
                     break;
                 }
-                None => break,
-            },
-            Some(_) = streams.join_next(), if !streams.is_empty() => {
-                if streams.is_empty() {
-                    idle_since = Instant::now();
+                _ = self.keepalive.dead() => {
+                    let reason = Refusal::SessionKeepaliveTimeout;
+                    m.fail(DIR, reason);
+                    tracing::warn!(reason = reason.label(), peer_id = %self.caller.info.id, "session closed: a PING went unanswered");
+                    break;
                 }
             }
-            _ = tokio::time::sleep_until(idle_at), if streams.is_empty() && closing.is_none() && !goaway_sent => {
-                tracing::debug!(peer_id = %caller.info.id, idle = ?limits.idle_timeout, "idle session closing");
-                conn.graceful_shutdown();
-                closing = Some(Instant::now() + CLOSE_GRACE);
-            }
-            _ = tokio::time::sleep_until(close_at), if closing.is_some() && (refusing || streams.is_empty()) => break,
-            reason = reg.closed() => {
-                shared.metrics.closed_live(DIR, reason);
-                break;
-            }
-            _ = keepalive.dead() => {
-                m.fail(DIR, "session_keepalive_timeout");
-                tracing::warn!(reason = "session_keepalive_timeout", peer_id = %caller.info.id, "session closed: a PING went unanswered");
-                break;
-            }
+            self.check_budget();
         }
-        if !refusing {
-            if let Some(reason) = counts.over_budget(&limits) {
-                m.fail(DIR, reason);
-                tracing::warn!(reason, peer_id = %caller.info.id, serial = %caller.info.serial, "session closed: over its churn budget (refused or reset streams)");
-                conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
-                refusing = true;
-                closing = Some(Instant::now() + CLOSE_GRACE);
-            }
+    }
+
+    /// A new stream: refused at once when over budget, else decided and carried in a task of
+    /// its own.
+    fn accept(
+        &mut self,
+        req: hyper::Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<bytes::Bytes>,
+    ) {
+        if self.refusing {
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+            return;
+        }
+        let n = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        // A child of the session's connection span.
+        let span = tracing::info_span!("stream", n);
+        let stream = session_stream(
+            req,
+            respond,
+            self.caller.clone(),
+            self.target,
+            self.inbound.clone(),
+            self.counts.clone(),
+        );
+        self.streams.spawn(stream.instrument(span));
+    }
+
+    /// Closes the session once it is over its churn budget (refused or reset streams).
+    fn check_budget(&mut self) {
+        if self.refusing {
+            return;
+        }
+        if let Some(reason) = self.counts.over_budget(&self.inbound.sessions) {
+            self.inbound.common.metrics.fail(DIR, reason);
+            tracing::warn!(reason = reason.label(), peer_id = %self.caller.info.id, serial = %self.caller.info.serial, "session closed: over its churn budget (refused or reset streams)");
+            self.conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+            self.refusing = true;
+            self.closing = Some(Instant::now() + CLOSE_GRACE);
         }
     }
 }
 
 /// The HTTP/2 server half of a session, with its limits set on purpose (h2's defaults allow a
 /// 16 MiB header list); `None` when the preface fails or does not come in time (counted).
-async fn open_session<S>(
-    io: S,
-    limits: &crate::proxy::config::SessionLimits,
-    shared: &Shared,
-) -> Option<h2::server::Connection<S, bytes::Bytes>>
+async fn open_session<S>(io: S, inbound: &Inbound) -> Option<Conn<S>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     use super::limits::{MAX_HEADER_LIST, MAX_LOCAL_RESETS, PREFACE_TIMEOUT};
     use super::{MAX_FRAME, SESSION_WINDOW, STREAM_WINDOW};
-    let m = &shared.metrics;
+    let m = &inbound.common.metrics;
     let handshake = h2::server::Builder::new()
         .max_frame_size(MAX_FRAME)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(SESSION_WINDOW)
-        .max_concurrent_streams(limits.max_streams)
+        .max_concurrent_streams(inbound.sessions.max_streams)
         .max_header_list_size(MAX_HEADER_LIST)
         .max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
         .handshake::<_, bytes::Bytes>(io);
     match tokio::time::timeout(PREFACE_TIMEOUT, handshake).await {
         Ok(Ok(c)) => Some(c),
         Ok(Err(e)) => {
-            m.fail(DIR, "session_failed");
-            tracing::warn!(reason = "session_failed", error = %e, "session preface failed");
+            let reason = Refusal::SessionFailed;
+            m.fail(DIR, reason);
+            tracing::warn!(reason = reason.label(), error = %e, "session preface failed");
             None
         }
         Err(_) => {
-            m.fail(DIR, "session_preface_timeout");
+            let reason = Refusal::SessionPrefaceTimeout;
+            m.fail(DIR, reason);
             tracing::warn!(
-                reason = "session_preface_timeout",
+                reason = reason.label(),
                 "no session preface within {PREFACE_TIMEOUT:?}"
             );
             None
@@ -167,10 +223,10 @@ async fn session_stream(
     respond: h2::server::SendResponse<bytes::Bytes>,
     caller: Arc<PeerCert>,
     target: SocketAddr,
-    shared: Arc<Shared>,
+    inbound: Arc<Inbound>,
     counts: Arc<SessionCounts>,
 ) {
-    if !carry_stream(req, respond, &caller, target, &shared, &counts).await {
+    if !carry_stream(req, respond, &caller, target, &inbound, &counts).await {
         counts.denied.fetch_add(1, Ordering::Relaxed);
     }
     counts.ended.fetch_add(1, Ordering::Relaxed);
@@ -182,10 +238,10 @@ async fn carry_stream(
     mut respond: h2::server::SendResponse<bytes::Bytes>,
     caller: &Arc<PeerCert>,
     target: SocketAddr,
-    shared: &Shared,
+    inbound: &Inbound,
     counts: &SessionCounts,
 ) -> bool {
-    let m = &shared.metrics;
+    let common = &inbound.common;
     let answer = |status: u16| {
         hyper::Response::builder()
             .status(status)
@@ -193,25 +249,25 @@ async fn carry_stream(
             .expect("a valid response")
     };
     if req.method() != hyper::Method::CONNECT {
-        m.fail(DIR, "bad_session_request");
+        common.metrics.fail(DIR, Refusal::BadSessionRequest);
         let _ = respond.send_response(answer(405), true);
         return false;
     }
     // The session was authenticated once; its certificate must still hold for each new stream.
-    let expired = shared.clock.now() >= caller.info.not_after;
-    let revoked = shared.identity.revoked.load().contains(&caller.info.serial);
+    let expired = common.clock.now() >= caller.info.not_after;
+    let revoked = common.identity.revoked.load().contains(&caller.info.serial);
     if expired || revoked {
         let reason = if expired {
-            "expired_certificate"
+            Refusal::ExpiredCertificate
         } else {
-            "revoked"
+            Refusal::Revoked
         };
-        m.fail(DIR, reason);
-        tracing::warn!(reason, peer_id = %caller.info.id, serial = %caller.info.serial, "session stream refused: the session's certificate no longer passes");
+        common.metrics.fail(DIR, reason);
+        tracing::warn!(reason = reason.label(), peer_id = %caller.info.id, serial = %caller.info.serial, "session stream refused: the session's certificate no longer passes");
         respond.send_reset(h2::Reason::REFUSED_STREAM);
         return false;
     }
-    let Some((verdict, reg)) = admit(caller, target.port(), shared) else {
+    let Some((verdict, reg)) = inbound.admit(caller, target.port()) else {
         let _ = respond.send_response(answer(403), true);
         return false;
     };
@@ -225,6 +281,6 @@ async fn carry_stream(
         }
     };
     let io = H2Stream::server(send, req.into_body()).count_resets(counts.resets.clone());
-    carry(io, verdict, reg, target, shared).await;
+    inbound.carry(io, verdict, reg, target).await;
     true
 }

@@ -994,7 +994,7 @@ async fn drain_closes_the_listeners_and_waits_for_the_servers_tasks() {
     // An idle keep-alive connection is closed by the drain, not waited for until the deadline.
     let mut idle = ca.client.connect(None).await.expect("connect");
     let _ = idle.post_csr("not a csr", None).await.expect("request");
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     assert_eq!(ca.bound.drain(Duration::from_secs(30)).await, 0);
     assert!(
         started.elapsed() < Duration::from_secs(10),

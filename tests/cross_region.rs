@@ -8,7 +8,9 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::{call, echo_app, eventually, eventually_async, PATIENCE};
 use tokio::io::AsyncReadExt;

@@ -4,7 +4,9 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::trustline;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,12 +1,13 @@
 //! The CA's HTTP API: `POST /v1/svid`, `GET /v1/bundle`, `GET /v1/revoked`.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
+use tokio::time::Instant;
 
 use super::authority::{check_workload_id, parse_csr, Authority, Csr, CsrError, LeafUsage};
 use super::error::ClientCertError;

@@ -212,7 +212,7 @@ pub fn init_intermediate(
     // Never outlive the root.
     let ttl = ttl.min(
         root.not_after
-            .duration_since(SystemTime::now())
+            .duration_since(crate::clock::Clock::system().now())
             .unwrap_or_default(),
     );
     let params = ca_params(

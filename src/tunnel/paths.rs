@@ -4,10 +4,11 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::metrics::{PathLabels, TunnelMetrics};

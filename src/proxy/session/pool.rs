@@ -152,7 +152,7 @@ pub struct SessionPool {
     identity: Arc<Identity>,
     clock: Clock,
     timeouts: Timeouts,
-    started: std::time::Instant,
+    started: tokio::time::Instant,
     entries: Mutex<HashMap<Target, Arc<Entry>>>,
     generation: AtomicU64,
     /// Sessions established (cold starts), for metrics and tests.
@@ -182,7 +182,7 @@ impl SessionPool {
             identity,
             clock,
             timeouts,
-            started: std::time::Instant::now(),
+            started: tokio::time::Instant::now(),
             entries: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
             established: AtomicU64::new(0),
@@ -532,7 +532,7 @@ impl SessionPool {
 }
 
 /// Milliseconds since `started` (a pool's start): the clock of `Entry::last_used`.
-fn millis_since(started: std::time::Instant) -> u64 {
+fn millis_since(started: tokio::time::Instant) -> u64 {
     started.elapsed().as_millis() as u64
 }
 

@@ -17,7 +17,7 @@ pub(super) struct Driver {
     pub generation: u64,
     pub service: ServiceName,
     pub idle: Option<Duration>,
-    pub started: std::time::Instant,
+    pub started: tokio::time::Instant,
     pub lapse: PeerLapse,
 }
 

@@ -167,7 +167,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
     let (stop_all, stop_all_rx) = watch::channel(false);
     let (stop_accepting, stop_accepting_rx) = watch::channel(false);
     let identity = svid::start(config.identity.clone(), clock.clone(), stop_all_rx.clone())
-        .map_err(ProxyError::Identity)?;
+        .map_err(|e| ProxyError::Identity(e.to_string()))?;
     let mut registry = Registry::default();
     let metrics = ProxyMetrics::new(&mut registry);
     identity.register(&mut registry);

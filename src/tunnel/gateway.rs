@@ -99,7 +99,8 @@ impl Bound {
 /// peers and serves. Returns once bound.
 pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, String> {
     let (stop, stop_rx) = watch::channel(false);
-    let identity = svid::start(config.identity.clone(), clock.clone(), stop_rx.clone())?;
+    let identity = svid::start(config.identity.clone(), clock.clone(), stop_rx.clone())
+        .map_err(|e| e.to_string())?;
     let audit = Arc::new(match &config.audit_log {
         Some(p) => AuditLog::open(p).map_err(|e| format!("audit log {}: {e}", p.display()))?,
         None => AuditLog::disabled(),

@@ -30,6 +30,9 @@ mod files;
 mod handle;
 mod workload_api;
 
+#[cfg(test)]
+mod tests;
+
 pub use ca::{fetch_revoked, Issuer};
 pub use error::Error;
 pub use files::load_svid_files;

@@ -75,6 +75,9 @@ pub struct IdentityConfig {
     pub source: IdentitySource,
     /// How often the revocation list is fetched (CA source).
     pub refresh: Duration,
+    /// Where in the 50 % ±10 % window the CA source renews: random (the default, and the only
+    /// choice a config file has); fixed by tests that need exact timing.
+    pub jitter: Jitter,
 }
 
 /// Starts the identity task for `config`; it ends when `shutdown` changes.
@@ -102,7 +105,7 @@ pub fn start(
                             identity.clone(),
                             client.clone(),
                             token_file.clone(),
-                            Jitter::Random,
+                            config.jitter,
                             shutdown.clone(),
                         )
                         .instrument(span.clone()),

@@ -592,3 +592,53 @@ async fn the_revocation_list_and_bundle_refresh_every_interval() {
     );
     rig.stop(vec![task]).await;
 }
+
+/// The texts operators grep the logs for, as they read before `Error` replaced the strings.
+#[test]
+fn error_messages_read_as_they_always_have() {
+    let ours = parse_workload_id("spiffe://rotation.test/ns/shop/sa/web").expect("id");
+    let other = parse_workload_id("spiffe://rotation.test/ns/shop/sa/db").expect("id");
+    let cases = [
+        (
+            Error::NotOffered {
+                offered: vec![other.to_string(), "spiffe://rotation.test/x".into()],
+                ours: ours.clone(),
+            },
+            "the agent offers SVIDs for [spiffe://rotation.test/ns/shop/sa/db, \
+             spiffe://rotation.test/x], none for this sidecar's spiffe_id \
+             spiffe://rotation.test/ns/shop/sa/web; check the registration entry",
+        ),
+        (
+            Error::NotOurs {
+                got: other,
+                ours: ours.clone(),
+            },
+            "SVID is for spiffe://rotation.test/ns/shop/sa/db, this sidecar is \
+             spiffe://rotation.test/ns/shop/sa/web",
+        ),
+        (
+            Error::TokenFile {
+                path: "/run/token".into(),
+                source: io::Error::new(io::ErrorKind::NotFound, "gone"),
+            },
+            "join token file /run/token: gone",
+        ),
+        (
+            Error::RevokedStatus(hyper::StatusCode::SERVICE_UNAVAILABLE),
+            "CA answered 503 Service Unavailable",
+        ),
+        (
+            Error::BadSerial(serde_json::json!({"serial": 7})),
+            r#"bad serial in revocation list: {"serial":7}"#,
+        ),
+        (Error::NoRevokedList, "no revoked list in answer"),
+        (Error::EmptyChain, "the agent sent an empty chain"),
+        (
+            FakeCa::down(),
+            "connecting to the CA at fake-ca:443: connection refused",
+        ),
+    ];
+    for (e, want) in cases {
+        assert_eq!(e.to_string(), want);
+    }
+}

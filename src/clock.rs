@@ -12,27 +12,62 @@ use rustls::pki_types::UnixTime;
 /// A source of wall-clock time: the system clock, or a manual clock for tests.
 #[derive(Clone, Debug, Default)]
 pub struct Clock {
-    manual: Option<Arc<Mutex<SystemTime>>>,
+    source: Source,
+}
+
+#[derive(Clone, Debug, Default)]
+enum Source {
+    #[default]
+    System,
+    Manual(Arc<Mutex<SystemTime>>),
+    /// `start` plus the tokio time elapsed since `since`, plus what [`Clock::advance`] added.
+    Tokio {
+        start: SystemTime,
+        since: tokio::time::Instant,
+        added: Arc<Mutex<Duration>>,
+    },
 }
 
 impl Clock {
     /// The system's wall clock.
     pub fn system() -> Self {
-        Self { manual: None }
+        Self {
+            source: Source::System,
+        }
     }
 
     /// A clock that stands still at `start` until [`Clock::advance`] moves it.
     pub fn manual(start: SystemTime) -> Self {
         Self {
-            manual: Some(Arc::new(Mutex::new(start))),
+            source: Source::Manual(Arc::new(Mutex::new(start))),
+        }
+    }
+
+    /// A clock that starts at the system's current time and then moves exactly as tokio's clock
+    /// does. On tokio's paused time (`#[tokio::test(start_paused = true)]`, or
+    /// `tokio::time::pause`) wall time and timers advance together, so a test of renewal or
+    /// expiry runs through hours of certificate lifetime in milliseconds; on a running clock it
+    /// follows the monotonic clock. Call it inside the runtime whose time it follows.
+    pub fn following_tokio() -> Self {
+        Self {
+            source: Source::Tokio {
+                start: SystemTime::now(),
+                since: tokio::time::Instant::now(),
+                added: Arc::default(),
+            },
         }
     }
 
     /// The current time.
     pub fn now(&self) -> SystemTime {
-        match &self.manual {
-            Some(t) => *t.lock().unwrap_or_else(|e| e.into_inner()),
-            None => SystemTime::now(),
+        match &self.source {
+            Source::System => SystemTime::now(),
+            Source::Manual(t) => *lock(t),
+            Source::Tokio {
+                start,
+                since,
+                added,
+            } => *start + since.elapsed() + *lock(added),
         }
     }
 
@@ -41,13 +76,19 @@ impl Clock {
         unix_secs(self.now())
     }
 
-    /// Moves a manual clock forward; a no-op on the system clock.
+    /// Moves a manual clock forward; on a [`Clock::following_tokio`] clock, steps the wall time
+    /// alone (timers do not move: a clock jump); a no-op on the system clock.
     pub fn advance(&self, by: Duration) {
-        if let Some(t) = &self.manual {
-            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
-            *t += by;
+        match &self.source {
+            Source::System => {}
+            Source::Manual(t) => *lock(t) += by,
+            Source::Tokio { added, .. } => *lock(added) += by,
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Seconds since the Unix epoch (0 for times before it).

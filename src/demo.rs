@@ -236,6 +236,7 @@ async fn sidecar(
                 region: Some(Region::new("eu-west")?),
             },
             refresh: Duration::from_secs(30),
+            jitter: Default::default(),
         },
         region: Some(Region::new("eu-west")?),
         resumption: true,

@@ -1159,7 +1159,10 @@ async fn a_ca_of_another_region_cannot_stand_in_for_ours() {
         msg.contains("issued by region b's CA") && msg.contains("expected region a's CA"),
         "{msg}"
     );
-    let e = trustline::svid::fetch_revoked(&for_a).await.unwrap_err();
+    let e = trustline::svid::fetch_revoked(&for_a)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("expected region a"), "{e}");
     // The roles pass their region on: a sidecar of region a that is sent to CA b gets neither
     // its bundle nor its revocation list there.

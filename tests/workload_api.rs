@@ -44,6 +44,13 @@ fn offer<'a>(
     }
 }
 
+/// The first whole second of Unix time at or after `t`.
+fn next_whole_second(t: SystemTime) -> SystemTime {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+    let secs = since.as_secs() + u64::from(since.subsec_nanos() > 0);
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+}
+
 fn serial(c: &Cred) -> Serial {
     inspect_cert(&c.chain[0]).expect("leaf").serial
 }
@@ -150,11 +157,37 @@ async fn an_svid_pushed_by_the_agent_serves_new_connections_and_open_ones_stay()
 async fn with_the_agent_gone_the_svid_keeps_serving_until_expiry_then_the_agent_is_found_again() {
     let ca = start_ca(HOUR).await;
     let socket = ca.pki.dir.path().join("agent.sock");
+    let first = ca.pki.leaf(&id("api"), SystemTime::now(), HOUR);
+    let agent = Agent::start(&socket, Some(only(&ca, &first)));
+    let p = agent_fed_pair(&ca, &socket).await;
+    // Once the pair is up, the agent gives a short SVID, so its lifetime does not depend on how
+    // long the setup took. It ends on a whole second (X.509 times are whole seconds) at least
+    // 1.1 s away.
+    let now = SystemTime::now();
+    let not_after = next_whole_second(now + Duration::from_millis(1100));
     let short = ca
         .pki
-        .leaf(&id("api"), SystemTime::now(), Duration::from_secs(3));
-    let agent = Agent::start(&socket, Some(only(&ca, &short)));
-    let p = agent_fed_pair(&ca, &socket).await;
+        .leaf(&id("api"), now, not_after.duration_since(now).unwrap());
+    let mut rotations = p.b.identity.rotations();
+    rotations.borrow_and_update();
+    agent.push(only(&ca, &short));
+    tokio::time::timeout(PATIENCE, rotations.changed())
+        .await
+        .expect("the short SVID arrives")
+        .unwrap();
+    assert_eq!(
+        p.b.identity.current().map(|s| s.info.serial.clone()),
+        Some(serial(&short))
+    );
+    assert_eq!(p.b.identity.current().unwrap().info.not_after, not_after);
+    // The agent goes 1 s before the SVID expires: time for the checks below, and the agent is
+    // back before the sidecar's second reconnection attempt (0.5 s + 1 s after the loss).
+    tokio::time::sleep(
+        (not_after - Duration::from_secs(1))
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+    )
+    .await;
     agent.stop().await;
     assert!(!socket.exists());
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use spiffe::transport::Endpoint;
 
-use super::{IdentityConfig, IdentitySource};
+use super::{IdentityConfig, IdentitySource, Jitter};
 use crate::config::{ConfigError, Ctx};
 use crate::identity::{Bundle, SpiffeId, TrustDomain};
 use crate::region::Region;
@@ -50,6 +50,7 @@ pub fn identity_config(
             f.refresh_interval.as_deref(),
             Duration::from_secs(30),
         )?,
+        jitter: Jitter::Random,
     })
 }
 

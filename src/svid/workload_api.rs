@@ -15,7 +15,8 @@ use spiffe::{WorkloadApiClient, X509Context};
 use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
 
-use super::{expire_if_due, Identity};
+use super::handle::{expire_if_due, Identity};
+use super::Error;
 use crate::clock::rfc3339;
 use crate::identity::{inspect_cert, Svid};
 
@@ -121,7 +122,7 @@ async fn follow(
 /// Applies one update: picks our SVID, checks it against the agent's bundle for our trust
 /// domain plus the configured roots, then swaps the bundle and the SVID. Returns the SVID when
 /// it is new (an unchanged one is not re-published, so rotation counts stay true).
-fn apply(identity: &Identity, ctx: &X509Context) -> Result<Option<Arc<Svid>>, String> {
+fn apply(identity: &Identity, ctx: &X509Context) -> Result<Option<Arc<Svid>>, Error> {
     let ours = identity.id();
     let Some(offered) = ctx.svids().iter().find(|s| s.spiffe_id() == ours) else {
         let ids: Vec<String> = ctx
@@ -129,11 +130,10 @@ fn apply(identity: &Identity, ctx: &X509Context) -> Result<Option<Arc<Svid>>, St
             .iter()
             .map(|s| s.spiffe_id().to_string())
             .collect();
-        return Err(format!(
-            "the agent offers SVIDs for [{}], none for this sidecar's spiffe_id {ours}; \
-             check the registration entry",
-            ids.join(", ")
-        ));
+        return Err(Error::NotOffered {
+            offered: ids,
+            ours: ours.clone(),
+        });
     };
     let chain: Vec<CertificateDer<'static>> = offered
         .cert_chain()
@@ -143,8 +143,8 @@ fn apply(identity: &Identity, ctx: &X509Context) -> Result<Option<Arc<Svid>>, St
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
         offered.private_key().as_bytes().to_vec(),
     ));
-    let leaf = chain.first().ok_or("the agent sent an empty chain")?;
-    let info = inspect_cert(leaf).map_err(|e| e.to_string())?;
+    let leaf = chain.first().ok_or(Error::EmptyChain)?;
+    let info = inspect_cert(leaf).map_err(Error::AgentLeaf)?;
     let svid = Svid { chain, key, info };
     let agent_roots = ctx
         .bundle_set()
@@ -157,13 +157,17 @@ fn apply(identity: &Identity, ctx: &X509Context) -> Result<Option<Arc<Svid>>, St
         })
         .unwrap_or_default();
     let bundle = identity.with_configured_roots(agent_roots)?;
-    crate::tls::verify_svid_chain(&bundle, &svid.chain, identity.clock.now())
-        .map_err(|e| format!("SVID {}: {e}", svid.info.serial))?;
+    crate::tls::verify_svid_chain(&bundle, &svid.chain, identity.clock.now()).map_err(
+        |source| Error::AgentUnverified {
+            serial: svid.info.serial.clone(),
+            source,
+        },
+    )?;
     if bundle.roots != identity.bundle().roots {
         identity
             .trust
             .set_bundle(bundle)
-            .map_err(|e| e.to_string())?;
+            .map_err(Error::SetBundle)?;
         tracing::info!("trust bundle updated from the Workload API");
     }
     if identity.current().is_some_and(|c| c.chain == svid.chain) {

@@ -1,0 +1,191 @@
+//! The `ca` source: the first SVID with a join token, renewals over mTLS at about half-life, and
+//! the revocation list and trust bundle refreshed every interval.
+//!
+//! The loops talk to the CA through [`Issuer`], which [`CaClient`] implements over HTTPS, so the
+//! rotation task runs against a fake CA in unit tests (on tokio's paused time).
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use tokio::sync::watch;
+
+use super::ca_client::{CaClient, CaRegion};
+use super::handle::{expire_if_due, renewal_delay_with, Identity, Jitter};
+use super::{sleep_or_stop, Error, BACKOFF_CAP, BACKOFF_START};
+use crate::clock::rfc3339;
+use crate::identity::{Serial, SpiffeId, Svid};
+
+/// What the rotation task needs from the CA.
+pub trait Issuer: Send + Sync + 'static {
+    /// First issuance: a new key and an SVID for `id`, authorised by a join token.
+    fn issue(&self, id: &SpiffeId, token: &str)
+        -> impl Future<Output = Result<Svid, Error>> + Send;
+    /// Renewal: a new key and SVID, authorised by the current one.
+    fn renew(&self, current: &Svid) -> impl Future<Output = Result<Svid, Error>> + Send;
+    /// The roots the CA publishes.
+    fn bundle(&self) -> impl Future<Output = Result<Vec<CertificateDer<'static>>, Error>> + Send;
+    /// The serials the CA has revoked.
+    fn revoked(&self) -> impl Future<Output = Result<HashSet<Serial>, Error>> + Send;
+    /// Whether the CA's region was checked in the handshake ([`CaClient::expect_region`]), which
+    /// makes the roots it publishes authoritative for our trust domain.
+    fn region_checked(&self) -> bool;
+}
+
+impl Issuer for CaClient {
+    async fn issue(&self, id: &SpiffeId, token: &str) -> Result<Svid, Error> {
+        Ok(self.issue_with_token(id, token).await?)
+    }
+
+    async fn renew(&self, current: &Svid) -> Result<Svid, Error> {
+        Ok(CaClient::renew(self, current).await?)
+    }
+
+    async fn bundle(&self) -> Result<Vec<CertificateDer<'static>>, Error> {
+        let pem = self.fetch_bundle_pem().await?;
+        crate::identity::certs_from_pem(&pem, "CA bundle").map_err(Error::CaBundle)
+    }
+
+    async fn revoked(&self) -> Result<HashSet<Serial>, Error> {
+        fetch_revoked(self).await
+    }
+
+    fn region_checked(&self) -> bool {
+        matches!(self.region(), CaRegion::Is(_))
+    }
+}
+
+/// Obtains and renews the SVID until `shutdown` changes: renewal at `jitter`'s point of 50 %
+/// ±10 % of the remaining lifetime; on failure the current SVID keeps serving while retries back
+/// off from [`BACKOFF_START`] to [`BACKOFF_CAP`], and it is withdrawn at its expiry.
+pub(super) async fn ca_loop(
+    identity: Arc<Identity>,
+    issuer: impl Issuer,
+    token_file: PathBuf,
+    jitter: Jitter,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = BACKOFF_START;
+    loop {
+        let attempt = match identity.current() {
+            None => first_svid(&identity, &issuer, &token_file).await,
+            Some(cur) => issuer.renew(&cur).await,
+        };
+        let wait = match attempt.and_then(|svid| {
+            let not_after = svid.info.not_after;
+            let serial = svid.info.serial.clone();
+            identity.publish(svid).map(|()| (not_after, serial))
+        }) {
+            Ok((not_after, serial)) => {
+                backoff = BACKOFF_START;
+                tracing::info!(%serial, not_after = %rfc3339(not_after), "SVID published");
+                renewal_delay_with(jitter, identity.clock.now(), not_after)
+            }
+            Err(e) => {
+                let wait = backoff;
+                backoff = (backoff * 2).min(BACKOFF_CAP);
+                expire_if_due(&identity);
+                tracing::warn!(error = %e, retry_in = ?wait, "obtaining an SVID failed; the current one (if any) keeps serving");
+                wait
+            }
+        };
+        // Wake early if the current SVID expires before the next attempt.
+        let wait = identity.until_expiry().map_or(wait, |e| wait.min(e));
+        if !sleep_or_stop(wait, &mut shutdown).await {
+            return;
+        }
+        expire_if_due(&identity);
+    }
+}
+
+async fn first_svid(
+    identity: &Identity,
+    issuer: &impl Issuer,
+    token_file: &Path,
+) -> Result<Svid, Error> {
+    let token = std::fs::read_to_string(token_file).map_err(|source| Error::TokenFile {
+        path: token_file.to_path_buf(),
+        source,
+    })?;
+    issuer.issue(identity.id(), token.trim()).await
+}
+
+/// Refreshes the revocation list and the trust bundle from the CA every `every`.
+pub(super) async fn refresh_loop(
+    identity: Arc<Identity>,
+    issuer: impl Issuer,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        match issuer.revoked().await {
+            Ok(set) => {
+                identity.set_revoked(set);
+                let now = crate::clock::unix_secs(identity.clock.now());
+                identity.revocation_refreshed.set(now as i64);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refreshing the revocation list failed; keeping the last one")
+            }
+        }
+        if let Err(e) = refresh_bundle(&identity, &issuer).await {
+            tracing::warn!(error = %e, "refreshing the trust bundle failed; keeping the last one");
+        }
+        if !sleep_or_stop(every, &mut shutdown).await {
+            return;
+        }
+    }
+}
+
+/// Fetches the CA's bundle; the roots configured locally stay trusted beside it (they may hold
+/// roots the CA does not publish, such as a federated domain's).
+///
+/// A root the configured bundle does not hold is taken only from a CA whose region was checked
+/// in the handshake ([`CaClient::expect_region`]: our own region's CA, authoritative for our
+/// trust domain as a SPIFFE bundle endpoint is). Without that check any region's CA could be
+/// answering, and one compromised CA key would add its own root everywhere.
+async fn refresh_bundle(identity: &Identity, issuer: &impl Issuer) -> Result<(), Error> {
+    let mut roots = issuer.bundle().await?;
+    let current = identity.bundle();
+    if !issuer.region_checked() {
+        let before = roots.len();
+        roots.retain(|r| identity.configured_roots.contains(r));
+        if roots.len() < before {
+            tracing::warn!(
+                ignored = before - roots.len(),
+                "the CA's bundle holds roots the configured bundle does not; they are not trusted \
+                 (set the role's `region` to check the CA's region and take its bundle)"
+            );
+        }
+    }
+    let fresh = identity.with_configured_roots(roots)?;
+    identity.bundle_fetches.fetch_add(1, Ordering::Relaxed);
+    if fresh.roots != current.roots {
+        identity.trust.set_bundle(fresh).map_err(Error::SetBundle)?;
+        tracing::info!("trust bundle updated from the CA");
+    }
+    Ok(())
+}
+
+/// Fetches `GET /v1/revoked` and parses the serials.
+pub async fn fetch_revoked(client: &CaClient) -> Result<HashSet<Serial>, Error> {
+    let mut conn = client.connect(None).await?;
+    let (status, body) = conn.get("/v1/revoked", None).await?;
+    if !status.is_success() {
+        return Err(Error::RevokedStatus(status));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(Error::RevokedJson)?;
+    let list = v["revoked"].as_array().ok_or(Error::NoRevokedList)?;
+    list.iter()
+        .map(|r| {
+            r["serial"]
+                .as_str()
+                .and_then(Serial::parse_hex)
+                .ok_or_else(|| Error::BadSerial(r.clone()))
+        })
+        .collect()
+}

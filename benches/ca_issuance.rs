@@ -24,6 +24,10 @@
 //! Any failed request, or a ledger that does not hold every serial answered with 200, is printed
 //! and makes the benchmark exit non-zero.
 
+// Benchmarks measure wall time and drive blocking clients outside tokio: the OS clock and
+// thread sleeps are what they are for (clippy.toml bans them elsewhere).
+#![allow(clippy::disallowed_methods)]
+
 #[path = "support/mod.rs"]
 mod support;
 use support::CaProcess;

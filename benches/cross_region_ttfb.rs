@@ -11,6 +11,10 @@
 //! Each sample: connect to the local entry point, write 4 bytes, wait for the first byte of
 //! the echo. Run: `cargo bench --bench cross_region_ttfb` (about 30 s).
 
+// Benchmarks measure wall time and drive blocking clients outside tokio: the OS clock and
+// thread sleeps are what they are for (clippy.toml bans them elsewhere).
+#![allow(clippy::disallowed_methods)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -16,6 +16,10 @@
 //! Run: `cargo bench --bench startup`. Environment (optional): `TL_BENCH_RUNS` (20),
 //! `TL_BENCH_BIN` (another `trustline` binary). Exits non-zero if a sidecar is not ready in 10 s.
 
+// Benchmarks measure wall time and drive blocking clients outside tokio: the OS clock and
+// thread sleeps are what they are for (clippy.toml bans them elsewhere).
+#![allow(clippy::disallowed_methods)]
+
 #[path = "support/mod.rs"]
 mod support;
 use support::{free_port, CaProcess};

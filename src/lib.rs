@@ -16,6 +16,8 @@
 //!
 //! See `DESIGN.md` in the shared folder and the README for the whole picture.
 #![forbid(unsafe_code)]
+// Production code never unwraps (tests may: clippy.toml allow-unwrap-in-tests).
+#![deny(clippy::unwrap_used)]
 
 pub mod admin;
 pub mod audit;

@@ -1,6 +1,7 @@
 //! The `trustline` binary: parse the command line, load and validate configuration, call the
 //! role. Errors become one clear message and a non-zero exit code. Each role's command line is
 //! in its own file under `cli/`.
+#![deny(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
 mod cli;

@@ -360,6 +360,8 @@ fn wait_unlocked(path: &Path) {
         match redb::Database::create(path) {
             Ok(db) => return drop(db),
             Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < until => {
+                // A synchronous poll outside any runtime, 5 ms at a time.
+                #[allow(clippy::disallowed_methods)]
                 std::thread::sleep(Duration::from_millis(5))
             }
             Err(e) => panic!("ledger {} still locked: {e}", path.display()),

@@ -104,7 +104,7 @@ fn evaluation_table() {
     let sat: Timestamp = "2026-11-28T09:00:00Z".parse().unwrap();
     let mon_evening: Timestamp = "2026-11-23T18:30:00Z".parse().unwrap(); // 19:30 Berlin
     use Outcome::{Allow, Deny};
-    let table: Vec<(Facts, Outcome, &str)> = vec![
+    let table: Vec<(Facts<'_>, Outcome, &str)> = vec![
         // exact principal, method and path prefix
         (
             facts(FRONT, 8080, Some(("GET", "/api/orders")), None, mon),

@@ -25,16 +25,18 @@ use super::{
 };
 use crate::identity::Serial;
 
-const SERIALS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("serials");
-const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
-const REVOKED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("revoked");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const SERIALS: TableDefinition<'static, &[u8], &[u8]> = TableDefinition::new("serials");
+const TOKENS: TableDefinition<'static, &[u8], &[u8]> = TableDefinition::new("tokens");
+const REVOKED: TableDefinition<'static, &[u8], &[u8]> = TableDefinition::new("revoked");
+const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 /// Parent serial -> the serials renewed with it.
-const RENEWALS: MultimapTableDefinition<&[u8], &[u8]> = MultimapTableDefinition::new("renewals");
+const RENEWALS: MultimapTableDefinition<'static, &[u8], &[u8]> =
+    MultimapTableDefinition::new("renewals");
 /// SPIFFE ID -> every serial issued for it.
-const BY_ID: MultimapTableDefinition<&str, &[u8]> = MultimapTableDefinition::new("serials_by_id");
+const BY_ID: MultimapTableDefinition<'static, &str, &[u8]> =
+    MultimapTableDefinition::new("serials_by_id");
 /// Banned SPIFFE IDs -> [`BanRecord`].
-const BANNED: TableDefinition<&str, &[u8]> = TableDefinition::new("banned_ids");
+const BANNED: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("banned_ids");
 const REVOCATION_SEQ: &str = "revocation_seq";
 /// Version of the `renewals` and `serials_by_id` indexes; a ledger without them is indexed at
 /// open.

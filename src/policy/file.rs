@@ -360,14 +360,14 @@ fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn each<T>(
+fn each<T, E: std::fmt::Display>(
     c: &mut Checker<'_>,
     svc: &str,
     rule: &str,
     line: usize,
     field: &str,
     items: &[String],
-    parse: impl Fn(&str) -> Result<T, String>,
+    parse: impl Fn(&str) -> Result<T, E>,
 ) -> Vec<T> {
     let mut out = Vec::new();
     for (i, s) in items.iter().enumerate() {
@@ -379,7 +379,7 @@ fn each<T>(
                 svc,
                 Some(rule),
                 &format!("{field}[{i}]"),
-                e,
+                e.to_string(),
             ),
         }
     }

@@ -616,3 +616,44 @@ fn matcher_errors_keep_their_texts() {
         "{zone}"
     );
 }
+
+/// The texts of bad `methods` and `regions` entries and of the rule-level fields, byte for byte.
+#[test]
+fn entry_errors_keep_their_texts() {
+    let text = r#"
+[service.a]
+default = "maybe"
+
+[[service.a.rule]]
+name = "r"
+action = "permit"
+mode = "sometimes"
+methods = ["G ET"]
+regions = ["EU WEST"]
+"#;
+    let err = parse(text, Path::new("p.toml")).unwrap_err();
+    let message = |field: &str| {
+        let i = err.issues.iter().find(|i| i.field == field);
+        i.unwrap_or_else(|| panic!("no issue for {field}: {err}"))
+            .message
+            .clone()
+    };
+    assert_eq!(
+        message("default"),
+        "\"maybe\": expected \"deny\", \"allow\" or \"audit\""
+    );
+    assert_eq!(
+        message("action"),
+        "\"permit\": expected \"allow\", \"deny\" or \"audit\""
+    );
+    assert_eq!(
+        message("mode"),
+        "\"sometimes\": expected \"enforce\" or \"dry-run\""
+    );
+    assert_eq!(
+        message("methods[0]"),
+        "\"G ET\" is not an HTTP method (a token, RFC 9110)"
+    );
+    let why = crate::region::Region::new("EU WEST").unwrap_err();
+    assert_eq!(message("regions[0]"), format!("region \"EU WEST\": {why}"));
+}

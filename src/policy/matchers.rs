@@ -48,18 +48,25 @@ pub enum NeverMatches {
 /// What is wrong with a time window (the window's text is in [`MatcherError::Window`]).
 #[derive(Debug, thiserror::Error)]
 pub enum WindowError {
+    /// Not two or three words (days, a time range, an optional zone).
     #[error("expected \"Mon-Fri 07:00-19:00 Europe/Berlin\"")]
     Shape,
+    /// A day (of a range or a list) that is not `Mon`..`Sun`.
     #[error("{0:?} is not a weekday (Mon..Sun)")]
     NotWeekday(String),
+    /// The time range has no `-`.
     #[error("expected a time range like 07:00-19:00")]
     NoRange,
+    /// A start or end that is not two numbers around a `:`.
     #[error("{0:?} is not HH:MM")]
     NotHhmm(String),
+    /// A start or end past 24:00 or 23:59.
     #[error("{0:?} is not a time of day")]
     NotTimeOfDay(String),
+    /// The start equals the end.
     #[error("the window is empty (start equals end)")]
     Empty,
+    /// A zone the time zone database does not know.
     #[error("unknown time zone {zone:?}: {error}")]
     UnknownZone { zone: String, error: jiff::Error },
 }

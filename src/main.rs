@@ -24,14 +24,11 @@ enum Job {
 }
 
 impl Job {
-    fn load(command: Command) -> Result<Self, String> {
+    /// Fails with the config's error (`main` prints its message alone, not a chain).
+    fn load(command: Command) -> anyhow::Result<Self> {
         Ok(match command {
-            Command::Sidecar(a) => {
-                Job::Sidecar(SidecarConfig::load(&a.config).map_err(|e| e.to_string())?)
-            }
-            Command::Gateway(a) => {
-                Job::Gateway(GatewayConfig::load(&a.config).map_err(|e| e.to_string())?)
-            }
+            Command::Sidecar(a) => Job::Sidecar(SidecarConfig::load(&a.config)?),
+            Command::Gateway(a) => Job::Gateway(GatewayConfig::load(&a.config)?),
             other => Job::Other(other),
         })
     }

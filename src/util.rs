@@ -39,9 +39,20 @@ pub fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+/// A duration that does not parse: the text as written, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid duration {text:?}: {error}")]
+pub struct DurationError {
+    text: String,
+    error: humantime::DurationError,
+}
+
 /// Parses a human duration such as `15m`, `24h` or `3650d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    humantime::parse_duration(s.trim()).map_err(|error| DurationError {
+        text: s.to_string(),
+        error,
+    })
 }
 
 /// Lowercase hex of some bytes.
@@ -65,4 +76,22 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    /// Config errors embed this text after the field name.
+    #[test]
+    fn a_bad_duration_names_the_text_as_written() {
+        assert_eq!(
+            super::parse_duration(" 15m ").unwrap(),
+            std::time::Duration::from_secs(900)
+        );
+        let e = super::parse_duration("5 parsecs").unwrap_err().to_string();
+        assert!(e.starts_with("invalid duration \"5 parsecs\": "), "{e}");
+        let cause = humantime::parse_duration("5 parsecs")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, format!("invalid duration \"5 parsecs\": {cause}"));
+    }
 }

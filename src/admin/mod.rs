@@ -21,12 +21,34 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// A role-specific JSON endpoint: returns the body.
 pub type JsonRoute = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
 
+/// Why a role is not ready: the reason `/readyz` shows after `not ready: `.
+#[derive(Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// No SVID has been obtained yet.
+    #[error("no SVID yet")]
+    NoSvid,
+    /// The SVID held has expired and no successor came in time.
+    #[error("SVID expired")]
+    SvidExpired,
+}
+
+/// Shows the reason's text, as the `String` readiness hooks used to (diagnostics print
+/// `{:?}` of a readiness result).
+impl std::fmt::Debug for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.to_string(), f)
+    }
+}
+
+/// A role's readiness check: `Ok` when ready, or why not.
+pub type ReadyCheck = Box<dyn Fn() -> Result<(), NotReady> + Send + Sync>;
+
 /// What the admin endpoints read.
 pub struct AdminState {
     /// The metrics registry of the role.
     pub registry: Registry,
     /// Readiness: `Ok` when ready, or why not.
-    pub ready: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
+    pub ready: ReadyCheck,
     /// Extra JSON endpoints by path (e.g. `/identity`).
     pub json: Vec<(&'static str, JsonRoute)>,
 }
@@ -111,5 +133,19 @@ fn handle(state: &AdminState, req: Request<hyper::body::Incoming>) -> Response<F
             }
             None => text(StatusCode::NOT_FOUND, "not found\n".into()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NotReady;
+
+    /// `/readyz` shows these after `not ready: `; `{:?}` of a readiness result shows them too.
+    #[test]
+    fn not_ready_reasons_keep_their_texts() {
+        assert_eq!(NotReady::NoSvid.to_string(), "no SVID yet");
+        assert_eq!(NotReady::SvidExpired.to_string(), "SVID expired");
+        let r: Result<(), NotReady> = Err(NotReady::NoSvid);
+        assert_eq!(format!("{r:?}"), "Err(\"no SVID yet\")");
     }
 }

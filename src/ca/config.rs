@@ -102,7 +102,11 @@ impl CaLimits {
                     "must be more than 0",
                 )),
                 Ok(t) => Ok(t),
-                Err(e) => Err(ConfigError::field(file, &format!("limits.{key}"), e)),
+                Err(e) => Err(ConfigError::field(
+                    file,
+                    &format!("limits.{key}"),
+                    e.to_string(),
+                )),
             },
         };
         Ok(CaLimits {
@@ -261,7 +265,8 @@ fn parse_listen(text: Option<String>, src: Option<&Path>) -> Result<SocketAddr, 
 
 fn parse_svid_ttl(text: Option<String>, src: Option<&Path>) -> Result<Duration, ConfigError> {
     let ttl = text.unwrap_or_else(|| DEFAULT_SVID_TTL.into());
-    let svid_ttl = parse_duration(&ttl).map_err(|e| ConfigError::field(src, "svid_ttl", e))?;
+    let svid_ttl =
+        parse_duration(&ttl).map_err(|e| ConfigError::field(src, "svid_ttl", e.to_string()))?;
     if !(MIN_SVID_TTL..=MAX_SVID_TTL).contains(&svid_ttl) {
         return Err(ConfigError::field(
             src,
@@ -312,7 +317,8 @@ fn parse_refresh(text: Option<String>, src: Option<&Path>) -> Result<Duration, C
     let Some(text) = text else {
         return Ok(DEFAULT_PEER_REFRESH);
     };
-    let d = parse_duration(&text).map_err(|e| ConfigError::field(src, "peer_refresh", e))?;
+    let d = parse_duration(&text)
+        .map_err(|e| ConfigError::field(src, "peer_refresh", e.to_string()))?;
     if !PEER_REFRESH_RANGE.contains(&d) {
         return Err(ConfigError::field(
             src,

@@ -98,7 +98,7 @@ impl Ctx<'_> {
     ) -> Result<Duration, ConfigError> {
         match v {
             None => Ok(default),
-            Some(v) => parse_duration(v).map_err(|e| self.err(field, e)),
+            Some(v) => parse_duration(v).map_err(|e| self.err(field, e.to_string())),
         }
     }
     pub fn id(&self, field: &str, v: &str, td: &TrustDomain) -> Result<SpiffeId, ConfigError> {

@@ -30,7 +30,7 @@ use toml::Spanned;
 use super::matchers::{PathPattern, Principal, TimeWindow};
 use super::path::{PathOptions, Semicolons, Slashes};
 use super::{Action, DefaultAction, Mode, Rule, ServicePolicy};
-use crate::region::Region;
+use crate::region::{NameError, Region};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -183,6 +183,14 @@ impl Checker<'_> {
             message,
         });
     }
+
+    /// How many errors (not warnings) were found so far.
+    fn errors(&self) -> usize {
+        self.issues
+            .iter()
+            .filter(|i| i.severity == Severity::Error)
+            .count()
+    }
 }
 
 /// Parses and validates policy text; `path` names it in issues.
@@ -242,52 +250,13 @@ fn service_policy(
     raw: RawService,
     line: usize,
 ) -> Option<ServicePolicy> {
-    let before = c
-        .issues
-        .iter()
-        .filter(|i| i.severity == Severity::Error)
-        .count();
-    let mut rules = Vec::new();
-    let mut names = BTreeMap::new();
+    let before = c.errors();
     let declared = raw.rule.len();
-    for spanned in raw.rule {
-        let rline = lines.of(spanned.span().start);
-        let r = spanned.into_inner();
-        if let Some(prev) = names.insert(r.name.clone(), rline) {
-            c.push(
-                Severity::Error,
-                rline,
-                name,
-                Some(&r.name),
-                "name",
-                format!("duplicate rule name (also on line {prev})"),
-            );
-        }
-        if let Some(rule) = rule(c, name, r, rline, &raw.http_ports) {
-            rules.push(rule);
-        }
-    }
+    let rules = rules(c, lines, name, raw.rule, &raw.http_ports);
     let has_allow = rules
         .iter()
         .any(|r| r.action == Action::Allow && r.mode == Mode::Enforce);
-    let default = match raw.default.as_deref() {
-        None if has_allow => DefaultAction::Deny,
-        None => DefaultAction::Allow,
-        Some("deny") => DefaultAction::Deny,
-        Some("allow") => DefaultAction::Allow,
-        Some("audit") => DefaultAction::Audit,
-        Some(other) => {
-            c.push(
-                Severity::Error,
-                line,
-                name,
-                None,
-                "default",
-                format!("{other:?}: expected \"deny\", \"allow\" or \"audit\""),
-            );
-            DefaultAction::Deny
-        }
-    };
+    let default = default_action(c, name, line, raw.default.as_deref(), has_allow);
     if default == DefaultAction::Allow && raw.default.is_none() && declared == 0 {
         c.push(
             Severity::Warning,
@@ -306,12 +275,7 @@ fn service_policy(
         raw.path_slashes.as_deref(),
         raw.path_semicolons.as_deref(),
     );
-    let errors = c
-        .issues
-        .iter()
-        .filter(|i| i.severity == Severity::Error)
-        .count();
-    (errors == before).then(|| ServicePolicy {
+    (c.errors() == before).then(|| ServicePolicy {
         index: super::eval::Index::build(&rules),
         name: name.to_string(),
         default,
@@ -319,6 +283,64 @@ fn service_policy(
         paths,
         rules,
     })
+}
+
+/// A service's rules in file order, those with errors left out; rule names must be unique.
+fn rules(
+    c: &mut Checker<'_>,
+    lines: &Lines,
+    svc: &str,
+    raw: Vec<Spanned<RawRule>>,
+    http_ports: &[u16],
+) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    let mut names = BTreeMap::new();
+    for spanned in raw {
+        let rline = lines.of(spanned.span().start);
+        let r = spanned.into_inner();
+        if let Some(prev) = names.insert(r.name.clone(), rline) {
+            c.push(
+                Severity::Error,
+                rline,
+                svc,
+                Some(&r.name),
+                "name",
+                format!("duplicate rule name (also on line {prev})"),
+            );
+        }
+        if let Some(rule) = rule(c, svc, r, rline, http_ports) {
+            rules.push(rule);
+        }
+    }
+    rules
+}
+
+/// `default`; when unset, deny once the service has an enforced allow rule, allow otherwise.
+fn default_action(
+    c: &mut Checker<'_>,
+    svc: &str,
+    line: usize,
+    default: Option<&str>,
+    has_allow: bool,
+) -> DefaultAction {
+    match default {
+        None if has_allow => DefaultAction::Deny,
+        None => DefaultAction::Allow,
+        Some("deny") => DefaultAction::Deny,
+        Some("allow") => DefaultAction::Allow,
+        Some("audit") => DefaultAction::Audit,
+        Some(other) => {
+            c.push(
+                Severity::Error,
+                line,
+                svc,
+                None,
+                "default",
+                format!("{other:?}: expected \"deny\", \"allow\" or \"audit\""),
+            );
+            DefaultAction::Deny
+        }
+    }
 }
 
 /// `path_slashes` and `path_semicolons`; the safe choice (refuse) when unset.
@@ -360,14 +382,81 @@ fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn each<T>(
+/// A rule's `action` (an error, and deny, when it is none of the three).
+fn action(c: &mut Checker<'_>, svc: &str, rule: &str, line: usize, action: &str) -> Action {
+    match action {
+        "allow" => Action::Allow,
+        "deny" => Action::Deny,
+        "audit" => Action::Audit,
+        other => {
+            c.push(
+                Severity::Error,
+                line,
+                svc,
+                Some(rule),
+                "action",
+                format!("{other:?}: expected \"allow\", \"deny\" or \"audit\""),
+            );
+            Action::Deny
+        }
+    }
+}
+
+/// A rule's `mode`: enforced unless `dry-run`.
+fn mode(c: &mut Checker<'_>, svc: &str, rule: &str, line: usize, mode: Option<&str>) -> Mode {
+    match mode {
+        None | Some("enforce") => Mode::Enforce,
+        Some("dry-run") => Mode::DryRun,
+        Some(other) => {
+            c.push(
+                Severity::Error,
+                line,
+                svc,
+                Some(rule),
+                "mode",
+                format!("{other:?}: expected \"enforce\" or \"dry-run\""),
+            );
+            Mode::Enforce
+        }
+    }
+}
+
+/// An entry of `methods`, written in any case, kept upper-case: requests match an allow only
+/// in upper case.
+fn method(m: &str) -> Result<String, EntryError> {
+    if is_token(m) {
+        Ok(m.to_ascii_uppercase())
+    } else {
+        Err(EntryError::Method(m.to_string()))
+    }
+}
+
+/// An entry of `regions`.
+fn region(s: &str) -> Result<Region, EntryError> {
+    Region::new(s).map_err(|why| EntryError::Region {
+        value: s.to_string(),
+        why,
+    })
+}
+
+/// An entry of `methods` or `regions` that is not one (the matchers have
+/// [`MatcherError`](super::matchers::MatcherError)).
+#[derive(Debug, thiserror::Error)]
+enum EntryError {
+    #[error("{0:?} is not an HTTP method (a token, RFC 9110)")]
+    Method(String),
+    #[error("region {value:?}: {why}")]
+    Region { value: String, why: NameError },
+}
+
+fn each<T, E: std::fmt::Display>(
     c: &mut Checker<'_>,
     svc: &str,
     rule: &str,
     line: usize,
     field: &str,
     items: &[String],
-    parse: impl Fn(&str) -> Result<T, String>,
+    parse: impl Fn(&str) -> Result<T, E>,
 ) -> Vec<T> {
     let mut out = Vec::new();
     for (i, s) in items.iter().enumerate() {
@@ -379,7 +468,7 @@ fn each<T>(
                 svc,
                 Some(rule),
                 &format!("{field}[{i}]"),
-                e,
+                e.to_string(),
             ),
         }
     }
@@ -405,52 +494,14 @@ fn rule(
             "a rule needs a name other than \"default\"".into(),
         );
     }
-    let action = match r.action.as_str() {
-        "allow" => Action::Allow,
-        "deny" => Action::Deny,
-        "audit" => Action::Audit,
-        other => {
-            c.push(
-                Severity::Error,
-                line,
-                svc,
-                Some(n),
-                "action",
-                format!("{other:?}: expected \"allow\", \"deny\" or \"audit\""),
-            );
-            Action::Deny
-        }
-    };
-    let mode = match r.mode.as_deref() {
-        None | Some("enforce") => Mode::Enforce,
-        Some("dry-run") => Mode::DryRun,
-        Some(other) => {
-            c.push(
-                Severity::Error,
-                line,
-                svc,
-                Some(n),
-                "mode",
-                format!("{other:?}: expected \"enforce\" or \"dry-run\""),
-            );
-            Mode::Enforce
-        }
-    };
+    let action = action(c, svc, n, line, &r.action);
+    let mode = mode(c, svc, n, line, r.mode.as_deref());
     let from = each(c, svc, n, line, "from", &r.from, Principal::parse);
     let not_from = each(c, svc, n, line, "not_from", &r.not_from, Principal::parse);
     let paths = each(c, svc, n, line, "paths", &r.paths, PathPattern::parse);
     let hours = each(c, svc, n, line, "hours", &r.hours, TimeWindow::parse);
-    // Written in any case, kept upper-case: requests match an allow only in upper case.
-    let methods = each(c, svc, n, line, "methods", &r.methods, |m| {
-        if is_token(m) {
-            Ok(m.to_ascii_uppercase())
-        } else {
-            Err(format!("{m:?} is not an HTTP method (a token, RFC 9110)"))
-        }
-    });
-    let regions = each(c, svc, n, line, "regions", &r.regions, |s| {
-        Region::new(s).map_err(|why| format!("region {s:?}: {why}"))
-    });
+    let methods = each(c, svc, n, line, "methods", &r.methods, method);
+    let regions = each(c, svc, n, line, "regions", &r.regions, region);
     if r.ports.contains(&0) {
         c.push(
             Severity::Error,

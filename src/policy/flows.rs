@@ -73,30 +73,60 @@ fn quoted(items: impl IntoIterator<Item = impl AsRef<str>>) -> String {
     format!("[{}]", v.join(", "))
 }
 
+/// What the decided flows to one service used.
+#[derive(Default)]
+struct Observed<'a> {
+    /// Caller -> plain (non-HTTP) ports.
+    l4: BTreeMap<&'a str, BTreeSet<u16>>,
+    /// (caller, port, upper-case method) -> paths.
+    l7: BTreeMap<(&'a str, u16, String), BTreeSet<&'a str>>,
+    http_ports: BTreeSet<u16>,
+}
+
+impl<'a> Observed<'a> {
+    fn of(flows: &'a [Flow], service: &str) -> Self {
+        let mut o = Observed::default();
+        // Requests refused before any rule saw them (`bad-request`) cannot be allowed by a rule.
+        let decided = flows
+            .iter()
+            .filter(|f| f.destination_service == service && f.rule != super::path::REFUSED);
+        for f in decided {
+            match (&f.method, &f.path) {
+                (Some(m), Some(p)) => {
+                    o.http_ports.insert(f.port);
+                    o.l7.entry((f.source_id.as_str(), f.port, m.to_ascii_uppercase()))
+                        .or_default()
+                        .insert(p.as_str());
+                }
+                _ => {
+                    o.l4.entry(&f.source_id).or_default().insert(f.port);
+                }
+            }
+        }
+        o
+    }
+}
+
+/// Rule names, made unique by appending `-2`, `-3`, ... to a name already given.
+#[derive(Default)]
+struct UniqueNames(BTreeSet<String>);
+
+impl UniqueNames {
+    fn get(&mut self, base: String) -> String {
+        let mut name = base.clone();
+        let mut i = 2;
+        while !self.0.insert(name.clone()) {
+            name = format!("{base}-{i}");
+            i += 1;
+        }
+        name
+    }
+}
+
 /// The least-privilege policy for `service` covering `flows`: per caller, its plain ports; per
 /// caller, HTTP port and method, the exact paths it used. Everything else is denied by default.
 pub fn suggest(flows: &[Flow], service: &str) -> String {
-    // caller -> plain ports; (caller, port, method) -> paths
-    let mut l4: BTreeMap<&str, BTreeSet<u16>> = BTreeMap::new();
-    let mut l7: BTreeMap<(&str, u16, String), BTreeSet<&str>> = BTreeMap::new();
-    let mut http_ports = BTreeSet::new();
-    // Requests refused before any rule saw them (`bad-request`) cannot be allowed by a rule.
-    let decided = flows
-        .iter()
-        .filter(|f| f.destination_service == service && f.rule != super::path::REFUSED);
-    for f in decided {
-        match (&f.method, &f.path) {
-            (Some(m), Some(p)) => {
-                http_ports.insert(f.port);
-                l7.entry((f.source_id.as_str(), f.port, m.to_ascii_uppercase()))
-                    .or_default()
-                    .insert(p.as_str());
-            }
-            _ => {
-                l4.entry(&f.source_id).or_default().insert(f.port);
-            }
-        }
-    }
+    let Observed { l4, l7, http_ports } = Observed::of(flows, service);
     let mut out = format!(
         "# Suggested by `trustline policy suggest` from {} recorded flows: every observed flow is\n# allowed, nothing else (default deny). Review before use.\n[service.{service}]\n",
         flows.iter().filter(|f| f.destination_service == service).count()
@@ -112,16 +142,7 @@ pub fn suggest(flows: &[Flow], service: &str) -> String {
                 .join(", ")
         );
     }
-    let mut names = BTreeSet::new();
-    let mut unique = |base: String| {
-        let mut name = base.clone();
-        let mut i = 2;
-        while !names.insert(name.clone()) {
-            name = format!("{base}-{i}");
-            i += 1;
-        }
-        name
-    };
+    let mut names = UniqueNames::default();
     for (caller, ports) in &l4 {
         // Plain ports that are also HTTP ports are covered per request below.
         let ports: Vec<String> = ports
@@ -132,7 +153,7 @@ pub fn suggest(flows: &[Flow], service: &str) -> String {
         if ports.is_empty() {
             continue;
         }
-        let name = unique(format!("allow-{}", rule_name(caller)));
+        let name = names.get(format!("allow-{}", rule_name(caller)));
         let _ = write!(
             out,
             "\n[[service.{service}.rule]]\nname = {name:?}\naction = \"allow\"\nfrom = [{caller:?}]\nports = [{}]\n",
@@ -140,7 +161,7 @@ pub fn suggest(flows: &[Flow], service: &str) -> String {
         );
     }
     for ((caller, port, method), paths) in &l7 {
-        let name = unique(format!(
+        let name = names.get(format!(
             "allow-{}-{}-{port}",
             rule_name(caller),
             method.to_ascii_lowercase()

@@ -7,6 +7,70 @@ use jiff::civil::{Time, Weekday};
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
 
+use super::path::PathError;
+use crate::identity::IdentityError;
+
+/// Why a matcher of a rule (`from`, `paths`, `hours`) was refused. The text starts with the
+/// value as written, except for a SPIFFE ID, whose own error names it.
+#[derive(Debug, thiserror::Error)]
+pub enum MatcherError {
+    /// A principal that is not a SPIFFE ID (or, before a trailing `/*`, not an ID prefix).
+    #[error(transparent)]
+    BadId(#[from] IdentityError),
+    /// A principal with a `*` somewhere other than alone or as a trailing `/*`.
+    #[error("{0:?}: `*` is only allowed alone or as a trailing `/*` segment")]
+    PrincipalWildcard(String),
+    /// A path pattern that does not start with `/`.
+    #[error("{0:?}: a path starts with `/`")]
+    PathNotAbsolute(String),
+    /// A path pattern with a `*` before its end.
+    #[error("{0:?}: `*` is only allowed at the end")]
+    PathWildcard(String),
+    /// A path pattern no normalised request path can match.
+    #[error("{pattern:?}: {why}")]
+    PathNeverMatches { pattern: String, why: NeverMatches },
+    /// A time window that does not parse.
+    #[error("{window:?}: {why}")]
+    Window { window: String, why: WindowError },
+}
+
+/// Why no normalised request path can match a path pattern.
+#[derive(Debug, thiserror::Error)]
+pub enum NeverMatches {
+    /// The pattern is not in normal form; `0` is the form to write instead.
+    #[error("requests are matched in normal form, so this never matches; write {0:?}")]
+    NotNormal(String),
+    /// Normalising the pattern fails, so a request path like it is refused.
+    #[error("no request path can match this: {0}")]
+    Refused(PathError),
+}
+
+/// What is wrong with a time window (the window's text is in [`MatcherError::Window`]).
+#[derive(Debug, thiserror::Error)]
+pub enum WindowError {
+    /// Not two or three words (days, a time range, an optional zone).
+    #[error("expected \"Mon-Fri 07:00-19:00 Europe/Berlin\"")]
+    Shape,
+    /// A day (of a range or a list) that is not `Mon`..`Sun`.
+    #[error("{0:?} is not a weekday (Mon..Sun)")]
+    NotWeekday(String),
+    /// The time range has no `-`.
+    #[error("expected a time range like 07:00-19:00")]
+    NoRange,
+    /// A start or end that is not two numbers around a `:`.
+    #[error("{0:?} is not HH:MM")]
+    NotHhmm(String),
+    /// A start or end past 24:00 or 23:59.
+    #[error("{0:?} is not a time of day")]
+    NotTimeOfDay(String),
+    /// The start equals the end.
+    #[error("the window is empty (start equals end)")]
+    Empty,
+    /// A zone the time zone database does not know.
+    #[error("unknown time zone {zone:?}: {error}")]
+    UnknownZone { zone: String, error: jiff::Error },
+}
+
 /// A principal pattern of `from` / `not_from`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Principal {
@@ -21,21 +85,19 @@ pub enum Principal {
 
 impl Principal {
     /// Parses `*`, an exact SPIFFE ID, or one with a trailing `/*`.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, MatcherError> {
         if s == "*" {
             return Ok(Principal::Any);
         }
         if let Some(base) = s.strip_suffix("/*") {
             // The part before `/*` must itself be a valid SPIFFE ID (trust domain or path).
-            let id = crate::identity::parse_id(base).map_err(|e| e.to_string())?;
+            let id = crate::identity::parse_id(base)?;
             return Ok(Principal::Prefix(format!("{id}/")));
         }
         if s.contains('*') {
-            return Err(format!(
-                "{s:?}: `*` is only allowed alone or as a trailing `/*` segment"
-            ));
+            return Err(MatcherError::PrincipalWildcard(s.to_string()));
         }
-        let id = crate::identity::parse_workload_id(s).map_err(|e| e.to_string())?;
+        let id = crate::identity::parse_workload_id(s)?;
         Ok(Principal::Exact(id.to_string()))
     }
 
@@ -89,27 +151,30 @@ pub enum PathPattern {
 
 impl PathPattern {
     /// Parses `/exact` or `/prefix/*` (also `*` for any path).
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, MatcherError> {
         if s == "*" {
             return Ok(PathPattern::Prefix(String::new()));
         }
         if !s.starts_with('/') {
-            return Err(format!("{s:?}: a path starts with `/`"));
+            return Err(MatcherError::PathNotAbsolute(s.to_string()));
         }
         let pattern = match s.strip_suffix('*') {
             Some(p) if !p.contains('*') => PathPattern::Prefix(p.to_string()),
-            Some(_) => return Err(format!("{s:?}: `*` is only allowed at the end")),
-            None if s.contains('*') => {
-                return Err(format!("{s:?}: `*` is only allowed at the end"))
-            }
+            Some(_) => return Err(MatcherError::PathWildcard(s.to_string())),
+            None if s.contains('*') => return Err(MatcherError::PathWildcard(s.to_string())),
             None => PathPattern::Exact(s.to_string()),
         };
-        pattern.check_normal().map_err(|e| format!("{s:?}: {e}"))?;
+        pattern
+            .check_normal()
+            .map_err(|why| MatcherError::PathNeverMatches {
+                pattern: s.to_string(),
+                why,
+            })?;
         Ok(pattern)
     }
 
     /// A pattern no normalised path can match is an error, with the form to write instead.
-    fn check_normal(&self) -> Result<(), String> {
+    fn check_normal(&self) -> Result<(), NeverMatches> {
         use super::path::{normalise, PathOptions, Semicolons, Slashes};
         // `;` can be matched when a service keeps it; encoded slashes never reach a rule.
         let opts = PathOptions {
@@ -123,15 +188,12 @@ impl PathPattern {
         };
         match normalise(&text, &opts) {
             Ok(n) if n == text => Ok(()),
-            Ok(n) => Err(format!(
-                "requests are matched in normal form, so this never matches; write {:?}",
-                format!(
-                    "{}{}",
-                    n.strip_suffix(filler).unwrap_or(&n),
-                    if filler.is_empty() { "" } else { "*" }
-                )
-            )),
-            Err(e) => Err(format!("no request path can match this: {e}")),
+            Ok(n) => Err(NeverMatches::NotNormal(format!(
+                "{}{}",
+                n.strip_suffix(filler).unwrap_or(&n),
+                if filler.is_empty() { "" } else { "*" }
+            ))),
+            Err(e) => Err(NeverMatches::Refused(e)),
         }
     }
 
@@ -171,15 +233,15 @@ pub struct TimeWindow {
 
 const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
-fn day_index(s: &str) -> Result<u8, String> {
+fn day_index(s: &str) -> Result<u8, WindowError> {
     let l = s.to_ascii_lowercase();
     DAYS.iter()
         .position(|d| l.starts_with(d) && l.len() >= 3)
         .map(|i| i as u8)
-        .ok_or_else(|| format!("{s:?} is not a weekday (Mon..Sun)"))
+        .ok_or_else(|| WindowError::NotWeekday(s.to_string()))
 }
 
-fn parse_days(s: &str) -> Result<u8, String> {
+fn parse_days(s: &str) -> Result<u8, WindowError> {
     let mut bits = 0u8;
     for part in s.split(',') {
         match part.split_once('-') {
@@ -200,44 +262,43 @@ fn parse_days(s: &str) -> Result<u8, String> {
     Ok(bits)
 }
 
-fn parse_hhmm(s: &str) -> Result<Time, String> {
-    let (h, m) = s
-        .split_once(':')
-        .ok_or_else(|| format!("{s:?} is not HH:MM"))?;
-    let h: i8 = h.parse().map_err(|_| format!("{s:?} is not HH:MM"))?;
-    let m: i8 = m.parse().map_err(|_| format!("{s:?} is not HH:MM"))?;
+fn parse_hhmm(s: &str) -> Result<Time, WindowError> {
+    let not_hhmm = || WindowError::NotHhmm(s.to_string());
+    let (h, m) = s.split_once(':').ok_or_else(not_hhmm)?;
+    let h: i8 = h.parse().map_err(|_| not_hhmm())?;
+    let m: i8 = m.parse().map_err(|_| not_hhmm())?;
     if h == 24 && m == 0 {
         return Ok(Time::MAX);
     }
-    Time::new(h, m, 0, 0).map_err(|_| format!("{s:?} is not a time of day"))
+    Time::new(h, m, 0, 0).map_err(|_| WindowError::NotTimeOfDay(s.to_string()))
 }
 
 impl TimeWindow {
     /// Parses `DAYS HH:MM-HH:MM [ZONE]` (zone defaults to UTC).
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, MatcherError> {
+        Self::parse_parts(s).map_err(|why| MatcherError::Window {
+            window: s.to_string(),
+            why,
+        })
+    }
+
+    fn parse_parts(s: &str) -> Result<Self, WindowError> {
         let parts: Vec<&str> = s.split_whitespace().collect();
         let (days, range, zone) = match parts.as_slice() {
             [d, r] => (*d, *r, "UTC"),
             [d, r, z] => (*d, *r, *z),
-            _ => {
-                return Err(format!(
-                    "{s:?}: expected \"Mon-Fri 07:00-19:00 Europe/Berlin\""
-                ))
-            }
+            _ => return Err(WindowError::Shape),
         };
-        let days = parse_days(days).map_err(|e| format!("{s:?}: {e}"))?;
-        let (a, b) = range
-            .split_once('-')
-            .ok_or_else(|| format!("{s:?}: expected a time range like 07:00-19:00"))?;
-        let (start, end) = (
-            parse_hhmm(a).map_err(|e| format!("{s:?}: {e}"))?,
-            parse_hhmm(b).map_err(|e| format!("{s:?}: {e}"))?,
-        );
+        let days = parse_days(days)?;
+        let (a, b) = range.split_once('-').ok_or(WindowError::NoRange)?;
+        let (start, end) = (parse_hhmm(a)?, parse_hhmm(b)?);
         if start == end {
-            return Err(format!("{s:?}: the window is empty (start equals end)"));
+            return Err(WindowError::Empty);
         }
-        let tz =
-            TimeZone::get(zone).map_err(|e| format!("{s:?}: unknown time zone {zone:?}: {e}"))?;
+        let tz = TimeZone::get(zone).map_err(|error| WindowError::UnknownZone {
+            zone: zone.to_string(),
+            error,
+        })?;
         Ok(TimeWindow {
             days,
             start,

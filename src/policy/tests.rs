@@ -515,7 +515,7 @@ fn patterns_must_be_in_normal_form() {
         ("/a%2fb", "encoded slash"),
         ("/a b", "not allowed"),
     ] {
-        let e = PathPattern::parse(bad).unwrap_err();
+        let e = PathPattern::parse(bad).unwrap_err().to_string();
         assert!(e.contains(hint), "{bad}: {e}");
     }
     for good in [
@@ -554,4 +554,106 @@ fn path_options_are_read_per_service_and_default_to_refuse() {
     )
     .unwrap_err();
     assert!(bad.to_string().contains("path_slashes: \"merge\""), "{bad}");
+}
+
+/// The texts `policy check` prints for a bad matcher (after `field[i]: `), byte for byte.
+#[test]
+fn matcher_errors_keep_their_texts() {
+    use super::matchers::Principal;
+    let principal = |s| Principal::parse(s).unwrap_err().to_string();
+    assert_eq!(
+        principal("spiffe://example.org/a*b"),
+        "\"spiffe://example.org/a*b\": `*` is only allowed alone or as a trailing `/*` segment"
+    );
+    // A bad ID shows the identity module's own message, unchanged.
+    assert_eq!(
+        principal("https://example.org/x"),
+        crate::identity::parse_workload_id("https://example.org/x")
+            .unwrap_err()
+            .to_string()
+    );
+    let path = |s| PathPattern::parse(s).unwrap_err().to_string();
+    assert_eq!(path("api/*"), "\"api/*\": a path starts with `/`");
+    assert_eq!(path("/a*b"), "\"/a*b\": `*` is only allowed at the end");
+    assert_eq!(path("/a*/b*"), "\"/a*/b*\": `*` is only allowed at the end");
+    assert_eq!(
+        path("//admin/*"),
+        "\"//admin/*\": requests are matched in normal form, so this never matches; write \"/admin/*\""
+    );
+    assert_eq!(
+        path("/a b"),
+        "\"/a b\": no request path can match this: byte 0x20 at byte 2 is not allowed in a path"
+    );
+    let window = |s| TimeWindow::parse(s).unwrap_err().to_string();
+    for (bad, want) in [
+        (
+            "Mon",
+            "\"Mon\": expected \"Mon-Fri 07:00-19:00 Europe/Berlin\"",
+        ),
+        (
+            "Funday 07:00-08:00",
+            "\"Funday 07:00-08:00\": \"Funday\" is not a weekday (Mon..Sun)",
+        ),
+        (
+            "Mon 0700",
+            "\"Mon 0700\": expected a time range like 07:00-19:00",
+        ),
+        ("Mon 7-08:00", "\"Mon 7-08:00\": \"7\" is not HH:MM"),
+        (
+            "Mon 25:00-26:00",
+            "\"Mon 25:00-26:00\": \"25:00\" is not a time of day",
+        ),
+        (
+            "Mon 08:00-08:00 UTC",
+            "\"Mon 08:00-08:00 UTC\": the window is empty (start equals end)",
+        ),
+    ] {
+        assert_eq!(window(bad), want);
+    }
+    let zone = window("Mon 07:00-08:00 Mars/Base");
+    assert!(
+        zone.starts_with("\"Mon 07:00-08:00 Mars/Base\": unknown time zone \"Mars/Base\": "),
+        "{zone}"
+    );
+}
+
+/// The texts of bad `methods` and `regions` entries and of the rule-level fields, byte for byte.
+#[test]
+fn entry_errors_keep_their_texts() {
+    let text = r#"
+[service.a]
+default = "maybe"
+
+[[service.a.rule]]
+name = "r"
+action = "permit"
+mode = "sometimes"
+methods = ["G ET"]
+regions = ["EU WEST"]
+"#;
+    let err = parse(text, Path::new("p.toml")).unwrap_err();
+    let message = |field: &str| {
+        let i = err.issues.iter().find(|i| i.field == field);
+        i.unwrap_or_else(|| panic!("no issue for {field}: {err}"))
+            .message
+            .clone()
+    };
+    assert_eq!(
+        message("default"),
+        "\"maybe\": expected \"deny\", \"allow\" or \"audit\""
+    );
+    assert_eq!(
+        message("action"),
+        "\"permit\": expected \"allow\", \"deny\" or \"audit\""
+    );
+    assert_eq!(
+        message("mode"),
+        "\"sometimes\": expected \"enforce\" or \"dry-run\""
+    );
+    assert_eq!(
+        message("methods[0]"),
+        "\"G ET\" is not an HTTP method (a token, RFC 9110)"
+    );
+    let why = crate::region::Region::new("EU WEST").unwrap_err();
+    assert_eq!(message("regions[0]"), format!("region \"EU WEST\": {why}"));
 }

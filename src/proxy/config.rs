@@ -197,31 +197,15 @@ impl SidecarConfig {
             None => None,
             Some(i) => Some(inbound::inbound(&ctx, i, &td)?),
         };
-        if let Some(i) = &inbound {
-            let own = [Some(admin), Some(i.listen), outbound.map(|o| o.0)]
-                .into_iter()
-                .flatten()
-                .chain(listeners.iter().map(|l| l.listen));
-            inbound::check_app_ports(&ctx, &i.ports, own)?;
-        }
-        if inbound.is_none() && outbound.is_none() && listeners.is_empty() {
-            return Err(ctx.err(
-                "(file)",
-                "nothing to do: configure [inbound], [outbound] or a [[listener]]",
-            ));
-        }
-        let pool_idle_timeout = ctx.duration(
-            "pool_idle_timeout",
-            raw.pool_idle_timeout.as_deref(),
-            Duration::from_secs(60),
-        )?;
-        if pool_idle_timeout.is_zero() {
-            return Err(ctx.err("pool_idle_timeout", "must be more than 0"));
-        }
+        check_listeners(&ctx, admin, inbound.as_ref(), outbound, &listeners)?;
+        let pool_idle_timeout = pool_idle_timeout(&ctx, raw.pool_idle_timeout.as_deref())?;
         let workers = raw.workers.unwrap_or(1);
         if !(1..=64).contains(&workers) {
             return Err(ctx.err("workers", format!("{workers}: expected 1..=64")));
         }
+        let ten_seconds = |field: &str, v: &Option<String>| {
+            ctx.duration(field, v.as_deref(), Duration::from_secs(10))
+        };
         Ok(SidecarConfig {
             identity,
             trust_domain: td,
@@ -229,16 +213,8 @@ impl SidecarConfig {
             resumption: raw.resumption.unwrap_or(true),
             pooling: raw.pooling.unwrap_or(true),
             pool_idle_timeout,
-            drain_timeout: ctx.duration(
-                "drain_timeout",
-                raw.drain_timeout.as_deref(),
-                Duration::from_secs(10),
-            )?,
-            handshake_timeout: ctx.duration(
-                "handshake_timeout",
-                raw.handshake_timeout.as_deref(),
-                Duration::from_secs(10),
-            )?,
+            drain_timeout: ten_seconds("drain_timeout", &raw.drain_timeout)?,
+            handshake_timeout: ten_seconds("handshake_timeout", &raw.handshake_timeout)?,
             workers,
             audit_log: raw.audit_log.as_deref().map(|p| ctx.path(p)),
             admin,
@@ -249,6 +225,40 @@ impl SidecarConfig {
             tunnel,
         })
     }
+}
+
+/// The listeners taken together: no app port of `[inbound]` is one of the sidecar's own
+/// listeners, and there is at least one of `[inbound]`, `[outbound]` and a `[[listener]]`.
+fn check_listeners(
+    ctx: &Ctx<'_>,
+    admin: SocketAddr,
+    inbound: Option<&Inbound>,
+    outbound: Option<(SocketAddr, UnknownDestination)>,
+    listeners: &[Listener],
+) -> Result<(), ConfigError> {
+    if let Some(i) = inbound {
+        let own = [Some(admin), Some(i.listen), outbound.map(|o| o.0)]
+            .into_iter()
+            .flatten()
+            .chain(listeners.iter().map(|l| l.listen));
+        inbound::check_app_ports(ctx, &i.ports, own)?;
+    }
+    if inbound.is_none() && outbound.is_none() && listeners.is_empty() {
+        return Err(ctx.err(
+            "(file)",
+            "nothing to do: configure [inbound], [outbound] or a [[listener]]",
+        ));
+    }
+    Ok(())
+}
+
+/// `pool_idle_timeout`: 60 s unless set, never 0.
+fn pool_idle_timeout(ctx: &Ctx<'_>, v: Option<&str>) -> Result<Duration, ConfigError> {
+    let t = ctx.duration("pool_idle_timeout", v, Duration::from_secs(60))?;
+    if t.is_zero() {
+        return Err(ctx.err("pool_idle_timeout", "must be more than 0"));
+    }
+    Ok(t)
 }
 
 /// `[outbound]`: the transparent listener and what it does with unknown destinations.

@@ -447,7 +447,17 @@ fn execute_family(
         }
         return Ok(());
     };
-    let cmds = install_commands_for(&i, family);
+    let installed = install(&i, family, ipt)?;
+    report_installed(out, name, installed, &i)
+}
+
+/// Installs the rules of `i` for `family`; returns how many commands ran.
+fn install(
+    i: &Interception,
+    family: Family,
+    ipt: &mut dyn Iptables,
+) -> Result<usize, RedirectError> {
+    let cmds = install_commands_for(i, family);
     for (done, c) in cmds.iter().enumerate() {
         ipt.run(c).map_err(|e| RedirectError::Partial {
             done,
@@ -455,11 +465,21 @@ fn execute_family(
             cause: Box::new(e),
         })?;
     }
+    Ok(cmds.len())
+}
+
+/// The line that says what `install` put in place (`rules` commands).
+fn report_installed(
+    out: &mut dyn Write,
+    name: &str,
+    rules: usize,
+    i: &Interception,
+) -> Result<(), RedirectError> {
     let list = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
     writeln!(
         out,
         "{name}: installed {} rules: inbound tcp -> :{} (except ports {}); outbound tcp -> :{} (except uid {}{}, loopback{})",
-        cmds.len(),
+        rules,
         i.inbound_port,
         list(&i.exclude_inbound),
         i.outbound_port,

@@ -95,25 +95,46 @@ pub enum CaRegion {
     Not(Region),
 }
 
+/// A CA server certificate issued by the wrong region's CA (see [`CaRegion::check`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WrongCaRegion {
+    /// Not issued by `want`'s CA; `found` is the issuing region, `None` when not a regional CA.
+    #[error(
+        "the CA's certificate was issued by {}'s CA; expected region {want}'s CA \
+         (another region's CA cannot stand in for this one)",
+        shown(found.as_deref())
+    )]
+    NotExpected { want: Region, found: Option<String> },
+    /// A peer CA whose certificate our own region's CA issued.
+    #[error(
+        "the peer CA's certificate was issued by region {own}'s CA, this CA's own \
+         region: a peer must be another region's CA (this is ourselves or an impersonation)"
+    )]
+    OwnRegion { own: Region },
+}
+
+/// How an issuing region shows in [`WrongCaRegion::NotExpected`].
+fn shown(found: Option<&str>) -> String {
+    found.map_or_else(
+        || "no region (not issued by a regional CA)".to_string(),
+        |r| format!("region {r}"),
+    )
+}
+
 impl CaRegion {
     /// Whether a server certificate issued by `found`'s CA (`None`: not by a regional CA) is
     /// acceptable; the refusal says what was expected and what was found.
-    pub fn check(&self, found: Option<&str>) -> Result<(), String> {
-        let shown = found.map_or_else(
-            || "no region (not issued by a regional CA)".to_string(),
-            |r| format!("region {r}"),
-        );
+    pub fn check(&self, found: Option<&str>) -> Result<(), WrongCaRegion> {
         match self {
             CaRegion::Any => Ok(()),
             CaRegion::Is(want) if found == Some(want.as_str()) => Ok(()),
-            CaRegion::Is(want) => Err(format!(
-                "the CA's certificate was issued by {shown}'s CA; expected region {want}'s CA \
-                 (another region's CA cannot stand in for this one)"
-            )),
-            CaRegion::Not(own) if found == Some(own.as_str()) => Err(format!(
-                "the peer CA's certificate was issued by region {own}'s CA, this CA's own \
-                 region: a peer must be another region's CA (this is ourselves or an impersonation)"
-            )),
+            CaRegion::Is(want) => Err(WrongCaRegion::NotExpected {
+                want: want.clone(),
+                found: found.map(str::to_string),
+            }),
+            CaRegion::Not(own) if found == Some(own.as_str()) => {
+                Err(WrongCaRegion::OwnRegion { own: own.clone() })
+            }
             CaRegion::Not(_) => Ok(()),
         }
     }
@@ -146,8 +167,8 @@ impl ServerCertVerifier for CaServerVerifier {
             let mut chain = vec![end_entity.clone()];
             chain.extend(intermediates.iter().cloned());
             let found = region_of_chain(&chain);
-            self.region.check(found.as_deref()).map_err(|detail| {
-                crate::tls::mesh::reject(crate::refusal::Refusal::WrongRegion, detail)
+            self.region.check(found.as_deref()).map_err(|e| {
+                crate::tls::mesh::reject(crate::refusal::Refusal::WrongRegion, e.to_string())
             })?;
         }
         Ok(ok)
@@ -531,7 +552,7 @@ mod tests {
         assert!(CaRegion::Any.check(None).is_ok());
         let a = CaRegion::Is(crate::region::Region::new("a").unwrap());
         assert!(a.check(Some("a")).is_ok());
-        let e = a.check(Some("b")).unwrap_err();
+        let e = a.check(Some("b")).unwrap_err().to_string();
         assert!(
             e.contains("region b's CA") && e.contains("expected region a's"),
             "{e}"
@@ -539,9 +560,29 @@ mod tests {
         assert!(a
             .check(None)
             .unwrap_err()
+            .to_string()
             .contains("not issued by a regional CA"));
         let not_a = CaRegion::Not(crate::region::Region::new("a").unwrap());
+        assert_eq!(
+            e,
+            "the CA's certificate was issued by region b's CA; expected region a's CA \
+             (another region's CA cannot stand in for this one)"
+        );
+        assert_eq!(
+            a.check(None).unwrap_err().to_string(),
+            "the CA's certificate was issued by no region (not issued by a regional CA)'s CA; \
+             expected region a's CA (another region's CA cannot stand in for this one)"
+        );
         assert!(not_a.check(Some("b")).is_ok());
-        assert!(not_a.check(Some("a")).unwrap_err().contains("own region"));
+        assert!(not_a
+            .check(Some("a"))
+            .unwrap_err()
+            .to_string()
+            .contains("own region"));
+        assert_eq!(
+            not_a.check(Some("a")).unwrap_err().to_string(),
+            "the peer CA's certificate was issued by region a's CA, this CA's own region: a peer \
+             must be another region's CA (this is ourselves or an impersonation)"
+        );
     }
 }

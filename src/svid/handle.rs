@@ -14,6 +14,7 @@ use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 
 use super::Error;
+use crate::admin::NotReady;
 use crate::clock::Clock;
 use crate::identity::{Bundle, Serial, SpiffeId, Svid};
 use crate::tls::mesh::{RevokedSet, SvidResolver, Trust};
@@ -103,10 +104,10 @@ impl Identity {
 
     /// Ready when a valid SVID is held; otherwise the reason, as `/readyz` and the refusals
     /// show it.
-    pub fn ready(&self) -> Result<(), String> {
+    pub fn ready(&self) -> Result<(), NotReady> {
         match self.current() {
-            None => Err("no SVID yet".into()),
-            Some(s) if s.info.not_after <= self.clock.now() => Err("SVID expired".into()),
+            None => Err(NotReady::NoSvid),
+            Some(s) if s.info.not_after <= self.clock.now() => Err(NotReady::SvidExpired),
             Some(_) => Ok(()),
         }
     }

@@ -424,7 +424,10 @@ async fn with_the_ca_down_renewal_backs_off_to_the_cap_and_the_svid_serves_until
         rig.identity.resolver.0.load().is_none(),
         "handshakes get no certificate"
     );
-    assert_eq!(rig.identity.ready(), Err("no SVID yet".to_string()));
+    assert_eq!(
+        rig.identity.ready().map_err(|e| e.to_string()),
+        Err("no SVID yet".to_string())
+    );
     let expired = rig.ca.state().calls.renew.len();
     // Without an SVID the task asks for a new one with the join token, still backing off.
     rig.until(not_after + 2 * BACKOFF_CAP).await;

@@ -251,6 +251,67 @@ fn region_policy(ctx: &Ctx<'_>, raw: &[RuleFile]) -> Result<RegionPolicy, Config
     Ok(RegionPolicy { rules })
 }
 
+/// The `[[peer]]` tables: other regions than `own`, each once, with at least one address.
+fn peers(ctx: &Ctx<'_>, own: &Region, raw: &[PeerFile]) -> Result<Vec<Peer>, ConfigError> {
+    let mut peers: Vec<Peer> = Vec::new();
+    for (i, p) in raw.iter().enumerate() {
+        let f = |x: &str| format!("peer[{i}].{x}");
+        let peer_region = ctx.region(&f("region"), &p.region)?;
+        if peer_region == *own {
+            return Err(ctx.err(f("region"), "a peer must be another region"));
+        }
+        if peers.iter().any(|q| q.region == peer_region) {
+            return Err(ctx.err(
+                f("region"),
+                format!(
+                    "region {} is listed twice; put all its addresses in one [[peer]]",
+                    p.region
+                ),
+            ));
+        }
+        if p.addresses.is_empty() {
+            return Err(ctx.err(f("addresses"), "at least one gateway address"));
+        }
+        peers.push(Peer {
+            region: peer_region,
+            addresses: addresses(ctx, &f, &p.addresses)?,
+        });
+    }
+    Ok(peers)
+}
+
+/// The `[[expose]]` tables: each service once, with at least one address.
+fn exposed(ctx: &Ctx<'_>, raw: &[ExposeFile]) -> Result<Vec<Exposed>, ConfigError> {
+    let mut exposed: Vec<Exposed> = Vec::new();
+    for (i, e) in raw.iter().enumerate() {
+        let f = |x: &str| format!("expose[{i}].{x}");
+        let service = ctx.service(&f("service"), &e.service)?;
+        if exposed.iter().any(|x| x.service == service) {
+            return Err(ctx.err(f("service"), format!("{} is exposed twice", e.service)));
+        }
+        if e.addresses.is_empty() {
+            return Err(ctx.err(f("addresses"), "at least one address"));
+        }
+        exposed.push(Exposed {
+            service,
+            addresses: addresses(ctx, &f, &e.addresses)?,
+        });
+    }
+    Ok(exposed)
+}
+
+/// A table's `addresses`, in order; `f` names a field of the table.
+fn addresses(
+    ctx: &Ctx<'_>,
+    f: &dyn Fn(&str) -> String,
+    raw: &[String],
+) -> Result<Vec<SocketAddr>, ConfigError> {
+    raw.iter()
+        .enumerate()
+        .map(|(n, a)| ctx.addr(&f(&format!("addresses[{n}]")), a))
+        .collect()
+}
+
 /// A gateway's region and its region-level policy: what `policy explain --gateway` needs.
 #[derive(Clone, Debug)]
 pub struct GatewayRules {
@@ -285,55 +346,8 @@ impl GatewayConfig {
         let region = ctx.region("region", &raw.region)?;
         let id = super::gateway_id(&td, &region);
         let identity = identity_config(&ctx, &td, id, &raw.bundle, Some(&region), &raw.identity)?;
-        let mut peers: Vec<Peer> = Vec::new();
-        for (i, p) in raw.peers.iter().enumerate() {
-            let f = |x: &str| format!("peer[{i}].{x}");
-            let peer_region = ctx.region(&f("region"), &p.region)?;
-            if peer_region == region {
-                return Err(ctx.err(f("region"), "a peer must be another region"));
-            }
-            if peers.iter().any(|q| q.region == peer_region) {
-                return Err(ctx.err(
-                    f("region"),
-                    format!(
-                        "region {} is listed twice; put all its addresses in one [[peer]]",
-                        p.region
-                    ),
-                ));
-            }
-            if p.addresses.is_empty() {
-                return Err(ctx.err(f("addresses"), "at least one gateway address"));
-            }
-            peers.push(Peer {
-                region: peer_region,
-                addresses: p
-                    .addresses
-                    .iter()
-                    .enumerate()
-                    .map(|(n, a)| ctx.addr(&f(&format!("addresses[{n}]")), a))
-                    .collect::<Result<_, _>>()?,
-            });
-        }
-        let mut exposed: Vec<Exposed> = Vec::new();
-        for (i, e) in raw.exposed.iter().enumerate() {
-            let f = |x: &str| format!("expose[{i}].{x}");
-            let service = ctx.service(&f("service"), &e.service)?;
-            if exposed.iter().any(|x| x.service == service) {
-                return Err(ctx.err(f("service"), format!("{} is exposed twice", e.service)));
-            }
-            if e.addresses.is_empty() {
-                return Err(ctx.err(f("addresses"), "at least one address"));
-            }
-            exposed.push(Exposed {
-                service,
-                addresses: e
-                    .addresses
-                    .iter()
-                    .enumerate()
-                    .map(|(n, a)| ctx.addr(&f(&format!("addresses[{n}]")), a))
-                    .collect::<Result<_, _>>()?,
-            });
-        }
+        let peers = peers(&ctx, &region, &raw.peers)?;
+        let exposed = exposed(&ctx, &raw.exposed)?;
         let policy = region_policy(&ctx, &raw.rules)?;
         let workers = raw.workers.unwrap_or(1);
         if !(1..=64).contains(&workers) {

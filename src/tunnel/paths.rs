@@ -254,15 +254,7 @@ impl Paths {
                         cfg.metrics.reconnects.get_or_create(&path.labels).inc();
                     }
                     ever_up = true;
-                    let peer_id = Some(up.peer.id.to_string());
-                    path.conn.store(Some(up.live.clone()));
-                    cfg.metrics.up.get_or_create(&path.labels).set(1);
-                    self.changed.notify_waiters();
-                    tracing::info!(peer = %path.addr, region = %cfg.region, rtt_ms = up.live.conn.rtt().as_millis() as u64, "tunnel path up");
-                    let mut ev =
-                        TunnelEvent::new(&cfg.clock, "tunnel_up", path.addr, Some(&cfg.region), "");
-                    ev.peer_id = peer_id.clone();
-                    cfg.audit.record(&ev);
+                    let peer_id = self.path_up(&path, &cfg, &up);
                     let reason = match self.hold(&path, &cfg, up, &mut rotations, &mut stop).await {
                         Down::Stopped => return,
                         Down::Lost(r) => r,
@@ -271,32 +263,7 @@ impl Paths {
                             format!("the gateway's certificate lapsed: {r}")
                         }
                     };
-                    path.conn.store(None);
-                    cfg.metrics.up.get_or_create(&path.labels).set(0);
-                    let others = self.up();
-                    tracing::warn!(peer = %path.addr, region = %cfg.region, %reason, other_paths_up = others, "tunnel path lost");
-                    let mut ev = TunnelEvent::new(
-                        &cfg.clock,
-                        "tunnel_down",
-                        path.addr,
-                        Some(&cfg.region),
-                        format!("{reason}; {others} other path(s) to the region up"),
-                    );
-                    ev.peer_id = peer_id.clone();
-                    cfg.audit.record(&ev);
-                    if others > 0 {
-                        cfg.metrics.failovers.inc();
-                        let mut ev = TunnelEvent::new(
-                            &cfg.clock,
-                            "failover",
-                            path.addr,
-                            Some(&cfg.region),
-                            format!("new streams go to the {others} remaining path(s)"),
-                        );
-                        ev.peer_id = peer_id;
-                        cfg.audit.record(&ev);
-                    }
-                    self.changed.notify_waiters();
+                    self.path_down(&path, &cfg, &reason, peer_id);
                     if lapsed || since.elapsed() > Duration::from_secs(10) {
                         backoff = BACKOFF_START;
                     }
@@ -315,6 +282,51 @@ impl Paths {
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
+    }
+
+    /// Publishes a path's new connection (metric, waiters, log, `tunnel_up`); returns the
+    /// gateway's ID for the events of its end.
+    fn path_up(&self, path: &Path, cfg: &PathsConfig, up: &Up) -> Option<String> {
+        let peer_id = Some(up.peer.id.to_string());
+        path.conn.store(Some(up.live.clone()));
+        cfg.metrics.up.get_or_create(&path.labels).set(1);
+        self.changed.notify_waiters();
+        tracing::info!(peer = %path.addr, region = %cfg.region, rtt_ms = up.live.conn.rtt().as_millis() as u64, "tunnel path up");
+        let mut ev = TunnelEvent::new(&cfg.clock, "tunnel_up", path.addr, Some(&cfg.region), "");
+        ev.peer_id = peer_id.clone();
+        cfg.audit.record(&ev);
+        peer_id
+    }
+
+    /// Withdraws a lost path's connection (metric, log, `tunnel_down`, and `failover` when
+    /// other paths to the region are up), then wakes the waiters.
+    fn path_down(&self, path: &Path, cfg: &PathsConfig, reason: &str, peer_id: Option<String>) {
+        path.conn.store(None);
+        cfg.metrics.up.get_or_create(&path.labels).set(0);
+        let others = self.up();
+        tracing::warn!(peer = %path.addr, region = %cfg.region, %reason, other_paths_up = others, "tunnel path lost");
+        let mut ev = TunnelEvent::new(
+            &cfg.clock,
+            "tunnel_down",
+            path.addr,
+            Some(&cfg.region),
+            format!("{reason}; {others} other path(s) to the region up"),
+        );
+        ev.peer_id = peer_id.clone();
+        cfg.audit.record(&ev);
+        if others > 0 {
+            cfg.metrics.failovers.inc();
+            let mut ev = TunnelEvent::new(
+                &cfg.clock,
+                "failover",
+                path.addr,
+                Some(&cfg.region),
+                format!("new streams go to the {others} remaining path(s)"),
+            );
+            ev.peer_id = peer_id;
+            cfg.audit.record(&ev);
+        }
+        self.changed.notify_waiters();
     }
 
     /// Holds a path's connection until it is lost, its gateway's certificate lapses (revoked,
@@ -350,21 +362,7 @@ impl Paths {
                 _ = tokio::time::sleep(wait) => false,
             };
             if let Some(reason) = remote_lapsed(cfg, up.remote.as_ref()) {
-                let label = reason.label();
-                tracing::warn!(peer = %path.addr, region = %cfg.region, reason = label, "closing a tunnel path: the gateway's certificate no longer passes");
-                let mut ev = TunnelEvent::new(
-                    &cfg.clock,
-                    "tunnel_closed",
-                    path.addr,
-                    Some(&cfg.region),
-                    label,
-                );
-                ev.peer_id = Some(up.peer.id.to_string());
-                cfg.audit.record(&ev);
-                conn.close(
-                    quinn::VarInt::from_u32(super::code::REFUSED),
-                    label.as_bytes(),
-                );
+                close_lapsed(path, cfg, &up, reason);
                 return Down::Lapsed(reason);
             }
             let due = up.renew_at.is_some_and(|t| cfg.clock.now() >= t);
@@ -380,38 +378,8 @@ impl Paths {
                 }
             };
             match new {
-                Ok(mut new) => {
-                    // Replaced for the gateway's expiry, but it has not rotated yet (its renewal
-                    // is late): tried again halfway to the expiry. (After our own rotation the
-                    // same gateway certificate is expected, and its planned replacement stands.)
-                    let same = new.remote.as_ref().map(|c| &c.serial)
-                        == up.remote.as_ref().map(|c| &c.serial);
-                    if same && !rotated {
-                        new.renew_at = retry_before_expiry(cfg.clock.now(), new.remote.as_ref());
-                    }
-                    cfg.metrics.replaced.get_or_create(&path.labels).inc();
-                    let why = if rotated {
-                        "our certificate rotated"
-                    } else {
-                        "the gateway's certificate nears expiry"
-                    };
-                    tracing::info!(peer = %path.addr, region = %cfg.region, why, "tunnel path replaced");
-                    let mut ev = TunnelEvent::new(
-                        &cfg.clock,
-                        "tunnel_replaced",
-                        path.addr,
-                        Some(&cfg.region),
-                        why,
-                    );
-                    ev.peer_id = Some(new.peer.id.to_string());
-                    cfg.audit.record(&ev);
-                    path.conn.store(Some(new.live.clone()));
-                    self.changed.notify_waiters();
-                    let old = std::mem::replace(&mut up, new);
-                    let until = old.expires().map_or(cfg.refresh, |t| {
-                        t.duration_since(cfg.clock.now()).unwrap_or_default()
-                    });
-                    tokio::spawn(drain(old.live.conn.clone(), until).in_current_span());
+                Ok(new) => {
+                    self.replace(path, cfg, &mut up, new, rotated);
                     retry = false;
                 }
                 Err(e) => {
@@ -421,6 +389,61 @@ impl Paths {
             }
         }
     }
+
+    /// Puts a new connection in place of `up` for new streams; the old one drains until its
+    /// streams end or a certificate it was authenticated with expires.
+    fn replace(&self, path: &Path, cfg: &PathsConfig, up: &mut Up, mut new: Up, rotated: bool) {
+        // Replaced for the gateway's expiry, but it has not rotated yet (its renewal is late):
+        // tried again halfway to the expiry. (After our own rotation the same gateway
+        // certificate is expected, and its planned replacement stands.)
+        let same = new.remote.as_ref().map(|c| &c.serial) == up.remote.as_ref().map(|c| &c.serial);
+        if same && !rotated {
+            new.renew_at = retry_before_expiry(cfg.clock.now(), new.remote.as_ref());
+        }
+        cfg.metrics.replaced.get_or_create(&path.labels).inc();
+        let why = if rotated {
+            "our certificate rotated"
+        } else {
+            "the gateway's certificate nears expiry"
+        };
+        tracing::info!(peer = %path.addr, region = %cfg.region, why, "tunnel path replaced");
+        let mut ev = TunnelEvent::new(
+            &cfg.clock,
+            "tunnel_replaced",
+            path.addr,
+            Some(&cfg.region),
+            why,
+        );
+        ev.peer_id = Some(new.peer.id.to_string());
+        cfg.audit.record(&ev);
+        path.conn.store(Some(new.live.clone()));
+        self.changed.notify_waiters();
+        let old = std::mem::replace(up, new);
+        let until = old.expires().map_or(cfg.refresh, |t| {
+            t.duration_since(cfg.clock.now()).unwrap_or_default()
+        });
+        tokio::spawn(drain(old.live.conn.clone(), until).in_current_span());
+    }
+}
+
+/// Closes a held connection whose gateway certificate no longer passes (`reason`), with a log
+/// line and a `tunnel_closed` event.
+fn close_lapsed(path: &Path, cfg: &PathsConfig, up: &Up, reason: Refusal) {
+    let label = reason.label();
+    tracing::warn!(peer = %path.addr, region = %cfg.region, reason = label, "closing a tunnel path: the gateway's certificate no longer passes");
+    let mut ev = TunnelEvent::new(
+        &cfg.clock,
+        "tunnel_closed",
+        path.addr,
+        Some(&cfg.region),
+        label,
+    );
+    ev.peer_id = Some(up.peer.id.to_string());
+    cfg.audit.record(&ev);
+    up.live.conn.close(
+        quinn::VarInt::from_u32(super::code::REFUSED),
+        label.as_bytes(),
+    );
 }
 
 /// How a held connection ended.

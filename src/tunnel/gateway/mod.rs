@@ -115,49 +115,13 @@ pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, Error> 
     let (stop, stop_rx) = watch::channel(false);
     let identity = svid::start(config.identity.clone(), clock.clone(), stop_rx.clone())
         .map_err(|e| Error::Identity(e.to_string()))?;
-    let audit = Arc::new(match &config.audit_log {
-        Some(p) => AuditLog::open(p).map_err(|error| Error::AuditLog {
-            path: p.clone(),
-            error,
-        })?,
-        None => AuditLog::disabled(),
-    });
-    // Any SVID of the trust domain may connect; the role is decided from its ID and chain.
-    let server_tls = mesh::server_config(
-        Arc::new(mesh::SpiffeClientVerifier::new(
-            identity.trust(),
-            identity.peer_checks(),
-        )),
-        identity.resolver.clone(),
-        false,
-        &clock,
-    )
-    .map_err(Error::Tls)?;
-    let server = super::quic_server(server_tls, config.timing)?;
-    let endpoint = quinn::Endpoint::server(server, config.listen).map_err(|error| Error::Bind {
-        what: "QUIC",
-        addr: config.listen,
-        error,
-    })?;
-    let listen = endpoint.local_addr().map_err(Error::LocalAddr)?;
+    let audit = open_audit(&config)?;
+    let (endpoint, listen) = bind_quic(&config, &identity, &clock)?;
     let metrics = TunnelMetrics::default();
     let peers = start_paths(
         &config, &endpoint, &identity, &metrics, &audit, &clock, &stop_rx,
     )?;
-    let mut registry = Registry::default();
-    metrics.register(&mut registry);
-    identity.register(&mut registry);
-    let admin = crate::admin::serve(
-        config.admin,
-        admin_state(registry, &identity, &peers),
-        stop_rx.clone(),
-    )
-    .await
-    .map_err(|error| Error::Bind {
-        what: "admin",
-        addr: config.admin,
-        error,
-    })?;
+    let admin = serve_admin(&config, &identity, &metrics, &peers, &stop_rx).await?;
     let config_limits = config.limits;
     let gw = Arc::new(Gateway {
         config,
@@ -178,6 +142,69 @@ pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, Error> 
         peers,
         endpoint,
         stop,
+    })
+}
+
+/// The decision audit log, or a disabled one when `audit_log` is unset.
+fn open_audit(config: &GatewayConfig) -> Result<Arc<AuditLog>, Error> {
+    Ok(Arc::new(match &config.audit_log {
+        Some(p) => AuditLog::open(p).map_err(|error| Error::AuditLog {
+            path: p.clone(),
+            error,
+        })?,
+        None => AuditLog::disabled(),
+    }))
+}
+
+/// Binds the QUIC endpoint on `listen`; returns it with its real address.
+fn bind_quic(
+    config: &GatewayConfig,
+    identity: &Identity,
+    clock: &Clock,
+) -> Result<(quinn::Endpoint, SocketAddr), Error> {
+    // Any SVID of the trust domain may connect; the role is decided from its ID and chain.
+    let server_tls = mesh::server_config(
+        Arc::new(mesh::SpiffeClientVerifier::new(
+            identity.trust(),
+            identity.peer_checks(),
+        )),
+        identity.resolver.clone(),
+        false,
+        clock,
+    )
+    .map_err(Error::Tls)?;
+    let server = super::quic_server(server_tls, config.timing)?;
+    let endpoint = quinn::Endpoint::server(server, config.listen).map_err(|error| Error::Bind {
+        what: "QUIC",
+        addr: config.listen,
+        error,
+    })?;
+    let listen = endpoint.local_addr().map_err(Error::LocalAddr)?;
+    Ok((endpoint, listen))
+}
+
+/// Serves the admin listener (metrics of the tunnel and the identity, `/paths`); returns its
+/// real address.
+async fn serve_admin(
+    config: &GatewayConfig,
+    identity: &Arc<Identity>,
+    metrics: &TunnelMetrics,
+    peers: &HashMap<Region, Arc<Paths>>,
+    stop: &watch::Receiver<bool>,
+) -> Result<SocketAddr, Error> {
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    identity.register(&mut registry);
+    crate::admin::serve(
+        config.admin,
+        admin_state(registry, identity, peers),
+        stop.clone(),
+    )
+    .await
+    .map_err(|error| Error::Bind {
+        what: "admin",
+        addr: config.admin,
+        error,
     })
 }
 

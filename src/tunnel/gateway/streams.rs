@@ -28,6 +28,23 @@ struct StreamRefusal {
     detail: String,
 }
 
+/// Why a stream the policy allowed could not be carried: the refusal's detail.
+#[derive(Debug, thiserror::Error)]
+enum CarryError {
+    /// The exposed destination refused or failed the connection.
+    #[error("{addr}: {error}")]
+    Connect {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    /// The exposed destination did not answer within the connect timeout.
+    #[error("{addr}: connect timed out")]
+    ConnectTimeout { addr: SocketAddr },
+    /// The path to the other region broke before the stream's header was out.
+    #[error("forwarding the header: {0}")]
+    ForwardHeader(quinn::WriteError),
+}
+
 fn refusal(code: u32, reason: Refusal, rule: Option<&str>, detail: String) -> StreamRefusal {
     StreamRefusal {
         code,
@@ -155,9 +172,10 @@ async fn arriving(
             detail,
         ));
     }
-    let mut tcp = connect(gw, header.addr)
-        .await
-        .map_err(|detail| refusal(code::UNREACHABLE, Refusal::Unreachable, Some(rule), detail))?;
+    let mut tcp = connect(gw, header.addr).await.map_err(|e| {
+        let detail = e.to_string();
+        refusal(code::UNREACHABLE, Refusal::Unreachable, Some(rule), detail)
+    })?;
     tracing::debug!(%from, service = %header.service, addr = %header.addr, %rule, "stream in");
     match crate::copy::splice(&mut tcp, io).await {
         Ok((to_tunnel, from_tunnel)) => {
@@ -173,16 +191,15 @@ async fn arriving(
     Ok(())
 }
 
-/// Connects to an exposed destination within the connect timeout; the error is the refusal's
-/// detail.
-async fn connect(gw: &Gateway, addr: SocketAddr) -> Result<TcpStream, String> {
+/// Connects to an exposed destination within the connect timeout.
+async fn connect(gw: &Gateway, addr: SocketAddr) -> Result<TcpStream, CarryError> {
     match tokio::time::timeout(gw.config.connect_timeout, TcpStream::connect(addr)).await {
         Ok(Ok(tcp)) => {
             let _ = tcp.set_nodelay(true);
             Ok(tcp)
         }
-        Ok(Err(e)) => Err(format!("{addr}: {e}")),
-        Err(_) => Err(format!("{addr}: connect timed out")),
+        Ok(Err(error)) => Err(CarryError::Connect { addr, error }),
+        Err(_) => Err(CarryError::ConnectTimeout { addr }),
     }
 }
 
@@ -230,22 +247,21 @@ async fn leaving(
         .map_err(|e| refusal(code::NO_ROUTE, Refusal::NoPath, Some(rule), e.to_string()))?;
     ride(io, id, header, out)
         .await
-        .map_err(|detail| refusal(code::BROKEN, Refusal::PathLost, Some(rule), detail))
+        .map_err(|e| refusal(code::BROKEN, Refusal::PathLost, Some(rule), e.to_string()))
 }
 
 /// Sends a leaving stream's header on its path stream, then copies its bytes both ways and
-/// counts them on the path. The error (the path broke before the header was out) is the
-/// refusal's detail.
+/// counts them on the path. Fails only when the path broke before the header was out.
 async fn ride(
     io: &mut QuicIo,
     id: &str,
     header: &StreamHeader,
     out: PathStream,
-) -> Result<(), String> {
+) -> Result<(), CarryError> {
     let PathStream { io: mut up, load } = out;
     // A header that parsed encodes again to the same bytes (see the header's tests).
     if let Err(e) = up.writer_mut().write_all(&header.encode()).await {
-        return Err(format!("forwarding the header: {e}"));
+        return Err(CarryError::ForwardHeader(e));
     }
     tracing::debug!(%id, region = %header.region, service = %header.service, path = %load.path.addr, "stream out");
     match crate::copy::splice(io, &mut up).await {

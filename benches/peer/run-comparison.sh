@@ -119,6 +119,14 @@ echo "== $quiet"
 run() { # run NAME PEERS ENV... : one harness run, every cell line stamped with time, load, compilers
   local name=$1 peers=$2; shift 2
   echo "== run $name: $peers ($*)" | tee -a "$OUT/log.txt"
+  # Every binary starts from disk, not from pages a fresh `cargo build` left in the page cache:
+  # those map differently and were seen to add 2-3 MiB to a pair's idle RSS (benches/RESULTS.md,
+  # "Issue 13"). Needs root; otherwise said and skipped.
+  if sync && echo 3 2>/dev/null >/proc/sys/vm/drop_caches; then
+    echo "page cache dropped" | tee -a "$OUT/log.txt"
+  else
+    echo "page cache NOT dropped (not root): idle RSS may carry a page-cache artefact" | tee -a "$OUT/log.txt"
+  fi
   env "$@" "$PEER_BENCH/run.sh" --peers "$peers" --rounds "$ROUNDS" --scenarios "$SCEN" \
     --out "$OUT/$name" "${EXTRA[@]}" 2>&1 |
     while IFS= read -r line; do

@@ -218,7 +218,7 @@ pub fn init_intermediate(
     let params = ca_params(
         &td,
         format!("trustline {region} intermediate CA {td}"),
-        format!("spiffe://{td}{REGION_PATH_PREFIX}{region}"),
+        crate::identity::ids::region_ca_uri(&td, &region),
         ttl,
         // pathLenConstraint 0: a regional CA signs leaves only, never a CA below it (webpki
         // enforces it). URI name constraints for the trust domain would be the other half, but
@@ -396,7 +396,10 @@ pub fn check_workload_id(authority: &Authority, id: &SpiffeId) -> Result<(), Wor
 /// (`/trustline/gateway/REGION`) only by that region's CA, so that a gateway's region binding
 /// (ID and issuing CA agree) cannot be forged by another region's CA or its admin.
 fn check_role_id(authority: &Authority, id: &SpiffeId) -> Result<(), WorkloadIdError> {
-    let Some(role) = id.path().strip_prefix("/trustline/") else {
+    let Some(role) = id
+        .path()
+        .strip_prefix(crate::identity::ids::RESERVED_PREFIX)
+    else {
         return Ok(());
     };
     if id.path().starts_with(REGION_PATH_PREFIX) || role == "ca" || role.starts_with("ca/") {

@@ -132,7 +132,7 @@ pub fn parse_list(body: &[u8], now: u64) -> Result<PeerList, PeerError> {
         // trustline's own roles (gateways, CAs) are never cut off from another region: a ban
         // of gateway/b published by CA a would stop region b's own gateway from renewing. A
         // peer can still revoke such a certificate by serial.
-        if id.path().starts_with("/trustline/") {
+        if id.path().starts_with(crate::identity::ids::RESERVED_PREFIX) {
             continue;
         }
         banned.push((id.to_string(), b.since));

@@ -56,8 +56,7 @@ impl ServerCert {
         clock: &Clock,
         svid_ttl: Duration,
     ) -> Result<(Arc<Self>, SystemTime), ServeError> {
-        let id = SpiffeId::new(format!("spiffe://{}/trustline/ca", authority.trust_domain))
-            .map_err(ServeError::ServerId)?;
+        let id = crate::identity::ids::ca_id(&authority.trust_domain);
         let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
         names.extend(san.iter().cloned());
         let ttl = svid_ttl.min(MAX_TTL);

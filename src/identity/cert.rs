@@ -5,11 +5,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rustls::pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 
+use super::ids::REGION_PATH_PREFIX;
 use super::{IdentityError, Serial, SpiffeId};
 use crate::region::Region;
-
-/// Path prefix of the SPIFFE ID carried by a regional intermediate CA.
-pub const REGION_PATH_PREFIX: &str = "/trustline/region/";
 
 /// What a certificate says about itself (not yet whether anyone vouches for it).
 #[derive(Clone, Debug)]

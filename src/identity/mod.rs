@@ -5,8 +5,10 @@
 //! against the SVID profile (exactly one SPIFFE URI SAN, not a CA).
 
 mod cert;
+pub mod ids;
 
-pub use cert::{inspect_cert, region_of_chain, CertInfo, BACKDATE, REGION_PATH_PREFIX};
+pub use cert::{inspect_cert, region_of_chain, CertInfo, BACKDATE};
+pub use ids::REGION_PATH_PREFIX;
 
 pub use spiffe::{SpiffeId, TrustDomain};
 

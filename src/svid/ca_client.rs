@@ -265,11 +265,7 @@ impl CaClient {
         &self,
         client_svid: Option<&Svid>,
     ) -> Result<Arc<rustls::ClientConfig>, ClientError> {
-        let ca_id = SpiffeId::new(format!(
-            "spiffe://{}/trustline/ca",
-            self.bundle.trust_domain
-        ))
-        .map_err(|e| ClientError::Tls(e.to_string()))?;
+        let ca_id = crate::identity::ids::ca_id(&self.bundle.trust_domain);
         let verifier = CaServerVerifier {
             spiffe: SpiffeServerVerifier::new(
                 self.bundle.store(),

@@ -118,16 +118,8 @@ impl Default for Timing {
     }
 }
 
-/// The SPIFFE ID of a region's gateways.
-pub fn gateway_id(td: &crate::identity::TrustDomain, region: &str) -> SpiffeId {
-    SpiffeId::new(format!("spiffe://{td}/trustline/gateway/{region}"))
-        .expect("a valid trust domain and region make a valid ID")
-}
-
-/// The region named by a gateway ID, if `id` is one.
-pub fn gateway_region(id: &SpiffeId) -> Option<&str> {
-    id.path().strip_prefix("/trustline/gateway/")
-}
+/// The SPIFFE ID of a region's gateways, and the region a gateway ID names.
+pub use crate::identity::ids::{gateway_id, gateway_region};
 
 /// QUIC transport settings for long-lived tunnels over a WAN.
 pub fn transport(timing: Timing) -> Arc<quinn::TransportConfig> {

@@ -102,18 +102,31 @@ fn explain_names_the_deciding_rule_and_the_dry_run() {
 /// `policy explain --gateway` on the example gateway config (eu-west), whose bundle and identity
 /// files do not exist: only the region and the `[[rule]]` tables are read.
 fn explain_gateway(from: &str, to: &str, service: &str) -> (bool, String) {
-    trustline(&[
+    explain_gateway_in("config/gateway.toml", from, to, service, &[])
+}
+
+/// `policy explain --gateway FILE` for one stream, with `extra` flags after.
+fn explain_gateway_in(
+    file: &str,
+    from: &str,
+    to: &str,
+    service: &str,
+    extra: &[&str],
+) -> (bool, String) {
+    let mut args = vec![
         "policy",
         "explain",
         "--gateway",
-        "config/gateway.toml",
+        file,
         "--from-region",
         from,
         "--to-region",
         to,
         "--service",
         service,
-    ])
+    ];
+    args.extend_from_slice(extra);
+    trustline(&args)
 }
 
 #[test]
@@ -168,18 +181,7 @@ fn explain_gateway_refuses_bad_configs_and_flags_clearly() {
     let bad = good.replace("from = [\"us-east\"]", "from = [\"US_East\"]");
     assert_ne!(good, bad);
     std::fs::write(&f, bad).unwrap();
-    let (ok, out) = trustline(&[
-        "policy",
-        "explain",
-        "--gateway",
-        f.to_str().unwrap(),
-        "--from-region",
-        "us-east",
-        "--to-region",
-        "eu-west",
-        "--service",
-        "checkout",
-    ]);
+    let (ok, out) = explain_gateway_in(f.to_str().unwrap(), "us-east", "eu-west", "checkout", &[]);
     assert!(!ok, "{out}");
     assert!(
         out.contains("bad-gateway.toml: rule[1] (us-to-checkout).from[0]: \"US_East\""),
@@ -187,34 +189,18 @@ fn explain_gateway_refuses_bad_configs_and_flags_clearly() {
     );
 
     let missing = dir.path().join("missing.toml");
-    let (ok, out) = trustline(&[
-        "policy",
-        "explain",
-        "--gateway",
+    let (ok, out) = explain_gateway_in(
         missing.to_str().unwrap(),
-        "--from-region",
         "us-east",
-        "--to-region",
         "eu-west",
-        "--service",
         "checkout",
-    ]);
+        &[],
+    );
     assert!(!ok, "{out}");
     assert!(out.contains("missing.toml"), "{out}");
 
     // A policy file is not a gateway config.
-    let (ok, out) = trustline(&[
-        "policy",
-        "explain",
-        "--gateway",
-        "config/policy.toml",
-        "--from-region",
-        "us-east",
-        "--to-region",
-        "eu-west",
-        "--service",
-        "checkout",
-    ]);
+    let (ok, out) = explain_gateway_in("config/policy.toml", "us-east", "eu-west", "checkout", &[]);
     assert!(!ok, "{out}");
     assert!(out.contains("config/policy.toml:"), "{out}");
 
@@ -223,20 +209,13 @@ fn explain_gateway_refuses_bad_configs_and_flags_clearly() {
     assert!(!ok, "{out}");
     assert!(out.contains("--from-region"), "{out}");
     // The two kinds of rules take their own flags.
-    let (ok, out) = trustline(&[
-        "policy",
-        "explain",
-        "--gateway",
+    let (ok, out) = explain_gateway_in(
         "config/gateway.toml",
-        "--from-region",
         "us-east",
-        "--to-region",
         "eu-west",
-        "--service",
         "checkout",
-        "--port",
-        "8080",
-    ]);
+        &["--port", "8080"],
+    );
     assert!(!ok, "{out}");
     assert!(out.contains("cannot be used with"), "{out}");
 }

@@ -182,9 +182,6 @@ pub enum ServeError {
     },
     #[error("ledger: {0}")]
     Ledger(#[from] LedgerError),
-    /// The CA server's own SPIFFE ID could not be made from the trust domain.
-    #[error("TLS configuration: {0}")]
-    ServerId(spiffe::SpiffeIdError),
     #[error("TLS configuration: {0}")]
     ServerCert(#[from] ServerCertError),
     #[error("TLS configuration: {0}")]

@@ -508,10 +508,11 @@ impl Authz {
         let decided_on = e.policy.as_ref()?.generation;
         let policy = self.policy.load();
         let svc = policy.service(&self.service)?;
-        let peer = e.peer.info.id.to_string();
+        let cert = e.peer.load();
+        let peer = cert.info.id.to_string();
         let facts = Facts {
             peer: &peer,
-            region: e.peer.region.as_deref(),
+            region: cert.region.as_deref(),
             port: e.port,
             http: None,
             at: self.now(),

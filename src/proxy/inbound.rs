@@ -24,7 +24,7 @@ use tracing::Instrument;
 use super::authz::{Authz, Caller};
 use super::config::{SessionLimits, SidecarConfig};
 use super::http::Peer;
-use super::live::{Decided, PeerCert, Registration};
+use super::live::{Decided, PeerCert, Registration, SharedPeer};
 use super::metrics::Dir;
 use super::session::limits::SessionGate;
 use super::session::SESSION_ALPN;
@@ -75,7 +75,7 @@ pub(crate) struct Inbound {
     pub common: Arc<Common>,
     acceptor: tokio_rustls::TlsAcceptor,
     /// The verifier of callers, re-run on resumed sessions.
-    client_verifier: Arc<SpiffeClientVerifier>,
+    pub(super) client_verifier: Arc<SpiffeClientVerifier>,
     admission: Admission,
     apps: Apps,
     /// Caps of the multiplexed sessions other sidecars open to this one.
@@ -198,16 +198,18 @@ impl Inbound {
             }
             // Boxed here and below: a connection's task is as large as its largest path, and the
             // HTTP/2 and HTTP/1 servers would otherwise make every plain connection pay for them.
+            let exporter = super::session::reauth::exporter(tls.get_ref().1);
             Box::pin(super::session::server::serve_session(
                 tls,
                 caller,
+                exporter,
                 target,
                 self.clone(),
             ))
             .await;
             return;
         }
-        if let Some((verdict, reg)) = self.admit(&caller, target.port()) {
+        if let Some((verdict, reg)) = self.admit(&PeerCert::shared(caller), target.port()) {
             self.carry(tls, verdict, reg, target).await;
         }
     }
@@ -293,7 +295,7 @@ impl Inbound {
     fn refuse_session(&self, caller: &Arc<PeerCert>, port: u16) {
         let Admission::Policy(authz) = &self.admission else {
             // The allow list refuses it, logs and counts it.
-            let _ = self.admit(caller, port);
+            let _ = self.admit(&PeerCert::shared(caller.clone()), port);
             return;
         };
         let (peer, serial) = (caller.info.id.to_string(), caller.info.serial.to_string());
@@ -313,7 +315,7 @@ impl Inbound {
     /// as a live connection; `None` when denied (logged and counted here).
     pub(super) fn admit(
         &self,
-        caller: &Arc<PeerCert>,
+        caller: &SharedPeer,
         port: u16,
     ) -> Option<(Verdict, Registration)> {
         match &self.admission {
@@ -325,10 +327,11 @@ impl Inbound {
     fn admit_listed(
         &self,
         allow: &[SpiffeId],
-        caller: &Arc<PeerCert>,
+        caller: &SharedPeer,
         port: u16,
     ) -> Option<(Verdict, Registration)> {
-        let (info, region) = (&caller.info, &caller.region);
+        let cert = caller.load();
+        let (info, region) = (&cert.info, &cert.region);
         if !allow.contains(&info.id) {
             let reason = Refusal::NotAllowed;
             self.common.metrics.fail(DIR, reason);
@@ -343,14 +346,15 @@ impl Inbound {
     fn admit_by_policy(
         &self,
         authz: &Arc<Authz>,
-        caller: &Arc<PeerCert>,
+        caller: &SharedPeer,
         port: u16,
     ) -> Option<(Verdict, Registration)> {
-        let info = &caller.info;
+        let cert = caller.load();
+        let info = &cert.info;
         let peer = Peer {
             id: info.id.to_string(),
             serial: info.serial.to_string(),
-            region: caller.region.clone(),
+            region: cert.region.clone(),
             port,
         };
         let admission = authz.admit(

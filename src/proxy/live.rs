@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use tokio::sync::{oneshot, watch, Notify};
 
 use super::authz::Authz;
@@ -70,10 +71,23 @@ pub(crate) struct PeerCert {
     pub region: Option<Region>,
 }
 
+/// The certificate a live connection's authentication rests on now: fixed for a TLS
+/// connection, replaced for a session (and so for each of its streams) when the peer
+/// re-authenticates with a newer SVID ([`crate::proxy::session::reauth`]). Sweeps read it when
+/// they run.
+pub(crate) type SharedPeer = Arc<ArcSwap<PeerCert>>;
+
+impl PeerCert {
+    /// `peer` as a [`SharedPeer`] that nothing replaces.
+    pub fn shared(peer: Arc<PeerCert>) -> SharedPeer {
+        Arc::new(ArcSwap::new(peer))
+    }
+}
+
 /// One live connection.
 pub(crate) struct Entry {
     pub direction: &'static str,
-    pub peer: Arc<PeerCert>,
+    pub peer: SharedPeer,
     /// The port the connection was decided on (inbound), or dialled (outbound).
     pub port: u16,
     /// For an inbound L4 connection decided by the policy: re-decided by every sweep.
@@ -166,13 +180,13 @@ impl LiveConns {
     pub(crate) fn register(
         self: &Arc<Self>,
         direction: &'static str,
-        peer: Arc<PeerCert>,
+        peer: SharedPeer,
         port: u16,
         policy: Option<Decided>,
     ) -> Registration {
         let (tx, rx) = oneshot::channel();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let expires = secs(peer.info.not_after);
+        let expires = secs(peer.load().info.not_after);
         self.lock().insert(
             id,
             Entry {
@@ -183,14 +197,25 @@ impl LiveConns {
                 close: tx,
             },
         );
-        if expires < self.earliest.fetch_min(expires, Ordering::Relaxed) {
-            // The sweeper may be sleeping past this expiry.
-            self.sooner.notify_one();
-        }
+        self.expires_at(expires);
         Registration {
             live: self.clone(),
             id,
             closed: rx,
+        }
+    }
+
+    /// Tells the sweeper that a registered connection now expires at `not_after` (its
+    /// [`SharedPeer`] was replaced). A later expiry needs nothing: the sweep that wakes for the
+    /// old one finds the new one and recomputes the earliest.
+    pub(crate) fn moved(&self, not_after: SystemTime) {
+        self.expires_at(secs(not_after));
+    }
+
+    fn expires_at(&self, expires: u64) {
+        if expires < self.earliest.fetch_min(expires, Ordering::Relaxed) {
+            // The sweeper may be sleeping past this expiry.
+            self.sooner.notify_one();
         }
     }
 
@@ -217,7 +242,7 @@ impl LiveConns {
             .collect();
         let earliest = map
             .values()
-            .map(|e| secs(e.peer.info.not_after))
+            .map(|e| secs(e.peer.load().info.not_after))
             .min()
             .unwrap_or(u64::MAX);
         self.earliest.store(earliest, Ordering::Relaxed);
@@ -258,14 +283,15 @@ pub(crate) fn close_audited(
         rule,
     } = closed;
     let _ = entry.close.send(reason);
-    let info = &entry.peer.info;
+    let peer = entry.peer.load();
+    let info = &peer.info;
     tracing::warn!(reason = reason.as_str(), direction = entry.direction, peer_id = %info.id, serial = %info.serial, port = entry.port, %rule, "closing a live connection");
     audit.record(&DecisionEvent {
         time: rfc3339(clock.now()),
         event: "decision",
         source_id: info.id.to_string(),
         source_serial: info.serial.to_string(),
-        source_region: entry.peer.region.as_ref().map(Region::to_string),
+        source_region: peer.region.as_ref().map(Region::to_string),
         destination_service: service.to_string(),
         destination_region: region.map(str::to_string),
         port: entry.port,
@@ -346,7 +372,8 @@ impl Sweeper {
         let now = self.clock.now();
         let revoked = self.identity.revoked.load();
         let closed = self.live.recheck(|e| {
-            let info = &e.peer.info;
+            let peer = e.peer.load();
+            let info = &peer.info;
             let lapsed = if revoked.contains(&info.serial) {
                 Some(CloseReason::Revoked)
             } else {

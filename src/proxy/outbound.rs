@@ -334,7 +334,10 @@ impl Outbound {
             return;
         };
         let peer = Arc::new(PeerCert { info, region: None });
-        let reg = self.common.live.register(DIR, peer, addr.port(), None);
+        let reg = self
+            .common
+            .live
+            .register(DIR, PeerCert::shared(peer), addr.port(), None);
         carry(&mut app, &mut tls, Some(reg), m).await;
     }
 

@@ -3,17 +3,21 @@
 //! valid, not revoked) and admitted like a connection before it reaches the app.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::limits::{KeepAlive, SessionCounts, CLOSE_GRACE};
+use super::reauth::{self, Exporter, Proof, Refused, Role, REAUTH_PATH};
 use super::H2Stream;
+use crate::identity::Serial;
 use crate::proxy::inbound::{Inbound, DIR};
-use crate::proxy::live::{PeerCert, Registration};
+use crate::proxy::live::{PeerCert, Registration, SharedPeer};
 use crate::refusal::Refusal;
+use crate::tls::mesh;
 
 type Conn<S> = h2::server::Connection<S, bytes::Bytes>;
 
@@ -28,6 +32,7 @@ type Conn<S> = h2::server::Connection<S, bytes::Bytes>;
 pub(crate) async fn serve_session<S>(
     io: S,
     caller: Arc<PeerCert>,
+    exporter: Option<Exporter>,
     target: SocketAddr,
     inbound: Arc<Inbound>,
 ) where
@@ -45,7 +50,9 @@ pub(crate) async fn serve_session<S>(
         return;
     };
     tracing::debug!(peer_id = %caller.info.id, peer_region = ?caller.region, "session established");
-    // The whole session (and every stream on it) ends when its certificate no longer passes.
+    // The whole session (and every stream on it) ends when its certificate no longer passes;
+    // re-authentication replaces that certificate for the session and its streams at once.
+    let caller = PeerCert::shared(caller);
     let reg = inbound
         .common
         .live
@@ -56,6 +63,12 @@ pub(crate) async fn serve_session<S>(
         caller,
         target,
         counts: Arc::new(SessionCounts::default()),
+        reauth: Arc::new(ReauthState {
+            exporter,
+            busy: AtomicBool::new(false),
+            unchanged: AtomicU32::new(0),
+            ours: Mutex::new(None),
+        }),
         streams: tokio::task::JoinSet::new(),
         next_stream: AtomicU64::new(1),
         idle_since: Instant::now(),
@@ -70,10 +83,11 @@ pub(crate) async fn serve_session<S>(
 /// One inbound session while it runs.
 struct Session<S> {
     conn: Conn<S>,
-    caller: Arc<PeerCert>,
+    caller: SharedPeer,
     target: SocketAddr,
     inbound: Arc<Inbound>,
     counts: Arc<SessionCounts>,
+    reauth: Arc<ReauthState>,
     streams: tokio::task::JoinSet<()>,
     next_stream: AtomicU64,
     keepalive: KeepAlive,
@@ -120,7 +134,7 @@ where
                     }
                 }
                 _ = tokio::time::sleep_until(idle_at), if self.streams.is_empty() && self.closing.is_none() && !self.goaway_sent => {
-                    tracing::debug!(peer_id = %self.caller.info.id, idle = ?limits.idle_timeout, "idle session closing");
+                    tracing::debug!(peer_id = %self.caller.load().info.id, idle = ?limits.idle_timeout, "idle session closing");
                     self.conn.graceful_shutdown();
                     self.closing = Some(Instant::now() + CLOSE_GRACE);
                 }
@@ -132,7 +146,7 @@ where
                 _ = self.keepalive.dead() => {
                     let reason = Refusal::SessionKeepaliveTimeout;
                     m.fail(DIR, reason);
-                    tracing::warn!(reason = reason.label(), peer_id = %self.caller.info.id, "session closed: a PING went unanswered");
+                    tracing::warn!(reason = reason.label(), peer_id = %self.caller.load().info.id, "session closed: a PING went unanswered");
                     break;
                 }
             }
@@ -152,6 +166,19 @@ where
             return;
         }
         let n = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        if req.method() == hyper::Method::POST && req.uri().path() == REAUTH_PATH {
+            let span = tracing::info_span!("reauth", n);
+            let task = reauthenticate(
+                req,
+                respond,
+                self.caller.clone(),
+                self.inbound.clone(),
+                self.reauth.clone(),
+                self.counts.clone(),
+            );
+            self.streams.spawn(task.instrument(span));
+            return;
+        }
         // A child of the session's connection span.
         let span = tracing::info_span!("stream", n);
         let stream = session_stream(
@@ -172,7 +199,8 @@ where
         }
         if let Some(reason) = self.counts.over_budget(&self.inbound.sessions) {
             self.inbound.common.metrics.fail(DIR, reason);
-            tracing::warn!(reason = reason.label(), peer_id = %self.caller.info.id, serial = %self.caller.info.serial, "session closed: over its churn budget (refused or reset streams)");
+            let caller = self.caller.load();
+            tracing::warn!(reason = reason.label(), peer_id = %caller.info.id, serial = %caller.info.serial, "session closed: over its churn budget (refused or reset streams)");
             self.conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
             self.refusing = true;
             self.closing = Some(Instant::now() + CLOSE_GRACE);
@@ -221,7 +249,7 @@ where
 async fn session_stream(
     req: hyper::Request<h2::RecvStream>,
     respond: h2::server::SendResponse<bytes::Bytes>,
-    caller: Arc<PeerCert>,
+    caller: SharedPeer,
     target: SocketAddr,
     inbound: Arc<Inbound>,
     counts: Arc<SessionCounts>,
@@ -236,7 +264,7 @@ async fn session_stream(
 async fn carry_stream(
     req: hyper::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<bytes::Bytes>,
-    caller: &Arc<PeerCert>,
+    caller: &SharedPeer,
     target: SocketAddr,
     inbound: &Inbound,
     counts: &SessionCounts,
@@ -253,9 +281,11 @@ async fn carry_stream(
         let _ = respond.send_response(answer(405), true);
         return false;
     }
-    // The session was authenticated once; its certificate must still hold for each new stream.
-    let expired = common.clock.now() >= caller.info.not_after;
-    let revoked = common.identity.revoked.load().contains(&caller.info.serial);
+    // The session's certificate (the handshake's, or a newer one it re-authenticated with) must
+    // still hold for each new stream.
+    let cert = caller.load();
+    let expired = common.clock.now() >= cert.info.not_after;
+    let revoked = common.identity.revoked.load().contains(&cert.info.serial);
     if expired || revoked {
         let reason = if expired {
             Refusal::ExpiredCertificate
@@ -263,7 +293,7 @@ async fn carry_stream(
             Refusal::Revoked
         };
         common.metrics.fail(DIR, reason);
-        tracing::warn!(reason = reason.label(), peer_id = %caller.info.id, serial = %caller.info.serial, "session stream refused: the session's certificate no longer passes");
+        tracing::warn!(reason = reason.label(), peer_id = %cert.info.id, serial = %cert.info.serial, "session stream refused: the session's certificate no longer passes");
         respond.send_reset(h2::Reason::REFUSED_STREAM);
         return false;
     }
@@ -283,4 +313,186 @@ async fn carry_stream(
     let io = H2Stream::server(send, req.into_body()).count_resets(counts.resets.clone());
     inbound.carry(io, verdict, reg, target).await;
     true
+}
+
+/// The answering side's re-authentication state of one session.
+struct ReauthState {
+    /// The session's TLS exporter value (`None`: the session cannot be re-authenticated).
+    exporter: Option<Exporter>,
+    /// One re-authentication at a time.
+    busy: AtomicBool,
+    /// Re-authentications in a row that changed neither certificate.
+    unchanged: AtomicU32,
+    /// The serial of the SVID we last proved (`None`: only the handshake's).
+    ours: Mutex<Option<Serial>>,
+}
+
+/// How long a caller may take to send its proof.
+const REAUTH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Re-authentications in a row that change no certificate before they are refused: a caller
+/// re-authenticates on its rotations and before a certificate expires, so a few per lifetime.
+const MAX_UNCHANGED: u32 = 8;
+
+/// One re-authentication stream (see [`reauth`]): the caller's proof verified, the session's
+/// certificate replaced, our proof sent back; else refused, counted into the session's churn
+/// budget, and the session's limits unchanged.
+async fn reauthenticate(
+    req: hyper::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<bytes::Bytes>,
+    caller: SharedPeer,
+    inbound: Arc<Inbound>,
+    state: Arc<ReauthState>,
+    counts: Arc<SessionCounts>,
+) {
+    let common = &inbound.common;
+    let outcome = if state.busy.swap(true, Ordering::AcqRel) {
+        Err(Refused {
+            reason: Refusal::ReauthBudget,
+            detail: "a re-authentication of this session is already in flight".into(),
+        })
+    } else {
+        let checked = tokio::time::timeout(
+            REAUTH_TIMEOUT,
+            verify_caller(req.into_body(), &caller, &inbound, &state),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(Refused {
+                reason: Refusal::ReauthTimeout,
+                detail: format!("no whole proof within {REAUTH_TIMEOUT:?}"),
+            })
+        })
+        .and_then(|new| {
+            let (ours, serial) = our_proof(&inbound, &state)?;
+            within_budget(&state, &caller.load(), &new, serial)?;
+            Ok((new, ours))
+        });
+        state.busy.store(false, Ordering::Release);
+        checked
+    };
+    let answer = |status: u16| {
+        hyper::Response::builder()
+            .status(status)
+            .body(())
+            .expect("a valid response")
+    };
+    match outcome {
+        Ok((new, ours)) => {
+            let old = caller.load_full();
+            tracing::info!(peer_id = %new.info.id, old_serial = %old.info.serial, serial = %new.info.serial, not_after = ?new.info.not_after, "session re-authenticated");
+            let not_after = new.info.not_after;
+            caller.store(Arc::new(new));
+            common.live.moved(not_after);
+            if let Ok(mut send) = respond.send_response(answer(200), false) {
+                let _ = send.send_data(ours.into(), true);
+            }
+        }
+        Err(r) => {
+            counts.denied.fetch_add(1, Ordering::Relaxed);
+            common.metrics.fail(DIR, r.reason);
+            let cert = caller.load();
+            tracing::warn!(reason = r.reason.label(), detail = %r.detail, peer_id = %cert.info.id, serial = %cert.info.serial, "session re-authentication refused: the session keeps its certificate's expiry");
+            let status = if r.reason == Refusal::ReauthMalformed {
+                400
+            } else {
+                403
+            };
+            let _ = respond.send_response(answer(status), true);
+        }
+    }
+    counts.ended.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The caller's proof, verified as a handshake verifies a client (chain, profile, trust
+/// domain, revocation, validity now), for the session's SPIFFE ID and region, signed by the new
+/// leaf's key over this session's exporter.
+async fn verify_caller(
+    body: h2::RecvStream,
+    caller: &SharedPeer,
+    inbound: &Inbound,
+    state: &ReauthState,
+) -> Result<PeerCert, Refused> {
+    let exporter = state.exporter.ok_or_else(|| Refused {
+        reason: Refusal::ReauthMalformed,
+        detail: "the session has no exporter value".into(),
+    })?;
+    let proof = Proof::decode(&reauth::read_body(body).await?)?;
+    let (leaf, rest) = proof.chain.split_first().ok_or_else(|| Refused {
+        reason: Refusal::ReauthMalformed,
+        detail: "no certificate".into(),
+    })?;
+    let common = &inbound.common;
+    let now = reauth::unix(common.clock.now());
+    use rustls::server::danger::ClientCertVerifier;
+    inbound
+        .client_verifier
+        .verify_client_cert(leaf, rest, now)
+        .map_err(|e| Refused {
+            reason: mesh::tls_reason(&e),
+            detail: e.to_string(),
+        })?;
+    let cur = caller.load();
+    if common.identity.revoked.load().contains(&cur.info.serial) {
+        return Err(Refused {
+            reason: Refusal::Revoked,
+            detail: format!("the session's certificate {} is revoked", cur.info.serial),
+        });
+    }
+    let (info, region) = proof.accept(Role::Client, &exporter, &cur.info.id, cur.region.as_ref())?;
+    Ok(PeerCert { info, region })
+}
+
+/// Our proof for this session, with the SVID handshakes present now; refused once too many
+/// re-authentications in a row changed no certificate.
+fn our_proof(inbound: &Inbound, state: &ReauthState) -> Result<(Vec<u8>, Serial), Refused> {
+    let exporter = state.exporter.ok_or_else(|| Refused {
+        reason: Refusal::ReauthMalformed,
+        detail: "the session has no exporter value".into(),
+    })?;
+    let key = inbound
+        .common
+        .identity
+        .resolver
+        .0
+        .load_full()
+        .ok_or_else(|| Refused {
+            reason: Refusal::NotReady,
+            detail: "no SVID".into(),
+        })?;
+    let proof = reauth::sign(&key, Role::Server, &exporter)?;
+    let serial = key
+        .end_entity_cert()
+        .ok()
+        .and_then(|c| crate::identity::inspect_cert(c).ok())
+        .map(|i| i.serial)
+        .ok_or_else(|| Refused {
+            reason: Refusal::NotReady,
+            detail: "our SVID does not parse".into(),
+        })?;
+    Ok((proof.encode(), serial))
+}
+
+/// Refuses the re-authentication when it is the [`MAX_UNCHANGED`]th in a row that changes
+/// neither the caller's certificate nor ours: re-authentication is not a free ping.
+fn within_budget(
+    state: &ReauthState,
+    old: &PeerCert,
+    new: &PeerCert,
+    ours: Serial,
+) -> Result<(), Refused> {
+    let mut last = state.ours.lock().unwrap_or_else(|e| e.into_inner());
+    let changed = new.info.serial != old.info.serial || last.as_ref() != Some(&ours);
+    *last = Some(ours);
+    if changed {
+        state.unchanged.store(0, Ordering::Relaxed);
+        return Ok(());
+    }
+    if state.unchanged.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_UNCHANGED {
+        return Err(Refused {
+            reason: Refusal::ReauthBudget,
+            detail: format!("{MAX_UNCHANGED} re-authentications in a row changed no certificate"),
+        });
+    }
+    Ok(())
 }

@@ -74,6 +74,7 @@ refusals! {
     ProtocolError => "protocol_error",
     ReauthBudget => "reauth_budget",
     ReauthMalformed => "reauth_malformed",
+    ReauthRefused => "reauth_refused",
     ReauthTimeout => "reauth_timeout",
     RefusedByGateway => "refused_by_gateway",
     Reset => "reset",

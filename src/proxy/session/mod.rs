@@ -49,6 +49,8 @@ pub struct H2Stream {
     reset_seen: bool,
     /// Where the answering side counts streams the caller reset (its session's churn budget).
     resets: Option<Arc<AtomicU32>>,
+    /// What the stream keeps alive while it is open (the calling side: its session's use).
+    _holds: Option<Arc<dyn Send + Sync>>,
 }
 
 fn io_err(e: h2::Error) -> io::Error {
@@ -75,6 +77,7 @@ impl H2Stream {
             shut: false,
             reset_seen: false,
             resets: None,
+            _holds: None,
         }
     }
 
@@ -86,7 +89,14 @@ impl H2Stream {
             shut: false,
             reset_seen: false,
             resets: None,
+            _holds: None,
         }
+    }
+
+    /// Keeps `token` alive as long as the stream.
+    pub fn holding(mut self, token: Arc<dyn Send + Sync>) -> Self {
+        self._holds = Some(token);
+        self
     }
 
     /// Counts into `resets` when the peer resets this stream.

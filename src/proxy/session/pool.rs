@@ -26,9 +26,13 @@ use crate::tls::mesh::{self, MeshServerVerifier};
 use crate::tunnel::header::StreamHeader;
 use crate::tunnel::paths::{PathStream, Paths};
 use crate::tunnel::PATH_WAIT;
+use super::reauth;
 use driver::{Driver, PeerLapse};
+pub use renew::ReauthCounts;
+use renew::{Renewer, Term};
 
 mod driver;
+mod renew;
 
 /// Where a session goes: one address of one service. Two targets are the same when they name
 /// the same service (the same [`OutboundService`], not only the same name) and address.
@@ -110,6 +114,32 @@ struct Live {
     /// a session retired after a fifth of one has moved off them by then.
     retire_at: SystemTime,
     send: h2::client::SendRequest<Bytes>,
+    /// Held by this entry and by every stream of the session: once the session is retired and
+    /// its last stream is gone, its re-authentication stops (so the connection may close).
+    in_use: Arc<InUse>,
+}
+
+impl Live {
+    fn usable(&self) -> Usable {
+        Usable {
+            send: self.send.clone(),
+            not_after: self.not_after,
+            in_use: self.in_use.clone(),
+        }
+    }
+}
+
+/// A session that may carry a new stream: its handle, when it must be retired at the latest,
+/// and the token its streams hold.
+struct Usable {
+    send: h2::client::SendRequest<Bytes>,
+    not_after: SystemTime,
+    in_use: Arc<InUse>,
+}
+
+/// See [`Live::in_use`]: its channel closes when the last holder drops it.
+pub(super) struct InUse {
+    _gone: tokio::sync::oneshot::Sender<()>,
 }
 
 #[derive(Default)]
@@ -160,6 +190,8 @@ pub struct SessionPool {
     /// Sessions closed, with their open streams, because the destination's certificate was
     /// revoked or expired.
     pub closed_for_peer: Arc<AtomicU64>,
+    /// Re-authentications of live sessions, done and refused.
+    pub reauth: Arc<ReauthCounts>,
 }
 
 /// A transport a session is opened over: a TCP connection or a gateway path stream, what must
@@ -187,6 +219,7 @@ impl SessionPool {
             generation: AtomicU64::new(1),
             established: AtomicU64::new(0),
             closed_for_peer: Arc::new(AtomicU64::new(0)),
+            reauth: Arc::default(),
         })
     }
 
@@ -197,14 +230,14 @@ impl SessionPool {
 
     /// The entry's session if it may still carry new streams; a retired one is dropped (its open
     /// streams go on). Returns the session and when it must be retired at the latest.
-    fn current(&self, entry: &Entry) -> Option<(h2::client::SendRequest<Bytes>, SystemTime)> {
+    fn current(&self, entry: &Entry) -> Option<Usable> {
         let mut live = entry.live.lock().unwrap_or_else(|e| e.into_inner());
         let l = live.as_ref()?;
         if l.rotation == *self.identity.rotations().borrow()
             && self.clock.now() < l.not_after.min(l.retire_at)
             && !self.identity.revoked.load().contains(&l.peer_serial)
         {
-            return Some((l.send.clone(), l.not_after));
+            return Some(l.usable());
         }
         *live = None;
         None
@@ -240,7 +273,9 @@ impl SessionPool {
             .last_used
             .store(millis_since(self.started), Ordering::Relaxed);
         for attempt in 0..2 {
-            let (mut send, _) = self.session(target, &entry).await?;
+            let Usable {
+                mut send, in_use, ..
+            } = self.session(target, &entry).await?;
             match send.clone().ready().await {
                 Ok(s) => send = s,
                 Err(e) => {
@@ -256,7 +291,9 @@ impl SessionPool {
                 .body(())
                 .map_err(|e| fail(Refusal::BadRequest, e))?;
             match send.send_request(req, false) {
-                Ok((response, stream)) => return Ok(H2Stream::client(stream, response)),
+                Ok((response, stream)) => {
+                    return Ok(H2Stream::client(stream, response).holding(in_use))
+                }
                 Err(e) => {
                     entry.live.lock().unwrap_or_else(|e| e.into_inner()).take();
                     tracing::debug!(error = %e, attempt, "session refused a stream; opening a new one");
@@ -274,7 +311,7 @@ impl SessionPool {
         self: &Arc<Self>,
         target: &Target,
         entry: &Arc<Entry>,
-    ) -> Result<(h2::client::SendRequest<Bytes>, SystemTime), Failure> {
+    ) -> Result<Usable, Failure> {
         if let Some(s) = self.current(entry) {
             return Ok(s);
         }
@@ -290,7 +327,7 @@ impl SessionPool {
         self: &Arc<Self>,
         target: &Target,
         entry: &Arc<Entry>,
-    ) -> Result<(h2::client::SendRequest<Bytes>, SystemTime), Failure> {
+    ) -> Result<Usable, Failure> {
         let opened = self.opened()?;
         let tls = target.service.session_tls.as_ref().ok_or_else(|| {
             fail(
@@ -378,13 +415,20 @@ impl SessionPool {
         tls: &ServiceTls,
         dialled: Dialled<IO, K>,
         opened: Opened,
-    ) -> Result<(h2::client::SendRequest<Bytes>, SystemTime), Failure>
+    ) -> Result<Usable, Failure>
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         K: Send + 'static,
     {
         let (stream, peer) = self.handshake(target, tls, dialled.io).await?;
         let not_after = opened.own_not_after.min(peer.not_after);
+        let exporter = reauth::exporter(stream.get_ref().1);
+        let peer_region = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(crate::identity::region_of_chain);
+        let (term_tx, term_rx) = watch::channel(Term::of(&peer, &self.clock));
         let (send, conn) = h2::client::Builder::new()
             .max_frame_size(MAX_FRAME)
             .initial_window_size(STREAM_WINDOW)
@@ -394,20 +438,39 @@ impl SessionPool {
             .await
             .map_err(|e| fail(Refusal::SessionFailed, e))?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
-        *entry.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Live {
+        let (gone, unused) = tokio::sync::oneshot::channel();
+        let live = Live {
             generation,
             rotation: opened.rotation,
             not_after,
             peer_serial: peer.serial.clone(),
             retire_at: opened.retire_at,
             send: send.clone(),
-        });
+            in_use: Arc::new(InUse { _gone: gone }),
+        };
+        let usable = live.usable();
+        *entry.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(live);
         self.established.fetch_add(1, Ordering::Relaxed);
         let via = dialled.via;
         tracing::info!(service = %target.name(), region = target.region_label(), addr = %target.addr, via = %via, "session to the destination sidecar established");
         // Not a child of the connection that happened to open it: the session outlives it.
         let span = tracing::info_span!(parent: None, "session", service = %target.name(), addr = %target.addr, via = %via);
-        let driver = self.driver(target, entry, generation, &peer);
+        let renewer = exporter.map(|exporter| Renewer {
+            send,
+            unused,
+            exporter,
+            identity: self.identity.clone(),
+            verifier: tls.verifier.clone(),
+            clock: self.clock.clone(),
+            peer_id: peer.id.clone(),
+            peer_region,
+            own_not_after: opened.own_not_after,
+            peer_not_after: peer.not_after,
+            term: term_tx,
+            timeout: self.timeouts.handshake,
+            counts: self.reauth.clone(),
+        });
+        let driver = self.driver(target, entry, generation, term_rx, renewer);
         let keep = dialled.keep;
         tokio::spawn(
             async move {
@@ -416,7 +479,7 @@ impl SessionPool {
             }
             .instrument(span),
         );
-        Ok((send, not_after))
+        Ok(usable)
     }
 
     /// The session's TLS handshake within the timeout, a resumed one re-checked, and the
@@ -466,7 +529,8 @@ impl SessionPool {
         target: &Target,
         entry: &Arc<Entry>,
         generation: u64,
-        peer: &CertInfo,
+        term: watch::Receiver<Term>,
+        renewer: Option<Renewer>,
     ) -> Driver {
         Driver {
             entry: entry.clone(),
@@ -479,13 +543,10 @@ impl SessionPool {
             lapse: PeerLapse {
                 identity: self.identity.clone(),
                 revocations: self.identity.revocations(),
-                serial: peer.serial.clone(),
-                expires_in: peer
-                    .not_after
-                    .duration_since(self.clock.now())
-                    .unwrap_or_default(),
+                term,
                 closed: self.closed_for_peer.clone(),
             },
+            renewer,
         }
     }
 
@@ -510,7 +571,7 @@ impl SessionPool {
             let ended = entry.ended.notified();
             // Until the session must be retired, or a retry after a failure.
             let (up, wait) = match self.session(&t, &entry).await {
-                Ok((_, not_after)) => (
+                Ok(Usable { not_after, .. }) => (
                     true,
                     not_after
                         .duration_since(self.clock.now())

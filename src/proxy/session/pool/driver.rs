@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::renew::{Renewer, Term};
 use super::{millis_since, Entry};
 use crate::refusal::Refusal;
 use crate::region::ServiceName;
@@ -19,6 +20,8 @@ pub(super) struct Driver {
     pub idle: Option<Duration>,
     pub started: tokio::time::Instant,
     pub lapse: PeerLapse,
+    /// Re-authenticates the session before a certificate lapses (`None`: it cannot).
+    pub renewer: Option<Renewer>,
 }
 
 impl Driver {
@@ -33,10 +36,19 @@ impl Driver {
             idle,
             started,
             lapse,
+            renewer,
         } = self;
         tokio::pin!(conn);
         let lapsed = lapse.wait();
         tokio::pin!(lapsed);
+        // Polled here with the connection, so its requests make progress.
+        let mut renewing = renewer.is_some();
+        let renew = async move {
+            if let Some(r) = renewer {
+                r.run().await;
+            }
+        };
+        tokio::pin!(renew);
         // Until the session is retired for idleness: the check's timer and the idle time.
         let mut idle_check = idle.map(|d| (tokio::time::interval(d / 4), d.as_millis() as u64));
         loop {
@@ -47,6 +59,7 @@ impl Driver {
                     }
                     break;
                 }
+                _ = &mut renew, if renewing => renewing = false,
                 reason = &mut lapsed => {
                     // Dropping the connection ends every stream on it, not only new ones.
                     tracing::warn!(reason = reason.label(), %service, "session closed with its open streams: the destination's certificate no longer passes");
@@ -74,32 +87,36 @@ impl Driver {
 }
 
 /// What ends a session whatever its streams: the destination's certificate revoked (seen on
-/// our revocation list) or expired.
+/// our revocation list) or expired. The certificate is the handshake's until the destination
+/// proves a newer one ([`Renewer`] moves `term`).
 pub(super) struct PeerLapse {
     pub identity: Arc<Identity>,
     pub revocations: tokio::sync::watch::Receiver<u64>,
-    pub serial: crate::identity::Serial,
-    pub expires_in: Duration,
+    pub term: tokio::sync::watch::Receiver<Term>,
     pub closed: Arc<AtomicU64>,
 }
 
 impl PeerLapse {
     /// Waits until the certificate lapses; the reason.
     async fn wait(mut self) -> Refusal {
-        let expiry = tokio::time::sleep(self.expires_in);
-        tokio::pin!(expiry);
+        let mut renewable = true;
         let reason = loop {
-            if self.identity.revoked.load().contains(&self.serial) {
+            let Term { serial, expires } = self.term.borrow_and_update().clone();
+            if self.identity.revoked.load().contains(&serial) {
                 break Refusal::Revoked;
             }
             tokio::select! {
-                _ = &mut expiry => break Refusal::ExpiredCertificate,
+                _ = tokio::time::sleep_until(expires) => break Refusal::ExpiredCertificate,
                 r = self.revocations.changed() => {
                     if r.is_err() {
                         // The identity is gone (shutting down): expiry still holds.
-                        (&mut expiry).await;
+                        tokio::time::sleep_until(expires).await;
                         break Refusal::ExpiredCertificate;
                     }
+                }
+                r = self.term.changed(), if renewable => {
+                    // No more re-authentication: the last certificate proved stands.
+                    renewable = r.is_ok();
                 }
             }
         };

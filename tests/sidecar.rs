@@ -703,19 +703,28 @@ async fn svids_rotate_under_load_without_a_failed_request() {
     rotate_under_load(Reuse::Nothing, 10).await;
 }
 
-/// New connections are streams on sessions, retired at each of A's rotations.
+/// New connections are streams on sessions, retired at each of A's rotations; the long-lived
+/// ones are streams of sessions re-authenticated with both sides' new SVIDs, so none is cut at
+/// the expiry of the certificates its session was opened with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_sessions_follow_rotations_under_load_without_a_failed_request() {
-    let (p, rotated) = rotate_under_load(Reuse::Pooled, 10).await;
-    let sessions =
-        p.a.sessions
-            .as_ref()
-            .expect("pool")
-            .established
-            .load(Ordering::Relaxed);
+    let (p, rotated, cuts) = rotate_under_load(Reuse::Pooled, 10).await;
+    let pool = p.a.sessions.as_ref().expect("pool");
+    let sessions = pool.established.load(Ordering::Relaxed);
     assert!(
         sessions >= rotated,
         "{sessions} sessions for {rotated} rotations of A: sessions are not retired"
+    );
+    let renewed = pool.reauth.renewed.load(Ordering::Relaxed);
+    let refused = pool.reauth.refused.load(Ordering::Relaxed);
+    assert_eq!(
+        cuts, 0,
+        "{cuts} long-lived pooled connections cut ({renewed} re-authentications, {refused} refused)"
+    );
+    assert_eq!(refused, 0, "{refused} re-authentications refused");
+    assert!(
+        renewed >= rotated,
+        "{renewed} re-authentications for {rotated} rotations of A"
     );
 }
 
@@ -738,10 +747,11 @@ async fn rotation_pair(ca: &Ca, reuse: Reuse) -> Pair {
 }
 
 /// Long-lived and new connections from A to B while both rotate `rotations` times at least;
-/// returns the pair and how many times A rotated. A rotation drops no connection; a long-lived
-/// one is closed only when the certificate it was authenticated with expires (counted as
-/// `expired_certificate`), and its worker then opens a new one.
-async fn rotate_under_load(reuse: Reuse, rotations: u64) -> (Pair, u64) {
+/// returns the pair, how many times A rotated, and how many long-lived connections were cut. A
+/// rotation drops no connection; a long-lived one is closed only when the certificate it was
+/// authenticated with expires (counted as `expired_certificate`: direct connections, which
+/// cannot re-authenticate), and its worker then opens a new one.
+async fn rotate_under_load(reuse: Reuse, rotations: u64) -> (Pair, u64, u64) {
     // X.509 times are whole seconds, so an SVID lives up to 1 s less than the CA's lifetime.
     // At the CA's 2 s minimum, renewal at up to 60 % of what is left could leave 0.4 s for the
     // renewal round trip (TLS to the CA, ledger fsync), which a loaded CI machine sometimes
@@ -882,7 +892,7 @@ async fn rotate_under_load(reuse: Reuse, rotations: u64) -> (Pair, u64) {
     for bound in [&p.a, &p.b] {
         assert!(failed_series(bound.admin).await.is_empty());
     }
-    (p, a)
+    (p, a, cuts)
 }
 
 #[tokio::test]

@@ -313,11 +313,7 @@ impl Inbound {
 
     /// The allow list or the policy on one connection or session stream, and its registration
     /// as a live connection; `None` when denied (logged and counted here).
-    pub(super) fn admit(
-        &self,
-        caller: &SharedPeer,
-        port: u16,
-    ) -> Option<(Verdict, Registration)> {
+    pub(super) fn admit(&self, caller: &SharedPeer, port: u16) -> Option<(Verdict, Registration)> {
         match &self.admission {
             Admission::AllowList(allow) => self.admit_listed(allow, caller, port),
             Admission::Policy(authz) => self.admit_by_policy(authz, caller, port),

@@ -7,7 +7,7 @@
 
 pub(crate) mod limits;
 pub mod pool;
-pub(crate) mod reauth;
+pub mod reauth;
 pub(super) mod server;
 
 use std::future::Future;

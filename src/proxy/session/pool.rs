@@ -15,6 +15,7 @@ use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
+use super::reauth;
 use super::{H2Stream, MAX_FRAME, SESSION_WINDOW, STREAM_WINDOW};
 use crate::clock::Clock;
 use crate::identity::CertInfo;
@@ -26,7 +27,6 @@ use crate::tls::mesh::{self, MeshServerVerifier};
 use crate::tunnel::header::StreamHeader;
 use crate::tunnel::paths::{PathStream, Paths};
 use crate::tunnel::PATH_WAIT;
-use super::reauth;
 use driver::{Driver, PeerLapse};
 pub use renew::ReauthCounts;
 use renew::{Renewer, Term};

@@ -20,8 +20,8 @@ use rustls::SignatureScheme;
 
 use crate::crypto::provider;
 use crate::identity::{inspect_cert, region_of_chain, CertInfo};
-use crate::region::Region;
 use crate::refusal::Refusal;
+use crate::region::Region;
 
 /// The `:path` of a re-authentication stream.
 pub const REAUTH_PATH: &str = "/.trustline/reauth";
@@ -196,7 +196,9 @@ impl Proof {
         {
             Ok(())
         } else {
-            Err(bad("the signature does not verify with the leaf's key for this session"))
+            Err(bad(
+                "the signature does not verify with the leaf's key for this session",
+            ))
         }
     }
 

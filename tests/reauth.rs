@@ -185,8 +185,9 @@ async fn a_reauthenticated_session_outlives_its_first_certificate_until_revoked(
     // Revoking the certificate it now rests on cuts it at once.
     ca.revoke(&renewed.info.serial).await;
     cut_within(&mut out, &mut body, PATIENCE).await;
-    eventually("B closed the session and its stream as revoked", || {
-        b.metrics.closed_live_count("inbound", "revoked") >= 2
+    // The session, and its stream unless the session's end dropped it first.
+    eventually("B closed the session as revoked", || {
+        b.metrics.closed_live_count("inbound", "revoked") >= 1
     })
     .await;
 }

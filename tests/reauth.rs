@@ -249,6 +249,9 @@ async fn a_forged_reauthentication_is_refused_and_the_session_ends_at_its_old_ex
     .await;
 }
 
+/// What a forging destination answers to a re-authentication, given the session's exporter.
+type Forge = dyn Fn(&Exporter) -> Vec<u8> + Send + Sync;
+
 /// A destination that is not a sidecar: it holds `cert` (for the handshake) and answers every
 /// re-authentication with `forge(exporter)`; `CONNECT` streams are echoed.
 async fn forging_destination(
@@ -310,7 +313,7 @@ async fn a_caller_refuses_a_forged_proof_from_the_destination_and_ends_at_its_ol
     for forgery in ["another ID", "another session"] {
         let db = Cred::from(&ca.issue(&id("db")).await);
         let api = Cred::from(&ca.issue(&id("api")).await);
-        let forge: Box<dyn Fn(&Exporter) -> Vec<u8> + Send + Sync> = match forgery {
+        let forge: Box<Forge> = match forgery {
             "another ID" => Box::new(move |e| server_proof(&db, e)),
             _ => Box::new(move |_| server_proof(&api, &[7; 32])),
         };

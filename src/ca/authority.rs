@@ -320,7 +320,7 @@ impl Authority {
     }
 
     /// Signs a leaf for `id` over `public_key` from the CA's own template: random positive
-    /// serial, not-before one minute back, not-after `now + ttl` capped at the CA's own expiry,
+    /// serial, not-before [`BACKDATE`] (5 minutes) back, not-after `now + ttl` capped at the CA's own expiry,
     /// exactly one URI SAN, CA:FALSE, digitalSignature, serverAuth + clientAuth, SKI/AKI.
     /// `dns` adds DNS/IP SANs (only for the CA server's own certificate).
     pub fn sign_leaf(

@@ -26,8 +26,11 @@ pub struct CertInfo {
     pub key_usage: Option<(bool, bool)>,
 }
 
-/// Clock skew allowance of our CAs: certificates start this long before they are signed.
-pub const BACKDATE: Duration = Duration::from_secs(60);
+/// Clock skew allowance of our CAs: certificates start this long before they are signed, so a
+/// verifier whose clock is up to this much behind the CA's accepts a certificate at once (as
+/// Kubernetes' CSR signer backdates by 5 minutes). A verifier ahead of the CA sees certificates
+/// expire that much earlier, which renewal at about half-life absorbs. README: "Clock skew".
+pub const BACKDATE: Duration = Duration::from_secs(300);
 
 impl CertInfo {
     /// How long a certificate of our CAs was issued for: its validity less the backdating of

@@ -280,7 +280,8 @@ async fn a_full_disk_gets_503_loses_nothing_and_recovers_without_a_restart() {
 
     // Space returns: the same server issues again, by itself.
     std::fs::remove_file(&filler).expect("removing the filler");
-    let deadline = Instant::now() + PATIENCE;
+    let freed = Instant::now();
+    let deadline = freed + PATIENCE;
     let mut svid = last;
     let recovered = loop {
         match renew(&client, &svid).await {
@@ -291,6 +292,10 @@ async fn a_full_disk_gets_503_loses_nothing_and_recovers_without_a_restart() {
             }
         }
     };
+    eprintln!(
+        "space back: renewed again {:?} after the filler was removed",
+        freed.elapsed()
+    );
     serials.push(recovered.info.serial.to_string());
     svid = recovered;
     for _ in 0..5 {

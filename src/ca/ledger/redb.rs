@@ -423,12 +423,14 @@ impl Writer {
     }
 
     /// Reopens a database closed after a failed write, reloading the in-memory view from it.
+    /// Only this thread writes the slot, so the file is opened (maybe repaired, which takes a
+    /// while) without holding its lock: readers meanwhile get the reason at once.
     fn reopen_if_closed(&self) -> Result<(), LedgerError> {
-        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
-        if slot.is_ok() {
+        if !self.is_closed() {
             return Ok(());
         }
         let reopened = open_db(&self.path).and_then(|db| Ok((load_revocations(&db)?, db)));
+        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
         match reopened {
             Ok(((revoked, banned, seq), db)) => {
                 *self.revoked.write().unwrap_or_else(|e| e.into_inner()) = revoked;

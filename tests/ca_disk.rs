@@ -251,6 +251,10 @@ async fn a_full_disk_gets_503_loses_nothing_and_recovers_without_a_restart() {
         .expect("issue");
     let mut serials = vec![first.info.serial.to_string()];
 
+    let late = trustline::ca::admin::token(&ca.admin_socket, &id("late").to_string(), 900)
+        .await
+        .expect("token");
+
     let filler = fs.path().join("filler");
     let filled = fill(&filler);
     eprintln!("filled the tmpfs with {filled} bytes");
@@ -272,11 +276,21 @@ async fn a_full_disk_gets_503_loses_nothing_and_recovers_without_a_restart() {
         .fetch_bundle_pem()
         .await
         .expect("bundle on a full disk");
-    let admin = trustline::ca::admin::token(&ca.admin_socket, &id("db").to_string(), 900).await;
-    let why = admin
-        .expect_err("a token cannot be stored on a full disk")
-        .to_string();
-    assert!(why.contains("No space left on device"), "{why}");
+    // A join token refused while the disk is full is not spent: nothing was recorded. (A write
+    // may also succeed: the ledger file can hold free pages of the transactions that failed.)
+    let late_spent = match client.issue_with_token(&id("late"), &late).await {
+        Err(ClientError::Refused { status, .. }) if status.as_u16() == 503 => false,
+        Ok(svid) => {
+            serials.push(svid.info.serial.to_string());
+            true
+        }
+        other => panic!("a first issuance on a full disk: expected 503 or an SVID, got {other:?}"),
+    };
+    if let Err(e) = trustline::ca::admin::token(&ca.admin_socket, &id("db").to_string(), 900).await
+    {
+        let why = e.to_string();
+        assert!(why.contains("No space left on device"), "{why}");
+    }
 
     // Space returns: the same server issues again, by itself.
     std::fs::remove_file(&filler).expect("removing the filler");
@@ -313,6 +327,17 @@ async fn a_full_disk_gets_503_loses_nothing_and_recovers_without_a_restart() {
         .await
         .expect("issue");
     serials.push(db.info.serial.to_string());
+    if !late_spent {
+        let late_svid = client
+            .issue_with_token(&id("late"), &late)
+            .await
+            .expect("the token refused on the full disk is still good");
+        serials.push(late_svid.info.serial.to_string());
+    }
+    match client.issue_with_token(&id("late"), &late).await {
+        Err(ClientError::Refused { status, .. }) if status.as_u16() == 401 => {}
+        other => panic!("the token was spent once space returned: expected 401, got {other:?}"),
+    }
     check_recorded(ca.state.ledger.as_ref(), &serials);
 
     // And on disk, read by a fresh open after the server is gone.

@@ -1,6 +1,6 @@
 //! Clients across CA crashes: a real `trustline ca serve` process is SIGKILLed and restarted on
-//! the same address, three times, while a sidecar pair and six more identity tasks renew 20 s
-//! SVIDs against it.
+//! the same address, three times, while a sidecar pair (a `trustline sidecar` process and an
+//! in-process sidecar calling it) and six more identity tasks renew 20 s SVIDs against it.
 //!
 //! What must hold: while the CA is down every client keeps its current SVID (ready, and the
 //! pair keeps answering over new mTLS handshakes); once it is back each client whose renewal
@@ -165,15 +165,17 @@ async fn token_file(dir: &Path, admin: &Path, name: &str) -> PathBuf {
     path
 }
 
-/// A sidecar config for `name` against the CA at `url`, with `sections`.
-fn sidecar_config(
+/// A sidecar config file for `name` against the CA at `url`, its admin on `admin`, with
+/// `sections`.
+fn sidecar_toml(
     dir: &Path,
     pki: &Pki,
     url: &str,
     name: &str,
     token: &Path,
+    admin: &str,
     sections: &str,
-) -> SidecarConfig {
+) -> PathBuf {
     let toml = format!(
         r#"trust_domain = "{td}"
 spiffe_id = "{id}"
@@ -188,7 +190,7 @@ token_file = {token:?}
 refresh_interval = "1s"
 
 [admin]
-listen = "127.0.0.1:0"
+listen = "{admin}"
 
 {sections}"#,
         td = pki.td,
@@ -197,7 +199,84 @@ listen = "127.0.0.1:0"
     );
     let file = dir.join(format!("{name}.toml"));
     std::fs::write(&file, toml).expect("sidecar config");
-    SidecarConfig::load(&file).unwrap_or_else(|e| panic!("sidecar config: {e}"))
+    file
+}
+
+/// A `trustline sidecar` process; killed when dropped.
+struct SidecarProcess {
+    child: Child,
+    admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl SidecarProcess {
+    async fn start(config: &Path, admin: SocketAddr, log: PathBuf) -> Self {
+        let out = File::create(&log).expect("sidecar log");
+        let child = Command::new(env!("CARGO_BIN_EXE_trustline"))
+            .arg("sidecar")
+            .arg("--config")
+            .arg(config)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log handle"))
+            .stderr(out)
+            .spawn()
+            .expect("spawning trustline sidecar");
+        let me = SidecarProcess { child, admin, log };
+        let deadline = Instant::now() + PATIENCE;
+        while !me.ready().await {
+            assert!(
+                Instant::now() < deadline,
+                "sidecar not ready:\n{}",
+                me.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        me
+    }
+
+    /// `/readyz` answers 200.
+    async fn ready(&self) -> bool {
+        tokio::net::TcpStream::connect(self.admin).await.is_ok()
+            && common::http_get(self.admin, "/readyz").await.0 == 200
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Records each new serial a sidecar process's `/identity` shows (polled every 100 ms).
+fn watch_admin(admin: SocketAddr) -> (History, tokio::task::JoinHandle<()>) {
+    let history: History = Arc::default();
+    let h = history.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let (status, body) = common::http_get(admin, "/identity").await;
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            if let (200, Some(serial)) = (status, v["serial"].as_str()) {
+                let mut h = h.lock().unwrap();
+                if h.last().map(|p| p.serial.as_str()) != Some(serial) {
+                    let wall = identity_now();
+                    h.push(Published {
+                        at: Instant::now(),
+                        wall,
+                        serial: serial.to_string(),
+                        not_after: wall,
+                    });
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    (history, task)
 }
 
 /// The outages, as the test's instants: (killed, answering again).
@@ -244,21 +323,32 @@ async fn clients_keep_serving_through_ca_crashes_and_renew_by_themselves_when_it
     ca.ready(&probe).await;
     let admin = ca.data.join("admin.sock");
 
-    // The pair: A (web) calls B (api) with a full handshake per connection.
+    // The pair: A (web, in process) calls B (api, a process) with a full handshake per
+    // connection.
     let app = echo_app().await;
     let t = token_file(dir.path(), &admin, "api").await;
-    let b_cfg = sidecar_config(
+    let (b_admin, b_inbound): (SocketAddr, SocketAddr) = (
+        ([127, 0, 0, 1], free_port()).into(),
+        ([127, 0, 0, 1], free_port()).into(),
+    );
+    let b_sections = format!(
+        "[inbound]\nlisten = \"{b_inbound}\"\napp_address = \"{app}\"\nallow = [\"{}\"]\n",
+        id("web")
+    );
+    let b_file = sidecar_toml(
         dir.path(),
         &pki,
         &url,
         "api",
         &t,
-        &common::inbound(app, &[id("web")]),
+        &b_admin.to_string(),
+        &b_sections,
     );
-    let b = common::start_ready(b_cfg).await;
+    let b = SidecarProcess::start(&b_file, b_admin, dir.path().join("api.log")).await;
     let t = token_file(dir.path(), &admin, "web").await;
-    let to_b = common::listener("api", b.inbound.expect("inbound"), &[id("api")]);
-    let mut a_cfg = sidecar_config(dir.path(), &pki, &url, "web", &t, &to_b);
+    let to_b = common::listener("api", b_inbound, &[id("api")]);
+    let a_file = sidecar_toml(dir.path(), &pki, &url, "web", &t, "127.0.0.1:0", &to_b);
+    let mut a_cfg = SidecarConfig::load(&a_file).unwrap_or_else(|e| panic!("sidecar config: {e}"));
     a_cfg.pooling = false;
     a_cfg.resumption = false;
     let a = common::start_ready(a_cfg).await;
@@ -289,11 +379,8 @@ async fn clients_keep_serving_through_ca_crashes_and_renew_by_themselves_when_it
     for (identity, _) in &bare {
         common::eventually("every identity holds an SVID", || identity.ready().is_ok()).await;
     }
-    let mut watched = Vec::new();
-    for identity in [&a.identity, &b.identity]
-        .into_iter()
-        .chain(bare.iter().map(|(i, _)| i))
-    {
+    let mut watched = vec![watch_identity(a.identity.clone()), watch_admin(b.admin)];
+    for (identity, _) in &bare {
         watched.push(watch_identity(identity.clone()));
     }
 
@@ -305,10 +392,12 @@ async fn clients_keep_serving_through_ca_crashes_and_renew_by_themselves_when_it
         let down = Instant::now();
         // Dead: everyone stays ready on the SVID it holds, and the pair answers.
         while down.elapsed() < OUTAGE {
-            for identity in [&a.identity, &b.identity]
-                .into_iter()
-                .chain(bare.iter().map(|(i, _)| i))
-            {
+            assert!(
+                b.ready().await,
+                "cycle {cycle}: the sidecar process is not ready with the CA down:\n{}",
+                b.log()
+            );
+            for identity in std::iter::once(&a.identity).chain(bare.iter().map(|(i, _)| i)) {
                 identity.ready().unwrap_or_else(|e| {
                     panic!(
                         "cycle {cycle}: {} not ready with the CA down: {e}",

@@ -222,9 +222,12 @@ impl SidecarProcess {
             .stderr(out)
             .spawn()
             .expect("spawning trustline sidecar");
-        let me = SidecarProcess { child, admin, log };
+        let mut me = SidecarProcess { child, admin, log };
         let deadline = Instant::now() + PATIENCE;
         while !me.ready().await {
+            if let Some(st) = me.child.try_wait().expect("polling the sidecar") {
+                panic!("the sidecar exited at start ({st}):\n{}", me.log());
+            }
             assert!(
                 Instant::now() < deadline,
                 "sidecar not ready:\n{}",

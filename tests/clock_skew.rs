@@ -279,6 +279,51 @@ async fn a_ca_behind_by_more_than_the_svid_lifetime_is_refused_as_expired() {
     );
 }
 
+/// Sidecar `api` as a process 5 minutes behind, inbound to `app`, once ready; started again
+/// on new ports if one probed was taken in the meantime (tests run in parallel).
+async fn start_behind(ca: &SkewedCa, app: SocketAddr) -> (Proc, SocketAddr) {
+    for attempt in 0..3 {
+        let (admin, inbound): (SocketAddr, SocketAddr) = (
+            ([127, 0, 0, 1], free_port()).into(),
+            ([127, 0, 0, 1], free_port()).into(),
+        );
+        let sections = format!(
+            "[inbound]\nlisten = \"{inbound}\"\napp_address = \"{app}\"\nallow = [\"{}\"]\n",
+            id("web")
+        );
+        let file = ca.sidecar_toml("api", &admin.to_string(), &sections).await;
+        let log = ca.pki.dir.path().join(format!("api-{attempt}.log"));
+        let mut b = Proc::spawn(
+            Some("-5m"),
+            &["sidecar", "--config", file.to_str().unwrap()],
+            log,
+        );
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(st) = b.child.try_wait().expect("polling the sidecar") {
+                let log = b.log();
+                assert!(
+                    log.contains("Address already in use"),
+                    "the sidecar 5 min behind exited ({st}):\n{log}"
+                );
+                break;
+            }
+            if tokio::net::TcpStream::connect(admin).await.is_ok()
+                && common::http_get(admin, "/readyz").await.0 == 200
+            {
+                return (b, inbound);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sidecar 5 min behind not ready:\n{}",
+                b.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    panic!("the sidecar 5 min behind found no free ports in 3 attempts");
+}
+
 /// A sidecar process 5 minutes behind everyone else (the CA and its peer), and one 5 minutes
 /// ahead (in process, on a clock set forward): they get their SVIDs and talk both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,39 +332,11 @@ async fn sidecars_five_minutes_apart_from_the_ca_and_each_other_still_talk() {
     require_faketime();
     let ca = start_ca(None, "1h").await;
     let app = echo_app().await;
-    let (admin, inbound) = (free_port(), free_port());
-    let sections = format!(
-        "[inbound]\nlisten = \"127.0.0.1:{inbound}\"\napp_address = \"{app}\"\nallow = [\"{}\"]\n",
-        id("web")
-    );
-    let file = ca
-        .sidecar_toml("api", &format!("127.0.0.1:{admin}"), &sections)
-        .await;
-    let b = Proc::spawn(
-        Some("-5m"),
-        &["sidecar", "--config", file.to_str().unwrap()],
-        ca.pki.dir.path().join("api.log"),
-    );
-    let admin: SocketAddr = ([127, 0, 0, 1], admin).into();
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Ok(s) = tokio::net::TcpStream::connect(admin).await {
-            drop(s);
-            if common::http_get(admin, "/readyz").await.0 == 200 {
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sidecar 5 min behind not ready:\n{}",
-            b.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (b, inbound) = start_behind(&ca, app).await;
     // A, 5 minutes ahead of the CA and 10 ahead of B.
     let ahead = Clock::following_tokio();
     ahead.advance(Duration::from_secs(300));
-    let to_b = common::listener("api", ([127, 0, 0, 1], inbound).into(), &[id("api")]);
+    let to_b = common::listener("api", inbound, &[id("api")]);
     let a = trustline::proxy::build(ca.sidecar_config("web", &to_b).await, ahead)
         .await
         .expect("sidecar starts");

@@ -85,13 +85,48 @@ fn go_spiffe_x509svid_files_get_go_spiffes_verdicts() {
             "x509svid/good-cert-and-key.pem",
             Ok(1),
         ),
-        ("Missing certificate", RSA, RSA, Err("no certificates found")),
-        ("Missing private key", SINGLE, SINGLE, Err("no private key found")),
-        ("Private key not PEM", SINGLE, "x509svid/not-pem", Err("no PEM blocks")),
-        ("Certificate not PEM", "x509svid/not-pem", RSA, Err("no PEM blocks")),
-        ("Corrupt private key", SINGLE, "x509svid/corrupt-key.pem", Err("asn1")),
-        ("Corrupt certificate", "x509svid/corrupt-cert.pem", RSA, Err("malformed")),
-        ("Certificate does not match private key", MULTI, RSA, Err("does not match")),
+        (
+            "Missing certificate",
+            RSA,
+            RSA,
+            Err("no certificates found"),
+        ),
+        (
+            "Missing private key",
+            SINGLE,
+            SINGLE,
+            Err("no private key found"),
+        ),
+        (
+            "Private key not PEM",
+            SINGLE,
+            "x509svid/not-pem",
+            Err("no PEM blocks"),
+        ),
+        (
+            "Certificate not PEM",
+            "x509svid/not-pem",
+            RSA,
+            Err("no PEM blocks"),
+        ),
+        (
+            "Corrupt private key",
+            SINGLE,
+            "x509svid/corrupt-key.pem",
+            Err("asn1"),
+        ),
+        (
+            "Corrupt certificate",
+            "x509svid/corrupt-cert.pem",
+            RSA,
+            Err("malformed"),
+        ),
+        (
+            "Certificate does not match private key",
+            MULTI,
+            RSA,
+            Err("does not match"),
+        ),
         (
             "Certificate without SPIFFE ID",
             "x509svid/wrong-leaf-empty-id.pem",
@@ -138,10 +173,17 @@ fn go_spiffe_x509svid_files_get_go_spiffes_verdicts() {
     let mut disagreements = Vec::new();
     for (name, certs, key, go) in cases {
         let ours = trustline_loads(certs, key);
-        eprintln!("{name}: go-spiffe {go:?}, trustline {:?}", ours.as_ref().map(|i| &i.id));
+        eprintln!(
+            "{name}: go-spiffe {go:?}, trustline {:?}",
+            ours.as_ref().map(|i| &i.id)
+        );
         match (go, &ours) {
             (Ok(n), Ok(info)) => {
-                assert_eq!(info.id.to_string(), "spiffe://example.org/workload-1", "{name}");
+                assert_eq!(
+                    info.id.to_string(),
+                    "spiffe://example.org/workload-1",
+                    "{name}"
+                );
                 let chain = certs_from_pem(&std::fs::read(data(certs)).unwrap(), certs).unwrap();
                 assert_eq!(chain.len(), *n, "{name}");
             }
@@ -188,7 +230,11 @@ impl TestCa {
     }
 
     fn bundle(&self) -> Bundle {
-        Bundle::new(parse_trust_domain(self.td).unwrap(), vec![self.root.clone()]).unwrap()
+        Bundle::new(
+            parse_trust_domain(self.td).unwrap(),
+            vec![self.root.clone()],
+        )
+        .unwrap()
     }
 
     /// A leaf with go-spiffe's test CA's SVID template, changed by `edit`.
@@ -236,7 +282,9 @@ fn go_spiffe_verify_cases_get_go_spiffes_verdicts() {
     // go-spiffe's "bad set of roots": ca2's roots under domain1.test.
     let bundle_bad = Bundle::new(td1.clone(), vec![ca2.root.clone()]).unwrap();
     let expires = at(NOW + 3_600);
-    let short = ca1.leaf(|p| p.not_after = time::OffsetDateTime::from_unix_timestamp(NOW as i64 + 3_600).unwrap());
+    let short = ca1.leaf(|p| {
+        p.not_after = time::OffsetDateTime::from_unix_timestamp(NOW as i64 + 3_600).unwrap()
+    });
     let corrupted = {
         let mut d = leaf1.as_ref().to_vec();
         d[0] = 0x27;
@@ -246,8 +294,20 @@ fn go_spiffe_verify_cases_get_go_spiffes_verdicts() {
     let cases: Vec<(&str, Vec<CertificateDer<'static>>, Bundle, SystemTime, bool)> = vec![
         ("empty chain", vec![], ca1.bundle(), at(NOW), false),
         // go-spiffe's "empty bundle" and "no roots": a bundle of the trust domain without roots.
-        ("no roots", vec![leaf1.clone()], Bundle::new(td1.clone(), vec![]).unwrap(), at(NOW), false),
-        ("no roots for leaf cert domain", vec![leaf1.clone()], ca2.bundle(), at(NOW), false),
+        (
+            "no roots",
+            vec![leaf1.clone()],
+            Bundle::new(td1.clone(), vec![]).unwrap(),
+            at(NOW),
+            false,
+        ),
+        (
+            "no roots for leaf cert domain",
+            vec![leaf1.clone()],
+            ca2.bundle(),
+            at(NOW),
+            false,
+        ),
         (
             "bad leaf cert id",
             vec![ca1.leaf(|p| p.subject_alt_names = vec![uri("sparfe://domain1.test/workload")])],
@@ -255,8 +315,20 @@ fn go_spiffe_verify_cases_get_go_spiffes_verdicts() {
             at(NOW),
             false,
         ),
-        ("verification fails", vec![leaf1.clone()], bundle_bad, at(NOW), false),
-        ("no URI SAN", vec![ca1.leaf(|p| p.subject_alt_names = vec![])], ca1.bundle(), at(NOW), false),
+        (
+            "verification fails",
+            vec![leaf1.clone()],
+            bundle_bad,
+            at(NOW),
+            false,
+        ),
+        (
+            "no URI SAN",
+            vec![ca1.leaf(|p| p.subject_alt_names = vec![])],
+            ca1.bundle(),
+            at(NOW),
+            false,
+        ),
         (
             "more than one URI SAN",
             vec![ca1.leaf(|p| {
@@ -290,15 +362,36 @@ fn go_spiffe_verify_cases_get_go_spiffes_verdicts() {
             at(NOW),
             false,
         ),
-        ("with time (one second after not_after)", vec![short.clone()], ca1.bundle(), expires + Duration::from_secs(1), false),
+        (
+            "with time (one second after not_after)",
+            vec![short.clone()],
+            ca1.bundle(),
+            expires + Duration::from_secs(1),
+            false,
+        ),
         ("success", vec![leaf1.clone()], ca1.bundle(), at(NOW), true),
-        ("success, just before not_after", vec![short], ca1.bundle(), expires - Duration::from_secs(1), true),
+        (
+            "success, just before not_after",
+            vec![short],
+            ca1.bundle(),
+            expires - Duration::from_secs(1),
+            true,
+        ),
         // TestParseAndVerify: one byte of the DER changed.
-        ("ParseAndVerify, corrupted DER", vec![corrupted], ca1.bundle(), at(NOW), false),
+        (
+            "ParseAndVerify, corrupted DER",
+            vec![corrupted],
+            ca1.bundle(),
+            at(NOW),
+            false,
+        ),
     ];
     for (name, chain, bundle, when, go_accepts) in cases {
         let ours = verify_svid_chain(&bundle, &chain, when);
-        eprintln!("{name}: go-spiffe accepts {go_accepts}, trustline {:?}", ours.as_ref().map(|i| i.id.to_string()));
+        eprintln!(
+            "{name}: go-spiffe accepts {go_accepts}, trustline {:?}",
+            ours.as_ref().map(|i| i.id.to_string())
+        );
         assert_eq!(ours.is_ok(), go_accepts, "{name}: {ours:?}");
         if let Ok(info) = ours {
             assert_eq!(info.id.to_string(), "spiffe://domain1.test/workload");
@@ -319,9 +412,14 @@ fn signing_certificates_must_be_cas_with_key_cert_sign() {
         let cert = p.signed_by(&key, &ca.issuer).unwrap().der().clone();
         (Issuer::new(p, key), cert)
     };
-    let cases: Vec<(&str, &dyn Fn(&mut CertificateParams), bool)> = vec![
+    type Edit<'a> = &'a dyn Fn(&mut CertificateParams);
+    let cases: Vec<(&str, Edit<'_>, bool)> = vec![
         ("a proper intermediate", &|_| {}, true),
-        ("intermediate without the CA flag", &|p| p.is_ca = IsCa::ExplicitNoCa, false),
+        (
+            "intermediate without the CA flag",
+            &|p| p.is_ca = IsCa::ExplicitNoCa,
+            false,
+        ),
         (
             "intermediate without keyCertSign",
             &|p| p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::CrlSign],
@@ -356,7 +454,13 @@ fn id_cases() -> Vec<(String, bool)> {
     add("", false);
     add("spiffe://trustdomain", true);
     // Bad schemes: go-spiffe takes `spiffe://` in lower case only.
-    for s in ["s", "spiffe:/", "Spiffe://", "SPIFFE://trustdomain", "Spiffe://trustdomain/path"] {
+    for s in [
+        "s",
+        "spiffe:/",
+        "Spiffe://",
+        "SPIFFE://trustdomain",
+        "Spiffe://trustdomain/path",
+    ] {
         add(s, false);
     }
     for s in ["spiffe://", "spiffe:///", "spiffe:///path"] {
@@ -418,13 +522,20 @@ fn go_spiffe_id_table_gets_go_spiffes_verdicts() {
     for (input, go_accepts) in &cases {
         let ours = parse_id(input);
         if ours.is_ok() != *go_accepts {
-            wrong.push(format!("{input:?}: go-spiffe accepts {go_accepts}, trustline {ours:?}"));
+            wrong.push(format!(
+                "{input:?}: go-spiffe accepts {go_accepts}, trustline {ours:?}"
+            ));
         }
         if let Ok(id) = ours {
             assert_eq!(id.to_string(), *input, "printed as parsed");
         }
     }
-    assert!(wrong.is_empty(), "{} of {} cases differ: {wrong:#?}", wrong.len(), cases.len());
+    assert!(
+        wrong.is_empty(),
+        "{} of {} cases differ: {wrong:#?}",
+        wrong.len(),
+        cases.len()
+    );
 }
 
 #[test]
@@ -516,17 +627,25 @@ fn go_spiffe_parse(doc: &[u8]) -> Result<Parsed, String> {
                 let der = STANDARD
                     .decode(k["x5c"][0].as_str().ok_or("x5c entry is not a string")?)
                     .map_err(|e| format!("x5c: {e}"))?;
-                let (_, cert) = x509_parser::parse_x509_certificate(&der)
-                    .map_err(|e| format!("x5c: {e}"))?;
+                let (_, cert) =
+                    x509_parser::parse_x509_certificate(&der).map_err(|e| format!("x5c: {e}"))?;
                 let spki = cert.public_key().subject_public_key.data.to_vec();
                 if spki != stated {
-                    return Err(format!("entry {i}: x5c certificate does not hold the JWK's key"));
+                    return Err(format!(
+                        "entry {i}: x5c certificate does not hold the JWK's key"
+                    ));
                 }
                 p.x509 += 1;
             }
             Some(u @ ("jwt-svid" | "wit-svid")) => {
-                if k.get("kid").and_then(|x| x.as_str()).unwrap_or("").is_empty() {
-                    return Err(format!("error adding authority {i} of JWKS: keyID cannot be empty"));
+                if k.get("kid")
+                    .and_then(|x| x.as_str())
+                    .unwrap_or("")
+                    .is_empty()
+                {
+                    return Err(format!(
+                        "error adding authority {i} of JWKS: keyID cannot be empty"
+                    ));
                 }
                 if u == "jwt-svid" {
                     p.jwt += 1
@@ -544,10 +663,18 @@ fn go_spiffe_parse(doc: &[u8]) -> Result<Parsed, String> {
 /// the uncompressed point for EC, the raw key for Ed25519, the PKCS#1 key for RSA.
 fn jwk_key(k: &serde_json::Value) -> Result<Vec<u8>, String> {
     let field = |name: &str| -> Result<Vec<u8>, String> {
-        let s = k.get(name).and_then(|x| x.as_str()).ok_or(format!("no {name}"))?;
-        URL_SAFE_NO_PAD.decode(s).map_err(|e| format!("{name}: {e}"))
+        let s = k
+            .get(name)
+            .and_then(|x| x.as_str())
+            .ok_or(format!("no {name}"))?;
+        URL_SAFE_NO_PAD
+            .decode(s)
+            .map_err(|e| format!("{name}: {e}"))
     };
-    match (k.get("kty").and_then(|x| x.as_str()), k.get("crv").and_then(|x| x.as_str())) {
+    match (
+        k.get("kty").and_then(|x| x.as_str()),
+        k.get("crv").and_then(|x| x.as_str()),
+    ) {
         (Some("EC"), Some(crv)) => {
             let n = match crv {
                 "P-256" => 32,
@@ -557,7 +684,11 @@ fn jwk_key(k: &serde_json::Value) -> Result<Vec<u8>, String> {
             };
             let (x, y) = (field("x")?, field("y")?);
             if x.len() != n || y.len() != n {
-                return Err(format!("{crv} coordinates of {} and {} bytes", x.len(), y.len()));
+                return Err(format!(
+                    "{crv} coordinates of {} and {} bytes",
+                    x.len(),
+                    y.len()
+                ));
             }
             Ok([vec![4], x, y].concat())
         }
@@ -582,7 +713,11 @@ fn rsa_pkcs1(n: &[u8], e: &[u8]) -> Vec<u8> {
         if len < 0x80 {
             out.push(len as u8);
         } else {
-            let bytes: Vec<u8> = len.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
+            let bytes: Vec<u8> = len
+                .to_be_bytes()
+                .into_iter()
+                .skip_while(|b| *b == 0)
+                .collect();
             out.push(0x80 | bytes.len() as u8);
             out.extend(bytes);
         }
@@ -596,17 +731,29 @@ fn rsa_pkcs1(n: &[u8], e: &[u8]) -> Vec<u8> {
 fn go_spiffe_bundle_vectors_get_go_spiffes_verdicts_from_the_port() {
     let read = |f: &str| std::fs::read(data(&format!("spiffebundle/{f}"))).unwrap();
     let ok = |x509, jwt, wit, hint, seq| {
-        Ok::<Parsed, String>(Parsed { x509, jwt, wit, refresh_hint: hint, sequence: seq })
+        Ok::<Parsed, String>(Parsed {
+            x509,
+            jwt,
+            wit,
+            refresh_hint: hint,
+            sequence: seq,
+        })
     };
     let cases: Vec<(&str, Result<Parsed, String>)> = vec![
         ("spiffebundle_valid_1.json", ok(1, 1, 0, None, None)),
         ("spiffebundle_valid_2.json", ok(1, 6, 0, Some(60), Some(1))),
-        ("spiffebundle_valid_with_wit.json", ok(1, 2, 2, Some(60), Some(1))),
+        (
+            "spiffebundle_valid_with_wit.json",
+            ok(1, 2, 2, Some(60), Some(1)),
+        ),
         (
             "spiffebundle_missing_kid.json",
             Err("error adding authority 1 of JWKS: keyID cannot be empty".into()),
         ),
-        ("spiffebundle_no_keys.json", Err("no authorities found".into())),
+        (
+            "spiffebundle_no_keys.json",
+            Err("no authorities found".into()),
+        ),
         (
             "spiffebundle_multiple_x509.json",
             Err("expected a single certificate in x509-svid entry 0; got 2".into()),
@@ -625,7 +772,11 @@ fn go_spiffe_bundle_vectors_get_go_spiffes_verdicts_from_the_port() {
 fn the_published_json_bundle_is_one_go_spiffe_reads_with_every_root() {
     let root = |alg: &'static rcgen::SignatureAlgorithm| {
         let key = KeyPair::generate_for(alg).expect("key");
-        ca_params("spiffe://mesh.test").self_signed(&key).unwrap().der().clone()
+        ca_params("spiffe://mesh.test")
+            .self_signed(&key)
+            .unwrap()
+            .der()
+            .clone()
     };
     let rsa = {
         let pem = std::fs::read(data("x509svid/good-leaf-only.pem")).unwrap();
@@ -649,6 +800,9 @@ fn the_published_json_bundle_is_one_go_spiffe_reads_with_every_root() {
         .map(|k| STANDARD.decode(k["x5c"][0].as_str().unwrap()).unwrap())
         .collect();
     for r in &roots {
-        assert!(published.contains(&r.as_ref().to_vec()), "a root is missing");
+        assert!(
+            published.contains(&r.as_ref().to_vec()),
+            "a root is missing"
+        );
     }
 }

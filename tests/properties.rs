@@ -22,8 +22,7 @@ use jiff::Timestamp;
 use proptest::prelude::*;
 use proptest::sample::select;
 use trustline::ca::ledger::{
-    token_hash, Authorisation, IssuedRecord, Ledger, RedbLedger, TokenRecord,
-    TokenSpend,
+    token_hash, Authorisation, IssuedRecord, Ledger, RedbLedger, TokenRecord, TokenSpend,
 };
 use trustline::identity::{parse_id, Serial};
 use trustline::policy::eval::Http;
@@ -138,22 +137,24 @@ fn gen_rule() -> impl Strategy<Value = GenRule> {
         ],
         l7,
     )
-        .prop_map(|(action, dry_run, from, not_from, ports, (methods, paths))| {
-            let mut r = GenRule {
-                action,
-                dry_run,
-                from,
-                not_from,
-                ports,
-                methods,
-                paths,
-            };
-            // An L7 rule must name an HTTP port, or the file is refused (it could never match).
-            if r.is_l7() && !r.ports.is_empty() && !r.ports.contains(&HTTP_PORT) {
-                r.ports.push(HTTP_PORT);
-            }
-            r
-        })
+        .prop_map(
+            |(action, dry_run, from, not_from, ports, (methods, paths))| {
+                let mut r = GenRule {
+                    action,
+                    dry_run,
+                    from,
+                    not_from,
+                    ports,
+                    methods,
+                    paths,
+                };
+                // An L7 rule must name an HTTP port, or the file is refused (it could never match).
+                if r.is_l7() && !r.ports.is_empty() && !r.ports.contains(&HTTP_PORT) {
+                    r.ports.push(HTTP_PORT);
+                }
+                r
+            },
+        )
 }
 
 fn toml_list<T: std::fmt::Display>(items: &[T], quote: bool) -> String {
@@ -442,10 +443,57 @@ proptest! {
 /// backslashes, `;` parameters, escapes of unreserved letters, double encoding, bad escapes,
 /// controls, non-ASCII, characters a path may not hold.
 const PIECES: &[&str] = &[
-    "/", "//", "a", "b", "admin", "public", "api", ".", "..", "%2e", "%2E", "%2e%2e", ".%2e",
-    "%2e.", "%2f", "%2F", "%5c", "%5C", "\\", ";", ";x", ";jsessionid=1", "%3b", "%3B", "%61",
-    "%41", "%7e", "%7E", "~", "%2b", "+", "%25", "%252e", "%252f", "%00", "%0a", "%", "%zz",
-    "%4", " ", "\t", "\u{e9}", "%c3%a9", "?", "#", "x.y", "..;", ".;", "%20", "@", ":",
+    "/",
+    "//",
+    "a",
+    "b",
+    "admin",
+    "public",
+    "api",
+    ".",
+    "..",
+    "%2e",
+    "%2E",
+    "%2e%2e",
+    ".%2e",
+    "%2e.",
+    "%2f",
+    "%2F",
+    "%5c",
+    "%5C",
+    "\\",
+    ";",
+    ";x",
+    ";jsessionid=1",
+    "%3b",
+    "%3B",
+    "%61",
+    "%41",
+    "%7e",
+    "%7E",
+    "~",
+    "%2b",
+    "+",
+    "%25",
+    "%252e",
+    "%252f",
+    "%00",
+    "%0a",
+    "%",
+    "%zz",
+    "%4",
+    " ",
+    "\t",
+    "\u{e9}",
+    "%c3%a9",
+    "?",
+    "#",
+    "x.y",
+    "..;",
+    ".;",
+    "%20",
+    "@",
+    ":",
 ];
 
 fn gen_path() -> impl Strategy<Value = String> {
@@ -520,7 +568,16 @@ fn app_reads(raw: &str) -> Option<String> {
 
 /// Patterns over unreserved characters only (see `normalisation_never_widens_a_match`).
 const RULE_PATTERNS: &[&str] = &[
-    "/admin", "/admin/*", "/adm*", "/public/*", "/a/*", "/a/b", "/api/*", "/", "/b/*", "*",
+    "/admin",
+    "/admin/*",
+    "/adm*",
+    "/public/*",
+    "/a/*",
+    "/a/b",
+    "/api/*",
+    "/",
+    "/b/*",
+    "*",
 ];
 
 const ALL_OPTIONS: [PathOptions; 4] = [
@@ -662,13 +719,18 @@ fn gen_mutated_id() -> impl Strategy<Value = String> {
         "/", "//", "/.", "/..", "%2F", "%41", "A", "Z", ":", ":443", "@", "?", "#", " ", "*",
         "\u{e9}", "\0", "\n", "\\", "+", "~", "!",
     ];
-    (gen_valid_id(), select(INSERTS), any::<prop::sample::Index>()).prop_map(|(id, ins, at)| {
-        let mut s = id;
-        let i = at.index(s.len() + 1);
-        let i = (0..=i).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0);
-        s.insert_str(i, ins);
-        s
-    })
+    (
+        gen_valid_id(),
+        select(INSERTS),
+        any::<prop::sample::Index>(),
+    )
+        .prop_map(|(id, ins, at)| {
+            let mut s = id;
+            let i = at.index(s.len() + 1);
+            let i = (0..=i).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0);
+            s.insert_str(i, ins);
+            s
+        })
 }
 
 proptest! {
@@ -705,14 +767,31 @@ proptest! {
 #[derive(Clone, Debug)]
 enum LedgerOp {
     /// Mint join token `t` for ID `id`.
-    AddToken { t: usize, id: usize },
+    AddToken {
+        t: usize,
+        id: usize,
+    },
     /// Record serial `s` for ID `id`, bought with token `t`.
-    IssueWithToken { s: usize, id: usize, t: usize },
+    IssueWithToken {
+        s: usize,
+        id: usize,
+        t: usize,
+    },
     /// Record serial `s` for ID `id` as a renewal of serial `parent`.
-    Renew { s: usize, id: usize, parent: usize },
-    Revoke { s: usize },
-    Ban { id: usize },
-    Lift { id: usize },
+    Renew {
+        s: usize,
+        id: usize,
+        parent: usize,
+    },
+    Revoke {
+        s: usize,
+    },
+    Ban {
+        id: usize,
+    },
+    Lift {
+        id: usize,
+    },
     /// Close the ledger and open the file again.
     Reopen,
 }

@@ -89,7 +89,10 @@ pub fn verify_path(
 ) -> Result<(), rustls::Error> {
     let ee = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
     let sent = without_trailing_roots(intermediates, roots);
-    if let Some(i) = sent.iter().position(|c| !crate::identity::can_sign_certificates(c)) {
+    if let Some(i) = sent
+        .iter()
+        .position(|c| !crate::identity::can_sign_certificates(c))
+    {
         return Err(mesh::reject(
             crate::refusal::Refusal::UnknownIssuer,
             format!(

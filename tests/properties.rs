@@ -325,7 +325,7 @@ fn decide(text: &str, q: &Req) -> Option<(Outcome, String)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2_000))]
+    #![proptest_config(ProptestConfig::with_cases(1_000))]
 
     /// Deny precedence, default deny and the whole decision, against the reference; then the
     /// same rules in another order give the same outcome, named by a rule that matches.
@@ -600,7 +600,7 @@ const ALL_OPTIONS: [PathOptions; 4] = [
 ];
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(20_000))]
+    #![proptest_config(ProptestConfig::with_cases(10_000))]
 
     /// norm(norm(p)) == norm(p) under every option set, and a normal path is borrowed as is.
     #[test]
@@ -734,7 +734,7 @@ fn gen_mutated_id() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(10_000))]
+    #![proptest_config(ProptestConfig::with_cases(5_000))]
 
     /// Every valid ID parses and prints back to itself; printing then parsing is the identity.
     #[test]
@@ -843,7 +843,7 @@ fn scratch() -> tempfile::TempDir {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(128))]
 
     /// The ledger never records a serial twice and never sells a token twice, across reopens:
     /// a serial already recorded is refused as a duplicate, a spent token is refused, and what

@@ -8,7 +8,7 @@
 # with no finite-field or weak elliptic-curve group; and (openssl s_client) the inbound listener
 # refuses a client without a certificate while the same client with an SVID from the CA gets in.
 #
-# requires: openssl curl testssl python3
+# requires: openssl curl testssl python3 ss
 #
 # Usage: TRUSTLINE=target/debug/trustline integration/tls_conformance.sh   (KEEP=1 keeps the temp dir)
 set -euo pipefail
@@ -20,7 +20,7 @@ CLIENT_ID=spiffe://$TD/ns/tls/sa/client
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib/checks.bash"
 
-need_tools openssl curl testssl python3
+need_tools openssl curl testssl python3 ss
 need_trustline
 
 D=$(mktemp -d "${TMPDIR:-/tmp}/trustline-tls.XXXXXX")

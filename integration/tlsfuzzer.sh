@@ -16,7 +16,7 @@
 # reason it does not apply to a TLS-1.3-only mTLS server.
 #
 # skip-unless-set: TLSFUZZER
-# requires: openssl curl python3
+# requires: openssl curl python3 ss
 set -euo pipefail
 
 TRUSTLINE=${TRUSTLINE:-target/debug/trustline}
@@ -26,7 +26,7 @@ TD=fuzz.test
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib/checks.bash"
 
-need_tools openssl curl python3
+need_tools openssl curl python3 ss
 need_trustline
 [[ -n $TLSFUZZER && -d $TLSFUZZER/tlsfuzzer ]] || {
     echo "FAIL: give the tlsfuzzer checkout: integration/tlsfuzzer.sh DIR (or TLSFUZZER=DIR)"

@@ -83,7 +83,8 @@ pub fn parse_csr(pem: &[u8]) -> Result<Csr, CsrError> {
     if uris.len() != 1 {
         return Err(CsrError::UriCount(uris.len()));
     }
-    let requested = SpiffeId::new(&uris[0]).map_err(|_| CsrError::BadUri(uris[0].clone()))?;
+    let requested =
+        crate::identity::parse_id(&uris[0]).map_err(|_| CsrError::BadUri(uris[0].clone()))?;
     let public_key = SubjectPublicKeyInfo::from_der(spki.raw)
         .map_err(|e| CsrError::UnsupportedKey(e.to_string()))?;
     Ok(Csr {

@@ -94,7 +94,7 @@ pub fn inspect_cert(der: &CertificateDer<'_>) -> Result<CertInfo, IdentityError>
     if uris.len() != 1 {
         return Err(IdentityError::UriSanCount(uris.len()));
     }
-    let id = SpiffeId::new(uris[0])
+    let id = super::parse_id(uris[0])
         .map_err(|e| IdentityError::BadSanId(format!("{:?}: {e}", uris[0])))?;
     let is_ca = cert
         .basic_constraints()
@@ -136,4 +136,20 @@ pub fn region_of_chain(chain: &[CertificateDer<'_>]) -> Option<Region> {
         return None;
     }
     Region::new(name).ok()
+}
+
+/// Whether a certificate may sign certificates: basic constraints CA:TRUE, and keyCertSign if
+/// it has a key usage (RFC 5280 4.2.1.3 and 6.1.4 (n); X509-SVID spec 4.3). webpki checks the CA
+/// flag of intermediates but not their key usage, nor anything of a trust anchor.
+pub fn can_sign_certificates(der: &CertificateDer<'_>) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
+        return false;
+    };
+    let ca = matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
+    let signs = match cert.key_usage() {
+        Ok(Some(ku)) => ku.value.key_cert_sign(),
+        Ok(None) => true,
+        Err(_) => false,
+    };
+    ca && signs
 }

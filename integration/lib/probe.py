@@ -1,8 +1,9 @@
 """Request loop for the chaos scripts: GETs URL every INTERVAL seconds until STOPFILE exists (or
 DURATION seconds pass), one new connection per request, each bounded by TIMEOUT, and writes one
 line per request: start (monotonic s), took (s), outcome (ok / http-NNN / the error kind) and
-the body length. "ok" means status 200 and exactly the expected body, so a truncated answer is
-not counted as a success. Summarise with `probe.py --summary FILE [FROM TO]`.
+the body length. "ok" means status 200 and exactly the expected body; "incomplete" an answer
+cut before its Content-Length (an error the client sees); "wrong-body" a complete-looking answer
+that is not the app's (a silent corruption); "timeout" a request that hung for TIMEOUT. Summarise with `probe.py --summary FILE [FROM TO]`.
 
 Usage: probe.py URL EXPECTED_BODY_FILE INTERVAL DURATION OUT [STOPFILE] [TIMEOUT]
 """
@@ -23,7 +24,8 @@ def one(url, expected, timeout):
         body = r.read()
         if r.status != 200:
             return "http-%d" % r.status, len(body)
-        return ("ok" if body == expected else "truncated"), len(body)
+        # Framed complete (Content-Length) but not what the app sent: a silent corruption.
+        return ("ok" if body == expected else "wrong-body"), len(body)
     except socket.timeout:
         return "timeout", 0
     except ConnectionRefusedError:
@@ -33,7 +35,8 @@ def one(url, expected, timeout):
     except http.client.RemoteDisconnected:
         return "closed", 0
     except http.client.IncompleteRead as e:
-        return "truncated", len(e.partial)
+        # Cut before Content-Length was reached: the client knows it failed (not silent).
+        return "incomplete", len(e.partial)
     except OSError as e:
         return "oserror-%s" % (e.errno,), 0
     finally:

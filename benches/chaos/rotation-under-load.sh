@@ -5,11 +5,19 @@
 # (new join tokens); the CA and nginx stay. Prints one line per run (requests, failures by kind,
 # rotations, closures the sidecars counted) and exits non-zero if any request failed.
 #
+# Known today (see RELIABILITY.md): a keep-alive connection older than an SVID lifetime is cut
+# when the first certificate its session was authenticated with expires (by design: no connection
+# outlives its certificates, and nothing re-authenticates a live session), and oha counts the
+# request in flight as failed. KEEPALIVE_CUTS=allow reports those and fails only on the others
+# (new connections, non-200 answers): the bounded CI form is
+#   ROUNDS=2 DURATION=20s KEEPALIVE_CUTS=allow benches/chaos/rotation-under-load.sh   (~1 min)
+#
 #   A: [[listener]] 127.0.0.1:L ──mTLS 1.3 session──▶ B: [inbound] ──▶ nginx 127.0.0.1:N
 #   oha -c KEEP (keep-alive) and oha -c NEW --disable-keepalive, both against L, for DURATION
 #
 # Usage: benches/chaos/rotation-under-load.sh
-#   ROUNDS=7 DURATION=30s TTL=6s KEEP=32 NEW=4 POOLING=true RUST_LOG=info
+#   ROUNDS=7 DURATION=30s TTL=6s KEEP=32 (0: none) NEW=4 POOLING=true RUST_LOG=info
+#   KEEPALIVE_CUTS=fail (default: every failed request fails the run) or allow
 #   TRUSTLINE=target/release/trustline   (default: target/release if built, else target/debug)
 #   KEEP_DIR=1 keeps the scratch directory (logs, audit, oha JSON of every run)
 # Requires: oha, nginx, curl, jq, python3. Listens on loopback only, on free ports.
@@ -27,6 +35,7 @@ TTL=${TTL:-6s}
 KEEP=${KEEP:-32}
 NEW=${NEW:-4}
 POOLING=${POOLING:-true}
+KEEPALIVE_CUTS=${KEEPALIVE_CUTS:-fail}
 export RUST_LOG=${RUST_LOG:-info}
 TD=chaos.test
 ID_A=spiffe://$TD/ns/chaos/sa/web
@@ -136,6 +145,7 @@ EOF
 }
 
 total_failed=0
+total_keep_failed=0
 total_requests=0
 echo "# $(date -u +%FT%TZ) rounds=$ROUNDS duration=$DURATION ttl=$TTL keep-alive=$KEEP new=$NEW pooling=$POOLING binary=$TRUSTLINE"
 for round in $(seq 1 "$ROUNDS"); do
@@ -168,12 +178,17 @@ service = \"api\""
     rot0_b=$(metric_sum "127.0.0.1:$B_ADMIN" '^trustline_svid_rotations_total')
 
     url=http://127.0.0.1:$A_LISTEN/
-    oha --no-tui --output-format json -o "$D/keep-$round.json" -z "$DURATION" -c "$KEEP" "$url" &
-    k=$!
+    if ((KEEP > 0)); then
+        oha --no-tui --output-format json -o "$D/keep-$round.json" -z "$DURATION" -c "$KEEP" "$url" &
+        k=$!
+    else
+        echo '{"summary":{"successRate":1},"statusCodeDistribution":{},"errorDistribution":{}}' >"$D/keep-$round.json"
+        k=
+    fi
     oha --no-tui --output-format json -o "$D/new-$round.json" -z "$DURATION" -c "$NEW" \
         --disable-keepalive "$url" &
     n=$!
-    wait "$k" "$n"
+    wait $k "$n"
 
     summary() { jq -r '"\(.summary.successRate) \([.statusCodeDistribution[]] | add // 0) \([.errorDistribution[]] | add // 0)"' "$1"; }
     read -r _ keep_ok keep_err < <(summary "$D/keep-$round.json")
@@ -191,8 +206,12 @@ service = \"api\""
     rot_b=$(($(metric_sum "127.0.0.1:$B_ADMIN" '^trustline_svid_rotations_total') - rot0_b))
     closed_a=$(metric_lines "127.0.0.1:$A_ADMIN" '^trustline_live_connections_closed_total|^trustline_connections_failed_total')
     closed_b=$(metric_lines "127.0.0.1:$B_ADMIN" '^trustline_live_connections_closed_total|^trustline_connections_failed_total')
-    echo "run $round: requests=$requests (keep-alive $keep_ok ok, new $new_ok ok) failed=$failed non200=$non200 rotations=$rot_a/$rot_b errors: ${kinds:-none}"
-    echo "    A: ${closed_a:-nothing counted}"
+    keep_aborted=$(jq '[.errorDistribution | to_entries[] | select(.key | test("aborted due to deadline")) | .value] | add // 0' "$D/keep-$round.json")
+    echo "run $round: requests=$requests failed=$failed (keep-alive: $keep_ok ok, $((keep_err - keep_aborted)) failed; new connections: $new_ok ok, $((new_err - aborted + keep_aborted)) failed; non-200: $non200) rotations=$rot_a/$rot_b errors: ${kinds:-none}"
+    # A counts no metric when its pool closes a session at the destination's expiry (with every
+    # stream on it): its log line is the record.
+    a_sessions=$(grep -c 'session closed with its open streams' "$D/round/a/log" || true)
+    echo "    A: ${closed_a:-no live closure counted}; sessions closed with their streams (log): $a_sessions"
     echo "    B: ${closed_b:-nothing counted}"
     if ((failed > 0)); then
         for s in a b; do
@@ -205,9 +224,14 @@ service = \"api\""
         cp -r "$D/round/." "$D/failed-$round/"
     fi
     total_failed=$((total_failed + failed))
+    total_keep_failed=$((total_keep_failed + keep_err - keep_aborted))
     total_requests=$((total_requests + requests))
     kill "$a_pid" "$b_pid"
     wait "$a_pid" "$b_pid" 2>/dev/null || true
 done
-echo "total: $total_requests requests, $total_failed failed over $ROUNDS runs"
-((total_failed == 0))
+echo "total: $total_requests requests, $total_failed failed over $ROUNDS runs ($total_keep_failed on keep-alive connections)"
+if [[ $KEEPALIVE_CUTS == allow ]]; then
+    ((total_failed - total_keep_failed == 0))
+else
+    ((total_failed == 0))
+fi

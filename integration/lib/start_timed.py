@@ -4,6 +4,7 @@ command running with its output in LOG. Exits 1 (printing "PID timeout") if not 
 
 Usage: start_timed.py LOG READY_HOST:PORT TIMEOUT_S CMD...
 """
+import datetime
 import socket
 import subprocess
 import sys
@@ -23,6 +24,9 @@ def main():
     log, addr, timeout, cmd = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4:]
     host, port = addr.rsplit(":", 1)
     out = open(log, "ab")
+    # The wall-clock exec time in the log, to read the start-up's steps off its timestamps.
+    out.write(("%s exec %s\n" % (datetime.datetime.now(datetime.timezone.utc).isoformat(), cmd[-1])).encode())
+    out.flush()
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
     while time.monotonic() - t0 < timeout:

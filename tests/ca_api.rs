@@ -151,7 +151,10 @@ async fn token_issues_an_svid_built_from_the_ca_template() {
         "serial carries at least 64 bits of entropy"
     );
     let now = trustline::clock::unix_secs(ca.clock.now()) as i64;
-    assert_eq!(leaf.validity().not_before.timestamp(), now - 60);
+    assert_eq!(
+        leaf.validity().not_before.timestamp(),
+        now - trustline::identity::BACKDATE.as_secs() as i64
+    );
     assert_eq!(leaf.validity().not_after.timestamp(), now + 3600);
     // The ledger recorded it.
     let issued = ca.bound.state.ledger.issued().unwrap();

@@ -703,6 +703,14 @@ async fn svids_rotate_under_load_without_a_failed_request() {
     rotate_under_load(Reuse::Nothing, 10).await;
 }
 
+/// New connections are TLS connections resumed from tickets where possible (`pooling = false`):
+/// a resumption must never bring back a certificate from before a rotation, or the connections
+/// resumed from it fail once it expires (`expired` at B, `expired_certificate` closures at A).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumed_connections_follow_rotations_under_load_without_a_failed_request() {
+    rotate_under_load(Reuse::Resumption, 10).await;
+}
+
 /// New connections are streams on sessions, retired at each of A's rotations; the long-lived
 /// ones are streams of sessions re-authenticated with both sides' new SVIDs, so none is cut at
 /// the expiry of the certificates its session was opened with.

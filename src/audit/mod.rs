@@ -2,7 +2,9 @@
 //!
 //! Each role defines the fixed schema of its events (a `Serialize` struct) and hands them to an
 //! [`AuditLog`]. A line is written with one `write` call on an `O_APPEND` file, so concurrent
-//! writers never interleave and a crash leaves at most one torn final line.
+//! writers never interleave and a crash leaves at most one torn final line. A write that fails
+//! part-way (a full disk writes what fits, then refuses) is cut off again, so the next event
+//! starts on a line of its own instead of being glued to a fragment.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -18,7 +20,7 @@ pub mod tunnel;
 /// An append-only JSON-lines audit file (or a sink that drops events).
 #[derive(Debug)]
 pub struct AuditLog {
-    file: Option<Mutex<File>>,
+    file: Option<Mutex<Sink>>,
     path: Option<PathBuf>,
 }
 
@@ -30,7 +32,7 @@ impl AuditLog {
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         Ok(AuditLog {
-            file: Some(Mutex::new(file)),
+            file: Some(Mutex::new(Sink { file, torn: false })),
             path: Some(path.to_path_buf()),
         })
     }
@@ -59,9 +61,36 @@ impl AuditLog {
             }
         };
         line.push(b'\n');
-        let mut f = file.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = f.write_all(&line) {
-            tracing::error!(error = %e, "audit log write failed");
+        let mut sink = file.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = sink.append(line) {
+            tracing::error!(error = %e, "audit log write failed; the event is lost");
         }
+    }
+}
+
+/// The open audit file, and whether it may end in a fragment of a line.
+#[derive(Debug)]
+struct Sink {
+    file: File,
+    /// A failed write left a fragment that could not be cut off: the next line starts on a
+    /// new one.
+    torn: bool,
+}
+
+impl Sink {
+    /// Appends `line` whole, or cuts off what a failed write left of it.
+    fn append(&mut self, mut line: Vec<u8>) -> std::io::Result<()> {
+        if self.torn {
+            line.insert(0, b'\n');
+        }
+        let before = self.file.metadata()?.len();
+        let Err(e) = self.file.write_all(&line) else {
+            self.torn = false;
+            return Ok(());
+        };
+        // Shrinking frees space, so it works on a full disk; if it fails all the same, the
+        // fragment stays and the next line begins with a newline.
+        self.torn = self.file.set_len(before).is_err();
+        Err(e)
     }
 }

@@ -81,6 +81,7 @@ impl ApiError {
             StatusCode::PAYLOAD_TOO_LARGE => "too_large",
             StatusCode::TOO_MANY_REQUESTS => "rate_limited",
             StatusCode::REQUEST_TIMEOUT => "timed_out",
+            StatusCode::SERVICE_UNAVAILABLE => "unavailable",
             _ => "error",
         }
     }
@@ -104,6 +105,13 @@ impl From<LedgerError> for ApiError {
             LedgerError::Banned(_) => {
                 ApiError::new(StatusCode::FORBIDDEN, "revoked", e.to_string())
             }
+            // The store failed (a full or read-only disk, an I/O error): nothing was recorded,
+            // and the client should come back later, to this CA or another.
+            LedgerError::Db(_) | LedgerError::Closed => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("the CA cannot record issuances now, retry later: {e}"),
+            ),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
         }
     }

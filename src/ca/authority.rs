@@ -83,7 +83,8 @@ pub fn parse_csr(pem: &[u8]) -> Result<Csr, CsrError> {
     if uris.len() != 1 {
         return Err(CsrError::UriCount(uris.len()));
     }
-    let requested = SpiffeId::new(&uris[0]).map_err(|_| CsrError::BadUri(uris[0].clone()))?;
+    let requested =
+        crate::identity::parse_id(&uris[0]).map_err(|_| CsrError::BadUri(uris[0].clone()))?;
     let public_key = SubjectPublicKeyInfo::from_der(spki.raw)
         .map_err(|e| CsrError::UnsupportedKey(e.to_string()))?;
     Ok(Csr {
@@ -320,7 +321,7 @@ impl Authority {
     }
 
     /// Signs a leaf for `id` over `public_key` from the CA's own template: random positive
-    /// serial, not-before one minute back, not-after `now + ttl` capped at the CA's own expiry,
+    /// serial, not-before [`BACKDATE`] (5 minutes) back, not-after `now + ttl` capped at the CA's own expiry,
     /// exactly one URI SAN, CA:FALSE, digitalSignature, serverAuth + clientAuth, SKI/AKI.
     /// `dns` adds DNS/IP SANs (only for the CA server's own certificate).
     pub fn sign_leaf(

@@ -132,7 +132,8 @@ fn this_ca(ours: Option<&Region>) -> String {
     ours.map_or("the root".to_string(), |o| format!("region {o}"))
 }
 
-/// Ledger failures. The token variants map to HTTP 401, the rest to 500 or admin errors.
+/// Ledger failures. The token variants map to HTTP 401, `Db` and `Closed` (the store failed) to
+/// 503, the rest to 500 or admin errors.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     /// The store itself failed (I/O, a damaged record); the operation did not happen.

@@ -26,8 +26,11 @@ pub struct CertInfo {
     pub key_usage: Option<(bool, bool)>,
 }
 
-/// Clock skew allowance of our CAs: certificates start this long before they are signed.
-pub const BACKDATE: Duration = Duration::from_secs(60);
+/// Clock skew allowance of our CAs: certificates start this long before they are signed, so a
+/// verifier whose clock is up to this much behind the CA's accepts a certificate at once (as
+/// Kubernetes' CSR signer backdates by 5 minutes). A verifier ahead of the CA sees certificates
+/// expire that much earlier, which renewal at about half-life absorbs. README: "Clock skew".
+pub const BACKDATE: Duration = Duration::from_secs(300);
 
 impl CertInfo {
     /// How long a certificate of our CAs was issued for: its validity less the backdating of
@@ -91,7 +94,7 @@ pub fn inspect_cert(der: &CertificateDer<'_>) -> Result<CertInfo, IdentityError>
     if uris.len() != 1 {
         return Err(IdentityError::UriSanCount(uris.len()));
     }
-    let id = SpiffeId::new(uris[0])
+    let id = super::parse_id(uris[0])
         .map_err(|e| IdentityError::BadSanId(format!("{:?}: {e}", uris[0])))?;
     let is_ca = cert
         .basic_constraints()
@@ -133,4 +136,20 @@ pub fn region_of_chain(chain: &[CertificateDer<'_>]) -> Option<Region> {
         return None;
     }
     Region::new(name).ok()
+}
+
+/// Whether a certificate may sign certificates: basic constraints CA:TRUE, and keyCertSign if
+/// it has a key usage (RFC 5280 4.2.1.3 and 6.1.4 (n); X509-SVID spec 4.3). webpki checks the CA
+/// flag of intermediates but not their key usage, nor anything of a trust anchor.
+pub fn can_sign_certificates(der: &CertificateDer<'_>) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
+        return false;
+    };
+    let ca = matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
+    let signs = match cert.key_usage() {
+        Ok(Some(ku)) => ku.value.key_cert_sign(),
+        Ok(None) => true,
+        Err(_) => false,
+    };
+    ca && signs
 }

@@ -7,7 +7,7 @@
 mod cert;
 pub mod ids;
 
-pub use cert::{inspect_cert, region_of_chain, CertInfo, BACKDATE};
+pub use cert::{can_sign_certificates, inspect_cert, region_of_chain, CertInfo, BACKDATE};
 pub use ids::REGION_PATH_PREFIX;
 
 pub use spiffe::{SpiffeId, TrustDomain};
@@ -50,12 +50,23 @@ pub enum IdentityError {
     Pem { what: String, reason: String },
 }
 
-/// Parses any SPIFFE ID (trust-domain-only IDs included).
+/// Parses any SPIFFE ID (trust-domain-only IDs included), in its one written form: the
+/// `spiffe` crate also takes an upper-case scheme or trust domain and lower-cases them, which
+/// the SPIFFE-ID spec (section 2) and go-spiffe refuse, so two spellings never name one ID.
 pub fn parse_id(value: &str) -> Result<SpiffeId, IdentityError> {
-    SpiffeId::new(value).map_err(|e| IdentityError::BadId {
+    let id = SpiffeId::new(value).map_err(|e| IdentityError::BadId {
         value: value.to_string(),
         reason: e.to_string(),
-    })
+    })?;
+    if id.to_string() != value {
+        return Err(IdentityError::BadId {
+            value: value.to_string(),
+            reason: format!(
+                "the scheme and trust domain of a SPIFFE ID are lower case; write {id}"
+            ),
+        });
+    }
+    Ok(id)
 }
 
 /// Parses the SPIFFE ID of a workload: a valid SPIFFE ID with a non-empty path.
@@ -79,10 +90,18 @@ pub fn parse_trust_domain(value: &str) -> Result<TrustDomain, IdentityError> {
             reason: "give the bare name, e.g. example.org".to_string(),
         });
     }
-    TrustDomain::new(value).map_err(|e| IdentityError::BadTrustDomain {
+    let td = TrustDomain::new(value).map_err(|e| IdentityError::BadTrustDomain {
         value: value.to_string(),
         reason: e.to_string(),
-    })
+    })?;
+    // As for IDs: lower case only (the crate lower-cases what the spec refuses).
+    if td.as_str() != value {
+        return Err(IdentityError::BadTrustDomain {
+            value: value.to_string(),
+            reason: format!("a trust domain is lower case; write {td}"),
+        });
+    }
+    Ok(td)
 }
 
 /// A certificate serial number, normalised (no leading zero bytes), printed as lowercase hex.
@@ -200,7 +219,9 @@ pub fn certs_from_pem(
 /// Roots are kept per trust domain: a root whose SPIFFE ID (`spiffe://TD` URI SAN) names another
 /// trust domain is carried (published, written out) but never vouches for this one's
 /// identities. A root with no SPIFFE ID counts as this trust domain's: whoever configured the
-/// bundle said so.
+/// bundle said so. A root that may not sign certificates (not CA:TRUE, or a keyUsage without
+/// keyCertSign; X509-SVID spec 4.1 and 4.3) is carried but never trusted either: a trust
+/// anchor's own extensions are not checked by the path builder.
 #[derive(Clone, Debug)]
 pub struct Bundle {
     /// The trust domain these roots speak for.
@@ -239,7 +260,7 @@ fn root_domain(cert: &CertificateDer<'_>) -> RootDomain {
         }
         _ => None,
     });
-    match spiffe.map(SpiffeId::new) {
+    match spiffe.map(parse_id) {
         None => RootDomain::Unnamed,
         Some(Ok(id)) => RootDomain::Named(id.trust_domain().clone()),
         Some(Err(_)) => RootDomain::Unreadable,
@@ -259,7 +280,7 @@ impl Bundle {
                 RootDomain::Unnamed => true,
                 RootDomain::Named(td) => td == trust_domain,
                 RootDomain::Unreadable => false,
-            };
+            } && can_sign_certificates(r);
             if !ours {
                 continue;
             }

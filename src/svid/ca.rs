@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use super::ca_client::{CaClient, CaRegion};
 use super::handle::{expire_if_due, renewal_delay_with, Identity, Jitter};
-use super::{sleep_or_stop, Error, BACKOFF_CAP, BACKOFF_START};
+use super::{sleep_or_stop, Error, BACKOFF_CAP, BACKOFF_START, RETRY_FLOOR};
 use crate::clock::rfc3339;
 use crate::identity::{Serial, SpiffeId, Svid};
 
@@ -61,7 +61,8 @@ impl Issuer for CaClient {
 
 /// Obtains and renews the SVID until `shutdown` changes: renewal at `jitter`'s point of 50 %
 /// ±10 % of the remaining lifetime; on failure the current SVID keeps serving while retries back
-/// off from [`BACKOFF_START`] to [`BACKOFF_CAP`], and it is withdrawn at its expiry.
+/// off from [`BACKOFF_START`] to [`BACKOFF_CAP`] (and at most half the remaining lifetime apart,
+/// [`retry_wait`]), and it is withdrawn at its expiry.
 pub(super) async fn ca_loop(
     identity: Arc<Identity>,
     issuer: impl Issuer,
@@ -86,7 +87,7 @@ pub(super) async fn ca_loop(
                 renewal_delay_with(jitter, identity.clock.now(), not_after)
             }
             Err(e) => {
-                let wait = backoff;
+                let wait = retry_wait(backoff, identity.until_expiry());
                 backoff = (backoff * 2).min(BACKOFF_CAP);
                 expire_if_due(&identity);
                 tracing::warn!(error = %e, retry_in = ?wait, "obtaining an SVID failed; the current one (if any) keeps serving");
@@ -99,6 +100,17 @@ pub(super) async fn ca_loop(
             return;
         }
         expire_if_due(&identity);
+    }
+}
+
+/// The wait before retrying a failed renewal: the back-off, but never more than half of what
+/// is left of the SVID (and at least [`RETRY_FLOOR`]), so retries keep coming until it expires.
+/// A CA back in the last back-off interval before expiry is still used in time: once the SVID
+/// expires, its join token is spent and the sidecar cannot rejoin alone.
+fn retry_wait(backoff: Duration, until_expiry: Option<Duration>) -> Duration {
+    match until_expiry {
+        Some(left) => backoff.min((left / 2).max(RETRY_FLOOR)),
+        None => backoff,
     }
 }
 

@@ -4,7 +4,8 @@
 //! Rotation is one task. Publishing swaps an `Arc` that the TLS resolvers read per handshake, so
 //! existing connections keep the certificate they were opened with and are never dropped.
 //! Renewal happens at 50 % ±10 % of the remaining lifetime; on failure the valid SVID keeps
-//! serving while retries back off exponentially up to [`BACKOFF_CAP`]. When the SVID expires
+//! serving while retries back off exponentially up to [`BACKOFF_CAP`], never more than half the
+//! remaining lifetime apart (so a CA back shortly before expiry is still reached in time). When the SVID expires
 //! without a successor, it is withdrawn: new handshakes fail and readiness goes false.
 //!
 //! Files: `handle.rs` (the [`Identity`] handle the roles hold, expiry, [`renewal_delay`]),
@@ -41,6 +42,9 @@ pub use handle::{renewal_delay, renewal_delay_with, Identity, Jitter};
 /// Longest wait between renewal attempts.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(150);
 const BACKOFF_START: Duration = Duration::from_secs(1);
+/// Shortest wait between renewal attempts near the SVID's expiry, where the back-off is cut to
+/// half the remaining lifetime.
+pub const RETRY_FLOOR: Duration = Duration::from_millis(500);
 
 /// Where the SVID comes from.
 #[derive(Clone, Debug)]

@@ -16,7 +16,9 @@ use tokio::sync::watch;
 
 use super::ca::{ca_loop, refresh_loop};
 use super::ca_client::ClientError;
-use super::{renewal_delay, renewal_delay_with, Error, Identity, Issuer, Jitter, BACKOFF_CAP};
+use super::{
+    renewal_delay, renewal_delay_with, Error, Identity, Issuer, Jitter, BACKOFF_CAP, RETRY_FLOOR,
+};
 use crate::ca::authority::{self, Authority, LeafUsage};
 use crate::clock::Clock;
 use crate::identity::{
@@ -409,14 +411,24 @@ async fn with_the_ca_down_renewal_backs_off_to_the_cap_and_the_svid_serves_until
             "gap {i}: {got:?}, expected {want:?} (gaps {gaps:?})"
         );
     }
-    let capped = &gaps[doubling.len()..];
-    assert!(capped.len() >= 5, "retries continue at the cap: {gaps:?}");
-    for got in capped {
+    // Then at the cap, and in the last 2 x cap before expiry at half the remaining lifetime.
+    let capped = &renewals[doubling.len()..];
+    assert!(capped.len() >= 10, "retries continue at the cap: {gaps:?}");
+    let mut near_expiry = 0;
+    for w in capped.windows(2) {
+        let left = not_after.duration_since(w[0].0).unwrap();
+        let want = BACKOFF_CAP.min((left / 2).max(RETRY_FLOOR)).min(left);
+        near_expiry += usize::from(want < BACKOFF_CAP);
+        let got = since(w[1].0, w[0].0);
         assert!(
-            got.abs_diff(BACKOFF_CAP) <= SLACK,
-            "capped at {BACKOFF_CAP:?}: {gaps:?}"
+            got.abs_diff(want) <= SLACK + Duration::from_millis(1),
+            "{left:?} before expiry: retried after {got:?}, expected {want:?} (gaps {gaps:?})"
         );
     }
+    assert!(
+        near_expiry >= 3,
+        "retries closer together near expiry: {gaps:?}"
+    );
     // The task wakes at not_after to withdraw the SVID, even between two retries.
     rig.until(not_after + Duration::from_millis(2)).await;
     assert!(rig.identity.current().is_none(), "withdrawn at not_after");
@@ -482,6 +494,40 @@ async fn a_ca_that_recovers_before_expiry_is_used_again_and_the_backoff_resets()
         "the back-off started again at 1 s"
     );
     assert_eq!(rig.serial(), Some(second.info.serial.clone()));
+    rig.stop(vec![task]).await;
+}
+
+/// The CA is down from the first renewal until shortly before expiry, later than the last
+/// doubling back-off would retry (at 555 s of a 600 s SVID, then 150 s later): the retries come
+/// at half the remaining lifetime, so the CA back at 560 s renews the SVID before it expires,
+/// and the spent join token is never needed again.
+#[tokio::test(start_paused = true)]
+async fn a_ca_back_shortly_before_expiry_is_retried_in_time() {
+    let ttl = Duration::from_secs(600);
+    let rig = Rig::new(ttl);
+    let mut rx = rig.identity.rotations();
+    let task = rig.start_rotation(Jitter::At(0.5));
+    let first = rig.next_rotation(&mut rx).await.expect("first SVID");
+    let received = rig.clock.now();
+    rig.ca.set_up(false);
+    rig.until(received + Duration::from_secs(560)).await;
+    assert_eq!(
+        rig.serial(),
+        Some(first.info.serial.clone()),
+        "still serving"
+    );
+    rig.ca.set_up(true);
+    let next = rig
+        .next_rotation(&mut rx)
+        .await
+        .expect("renewed, not withdrawn");
+    assert_ne!(next.info.serial, first.info.serial);
+    assert!(
+        rig.clock.now() < first.info.not_after,
+        "renewed {:?} after the CA came back, after the SVID expired",
+        since(rig.clock.now(), received + Duration::from_secs(560))
+    );
+    assert_eq!(rig.ca.state().calls.issue.len(), 1, "no new join needed");
     rig.stop(vec![task]).await;
 }
 

@@ -436,7 +436,7 @@ pub fn server_config(
     let mut cfg = rustls::ServerConfig::builder_with_details(provider(), Arc::new(clock.clone()))
         .with_protocol_versions(TLS13_ONLY)?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(resolver);
+        .with_cert_resolver(resolver.clone());
     cfg.alpn_protocols = vec![MESH_ALPN.to_vec()];
     if resumption {
         // A resumed session skips certificate verification in rustls, so the sidecar re-checks
@@ -445,7 +445,9 @@ pub fn server_config(
         // Tickets are single-use in TLS 1.3; a few per connection let concurrent new
         // connections to the same sidecar all resume.
         cfg.send_tls13_tickets = 4;
-        cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
+        // Started over at each rotation of ours (see `resumption`).
+        cfg.session_storage =
+            resumption::ServerSessions::new(resolver.clone(), clock.clone(), 1024);
     } else {
         cfg.send_tls13_tickets = 0;
         cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -464,10 +466,15 @@ pub fn client_config(
         .with_protocol_versions(TLS13_ONLY)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(resolver);
+        .with_client_cert_resolver(resolver.clone());
     cfg.alpn_protocols = vec![MESH_ALPN.to_vec()];
     cfg.resumption = if resumption {
-        rustls::client::Resumption::in_memory_sessions(256)
+        // Started over at each rotation of ours (see `resumption`).
+        rustls::client::Resumption::store(resumption::ClientSessions::new(
+            resolver,
+            clock.clone(),
+            256,
+        ))
     } else {
         rustls::client::Resumption::disabled()
     };
@@ -529,5 +536,6 @@ pub fn recheck_resumed_server(
         .map(|_| ())
 }
 
+mod resumption;
 #[cfg(test)]
 mod tests;

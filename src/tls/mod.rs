@@ -89,6 +89,19 @@ pub fn verify_path(
 ) -> Result<(), rustls::Error> {
     let ee = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
     let sent = without_trailing_roots(intermediates, roots);
+    if let Some(i) = sent
+        .iter()
+        .position(|c| !crate::identity::can_sign_certificates(c))
+    {
+        return Err(mesh::reject(
+            crate::refusal::Refusal::UnknownIssuer,
+            format!(
+                "certificate {} after the leaf may not sign certificates (it needs CA:TRUE and \
+                 keyCertSign)",
+                i + 1
+            ),
+        ));
+    }
     let stray = std::cell::Cell::new(false);
     let whole_chain = |path: &webpki::VerifiedPath<'_>| {
         let mut used = path.intermediate_certificates();

@@ -8,15 +8,26 @@
 //! serial, by the single writer, so a token cannot be used twice, concurrently or across restarts.
 //! The revoked serials and the bans are also kept in memory, loaded at open and updated by the
 //! writer after each commit and before anyone is answered.
+//!
+//! A failed write (a full or read-only disk, an I/O error) refuses its whole batch, and redb then
+//! refuses everything until the database is closed and opened again. So the writer closes it at
+//! once and reopens it, reloading the in-memory view from disk; while that fails (the disk is
+//! still full), every read and write is refused with the reason, and the writer tries again at
+//! each new request and every [`REOPEN_EVERY`]. The CA recovers when the disk does, without a
+//! restart, and never serves from a view the disk does not hold.
 
 mod apply;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, RwLock};
+use std::time::Duration;
 
-use ::redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition};
+use ::redb::{
+    Database, MultimapTableDefinition, ReadTransaction, ReadableDatabase, ReadableTable,
+    TableDefinition,
+};
 use tokio::sync::oneshot;
 
 use super::{
@@ -43,10 +54,15 @@ const REVOCATION_SEQ: &str = "revocation_seq";
 const INDEX_VERSION: &str = "index_version";
 /// Most requests folded into one transaction.
 const MAX_BATCH: usize = 512;
+/// How often a writer whose database could not be reopened tries again, requests or not.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 fn db_err(e: impl std::fmt::Display) -> LedgerError {
     LedgerError::Db(e.to_string())
 }
+
+/// The open database, or why it is closed (a write failed and it could not be reopened yet).
+type Slot = Arc<RwLock<Result<Database, String>>>;
 
 enum Op {
     Issue {
@@ -91,7 +107,7 @@ type Job = (Op, oneshot::Sender<Result<Done, LedgerError>>);
 
 /// The redb ledger; cheap to share behind an `Arc`.
 pub struct RedbLedger {
-    db: Arc<Database>,
+    db: Slot,
     /// `None` only while dropping: closing the channel ends the writer.
     jobs: Option<mpsc::Sender<Job>>,
     writer: Option<std::thread::JoinHandle<()>>,
@@ -103,27 +119,16 @@ pub struct RedbLedger {
 impl RedbLedger {
     /// Opens (creating) the ledger file and starts its writer thread.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
-        let db = Arc::new(
-            Database::create(path)
-                .map_err(|e| LedgerError::Db(format!("{}: {e}", path.display())))?,
-        );
-        let w = db.begin_write().map_err(db_err)?;
-        for t in [SERIALS, TOKENS, REVOKED] {
-            w.open_table(t).map_err(db_err)?;
-        }
-        w.open_table(META).map_err(db_err)?;
-        w.open_table(BANNED).map_err(db_err)?;
-        w.open_multimap_table(RENEWALS).map_err(db_err)?;
-        w.open_multimap_table(BY_ID).map_err(db_err)?;
-        apply::build_indexes(&w)?;
-        w.commit().map_err(db_err)?;
+        let db = open_db(path)?;
         let (revoked, banned, seq) = load_revocations(&db)?;
+        let db = Arc::new(RwLock::new(Ok(db)));
         let revoked = Arc::new(RwLock::new(revoked));
         let banned = Arc::new(RwLock::new(banned));
         let seq = Arc::new(AtomicU64::new(seq));
         let (jobs, rx) = mpsc::channel();
         let writer = Writer {
             db: db.clone(),
+            path: path.to_path_buf(),
             revoked: revoked.clone(),
             banned: banned.clone(),
             seq: seq.clone(),
@@ -148,6 +153,33 @@ impl RedbLedger {
         jobs.send((op, tx)).map_err(|_| LedgerError::Closed)?;
         rx.await.map_err(|_| LedgerError::Closed)?
     }
+
+    /// Runs `f` in a read transaction, or says why the database is closed.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&ReadTransaction) -> Result<T, LedgerError>,
+    ) -> Result<T, LedgerError> {
+        let slot = self.db.read().unwrap_or_else(|e| e.into_inner());
+        let db = slot.as_ref().map_err(|why| LedgerError::Db(why.clone()))?;
+        f(&db.begin_read().map_err(db_err)?)
+    }
+}
+
+/// Opens (creating) the database file and its tables, and indexes an older ledger.
+fn open_db(path: &Path) -> Result<Database, LedgerError> {
+    let db =
+        Database::create(path).map_err(|e| LedgerError::Db(format!("{}: {e}", path.display())))?;
+    let w = db.begin_write().map_err(db_err)?;
+    for t in [SERIALS, TOKENS, REVOKED] {
+        w.open_table(t).map_err(db_err)?;
+    }
+    w.open_table(META).map_err(db_err)?;
+    w.open_table(BANNED).map_err(db_err)?;
+    w.open_multimap_table(RENEWALS).map_err(db_err)?;
+    w.open_multimap_table(BY_ID).map_err(db_err)?;
+    apply::build_indexes(&w)?;
+    w.commit().map_err(db_err)?;
+    Ok(db)
 }
 
 /// The trait's documentation says what each does; here is how redb does it.
@@ -188,11 +220,12 @@ impl Ledger for RedbLedger {
 
     // The writer checks the token again before it spends it.
     fn token(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>, LedgerError> {
-        let r = self.db.begin_read().map_err(db_err)?;
-        let t = r.open_table(TOKENS).map_err(db_err)?;
-        let v = t.get(hash.as_slice()).map_err(db_err)?;
-        v.map(|v| serde_json::from_slice(v.value()).map_err(db_err))
-            .transpose()
+        self.read(|r| {
+            let t = r.open_table(TOKENS).map_err(db_err)?;
+            let v = t.get(hash.as_slice()).map_err(db_err)?;
+            v.map(|v| serde_json::from_slice(v.value()).map_err(db_err))
+                .transpose()
+        })
     }
 
     // From memory: loaded at open, updated by the writer after each commit.
@@ -240,46 +273,56 @@ impl Ledger for RedbLedger {
     }
 
     fn live_serials(&self, spiffe_id: &str, now: u64) -> Result<Vec<(Serial, u64)>, LedgerError> {
-        let r = self.db.begin_read().map_err(db_err)?;
-        let by_id = r.open_multimap_table(BY_ID).map_err(db_err)?;
-        let serials = r.open_table(SERIALS).map_err(db_err)?;
-        let mut out = Vec::new();
-        for s in by_id.get(spiffe_id).map_err(db_err)? {
-            let s = s.map_err(db_err)?;
-            if let Some(v) = serials.get(s.value()).map_err(db_err)? {
-                let rec: IssuedRecord = serde_json::from_slice(v.value()).map_err(db_err)?;
-                if rec.not_after > now {
-                    out.push((Serial::from_bytes(s.value()), rec.not_after));
-                }
-            }
-        }
-        Ok(out)
+        self.read(|r| live_serials(r, spiffe_id, now))
     }
 
     fn issued(&self) -> Result<Vec<(Serial, IssuedRecord)>, LedgerError> {
-        let r = self.db.begin_read().map_err(db_err)?;
-        let t = r.open_table(SERIALS).map_err(db_err)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(db_err)? {
-            let (k, v) = row.map_err(db_err)?;
-            out.push((
-                Serial::from_bytes(k.value()),
-                serde_json::from_slice(v.value()).map_err(db_err)?,
-            ));
-        }
-        Ok(out)
+        self.read(|r| {
+            let t = r.open_table(SERIALS).map_err(db_err)?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(db_err)? {
+                let (k, v) = row.map_err(db_err)?;
+                out.push((
+                    Serial::from_bytes(k.value()),
+                    serde_json::from_slice(v.value()).map_err(db_err)?,
+                ));
+            }
+            Ok(out)
+        })
     }
 
     fn tokens(&self) -> Result<Vec<TokenRecord>, LedgerError> {
-        let r = self.db.begin_read().map_err(db_err)?;
-        let t = r.open_table(TOKENS).map_err(db_err)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(db_err)? {
-            let (_, v) = row.map_err(db_err)?;
-            out.push(serde_json::from_slice(v.value()).map_err(db_err)?);
-        }
-        Ok(out)
+        self.read(|r| {
+            let t = r.open_table(TOKENS).map_err(db_err)?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(db_err)? {
+                let (_, v) = row.map_err(db_err)?;
+                out.push(serde_json::from_slice(v.value()).map_err(db_err)?);
+            }
+            Ok(out)
+        })
     }
+}
+
+/// The serials issued for `spiffe_id` that are unexpired at `now`.
+fn live_serials(
+    r: &ReadTransaction,
+    spiffe_id: &str,
+    now: u64,
+) -> Result<Vec<(Serial, u64)>, LedgerError> {
+    let by_id = r.open_multimap_table(BY_ID).map_err(db_err)?;
+    let serials = r.open_table(SERIALS).map_err(db_err)?;
+    let mut out = Vec::new();
+    for s in by_id.get(spiffe_id).map_err(db_err)? {
+        let s = s.map_err(db_err)?;
+        if let Some(v) = serials.get(s.value()).map_err(db_err)? {
+            let rec: IssuedRecord = serde_json::from_slice(v.value()).map_err(db_err)?;
+            if rec.not_after > now {
+                out.push((Serial::from_bytes(s.value()), rec.not_after));
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl Drop for RedbLedger {
@@ -336,7 +379,8 @@ fn load_revocations(db: &Database) -> Result<Loaded, LedgerError> {
 }
 
 struct Writer {
-    db: Arc<Database>,
+    db: Slot,
+    path: PathBuf,
     revoked: Arc<RwLock<HashMap<Serial, u64>>>,
     banned: Arc<RwLock<HashMap<String, BanRecord>>>,
     seq: Arc<AtomicU64>,
@@ -344,7 +388,22 @@ struct Writer {
 
 impl Writer {
     fn run(self, rx: mpsc::Receiver<Job>) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = if self.is_closed() {
+                // Reopen when asked or every REOPEN_EVERY, so reads recover without a write.
+                match rx.recv_timeout(REOPEN_EVERY) {
+                    Ok(j) => Some(j),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(j) => Some(j),
+                    Err(_) => return,
+                }
+            };
+            let reopened = self.reopen_if_closed();
+            let Some(first) = first else { continue };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -352,15 +411,63 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit_batch(batch);
+            match reopened {
+                Ok(()) => self.commit_batch(batch),
+                Err(e) => refuse(batch, &e),
+            }
         }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.db.read().unwrap_or_else(|e| e.into_inner()).is_err()
+    }
+
+    /// Reopens a database closed after a failed write, reloading the in-memory view from it.
+    /// Only this thread writes the slot, so the file is opened (maybe repaired, which takes a
+    /// while) without holding its lock: readers meanwhile get the reason at once.
+    fn reopen_if_closed(&self) -> Result<(), LedgerError> {
+        if !self.is_closed() {
+            return Ok(());
+        }
+        let reopened = open_db(&self.path).and_then(|db| Ok((load_revocations(&db)?, db)));
+        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+        match reopened {
+            Ok(((revoked, banned, seq), db)) => {
+                *self.revoked.write().unwrap_or_else(|e| e.into_inner()) = revoked;
+                *self.banned.write().unwrap_or_else(|e| e.into_inner()) = banned;
+                self.seq.store(seq, Ordering::Release);
+                *slot = Ok(db);
+                tracing::info!(path = %self.path.display(), "ledger reopened after a write failure; issuing again");
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("ledger closed after a write failure, reopening failed: {e}");
+                tracing::debug!(error = %why);
+                *slot = Err(why.clone());
+                Err(LedgerError::Db(why))
+            }
+        }
+    }
+
+    /// redb refuses every operation after a failed write until the database is closed: close
+    /// it now (so its file lock is released) and reopen it at once.
+    fn close_after(&self, e: &LedgerError) {
+        let why = match e {
+            LedgerError::Db(why) => why.clone(),
+            other => other.to_string(),
+        };
+        *self.db.write().unwrap_or_else(|e| e.into_inner()) =
+            Err(format!("ledger closed after a write failure: {why}"));
+        let _ = self.reopen_if_closed();
     }
 
     fn commit_batch(&self, batch: Vec<Job>) {
         let mut results = Vec::with_capacity(batch.len());
         let mut changes = Vec::new();
         let outcome = (|| -> Result<u64, LedgerError> {
-            let w = self.db.begin_write().map_err(db_err)?;
+            let slot = self.db.read().unwrap_or_else(|e| e.into_inner());
+            let db = slot.as_ref().map_err(|why| LedgerError::Db(why.clone()))?;
+            let w = db.begin_write().map_err(db_err)?;
             let before = self.seq.load(Ordering::Acquire);
             let mut seq = before;
             {
@@ -368,8 +475,8 @@ impl Writer {
                 for (op, _) in &batch {
                     let r = tables.apply(op, &mut seq, &mut changes);
                     // A database error may leave the transaction half written: refuse it all.
-                    if let Err(LedgerError::Db(e)) = &r {
-                        return Err(LedgerError::Db(e.clone()));
+                    if let Err(e @ LedgerError::Db(_)) = r {
+                        return Err(e);
                     }
                     results.push(r);
                 }
@@ -389,9 +496,8 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "ledger commit failed; batch refused");
-                for (_, tx) in batch {
-                    let _ = tx.send(Err(LedgerError::Db(e.to_string())));
-                }
+                refuse(batch, &e);
+                self.close_after(&e);
             }
         }
     }
@@ -417,5 +523,16 @@ impl Writer {
             }
         }
         self.seq.store(seq, Ordering::Release);
+    }
+}
+
+/// Answers every request of `batch` with `e` (nothing of it was recorded).
+fn refuse(batch: Vec<Job>, e: &LedgerError) {
+    let why = match e {
+        LedgerError::Db(why) => why.clone(),
+        other => other.to_string(),
+    };
+    for (_, tx) in batch {
+        let _ = tx.send(Err(LedgerError::Db(why.clone())));
     }
 }

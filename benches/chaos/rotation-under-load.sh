@@ -5,12 +5,11 @@
 # (new join tokens); the CA and nginx stay. Prints one line per run (requests, failures by kind,
 # rotations, closures the sidecars counted) and exits non-zero if any request failed.
 #
-# Known today (see RELIABILITY.md): a keep-alive connection older than an SVID lifetime is cut
-# when the first certificate its session was authenticated with expires (by design: no connection
-# outlives its certificates, and nothing re-authenticates a live session), and oha counts the
-# request in flight as failed. KEEPALIVE_CUTS=allow reports those and fails only on the others
-# (new connections, non-200 answers): the bounded CI form is
-#   ROUNDS=2 DURATION=20s KEEPALIVE_CUTS=allow benches/chaos/rotation-under-load.sh   (~1 min)
+# Pooled sessions are re-authenticated across rotations (src/proxy/session/reauth.rs), so a
+# keep-alive connection is not cut when the first certificate its session was opened with
+# expires. Direct connections (POOLING=false) have no framing for that and are still cut once per
+# SVID lifetime: with POOLING=false, KEEP=0 (new connections only) is the meaningful load, or
+# KEEPALIVE_CUTS=allow, which reports keep-alive cuts and fails only on the other failures.
 #
 #   A: [[listener]] 127.0.0.1:L ──mTLS 1.3 session──▶ B: [inbound] ──▶ nginx 127.0.0.1:N
 #   oha -c KEEP (keep-alive) and oha -c NEW --disable-keepalive, both against L, for DURATION

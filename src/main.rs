@@ -54,6 +54,12 @@ fn main() -> ExitCode {
     // The demo prints its own story; its components only log warnings unless RUST_LOG says more.
     let demo = matches!(job, Job::Other(Command::Demo));
     cli::init_logging(if demo { "warn" } else { "info" });
+    match trustline::limits::raise_nofile_limit() {
+        Ok(l) => {
+            tracing::info!(before = ?l.before, now = ?l.now, hard = ?l.hard, "open-file limit")
+        }
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     let rt = match runtime(job.workers()) {
         Ok(rt) => rt,
         Err(e) => {

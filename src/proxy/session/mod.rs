@@ -48,6 +48,8 @@ pub struct H2Stream {
     reset_seen: bool,
     /// Where the answering side counts streams the caller reset (its session's churn budget).
     resets: Option<Arc<AtomicU32>>,
+    /// The calling side's place in its session's count of open streams (see `pool`).
+    _slot: Option<pool::StreamSlot>,
 }
 
 fn io_err(e: h2::Error) -> io::Error {
@@ -67,13 +69,18 @@ fn io_err(e: h2::Error) -> io::Error {
 
 impl H2Stream {
     /// The calling side, before the answer.
-    pub fn client(send: h2::SendStream<Bytes>, response: h2::client::ResponseFuture) -> Self {
+    pub(crate) fn client(
+        send: h2::SendStream<Bytes>,
+        response: h2::client::ResponseFuture,
+        slot: pool::StreamSlot,
+    ) -> Self {
         H2Stream {
             send,
             recv: Recv::Pending(response),
             shut: false,
             reset_seen: false,
             resets: None,
+            _slot: Some(slot),
         }
     }
 
@@ -85,6 +92,7 @@ impl H2Stream {
             shut: false,
             reset_seen: false,
             resets: None,
+            _slot: None,
         }
     }
 

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -110,6 +110,46 @@ struct Live {
     /// a session retired after a fifth of one has moved off them by then.
     retire_at: SystemTime,
     send: h2::client::SendRequest<Bytes>,
+    /// Streams open on the session, to see when it is full: h2 queues a stream over the
+    /// destination's `max_concurrent_streams` without bound instead of refusing it.
+    open: Arc<AtomicUsize>,
+}
+
+/// A stream's place in its session's count of open streams, given back on drop.
+pub(crate) struct StreamSlot(Arc<AtomicUsize>);
+
+impl StreamSlot {
+    /// A place if fewer than `max` are taken.
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        open.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()?;
+        Some(StreamSlot(open.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A usable session: its request handle, when it must be retired at the latest, and what a
+/// full one needs to be replaced.
+struct Current {
+    send: h2::client::SendRequest<Bytes>,
+    not_after: SystemTime,
+    generation: u64,
+    open: Arc<AtomicUsize>,
+}
+
+impl Current {
+    /// A place for one more stream, unless every stream the destination allows is taken (a
+    /// new one would then wait, unbounded, for one of them to end).
+    fn slot(&self) -> Option<StreamSlot> {
+        StreamSlot::take(&self.open, self.send.current_max_send_streams())
+    }
 }
 
 #[derive(Default)]
@@ -119,6 +159,10 @@ struct Entry {
     ended: Notify,
     /// When a stream was last opened, in milliseconds since the pool started.
     last_used: AtomicU64,
+    /// The destination's stream limit as last seen (0: not yet), which a new session assumes
+    /// until its own SETTINGS arrive (h2 would assume 100, and a burst over a lower limit would
+    /// be refused).
+    max_streams: AtomicUsize,
 }
 
 impl Entry {
@@ -197,14 +241,19 @@ impl SessionPool {
 
     /// The entry's session if it may still carry new streams; a retired one is dropped (its open
     /// streams go on). Returns the session and when it must be retired at the latest.
-    fn current(&self, entry: &Entry) -> Option<(h2::client::SendRequest<Bytes>, SystemTime)> {
+    fn current(&self, entry: &Entry) -> Option<Current> {
         let mut live = entry.live.lock().unwrap_or_else(|e| e.into_inner());
         let l = live.as_ref()?;
         if l.rotation == *self.identity.rotations().borrow()
             && self.clock.now() < l.not_after.min(l.retire_at)
             && !self.identity.revoked.load().contains(&l.peer_serial)
         {
-            return Some((l.send.clone(), l.not_after));
+            return Some(Current {
+                send: l.send.clone(),
+                not_after: l.not_after,
+                generation: l.generation,
+                open: l.open.clone(),
+            });
         }
         *live = None;
         None
@@ -239,14 +288,31 @@ impl SessionPool {
         entry
             .last_used
             .store(millis_since(self.started), Ordering::Relaxed);
-        for attempt in 0..2 {
-            let (mut send, _) = self.session(target, &entry).await?;
+        let mut attempt = 0;
+        while attempt < 2 {
+            let session = self.session(target, &entry).await?;
+            entry
+                .max_streams
+                .store(session.send.current_max_send_streams(), Ordering::Relaxed);
+            let Some(slot) = session.slot() else {
+                // Retired like a rotated session (its open streams go on, it closes after
+                // them); the next one is dialled, as ztunnel's pool does at its stream limit.
+                entry.retire(session.generation);
+                tracing::debug!(
+                    open = session.open.load(Ordering::Relaxed),
+                    "session full; opening another"
+                );
+                attempt += 1;
+                continue;
+            };
+            let mut send = session.send;
             match send.clone().ready().await {
                 Ok(s) => send = s,
                 Err(e) => {
                     // The session died since it was stored: drop it and dial once more.
                     tracing::debug!(error = %e, attempt, "session closed; opening a new one");
                     entry.live.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    attempt += 1;
                     continue;
                 }
             }
@@ -256,10 +322,11 @@ impl SessionPool {
                 .body(())
                 .map_err(|e| fail(Refusal::BadRequest, e))?;
             match send.send_request(req, false) {
-                Ok((response, stream)) => return Ok(H2Stream::client(stream, response)),
+                Ok((response, stream)) => return Ok(H2Stream::client(stream, response, slot)),
                 Err(e) => {
                     entry.live.lock().unwrap_or_else(|e| e.into_inner()).take();
                     tracing::debug!(error = %e, attempt, "session refused a stream; opening a new one");
+                    attempt += 1;
                 }
             }
         }
@@ -274,7 +341,7 @@ impl SessionPool {
         self: &Arc<Self>,
         target: &Target,
         entry: &Arc<Entry>,
-    ) -> Result<(h2::client::SendRequest<Bytes>, SystemTime), Failure> {
+    ) -> Result<Current, Failure> {
         if let Some(s) = self.current(entry) {
             return Ok(s);
         }
@@ -290,7 +357,7 @@ impl SessionPool {
         self: &Arc<Self>,
         target: &Target,
         entry: &Arc<Entry>,
-    ) -> Result<(h2::client::SendRequest<Bytes>, SystemTime), Failure> {
+    ) -> Result<Current, Failure> {
         let opened = self.opened()?;
         let tls = target.service.session_tls.as_ref().ok_or_else(|| {
             fail(
@@ -378,14 +445,16 @@ impl SessionPool {
         tls: &ServiceTls,
         dialled: Dialled<IO, K>,
         opened: Opened,
-    ) -> Result<(h2::client::SendRequest<Bytes>, SystemTime), Failure>
+    ) -> Result<Current, Failure>
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         K: Send + 'static,
     {
         let (stream, peer) = self.handshake(target, tls, dialled.io).await?;
         let not_after = opened.own_not_after.min(peer.not_after);
+        let known = entry.max_streams.load(Ordering::Relaxed);
         let (send, conn) = h2::client::Builder::new()
+            .initial_max_send_streams(if known == 0 { 100 } else { known })
             .max_frame_size(MAX_FRAME)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(SESSION_WINDOW)
@@ -394,6 +463,7 @@ impl SessionPool {
             .await
             .map_err(|e| fail(Refusal::SessionFailed, e))?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let open = Arc::new(AtomicUsize::new(0));
         *entry.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Live {
             generation,
             rotation: opened.rotation,
@@ -401,6 +471,7 @@ impl SessionPool {
             peer_serial: peer.serial.clone(),
             retire_at: opened.retire_at,
             send: send.clone(),
+            open: open.clone(),
         });
         self.established.fetch_add(1, Ordering::Relaxed);
         let via = dialled.via;
@@ -416,7 +487,12 @@ impl SessionPool {
             }
             .instrument(span),
         );
-        Ok((send, not_after))
+        Ok(Current {
+            send,
+            not_after,
+            generation,
+            open,
+        })
     }
 
     /// The session's TLS handshake within the timeout, a resumed one re-checked, and the
@@ -510,7 +586,7 @@ impl SessionPool {
             let ended = entry.ended.notified();
             // Until the session must be retired, or a retry after a failure.
             let (up, wait) = match self.session(&t, &entry).await {
-                Ok((_, not_after)) => (
+                Ok(Current { not_after, .. }) => (
                     true,
                     not_after
                         .duration_since(self.clock.now())

@@ -56,6 +56,10 @@ fn env_or(name: &str, default: u64) -> u64 {
 }
 
 fn main() -> ExitCode {
+    if std::env::var_os("TL_FLOOD_BACKEND").is_some() {
+        backend_process();
+        return ExitCode::SUCCESS;
+    }
     let limit = trustline::limits::raise_nofile_limit().expect("raising RLIMIT_NOFILE");
     eprintln!(
         "RLIMIT_NOFILE {:?} -> {:?} (hard {:?})",
@@ -72,8 +76,9 @@ fn main() -> ExitCode {
         .expect("runtime");
     let mesh = rt.block_on(Mesh::start(&bin));
     eprintln!(
-        "binary {}; A pid {} on {}, B pid {} on {}",
+        "binary {}; CA pid {}; A pid {} on {}, B pid {} on {}",
         bin.display(),
+        mesh._ca.pid,
         mesh.a.pid,
         mesh.a_listener,
         mesh.b.pid,
@@ -87,10 +92,18 @@ fn main() -> ExitCode {
         ok &= rt.block_on(handshake_flood(&mesh, half_open, flood_for));
     }
     if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+        return ExitCode::SUCCESS;
     }
+    for name in ["caller", "api"] {
+        let log = mesh._ca.dir.path().join(name).join(format!("{name}.log"));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!("--- last lines of {name}'s log ---");
+        for l in &lines[lines.len().saturating_sub(15)..] {
+            eprintln!("{l}");
+        }
+    }
+    ExitCode::FAILURE
 }
 
 /// A sidecar process, killed on drop; output in `DIR/NAME.log`.
@@ -108,6 +121,7 @@ impl Drop for Sidecar {
 }
 
 struct Mesh {
+    _backend: Sidecar,
     _ca: CaProcess,
     a: Sidecar,
     b: Sidecar,
@@ -122,7 +136,7 @@ fn workload(name: &str) -> String {
 impl Mesh {
     async fn start(bin: &Path) -> Mesh {
         let ca = CaProcess::start(bin, TD, "trustline-flood-", &[], None, PATIENCE);
-        let backend = echo_backend().await;
+        let (backend, backend_child) = echo_backend_process();
         let b_inbound = free_port();
         let b = sidecar(
             bin,
@@ -147,6 +161,11 @@ impl Mesh {
         )
         .await;
         Mesh {
+            _backend: Sidecar {
+                pid: backend_child.id(),
+                child: backend_child,
+                admin: backend,
+            },
             _ca: ca,
             a,
             b,
@@ -211,13 +230,49 @@ async fn readyz(admin: SocketAddr) -> Option<u16> {
     std::str::from_utf8(head.get(9..12)?).ok()?.parse().ok()
 }
 
+/// The echo backend in a process of its own (this binary again, with `TL_FLOOD_BACKEND`): the
+/// clients here and the backend's accepted sockets would not fit under one process's
+/// descriptor limit at 10,000 connections.
+fn echo_backend_process() -> (SocketAddr, Child) {
+    let mut child = Command::new(std::env::current_exe().expect("this binary"))
+        .env("TL_FLOOD_BACKEND", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawning the backend");
+    let mut line = String::new();
+    let out = child.stdout.take().expect("backend stdout");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)
+        .expect("the backend's address");
+    (line.trim().parse().expect("an address"), child)
+}
+
+fn backend_process() {
+    let _ = trustline::limits::raise_nofile_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let addr = echo_backend().await;
+        println!("{addr}");
+        std::future::pending::<()>().await;
+    });
+}
+
 async fn echo_backend() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("backend");
     let addr = l.local_addr().expect("backend addr");
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                eprintln!("the backend could not accept (descriptors?)");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
             tokio::spawn(async move {
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;

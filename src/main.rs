@@ -14,6 +14,11 @@ use trustline::tunnel::config::GatewayConfig;
 
 use cli::{Cli, Command};
 
+/// jemalloc with background threads: it gives memory back after a flood, which glibc's malloc
+/// does not (RELIABILITY.md, "Memory").
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// What runs on the runtime. The sidecar's and the gateway's configs are loaded before it
 /// starts: they say how many worker threads it gets.
 #[allow(clippy::large_enum_variant)] // one value, made once

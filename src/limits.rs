@@ -2,6 +2,8 @@
 //! bounded number of live things in total and per key, a client key that aggregates IPv6 by /64,
 //! and a log limiter so that a flood of refusals does not become a flood of log lines.
 //!
+//! It also raises the process's open-file limit at start ([`raise_nofile_limit`]).
+//!
 //! Everything here is bounded by construction: a gate's map holds at most `max_total` keys
 //! (each key has at least one live permit), and a limiter is two atomics.
 
@@ -157,6 +159,44 @@ impl LogEvery {
     }
 }
 
+/// What [`raise_nofile_limit`] found and did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NofileLimit {
+    /// The soft limit before (`None`: unlimited).
+    pub before: Option<u64>,
+    /// The soft limit now.
+    pub now: Option<u64>,
+    /// The hard limit (the ceiling an unprivileged process may raise its soft limit to).
+    pub hard: Option<u64>,
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, as Envoy and ztunnel do at start: the
+/// soft default (often 1024) would cap a proxy at a few hundred connections, each costing two
+/// or more descriptors. Never lowers it; an error leaves the limit as it was.
+pub fn raise_nofile_limit() -> std::io::Result<NofileLimit> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let old = getrlimit(Resource::Nofile);
+    let raise = match (old.current, old.maximum) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(cur), Some(max)) => cur < max,
+    };
+    if raise {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: old.maximum,
+                maximum: old.maximum,
+            },
+        )?;
+    }
+    Ok(NofileLimit {
+        before: old.current,
+        now: getrlimit(Resource::Nofile).current,
+        hard: old.maximum,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +232,13 @@ mod tests {
         assert_ne!(client_key(a), client_key(c));
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
         assert_eq!(client_key(mapped), "10.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        let l = raise_nofile_limit().expect("setrlimit to the hard limit is always allowed");
+        assert_eq!(l.now, l.hard);
+        assert!(l.now >= l.before || l.before.is_none());
     }
 
     #[test]

@@ -14,6 +14,11 @@ use trustline::tunnel::config::GatewayConfig;
 
 use cli::{Cli, Command};
 
+/// jemalloc with background threads: it gives memory back after a flood, which glibc's malloc
+/// does not (RELIABILITY.md, "Memory").
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// What runs on the runtime. The sidecar's and the gateway's configs are loaded before it
 /// starts: they say how many worker threads it gets.
 #[allow(clippy::large_enum_variant)] // one value, made once
@@ -54,6 +59,12 @@ fn main() -> ExitCode {
     // The demo prints its own story; its components only log warnings unless RUST_LOG says more.
     let demo = matches!(job, Job::Other(Command::Demo));
     cli::init_logging(if demo { "warn" } else { "info" });
+    match trustline::limits::raise_nofile_limit() {
+        Ok(l) => {
+            tracing::info!(before = ?l.before, now = ?l.now, hard = ?l.hard, "open-file limit")
+        }
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     let rt = match runtime(job.workers()) {
         Ok(rt) => rt,
         Err(e) => {

@@ -375,7 +375,8 @@ where
         deadline: Some(Box::pin(tokio::time::sleep(head))),
         conn: conn.clone(),
     };
-    let svc = hyper::service::service_fn(move |req| conn.clone().handle(req));
+    let served = conn.clone();
+    let svc = hyper::service::service_fn(move |req| served.clone().handle(req));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Without a timer hyper silently ignores its header timeout.
     builder
@@ -391,6 +392,30 @@ where
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(MAX_HEAD as u32);
     if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
-        tracing::debug!(error = %e, "HTTP connection ended with error");
+        match e.downcast_ref::<hyper::Error>() {
+            // hyper answered 400 (or 431) itself: no request reached `handle` to be counted.
+            Some(h) if h.is_parse() || h.is_parse_too_large() => conn.refuse_unparsed(h),
+            _ => tracing::debug!(error = %e, "HTTP connection ended with error"),
+        }
+    }
+}
+
+impl Conn {
+    /// Counts and audits a request hyper could not parse, as a deny by `bad-request` (method
+    /// and path `-`: there were none to read).
+    fn refuse_unparsed(&self, e: &hyper::Error) {
+        let caller = Caller {
+            peer: &self.peer.id,
+            serial: &self.peer.serial,
+            region: self.peer.region.as_deref(),
+            port: self.peer.port,
+        };
+        tracing::info!(peer_id = %self.peer.id, error = %e, "unparseable HTTP request refused");
+        let http = Http {
+            method: "-",
+            path: "-",
+        };
+        let why = format!("unparseable HTTP request: {e}");
+        self.authz.refuse_request(&caller, http, &why);
     }
 }

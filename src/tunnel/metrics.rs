@@ -56,6 +56,8 @@ pub struct TunnelMetrics {
     pub refused: Family<Refused, Counter>,
     /// QUIC connections refused by a quota, by reason.
     pub refused_connections: Family<Refused, Counter>,
+    /// QUIC handshakes that failed at a gateway, by reason (see `gateway::handshake_failure`).
+    pub failed_handshakes: Family<Refused, Counter>,
     /// Stream opens that found no stream credit on the path within their wait.
     pub open_timeouts: Counter,
 }
@@ -112,6 +114,11 @@ impl TunnelMetrics {
             "trustline_tunnel_refused_connections",
             "QUIC connections refused by a quota (per address, per workload, in total), by reason",
             self.refused_connections.clone(),
+        );
+        r.register(
+            "trustline_tunnel_failed_handshakes",
+            "QUIC handshakes that failed at this gateway (timed out, bad or missing certificate, protocol error), by reason",
+            self.failed_handshakes.clone(),
         );
         r.register(
             "trustline_tunnel_refused_streams",

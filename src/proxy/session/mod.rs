@@ -51,6 +51,8 @@ pub struct H2Stream {
     resets: Option<Arc<AtomicU32>>,
     /// What the stream keeps alive while it is open (the calling side: its session's use).
     _holds: Option<Arc<dyn Send + Sync>>,
+    /// The calling side's place in its session's count of open streams (see `pool`).
+    _slot: Option<pool::StreamSlot>,
 }
 
 fn io_err(e: h2::Error) -> io::Error {
@@ -70,7 +72,11 @@ fn io_err(e: h2::Error) -> io::Error {
 
 impl H2Stream {
     /// The calling side, before the answer.
-    pub fn client(send: h2::SendStream<Bytes>, response: h2::client::ResponseFuture) -> Self {
+    pub(crate) fn client(
+        send: h2::SendStream<Bytes>,
+        response: h2::client::ResponseFuture,
+        slot: pool::StreamSlot,
+    ) -> Self {
         H2Stream {
             send,
             recv: Recv::Pending(response),
@@ -78,6 +84,7 @@ impl H2Stream {
             reset_seen: false,
             resets: None,
             _holds: None,
+            _slot: Some(slot),
         }
     }
 
@@ -90,6 +97,7 @@ impl H2Stream {
             reset_seen: false,
             resets: None,
             _holds: None,
+            _slot: None,
         }
     }
 

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -117,6 +117,9 @@ struct Live {
     /// Held by this entry and by every stream of the session: once the session is retired and
     /// its last stream is gone, its re-authentication stops (so the connection may close).
     in_use: Arc<InUse>,
+    /// Streams open on the session, to see when it is full: h2 queues a stream over the
+    /// destination's `max_concurrent_streams` without bound instead of refusing it.
+    open: Arc<AtomicUsize>,
 }
 
 impl Live {
@@ -124,22 +127,54 @@ impl Live {
         Usable {
             send: self.send.clone(),
             not_after: self.not_after,
+            generation: self.generation,
+            open: self.open.clone(),
             in_use: self.in_use.clone(),
         }
     }
 }
 
 /// A session that may carry a new stream: its handle, when it must be retired at the latest,
-/// and the token its streams hold.
+/// what a full one needs to be replaced, and the token its streams hold.
 struct Usable {
     send: h2::client::SendRequest<Bytes>,
     not_after: SystemTime,
+    generation: u64,
+    open: Arc<AtomicUsize>,
     in_use: Arc<InUse>,
+}
+
+impl Usable {
+    /// A place for one more stream, unless every stream the destination allows is taken (a
+    /// new one would then wait, unbounded, for one of them to end).
+    fn slot(&self) -> Option<StreamSlot> {
+        StreamSlot::take(&self.open, self.send.current_max_send_streams())
+    }
 }
 
 /// See [`Live::in_use`]: its channel closes when the last holder drops it.
 pub(super) struct InUse {
     _gone: tokio::sync::oneshot::Sender<()>,
+}
+
+/// A stream's place in its session's count of open streams, given back on drop.
+pub(crate) struct StreamSlot(Arc<AtomicUsize>);
+
+impl StreamSlot {
+    /// A place if fewer than `max` are taken.
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        open.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()?;
+        Some(StreamSlot(open.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -149,6 +184,10 @@ struct Entry {
     ended: Notify,
     /// When a stream was last opened, in milliseconds since the pool started.
     last_used: AtomicU64,
+    /// The destination's stream limit as last seen (0: not yet), which a new session assumes
+    /// until its own SETTINGS arrive (h2 would assume 100, and a burst over a lower limit would
+    /// be refused).
+    max_streams: AtomicUsize,
 }
 
 impl Entry {
@@ -272,16 +311,33 @@ impl SessionPool {
         entry
             .last_used
             .store(millis_since(self.started), Ordering::Relaxed);
-        for attempt in 0..2 {
+        let mut attempt = 0;
+        while attempt < 2 {
+            let session = self.session(target, &entry).await?;
+            entry
+                .max_streams
+                .store(session.send.current_max_send_streams(), Ordering::Relaxed);
+            let Some(slot) = session.slot() else {
+                // Retired like a rotated session (its open streams go on, it closes after
+                // them); the next one is dialled, as ztunnel's pool does at its stream limit.
+                entry.retire(session.generation);
+                tracing::debug!(
+                    open = session.open.load(Ordering::Relaxed),
+                    "session full; opening another"
+                );
+                attempt += 1;
+                continue;
+            };
             let Usable {
                 mut send, in_use, ..
-            } = self.session(target, &entry).await?;
+            } = session;
             match send.clone().ready().await {
                 Ok(s) => send = s,
                 Err(e) => {
                     // The session died since it was stored: drop it and dial once more.
                     tracing::debug!(error = %e, attempt, "session closed; opening a new one");
                     entry.live.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    attempt += 1;
                     continue;
                 }
             }
@@ -292,11 +348,12 @@ impl SessionPool {
                 .map_err(|e| fail(Refusal::BadRequest, e))?;
             match send.send_request(req, false) {
                 Ok((response, stream)) => {
-                    return Ok(H2Stream::client(stream, response).holding(in_use))
+                    return Ok(H2Stream::client(stream, response, slot).holding(in_use))
                 }
                 Err(e) => {
                     entry.live.lock().unwrap_or_else(|e| e.into_inner()).take();
                     tracing::debug!(error = %e, attempt, "session refused a stream; opening a new one");
+                    attempt += 1;
                 }
             }
         }
@@ -429,7 +486,9 @@ impl SessionPool {
             .peer_certificates()
             .and_then(crate::identity::region_of_chain);
         let (term_tx, term_rx) = watch::channel(Term::of(&peer, &self.clock));
+        let known = entry.max_streams.load(Ordering::Relaxed);
         let (send, conn) = h2::client::Builder::new()
+            .initial_max_send_streams(if known == 0 { 100 } else { known })
             .max_frame_size(MAX_FRAME)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(SESSION_WINDOW)
@@ -439,6 +498,7 @@ impl SessionPool {
             .map_err(|e| fail(Refusal::SessionFailed, e))?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let (gone, unused) = tokio::sync::oneshot::channel();
+        let open = Arc::new(AtomicUsize::new(0));
         let live = Live {
             generation,
             rotation: opened.rotation,
@@ -447,6 +507,7 @@ impl SessionPool {
             retire_at: opened.retire_at,
             send: send.clone(),
             in_use: Arc::new(InUse { _gone: gone }),
+            open,
         };
         let usable = live.usable();
         *entry.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(live);

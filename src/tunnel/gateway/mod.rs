@@ -303,10 +303,36 @@ async fn accept_loop(gw: Arc<Gateway>, endpoint: quinn::Endpoint, mut stop: watc
             let _place = place;
             match incoming.await {
                 Ok(conn) => conn::serve(gw, conn, stop).await,
-                Err(e) => tracing::debug!(%remote, error = %e, "tunnel handshake failed"),
+                Err(e) => {
+                    let reason = handshake_failure(&e);
+                    gw.metrics
+                        .failed_handshakes
+                        .get_or_create(&Refused::from(reason))
+                        .inc();
+                    tracing::debug!(%remote, error = %e, reason = reason.label(), "tunnel handshake failed");
+                }
             }
         };
         tokio::spawn(conn.instrument(span));
+    }
+}
+
+/// Why a QUIC handshake failed, as a metric label: a peer that went silent (a half-open
+/// handshake, closed by the idle timeout), a TLS alert about certificates, anything else.
+fn handshake_failure(e: &quinn::ConnectionError) -> Refusal {
+    use quinn::ConnectionError as E;
+    let code = match e {
+        E::TimedOut => return Refusal::HandshakeTimeout,
+        E::Reset => return Refusal::Reset,
+        E::TransportError(t) => t.code,
+        E::ConnectionClosed(c) => c.error_code,
+        _ => return Refusal::ProtocolError,
+    };
+    // QUIC carries a TLS alert as 0x100 + the alert's number (RFC 9001, 4.8).
+    match u64::from(code).checked_sub(0x100) {
+        Some(116) => Refusal::NoClientCertificate,
+        Some(42..=49) => Refusal::BadCertificate,
+        _ => Refusal::ProtocolError,
     }
 }
 

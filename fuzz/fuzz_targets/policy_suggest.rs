@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
+use trustline::identity::parse_id;
 use trustline::policy::eval::{evaluate, Facts, Http, Outcome};
 use trustline::policy::file::parse;
 use trustline::policy::flows::{parse_flows, replay, suggest};
@@ -33,9 +34,12 @@ fuzz_target!(|data: &[u8]| {
         let Some(svc) = policy.service(service) else {
             continue;
         };
-        let mine = flows
-            .iter()
-            .filter(|f| f.destination_service == service && f.rule != REFUSED);
+        // The sidecar logs the verified caller in canonical form; a policy file's `from` is
+        // read into that form (`spiffe://Example.org/..` is `spiffe://example.org/..`).
+        let canonical = |id: &str| parse_id(id).is_ok_and(|p| p.to_string() == id);
+        let mine = flows.iter().filter(|f| {
+            f.destination_service == service && f.rule != REFUSED && canonical(&f.source_id)
+        });
         for f in mine {
             // A plain connection on a port the suggestion makes an HTTP port is covered per
             // request there, not as a connection (see `suggest`).

@@ -32,7 +32,11 @@ for t in "${targets[@]}"; do
     "$bin/$t" "corpus-grown/$t" "corpus/$t" \
         -runs="$runs" -max_total_time="$secs" -max_len="$(max_len "$t")" \
         -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
-        -artifact_prefix="artifacts/$t/" >"artifacts/$t.log" 2>&1 || rc=$?
+        -artifact_prefix="artifacts/$t/" >"artifacts/$t.log" 2>&1 &
+    pid=$!
+    wait $pid || rc=$?
+    # The config and CSR targets' CA directory (fuzz_targets/common).
+    rm -rf "/dev/shm/trustline-fuzz-$pid" "${TMPDIR:-/tmp}/trustline-fuzz-$pid"
     grep -E '^#[0-9]+ +(INITED|DONE)|^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)|^Done|^==[0-9]+==|^SUMMARY|panicked' "artifacts/$t.log" || true
     if [[ $rc -ne 0 ]]; then
         echo "=== fuzz $t: FAILED with status $rc (fuzz/artifacts/$t.log, fuzz/artifacts/$t/)"

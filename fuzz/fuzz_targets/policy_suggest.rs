@@ -43,7 +43,9 @@ fuzz_target!(|data: &[u8]| {
         for f in mine {
             // A plain connection on a port the suggestion makes an HTTP port is covered per
             // request there, not as a connection (see `suggest`).
-            if f.method.is_none() && svc.http_ports.contains(&f.port) {
+            // (A flow is a request when it has both a method and a path, as in `suggest`.)
+            let request = f.method.is_some() && f.path.is_some();
+            if !request && svc.http_ports.contains(&f.port) {
                 continue;
             }
             let http = f

@@ -1,7 +1,9 @@
-//! A peer CA's revocation list, `GET /v1/revoked` as this CA pulls it (src/ca/peers.rs
-//! `parse_list`).
+//! The revocation list, `GET /v1/revoked`, as a CA pulls it from its peers (src/ca/peers.rs
+//! `parse_list`) and as a sidecar or gateway pulls it from its CA (src/svid/ca.rs
+//! `parse_revoked`).
 //!
-//! Beyond "no panic": the caps hold; every kept serial is unexpired and cut to the longest an
+//! Beyond "no panic": the two readers agree (a list the CA accepts, the sidecar reads, with every
+//! serial the CA keeps); the caps hold; every kept serial is unexpired and cut to the longest an
 //! SVID lives; no ban of trustline's own roles is kept and every kept ban is a SPIFFE ID; and the
 //! list, printed in the same JSON form, parses back to the same entries.
 #![no_main]
@@ -12,14 +14,20 @@ use trustline::ca::config::MAX_SVID_TTL;
 use trustline::ca::peers::{parse_list, MAX_PEER_BANS, MAX_PEER_SERIALS};
 use trustline::identity::ids::RESERVED_PREFIX;
 use trustline::identity::parse_id;
+use trustline::svid::parse_revoked;
 
 /// A realistic "now" (the CA's clock), late 2026.
 const NOW: u64 = 1_796_000_000;
 
 fuzz_target!(|data: &[u8]| {
+    let sidecar = parse_revoked(data);
     let Ok(list) = parse_list(data, NOW) else {
         return;
     };
+    let serials = sidecar.expect("a list a CA accepts, a sidecar reads");
+    for (s, _) in &list.revoked {
+        assert!(serials.contains(s), "the sidecar misses serial {s}");
+    }
     assert!(list.revoked.len() <= MAX_PEER_SERIALS);
     assert!(list.banned.len() <= MAX_PEER_BANS);
     for (_, not_after) in &list.revoked {

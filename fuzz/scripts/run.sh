@@ -2,7 +2,8 @@
 # Runs fuzz targets one after another with the options of FUZZING.md.
 #   fuzz/scripts/run.sh SECONDS [RUNS] [TARGET...]
 # SECONDS bounds each target's run (-max_total_time), RUNS its executions (-runs, default
-# unbounded). Seeds are read from fuzz/corpus/TARGET; what the run finds is kept in
+# unbounded; -1 for unbounded with targets named). Seeds are read from fuzz/corpus/TARGET and
+# fuzz/regressions/TARGET (inputs that once failed); what the run finds is kept in
 # fuzz/corpus-grown/TARGET (not committed); a crash is written to fuzz/artifacts/TARGET/ and
 # makes the script fail. Build first: cargo +nightly fuzz build --sanitizer none --debug-assertions
 set -euo pipefail
@@ -29,7 +30,10 @@ for t in "${targets[@]}"; do
     mkdir -p "corpus-grown/$t" "artifacts/$t"
     echo "=== fuzz $t: ${secs}s, runs $runs ($(date -u +%H:%M:%S))"
     rc=0
-    "$bin/$t" "corpus-grown/$t" "corpus/$t" \
+    # Inputs that once crashed a target are replayed first with its seeds.
+    dirs=("corpus-grown/$t" "corpus/$t")
+    [[ -d "regressions/$t" ]] && dirs+=("regressions/$t")
+    "$bin/$t" "${dirs[@]}" \
         -runs="$runs" -max_total_time="$secs" -max_len="$(max_len "$t")" \
         -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
         -artifact_prefix="artifacts/$t/" >"artifacts/$t.log" 2>&1 &

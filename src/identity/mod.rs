@@ -128,6 +128,11 @@ impl Serial {
 
 impl fmt::Display for Serial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Zero normalises to no bytes; print it as openssl does, so the text parses back (a
+        // published revocation list with an empty serial is refused whole by peer CAs).
+        if self.0.is_empty() {
+            return f.write_str("00");
+        }
         f.write_str(&crate::util::hex(&self.0))
     }
 }
@@ -318,6 +323,18 @@ impl Bundle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzz target spiffe_id (fuzz/regressions/spiffe_id/zero-serial): `00` parsed to
+    /// an empty serial that printed as "", which no parser reads back.
+    #[test]
+    fn a_zero_serial_prints_as_hex_that_parses_back() {
+        for text in ["00", "0000", "00:00"] {
+            let s = Serial::parse_hex(text).unwrap();
+            assert_eq!(s.to_string(), "00");
+            assert_eq!(Serial::parse_hex(&s.to_string()), Some(s));
+        }
+        assert_eq!(Serial::parse_hex("000a").unwrap().to_string(), "0a");
+    }
 
     fn root(uri: Option<&str>) -> CertificateDer<'static> {
         let mut p = rcgen::CertificateParams::default();

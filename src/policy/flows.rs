@@ -92,6 +92,9 @@ impl<'a> Observed<'a> {
             .filter(|f| f.destination_service == service && f.rule != super::path::REFUSED);
         for f in decided {
             match (&f.method, &f.path) {
+                // An allow matches a method exactly and a policy file holds upper-case methods:
+                // no rule can allow `get`, so suggesting `GET` for it would not cover the flow.
+                (Some(m), Some(_)) if *m != m.to_ascii_uppercase() => {}
                 (Some(m), Some(p)) => {
                     o.http_ports.insert(f.port);
                     o.l7.entry((f.source_id.as_str(), f.port, m.to_ascii_uppercase()))
@@ -275,4 +278,20 @@ pub fn render_replay(r: &Replay) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by fuzz target policy_suggest (fuzz/regressions/policy_suggest/lower-case-method):
+    /// a recorded `zET` request was suggested as an allow of `ZET`, which does not match it.
+    #[test]
+    fn suggest_never_allows_a_case_variant_of_a_recorded_method() {
+        let log = r#"{"time":"2026-12-01T10:00:00Z","event":"decision","source_id":"spiffe://example.org/ns/shop/sa/web","source_region":null,"destination_service":"checkout","port":8080,"method":"zET","path":"/api/a","outcome":"allow","rule":"default","mode":"enforced"}"#;
+        let (flows, bad) = parse_flows(log);
+        assert!(bad.is_empty(), "{bad:?}");
+        let text = suggest(&flows, "checkout");
+        assert!(!text.contains("ZET"), "{text}");
+    }
 }

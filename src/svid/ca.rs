@@ -190,7 +190,12 @@ pub async fn fetch_revoked(client: &CaClient) -> Result<HashSet<Serial>, Error> 
     if !status.is_success() {
         return Err(Error::RevokedStatus(status));
     }
-    let v: serde_json::Value = serde_json::from_slice(&body).map_err(Error::RevokedJson)?;
+    parse_revoked(&body)
+}
+
+/// Reads the serials of a `GET /v1/revoked` body (every entry, expired or not).
+pub fn parse_revoked(body: &[u8]) -> Result<HashSet<Serial>, Error> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(Error::RevokedJson)?;
     let list = v["revoked"].as_array().ok_or(Error::NoRevokedList)?;
     list.iter()
         .map(|r| {

@@ -16,6 +16,7 @@ use cli::{Cli, Command};
 
 /// jemalloc with background threads: it gives memory back after a flood, which glibc's malloc
 /// does not (RELIABILITY.md, "Memory").
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -9,8 +9,10 @@
 //! is well under the 40 % of the lifetime left at renewal. Inside: issuance, renewal and mTLS
 //! work. Outside: the refusal says "not valid yet" or "expired".
 //!
+//! Run them on a build without jemalloc, whose start-up deadlocks under libfaketime:
+//! `cargo test --no-default-features --test clock_skew -- --ignored` (as `.ci/run` does).
 //! Needs the `faketime` command (Debian package `faketime`), so the tests are `#[ignore]`d for
-//! `cargo test`; CI installs it and runs `cargo test --test clock_skew -- --ignored`.
+//! `cargo test`; CI installs it and runs them as above.
 
 mod common;
 

@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 secs=$1
 runs=${2:--1}
 shift 2 || shift $#
-bin=${FUZZ_BIN:-target/x86_64-unknown-linux-gnu/release}
+# cargo fuzz builds into CARGO_TARGET_DIR when it is set, else fuzz/target.
+bin=${FUZZ_BIN:-${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release}
 targets=("$@")
 if [[ ${#targets[@]} -eq 0 ]]; then
     mapfile -t targets < <(sed -n 's/^name = "\(.*\)"$/\1/p' Cargo.toml | grep -v '^trustline-fuzz$')

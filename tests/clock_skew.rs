@@ -236,7 +236,7 @@ fn the_documented_tolerance_is_five_minutes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the faketime command (CI: cargo test --test clock_skew -- --ignored)"]
+#[ignore = "needs the faketime command (CI: cargo test --no-default-features --test clock_skew -- --ignored)"]
 async fn a_ca_five_minutes_ahead_still_issues_and_a_pair_talks() {
     require_faketime();
     let ca = start_ca(Some("+5m"), "1h").await;
@@ -247,7 +247,7 @@ async fn a_ca_five_minutes_ahead_still_issues_and_a_pair_talks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the faketime command (CI: cargo test --test clock_skew -- --ignored)"]
+#[ignore = "needs the faketime command (CI: cargo test --no-default-features --test clock_skew -- --ignored)"]
 async fn a_ca_five_minutes_behind_still_issues_and_a_pair_talks() {
     require_faketime();
     let ca = start_ca(Some("-5m"), "1h").await;
@@ -258,7 +258,7 @@ async fn a_ca_five_minutes_behind_still_issues_and_a_pair_talks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the faketime command (CI: cargo test --test clock_skew -- --ignored)"]
+#[ignore = "needs the faketime command (CI: cargo test --no-default-features --test clock_skew -- --ignored)"]
 async fn a_ca_further_ahead_than_the_backdating_is_refused_as_not_yet_valid() {
     require_faketime();
     let ca = start_ca(Some("+7m"), "1h").await;
@@ -270,7 +270,7 @@ async fn a_ca_further_ahead_than_the_backdating_is_refused_as_not_yet_valid() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the faketime command (CI: cargo test --test clock_skew -- --ignored)"]
+#[ignore = "needs the faketime command (CI: cargo test --no-default-features --test clock_skew -- --ignored)"]
 async fn a_ca_behind_by_more_than_the_svid_lifetime_is_refused_as_expired() {
     require_faketime();
     let ca = start_ca(Some("-5m"), "4m").await;
@@ -329,7 +329,7 @@ async fn start_behind(ca: &SkewedCa, app: SocketAddr) -> (Proc, SocketAddr) {
 /// A sidecar process 5 minutes behind everyone else (the CA and its peer), and one 5 minutes
 /// ahead (in process, on a clock set forward): they get their SVIDs and talk both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the faketime command (CI: cargo test --test clock_skew -- --ignored)"]
+#[ignore = "needs the faketime command (CI: cargo test --no-default-features --test clock_skew -- --ignored)"]
 async fn sidecars_five_minutes_apart_from_the_ca_and_each_other_still_talk() {
     require_faketime();
     let ca = start_ca(None, "1h").await;

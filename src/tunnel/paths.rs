@@ -43,12 +43,19 @@ pub struct Path {
 /// A connection of a path.
 struct Live {
     conn: quinn::Connection,
+    /// When the handshake completed: a restarted peer shows as a young connection.
+    since: Instant,
 }
 
 impl Path {
     /// The live connection, if up.
     pub fn connection(&self) -> Option<quinn::Connection> {
         self.live().map(|l| l.conn.clone())
+    }
+
+    /// How long the live connection has been up, if up.
+    pub fn up_for(&self) -> Option<Duration> {
+        self.live().map(|l| l.since.elapsed())
     }
 
     fn live(&self) -> Option<Arc<Live>> {
@@ -508,7 +515,10 @@ async fn dial(cfg: &PathsConfig, path: &Path) -> Result<Up, Error> {
         .as_ref()
         .and_then(|c| c.not_after.checked_sub(c.issued_lifetime() / 3));
     Ok(Up {
-        live: Arc::new(Live { conn }),
+        live: Arc::new(Live {
+            conn,
+            since: Instant::now(),
+        }),
         peer,
         remote,
         own_not_after,

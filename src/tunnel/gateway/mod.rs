@@ -262,6 +262,7 @@ fn admin_state(
                             "address": p.addr.to_string(),
                             "up": conn.is_some(),
                             "rtt_ms": conn.map(|c| c.rtt().as_secs_f64() * 1000.0),
+                            "up_for_ms": p.up_for().map(|d| d.as_millis() as u64),
                         })
                     })
                     .collect();

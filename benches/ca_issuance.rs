@@ -41,7 +41,7 @@ use std::time::Duration;
 use hyper::StatusCode;
 use tokio::time::Instant;
 use trustline::ca::admin;
-use trustline::ca::ledger::{Ledger, RedbLedger};
+use trustline::ca::ledger::RedbLedger;
 use trustline::clock::Clock;
 use trustline::identity::{parse_trust_domain, parse_workload_id, Bundle, SpiffeId, Svid};
 use trustline::svid::ca_client::{make_csr, CaClient, CaConnection};

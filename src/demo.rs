@@ -135,7 +135,7 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         data: &data,
     })
     .await?;
-    let issued = ca.state.ledger.issued()?.len();
+    let issued = ca.state.ledger.issued().await?.len();
     println!("\nledger: {issued} certificates issued (CA server certificate not counted); audit log {}/audit.log", data.display());
     ca.shutdown();
     Ok(())

@@ -157,7 +157,7 @@ async fn token_issues_an_svid_built_from_the_ca_template() {
     );
     assert_eq!(leaf.validity().not_after.timestamp(), now + 3600);
     // The ledger recorded it.
-    let issued = ca.bound.state.ledger.issued().unwrap();
+    let issued = ca.bound.state.ledger.issued().await.unwrap();
     assert!(issued
         .iter()
         .any(|(s, r)| *s == svid.info.serial && r.spiffe_id == WEB));
@@ -432,7 +432,7 @@ async fn an_svid_from_another_ca_cannot_renew() {
         refused,
         "a certificate from another CA must not get through TLS"
     );
-    assert_eq!(ca.bound.state.ledger.issued().unwrap().len(), 0);
+    assert_eq!(ca.bound.state.ledger.issued().await.unwrap().len(), 0);
 }
 
 #[tokio::test]

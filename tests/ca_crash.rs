@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use tokio::sync::Notify;
 use trustline::ca::admin::{self, AdminRequest};
-use trustline::ca::ledger::{token_hash, Authorisation, Ledger, RedbLedger};
+use trustline::ca::ledger::{token_hash, Authorisation, RedbLedger};
 use trustline::clock::Clock;
 use trustline::identity::{parse_trust_domain, Bundle, SpiffeId};
 use trustline::svid::ca_client::{CaClient, ClientError};

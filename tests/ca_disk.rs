@@ -188,9 +188,10 @@ async fn renew_until_refused(
 }
 
 /// Every serial in `received` is in the ledger; none was received twice.
-fn check_recorded(ledger: &dyn Ledger, received: &[String]) {
+async fn check_recorded(ledger: &dyn Ledger, received: &[String]) {
     let issued: HashSet<String> = ledger
         .issued()
+        .await
         .expect("reading the ledger")
         .into_iter()
         .map(|(s, _)| s.to_string())
@@ -338,14 +339,14 @@ async fn a_full_disk_gets_503_loses_nothing_and_recovers_without_a_restart() {
         Err(ClientError::Refused { status, .. }) if status.as_u16() == 401 => {}
         other => panic!("the token was spent once space returned: expected 401, got {other:?}"),
     }
-    check_recorded(ca.state.ledger.as_ref(), &serials);
+    check_recorded(ca.state.ledger.as_ref(), &serials).await;
 
     // And on disk, read by a fresh open after the server is gone.
     let audit = data.join("audit.log");
     ca.drain(Duration::from_secs(5)).await;
     drop(ca);
     let ledger = open_ledger(&data.join("ledger.redb")).await;
-    check_recorded(&ledger, &serials);
+    check_recorded(&ledger, &serials).await;
     let lines = check_audit(&audit);
     eprintln!(
         "{} serials recorded, {lines} audit lines, all whole",
@@ -477,7 +478,7 @@ async fn a_read_only_disk_gets_503_and_the_ledger_survives_the_repair() {
     disk.repair();
     {
         let ledger = open_ledger(&data.join("ledger.redb")).await;
-        check_recorded(&ledger, &serials);
+        check_recorded(&ledger, &serials).await;
     }
     let ca = start_ca(&pki, &data).await;
     let client = self::client(&pki, &ca);
@@ -485,6 +486,6 @@ async fn a_read_only_disk_gets_503_and_the_ledger_survives_the_repair() {
         panic!("no renewal after the repair");
     };
     serials.push(s.info.serial.to_string());
-    check_recorded(ca.state.ledger.as_ref(), &serials);
+    check_recorded(ca.state.ledger.as_ref(), &serials).await;
     ca.drain(Duration::from_secs(5)).await;
 }

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use common::{echo_app, id, Pki, PATIENCE, TD};
-use trustline::ca::ledger::{Ledger, RedbLedger};
+use trustline::ca::ledger::RedbLedger;
 use trustline::clock::Clock;
 use trustline::proxy::config::SidecarConfig;
 use trustline::svid::ca_client::CaClient;

@@ -243,9 +243,9 @@ async fn read_body(
 }
 
 /// What authorises this request: a join token, or else the client's current SVID.
-fn authorise(state: &CaState, peer: &Peer, bearer: Option<&str>) -> Result<Auth, ApiError> {
+async fn authorise(state: &CaState, peer: &Peer, bearer: Option<&str>) -> Result<Auth, ApiError> {
     match (bearer, &peer.svid) {
-        (Some(token), _) => authorise_token(state, token),
+        (Some(token), _) => authorise_token(state, token).await,
         (None, None) => Err(ApiError::unauthorized(
             "no authorisation: send `Authorization: Bearer <join token>` or present your current SVID as client certificate",
         )),
@@ -256,11 +256,12 @@ fn authorise(state: &CaState, peer: &Peer, bearer: Option<&str>) -> Result<Auth,
 
 /// A first issuance: the token must be known, unused, not voided and unexpired (the ledger
 /// checks again when it spends it).
-fn authorise_token(state: &CaState, token: &str) -> Result<Auth, ApiError> {
+async fn authorise_token(state: &CaState, token: &str) -> Result<Auth, ApiError> {
     let hash = token_hash(token);
     let rec = state
         .ledger
-        .token(&hash)?
+        .token(hash)
+        .await?
         .ok_or_else(|| ApiError::unauthorized("unknown join token"))?;
     let now = state.clock.unix();
     if rec.used.is_some() {
@@ -353,8 +354,9 @@ async fn svid(
     let body = read_body(req, state.body_timeout).await.map_err(no_id)?;
     let csr = parse_csr(&body).map_err(|e| no_id(e.into()))?;
     let requested = csr.requested.clone();
-    let auth =
-        authorise(state, peer, bearer.as_deref()).map_err(|e| (e, Some(requested.clone())))?;
+    let auth = authorise(state, peer, bearer.as_deref())
+        .await
+        .map_err(|e| (e, Some(requested.clone())))?;
     issue(state, peer, csr, auth)
         .await
         .map_err(|e| (e, Some(requested)))

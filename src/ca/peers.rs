@@ -365,7 +365,7 @@ async fn revoke_local_of_banned(
             id: id.clone(),
             error,
         };
-        for (serial, _) in state.ledger.live_serials(id, now).map_err(failed)? {
+        for (serial, _) in state.ledger.live_serials(id, now).await.map_err(failed)? {
             if state.ledger.is_revoked(&serial) {
                 continue;
             }

@@ -32,8 +32,10 @@ use crate::identity::Serial;
 /// A ledger write in flight: it resolves once the write is durable (or refused).
 pub type Pending<'a, T> = Pin<Box<dyn Future<Output = Result<T, LedgerError>> + Send + 'a>>;
 
-/// What the CA needs from its store. Writes are futures that resolve once durable; reads are
-/// synchronous (the redb ones are a read transaction or the in-memory view of the revocations).
+/// What the CA needs from its store. Writes are futures that resolve once durable. Reads of the
+/// store are futures too (a shared ledger is across the network); the revocation and ban checks
+/// on every request are synchronous, from an in-memory view the ledger keeps current (the redb
+/// one after each commit, a shared one at each refresh; [`Ledger::stale`] says when it is not).
 pub trait Ledger: Send + Sync {
     /// Records an issued serial, consuming `token` in the same durable transaction. Refused if
     /// the serial exists ([`LedgerError::DuplicateSerial`]), its ID is banned
@@ -64,7 +66,7 @@ pub trait Ledger: Send + Sync {
     fn lift(&self, spiffe_id: &str) -> Pending<'_, u64>;
 
     /// Looks a token up by hash (a consistent read; [`Ledger::record_issue`] re-checks it).
-    fn token(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>, LedgerError>;
+    fn token(&self, hash: [u8; 32]) -> Pending<'_, Option<TokenRecord>>;
 
     /// Whether a serial is revoked: a renewal with it is refused.
     fn is_revoked(&self, serial: &Serial) -> bool;
@@ -85,14 +87,20 @@ pub trait Ledger: Send + Sync {
     /// certificate is refused anyway); the store keeps them. Returns how many were forgotten.
     fn prune(&self, now: u64) -> usize;
 
+    /// Why the in-memory view of revocations and bans may be behind the store (a shared ledger
+    /// that could not refresh it lately), or `None` while it is current.
+    fn stale(&self) -> Option<String> {
+        None
+    }
+
     /// The serials issued for `spiffe_id` that are unexpired at `now`, with their not_after.
-    fn live_serials(&self, spiffe_id: &str, now: u64) -> Result<Vec<(Serial, u64)>, LedgerError>;
+    fn live_serials(&self, spiffe_id: &str, now: u64) -> Pending<'_, Vec<(Serial, u64)>>;
 
     /// Every issued serial (for audits and consistency checks).
-    fn issued(&self) -> Result<Vec<(Serial, IssuedRecord)>, LedgerError>;
+    fn issued(&self) -> Pending<'_, Vec<(Serial, IssuedRecord)>>;
 
     /// Every token record (hashes and state, never the token text).
-    fn tokens(&self) -> Result<Vec<TokenRecord>, LedgerError>;
+    fn tokens(&self) -> Pending<'_, Vec<TokenRecord>>;
 }
 
 /// How an issuance was authorised.

@@ -219,13 +219,8 @@ impl Ledger for RedbLedger {
     }
 
     // The writer checks the token again before it spends it.
-    fn token(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>, LedgerError> {
-        self.read(|r| {
-            let t = r.open_table(TOKENS).map_err(db_err)?;
-            let v = t.get(hash.as_slice()).map_err(db_err)?;
-            v.map(|v| serde_json::from_slice(v.value()).map_err(db_err))
-                .transpose()
-        })
+    fn token(&self, hash: [u8; 32]) -> Pending<'_, Option<TokenRecord>> {
+        Box::pin(std::future::ready(self.token_record(&hash)))
     }
 
     // From memory: loaded at open, updated by the writer after each commit.
@@ -272,11 +267,35 @@ impl Ledger for RedbLedger {
         (self.seq.load(Ordering::Acquire), list)
     }
 
-    fn live_serials(&self, spiffe_id: &str, now: u64) -> Result<Vec<(Serial, u64)>, LedgerError> {
-        self.read(|r| live_serials(r, spiffe_id, now))
+    fn live_serials(&self, spiffe_id: &str, now: u64) -> Pending<'_, Vec<(Serial, u64)>> {
+        Box::pin(std::future::ready(
+            self.read(|r| live_serials(r, spiffe_id, now)),
+        ))
     }
 
-    fn issued(&self) -> Result<Vec<(Serial, IssuedRecord)>, LedgerError> {
+    fn issued(&self) -> Pending<'_, Vec<(Serial, IssuedRecord)>> {
+        Box::pin(std::future::ready(RedbLedger::issued(self)))
+    }
+
+    fn tokens(&self) -> Pending<'_, Vec<TokenRecord>> {
+        Box::pin(std::future::ready(RedbLedger::tokens(self)))
+    }
+}
+
+/// Synchronous reads, for tools and tests that open a ledger file directly.
+impl RedbLedger {
+    /// Looks a token up by hash.
+    pub fn token_record(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>, LedgerError> {
+        self.read(|r| {
+            let t = r.open_table(TOKENS).map_err(db_err)?;
+            let v = t.get(hash.as_slice()).map_err(db_err)?;
+            v.map(|v| serde_json::from_slice(v.value()).map_err(db_err))
+                .transpose()
+        })
+    }
+
+    /// Every issued serial.
+    pub fn issued(&self) -> Result<Vec<(Serial, IssuedRecord)>, LedgerError> {
         self.read(|r| {
             let t = r.open_table(SERIALS).map_err(db_err)?;
             let mut out = Vec::new();
@@ -291,7 +310,8 @@ impl Ledger for RedbLedger {
         })
     }
 
-    fn tokens(&self) -> Result<Vec<TokenRecord>, LedgerError> {
+    /// Every token record.
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, LedgerError> {
         self.read(|r| {
             let t = r.open_table(TOKENS).map_err(db_err)?;
             let mut out = Vec::new();

@@ -384,6 +384,7 @@ mod tests {
         assert_eq!(
             ledger
                 .live_serials("spiffe://td/ns/a/sa/w", 1)
+                .await
                 .unwrap()
                 .len(),
             2,

@@ -80,6 +80,8 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         rate_limit: 50,
         peers: Default::default(),
         limits: Default::default(),
+        ledger: None,
+        ledger_options: Default::default(),
     };
     let ca = crate::ca::server::build(config, Clock::system()).await?;
     println!(

@@ -105,6 +105,8 @@ impl Lab {
                         refresh: options.refresh_interval,
                     },
                     limits: Default::default(),
+                    ledger: None,
+                    ledger_options: Default::default(),
                 },
                 Clock::system(),
             )

@@ -39,6 +39,8 @@ async fn start_ca_limited(limits: CaLimits) -> Ca {
         audit_log: None,
         rate_limit: 0,
         limits,
+        ledger: None,
+        ledger_options: Default::default(),
         peers: Default::default(),
     };
     let bound = trustline::ca::server::build(config, Clock::system())

@@ -91,6 +91,8 @@ async fn start_with(rate_limit: u32) -> Ca {
         rate_limit,
         peers: Default::default(),
         limits: Default::default(),
+        ledger: None,
+        ledger_options: Default::default(),
     };
     let bound = build(config, clock.clone()).await.expect("CA starts");
     let bundle = Bundle::from_pem(

@@ -131,6 +131,8 @@ async fn start_ca(pki: &Pki, data: &Path) -> trustline::ca::server::Bound {
         rate_limit: 0,
         peers: Default::default(),
         limits: Default::default(),
+        ledger: None,
+        ledger_options: Default::default(),
     };
     trustline::ca::server::build(config, Clock::system())
         .await

@@ -90,6 +90,8 @@ async fn ca_with_metrics() -> Ca {
         audit_log: None,
         rate_limit: 0,
         limits: Default::default(),
+        ledger: None,
+        ledger_options: Default::default(),
         peers: Default::default(),
     };
     let bound = trustline::ca::server::build(config, Clock::system())

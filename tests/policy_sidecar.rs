@@ -86,6 +86,8 @@ impl Mesh {
                 rate_limit: 0,
                 peers: Default::default(),
                 limits: Default::default(),
+                ledger: None,
+                ledger_options: Default::default(),
             };
             let bound = trustline::ca::server::build(config, Clock::system())
                 .await

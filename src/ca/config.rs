@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::error::PeerConfigError;
+use super::ledger::{LedgerUrl, PgOptions};
 use crate::config::{load_toml, ConfigError};
 use crate::region::Region;
 use crate::util::parse_duration;
@@ -41,6 +42,13 @@ pub struct CaServeFile {
     pub peers: Option<Vec<String>>,
     /// How often each peer's list is pulled, e.g. `5s`.
     pub peer_refresh: Option<String>,
+    /// The ledger: `redb:PATH` (default `redb:DATA/ledger.redb`) or a PostgreSQL URL shared by
+    /// the region's replicas.
+    pub ledger: Option<String>,
+    /// How often a shared ledger's revocations and bans are re-read, e.g. `1s`.
+    pub ledger_refresh: Option<String>,
+    /// Connections a replica keeps to a shared ledger at most.
+    pub ledger_pool: Option<usize>,
     /// `[limits]`: connection caps and timeouts of the API listener (file only).
     pub limits: Option<CaLimitsFile>,
 }
@@ -165,6 +173,10 @@ pub struct CaServeConfig {
     pub peers: PeerConfig,
     /// Connection caps and timeouts of the API listener.
     pub limits: CaLimits,
+    /// Where the ledger lives; `None` is `redb:DATA/ledger.redb`.
+    pub ledger: Option<LedgerUrl>,
+    /// How a shared ledger is used (ignored for redb).
+    pub ledger_options: PgOptions,
 }
 
 /// Defaults of `ca serve`.
@@ -174,9 +186,17 @@ pub const DEFAULT_SVID_TTL: &str = "24h";
 pub const DEFAULT_RATE_LIMIT: u32 = 50;
 
 impl CaServeConfig {
+    /// Where the ledger lives.
+    pub fn ledger_url(&self) -> LedgerUrl {
+        self.ledger
+            .clone()
+            .unwrap_or_else(|| LedgerUrl::Redb(self.data_dir.join("ledger.redb")))
+    }
+
     /// Merges flags (`flags`) over the optional file, then validates.
     pub fn resolve(flags: CaServeFile, file: Option<&Path>) -> Result<Self, ConfigError> {
         let from_file = read_file(file)?;
+        let ledger_options = ledger_options(&flags, &from_file, file)?;
         // Where each value came from, for error messages.
         let src = |flag_set: bool| if flag_set { None } else { file };
         let ca_src = src(flags.ca.is_some());
@@ -214,6 +234,13 @@ impl CaServeConfig {
             .map_err(|e| ConfigError::field(peers_src, "peers", e.to_string()))?;
         let refresh_src = src(flags.peer_refresh.is_some());
         let refresh = parse_refresh(flags.peer_refresh.or(from_file.peer_refresh), refresh_src)?;
+        let ledger_src = src(flags.ledger.is_some());
+        let ledger = match flags.ledger.or(from_file.ledger) {
+            None => None,
+            Some(text) => Some(
+                LedgerUrl::parse(&text).map_err(|e| ConfigError::field(ledger_src, "ledger", e))?,
+            ),
+        };
         Ok(CaServeConfig {
             ca_dir,
             data_dir,
@@ -228,8 +255,53 @@ impl CaServeConfig {
                 .unwrap_or(DEFAULT_RATE_LIMIT),
             peers: PeerConfig { urls, refresh },
             limits: CaLimits::from_file(from_file.limits, file)?,
+            ledger,
+            ledger_options,
         })
     }
+}
+
+/// Accepted refresh intervals of a shared ledger's revocations.
+pub const LEDGER_REFRESH_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(60);
+/// Most connections one replica may keep (PostgreSQL's default `max_connections` is 100).
+pub const MAX_LEDGER_POOL: usize = 256;
+
+fn ledger_options(
+    flags: &CaServeFile,
+    from_file: &CaServeFile,
+    file: Option<&Path>,
+) -> Result<PgOptions, ConfigError> {
+    let d = PgOptions::default();
+    let refresh = match (&flags.ledger_refresh, &from_file.ledger_refresh) {
+        (Some(t), _) | (None, Some(t)) => {
+            let src = flags.ledger_refresh.is_none().then_some(file).flatten();
+            let r = parse_duration(t)
+                .map_err(|e| ConfigError::field(src, "ledger_refresh", e.to_string()))?;
+            if !LEDGER_REFRESH_RANGE.contains(&r) {
+                return Err(ConfigError::field(
+                    src,
+                    "ledger_refresh",
+                    format!("{t} is outside 100ms..60s"),
+                ));
+            }
+            r
+        }
+        (None, None) => d.refresh,
+    };
+    let pool = match flags.ledger_pool.or(from_file.ledger_pool) {
+        None => d.pool,
+        Some(n) if (1..=MAX_LEDGER_POOL).contains(&n) => n,
+        Some(n) => {
+            let src = flags.ledger_pool.is_none().then_some(file).flatten();
+            return Err(ConfigError::field(
+                src,
+                "ledger_pool",
+                format!("{n} is outside 1..={MAX_LEDGER_POOL}"),
+            ));
+        }
+    };
+    Ok(PgOptions { pool, refresh })
 }
 
 /// The config file, if any, with its relative paths made relative to the file (as in the

@@ -17,7 +17,7 @@ use super::authority::Authority;
 use super::config::{CaLimits, CaServeConfig};
 pub use super::error::ServeError;
 use super::error::{ClientCertError, PeerConfigError};
-use super::ledger::{Ledger, RedbLedger};
+use super::ledger::postgres::schema::Owner;
 use super::limits::ConnLimits;
 use super::metrics::CaMetrics;
 use super::server_cert::{server_tls, ServerCert};
@@ -113,7 +113,7 @@ fn bind_err(what: &'static str, addr: SocketAddr) -> impl FnOnce(std::io::Error)
 /// sockets are bound, so callers (and tests on port 0) can use the real addresses at once.
 pub async fn build(config: CaServeConfig, clock: Clock) -> Result<Bound, ServeError> {
     let mut registry = Registry::default();
-    let (state, resolver) = open_state(&config, &clock, &mut registry)?;
+    let (state, resolver) = open_state(&config, &clock, &mut registry).await?;
     let conn_limits = Arc::new(ConnLimits::new(
         config.limits.max_connections,
         config.limits.max_connections_per_client,
@@ -160,7 +160,7 @@ pub async fn build(config: CaServeConfig, clock: Clock) -> Result<Bound, ServeEr
 
 /// Loads the CA, prepares the data directory, opens the ledger and the audit log, and issues
 /// the server's first certificate.
-fn open_state(
+async fn open_state(
     config: &CaServeConfig,
     clock: &Clock,
     registry: &mut Registry,
@@ -172,7 +172,13 @@ fn open_state(
     let data = &config.data_dir;
     std::fs::create_dir_all(data).map_err(io("creating data dir", data))?;
     set_mode(data, 0o700).map_err(io("securing data dir", data))?;
-    let ledger: Arc<dyn Ledger> = Arc::new(RedbLedger::open(&data.join("ledger.redb"))?);
+    let owner = Owner {
+        trust_domain: authority.trust_domain.as_str(),
+        region: authority.region.as_deref().unwrap_or(""),
+    };
+    let url = config.ledger_url();
+    let ledger = url.open(&owner, config.ledger_options.clone()).await?;
+    tracing::info!(ledger = %url, "ledger open");
     let audit_path = config
         .audit_log
         .clone()

@@ -93,6 +93,16 @@ pub struct ServeArgs {
     /// How often each peer CA's revocations are pulled [default: 5s].
     #[arg(long)]
     peer_refresh: Option<String>,
+    /// The ledger: redb:PATH, or postgres://USER@HOST:PORT/DB shared by the region's CA
+    /// replicas (TLS: ?sslmode=verify-full&sslrootcert=FILE) [default: redb:DATA/ledger.redb].
+    #[arg(long, value_name = "URL")]
+    ledger: Option<String>,
+    /// How often a shared ledger's revocations are re-read [default: 1s].
+    #[arg(long)]
+    ledger_refresh: Option<String>,
+    /// Connections this replica keeps to a shared ledger at most [default: 16].
+    #[arg(long)]
+    ledger_pool: Option<usize>,
     /// TOML file with any of the keys above (flags win).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -241,6 +251,9 @@ async fn ca_serve(a: ServeArgs) -> anyhow::Result<()> {
         rate_limit: a.rate_limit,
         peers: (!a.peer_ca.is_empty()).then_some(a.peer_ca),
         peer_refresh: a.peer_refresh,
+        ledger: a.ledger,
+        ledger_refresh: a.ledger_refresh,
+        ledger_pool: a.ledger_pool,
         limits: None,
     };
     let config = CaServeConfig::resolve(flags, a.config.as_deref())?;

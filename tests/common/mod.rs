@@ -167,6 +167,8 @@ pub async fn start_ca_with(svid_ttl: Duration, extra_roots: &[&Pki]) -> Ca {
         rate_limit: 0,
         peers: Default::default(),
         limits: Default::default(),
+        ledger: None,
+        ledger_options: Default::default(),
     };
     let bound = trustline::ca::server::build(config, Clock::system())
         .await

@@ -1,9 +1,9 @@
 //! The CA's durable ledger: issued serials (with their renewal lineage), join tokens (hashed),
 //! revocations and banned SPIFFE IDs, behind one [`Ledger`] interface.
 //!
-//! [`RedbLedger`] (an embedded redb file, one CA) is the implementation today; a shared SQL one
-//! for several CA replicas of one region is to come, and the API, admin, peer and server code
-//! only ever holds an `Arc<dyn Ledger>`.
+//! [`RedbLedger`] (an embedded redb file, one CA, the default) and [`PgLedger`] (one PostgreSQL
+//! database shared by several CA replicas of one region) implement it; the API, admin, peer and
+//! server code only ever holds an `Arc<dyn Ledger>`. [`LedgerUrl`] says which one a CA opens.
 //!
 //! What every implementation promises:
 //! - a write resolves only once it is durable, so whatever a client was answered survives a
@@ -18,16 +18,75 @@
 //!   its unexpired serials are revoked and its unused join tokens voided in the transaction that
 //!   records the ban.
 
+pub mod postgres;
 mod redb;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use self::postgres::{PgLedger, PgOptions, PgUrl};
 pub use self::redb::RedbLedger;
 pub use super::error::LedgerError;
 use crate::identity::Serial;
+
+/// Where a CA's ledger lives: `redb:PATH` (one CA, the default `DATA/ledger.redb`) or
+/// `postgres://USER@HOST:PORT/DB` (shared by the region's CA replicas; see [`PgUrl::parse`] for
+/// TLS).
+#[derive(Clone, Debug)]
+pub enum LedgerUrl {
+    Redb(PathBuf),
+    Postgres(Box<PgUrl>),
+}
+
+impl LedgerUrl {
+    /// Parses a ledger URL; the error says what is wrong with it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if let Some(path) = text.strip_prefix("redb:") {
+            if path.is_empty() {
+                return Err(
+                    "redb: needs a file path, as in redb:/var/lib/trustline/ledger.redb".into(),
+                );
+            }
+            return Ok(LedgerUrl::Redb(path.into()));
+        }
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            return PgUrl::parse(text).map(|u| LedgerUrl::Postgres(Box::new(u)));
+        }
+        Err(format!(
+            "{:?} is not a ledger URL: use redb:PATH or postgres://USER@HOST:PORT/DB",
+            text.split("://").next().unwrap_or(text)
+        ))
+    }
+
+    /// Opens the ledger; `owner` is checked against a shared one's (a CA refuses another
+    /// region's ledger).
+    pub async fn open(
+        &self,
+        owner: &postgres::schema::Owner<'_>,
+        options: PgOptions,
+    ) -> Result<Arc<dyn Ledger>, LedgerError> {
+        Ok(match self {
+            LedgerUrl::Redb(path) => Arc::new(RedbLedger::open(path)?),
+            LedgerUrl::Postgres(url) => {
+                Arc::new(PgLedger::open((**url).clone(), owner, options).await?)
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for LedgerUrl {
+    /// The URL as given, any password redacted.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LedgerUrl::Redb(p) => write!(f, "redb:{}", p.display()),
+            LedgerUrl::Postgres(u) => u.fmt(f),
+        }
+    }
+}
 
 /// A ledger write in flight: it resolves once the write is durable (or refused).
 pub type Pending<'a, T> = Pin<Box<dyn Future<Output = Result<T, LedgerError>> + Send + 'a>>;

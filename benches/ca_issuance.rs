@@ -21,6 +21,12 @@
 //! `TL_BENCH_DUMP` (a directory to write phase 2's per-request `phase2.csv` and the server log),
 //! `TL_BENCH_BIN` (another `trustline` binary to serve, e.g. an older build for an A/B run).
 //!
+//! `TL_BENCH_LEDGER=postgres` runs the same phases against **two replicas** on one shared
+//! PostgreSQL ledger instead: a private PostgreSQL server is started for the run (as in
+//! `tests/ca_postgres.rs`), both `ca serve` replicas use it, the clients' connections alternate
+//! between the replicas, and "server" CPU and disk writes are those of both replicas and every
+//! PostgreSQL process together. `TL_BENCH_REPLICAS` (2) sets how many replicas.
+//!
 //! Any failed request, or a ledger that does not hold every serial answered with 200, is printed
 //! and makes the benchmark exit non-zero.
 
@@ -28,6 +34,8 @@
 // thread sleeps are what they are for (clippy.toml bans them elsewhere).
 #![allow(clippy::disallowed_methods)]
 
+#[path = "../tests/common/postgres.rs"]
+mod postgres;
 #[path = "support/mod.rs"]
 mod support;
 use support::CaProcess;
@@ -41,7 +49,7 @@ use std::time::Duration;
 use hyper::StatusCode;
 use tokio::time::Instant;
 use trustline::ca::admin;
-use trustline::ca::ledger::RedbLedger;
+use trustline::ca::ledger::{Ledger, PgLedger, PgUrl, RedbLedger};
 use trustline::clock::Clock;
 use trustline::identity::{parse_trust_domain, parse_workload_id, Bundle, SpiffeId, Svid};
 use trustline::svid::ca_client::{make_csr, CaClient, CaConnection};
@@ -66,6 +74,8 @@ struct Settings {
     server_log: Option<String>,
     dump: Option<PathBuf>,
     bin: PathBuf,
+    /// `TL_BENCH_LEDGER=postgres`: this many replicas on a shared PostgreSQL ledger.
+    replicas: Option<usize>,
 }
 
 fn env_num<T: FromStr>(name: &str, default: T) -> T {
@@ -93,6 +103,11 @@ impl Settings {
             server_log: std::env::var("TL_BENCH_SERVER_LOG").ok(),
             dump: std::env::var_os("TL_BENCH_DUMP").map(PathBuf::from),
             bin: std::env::var_os("TL_BENCH_BIN").map_or_else(|| BIN.into(), PathBuf::from),
+            replicas: match std::env::var("TL_BENCH_LEDGER").as_deref() {
+                Ok("postgres") => Some(env_num("TL_BENCH_REPLICAS", 2).max(1)),
+                Ok("redb") | Err(_) => None,
+                Ok(other) => panic!("TL_BENCH_LEDGER={other:?}: use redb or postgres"),
+            },
         }
     }
 }
@@ -116,19 +131,42 @@ fn main() -> ExitCode {
 
 /// Runs every phase and prints the report; true when nothing failed.
 async fn run(s: &Settings, calibration: (f64, f64)) -> bool {
-    let mut server = start_server(s);
-    let meter = Meter::new(server.pid);
-    let client = client(&server);
+    let pg = s.replicas.map(|_| {
+        let pg = postgres::Postgres::start();
+        let url = pg.create_db("bench");
+        (pg, url)
+    });
+    let mut server = start_server(s, pg.as_ref().map(|(_, url)| url.as_str()));
+    let mut replicas: Vec<CaProcess> = (1..s.replicas.unwrap_or(1))
+        .map(|_| {
+            server.replica(
+                &s.bin,
+                &["--rate-limit", "0"],
+                s.server_log.as_deref(),
+                Duration::from_secs(20),
+            )
+        })
+        .collect();
+    let mut pids = vec![server.pid];
+    pids.extend(replicas.iter().map(|r| r.pid));
+    let meter = Meter::new(pids, pg.as_ref().map(|(pg, _)| pg.postmaster_pid()));
+    let client = client(&server, server.api);
+    let mut clients = vec![client.clone()];
+    clients.extend(replicas.iter().map(|r| self::client(&server, r.api)));
     eprintln!(
-        "server {} (pid {}) on {}; {} clients, load generator {} thread(s)",
+        "server {} (pid {}) on {}{}; {} clients, load generator {} thread(s)",
         s.bin.display(),
         server.pid,
         server.api,
+        match &pg {
+            Some((_, url)) => format!(" and {} more replica(s), ledger {url}", replicas.len()),
+            None => String::new(),
+        },
         s.clients,
         s.threads
     );
     let workloads = bootstrap(&client, &server.admin_socket(), s.clients).await;
-    let lanes = open_lanes(&client, &workloads, true).await;
+    let lanes = open_lanes(&clients, &workloads, true).await;
 
     eprintln!(
         "phase 1: closed loop, {:?} warm-up + {:?}",
@@ -138,17 +176,23 @@ async fn run(s: &Settings, calibration: (f64, f64)) -> bool {
     eprintln!("phase 2: {} req/s for {:?}", s.rate, s.secs);
     let (_lanes, fixed) = fixed_rate(lanes, s, &meter).await;
     eprintln!("phase 3: minting {} join tokens", s.tokens);
-    let (first, mint_rate) = token_issuance(&client, &server, &workloads, s, &meter).await;
+    let (first, mint_rate) = token_issuance(&clients, &server, &workloads, s, &meter).await;
 
     let answered: u64 = [&max, &fixed, &first]
         .iter()
         .map(|p| p.samples.all_ok())
         .sum();
     server.stop();
+    for r in &mut replicas {
+        r.stop();
+    }
     if let Some(dir) = &s.dump {
         dump(dir, &server, &fixed.samples.timeline);
     }
-    let recorded = ledger_serials(&server.data.join("ledger.redb"));
+    let recorded = match &pg {
+        Some((_, url)) => pg_serials(url).await,
+        None => ledger_serials(&server.data.join("ledger.redb")),
+    };
     let expected = answered + workloads.len() as u64;
 
     let rows = [
@@ -172,9 +216,12 @@ async fn run(s: &Settings, calibration: (f64, f64)) -> bool {
 
 /// The CA under test: `trustline ca serve` with `--rate-limit 0`, killed on drop (panics
 /// included).
-fn start_server(s: &Settings) -> CaProcess {
+fn start_server(s: &Settings, ledger: Option<&str>) -> CaProcess {
     let log = s.server_log.as_deref();
-    let args = ["--rate-limit", "0"];
+    let mut args = vec!["--rate-limit", "0"];
+    if let Some(url) = ledger {
+        args.extend(["--ledger", url]);
+    }
     let up_within = Duration::from_secs(20);
     CaProcess::start(
         &s.bin,
@@ -186,12 +233,12 @@ fn start_server(s: &Settings) -> CaProcess {
     )
 }
 
-/// A client of `server` trusting the root bundle written by `ca init`.
-fn client(server: &CaProcess) -> CaClient {
+/// A client of the CA at `api` trusting the root bundle `server`'s `ca init` wrote.
+fn client(server: &CaProcess, api: std::net::SocketAddr) -> CaClient {
     let td = parse_trust_domain(TRUST_DOMAIN).expect("trust domain");
     let pem = std::fs::read(server.dir.path().join("root/bundle.pem")).expect("reading bundle");
     let bundle = Bundle::from_pem(td, &pem, "bundle.pem").expect("parsing bundle");
-    CaClient::new(&format!("https://{}", server.api), bundle, Clock::system()).expect("CA client")
+    CaClient::new(&format!("https://{api}"), bundle, Clock::system()).expect("CA client")
 }
 
 /// Writes phase 2's requests (in schedule order) and the server's log into `dir`.
@@ -205,6 +252,22 @@ fn dump(dir: &Path, server: &CaProcess, timeline: &[Timed]) {
     }
     std::fs::write(dir.join("phase2.csv"), csv).expect("writing phase2.csv");
     std::fs::copy(server.log(), dir.join("server.log")).expect("copying server.log");
+}
+
+/// Counts the serials in the shared ledger.
+async fn pg_serials(url: &str) -> u64 {
+    let owner = trustline::ca::ledger::postgres::schema::Owner {
+        trust_domain: TRUST_DOMAIN,
+        region: "r1",
+    };
+    let ledger = PgLedger::open(
+        PgUrl::parse(url).expect("ledger URL"),
+        &owner,
+        Default::default(),
+    )
+    .await
+    .expect("opening the shared ledger");
+    ledger.issued().await.expect("reading the ledger").len() as u64
 }
 
 /// Counts the serials in the ledger file (the server must be stopped).
@@ -252,10 +315,12 @@ struct Lane {
     conn: CaConnection,
 }
 
-/// Opens one connection per workload, presenting its SVID when `mtls`.
-async fn open_lanes(client: &CaClient, workloads: &[Workload], mtls: bool) -> Vec<Lane> {
+/// Opens one connection per workload, presenting its SVID when `mtls`, alternating between
+/// the replicas' `clients`.
+async fn open_lanes(clients: &[CaClient], workloads: &[Workload], mtls: bool) -> Vec<Lane> {
     let mut lanes = Vec::with_capacity(workloads.len());
-    for w in workloads {
+    for (k, w) in workloads.iter().enumerate() {
+        let client = &clients[k % clients.len()];
         let svid = mtls.then(|| w.svid.clone());
         let conn = client
             .connect(svid.as_ref())
@@ -474,14 +539,14 @@ async fn mint_all(
 /// fresh keep-alive connections without a client certificate. Returns the phase and the
 /// minting rate (tokens/s through the admin socket).
 async fn token_issuance(
-    client: &CaClient,
+    clients: &[CaClient],
     server: &CaProcess,
     workloads: &[Workload],
     s: &Settings,
     meter: &Meter,
 ) -> (Phase, f64) {
     let (tokens, mint_rate) = mint_all(server, workloads, s.tokens / workloads.len()).await;
-    let lanes = open_lanes(client, workloads, false).await;
+    let lanes = open_lanes(clients, workloads, false).await;
     let tokens = std::sync::Arc::new(tokens);
     let mark = meter.mark();
     let started = Instant::now();
@@ -509,15 +574,18 @@ async fn token_issuance(
 /// CPU time of the server and of this process (`/proc/PID/stat`), and the server's disk writes
 /// (`/proc/PID/io`).
 struct Meter {
-    server: u32,
+    /// The CA replicas.
+    servers: Vec<u32>,
+    /// PostgreSQL's postmaster: it and its children count as server too.
+    postmaster: Option<u32>,
     ticks_per_sec: f64,
 }
 
 /// A reading of both processes' CPU time and of the server's bytes written to storage.
 struct Mark {
-    server: u64,
+    /// Per server process: CPU ticks and bytes written.
+    server: std::collections::HashMap<u32, (u64, u64)>,
     me: u64,
-    written: u64,
     at: Instant,
 }
 
@@ -530,7 +598,7 @@ struct Usage {
 }
 
 impl Meter {
-    fn new(server: u32) -> Self {
+    fn new(servers: Vec<u32>, postmaster: Option<u32>) -> Self {
         let hz = Command::new("getconf")
             .arg("CLK_TCK")
             .output()
@@ -538,16 +606,31 @@ impl Meter {
             .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
             .unwrap_or(100.0);
         Meter {
-            server,
+            servers,
+            postmaster,
             ticks_per_sec: hz,
         }
     }
 
+    /// The server processes now: the replicas, and PostgreSQL's processes (its backends come
+    /// and go with the replicas' connections).
+    fn pids(&self) -> Vec<u32> {
+        let mut pids = self.servers.clone();
+        if let Some(pm) = self.postmaster {
+            pids.push(pm);
+            pids.extend(children_of(pm));
+        }
+        pids
+    }
+
     fn mark(&self) -> Mark {
         Mark {
-            server: proc_ticks(&self.server.to_string()),
+            server: self
+                .pids()
+                .into_iter()
+                .map(|p| (p, (proc_ticks(&p.to_string()), proc_written(p))))
+                .collect(),
             me: proc_ticks("self"),
-            written: proc_written(self.server),
             at: Instant::now(),
         }
     }
@@ -556,10 +639,17 @@ impl Meter {
         let now = self.mark();
         let ticks = (now.at - m.at).as_secs_f64() * self.ticks_per_sec;
         let pct = |used: u64| used as f64 / ticks * 100.0;
+        // A process started in the window counts from zero.
+        let (mut cpu, mut written) = (0, 0);
+        for (pid, (t, w)) in &now.server {
+            let (t0, w0) = m.server.get(pid).copied().unwrap_or((0, 0));
+            cpu += t.saturating_sub(t0);
+            written += w.saturating_sub(w0);
+        }
         Usage {
-            server: pct(now.server.saturating_sub(m.server)),
+            server: pct(cpu),
             loadgen: pct(now.me.saturating_sub(m.me)),
-            written: now.written.saturating_sub(m.written),
+            written,
         }
     }
 
@@ -580,6 +670,21 @@ fn proc_ticks(pid: &str) -> u64 {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
     field(14).unwrap_or(0) + field(15).unwrap_or(0)
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            rest.split_whitespace().nth(1) == Some(&pid.to_string())
+        })
+        .collect()
 }
 
 /// Bytes a process caused to be written to storage; 0 if unreadable.

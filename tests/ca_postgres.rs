@@ -716,3 +716,84 @@ async fn a_replica_sigkilled_mid_issuance_leaves_the_ledger_whole_and_the_other_
         .await
         .expect("replica b issues after a was killed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_from_its_database_says_why_and_serves_again_when_it_is_back() {
+    let pg = Postgres::start();
+    let url = pg.create_db("cut");
+    let pki = Pki::new("mesh.test");
+    let mut a = Replica::start(&pki, "a", &url);
+    a.ready(&pki).await;
+    let web = id("web");
+    let token = admin::token(&a.admin(), &web.to_string(), 900)
+        .await
+        .unwrap();
+    let client = a.client(&pki);
+    let svid = client.issue_with_token(&web, &token).await.unwrap();
+
+    pg.stop_server();
+    let e = client
+        .renew(&svid)
+        .await
+        .expect_err("no renewal without the ledger");
+    println!("renewal with the database down: {e}");
+    assert!(
+        e.to_string().contains("503") || e.to_string().contains("cannot record issuances"),
+        "{e}"
+    );
+    let t0 = Instant::now();
+    let why = loop {
+        let mut conn = client.connect(None).await.unwrap();
+        let (status, body) = conn.get("/v1/revoked", None).await.unwrap();
+        if status == 503 {
+            break String::from_utf8_lossy(&body).into_owned();
+        }
+        assert_eq!(status, 200);
+        assert!(
+            t0.elapsed() < PATIENCE,
+            "the revocation list never said it was stale"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!("/v1/revoked with the database down: {why}");
+    assert!(why.contains("may be out of date"), "{why}");
+    assert!(
+        client.fetch_bundle_pem().await.is_ok(),
+        "the bundle does not need the ledger"
+    );
+    let e = admin::token(&a.admin(), &web.to_string(), 900)
+        .await
+        .expect_err("no token");
+    assert!(e.to_string().contains("ledger"), "{e}");
+
+    pg.start_server();
+    let t0 = Instant::now();
+    let renewed = loop {
+        match client.renew(&svid).await {
+            Ok(s) => break s,
+            Err(e) => assert!(
+                t0.elapsed() < PATIENCE,
+                "no renewal after the database came back: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!(
+        "renewed again {:?} after the database came back",
+        t0.elapsed()
+    );
+    assert_ne!(renewed.info.serial, svid.info.serial);
+    // The list is served again at the next refresh.
+    let t0 = Instant::now();
+    loop {
+        let mut conn = client.connect(None).await.unwrap();
+        if conn.get("/v1/revoked", None).await.unwrap().0 == 200 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < PATIENCE,
+            "the revocation list stayed unavailable"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -33,6 +33,9 @@ pub struct CaProcess {
     /// The server's `--data` directory (ledger, admin socket).
     pub data: PathBuf,
     pub dir: tempfile::TempDir,
+    /// `--ledger URL`, when given: what a replica repeats.
+    #[allow(dead_code)] // only benches/ca_issuance.rs starts replicas
+    ledger_args: Vec<String>,
 }
 
 impl CaProcess {
@@ -82,12 +85,64 @@ impl CaProcess {
             cmd.env("RUST_LOG", filter);
         }
         let child = cmd.spawn().expect("starting `trustline ca serve`");
+        let ledger_args = extra_args
+            .windows(2)
+            .find(|w| w[0] == "--ledger")
+            .map(|w| vec![w[0].to_string(), w[1].to_string()])
+            .unwrap_or_default();
         let mut ca = CaProcess {
             pid: child.id(),
             child: Some(child),
             api,
             data,
             dir,
+            ledger_args,
+        };
+        ca.wait_until_up(up_within);
+        ca
+    }
+
+    /// Another `ca serve` replica of the same CA (for a shared ledger: `extra_args` of the
+    /// first start are not repeated, except what is given here; its ledger URL is), with its own
+    /// data directory and port, killed on drop.
+    #[allow(dead_code)] // only benches/ca_issuance.rs starts replicas
+    pub fn replica(
+        &self,
+        bin: &Path,
+        extra_args: &[&str],
+        rust_log: Option<&str>,
+        up_within: Duration,
+    ) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("trustline-replica-")
+            .tempdir()
+            .expect("making a temporary directory");
+        let api = free_port();
+        let data = dir.path().join("data");
+        let log = File::create(dir.path().join("ca.log")).expect("creating ca.log");
+        let mut cmd = Command::new(bin);
+        cmd.args(["ca", "serve", "--ca"])
+            .arg(self.dir.path().join("r1"))
+            .arg("--data")
+            .arg(&data)
+            .args(["--listen", &api.to_string()])
+            .args(["--metrics-listen", "off", "--svid-ttl", "1h"])
+            .args(&self.ledger_args)
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("duplicating the log handle"))
+            .stderr(log);
+        if let Some(filter) = rust_log {
+            cmd.env("RUST_LOG", filter);
+        }
+        let child = cmd.spawn().expect("starting `trustline ca serve`");
+        let mut ca = CaProcess {
+            pid: child.id(),
+            child: Some(child),
+            api,
+            data,
+            dir,
+            ledger_args: self.ledger_args.clone(),
         };
         ca.wait_until_up(up_within);
         ca

@@ -471,6 +471,15 @@ async fn revoked(state: &CaState, req: &Request<hyper::body::Incoming>) -> Resp 
         .query()
         .is_some_and(|q| q.split('&').any(|p| p == "scope=local"));
     let scope = if local_only { Scope::Local } else { Scope::All };
+    // A replica cut off from its shared ledger cannot know what the others revoked since: it
+    // says so rather than serve an old list as current (clients keep the list they have).
+    if let Some(why) = state.ledger.stale() {
+        return error_response(&ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("this CA's revocation list may be out of date: {why}"),
+        ));
+    }
     let body = state.revoked_cache.body(state, scope).await;
     respond(StatusCode::OK, "application/json", body)
 }

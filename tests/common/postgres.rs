@@ -181,6 +181,16 @@ impl Postgres {
             .status();
     }
 
+    /// The server's main process.
+    pub fn postmaster_pid(&self) -> u32 {
+        let pid =
+            std::fs::read_to_string(self.data_dir().join("postmaster.pid")).unwrap_or_default();
+        pid.lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("postmaster.pid")
+    }
+
     pub fn server_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sock/server.log")).unwrap_or_default()
     }

@@ -740,6 +740,46 @@ fn config_file_errors_name_file_line_and_field() {
         CaServeConfig::resolve(flags, Some(&file)).unwrap().svid_ttl,
         Duration::from_secs(3 * 3600)
     );
+    // The ledger: redb in DATA by default; a bad URL, refresh or pool is refused by name.
+    assert_eq!(ok.ledger_url().to_string(), "redb:/y/ledger.redb");
+    for (line, says) in [
+        ("ledger = \"mysql://ca@db/x\"", "not a ledger URL"),
+        (
+            "ledger = \"postgres://ca:pw@db/x?sslmode=prefer\"",
+            "falls back to plain text",
+        ),
+        ("ledger = \"redb:\"", "needs a file path"),
+        ("ledger_refresh = \"10ms\"", "outside 100ms..60s"),
+        ("ledger_pool = 0", "outside 1..=256"),
+    ] {
+        std::fs::write(
+            &file,
+            format!(
+                "ca = {:?}\ndata = \"/y\"\n{line}\n",
+                dir.path().join("root")
+            ),
+        )
+        .unwrap();
+        let err = CaServeConfig::resolve(CaServeFile::default(), Some(&file))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ca.toml") && err.contains(says),
+            "{line}: {err}"
+        );
+        assert!(!err.contains("pw"), "the password is never shown: {err}");
+    }
+    std::fs::write(
+        &file,
+        format!(
+            "ca = {:?}\ndata = \"/y\"\nledger = \"postgres://ca:pw@db:5432/x\"\nledger_refresh = \"250ms\"\n",
+            dir.path().join("root")
+        ),
+    )
+    .unwrap();
+    let pg = CaServeConfig::resolve(CaServeFile::default(), Some(&file)).unwrap();
+    assert_eq!(pg.ledger_url().to_string(), "postgres://ca:***@db:5432/x");
+    assert_eq!(pg.ledger_options.refresh, Duration::from_millis(250));
 }
 
 impl Ca {

@@ -797,3 +797,64 @@ async fn a_replica_cut_from_its_database_says_why_and_serves_again_when_it_is_ba
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_verifies_the_server_and_is_tls_1_3() {
+    let pg = Postgres::start();
+    let (port, root) = pg.enable_tls();
+    pg.create_db("tls");
+    let url = format!(
+        "postgres://{}@localhost:{port}/tls?sslmode=verify-full&sslrootcert={}",
+        postgres::USER,
+        root.display()
+    );
+    let a = open(&url, 1000).await.expect("the ledger opens over TLS");
+    a.record_issue(random_serial(), by_token(ID), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        pg.psql(
+            "tls",
+            "SELECT ssl, version FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE application_name = 'trustline-ca' LIMIT 1"
+        ),
+        "t|TLSv1.3",
+        "the CA's connections are TLS 1.3"
+    );
+    // Without TLS the server refuses (hostssl only): proof the URL above did use it.
+    let plain = format!("postgres://{}@localhost:{port}/tls", postgres::USER);
+    let e = open(&plain, 1000).await.err().expect("plain TCP refused");
+    assert!(
+        e.to_string().contains("no pg_hba.conf entry") || e.to_string().contains("28000"),
+        "{e}"
+    );
+    // Another root: the server's certificate is not trusted.
+    let other = pg.socket_dir().join("other-root.pem");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&other, p.self_signed(&key).unwrap().pem()).unwrap();
+    let wrong = format!(
+        "postgres://{}@localhost:{port}/tls?sslmode=verify-full&sslrootcert={}",
+        postgres::USER,
+        other.display()
+    );
+    let e = open(&wrong, 1000)
+        .await
+        .err()
+        .expect("an unknown server certificate is refused");
+    println!("with another root: {e}");
+    assert!(e.to_string().contains("certificate"), "{e}");
+    // A name the certificate does not hold.
+    let by_ip = format!(
+        "postgres://{}@127.0.0.1:{port}/tls?sslmode=verify-full&sslrootcert={}",
+        postgres::USER,
+        root.display()
+    );
+    let e = open(&by_ip, 1000)
+        .await
+        .err()
+        .expect("a server name mismatch is refused");
+    println!("by IP: {e}");
+    assert!(e.to_string().contains("certificate"), "{e}");
+}

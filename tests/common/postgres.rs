@@ -16,6 +16,8 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     as_postgres: bool,
+    /// Set by [`Postgres::enable_tls`]: the TCP port it also listens on, TLS 1.3 only.
+    tls_port: Mutex<Option<u16>>,
 }
 
 /// One install attempt per test binary.
@@ -92,6 +94,7 @@ impl Postgres {
             dir,
             bin,
             as_postgres,
+            tls_port: Mutex::new(None),
         };
         std::fs::create_dir(pg.socket_dir()).unwrap();
         std::fs::create_dir(pg.data_dir()).unwrap();
@@ -152,10 +155,17 @@ impl Postgres {
 
     /// Starts the server (again) and waits until it accepts connections.
     pub fn start_server(&self) {
-        let opts = format!(
-            "-c listen_addresses='' -c unix_socket_directories='{}' -c max_connections=200",
+        let mut opts = format!(
+            "-c unix_socket_directories='{}' -c max_connections=200",
             self.socket_dir().display()
         );
+        match *self.tls_port.lock().unwrap() {
+            None => opts.push_str(" -c listen_addresses=''"),
+            Some(port) => opts.push_str(&format!(
+                " -c listen_addresses='127.0.0.1' -c port={port} -c ssl=on \
+                 -c ssl_min_protocol_version=TLSv1.3 -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
+            )),
+        }
         let st = self
             .run("pg_ctl")
             .args(["-w", "-t", "30", "-l"])
@@ -167,6 +177,62 @@ impl Postgres {
             .status()
             .expect("pg_ctl start");
         assert!(st.success(), "pg_ctl start failed:\n{}", self.server_log());
+    }
+
+    /// Restarts the server listening on 127.0.0.1 too, with TLS 1.3 and a certificate for
+    /// `localhost` from a throw-away root; returns the port and the root's PEM file. Plain TCP
+    /// connections are refused there (`hostssl` only). Unix-socket URLs stop working (the
+    /// socket is named after the new port).
+    pub fn enable_tls(&self) -> (u16, PathBuf) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let root_key = KeyPair::generate().unwrap();
+        let mut root = CertificateParams::new(Vec::new()).unwrap();
+        root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root_cert = root.self_signed(&root_key).unwrap();
+        let issuer = Issuer::new(root, root_key);
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let data = self.data_dir();
+        std::fs::write(data.join("server.crt"), leaf.pem()).unwrap();
+        std::fs::write(data.join("server.key"), key.serialize_pem()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        // TCP only with TLS; the socket stays trusted for the fixture's own tools.
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        )
+        .unwrap();
+        if self.as_postgres {
+            let st = Command::new("chown")
+                .arg("postgres:postgres")
+                .args([
+                    data.join("server.crt"),
+                    data.join("server.key"),
+                    data.join("pg_hba.conf"),
+                ])
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        let root_pem = self.dir.path().join("db-root.pem");
+        std::fs::write(&root_pem, root_cert.pem()).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        self.stop_server();
+        *self.tls_port.lock().unwrap() = Some(port);
+        self.start_server();
+        (port, root_pem)
     }
 
     /// Stops the server at once (`immediate`: as if it crashed; it recovers from its WAL).
@@ -205,10 +271,12 @@ impl Postgres {
 
     /// Creates database `db` and returns its URL.
     pub fn create_db(&self, db: &str) -> String {
+        let port = self.tls_port.lock().unwrap().unwrap_or(5432).to_string();
         let out = self
             .run("createdb")
             .arg("-h")
             .arg(self.socket_dir())
+            .args(["-p", &port])
             .args(["-U", USER, db])
             .output()
             .expect("createdb");
@@ -222,10 +290,12 @@ impl Postgres {
 
     /// Runs one SQL statement with psql and returns its unaligned output.
     pub fn psql(&self, db: &str, sql: &str) -> String {
+        let port = self.tls_port.lock().unwrap().unwrap_or(5432).to_string();
         let out = self
             .run("psql")
             .arg("-h")
             .arg(self.socket_dir())
+            .args(["-p", &port])
             .args([
                 "-U",
                 USER,

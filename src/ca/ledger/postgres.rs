@@ -344,33 +344,14 @@ fn serials_of(rows: Vec<Row>) -> Vec<(Serial, u64)> {
         .collect()
 }
 
-/// Why a token could not be spent, from its row.
-fn token_refusal(row: Option<Row>, spend: &TokenSpend) -> LedgerError {
-    let Some(row) = row else {
-        return LedgerError::TokenUnknown;
-    };
-    let (used, voided, expires, id): (Option<i64>, Option<i64>, i64, String) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
-    if used.is_some() {
-        LedgerError::TokenUsed
-    } else if voided.is_some() {
-        LedgerError::TokenVoided
-    } else if u64_of(expires) <= spend.now {
-        LedgerError::TokenExpired
-    } else if id != spend.spiffe_id {
-        LedgerError::TokenWrongId
-    } else {
-        LedgerError::Db("join token could not be spent, for no reason the ledger holds".into())
-    }
-}
-
+/// Records an issuance in one statement: the `record_issue` function of the schema takes the
+/// ID's shared lock, checks, spends the token and inserts, atomically.
 async fn record_issue(
-    tx: &Transaction<'_>,
+    c: &tokio_postgres::Client,
     serial: &Serial,
     record: &IssuedRecord,
     token: Option<&TokenSpend>,
 ) -> Result<(), LedgerError> {
-    lock_id(tx, &record.spiffe_id, false).await?;
     let parent = match &record.authorisation {
         Authorisation::Svid { serial } => Some(
             Serial::parse_hex(serial)
@@ -379,75 +360,56 @@ async fn record_issue(
         _ => None,
     };
     let parent_bytes = parent.as_ref().map(|p| p.as_bytes().to_vec());
-    let checks = tx
-        .query_typed(
-            "SELECT EXISTS (SELECT 1 FROM banned WHERE spiffe_id = $1),
-                    EXISTS (SELECT 1 FROM revoked WHERE serial = $2)",
-            &[
-                (&record.spiffe_id, Type::TEXT),
-                (&parent_bytes, Type::BYTEA),
-            ],
-        )
-        .await
-        .map_err(db)?;
-    let (banned, parent_revoked): (bool, bool) = (checks[0].get(0), checks[0].get(1));
-    if banned {
-        return Err(LedgerError::Banned(record.spiffe_id.clone()));
-    }
-    if let (true, Some(p)) = (parent_revoked, parent) {
-        return Err(LedgerError::ParentRevoked(p));
-    }
-    if let Some(spend) = token {
-        let now = i64_of(spend.now);
-        let serial_text = serial.to_string();
-        let hash = spend.hash.as_slice();
-        let spent = tx
-            .query_typed(
-                "UPDATE tokens SET used_at = $2, used_serial = $3
-                 WHERE hash = $1 AND used_at IS NULL AND voided_at IS NULL
-                   AND expires_at > $2 AND spiffe_id = $4
-                 RETURNING 1",
-                &[
-                    (&hash, Type::BYTEA),
-                    (&now, Type::INT8),
-                    (&serial_text, Type::TEXT),
-                    (&spend.spiffe_id, Type::TEXT),
-                ],
-            )
-            .await
-            .map_err(db)?;
-        if spent.is_empty() {
-            let row = tx
-                .query_typed(
-                    "SELECT used_at, voided_at, expires_at, spiffe_id FROM tokens WHERE hash = $1",
-                    &[(&hash, Type::BYTEA)],
-                )
-                .await
-                .map_err(db)?;
-            return Err(token_refusal(row.into_iter().next(), spend));
-        }
-    }
     let auth =
         serde_json::to_string(&record.authorisation).map_err(|e| LedgerError::Db(e.to_string()))?;
-    let inserted = tx
+    if let Some(spend) = token {
+        if spend.spiffe_id != record.spiffe_id {
+            return Err(LedgerError::TokenWrongId);
+        }
+    }
+    let hash = token.map(|t| t.hash.to_vec());
+    let now = i64_of(token.map_or(record.issued_at, |t| t.now));
+    let rows = c
         .query_typed(
-            "INSERT INTO serials (serial, spiffe_id, not_after, issued_at, authorisation, parent)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (serial) DO NOTHING RETURNING 1",
+            "SELECT record_issue($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             &[
                 (&serial.as_bytes(), Type::BYTEA),
+                (&serial.to_string(), Type::TEXT),
                 (&record.spiffe_id, Type::TEXT),
                 (&i64_of(record.not_after), Type::INT8),
                 (&i64_of(record.issued_at), Type::INT8),
                 (&auth, Type::TEXT),
                 (&parent_bytes, Type::BYTEA),
+                (&hash, Type::BYTEA),
+                (&now, Type::INT8),
             ],
         )
         .await
-        .map_err(db)?;
-    if inserted.is_empty() {
-        return Err(LedgerError::DuplicateSerial(serial.clone()));
+        .map_err(|e| match e.code() {
+            // Two replicas recording one serial at the same moment: the key decides.
+            Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                LedgerError::DuplicateSerial(serial.clone())
+            }
+            _ => db(e),
+        })?;
+    let outcome: String = rows
+        .first()
+        .ok_or_else(|| LedgerError::Db("record_issue returned no row".into()))?
+        .get(0);
+    match outcome.as_str() {
+        "ok" => Ok(()),
+        "banned" => Err(LedgerError::Banned(record.spiffe_id.clone())),
+        "parent_revoked" => Err(LedgerError::ParentRevoked(
+            parent.expect("only a renewal has a parent to be revoked"),
+        )),
+        "duplicate" => Err(LedgerError::DuplicateSerial(serial.clone())),
+        "token_unknown" => Err(LedgerError::TokenUnknown),
+        "token_used" => Err(LedgerError::TokenUsed),
+        "token_voided" => Err(LedgerError::TokenVoided),
+        "token_expired" => Err(LedgerError::TokenExpired),
+        "token_wrong_id" => Err(LedgerError::TokenWrongId),
+        other => Err(LedgerError::Db(format!("record_issue answered {other:?}"))),
     }
-    Ok(())
 }
 
 /// What a revocation or ban changed, with the not_after of each serial (for the view).
@@ -630,13 +592,14 @@ impl Ledger for PgLedger {
         record: IssuedRecord,
         token: Option<TokenSpend>,
     ) -> Pending<'_, ()> {
-        in_tx!(self, "recording an issuance", |tx| record_issue(
-            &tx,
-            &serial,
-            &record,
-            token.as_ref()
-        )
-        .await)
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            shared
+                .with("recording an issuance", move |c| {
+                    Box::pin(async move { record_issue(c, &serial, &record, token.as_ref()).await })
+                })
+                .await
+        })
     }
 
     fn add_token(&self, hash: [u8; 32], record: TokenRecord) -> Pending<'_, ()> {

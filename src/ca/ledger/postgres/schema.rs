@@ -57,6 +57,46 @@ const MIGRATIONS: &[&str] = &[
         spiffe_id text PRIMARY KEY,
         since bigint NOT NULL
     );
+    -- One issuance in one statement (one round trip): the ID's shared advisory lock first, then
+    -- each check, each in a snapshot taken after the lock (plpgsql, READ COMMITTED), then the
+    -- token's spend and the serial. A refusal returns before any write; an error after the
+    -- spend (the serial's unique key) aborts the statement, spend included.
+    CREATE FUNCTION record_issue(p_serial bytea, p_serial_text text, p_id text,
+                                 p_not_after bigint, p_issued_at bigint, p_auth text,
+                                 p_parent bytea, p_token bytea, p_now bigint)
+    RETURNS text LANGUAGE plpgsql AS $fn$
+    DECLARE
+        t record;
+    BEGIN
+        PERFORM pg_advisory_xact_lock_shared(hashtextextended(p_id, 0));
+        IF EXISTS (SELECT 1 FROM banned WHERE spiffe_id = p_id) THEN
+            RETURN 'banned';
+        END IF;
+        IF p_parent IS NOT NULL AND EXISTS (SELECT 1 FROM revoked WHERE serial = p_parent) THEN
+            RETURN 'parent_revoked';
+        END IF;
+        IF EXISTS (SELECT 1 FROM serials WHERE serial = p_serial) THEN
+            RETURN 'duplicate';
+        END IF;
+        IF p_token IS NOT NULL THEN
+            UPDATE tokens SET used_at = p_now, used_serial = p_serial_text
+             WHERE hash = p_token AND used_at IS NULL AND voided_at IS NULL
+               AND expires_at > p_now AND spiffe_id = p_id;
+            IF NOT FOUND THEN
+                SELECT used_at, voided_at, expires_at, spiffe_id INTO t
+                  FROM tokens WHERE hash = p_token;
+                IF NOT FOUND THEN RETURN 'token_unknown'; END IF;
+                IF t.used_at IS NOT NULL THEN RETURN 'token_used'; END IF;
+                IF t.voided_at IS NOT NULL THEN RETURN 'token_voided'; END IF;
+                IF t.expires_at <= p_now THEN RETURN 'token_expired'; END IF;
+                RETURN 'token_wrong_id';
+            END IF;
+        END IF;
+        INSERT INTO serials (serial, spiffe_id, not_after, issued_at, authorisation, parent)
+        VALUES (p_serial, p_id, p_not_after, p_issued_at, p_auth, p_parent);
+        RETURN 'ok';
+    END
+    $fn$;
     ",
 ];
 

@@ -519,6 +519,8 @@ async fn audit_log_and_metrics_record_outcomes() {
     let svid = ca.issue(WEB).await;
     let (_, csr) = make_csr(svid.id()).unwrap();
     assert_eq!(ca.post(&csr, None, None).await.0, StatusCode::UNAUTHORIZED);
+    // The audit writer runs on its own thread: everything recorded so far, out.
+    ca.bound.state.audit.flush();
     let log = std::fs::read_to_string(ca.data().join("audit.log")).unwrap();
     let events: Vec<serde_json::Value> = log
         .lines()

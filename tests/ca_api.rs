@@ -169,7 +169,7 @@ async fn token_issues_an_svid_built_from_the_ca_template() {
 async fn leaf_serials_increase_and_end_in_88_random_bits() {
     let ca = start().await;
     let key = KeyPair::generate().unwrap();
-    let id = SpiffeId::new(WEB.to_string()).unwrap();
+    let id = SpiffeId::new(WEB).unwrap();
     let now = ca.clock.now();
     let serials: Vec<Vec<u8>> = (0..64)
         .map(|_| {

@@ -375,3 +375,99 @@ async fn a_ledger_written_before_the_lineage_index_cascades_once_opened() {
         "the serials of each ID are indexed too"
     );
 }
+
+/// Bytes this process has caused to be written to storage (`/proc/self/io`).
+fn write_bytes() -> u64 {
+    let io = std::fs::read_to_string("/proc/self/io").unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A serial as `authority::leaf_serial` makes them (time-ordered) or as before (random).
+fn serial(ordered: bool, n: u64) -> Serial {
+    let mut b = [0u8; 19];
+    aws_lc_rs::rand::fill(&mut b).unwrap();
+    if ordered {
+        b[0] = 0x40;
+        b[1..8].copy_from_slice(&(1_800_000_000_000_000 + n).to_be_bytes()[1..]);
+    } else {
+        b[0] = (b[0] & 0x7f) | 1;
+    }
+    Serial::from_bytes(&b[..if ordered { 19 } else { 16 }])
+}
+
+/// Disk bytes per renewal for a ledger of `existing` serials, `workloads` renewing in turn from
+/// their latest SVID, group commits of about `batch`.
+async fn bytes_per_renewal(ordered: bool, existing: u64, workloads: usize, batch: usize) -> f64 {
+    // On the real disk: a tmpfs counts no writes.
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let path = dir.path().join("ledger.redb");
+    let mut latest = Vec::new();
+    {
+        let ledger = RedbLedger::open(&path).unwrap();
+        let db = ledger.db.read().unwrap();
+        let w = db.as_ref().unwrap().begin_write().unwrap();
+        {
+            let mut serials = w.open_table(SERIALS).unwrap();
+            let mut roots = w.open_multimap_table(ROOTS_BY_ID).unwrap();
+            for n in 0..existing {
+                let s = serial(ordered, n);
+                let id = format!("spiffe://td/ns/w/sa/{}", n as usize % workloads);
+                let v = serde_json::to_vec(&by_token(&id, LATER)).unwrap();
+                serials.insert(s.as_bytes(), v.as_slice()).unwrap();
+                if n < workloads as u64 {
+                    roots.insert(id.as_str(), s.as_bytes()).unwrap();
+                }
+                if n >= existing - workloads as u64 {
+                    latest.push((id, s));
+                }
+            }
+        }
+        w.commit().unwrap();
+    }
+    let ledger = std::sync::Arc::new(RedbLedger::open(&path).unwrap());
+    let rounds = 2_000 / batch;
+    let before = write_bytes();
+    let mut next = existing;
+    let mut w = 0;
+    for _ in 0..rounds {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..batch {
+            let (id, parent) = latest[w].clone();
+            let child = serial(ordered, next);
+            next += 1;
+            latest[w] = (id.clone(), child.clone());
+            w = (w + 1) % workloads;
+            let l = ledger.clone();
+            set.spawn(async move { l.record_issue(child, renewing(&id, &parent), None).await });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap().unwrap();
+        }
+    }
+    (write_bytes() - before) as f64 / (rounds * batch) as f64
+}
+
+/// What the time-ordered serials save on disk writes, measured (`--nocapture` prints it). A
+/// batch of renewals from different workloads lands on one right-edge leaf of `serials`, where
+/// random serials dirty a leaf each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, ~1 min: cargo test --lib ledger_write_bytes -- --ignored --nocapture"]
+async fn ledger_write_bytes_per_renewal_random_against_time_ordered_serials() {
+    for batch in [1, 8, 32] {
+        let random = bytes_per_renewal(false, 100_000, 1_000, batch).await;
+        let ordered = bytes_per_renewal(true, 100_000, 1_000, batch).await;
+        eprintln!(
+            "batch {batch:>2}: random serials {:.1} KiB/renewal, time-ordered {:.1} KiB/renewal",
+            random / 1024.0,
+            ordered / 1024.0
+        );
+        if batch >= 8 {
+            assert!(ordered < random * 0.7, "{ordered} against {random}");
+        }
+    }
+}

@@ -27,6 +27,10 @@
 //! which is keyed by the token's hash: one random page per token spent, which the trait's
 //! hash-only token key does not let us avoid. Ledgers of index version 0 and 1 (a
 //! `serials_by_id` entry per serial: a random page per SVID) are re-indexed once at open.
+//! Measured by `tests::ledger_write_bytes_per_renewal_random_against_time_ordered_serials`
+//! (100,000 serials, 1,000 workloads): about 40 KiB per commit whatever the keys, which is all a
+//! lone renewal costs; in batches of 8, 7.9 KiB per renewal against 17.8 with random serials, and
+//! 2.6 against 10.9 in batches of 32.
 
 mod apply;
 #[cfg(test)]

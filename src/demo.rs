@@ -140,6 +140,7 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
     let issued = ca.state.ledger.issued().await?.len();
     println!("\nledger: {issued} certificates issued (CA server certificate not counted); audit log {}/audit.log", data.display());
     ca.shutdown();
+    ca.state.audit.flush();
     Ok(())
 }
 
@@ -447,6 +448,11 @@ async fn regions(dir: &Path) -> anyhow::Result<()> {
     let reply = call(web.listeners[1], "GET", "/").await;
     println!("\n   web -> admin (region b): {reply}");
     tokio::time::sleep(Duration::from_millis(100)).await;
+    // The audit lines are written by each log's own thread: out before reading them.
+    api.audit.flush();
+    for gw in lab.regions.iter().flat_map(|r| r.gateways.iter().flatten()) {
+        gw.audit.flush();
+    }
     println!("\n9. api's sidecar decided on web's own identity and region (its audit line):");
     let log = std::fs::read_to_string(dir.join("api-audit.log")).unwrap_or_default();
     for line in log.lines().filter(|l| l.contains("\"decision\"")).take(1) {

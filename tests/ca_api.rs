@@ -165,6 +165,52 @@ async fn token_issues_an_svid_built_from_the_ca_template() {
         .any(|(s, r)| *s == svid.info.serial && r.spiffe_id == WEB));
 }
 
+/// Leaf serials begin with the issuance time, so the ledger appends them in key order, and keep
+/// 88 bits from the CSPRNG after it.
+#[tokio::test]
+async fn leaf_serials_increase_and_end_in_88_random_bits() {
+    let ca = start().await;
+    let key = KeyPair::generate().unwrap();
+    let id = SpiffeId::new(WEB).unwrap();
+    let now = ca.clock.now();
+    let serials: Vec<Vec<u8>> = (0..64)
+        .map(|_| {
+            let issued = ca
+                .bound
+                .state
+                .authority
+                .sign_leaf(&id, &key, Duration::from_secs(600), now, LeafUsage::Svid)
+                .unwrap();
+            parse(&issued.leaf).tbs_certificate.raw_serial().to_vec()
+        })
+        .collect();
+    let micros = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    for s in &serials {
+        assert_eq!(s.len(), 19, "{s:02x?}");
+        assert_eq!(
+            s[0], 0x40,
+            "positive, and apart from the older all-random serials"
+        );
+        let mut stamp = [0u8; 8];
+        stamp[1..].copy_from_slice(&s[1..8]);
+        assert!(
+            u64::from_be_bytes(stamp) >= micros,
+            "the issuance time leads"
+        );
+    }
+    // The same clock reading, yet strictly increasing.
+    assert!(serials.windows(2).all(|w| w[0] < w[1]));
+    let tails: std::collections::HashSet<&[u8]> = serials.iter().map(|s| &s[8..]).collect();
+    assert_eq!(
+        tails.len(),
+        serials.len(),
+        "the random part differs every time"
+    );
+}
+
 #[tokio::test]
 async fn renewal_with_the_current_svid_over_mtls() {
     let ca = start().await;
@@ -521,6 +567,8 @@ async fn audit_log_and_metrics_record_outcomes() {
     let svid = ca.issue(WEB).await;
     let (_, csr) = make_csr(svid.id()).unwrap();
     assert_eq!(ca.post(&csr, None, None).await.0, StatusCode::UNAUTHORIZED);
+    // The audit writer runs on its own thread: everything recorded so far, out.
+    ca.bound.state.audit.flush();
     let log = std::fs::read_to_string(ca.data().join("audit.log")).unwrap();
     let events: Vec<serde_json::Value> = log
         .lines()

@@ -650,3 +650,87 @@ async fn a_revoked_spiffe_id_stays_cut_off_after_sigkill() {
         .await
         .expect("issued once lifted");
 }
+
+/// Renewals before the kill: a ban after it reaches each of them through the renewal lineage.
+const RENEW_BEFORE_KILL: usize = 20;
+
+/// A chain of renewals is cut by SIGKILL. The ledger records an ID's first issuance as the root
+/// of its lineage and each renewal only under its parent, so a ban after the restart must find
+/// every SVID a client received by walking that lineage: nothing renewed before the crash may
+/// escape it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_after_sigkill_reaches_every_renewal_received_before_it() {
+    let dirs = init_ca();
+    let td = parse_trust_domain(TRUST_DOMAIN).unwrap();
+    let bundle_pem = std::fs::read(dirs.root.join("bundle.pem")).expect("root bundle");
+    let bundle = Bundle::from_pem(td, &bundle_pem, "bundle.pem").expect("bundle");
+    let client_for = |api: SocketAddr| {
+        CaClient::new(&format!("https://{api}"), bundle.clone(), Clock::system()).expect("client")
+    };
+    let id = workload_id(7);
+    let mut server = Server::start(&dirs, client_for, "first").await;
+    let client = client_for(server.api);
+    let tokens = mint_tokens(&dirs.admin_socket(), std::slice::from_ref(&id)).await;
+    let first = client
+        .issue_with_token(&id, &tokens[0])
+        .await
+        .expect("issue");
+    // Renew from the latest SVID, again and again, until the server dies under it.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(RENEW_BEFORE_KILL * 4);
+    let renewer = {
+        let client = client.clone();
+        let mut svid = first.clone();
+        tokio::spawn(async move {
+            while let Ok(next) = client.renew(&svid).await {
+                if tx.send(next.info.serial.to_string()).await.is_err() {
+                    return;
+                }
+                svid = next;
+            }
+        })
+    };
+    let mut received = vec![first.info.serial.to_string()];
+    while received.len() <= RENEW_BEFORE_KILL {
+        received.push(
+            rx.recv()
+                .await
+                .expect("the renewer stopped before the kill"),
+        );
+    }
+    server.kill();
+    renewer.await.expect("renewer");
+    while let Some(s) = rx.recv().await {
+        received.push(s);
+    }
+
+    let server = Server::start(&dirs, client_for, "restarted").await;
+    let client = client_for(server.api);
+    let data = dirs.data.to_str().expect("utf-8 temp path");
+    trustline(&[
+        "ca",
+        "revoke",
+        "--data",
+        data,
+        "--spiffe-id",
+        &id.to_string(),
+    ]);
+    let body = client
+        .get_limited("/v1/revoked", 1 << 20)
+        .await
+        .expect("revocation list");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let revoked: HashSet<&str> = v["revoked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["serial"].as_str().unwrap())
+        .collect();
+    for s in &received {
+        assert!(
+            revoked.contains(s.as_str()),
+            "{s}, received before the crash, escaped the ban ({} received, {} revoked)",
+            received.len(),
+            revoked.len()
+        );
+    }
+}

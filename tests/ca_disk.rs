@@ -346,6 +346,7 @@ async fn a_full_disk_gets_503_loses_nothing_and_recovers_without_a_restart() {
     // And on disk, read by a fresh open after the server is gone.
     let audit = data.join("audit.log");
     ca.drain(Duration::from_secs(5)).await;
+    ca.state.audit.flush();
     drop(ca);
     let ledger = open_ledger(&data.join("ledger.redb")).await;
     check_recorded(&ledger, &serials).await;

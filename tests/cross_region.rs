@@ -162,6 +162,7 @@ async fn a_call_crosses_regions_with_the_callers_own_identity() {
         "three connections ride one warm session"
     );
     // The destination sidecar decided on the caller's own SPIFFE ID and region.
+    _api.audit.flush();
     let log = audit(&lab, "api");
     let line = log
         .lines()
@@ -506,6 +507,7 @@ async fn sessions_follow_svid_rotation_and_expiry() {
         sessions >= 3,
         "{calls} calls over two SVID lifetimes rode only {sessions} session(s)"
     );
+    api.audit.flush();
     assert!(
         !audit(&lab, "api").contains("expired_certificate"),
         "no stream was refused for an expired session certificate"

@@ -175,7 +175,7 @@ fn impossible_travel_is_audited_and_can_refuse_the_serial() {
         policy,
         "checkout".into(),
         None,
-        audit,
+        audit.clone(),
         Clock::system(),
         anomaly,
     )
@@ -211,6 +211,7 @@ fn impossible_travel_is_audited_and_can_refuse_the_serial() {
     assert!(authz.admit(&job("c1", "eu-west"), far).allowed);
     assert!(!authz.admit(&job("c2", "us-east"), far).allowed);
     assert_eq!(authz.metrics.anomalies.get(), 2);
+    audit.flush();
     let events: Vec<serde_json::Value> = std::fs::read_to_string(&log)
         .unwrap()
         .lines()

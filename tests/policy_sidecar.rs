@@ -114,8 +114,9 @@ impl Mesh {
         self.dir.path().join(format!("{name}-audit.log"))
     }
 
-    /// Every line of `name`'s audit log, parsed.
-    fn audit(&self, name: &str) -> Vec<Value> {
+    /// Every line of `name`'s audit log (its sidecar is `sidecar`), parsed, once written out.
+    fn audit(&self, name: &str, sidecar: &trustline::proxy::Bound) -> Vec<Value> {
+        sidecar.audit.flush();
         std::fs::read_to_string(self.audit_path(name))
             .unwrap_or_default()
             .lines()
@@ -579,7 +580,7 @@ from = ["{frontend}"]
     assert_eq!(decisions(&checkout, "no-batch", "deny", "enforced"), 1);
     assert_eq!(decisions(&checkout, "frontend-in", "allow", "enforced"), 1);
 
-    let audit = mesh.audit("checkout");
+    let audit = mesh.audit("checkout", &checkout);
     let denied = lines_from(&audit, &mesh.id("batch"));
     assert_eq!(denied.len(), 1, "one line for batch: {audit:#?}");
     let d = denied[0];
@@ -673,7 +674,7 @@ paths = ["/orders/*"]
     );
     assert_eq!(decisions(&checkout, "no-deletes", "deny", "enforced"), 1);
 
-    let audit = mesh.audit("checkout");
+    let audit = mesh.audit("checkout", &checkout);
     let deny: Vec<_> = audit.iter().filter(|l| l["outcome"] == "deny").collect();
     assert_eq!(deny.len(), 1, "{audit:#?}");
     assert_eq!(deny[0]["method"], "DELETE");
@@ -866,7 +867,7 @@ from = ["{batch}"]
     // 11 refused by the sidecar's own checks, and the request hyper could not parse (counted
     // since unparseable requests are audited as bad-request too).
     assert_eq!(decisions(&checkout, "bad-request", "deny", "enforced"), 12);
-    let audit = mesh.audit("checkout");
+    let audit = mesh.audit("checkout", &checkout);
     let paths: Vec<&str> = audit
         .iter()
         .filter(|l| l["rule"] == "no-admin")
@@ -1043,7 +1044,7 @@ regions = ["eu-west"]
     assert_eq!(decisions(&checkout, "shop-in-eu", "allow", "enforced"), 1);
     assert_eq!(decisions(&checkout, "default", "deny", "enforced"), 1);
 
-    let audit = mesh.audit("checkout");
+    let audit = mesh.audit("checkout", &checkout);
     let eu_lines = lines_from(&audit, &mesh.id("web-eu"));
     let us_lines = lines_from(&audit, &mesh.id("web-us"));
     assert_eq!(eu_lines.len(), 1, "{audit:#?}");
@@ -1130,7 +1131,7 @@ hours = ["{window}"]
         decisions(&checkout, "frontend-in-window", "allow", "enforced"),
         1
     );
-    let audit = mesh.audit("checkout");
+    let audit = mesh.audit("checkout", &checkout);
     let outcomes: Vec<_> = audit
         .iter()
         .map(|l| (l["outcome"].as_str(), l["rule"].as_str()))
@@ -1202,7 +1203,7 @@ hours = ["{window}"]
             == 1
     })
     .await;
-    let audit = mesh.audit("checkout");
+    let audit = mesh.audit("checkout", &checkout);
     let closed: Vec<_> = audit
         .iter()
         .filter(|l| {
@@ -1256,7 +1257,7 @@ async fn a_live_connection_is_closed_when_the_callers_certificate_expires() {
             >= 1
     })
     .await;
-    let audit = mesh.audit("checkout");
+    let audit = mesh.audit("checkout", &checkout);
     assert!(
         audit.iter().any(|l| l["rule"] == "expired_certificate"
             && l["source_serial"] == serial(&frontend)
@@ -1379,7 +1380,7 @@ from = ["{frontend}"]
     );
     assert_eq!(decisions(&checkout, "frontend-in", "allow", "enforced"), 1);
 
-    let audit = mesh.audit("checkout");
+    let audit = mesh.audit("checkout", &checkout);
     let dry: Vec<_> = audit.iter().filter(|l| l["mode"] == "dry-run").collect();
     assert_eq!(dry.len(), 1, "{audit:#?}");
     assert_eq!(dry[0]["outcome"], "deny");
@@ -1445,7 +1446,7 @@ async fn hot_reload_closes_a_live_connection_the_new_policy_denies() {
         checkout.metrics.failures("inbound", "policy_denied") == 1
     })
     .await;
-    let audit = mesh.audit("checkout");
+    let audit = mesh.audit("checkout", &checkout);
     let denies: Vec<_> = audit.iter().filter(|l| l["outcome"] == "deny").collect();
     // The re-authorisation of the live connection and the new connection.
     assert_eq!(denies.len(), 2, "{audit:#?}");

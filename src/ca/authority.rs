@@ -320,8 +320,9 @@ impl Authority {
         })
     }
 
-    /// Signs a leaf for `id` over `public_key` from the CA's own template: random positive
-    /// serial, not-before [`BACKDATE`] (5 minutes) back, not-after `now + ttl` capped at the CA's own expiry,
+    /// Signs a leaf for `id` over `public_key` from the CA's own template: a positive serial of
+    /// issuance time and 88 random bits ([`leaf_serial`]), not-before [`BACKDATE`] (5 minutes)
+    /// back, not-after `now + ttl` capped at the CA's own expiry,
     /// exactly one URI SAN, CA:FALSE, digitalSignature, serverAuth + clientAuth, SKI/AKI.
     /// `dns` adds DNS/IP SANs (only for the CA server's own certificate).
     pub fn sign_leaf(
@@ -332,7 +333,7 @@ impl Authority {
         now: SystemTime,
         usage: LeafUsage<'_>,
     ) -> Result<Issued, AuthorityError> {
-        let serial = random_serial();
+        let serial = leaf_serial(now);
         let not_after = (now + ttl).min(self.not_after);
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
@@ -439,6 +440,38 @@ fn random_serial() -> SerialNumber {
     aws_lc_rs::rand::fill(&mut b).expect("system random generator failed");
     b[0] &= 0x7f;
     b[0] |= 0x01; // keep 16 bytes so the encoding length is stable
+    SerialNumber::from_slice(&b)
+}
+
+/// Leaf serials: 19 bytes, `0x40`, then the issuance time in microseconds since the epoch (7
+/// bytes, big-endian, kept strictly increasing within the process), then 11 bytes (88 bits) from
+/// the CSPRNG.
+///
+/// Why not all random: the ledger keys its records by serial, and random keys made every group
+/// commit rewrite a different B-tree leaf per SVID. Time-ordered serials append at the right edge.
+/// What the time prefix gives away is the issuance time, which `notBefore` already shows to the
+/// second. The unpredictable part, which is what stops a chosen-prefix collision on the signed
+/// bytes, is 88 bits, above the CA/Browser Forum's 64. The fixed first byte is even and the older
+/// all-random serials (and CA certificates, [`random_serial`]) start with an odd one, so the two
+/// never collide and the new ones form one range of the key space.
+fn leaf_serial(now: SystemTime) -> SerialNumber {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let micros = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    // Strictly increasing even when the (injected) clock stands still or steps back.
+    let prev = LAST
+        .fetch_update(
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+            |last| Some(micros.max(last + 1)),
+        )
+        .unwrap_or_else(|last| last);
+    let stamp = micros.max(prev + 1) & ((1 << 56) - 1);
+    let mut b = [0u8; 19];
+    b[0] = 0x40;
+    b[1..8].copy_from_slice(&stamp.to_be_bytes()[1..]);
+    aws_lc_rs::rand::fill(&mut b[8..]).expect("system random generator failed");
     SerialNumber::from_slice(&b)
 }
 

@@ -269,5 +269,15 @@ async fn ca_serve(a: ServeArgs) -> anyhow::Result<()> {
             "tasks still running at the drain deadline were stopped"
         );
     }
+    // The audit log's writer may still hold the last events: out before the process ends.
+    let state = bound.state.clone();
+    tokio::task::spawn_blocking(move || state.audit.flush()).await?;
+    let lost = bound.state.audit.lost();
+    if lost > 0 {
+        tracing::warn!(
+            lost,
+            "audit events were lost (queue full or write failed); the audit file marks where"
+        );
+    }
     Ok(())
 }

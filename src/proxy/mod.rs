@@ -126,6 +126,8 @@ pub struct Bound {
     pub sessions: Option<Arc<session::pool::SessionPool>>,
     /// The live connections, re-checked while they last.
     pub live: Arc<live::LiveConns>,
+    /// The decision audit log ([`Bound::drain`] flushes it).
+    pub audit: Arc<crate::audit::AuditLog>,
     tracker: Arc<Tracker>,
     stop_accepting: watch::Sender<bool>,
     stop_all: watch::Sender<bool>,
@@ -133,12 +135,15 @@ pub struct Bound {
 
 impl Bound {
     /// Stops accepting, waits for open connections to finish up to `deadline`, then stops the
-    /// remaining tasks (open connections are closed). Returns the connections cut off.
+    /// remaining tasks (open connections are closed), and writes out the audit log's queue.
+    /// Returns the connections cut off.
     pub async fn drain(&self, deadline: Duration) -> usize {
         let _ = self.stop_accepting.send(true);
         let _ = tokio::time::timeout(deadline, self.tracker.idle()).await;
         let left = self.tracker.active();
         let _ = self.stop_all.send(true);
+        let audit = self.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
         left
     }
 
@@ -158,6 +163,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
     let listeners = bind::Listeners::bind(&config).await?;
     let identity = setup.identity.clone();
     let live = setup.sweep(&config, &clock, &stopped);
+    let audit = setup.audit.clone();
     let common = Arc::new(Common {
         identity: identity.clone(),
         metrics: setup.metrics.clone(),
@@ -194,6 +200,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         authz,
         sessions,
         live,
+        audit,
         tracker: common.tracker.clone(),
         stop_accepting,
         stop_all,

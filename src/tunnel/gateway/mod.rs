@@ -95,17 +95,21 @@ pub struct Bound {
     pub metrics: TunnelMetrics,
     /// Paths to each peer region.
     pub peers: HashMap<Region, Arc<Paths>>,
+    /// The decision audit log ([`Bound::shutdown`] flushes it).
+    pub audit: Arc<AuditLog>,
     endpoint: quinn::Endpoint,
     stop: watch::Sender<bool>,
 }
 
 impl Bound {
-    /// Closes every connection and stops.
+    /// Closes every connection and stops, and writes out the audit log's queue.
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
         self.endpoint
             .close(quinn::VarInt::from_u32(0), b"gateway shutting down");
         self.endpoint.wait_idle().await;
+        let audit = self.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
     }
 }
 
@@ -127,7 +131,7 @@ pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, Error> 
         config,
         peers: peers.clone(),
         metrics: metrics.clone(),
-        audit,
+        audit: audit.clone(),
         identity: identity.clone(),
         quotas: Quotas::new(&config_limits),
         clock: clock.clone(),
@@ -140,6 +144,7 @@ pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, Error> 
         identity,
         metrics,
         peers,
+        audit,
         endpoint,
         stop,
     })

@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use ::redb::{MultimapTable, ReadableMultimapTable, ReadableTable, Table, WriteTransaction};
 
 use super::{
-    db_err, Change, Done, Op, BANNED, BY_ID, INDEX_VERSION, META, RENEWALS, REVOCATION_SEQ,
-    REVOKED, SERIALS, TOKENS,
+    db_err, Change, Done, Op, BANNED, INDEX_VERSION, META, OLD_BY_ID, RENEWALS, REVOCATION_SEQ,
+    REVOKED, ROOTS_BY_ID, SERIALS, TOKENS,
 };
 use crate::ca::ledger::{
     Authorisation, BanRecord, IssuedRecord, LedgerError, RevokedRecord, TokenRecord, TokenSpend,
@@ -25,12 +25,13 @@ pub(super) struct Tables<'t> {
     revoked: Bytes<'t>,
     banned: Table<'t, &'static str, &'static [u8]>,
     renewals: MultimapTable<'t, &'static [u8], &'static [u8]>,
-    by_id: MultimapTable<'t, &'static str, &'static [u8]>,
+    roots: MultimapTable<'t, &'static str, &'static [u8]>,
     meta: Table<'t, &'static str, u64>,
 }
 
-/// Indexes the renewal lineage and the serials of each ID of a ledger written before they
-/// existed, once.
+/// Brings the indexes of an older ledger up to [`INDEX_VERSION`] 2, once, in the transaction
+/// that opens it: the renewal lineage (missing before version 1) and the lineage roots of each
+/// ID (version 1 had every serial of each ID instead, and that table is dropped).
 pub(super) fn build_indexes(w: &WriteTransaction) -> Result<(), LedgerError> {
     let mut meta = w.open_table(META).map_err(db_err)?;
     let version = meta
@@ -38,26 +39,82 @@ pub(super) fn build_indexes(w: &WriteTransaction) -> Result<(), LedgerError> {
         .map_err(db_err)?
         .map(|v| v.value())
         .unwrap_or(0);
-    if version >= 1 {
+    if version >= 2 {
         return Ok(());
     }
     let serials = w.open_table(SERIALS).map_err(db_err)?;
     let mut renewals = w.open_multimap_table(RENEWALS).map_err(db_err)?;
-    let mut by_id = w.open_multimap_table(BY_ID).map_err(db_err)?;
+    let mut roots = w.open_multimap_table(ROOTS_BY_ID).map_err(db_err)?;
     for row in serials.iter().map_err(db_err)? {
         let (k, v) = row.map_err(db_err)?;
         let rec: IssuedRecord = serde_json::from_slice(v.value()).map_err(db_err)?;
-        if let Some(parent) = parent_of(&rec)? {
+        let parent = parent_of(&rec)?;
+        if let (Some(parent), true) = (&parent, version < 1) {
             renewals
                 .insert(parent.as_bytes(), k.value())
                 .map_err(db_err)?;
         }
-        by_id
-            .insert(rec.spiffe_id.as_str(), k.value())
-            .map_err(db_err)?;
+        if is_root(&serials, &rec, parent.as_ref())? {
+            roots
+                .insert(rec.spiffe_id.as_str(), k.value())
+                .map_err(db_err)?;
+        }
     }
-    meta.insert(INDEX_VERSION, 1).map_err(db_err)?;
+    drop((serials, renewals, roots));
+    w.delete_multimap_table(OLD_BY_ID).map_err(db_err)?;
+    meta.insert(INDEX_VERSION, 2).map_err(db_err)?;
     Ok(())
+}
+
+/// Whether a serial for `rec` starts a lineage in [`ROOTS_BY_ID`]: it renews no serial of the
+/// same ID that this ledger holds (a first issuance, or a renewal of a serial from elsewhere).
+fn is_root(
+    serials: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    rec: &IssuedRecord,
+    parent: Option<&Serial>,
+) -> Result<bool, LedgerError> {
+    let Some(parent) = parent else {
+        return Ok(true);
+    };
+    let Some(v) = serials.get(parent.as_bytes()).map_err(db_err)? else {
+        return Ok(true);
+    };
+    let parent: IssuedRecord = serde_json::from_slice(v.value()).map_err(db_err)?;
+    Ok(parent.spiffe_id != rec.spiffe_id)
+}
+
+/// Every serial issued for `spiffe_id`, with its record: its lineage roots and what renews them,
+/// transitively (a renewal keeps its parent's ID, so the walk stops at another ID's serial).
+pub(super) fn serials_of(
+    roots: &impl ReadableMultimapTable<&'static str, &'static [u8]>,
+    renewals: &impl ReadableMultimapTable<&'static [u8], &'static [u8]>,
+    serials: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    spiffe_id: &str,
+) -> Result<Vec<(Serial, IssuedRecord)>, LedgerError> {
+    let mut stack = Vec::new();
+    for s in roots.get(spiffe_id).map_err(db_err)? {
+        stack.push(Serial::from_bytes(s.map_err(db_err)?.value()));
+    }
+    let mut out = Vec::new();
+    // A lineage is a tree (see `revoke_tree`); `seen` only guards against a damaged ledger.
+    let mut seen = HashSet::new();
+    while let Some(s) = stack.pop() {
+        if !seen.insert(s.clone()) {
+            continue;
+        }
+        let Some(v) = serials.get(s.as_bytes()).map_err(db_err)? else {
+            continue;
+        };
+        let rec: IssuedRecord = serde_json::from_slice(v.value()).map_err(db_err)?;
+        if rec.spiffe_id != spiffe_id {
+            continue;
+        }
+        for child in renewals.get(s.as_bytes()).map_err(db_err)? {
+            stack.push(Serial::from_bytes(child.map_err(db_err)?.value()));
+        }
+        out.push((s, rec));
+    }
+    Ok(out)
 }
 
 /// The serial a renewal was authorised with.
@@ -78,7 +135,7 @@ impl<'t> Tables<'t> {
             revoked: w.open_table(REVOKED).map_err(db_err)?,
             banned: w.open_table(BANNED).map_err(db_err)?,
             renewals: w.open_multimap_table(RENEWALS).map_err(db_err)?,
-            by_id: w.open_multimap_table(BY_ID).map_err(db_err)?,
+            roots: w.open_multimap_table(ROOTS_BY_ID).map_err(db_err)?,
             meta: w.open_table(META).map_err(db_err)?,
         })
     }
@@ -166,6 +223,7 @@ impl<'t> Tables<'t> {
                 return Err(LedgerError::ParentRevoked(p.clone()));
             }
         }
+        let root = is_root(&self.serials, record, parent.as_ref())?;
         if let Some(spend) = token {
             self.spend(serial, spend)?;
         }
@@ -178,9 +236,13 @@ impl<'t> Tables<'t> {
                 .insert(p.as_bytes(), serial.as_bytes())
                 .map_err(db_err)?;
         }
-        self.by_id
-            .insert(record.spiffe_id.as_str(), serial.as_bytes())
-            .map_err(db_err)?;
+        // A renewal, the common case, writes only at the right edge of `serials` (time-ordered
+        // serials, see `authority::leaf_serial`) and under its parent in `renewals`.
+        if root {
+            self.roots
+                .insert(record.spiffe_id.as_str(), serial.as_bytes())
+                .map_err(db_err)?;
+        }
         Ok(Done::Ok)
     }
 
@@ -285,13 +347,10 @@ impl<'t> Tables<'t> {
         self.banned
             .insert(spiffe_id, v.as_slice())
             .map_err(db_err)?;
-        let mut serials = Vec::new();
-        for s in self.by_id.get(spiffe_id).map_err(db_err)? {
-            serials.push(Serial::from_bytes(s.map_err(db_err)?.value()));
-        }
+        let serials = serials_of(&self.roots, &self.renewals, &self.serials, spiffe_id)?;
         let mut out = Vec::new();
-        for s in serials {
-            if self.issued(&s)?.is_some_and(|r| r.not_after > now) {
+        for (s, rec) in serials {
+            if rec.not_after > now {
                 self.revoke_one(&s, now, &mut out)?;
             }
         }
@@ -328,67 +387,4 @@ fn bump(seq: &mut u64, changes: &mut Vec<Change>, revoked: Vec<(Serial, u64)>, n
         }
     }
     Done::Changed { seq: *seq, revoked }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::super::{RedbLedger, SERIALS};
-    use crate::ca::ledger::{Authorisation, IssuedRecord, Ledger};
-    use crate::identity::Serial;
-
-    fn record(id: &str, authorisation: Authorisation) -> Vec<u8> {
-        serde_json::to_vec(&IssuedRecord {
-            spiffe_id: id.into(),
-            not_after: u64::MAX,
-            issued_at: 0,
-            authorisation,
-        })
-        .unwrap()
-    }
-
-    #[tokio::test]
-    async fn a_ledger_written_before_the_lineage_index_cascades_once_opened() {
-        // Serials A and B (renewed from A) as an older trustline wrote them: no index tables.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.redb");
-        {
-            let db = redb::Database::create(&path).unwrap();
-            let w = db.begin_write().unwrap();
-            {
-                let mut t = w.open_table(SERIALS).unwrap();
-                let a = record(
-                    "spiffe://td/ns/a/sa/w",
-                    Authorisation::Token {
-                        token_hash: "00".into(),
-                    },
-                );
-                let b = record(
-                    "spiffe://td/ns/a/sa/w",
-                    Authorisation::Svid {
-                        serial: "0a".into(),
-                    },
-                );
-                t.insert([0x0a_u8].as_slice(), a.as_slice()).unwrap();
-                t.insert([0x0b_u8].as_slice(), b.as_slice()).unwrap();
-            }
-            w.commit().unwrap();
-        }
-        let ledger = RedbLedger::open(&path).unwrap();
-        let r = ledger
-            .revoke(Serial::parse_hex("0a").unwrap(), 1)
-            .await
-            .unwrap();
-        let mut got: Vec<String> = r.serials.iter().map(|s| s.to_string()).collect();
-        got.sort();
-        assert_eq!(got, ["0a", "0b"]);
-        assert_eq!(
-            ledger
-                .live_serials("spiffe://td/ns/a/sa/w", 1)
-                .await
-                .unwrap()
-                .len(),
-            2,
-            "the serials of each ID are indexed too"
-        );
-    }
 }

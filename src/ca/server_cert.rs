@@ -8,13 +8,13 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use rcgen::KeyPair;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::RootCertStore;
 use tokio::sync::watch;
 
 use super::api::CaState;
 use super::authority::{Authority, LeafUsage};
+use super::rotation::CaKeys;
 use super::error::{ServeError, ServerCertError};
 use crate::clock::{rfc3339, unix_secs, Clock};
 use crate::crypto::{provider, TLS13_ONLY};
@@ -70,20 +70,27 @@ impl ServerCert {
         Ok((Arc::new(me), leaf.not_after))
     }
 
-    /// Renews the certificate at half its life until `shutdown`.
+    /// Renews the certificate at half its life, and at once when a new intermediate is
+    /// activated (so the server's chain is the active intermediate's), until `shutdown`.
     pub(super) async fn renew(
         self: Arc<Self>,
         state: Arc<CaState>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut wait = self.ttl / 2;
+        let mut activations = state.authority.activations();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                r = activations.changed() => if r.is_err() { return },
                 _ = shutdown.changed() => return,
             }
+            let authority = state.authority.active();
+            state
+                .metrics
+                .set_expiry("issuing", unix_secs(authority.not_after));
             match issue(
-                &state.authority,
+                &authority,
                 &self.id,
                 &self.names,
                 &state.clock,
@@ -125,18 +132,14 @@ fn issue(
 
 /// The API's TLS 1.3 configuration, serving `resolver`'s certificate.
 pub(super) fn server_tls(
-    authority: &Authority,
+    keys: &CaKeys,
     resolver: Arc<ServerCert>,
     clock: &Clock,
 ) -> Result<rustls::ServerConfig, ServeError> {
-    // Renewal is only for SVIDs this CA issued, so the client-auth anchor is the CA's own
-    // certificate, not the whole root bundle. Client certificates are optional at the TLS
-    // layer (first issuance uses a join token); the handler requires one or the other.
-    let mut roots = RootCertStore::empty();
-    roots.add(authority.cert.clone())?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .allow_unauthenticated()
-        .build()?;
+    // Renewal is only for SVIDs this CA issued, so the client-auth anchors are the CA's own
+    // intermediates (the active one, and the previous one until its last SVID expired), not
+    // the whole root bundle ([`CaKeys::client_verifier`]).
+    let verifier = keys.client_verifier();
     let mut cfg = rustls::ServerConfig::builder_with_details(provider(), Arc::new(clock.clone()))
         .with_protocol_versions(TLS13_ONLY)?
         .with_client_cert_verifier(verifier)

@@ -106,10 +106,15 @@ pub enum RotationError {
         usable: String,
     },
     #[error(
-        "the previous intermediate (serial {serial}) is still trusted for renewals until {until}; \
-         rotate again after that"
+        "--next {}: the previous intermediate (serial {serial}) is still trusted for renewals \
+         until {until}; rotate again after that",
+        .dir.display()
     )]
-    PreviousStillTrusted { serial: String, until: String },
+    PreviousStillTrusted {
+        dir: PathBuf,
+        serial: String,
+        until: String,
+    },
     #[error("{}: {reason}", .path.display())]
     BadRoot { path: PathBuf, reason: String },
     #[error("{}: this root is already published", .path.display())]
@@ -428,6 +433,7 @@ impl CaKeys {
         let cur = self.current();
         if let Some(p) = &cur.previous {
             return Err(RotationError::PreviousStillTrusted {
+                dir: next_dir.to_path_buf(),
                 serial: p.serial.clone(),
                 until: rfc3339(p.retire_at),
             });

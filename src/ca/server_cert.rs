@@ -22,6 +22,8 @@ use crate::identity::SpiffeId;
 
 /// Longest life of the server certificate, whatever the SVID TTL.
 const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How often the renewal task looks at the wall clock.
+const CHECK: Duration = Duration::from_secs(1);
 /// Wait before trying again after a failed renewal.
 const RETRY: Duration = Duration::from_secs(10);
 
@@ -34,6 +36,8 @@ pub(super) struct ServerCert {
     /// DNS names and IPs of the certificate.
     names: Vec<String>,
     ttl: Duration,
+    /// When the first certificate is due for renewal (half its life).
+    first_due: SystemTime,
 }
 
 /// One issued server certificate.
@@ -66,6 +70,7 @@ impl ServerCert {
             id,
             names,
             ttl,
+            first_due: clock.now() + ttl / 2,
         };
         Ok((Arc::new(me), leaf.not_after))
     }
@@ -77,11 +82,17 @@ impl ServerCert {
         state: Arc<CaState>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut wait = self.ttl / 2;
+        // Due by the wall clock, checked every CHECK: a clock that jumps (a suspended VM, an
+        // NTP step) does not leave the server with an expired certificate until a timer fires.
+        let mut due = self.first_due;
         let mut activations = state.authority.activations();
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(CHECK) => {
+                    if state.clock.now() < due {
+                        continue;
+                    }
+                }
                 r = activations.changed() => if r.is_err() { return },
                 _ = shutdown.changed() => return,
             }
@@ -102,11 +113,11 @@ impl ServerCert {
                         .metrics
                         .set_expiry("server", unix_secs(leaf.not_after));
                     tracing::info!(not_after = %rfc3339(leaf.not_after), "renewed the CA server certificate");
-                    wait = self.ttl / 2;
+                    due = state.clock.now() + self.ttl / 2;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "renewing the CA server certificate failed; retrying");
-                    wait = RETRY;
+                    due = state.clock.now() + RETRY;
                 }
             }
         }

@@ -211,6 +211,15 @@ async fn a_next_intermediate_of_another_region_is_refused_and_the_ca_keeps_issui
     let us = rig.path("us");
     authority::init_intermediate(&rig.pki.root, "us", &us, YEAR, false).unwrap();
     assert_refused(&rig, &us, "region us, this CA's is eu").await;
+    // The same through the CLI: a failed exit with the CA's reason; `--status` unchanged.
+    let data = rig.pki.dir.path().join("data");
+    let (data, us) = (data.to_str().unwrap(), us.to_str().unwrap());
+    let (ok, text) = trustline(&["ca", "rotate", "--data", data, "--next", us]);
+    assert!(!ok && text.contains("region us, this CA's is eu"), "{text}");
+    let (ok, text) = trustline(&["ca", "rotate", "--data", data, "--status"]);
+    let serial = rig.bound.state.authority.status().active_serial;
+    assert!(ok && text.contains(&format!("active intermediate: {serial}")), "{text}");
+    assert!(!text.contains("previous intermediate"), "{text}");
 }
 
 #[tokio::test]

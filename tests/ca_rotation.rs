@@ -211,12 +211,22 @@ async fn a_next_intermediate_of_another_region_is_refused_and_the_ca_keeps_issui
     let us = rig.path("us");
     authority::init_intermediate(&rig.pki.root, "us", &us, YEAR, false).unwrap();
     assert_refused(&rig, &us, "region us, this CA's is eu").await;
-    // The same through the CLI: a failed exit with the CA's reason; `--status` unchanged.
+    // The same through the CLI: a failed exit with the CA's reason; `--status` unchanged. (The
+    // CLI blocks, and the CA serves on this test's runtime: it runs on a blocking thread.)
     let data = rig.pki.dir.path().join("data");
-    let (data, us) = (data.to_str().unwrap(), us.to_str().unwrap());
-    let (ok, text) = trustline(&["ca", "rotate", "--data", data, "--next", us]);
+    let cli = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            trustline(&args)
+        })
+    };
+    let arg = |p: &Path| p.to_str().unwrap().to_string();
+    let rotate = ["ca", "rotate", "--data"].map(String::from).to_vec();
+    let next = [rotate.clone(), vec![arg(&data), "--next".into(), arg(&us)]].concat();
+    let (ok, text) = cli(next).await.unwrap();
     assert!(!ok && text.contains("region us, this CA's is eu"), "{text}");
-    let (ok, text) = trustline(&["ca", "rotate", "--data", data, "--status"]);
+    let status = [rotate, vec![arg(&data), "--status".into()]].concat();
+    let (ok, text) = cli(status).await.unwrap();
     let serial = rig.bound.state.authority.status().active_serial;
     assert!(ok && text.contains(&format!("active intermediate: {serial}")), "{text}");
     assert!(!text.contains("previous intermediate"), "{text}");

@@ -116,7 +116,12 @@ impl Rig {
 
     fn client(&self, roots: Vec<CertificateDer<'static>>) -> CaClient {
         let bundle = Bundle::new(self.pki.td.clone(), roots).unwrap();
-        CaClient::new(&format!("https://{}", self.bound.api), bundle, self.clock.clone()).unwrap()
+        CaClient::new(
+            &format!("https://{}", self.bound.api),
+            bundle,
+            self.clock.clone(),
+        )
+        .unwrap()
     }
 
     /// An SVID issued with a join token: the chain the CA answers with.
@@ -145,8 +150,8 @@ impl Rig {
     }
 
     fn audit(&self) -> Vec<serde_json::Value> {
-        let text = std::fs::read_to_string(self.pki.dir.path().join("data/audit.log"))
-            .unwrap_or_default();
+        let text =
+            std::fs::read_to_string(self.pki.dir.path().join("data/audit.log")).unwrap_or_default();
         text.lines()
             .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
             .collect()
@@ -228,7 +233,10 @@ async fn a_next_intermediate_of_another_region_is_refused_and_the_ca_keeps_issui
     let status = [rotate, vec![arg(&data), "--status".into()]].concat();
     let (ok, text) = cli(status).await.unwrap();
     let serial = rig.bound.state.authority.status().active_serial;
-    assert!(ok && text.contains(&format!("active intermediate: {serial}")), "{text}");
+    assert!(
+        ok && text.contains(&format!("active intermediate: {serial}")),
+        "{text}"
+    );
     assert!(!text.contains("previous intermediate"), "{text}");
 }
 
@@ -276,14 +284,16 @@ async fn a_next_intermediate_that_may_sign_cas_below_it_is_refused() {
     let next = rig.path("eu-unconstrained");
     std::fs::create_dir_all(&next).unwrap();
     let root_pem = std::fs::read_to_string(rig.pki.root.join("ca.crt")).unwrap();
-    let root_key = KeyPair::from_pem(&std::fs::read_to_string(rig.pki.root.join("ca.key")).unwrap())
-        .unwrap();
+    let root_key =
+        KeyPair::from_pem(&std::fs::read_to_string(rig.pki.root.join("ca.key")).unwrap()).unwrap();
     let root = rcgen::Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
     let mut p = rcgen::CertificateParams::default();
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
     p.subject_alt_names = vec![rcgen::SanType::URI(
-        format!("spiffe://{TD}/trustline/region/eu").try_into().unwrap(),
+        format!("spiffe://{TD}/trustline/region/eu")
+            .try_into()
+            .unwrap(),
     )];
     let key = KeyPair::generate().unwrap();
     let cert = p.signed_by(&key, &root).unwrap();
@@ -301,7 +311,9 @@ async fn a_next_intermediate_of_a_new_root_waits_until_the_root_was_published_fo
     authority::init_root(&rig.pki.td, &root2, YEAR, false).unwrap();
     let next = rig.path("eu-2");
     authority::init_intermediate(&root2, "eu", &next, YEAR, false).unwrap();
-    let added = rig.add_root(&root2.join("bundle.pem"), Duration::from_secs(300)).await;
+    let added = rig
+        .add_root(&root2.join("bundle.pem"), Duration::from_secs(300))
+        .await;
     assert!(added.ok, "{:?}", added.error);
     assert_eq!(added.sequence, Some(2));
     // Published at once, old and new root side by side, with a new sequence.
@@ -315,7 +327,11 @@ async fn a_next_intermediate_of_a_new_root_waits_until_the_root_was_published_fo
     assert_eq!(rig.next(&next).await, None, "refused after the wait");
     assert_eq!(rig.active_cert(), cert_of(&next));
     let svid = rig.issue("web").await;
-    assert_eq!(svid.chain[1], cert_of(&next), "the chain is the new intermediate's");
+    assert_eq!(
+        svid.chain[1],
+        cert_of(&next),
+        "the chain is the new intermediate's"
+    );
     assert_eq!(rig.audited("add_root")[0]["outcome"], "ok");
 }
 
@@ -323,18 +339,29 @@ async fn a_next_intermediate_of_a_new_root_waits_until_the_root_was_published_fo
 async fn a_root_is_refused_unless_it_is_a_valid_self_signed_root_of_our_trust_domain() {
     let rig = Rig::new(HOUR).await;
     let other = Pki::new("other.test");
-    let r = rig.add_root(&other.root.join("bundle.pem"), Duration::from_secs(60)).await;
-    assert!(r.error.unwrap().contains("this CA's trust domain is spiffe://mesh.test"));
+    let r = rig
+        .add_root(&other.root.join("bundle.pem"), Duration::from_secs(60))
+        .await;
+    assert!(r
+        .error
+        .unwrap()
+        .contains("this CA's trust domain is spiffe://mesh.test"));
     // An intermediate is not a root.
-    let r = rig.add_root(&rig.pki.region.join("ca.crt"), Duration::from_secs(60)).await;
+    let r = rig
+        .add_root(&rig.pki.region.join("ca.crt"), Duration::from_secs(60))
+        .await;
     assert!(r.error.unwrap().contains("not a self-signed root"));
     // The root already published.
-    let r = rig.add_root(&rig.pki.root.join("bundle.pem"), Duration::from_secs(60)).await;
+    let r = rig
+        .add_root(&rig.pki.root.join("bundle.pem"), Duration::from_secs(60))
+        .await;
     assert!(r.error.unwrap().contains("already published"));
     // A wait below the floor.
     let root2 = rig.path("root2");
     authority::init_root(&rig.pki.td, &root2, YEAR, false).unwrap();
-    let r = rig.add_root(&root2.join("bundle.pem"), Duration::ZERO).await;
+    let r = rig
+        .add_root(&root2.join("bundle.pem"), Duration::ZERO)
+        .await;
     assert!(r.error.unwrap().contains("outside"));
     assert_eq!(rig.bound.state.authority.published().roots.len(), 1);
     assert_eq!(rig.audited("add_root").len(), 4);
@@ -352,7 +379,10 @@ async fn after_retirement_the_previous_intermediate_no_longer_authenticates_rene
     let before = rig.issue("web").await;
     assert_eq!(rig.next(&next).await, None);
     assert!(rig.pki.region.join("previous/ca.crt").exists());
-    assert!(!rig.pki.region.join("previous/ca.key").exists(), "the old key is not kept");
+    assert!(
+        !rig.pki.region.join("previous/ca.key").exists(),
+        "the old key is not kept"
+    );
 
     // A leaf of the previous intermediate renews, and gets the new intermediate's chain.
     let client = rig.client(rig.pki.roots());
@@ -487,7 +517,11 @@ async fn a_root_is_withdrawn_only_once_no_intermediate_of_the_ca_chains_to_it() 
 
     let r = rig.admin(retire(&root1)).await;
     assert!(r.error.unwrap().contains("the active intermediate"));
-    assert!(rig.add_root(&root2.join("bundle.pem"), Duration::from_secs(60)).await.ok);
+    assert!(
+        rig.add_root(&root2.join("bundle.pem"), Duration::from_secs(60))
+            .await
+            .ok
+    );
     rig.advance(Duration::from_secs(60)).await;
     assert_eq!(rig.next(&next).await, None);
     let r = rig.admin(retire(&root1)).await;
@@ -508,9 +542,15 @@ async fn a_root_is_withdrawn_only_once_no_intermediate_of_the_ca_chains_to_it() 
     assert_eq!(published.roots, vec![cert_of(&root2)]);
     let client = rig.client(vec![cert_of(&root2)]);
     let pem = client.fetch_bundle_pem().await.unwrap();
-    assert_eq!(certs_from_pem(&pem, "bundle").unwrap(), vec![cert_of(&root2)]);
+    assert_eq!(
+        certs_from_pem(&pem, "bundle").unwrap(),
+        vec![cert_of(&root2)]
+    );
     let on_disk = std::fs::read(rig.pki.region.join("bundle.pem")).unwrap();
-    assert_eq!(certs_from_pem(&on_disk, "bundle.pem").unwrap(), vec![cert_of(&root2)]);
+    assert_eq!(
+        certs_from_pem(&on_disk, "bundle.pem").unwrap(),
+        vec![cert_of(&root2)]
+    );
     let retired = rig.audited("retire_root");
     let outcomes: Vec<_> = retired.iter().map(|l| l["outcome"].clone()).collect();
     assert_eq!(outcomes, ["error", "error", "ok", "error"]);
@@ -520,17 +560,20 @@ async fn a_root_is_withdrawn_only_once_no_intermediate_of_the_ca_chains_to_it() 
 async fn spiffe_bundle(addr: std::net::SocketAddr, roots: &Bundle) -> serde_json::Value {
     use http_body_util::{BodyExt, Empty};
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let mut cfg = (*client_config(roots, &trustline::identity::ids::ca_id(&roots.trust_domain), None))
-        .clone();
+    let mut cfg = (*client_config(
+        roots,
+        &trustline::identity::ids::ca_id(&roots.trust_domain),
+        None,
+    ))
+    .clone();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect("localhost".try_into().unwrap(), tcp)
         .await
         .unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let req = hyper::Request::get("/v1/bundle")
         .header("host", "localhost")
@@ -577,7 +620,10 @@ listen = "127.0.0.1:0"
     let mut cfg = trustline::proxy::config::SidecarConfig::load(&file).unwrap();
     cfg.identity.jitter = trustline::svid::Jitter::At(0.0);
     let bound = trustline::proxy::build(cfg, clock.clone()).await.unwrap();
-    eventually("the sidecar holds an SVID", || bound.identity.ready().is_ok()).await;
+    eventually("the sidecar holds an SVID", || {
+        bound.identity.ready().is_ok()
+    })
+    .await;
     bound
 }
 
@@ -656,8 +702,15 @@ impl Traffic {
 async fn during(traffic: &Traffic, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !cond() {
-        assert!(!traffic.failed(), "a request failed while waiting until {what}: {:?}", traffic.failures.lock().unwrap());
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        assert!(
+            !traffic.failed(),
+            "a request failed while waiting until {what}: {:?}",
+            traffic.failures.lock().unwrap()
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -702,11 +755,22 @@ async fn a_whole_intermediate_and_root_cycle_under_traffic_fails_no_request() {
     //    previous one retires after its last SVID expired.
     let r = admin_call(AdminRequest::RotateNext { dir: next1.clone() }).await;
     assert!(r.ok, "{:?}", r.error);
-    during(&traffic, "both sidecars renewed onto the next intermediate", both_on(&cert_of(&next1))).await;
-    during(&traffic, "the first intermediate is retired", || keys.current().previous.is_none()).await;
+    during(
+        &traffic,
+        "both sidecars renewed onto the next intermediate",
+        both_on(&cert_of(&next1)),
+    )
+    .await;
+    during(&traffic, "the first intermediate is retired", || {
+        keys.current().previous.is_none()
+    })
+    .await;
     let renewal = CaClient::new(&ca.url(), ca.pki.bundle(), clock.clone()).unwrap();
     let stolen = leaf_of(&old, "web", clock.now(), HOUR);
-    assert!(renewal.renew(&stolen).await.is_err(), "the retired intermediate still authenticates");
+    assert!(
+        renewal.renew(&stolen).await.is_err(),
+        "the retired intermediate still authenticates"
+    );
 
     // 2. The root: publish the new one; both sidecars trust it before anything it signed is used.
     let r = admin_call(AdminRequest::AddRoot {
@@ -717,30 +781,57 @@ async fn a_whole_intermediate_and_root_cycle_under_traffic_fails_no_request() {
     assert!(r.ok, "{:?}", r.error);
     let new_root = cert_of(&root2);
     during(&traffic, "both sidecars trust the new root", || {
-        [&a, &b].iter().all(|s| s.identity.bundle().roots.contains(&new_root))
+        [&a, &b]
+            .iter()
+            .all(|s| s.identity.bundle().roots.contains(&new_root))
     })
     .await;
     let usable = keys.status().roots[1].usable_from.clone();
     let usable = humantime::parse_rfc3339(&usable).unwrap();
-    during(&traffic, "the publish wait is over", || clock.now() >= usable).await;
+    during(&traffic, "the publish wait is over", || {
+        clock.now() >= usable
+    })
+    .await;
     let r = admin_call(AdminRequest::RotateNext { dir: next2.clone() }).await;
     assert!(r.ok, "{:?}", r.error);
-    during(&traffic, "both sidecars renewed onto the new root's intermediate", both_on(&cert_of(&next2))).await;
-    during(&traffic, "the first root's last intermediate is retired", || keys.current().previous.is_none()).await;
+    during(
+        &traffic,
+        "both sidecars renewed onto the new root's intermediate",
+        both_on(&cert_of(&next2)),
+    )
+    .await;
+    during(
+        &traffic,
+        "the first root's last intermediate is retired",
+        || keys.current().previous.is_none(),
+    )
+    .await;
 
     // A leaf chaining to the old root (the first intermediate's key, kept) is still accepted by
     // B while the old root is published ...
-    let two_roots = Bundle::new(ca.pki.td.clone(), vec![ca.pki.roots()[0].clone(), new_root.clone()]).unwrap();
+    let two_roots = Bundle::new(
+        ca.pki.td.clone(),
+        vec![ca.pki.roots()[0].clone(), new_root.clone()],
+    )
+    .unwrap();
     let old_chain = leaf_of(&old, "web", clock.now(), HOUR);
     let to_b_as = |svid: &Svid| client_config(&two_roots, &id("api"), Some(Cred::from(svid)));
-    assert_eq!(probe(b.inbound.unwrap(), to_b_as(&old_chain)).await, b"ping");
+    assert_eq!(
+        probe(b.inbound.unwrap(), to_b_as(&old_chain)).await,
+        b"ping"
+    );
     // ... and refused once it is withdrawn: the CA serves the new root alone, the sidecars
     // drop the old one though it is in their configured bundle.
-    let r = admin_call(AdminRequest::RetireRoot { path: ca.pki.root.join("bundle.pem") }).await;
+    let r = admin_call(AdminRequest::RetireRoot {
+        path: ca.pki.root.join("bundle.pem"),
+    })
+    .await;
     assert!(r.ok, "{:?}", r.error);
     let old_root = ca.pki.roots()[0].clone();
     during(&traffic, "both sidecars dropped the old root", || {
-        [&a, &b].iter().all(|s| !s.identity.bundle().roots.contains(&old_root))
+        [&a, &b]
+            .iter()
+            .all(|s| !s.identity.bundle().roots.contains(&old_root))
     })
     .await;
     assert_eq!(probe(b.inbound.unwrap(), to_b_as(&old_chain)).await, b"");
@@ -755,11 +846,23 @@ async fn a_whole_intermediate_and_root_cycle_under_traffic_fails_no_request() {
 
     // Traffic still flows on the new root alone.
     let until = tokio::time::Instant::now() + Duration::from_secs(1);
-    during(&traffic, "one more second of traffic", || tokio::time::Instant::now() >= until).await;
+    during(&traffic, "one more second of traffic", || {
+        tokio::time::Instant::now() >= until
+    })
+    .await;
     let (ok, failures) = traffic.stop().await;
-    assert!(failures.is_empty(), "{} failed requests: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     assert!(ok > 100, "only {ok} requests");
-    assert!(failed_series(a.admin).await.is_empty(), "{:?}", failed_series(a.admin).await);
+    assert!(
+        failed_series(a.admin).await.is_empty(),
+        "{:?}",
+        failed_series(a.admin).await
+    );
     let b_failed = failed_series(b.admin).await;
     assert!(
         b_failed.len() == 1 && b_failed[0].ends_with(" 1"),
@@ -770,8 +873,18 @@ async fn a_whole_intermediate_and_root_cycle_under_traffic_fails_no_request() {
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|l| l["event"].as_str().is_some_and(|e| e.contains("root") || e.starts_with("rotate") || e.starts_with("retire")))
-        .map(|l| format!("{} {}", l["event"].as_str().unwrap(), l["outcome"].as_str().unwrap()))
+        .filter(|l| {
+            l["event"].as_str().is_some_and(|e| {
+                e.contains("root") || e.starts_with("rotate") || e.starts_with("retire")
+            })
+        })
+        .map(|l| {
+            format!(
+                "{} {}",
+                l["event"].as_str().unwrap(),
+                l["outcome"].as_str().unwrap()
+            )
+        })
         .collect();
     assert_eq!(
         audit,

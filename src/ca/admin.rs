@@ -236,7 +236,14 @@ fn rotate(state: &CaState, req: AdminRequest) -> AdminResponse {
                     humantime::format_duration(MIN_PUBLISH_WAIT),
                     humantime::format_duration(MAX_PUBLISH_WAIT)
                 ));
-                super::rotation::audit(state, ADMIN, "add_root", None, "error", Some(e.to_string()));
+                super::rotation::audit(
+                    state,
+                    ADMIN,
+                    "add_root",
+                    None,
+                    "error",
+                    Some(e.to_string()),
+                );
                 return AdminResponse::err(e);
             }
             ("add_root", keys.add_root(&path, wait, &state.clock))

@@ -431,7 +431,10 @@ fn check_role_id(authority: &impl CaScope, id: &SpiffeId) -> Result<(), Workload
     if id.path().starts_with(REGION_PATH_PREFIX) || role == "ca" || role.starts_with("ca/") {
         return Err(WorkloadIdError::ReservedForCas(id.clone()));
     }
-    match (role.strip_prefix("gateway/"), authority.region().map(|r| r.as_str())) {
+    match (
+        role.strip_prefix("gateway/"),
+        authority.region().map(|r| r.as_str()),
+    ) {
         (Some(r), Some(ours)) if r == ours => Ok(()),
         (Some(r), _) => Err(WorkloadIdError::OtherRegionsGateway {
             id: id.clone(),

@@ -131,7 +131,11 @@ pub enum RotationError {
     LastRoot { path: PathBuf, td: TrustDomain },
     #[error("already {MAX_ROOTS} roots published; withdraw one first")]
     TooManyRoots,
-    #[error("publish wait must be between {} and {}", humantime::format_duration(MIN_PUBLISH_WAIT), humantime::format_duration(MAX_PUBLISH_WAIT))]
+    #[error(
+        "publish wait must be between {} and {}",
+        humantime::format_duration(MIN_PUBLISH_WAIT),
+        humantime::format_duration(MAX_PUBLISH_WAIT)
+    )]
     PublishWait,
     #[error("{}: {source}", .path.display())]
     Io {
@@ -282,12 +286,12 @@ impl CaKeys {
         recover(dir)?;
         let state_path = dir.join(STATE_FILE);
         let mut state = match fs::read(&state_path) {
-            Ok(b) => serde_json::from_slice::<StateFile>(&b).map_err(|e| {
-                RotationError::BadState {
+            Ok(b) => {
+                serde_json::from_slice::<StateFile>(&b).map_err(|e| RotationError::BadState {
                     path: state_path.clone(),
                     reason: e.to_string(),
-                }
-            })?,
+                })?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile {
                 sequence: 1,
                 ..Default::default()
@@ -472,17 +476,10 @@ impl CaKeys {
     }
 
     /// Every check of `--next DIR`; the loaded authority when it passes.
-    fn check_next(
-        &self,
-        cur: &KeySet,
-        dir: &Path,
-        now: SystemTime,
-    ) -> Result<(), RotationError> {
+    fn check_next(&self, cur: &KeySet, dir: &Path, now: SystemTime) -> Result<(), RotationError> {
         let d = || dir.to_path_buf();
-        let next = Authority::load(dir).map_err(|source| RotationError::Unusable {
-            dir: d(),
-            source,
-        })?;
+        let next =
+            Authority::load(dir).map_err(|source| RotationError::Unusable { dir: d(), source })?;
         if next.trust_domain != self.trust_domain {
             return Err(RotationError::WrongTrustDomain {
                 dir: d(),
@@ -501,10 +498,8 @@ impl CaKeys {
         if next.cert == cur.active.cert {
             return Err(RotationError::AlreadyActive { dir: d() });
         }
-        check_ca_constraints(&next.cert).map_err(|reason| RotationError::NotIntermediate {
-            dir: d(),
-            reason,
-        })?;
+        check_ca_constraints(&next.cert)
+            .map_err(|reason| RotationError::NotIntermediate { dir: d(), reason })?;
         let info = inspect_cert(&next.cert).map_err(|e| RotationError::NotIntermediate {
             dir: d(),
             reason: e.to_string(),
@@ -573,7 +568,11 @@ impl CaKeys {
         fs::create_dir(&in_tmp).map_err(io_at(&in_tmp))?;
         copy_if_there(&next_dir.join("ca.key"), &in_tmp.join("ca.key"), true)?;
         copy_if_there(&next_dir.join("ca.crt"), &in_tmp.join("ca.crt"), false)?;
-        copy_if_there(&next_dir.join("chain.pem"), &in_tmp.join("chain.pem"), false)?;
+        copy_if_there(
+            &next_dir.join("chain.pem"),
+            &in_tmp.join("chain.pem"),
+            false,
+        )?;
         write_state(&in_tmp.join(STATE_FILE), state)?;
         sync_dir(&in_tmp)?;
         let incoming = dir.join(INCOMING);
@@ -616,7 +615,8 @@ impl CaKeys {
         });
         let mut roots = cur.published.roots.clone();
         roots.push(root.clone());
-        let published = Bundle::new(self.trust_domain.clone(), roots).map_err(AuthorityError::from)?;
+        let published =
+            Bundle::new(self.trust_domain.clone(), roots).map_err(AuthorityError::from)?;
         // The record first: a root in bundle.pem without one would be usable at once.
         write_state(&self.dir.join(STATE_FILE), &state)?;
         write_bundle(&self.dir, &published)?;
@@ -675,7 +675,8 @@ impl CaKeys {
             .filter(|r| **r != root)
             .cloned()
             .collect();
-        let published = Bundle::new(self.trust_domain.clone(), roots).map_err(AuthorityError::from)?;
+        let published =
+            Bundle::new(self.trust_domain.clone(), roots).map_err(AuthorityError::from)?;
         if published.store().is_empty() {
             return Err(RotationError::LastRoot {
                 path: path.to_path_buf(),
@@ -852,8 +853,7 @@ fn signing_root(published: &Bundle, cert: &CertificateDer<'_>) -> Option<Certifi
         })
         .find(|r| {
             x509_parser::parse_x509_certificate(r.as_ref()).is_ok_and(|(_, root)| {
-                root.subject() == c.issuer()
-                    && c.verify_signature(Some(root.public_key())).is_ok()
+                root.subject() == c.issuer() && c.verify_signature(Some(root.public_key())).is_ok()
             })
         })
         .cloned()
@@ -899,7 +899,9 @@ fn check_root(
     }
     let info = inspect_cert(root).map_err(|e| bad(e.to_string()))?;
     if !info.is_ca || info.key_usage.is_some_and(|(_, sign)| !sign) {
-        return Err(bad("not a CA certificate that may sign (CA:TRUE, keyCertSign)".into()));
+        return Err(bad(
+            "not a CA certificate that may sign (CA:TRUE, keyCertSign)".into(),
+        ));
     }
     if info.id.trust_domain() != td || !info.id.path().is_empty() {
         return Err(bad(format!(
@@ -911,7 +913,10 @@ fn check_root(
         return Err(bad(format!("expired at {}", rfc3339(info.not_after))));
     }
     if info.not_before > now {
-        return Err(bad(format!("not valid before {}", rfc3339(info.not_before))));
+        return Err(bad(format!(
+            "not valid before {}",
+            rfc3339(info.not_before)
+        )));
     }
     Ok(())
 }
@@ -1004,12 +1009,26 @@ pub(super) async fn retire_loop(
         match state.authority.retire_due(&state.clock) {
             Ok(Some(change)) => {
                 tracing::info!(serial = %change.serial, "{}", change.detail);
-                audit(&state, "ca", "retire_intermediate", Some(change.serial), "ok", None);
+                audit(
+                    &state,
+                    "ca",
+                    "retire_intermediate",
+                    Some(change.serial),
+                    "ok",
+                    None,
+                );
             }
             Ok(None) => {}
             Err(e) => {
                 tracing::error!(error = %e, "retiring the previous intermediate failed; retrying");
-                audit(&state, "ca", "retire_intermediate", None, "error", Some(e.to_string()));
+                audit(
+                    &state,
+                    "ca",
+                    "retire_intermediate",
+                    None,
+                    "error",
+                    Some(e.to_string()),
+                );
             }
         }
         tokio::select! {

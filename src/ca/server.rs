@@ -13,13 +13,13 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::api::{self, CaState, Peer, RateLimiter};
-use super::rotation::CaKeys;
 use super::config::{CaLimits, CaServeConfig};
 pub use super::error::ServeError;
 use super::error::{ClientCertError, PeerConfigError};
 use super::ledger::{Ledger, RedbLedger};
 use super::limits::ConnLimits;
 use super::metrics::CaMetrics;
+use super::rotation::CaKeys;
 use super::server_cert::{server_tls, ServerCert};
 use super::tasks::{Stopper, Tasks};
 use crate::audit::AuditLog;
@@ -170,12 +170,11 @@ fn open_state(
     clock: &Clock,
     registry: &mut Registry,
 ) -> Result<(Arc<CaState>, Arc<ServerCert>), ServeError> {
-    let authority = CaKeys::open(&config.ca_dir, config.svid_ttl).map_err(|source| {
-        ServeError::Keys {
+    let authority =
+        CaKeys::open(&config.ca_dir, config.svid_ttl).map_err(|source| ServeError::Keys {
             dir: config.ca_dir.clone(),
             source,
-        }
-    })?;
+        })?;
     let data = &config.data_dir;
     std::fs::create_dir_all(data).map_err(io("creating data dir", data))?;
     set_mode(data, 0o700).map_err(io("securing data dir", data))?;

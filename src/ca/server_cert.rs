@@ -14,8 +14,8 @@ use tokio::sync::watch;
 
 use super::api::CaState;
 use super::authority::{Authority, LeafUsage};
-use super::rotation::CaKeys;
 use super::error::{ServeError, ServerCertError};
+use super::rotation::CaKeys;
 use crate::clock::{rfc3339, unix_secs, Clock};
 use crate::crypto::{provider, TLS13_ONLY};
 use crate::identity::SpiffeId;
@@ -100,13 +100,7 @@ impl ServerCert {
             state
                 .metrics
                 .set_expiry("issuing", unix_secs(authority.not_after));
-            match issue(
-                &authority,
-                &self.id,
-                &self.names,
-                &state.clock,
-                self.ttl,
-            ) {
+            match issue(&authority, &self.id, &self.names, &state.clock, self.ttl) {
                 Ok(leaf) => {
                     self.current.store(Arc::new(leaf.key));
                     state

@@ -209,13 +209,19 @@ async fn ca_rotate(a: RotateArgs) -> anyhow::Result<()> {
         println!("{detail}");
     }
     if let Some(k) = resp.keys {
-        println!("active intermediate: {} (until {})", k.active_serial, k.active_not_after);
+        println!(
+            "active intermediate: {} (until {})",
+            k.active_serial, k.active_not_after
+        );
         if let (Some(s), Some(at)) = (k.previous_serial, k.previous_retire_at) {
             println!("previous intermediate: {s} (trusted for renewals until {at})");
         }
         println!("published roots (bundle sequence {}):", k.sequence);
         for r in k.roots {
-            println!("  {} sha256 {} (may sign an active intermediate from {})", r.serial, r.sha256, r.usable_from);
+            println!(
+                "  {} sha256 {} (may sign an active intermediate from {})",
+                r.serial, r.sha256, r.usable_from
+            );
         }
     }
     Ok(())

@@ -203,7 +203,9 @@ fn note_withdrawals(identity: &Identity, roots: &[CertificateDer<'static>]) {
     for r in last.iter() {
         let gone = !roots.contains(r) && identity.configured_roots.contains(r);
         if gone && !withdrawn.contains(r) {
-            tracing::warn!("the CA withdrew a root of the configured bundle; it is no longer trusted");
+            tracing::warn!(
+                "the CA withdrew a root of the configured bundle; it is no longer trusted"
+            );
             withdrawn.push(r.clone());
         }
     }

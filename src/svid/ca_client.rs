@@ -287,10 +287,7 @@ impl CaClient {
         let bundle = self.bundle();
         let ca_id = crate::identity::ids::ca_id(&bundle.trust_domain);
         let verifier = CaServerVerifier {
-            spiffe: SpiffeServerVerifier::new(
-                bundle.store(),
-                ExpectedPeer::AnyOf(vec![ca_id]),
-            ),
+            spiffe: SpiffeServerVerifier::new(bundle.store(), ExpectedPeer::AnyOf(vec![ca_id])),
             region: self.region.clone(),
         };
         let builder =

@@ -710,7 +710,11 @@ async fn a_configured_root_the_ca_withdrew_is_no_longer_trusted() {
 
     rig.ca.state().published_roots = vec![other.clone()];
     rig.until(t0 + every + Duration::from_secs(1)).await;
-    assert_eq!(rig.identity.bundle().roots, vec![other.clone()], "withdrawn");
+    assert_eq!(
+        rig.identity.bundle().roots,
+        vec![other.clone()],
+        "withdrawn"
+    );
 
     // Withdrawing every root of our trust domain is refused: the last bundle stays.
     let foreign = {
@@ -726,6 +730,9 @@ async fn a_configured_root_the_ca_withdrew_is_no_longer_trusted() {
 
     rig.ca.state().published_roots = vec![configured.clone()];
     rig.until(t0 + 3 * every + Duration::from_secs(1)).await;
-    assert!(rig.identity.bundle().roots.contains(&configured), "republished");
+    assert!(
+        rig.identity.bundle().roots.contains(&configured),
+        "republished"
+    );
     rig.stop(vec![task]).await;
 }

@@ -864,11 +864,15 @@ fn read_root(path: &Path) -> Result<CertificateDer<'static>, RotationError> {
         path: path.to_path_buf(),
         reason,
     };
-    let meta = fs::metadata(path).map_err(io_at(path))?;
-    if meta.len() > MAX_ROOT_FILE {
+    let mut pem = Vec::new();
+    fs::File::open(path)
+        .and_then(|f| {
+            std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_ROOT_FILE + 1), &mut pem)
+        })
+        .map_err(io_at(path))?;
+    if pem.len() as u64 > MAX_ROOT_FILE {
         return Err(bad(format!("larger than {MAX_ROOT_FILE} bytes")));
     }
-    let pem = fs::read(path).map_err(io_at(path))?;
     let mut certs =
         certs_from_pem(&pem, &path.display().to_string()).map_err(|e| bad(e.to_string()))?;
     if certs.len() != 1 {

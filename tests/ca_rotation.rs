@@ -23,7 +23,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use trustline::ca::admin::{self, AdminRequest, AdminResponse};
 use trustline::ca::authority::{self, Authority, LeafUsage};
-use trustline::ca::config::{CaServeConfig, MIN_SVID_TTL};
+use trustline::ca::config::{CaServeConfig, CaServeFile, MIN_SVID_TTL};
 use trustline::ca::server::Bound;
 use trustline::clock::Clock;
 use trustline::identity::{certs_from_pem, inspect_cert, Bundle, Svid};
@@ -32,19 +32,18 @@ use trustline::svid::ca_client::CaClient;
 const YEAR: Duration = Duration::from_secs(365 * 86400);
 const HOUR: Duration = Duration::from_secs(3600);
 
+/// The CA's configuration as `ca serve` resolves its flags (so fields added later default).
 fn config(pki: &Pki, svid_ttl: Duration, data: &str) -> CaServeConfig {
-    CaServeConfig {
-        ca_dir: pki.region.clone(),
-        data_dir: pki.dir.path().join(data),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        svid_ttl,
-        san: vec![],
-        metrics_listen: None,
-        audit_log: None,
-        rate_limit: 0,
-        peers: Default::default(),
-        limits: Default::default(),
-    }
+    let flags = CaServeFile {
+        ca: Some(pki.region.clone()),
+        data: Some(pki.dir.path().join(data)),
+        listen: Some("127.0.0.1:0".into()),
+        svid_ttl: Some(format!("{}s", svid_ttl.as_secs())),
+        metrics_listen: Some("off".into()),
+        rate_limit: Some(0),
+        ..Default::default()
+    };
+    CaServeConfig::resolve(flags, None).expect("CA config")
 }
 
 async fn serve(pki: &Pki, svid_ttl: Duration, clock: &Clock) -> Bound {

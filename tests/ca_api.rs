@@ -127,7 +127,7 @@ async fn token_issues_an_svid_built_from_the_ca_template() {
         2,
         "leaf then the regional intermediate, no root"
     );
-    assert_eq!(svid.chain[1], ca.bound.state.authority.cert);
+    assert_eq!(svid.chain[1], ca.bound.state.authority.active().cert);
     let leaf = parse(&svid.chain[0]);
     let sans = leaf.subject_alternative_name().unwrap().unwrap();
     assert_eq!(sans.value.general_names, vec![GeneralName::URI(WEB)]);
@@ -443,6 +443,7 @@ async fn a_client_certificate_with_a_reserved_id_gets_403() {
         .bound
         .state
         .authority
+        .active()
         .sign_leaf(
             &id,
             &key,
@@ -451,7 +452,7 @@ async fn a_client_certificate_with_a_reserved_id_gets_403() {
             LeafUsage::Svid,
         )
         .unwrap();
-    let chain = ca.bound.state.authority.chain_for(&issued.leaf);
+    let chain = ca.bound.state.authority.active().chain_for(&issued.leaf);
     let svid = Svid {
         info: inspect_cert(&chain[0]).unwrap(),
         chain,
@@ -539,7 +540,7 @@ async fn bundle_as_pem_and_as_spiffe_jwks() {
     let x5c = base64::engine::general_purpose::STANDARD
         .decode(key["x5c"][0].as_str().unwrap())
         .unwrap();
-    assert_eq!(x5c, ca.bound.state.authority.bundle.roots[0].as_ref());
+    assert_eq!(x5c, ca.bound.state.authority.published().roots[0].as_ref());
     assert!(v["spiffe_refresh_hint"].as_u64().unwrap() > 0);
 }
 

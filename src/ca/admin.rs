@@ -1,7 +1,7 @@
 //! The CA's admin socket: `DATADIR/admin.sock`, mode 0600. Filesystem permissions are the
 //! authorisation (as with SPIRE's admin socket). One JSON request line, one JSON answer line.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +34,18 @@ pub enum AdminRequest {
     RevokeId { spiffe_id: String },
     /// Lift a ban made with `revoke_id`.
     LiftId { spiffe_id: String },
+    /// Activate the intermediate in directory `dir` (from `ca init --root --region`).
+    RotateNext { dir: PathBuf },
+    /// Publish the root in file `path`; intermediates it signed may be activated `wait_secs` later.
+    AddRoot { path: PathBuf, wait_secs: u64 },
+    /// Withdraw the root in file `path` from the published bundle.
+    RetireRoot { path: PathBuf },
+    /// The CA's keys now.
+    RotationStatus,
 }
+
+/// The `client` of admin operations in the audit log.
+const ADMIN: &str = "admin-socket";
 
 /// Most revoked serials listed in one answer (the count is always complete).
 const MAX_LISTED: usize = 1000;
@@ -55,6 +66,12 @@ pub struct AdminResponse {
     /// The first of them, in hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked: Option<Vec<String>>,
+    /// What a change of the CA's keys did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// The CA's keys (`rotation_status`, and after every change of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<super::rotation::Status>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -68,6 +85,8 @@ impl AdminResponse {
             sequence: None,
             revoked_count: None,
             revoked: None,
+            detail: None,
+            keys: None,
             error: None,
         }
     }
@@ -183,6 +202,10 @@ async fn execute(state: &CaState, req: AdminRequest) -> AdminResponse {
             let resp = lift(state, &spiffe_id).await;
             ("lift_id", Some(spiffe_id), None, resp)
         }
+        req @ (AdminRequest::RotateNext { .. }
+        | AdminRequest::AddRoot { .. }
+        | AdminRequest::RetireRoot { .. }
+        | AdminRequest::RotationStatus) => return rotate(state, req),
     };
     let resp = AdminResponse::of(resp);
     state.audit.record(&CaEvent {
@@ -195,6 +218,61 @@ async fn execute(state: &CaState, req: AdminRequest) -> AdminResponse {
         reason: resp.error.clone(),
     });
     resp
+}
+
+/// The operations on the CA's own keys ([`super::rotation`]), each audited (the status is a
+/// read and is not). Bad input (a bad `--next` dir, a root that does not fit) is refused with
+/// what is wrong, and the CA keeps serving with the keys it had.
+fn rotate(state: &CaState, req: AdminRequest) -> AdminResponse {
+    use super::rotation::{MAX_PUBLISH_WAIT, MIN_PUBLISH_WAIT};
+    let keys = &state.authority;
+    let (event, result) = match req {
+        AdminRequest::RotateNext { dir } => ("rotate_next", keys.activate(&dir, &state.clock)),
+        AdminRequest::AddRoot { path, wait_secs } => {
+            let wait = Duration::from_secs(wait_secs);
+            if !(MIN_PUBLISH_WAIT..=MAX_PUBLISH_WAIT).contains(&wait) {
+                let e = AdminError::Wait(format!(
+                    "{wait_secs}s is outside {}..={}",
+                    humantime::format_duration(MIN_PUBLISH_WAIT),
+                    humantime::format_duration(MAX_PUBLISH_WAIT)
+                ));
+                super::rotation::audit(
+                    state,
+                    ADMIN,
+                    "add_root",
+                    None,
+                    "error",
+                    Some(e.to_string()),
+                );
+                return AdminResponse::err(e);
+            }
+            ("add_root", keys.add_root(&path, wait, &state.clock))
+        }
+        AdminRequest::RetireRoot { path } => ("retire_root", keys.retire_root(&path)),
+        _ => {
+            return AdminResponse {
+                keys: Some(keys.status()),
+                ..AdminResponse::ok()
+            }
+        }
+    };
+    match result {
+        Ok(change) => {
+            tracing::info!(serial = %change.serial, "{}", change.detail);
+            super::rotation::audit(state, ADMIN, event, Some(change.serial), "ok", None);
+            AdminResponse {
+                detail: Some(change.detail),
+                sequence: Some(change.sequence),
+                keys: Some(keys.status()),
+                ..AdminResponse::ok()
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "{event} refused; the CA keeps its keys");
+            super::rotation::audit(state, ADMIN, event, None, "error", Some(e.to_string()));
+            AdminResponse::err(e.into())
+        }
+    }
 }
 
 async fn revoke(state: &CaState, serial: &str, now: u64) -> Result<AdminResponse, AdminError> {

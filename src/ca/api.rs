@@ -9,7 +9,7 @@ use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::time::Instant;
 
-use super::authority::{check_workload_id, parse_csr, Authority, Csr, CsrError, LeafUsage};
+use super::authority::{check_workload_id, parse_csr, Csr, CsrError, LeafUsage};
 use super::error::ClientCertError;
 use super::ledger::{token_hash, Authorisation, IssuedRecord, Ledger, LedgerError, TokenSpend};
 pub use super::limits::RateLimiter;
@@ -25,7 +25,9 @@ pub const MAX_BODY: usize = 16 * 1024;
 
 /// Everything a request handler needs.
 pub struct CaState {
-    pub authority: Authority,
+    /// The CA's keys: the intermediate that signs, the previous one still accepted for
+    /// renewals, the published roots ([`super::rotation`]; replaced while serving).
+    pub authority: super::rotation::CaKeys,
     /// The store of issuances, tokens and revocations.
     pub ledger: std::sync::Arc<dyn Ledger>,
     pub audit: AuditLog,
@@ -404,8 +406,9 @@ async fn issue(state: &CaState, peer: &Peer, csr: Csr, auth: Auth) -> Result<Res
         .into());
     }
     let now = state.clock.now();
-    let issued = state
-        .authority
+    // One intermediate for the leaf and the chain sent with it, whatever a rotation does meanwhile.
+    let authority = state.authority.active();
+    let issued = authority
         .sign_leaf(
             &authorised,
             &csr.public_key,
@@ -433,7 +436,7 @@ async fn issue(state: &CaState, peer: &Peer, csr: Csr, auth: Auth) -> Result<Res
     let serial = Some(issued.serial.to_string());
     audit(state, peer, event, Some(&authorised), serial, "ok", None);
     tracing::debug!(client = %peer.addr, id = %authorised, serial = %issued.serial, not_after = %rfc3339(issued.not_after), "SVID {outcome}");
-    let pem = crate::identity::chain_to_pem(&state.authority.chain_for(&issued.leaf));
+    let pem = crate::identity::chain_to_pem(&authority.chain_for(&issued.leaf));
     Ok(respond(
         StatusCode::OK,
         "application/pem-certificate-chain",
@@ -448,15 +451,18 @@ fn wants_json(req: &Request<hyper::body::Incoming>) -> bool {
         .is_some_and(|v| v.contains("application/json"))
 }
 
+/// `GET /v1/bundle`: every root published now (old and new ones during a root rotation).
 fn bundle(state: &CaState, req: &Request<hyper::body::Incoming>) -> Resp {
+    let keys = state.authority.current();
     if wants_json(req) {
-        let doc = super::bundle_json::spiffe_bundle(&state.authority.bundle, 300);
+        let hint = super::rotation::REFRESH_HINT_SECS;
+        let doc = super::bundle_json::spiffe_bundle_at(&keys.published, keys.sequence, hint);
         respond(StatusCode::OK, "application/json", doc.to_string())
     } else {
         respond(
             StatusCode::OK,
             "application/x-pem-file",
-            state.authority.bundle.to_pem(),
+            keys.published.to_pem(),
         )
     }
 }

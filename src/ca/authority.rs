@@ -379,12 +379,37 @@ impl Authority {
     }
 }
 
+/// What decides which IDs a CA may issue: its trust domain and region (a loaded [`Authority`],
+/// or the rotatable keys of a serving CA, whose trust domain and region never change).
+pub trait CaScope {
+    fn trust_domain(&self) -> &TrustDomain;
+    fn region(&self) -> Option<&Region>;
+}
+
+impl CaScope for Authority {
+    fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+    fn region(&self) -> Option<&Region> {
+        self.region.as_ref()
+    }
+}
+
+impl CaScope for super::rotation::CaKeys {
+    fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+    fn region(&self) -> Option<&Region> {
+        self.region.as_ref()
+    }
+}
+
 /// Whether a SPIFFE ID may hold a workload SVID from this CA.
-pub fn check_workload_id(authority: &Authority, id: &SpiffeId) -> Result<(), WorkloadIdError> {
-    if !id.is_member_of(&authority.trust_domain) {
+pub fn check_workload_id(authority: &impl CaScope, id: &SpiffeId) -> Result<(), WorkloadIdError> {
+    if !id.is_member_of(authority.trust_domain()) {
         return Err(WorkloadIdError::OtherTrustDomain {
             id: id.clone(),
-            trust_domain: authority.trust_domain.clone(),
+            trust_domain: authority.trust_domain().clone(),
         });
     }
     if id.path().is_empty() {
@@ -397,7 +422,7 @@ pub fn check_workload_id(authority: &Authority, id: &SpiffeId) -> Result<(), Wor
 /// server ID and the region IDs of CA certificates never to a workload, and a gateway ID
 /// (`/trustline/gateway/REGION`) only by that region's CA, so that a gateway's region binding
 /// (ID and issuing CA agree) cannot be forged by another region's CA or its admin.
-fn check_role_id(authority: &Authority, id: &SpiffeId) -> Result<(), WorkloadIdError> {
+fn check_role_id(authority: &impl CaScope, id: &SpiffeId) -> Result<(), WorkloadIdError> {
     let Some(role) = id
         .path()
         .strip_prefix(crate::identity::ids::RESERVED_PREFIX)
@@ -407,12 +432,15 @@ fn check_role_id(authority: &Authority, id: &SpiffeId) -> Result<(), WorkloadIdE
     if id.path().starts_with(REGION_PATH_PREFIX) || role == "ca" || role.starts_with("ca/") {
         return Err(WorkloadIdError::ReservedForCas(id.clone()));
     }
-    match (role.strip_prefix("gateway/"), authority.region.as_deref()) {
+    match (
+        role.strip_prefix("gateway/"),
+        authority.region().map(|r| r.as_str()),
+    ) {
         (Some(r), Some(ours)) if r == ours => Ok(()),
         (Some(r), _) => Err(WorkloadIdError::OtherRegionsGateway {
             id: id.clone(),
             region: r.to_string(),
-            ours: authority.region.clone(),
+            ours: authority.region().cloned(),
         }),
         (None, _) => Err(WorkloadIdError::ReservedForRoles(id.clone())),
     }

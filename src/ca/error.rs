@@ -175,6 +175,11 @@ pub enum ServeError {
         dir: PathBuf,
         source: AuthorityError,
     },
+    #[error("loading CA from {dir}: {source}")]
+    Keys {
+        dir: PathBuf,
+        source: super::rotation::RotationError,
+    },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -283,6 +288,10 @@ pub enum AdminError {
     TokenTtl { max: Duration },
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Rotation(#[from] super::rotation::RotationError),
+    #[error("publish wait: {0}")]
+    Wait(String),
 }
 
 /// Why an admin request from the CLI (or a test) got no answer, or a refusal.

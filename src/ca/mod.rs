@@ -2,7 +2,7 @@
 //!
 //! The CA knows nothing of the data path. [`authority`] makes and loads CAs and signs leaves;
 //! [`ledger`] makes issuance durable; [`api`] and [`server`] serve HTTPS; [`admin`] is the
-//! local admin socket; [`peers`] carries revocations between the regions' CAs. Each operation
+//! local admin socket; [`rotation`] replaces the CA's own keys while it serves; [`peers`] carries revocations between the regions' CAs. Each operation
 //! has its error enum, all gathered in [`error`] and convertible into [`Error`].
 
 pub mod admin;
@@ -16,6 +16,7 @@ pub mod limits;
 pub mod metrics;
 pub mod peers;
 pub mod revoked_list;
+pub mod rotation;
 pub mod server;
 mod server_cert;
 mod tasks;

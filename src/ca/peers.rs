@@ -36,7 +36,7 @@ pub use super::error::PeerError;
 use super::ledger::LedgerError;
 use super::tasks::Tasks;
 use crate::clock::Clock;
-use crate::identity::{parse_id, Bundle, Serial};
+use crate::identity::{parse_id, Serial};
 use crate::region::Region;
 use crate::svid::ca_client::{CaClient, CaRegion};
 
@@ -382,12 +382,13 @@ async fn revoke_local_of_banned(
     Ok(())
 }
 
-/// A client for each peer, verifying it as `spiffe://TD/trustline/ca` against `bundle`, issued
+/// A client for each peer, verifying it as `spiffe://TD/trustline/ca` against `trust` (the
+/// CA's published roots, as they are at each pull: a root added by a rotation counts), issued
 /// by the region's CA the entry names, or else by any CA but `own_region`'s (this CA's). A peer
 /// naming our own region is refused.
 pub fn clients(
     peers: &[PeerSpec],
-    bundle: &Bundle,
+    trust: &std::sync::Arc<crate::tls::mesh::Trust>,
     clock: &Clock,
     own_region: Option<&Region>,
 ) -> Result<Vec<(String, CaClient)>, PeerConfigError> {
@@ -405,7 +406,9 @@ pub fn clients(
                 (None, Some(own)) => CaRegion::Not(own.clone()),
                 (None, None) => CaRegion::Any,
             };
-            let client = CaClient::new(&p.url, bundle.clone(), clock.clone())?.with_region(rule);
+            let client = CaClient::new(&p.url, (*trust.bundle()).clone(), clock.clone())?
+                .with_region(rule)
+                .with_trust(trust.clone());
             Ok((p.url.clone(), client))
         })
         .collect()

@@ -13,13 +13,13 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::api::{self, CaState, Peer, RateLimiter};
-use super::authority::Authority;
 use super::config::{CaLimits, CaServeConfig};
 pub use super::error::ServeError;
 use super::error::{ClientCertError, PeerConfigError};
 use super::ledger::postgres::schema::Owner;
 use super::limits::ConnLimits;
 use super::metrics::CaMetrics;
+use super::rotation::CaKeys;
 use super::server_cert::{server_tls, ServerCert};
 use super::tasks::{Stopper, Tasks};
 use crate::audit::AuditLog;
@@ -73,7 +73,7 @@ impl Bound {
         let specs = super::config::parse_peers(urls)?;
         let clients = super::peers::clients(
             &specs,
-            &self.state.authority.bundle,
+            &self.state.authority.trust(),
             &self.state.clock,
             self.state.authority.region.as_ref(),
         )?;
@@ -134,6 +134,11 @@ pub async fn build(config: CaServeConfig, clock: Clock) -> Result<Bound, ServeEr
     let metrics_addr = serve_metrics(&config, &state, registry, tasks).await?;
     tasks.spawn(resolver.renew(state.clone(), tasks.shutdown.clone()));
     tasks.spawn(prune_loop(state.clone(), tasks.shutdown.clone()));
+    tasks.spawn(super::rotation::retire_loop(
+        state.clone(),
+        RETIRE_CHECK,
+        tasks.shutdown.clone(),
+    ));
     let listen = Arc::new(Listen {
         acceptor: tokio_rustls::TlsAcceptor::from(tls),
         caps: conn_limits,
@@ -165,10 +170,11 @@ async fn open_state(
     clock: &Clock,
     registry: &mut Registry,
 ) -> Result<(Arc<CaState>, Arc<ServerCert>), ServeError> {
-    let authority = Authority::load(&config.ca_dir).map_err(|source| ServeError::Authority {
-        dir: config.ca_dir.clone(),
-        source,
-    })?;
+    let authority =
+        CaKeys::open(&config.ca_dir, config.svid_ttl).map_err(|source| ServeError::Keys {
+            dir: config.ca_dir.clone(),
+            source,
+        })?;
     let data = &config.data_dir;
     std::fs::create_dir_all(data).map_err(io("creating data dir", data))?;
     set_mode(data, 0o700).map_err(io("securing data dir", data))?;
@@ -185,8 +191,9 @@ async fn open_state(
         .unwrap_or_else(|| data.join("audit.log"));
     let audit = AuditLog::open(&audit_path).map_err(io("opening audit log", &audit_path))?;
     let metrics = CaMetrics::new(registry);
-    metrics.set_expiry("issuing", unix_secs(authority.not_after));
-    let (resolver, not_after) = ServerCert::first(&authority, &config.san, clock, config.svid_ttl)?;
+    metrics.set_expiry("issuing", unix_secs(authority.active().not_after));
+    let (resolver, not_after) =
+        ServerCert::first(&authority.active(), &config.san, clock, config.svid_ttl)?;
     metrics.set_expiry("server", unix_secs(not_after));
     let rate = config.rate_limit;
     let state = Arc::new(CaState {
@@ -226,6 +233,9 @@ async fn serve_metrics(
         .map(Some)
         .map_err(bind_err("metrics", addr))
 }
+
+/// How often the CA checks whether the previous intermediate's last SVID has expired.
+const RETIRE_CHECK: Duration = Duration::from_secs(1);
 
 /// How often expired revocations are dropped from memory.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);

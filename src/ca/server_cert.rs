@@ -8,20 +8,22 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use rcgen::KeyPair;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::RootCertStore;
 use tokio::sync::watch;
 
 use super::api::CaState;
 use super::authority::{Authority, LeafUsage};
 use super::error::{ServeError, ServerCertError};
+use super::rotation::CaKeys;
 use crate::clock::{rfc3339, unix_secs, Clock};
 use crate::crypto::{provider, TLS13_ONLY};
 use crate::identity::SpiffeId;
 
 /// Longest life of the server certificate, whatever the SVID TTL.
 const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How often the renewal task looks at the wall clock.
+const CHECK: Duration = Duration::from_secs(1);
 /// Wait before trying again after a failed renewal.
 const RETRY: Duration = Duration::from_secs(10);
 
@@ -34,6 +36,8 @@ pub(super) struct ServerCert {
     /// DNS names and IPs of the certificate.
     names: Vec<String>,
     ttl: Duration,
+    /// When the first certificate is due for renewal (half its life).
+    first_due: SystemTime,
 }
 
 /// One issued server certificate.
@@ -66,40 +70,48 @@ impl ServerCert {
             id,
             names,
             ttl,
+            first_due: clock.now() + ttl / 2,
         };
         Ok((Arc::new(me), leaf.not_after))
     }
 
-    /// Renews the certificate at half its life until `shutdown`.
+    /// Renews the certificate at half its life, and at once when a new intermediate is
+    /// activated (so the server's chain is the active intermediate's), until `shutdown`.
     pub(super) async fn renew(
         self: Arc<Self>,
         state: Arc<CaState>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut wait = self.ttl / 2;
+        // Due by the wall clock, checked every CHECK: a clock that jumps (a suspended VM, an
+        // NTP step) does not leave the server with an expired certificate until a timer fires.
+        let mut due = self.first_due;
+        let mut activations = state.authority.activations();
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(CHECK) => {
+                    if state.clock.now() < due {
+                        continue;
+                    }
+                }
+                r = activations.changed() => if r.is_err() { return },
                 _ = shutdown.changed() => return,
             }
-            match issue(
-                &state.authority,
-                &self.id,
-                &self.names,
-                &state.clock,
-                self.ttl,
-            ) {
+            let authority = state.authority.active();
+            state
+                .metrics
+                .set_expiry("issuing", unix_secs(authority.not_after));
+            match issue(&authority, &self.id, &self.names, &state.clock, self.ttl) {
                 Ok(leaf) => {
                     self.current.store(Arc::new(leaf.key));
                     state
                         .metrics
                         .set_expiry("server", unix_secs(leaf.not_after));
                     tracing::info!(not_after = %rfc3339(leaf.not_after), "renewed the CA server certificate");
-                    wait = self.ttl / 2;
+                    due = state.clock.now() + self.ttl / 2;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "renewing the CA server certificate failed; retrying");
-                    wait = RETRY;
+                    due = state.clock.now() + RETRY;
                 }
             }
         }
@@ -125,18 +137,14 @@ fn issue(
 
 /// The API's TLS 1.3 configuration, serving `resolver`'s certificate.
 pub(super) fn server_tls(
-    authority: &Authority,
+    keys: &CaKeys,
     resolver: Arc<ServerCert>,
     clock: &Clock,
 ) -> Result<rustls::ServerConfig, ServeError> {
-    // Renewal is only for SVIDs this CA issued, so the client-auth anchor is the CA's own
-    // certificate, not the whole root bundle. Client certificates are optional at the TLS
-    // layer (first issuance uses a join token); the handler requires one or the other.
-    let mut roots = RootCertStore::empty();
-    roots.add(authority.cert.clone())?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .allow_unauthenticated()
-        .build()?;
+    // Renewal is only for SVIDs this CA issued, so the client-auth anchors are the CA's own
+    // intermediates (the active one, and the previous one until its last SVID expired), not
+    // the whole root bundle ([`CaKeys::client_verifier`]).
+    let verifier = keys.client_verifier();
     let mut cfg = rustls::ServerConfig::builder_with_details(provider(), Arc::new(clock.clone()))
         .with_protocol_versions(TLS13_ONLY)?
         .with_client_cert_verifier(verifier)

@@ -1,4 +1,4 @@
-//! `trustline ca`: init, serve, token, revoke.
+//! `trustline ca`: init, serve, token, revoke, rotate.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,6 +35,12 @@ pub enum CaCommand {
         after_help = "Examples:\n  trustline ca revoke --data ca/data --serial 3f9a...\n  trustline ca revoke --data ca/data --spiffe-id spiffe://example.org/ns/shop/sa/web\n  trustline ca revoke --data ca/data --spiffe-id spiffe://example.org/ns/shop/sa/web --lift"
     )]
     Revoke(RevokeArgs),
+    /// Rotates the running CA's own keys: activates its next intermediate, publishes a new
+    /// root beside the old one, or withdraws an old root (talks to the running server).
+    #[command(
+        after_help = "Examples (README, \"Rotating the CA's keys\"):\n  trustline ca rotate --data ca/data --next ca/eu-west-2\n  trustline ca rotate --data ca/data --add-root ca/root-2/bundle.pem --wait 5m\n  trustline ca rotate --data ca/data --retire-root ca/root/bundle.pem\n  trustline ca rotate --data ca/data --status"
+    )]
+    Rotate(RotateArgs),
 }
 
 #[derive(Args)]
@@ -140,6 +146,33 @@ pub struct RevokeArgs {
     lift: bool,
 }
 
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("op").required(true).args(["next", "add_root", "retire_root", "status"])))]
+pub struct RotateArgs {
+    /// Data directory of the running CA.
+    #[arg(long)]
+    data: PathBuf,
+    /// The next intermediate's directory (`ca init --root ROOT --region REGION --out DIR`):
+    /// validated, then it signs everything new; the active one stays trusted for renewals
+    /// until its last SVID expired.
+    #[arg(long, value_name = "DIR")]
+    next: Option<PathBuf>,
+    /// A new root (its `bundle.pem`) to publish in /v1/bundle beside the current ones.
+    #[arg(long, value_name = "FILE")]
+    add_root: Option<PathBuf>,
+    /// With --add-root: how long the root must be published before an intermediate it signed
+    /// may be activated (at least the sidecars' and gateways' bundle refresh interval).
+    #[arg(long, default_value = "5m", requires = "add_root")]
+    wait: String,
+    /// An old root (its `bundle.pem`) to withdraw from /v1/bundle (refused while the active or
+    /// previous intermediate chains to it).
+    #[arg(long, value_name = "FILE")]
+    retire_root: Option<PathBuf>,
+    /// Shows the active and previous intermediates and the published roots.
+    #[arg(long)]
+    status: bool,
+}
+
 /// Runs one `ca` subcommand.
 pub async fn run(command: CaCommand) -> anyhow::Result<()> {
     match command {
@@ -147,7 +180,61 @@ pub async fn run(command: CaCommand) -> anyhow::Result<()> {
         CaCommand::Serve(a) => ca_serve(a).await,
         CaCommand::Token(a) => ca_token(a).await,
         CaCommand::Revoke(a) => ca_revoke(a).await,
+        CaCommand::Rotate(a) => ca_rotate(a).await,
     }
+}
+
+/// An absolute path (the CA reads it, from its own working directory).
+fn absolute(p: &std::path::Path, flag: &str) -> anyhow::Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("{flag} {}", p.display()))
+}
+
+async fn ca_rotate(a: RotateArgs) -> anyhow::Result<()> {
+    let req = if let Some(dir) = &a.next {
+        AdminRequest::RotateNext {
+            dir: absolute(dir, "--next")?,
+        }
+    } else if let Some(path) = &a.add_root {
+        let wait = parse_duration(&a.wait)
+            .map_err(anyhow::Error::msg)
+            .context("--wait")?;
+        AdminRequest::AddRoot {
+            path: absolute(path, "--add-root")?,
+            wait_secs: wait.as_secs(),
+        }
+    } else if let Some(path) = &a.retire_root {
+        AdminRequest::RetireRoot {
+            path: absolute(path, "--retire-root")?,
+        }
+    } else {
+        AdminRequest::RotationStatus
+    };
+    let resp = admin::call(&a.data.join("admin.sock"), &req)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if !resp.ok {
+        bail!("{}", resp.error.unwrap_or_default());
+    }
+    if let Some(detail) = resp.detail {
+        println!("{detail}");
+    }
+    if let Some(k) = resp.keys {
+        println!(
+            "active intermediate: {} (until {})",
+            k.active_serial, k.active_not_after
+        );
+        if let (Some(s), Some(at)) = (k.previous_serial, k.previous_retire_at) {
+            println!("previous intermediate: {s} (trusted for renewals until {at})");
+        }
+        println!("published roots (bundle sequence {}):", k.sequence);
+        for r in k.roots {
+            println!(
+                "  {} sha256 {} (may sign an active intermediate from {})",
+                r.serial, r.sha256, r.usable_from
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn ca_token(a: TokenArgs) -> anyhow::Result<()> {

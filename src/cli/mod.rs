@@ -30,7 +30,7 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// The certificate authority: init, serve, token, revoke.
+    /// The certificate authority: init, serve, token, revoke, rotate.
     #[command(subcommand)]
     Ca(ca::CaCommand),
     /// Runs a whole mesh on loopback and prints what happens.

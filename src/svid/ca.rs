@@ -174,13 +174,43 @@ async fn refresh_bundle(identity: &Identity, issuer: &impl Issuer) -> Result<(),
             );
         }
     }
+    if issuer.region_checked() {
+        note_withdrawals(identity, &roots);
+    }
     let fresh = identity.with_configured_roots(roots)?;
+    if fresh.store().is_empty() {
+        // Never left without a root of our own trust domain: that would refuse every peer.
+        return Err(Error::NoOwnRoot);
+    }
     identity.bundle_fetches.fetch_add(1, Ordering::Relaxed);
     if fresh.roots != current.roots {
         identity.trust.set_bundle(fresh).map_err(Error::SetBundle)?;
         tracing::info!("trust bundle updated from the CA");
     }
     Ok(())
+}
+
+/// Follows our own region's CA when it withdraws a root (the end of a root rotation): a
+/// configured root it published at the last refresh and no longer does is no longer trusted;
+/// one it publishes again is trusted again. A configured root it never published (another
+/// trust domain's, a local extra) is left alone.
+fn note_withdrawals(identity: &Identity, roots: &[CertificateDer<'static>]) {
+    let mut last = identity
+        .last_published
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let mut withdrawn = identity.withdrawn.lock().unwrap_or_else(|e| e.into_inner());
+    for r in last.iter() {
+        let gone = !roots.contains(r) && identity.configured_roots.contains(r);
+        if gone && !withdrawn.contains(r) {
+            tracing::warn!(
+                "the CA withdrew a root of the configured bundle; it is no longer trusted"
+            );
+            withdrawn.push(r.clone());
+        }
+    }
+    withdrawn.retain(|r| !roots.contains(r));
+    *last = roots.to_vec();
 }
 
 /// Fetches `GET /v1/revoked` and parses the serials.

@@ -74,6 +74,10 @@ pub struct CaClient {
     host: String,
     server_name: ServerName<'static>,
     bundle: Bundle,
+    /// When set, the bundle in force there replaces `bundle` at each connection (a sidecar's
+    /// refreshed trust, a CA's published roots), so a root added by a CA rotation is trusted
+    /// for the CA's own certificate and the chains it returns.
+    trust: Option<Arc<crate::tls::mesh::Trust>>,
     clock: Clock,
     region: CaRegion,
 }
@@ -236,6 +240,7 @@ impl CaClient {
             host,
             server_name,
             bundle,
+            trust: None,
             clock,
             region: CaRegion::Any,
         })
@@ -254,6 +259,20 @@ impl CaClient {
         self
     }
 
+    /// Trusts `trust`'s bundle as it is at each connection instead of the fixed one.
+    pub fn with_trust(mut self, trust: Arc<crate::tls::mesh::Trust>) -> Self {
+        self.trust = Some(trust);
+        self
+    }
+
+    /// The bundle trusted now.
+    fn bundle(&self) -> Bundle {
+        match &self.trust {
+            Some(t) => (*t.bundle()).clone(),
+            None => self.bundle.clone(),
+        }
+    }
+
     /// The region rule this client enforces.
     pub fn region(&self) -> &CaRegion {
         &self.region
@@ -265,12 +284,10 @@ impl CaClient {
         &self,
         client_svid: Option<&Svid>,
     ) -> Result<Arc<rustls::ClientConfig>, ClientError> {
-        let ca_id = crate::identity::ids::ca_id(&self.bundle.trust_domain);
+        let bundle = self.bundle();
+        let ca_id = crate::identity::ids::ca_id(&bundle.trust_domain);
         let verifier = CaServerVerifier {
-            spiffe: SpiffeServerVerifier::new(
-                self.bundle.store(),
-                ExpectedPeer::AnyOf(vec![ca_id]),
-            ),
+            spiffe: SpiffeServerVerifier::new(bundle.store(), ExpectedPeer::AnyOf(vec![ca_id])),
             region: self.region.clone(),
         };
         let builder =
@@ -370,7 +387,7 @@ impl CaClient {
             return Err(refusal(status, &body));
         }
         let chain = certs_from_pem(&body, "CA response")?;
-        let info = crate::tls::verify_svid_chain(&self.bundle, &chain, self.clock.now())?;
+        let info = crate::tls::verify_svid_chain(&self.bundle(), &chain, self.clock.now())?;
         if &info.id != id {
             return Err(ClientError::WrongId {
                 got: info.id.to_string(),

@@ -28,6 +28,9 @@ pub enum Error {
     /// Roots from a source, with the configured ones, do not make a bundle of our trust domain.
     #[error(transparent)]
     Bundle(IdentityError),
+    /// A refreshed bundle would hold no root of our own trust domain (kept the last one).
+    #[error("the refreshed bundle holds no root of our trust domain; keeping the last one")]
+    NoOwnRoot,
     /// The trust state refused a new bundle.
     #[error(transparent)]
     SetBundle(rustls::Error),

@@ -31,8 +31,14 @@ pub struct Identity {
     revocations: watch::Sender<u64>,
     id: SpiffeId,
     pub(super) trust: Arc<Trust>,
-    /// The roots from the sidecar's own configuration, kept across bundle refreshes.
+    /// The roots from the sidecar's own configuration, kept across bundle refreshes unless
+    /// our own region's CA withdrew them ([`Identity::withdrawn`]).
     pub(super) configured_roots: Vec<CertificateDer<'static>>,
+    /// The roots our own region's CA published at the last refresh.
+    pub(super) last_published: std::sync::Mutex<Vec<CertificateDer<'static>>>,
+    /// Configured roots our own region's CA published and then withdrew (a root rotation's
+    /// last step): no longer trusted, until it publishes them again.
+    pub(super) withdrawn: std::sync::Mutex<Vec<CertificateDer<'static>>>,
     pub(super) bundle_fetches: AtomicU64,
     /// When the revocation list was last refreshed (Unix seconds; 0: never): a list that stops
     /// refreshing fails open for new revocations, so it is exported for alerting.
@@ -54,6 +60,8 @@ impl Identity {
             id,
             trust,
             configured_roots,
+            last_published: Default::default(),
+            withdrawn: Default::default(),
             bundle_fetches: Default::default(),
             revocation_refreshed: Default::default(),
             clock,
@@ -166,13 +174,15 @@ impl Identity {
         Ok(())
     }
 
-    /// A bundle of our trust domain holding `roots` plus the locally configured ones.
+    /// A bundle of our trust domain holding `roots` plus the locally configured ones (but
+    /// those our CA withdrew).
     pub(super) fn with_configured_roots(
         &self,
         mut roots: Vec<CertificateDer<'static>>,
     ) -> Result<Bundle, Error> {
+        let withdrawn = self.withdrawn.lock().unwrap_or_else(|e| e.into_inner());
         for r in &self.configured_roots {
-            if !roots.contains(r) {
+            if !roots.contains(r) && !withdrawn.contains(r) {
                 roots.push(r.clone());
             }
         }

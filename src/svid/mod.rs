@@ -98,9 +98,15 @@ pub fn start(
             token_file,
             region,
         } => {
-            let client = CaClient::new(url, config.bundle.clone(), clock).map(|c| match region {
-                Some(r) => c.expect_region(r.clone()),
-                None => c,
+            // The CA is verified against the bundle in force (configured roots plus, from our
+            // own region's CA, the roots it publishes): after a root rotation the CA's
+            // certificate and the chains it returns come from the new root.
+            let client = CaClient::new(url, config.bundle.clone(), clock).map(|c| {
+                let c = c.with_trust(identity.trust());
+                match region {
+                    Some(r) => c.expect_region(r.clone()),
+                    None => c,
+                }
             });
             match client {
                 Ok(client) => {

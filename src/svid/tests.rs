@@ -691,3 +691,48 @@ fn error_messages_read_as_they_always_have() {
         assert_eq!(e.to_string(), want);
     }
 }
+
+/// The end of a root rotation: a configured root our own region's CA published and then
+/// withdrew is no longer trusted, and trusted again when republished; a refresh that would
+/// leave no root of our trust domain is refused and the bundle kept.
+#[tokio::test(start_paused = true)]
+async fn a_configured_root_the_ca_withdrew_is_no_longer_trusted() {
+    let rig = Rig::new(HOUR);
+    let every = Duration::from_secs(30);
+    let other = rig.ca.pki.other_root.clone();
+    let configured = rig.ca.pki.roots[0].clone();
+    rig.ca.state().published_roots = vec![configured.clone(), other.clone()];
+    let task = rig.start_refresh(every);
+    let t0 = rig.clock.now();
+    rig.until(t0 + Duration::from_secs(1)).await;
+    assert!(rig.identity.bundle().roots.contains(&other));
+    assert!(rig.identity.bundle().roots.contains(&configured));
+
+    rig.ca.state().published_roots = vec![other.clone()];
+    rig.until(t0 + every + Duration::from_secs(1)).await;
+    assert_eq!(
+        rig.identity.bundle().roots,
+        vec![other.clone()],
+        "withdrawn"
+    );
+
+    // Withdrawing every root of our trust domain is refused: the last bundle stays.
+    let foreign = {
+        let dir = tempfile::tempdir().unwrap();
+        let td = parse_trust_domain("elsewhere.test").unwrap();
+        authority::init_root(&td, dir.path(), HOUR, false).unwrap();
+        let pem = std::fs::read(dir.path().join("bundle.pem")).unwrap();
+        certs_from_pem(&pem, "bundle.pem").unwrap().remove(0)
+    };
+    rig.ca.state().published_roots = vec![foreign];
+    rig.until(t0 + 2 * every + Duration::from_secs(1)).await;
+    assert_eq!(rig.identity.bundle().roots, vec![other.clone()], "kept");
+
+    rig.ca.state().published_roots = vec![configured.clone()];
+    rig.until(t0 + 3 * every + Duration::from_secs(1)).await;
+    assert!(
+        rig.identity.bundle().roots.contains(&configured),
+        "republished"
+    );
+    rig.stop(vec![task]).await;
+}

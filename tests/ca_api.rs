@@ -179,6 +179,7 @@ async fn leaf_serials_increase_and_end_in_88_random_bits() {
                 .bound
                 .state
                 .authority
+                .active()
                 .sign_leaf(&id, &key, Duration::from_secs(600), now, LeafUsage::Svid)
                 .unwrap();
             parse(&issued.leaf).tbs_certificate.raw_serial().to_vec()

@@ -221,8 +221,10 @@ check "clients saw refusals during the gaps (the probe counted refused or reset 
 check "no client hung: no probe request reached its 2 s timeout" bash -c "! grep -q ' timeout ' $D/probe.txt"
 check "no answer came back silently wrong (200 with another body, or another status)" bash -c "! grep -qE ' (wrong-body|http-[0-9]+) ' $D/probe.txt"
 check "oha saw no request time out (2 s)" bash -c "! jq -e '.errorDistribution | keys[] | select(test(\"timeout\"))' $D/oha.json >/dev/null"
-check "after the last restart, requests succeed again" \
-    bash -c '[[ $(ip netns exec "$1" curl -sS --max-time 5 "$2") == trustline-chaos-restart-body ]]' _ "$NA" "$URL"
+# Three tries of 5 s: on a loaded CI machine the first request after the restart has met a
+# sidecar still fetching its SVID (CI, 2026-12-02: "no SVID yet", then a 5 s curl timeout).
+check "after the last restart, requests succeed again (up to 3 tries of 5 s)" \
+    bash -c 'for _ in 1 2 3; do [[ $(ip netns exec "$1" curl -sS --max-time 5 "$2") == trustline-chaos-restart-body ]] && exit 0; done; exit 1' _ "$NA" "$URL"
 
 kill -9 "$SIDECAR"
 for _ in $(seq 1 100); do [[ -d /proc/$SIDECAR ]] || break; sleep 0.01; done

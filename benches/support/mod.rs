@@ -67,44 +67,27 @@ impl CaProcess {
                 .args(["--region", "r1", "--out"])
                 .arg(d.join("r1")),
         );
-        let api = free_port();
-        let data = d.join("data");
-        let log = File::create(d.join("ca.log")).expect("creating ca.log");
-        let mut cmd = Command::new(bin);
-        cmd.args(["ca", "serve", "--ca"])
-            .arg(d.join("r1"))
-            .arg("--data")
-            .arg(&data)
-            .args(["--listen", &api.to_string()])
-            .args(["--metrics-listen", "off", "--svid-ttl", "1h"])
-            .args(extra_args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("duplicating the log handle"))
-            .stderr(log);
-        if let Some(filter) = rust_log {
-            cmd.env("RUST_LOG", filter);
-        }
-        let child = cmd.spawn().expect("starting `trustline ca serve`");
         let ledger_args = extra_args
             .windows(2)
             .find(|w| w[0] == "--ledger")
             .map(|w| vec![w[0].to_string(), w[1].to_string()])
             .unwrap_or_default();
-        let mut ca = CaProcess {
-            pid: child.id(),
-            child: Some(child),
-            api,
-            data,
+        let ca_dir = d.join("r1");
+        Self::serve(
+            bin,
+            &ca_dir,
             dir,
+            &[],
+            extra_args,
             ledger_args,
-        };
-        ca.wait_until_up(up_within);
-        ca
+            rust_log,
+            up_within,
+        )
     }
 
-    /// Another `ca serve` replica of the same CA (for a shared ledger: `extra_args` of the
-    /// first start are not repeated, except what is given here; its ledger URL is), with its own
-    /// data directory and port, killed on drop.
+    /// Another `ca serve` replica of the same CA on the same `--ledger` (the other
+    /// `extra_args` of the first start are not repeated: give them here), with its own data
+    /// directory and port, killed on drop.
     #[allow(dead_code)] // only benches/ca_issuance.rs starts replicas
     pub fn replica(
         &self,
@@ -117,17 +100,44 @@ impl CaProcess {
             .prefix("trustline-replica-")
             .tempdir()
             .expect("making a temporary directory");
+        let ledger: Vec<&str> = self.ledger_args.iter().map(String::as_str).collect();
+        let ca_dir = self.dir.path().join("r1");
+        let ledger_args = self.ledger_args.clone();
+        Self::serve(
+            bin,
+            &ca_dir,
+            dir,
+            &ledger,
+            extra_args,
+            ledger_args,
+            rust_log,
+            up_within,
+        )
+    }
+
+    /// Starts `ca serve --ca CA_DIR --data DIR/data` on a free port, logging to `DIR/ca.log`.
+    #[allow(clippy::too_many_arguments)]
+    fn serve(
+        bin: &Path,
+        ca_dir: &Path,
+        dir: tempfile::TempDir,
+        ledger: &[&str],
+        extra_args: &[&str],
+        ledger_args: Vec<String>,
+        rust_log: Option<&str>,
+        up_within: Duration,
+    ) -> Self {
         let api = free_port();
         let data = dir.path().join("data");
         let log = File::create(dir.path().join("ca.log")).expect("creating ca.log");
         let mut cmd = Command::new(bin);
         cmd.args(["ca", "serve", "--ca"])
-            .arg(self.dir.path().join("r1"))
+            .arg(ca_dir)
             .arg("--data")
             .arg(&data)
             .args(["--listen", &api.to_string()])
             .args(["--metrics-listen", "off", "--svid-ttl", "1h"])
-            .args(&self.ledger_args)
+            .args(ledger)
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("duplicating the log handle"))
@@ -142,7 +152,7 @@ impl CaProcess {
             api,
             data,
             dir,
-            ledger_args: self.ledger_args.clone(),
+            ledger_args,
         };
         ca.wait_until_up(up_within);
         ca

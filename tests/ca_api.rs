@@ -822,13 +822,16 @@ fn config_file_errors_name_file_line_and_field() {
     std::fs::write(
         &file,
         format!(
-            "ca = {:?}\ndata = \"/y\"\nledger = \"postgres://ca:pw@db:5432/x\"\nledger_refresh = \"250ms\"\n",
+            "ca = {:?}\ndata = \"/y\"\nledger = \"postgres://ca:pw@localhost:5432/x\"\nledger_refresh = \"250ms\"\n",
             dir.path().join("root")
         ),
     )
     .unwrap();
     let pg = CaServeConfig::resolve(CaServeFile::default(), Some(&file)).unwrap();
-    assert_eq!(pg.ledger_url().to_string(), "postgres://ca:***@db:5432/x");
+    assert_eq!(
+        pg.ledger_url().to_string(),
+        "postgres://ca:***@localhost:5432/x"
+    );
     assert_eq!(pg.ledger_options.refresh, Duration::from_millis(250));
 }
 

@@ -111,6 +111,23 @@ impl PgUrl {
             config.ssl_mode(SslMode::Require);
             Some(tls_config(&path).map_err(|e| format!("{redacted}: sslrootcert: {e}"))?)
         } else {
+            // Plain text only where no one is on the path: a Unix socket or loopback.
+            use tokio_postgres::config::Host;
+            let local = |h: &Host| match h {
+                Host::Unix(_) => true,
+                Host::Tcp(name) => {
+                    name == "localhost"
+                        || name
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| ip.is_loopback())
+                }
+            };
+            let addrs_local = config.get_hostaddrs().iter().all(|a| a.is_loopback());
+            if !config.get_hosts().iter().all(local) || !addrs_local {
+                return Err(format!(
+                    "{redacted}: a database that is not on a Unix socket or loopback needs TLS: add sslmode=verify-full&sslrootcert=FILE"
+                ));
+            }
             config.ssl_mode(SslMode::Disable);
             None
         };
@@ -128,12 +145,16 @@ impl PgUrl {
         let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, attempt)
             .await
             .map_err(|_| {
+                tracing::warn!(url = %self.redacted, "ledger database: no answer to connect");
                 LedgerError::Db(format!(
-                    "connecting to {}: no answer within {CONNECT_TIMEOUT:?}",
-                    self.redacted
+                    "connecting to the database: no answer within {CONNECT_TIMEOUT:?}"
                 ))
             })?
-            .map_err(|e| LedgerError::Db(format!("connecting to {}: {}", self.redacted, pg(&e))))?;
+            .map_err(|e| {
+                // Errors reach clients (503 bodies): the URL goes to the log only.
+                tracing::warn!(url = %self.redacted, error = %pg(&e), "ledger database: connect failed");
+                LedgerError::Db(format!("connecting to the database: {}", pg(&e)))
+            })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "ledger database connection closed");
@@ -157,8 +178,24 @@ pub(super) fn pg(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// The URL with its password (if any) replaced.
+/// The URL with its password (if any, in the user part or the query) replaced.
 fn redact(url: &str) -> String {
+    let url = match url.split_once('?') {
+        Some((base, query)) => {
+            let q: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") || k == "sslpassword" => {
+                        format!("{k}=***")
+                    }
+                    _ => p.to_string(),
+                })
+                .collect();
+            format!("{base}?{}", q.join("&"))
+        }
+        None => url.to_string(),
+    };
+    let url = url.as_str();
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
@@ -422,11 +459,27 @@ mod tests {
     fn urls_say_what_is_wrong_and_never_show_the_password() {
         let ok = PgUrl::parse("postgres://ca@127.0.0.1:5432/ledger").unwrap();
         assert_eq!(ok.to_string(), "postgres://ca@127.0.0.1:5432/ledger");
-        let secret = PgUrl::parse("postgres://ca:hunter2@db:5432/ledger").unwrap();
+        let secret = PgUrl::parse("postgres://ca:hunter2@localhost:5432/ledger").unwrap();
         assert_eq!(
             format!("{secret} {secret:?}"),
-            "postgres://ca:***@db:5432/ledger postgres://ca:***@db:5432/ledger"
+            "postgres://ca:***@localhost:5432/ledger postgres://ca:***@localhost:5432/ledger"
         );
+        let in_query = PgUrl::parse("postgres://ca@localhost/ledger?password=hunter2").unwrap();
+        assert_eq!(
+            in_query.to_string(),
+            "postgres://ca@localhost/ledger?password=***"
+        );
+        // Plain text to a host on the network is refused: someone on the path would read the
+        // password and rewrite answers.
+        for remote in [
+            "postgres://ca:hunter2@db.internal/ledger",
+            "postgres://ca@10.0.0.5:5432/ledger?sslmode=disable",
+            "postgres://ca@localhost/ledger?host=db.internal",
+        ] {
+            let e = PgUrl::parse(remote).unwrap_err();
+            assert!(e.contains("needs TLS"), "{remote}: {e}");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
         let sock = PgUrl::parse("postgres://ca@localhost/ledger?host=/run/postgresql").unwrap();
         assert_eq!(sock.config.get_dbname(), Some("ledger"));
         for (bad, says) in [

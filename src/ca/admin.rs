@@ -216,6 +216,8 @@ async fn execute(state: &CaState, req: AdminRequest) -> AdminResponse {
         client: "admin-socket".to_string(),
         outcome: if resp.ok { "ok" } else { "error" },
         reason: resp.error.clone(),
+        agent: None,
+        audience: None,
     });
     resp
 }

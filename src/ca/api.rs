@@ -43,6 +43,10 @@ pub struct CaState {
     pub peers: std::sync::Arc<super::peers::Peers>,
     /// Longest a request body may take to arrive (a slow body holds a connection).
     pub body_timeout: Duration,
+    /// Which IDs each host agent may obtain.
+    pub agents: super::agents::AgentRegistry,
+    /// Lifetime of issued JWT-SVIDs.
+    pub jwt_ttl: Duration,
 }
 
 /// Facts about one client connection, taken once after the TLS handshake.
@@ -203,12 +207,30 @@ fn audit(
         client: peer.addr.to_string(),
         outcome,
         reason: reason.map(str::to_string),
+        agent: asking_agent(peer),
+        audience: None,
     });
 }
 
-enum Auth {
-    Token { spend: TokenSpend, id: SpiffeId },
+/// The host agent behind a request: the client certificate's ID when it names an agent.
+pub(super) fn asking_agent(peer: &Peer) -> Option<String> {
+    match &peer.svid {
+        Some(Ok(info)) if super::agents::is_agent_id(&info.id) => Some(info.id.to_string()),
+        _ => None,
+    }
+}
+
+pub(super) enum Auth {
+    Token {
+        spend: TokenSpend,
+        id: SpiffeId,
+    },
     Svid(CertInfo),
+    /// A host agent (its SVID) asking for `id`, which its registration allows.
+    Agent {
+        agent: CertInfo,
+        id: SpiffeId,
+    },
 }
 
 async fn read_body(
@@ -244,16 +266,54 @@ async fn read_body(
     }
 }
 
-/// What authorises this request: a join token, or else the client's current SVID.
-async fn authorise(state: &CaState, peer: &Peer, bearer: Option<&str>) -> Result<Auth, ApiError> {
+/// What authorises this request for `requested`: a join token, or else the client's current
+/// SVID (a renewal of its own ID, or a host agent asking for a workload of its host).
+async fn authorise(
+    state: &CaState,
+    peer: &Peer,
+    bearer: Option<&str>,
+    requested: &SpiffeId,
+) -> Result<Auth, ApiError> {
     match (bearer, &peer.svid) {
         (Some(token), _) => authorise_token(state, token).await,
         (None, None) => Err(ApiError::unauthorized(
             "no authorisation: send `Authorization: Bearer <join token>` or present your current SVID as client certificate",
         )),
         (None, Some(Err(why))) => Err(ApiError::unauthorized(format!("client certificate: {why}"))),
+        (None, Some(Ok(info))) if info.id != *requested && super::agents::is_agent_id(&info.id) => {
+            authorise_agent(state, info, requested)
+        }
         (None, Some(Ok(info))) => authorise_renewal(state, info),
     }
+}
+
+/// A host agent asking for `requested` with its own SVID: the agent's SVID must be good for a
+/// renewal of its own (unexpired, unrevoked, not banned), its registration must allow
+/// `requested`, and `requested` must be an ID this CA issues and not banned.
+pub(super) fn authorise_agent(
+    state: &CaState,
+    agent: &CertInfo,
+    requested: &SpiffeId,
+) -> Result<Auth, ApiError> {
+    authorise_renewal(state, agent)?;
+    if !state.agents.allows(&agent.id, requested) {
+        let why = if state.agents.knows(&agent.id) {
+            format!("agent {} is not registered for {requested}", agent.id)
+        } else {
+            format!(
+                "agent {} has no registration on this CA (an [[agent]] table)",
+                agent.id
+            )
+        };
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", why));
+    }
+    check_workload_id(&state.authority, requested)
+        .map_err(|why| ApiError::new(StatusCode::FORBIDDEN, "forbidden", why.to_string()))?;
+    check_not_banned(state, requested)?;
+    Ok(Auth::Agent {
+        agent: agent.clone(),
+        id: requested.clone(),
+    })
 }
 
 /// A first issuance: the token must be known, unused, not voided and unexpired (the ledger
@@ -356,7 +416,7 @@ async fn svid(
     let body = read_body(req, state.body_timeout).await.map_err(no_id)?;
     let csr = parse_csr(&body).map_err(|e| no_id(e.into()))?;
     let requested = csr.requested.clone();
-    let auth = authorise(state, peer, bearer.as_deref())
+    let auth = authorise(state, peer, bearer.as_deref(), &requested)
         .await
         .map_err(|e| (e, Some(requested.clone())))?;
     issue(state, peer, csr, auth)
@@ -382,6 +442,14 @@ impl Auth {
                     serial: info.serial.to_string(),
                 },
             ),
+            Auth::Agent { agent, id } => (
+                id.clone(),
+                "issue",
+                Authorisation::Agent {
+                    agent: agent.id.to_string(),
+                    serial: agent.serial.to_string(),
+                },
+            ),
         }
     }
 
@@ -389,7 +457,7 @@ impl Auth {
     fn into_spend(self) -> Option<TokenSpend> {
         match self {
             Auth::Token { spend, .. } => Some(spend),
-            Auth::Svid(_) => None,
+            Auth::Svid(_) | Auth::Agent { .. } => None,
         }
     }
 }

@@ -109,7 +109,10 @@ pub struct ServeArgs {
     /// Connections this replica keeps to a shared ledger at most [default: 16].
     #[arg(long)]
     ledger_pool: Option<usize>,
-    /// TOML file with any of the keys above (flags win).
+    /// Lifetime of issued JWT-SVIDs [default: 5m].
+    #[arg(long)]
+    jwt_ttl: Option<String>,
+    /// TOML file with any of the keys above (flags win), and `[[agent]]` registrations.
     #[arg(long)]
     config: Option<PathBuf>,
 }
@@ -342,6 +345,8 @@ async fn ca_serve(a: ServeArgs) -> anyhow::Result<()> {
         ledger_refresh: a.ledger_refresh,
         ledger_pool: a.ledger_pool,
         limits: None,
+        jwt_ttl: a.jwt_ttl,
+        agent: Vec::new(),
     };
     let config = CaServeConfig::resolve(flags, a.config.as_deref())?;
     let bound = trustline::ca::server::build(config, Clock::system()).await?;

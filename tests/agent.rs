@@ -176,7 +176,13 @@ async fn a_sidecar_fed_by_the_agent_carries_an_mtls_call() {
         &inbound(app, &[id("web")]),
     ))
     .await;
-    let held = agent.bound.workloads.get(&id("api")).unwrap().current().unwrap();
+    let held = agent
+        .bound
+        .workloads
+        .get(&id("api"))
+        .unwrap()
+        .current()
+        .unwrap();
     assert_eq!(
         b.identity.current().unwrap().info.serial,
         held.info.serial,
@@ -200,7 +206,12 @@ async fn a_sidecar_fed_by_the_agent_carries_an_mtls_call() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["agent"]["spiffe_id"], agent_id("n1").to_string());
     assert_eq!(v["workloads"][0]["serial"], held.info.serial.to_string());
-    assert!(v["workloads"][0]["seconds_left_if_ca_down"].as_u64().unwrap() > 3000);
+    assert!(
+        v["workloads"][0]["seconds_left_if_ca_down"]
+            .as_u64()
+            .unwrap()
+            > 3000
+    );
     let (_, metrics) = http_get(agent.bound.admin.unwrap(), "/metrics").await;
     assert!(
         metrics.contains(&format!(
@@ -226,15 +237,16 @@ async fn callers_are_attested_by_uid_and_executable_and_a_stranger_is_refused() 
     ]
     .concat();
     let agent = start_agent(&ca, "", &workloads).await;
-    agent
-        .ready_for(&[id("api"), id("batch"), id("tool")])
-        .await;
+    agent.ready_for(&[id("api"), id("batch"), id("tool")]).await;
     let socket = &agent.socket;
 
     let (ok, out) = fetch_as(0, socket).await;
     assert!(ok, "{out}");
     assert!(out.contains(&format!("spiffe_id: {}", id("api"))), "{out}");
-    assert!(!out.contains("sa/batch") && !out.contains("sa/tool"), "{out}");
+    assert!(
+        !out.contains("sa/batch") && !out.contains("sa/tool"),
+        "{out}"
+    );
 
     let (ok, out) = fetch_as(65533, socket).await;
     assert!(ok, "{out}");
@@ -243,7 +255,10 @@ async fn callers_are_attested_by_uid_and_executable_and_a_stranger_is_refused() 
 
     let (ok, out) = fetch_as(65534, socket).await;
     assert!(!ok, "{out}");
-    assert!(out.contains("PermissionDenied: no identity issued"), "{out}");
+    assert!(
+        out.contains("PermissionDenied: no identity issued"),
+        "{out}"
+    );
 
     let trail = agent.audit_lines();
     let deny = trail
@@ -254,9 +269,9 @@ async fn callers_are_attested_by_uid_and_executable_and_a_stranger_is_refused() 
     assert_eq!(deny["rpc"], "FetchX509SVID");
     assert_eq!(deny["reason"], "no identity issued");
     assert_eq!(deny["path"], bin.display().to_string());
-    assert!(trail
-        .iter()
-        .any(|e| e["event"] == "grant" && e["uid"] == 65533 && e["spiffe_ids"][0] == id("tool").to_string()));
+    assert!(trail.iter().any(|e| e["event"] == "grant"
+        && e["uid"] == 65533
+        && e["spiffe_ids"][0] == id("tool").to_string()));
     agent.bound.stop().await;
 }
 
@@ -357,7 +372,9 @@ async fn connections_beyond_the_per_uid_cap_are_closed() {
     let (_, metrics) = http_get(agent.bound.admin.unwrap(), "/metrics").await;
     let refused = metrics
         .lines()
-        .find_map(|l| l.strip_prefix("trustline_agent_connections_refused_max_connections_per_uid_total "))
+        .find_map(|l| {
+            l.strip_prefix("trustline_agent_connections_refused_max_connections_per_uid_total ")
+        })
         .unwrap_or_else(|| panic!("{metrics}"));
     assert_ne!(refused, "0", "{metrics}");
     agent.bound.stop().await;
@@ -388,7 +405,11 @@ async fn a_revoked_agent_gets_nothing_new_and_serves_what_it_holds_until_expiry(
         loop {
             match stream.next().await {
                 Some(Ok(m)) => {
-                    assert_eq!(serial_of(&m.svids[0]), held, "no new SVID after the revocation")
+                    assert_eq!(
+                        serial_of(&m.svids[0]),
+                        held,
+                        "no new SVID after the revocation"
+                    )
                 }
                 Some(Err(status)) => return status,
                 None => panic!("the stream ended without a status"),
@@ -399,7 +420,13 @@ async fn a_revoked_agent_gets_nothing_new_and_serves_what_it_holds_until_expiry(
     .expect("the stream ends at the SVID's expiry");
     assert_eq!(end.code(), tonic::Code::PermissionDenied, "{end:?}");
     assert!(SystemTime::now() >= not_after, "withdrawn only at expiry");
-    assert!(agent.bound.workloads.get(&id("api")).unwrap().current().is_none());
+    assert!(agent
+        .bound
+        .workloads
+        .get(&id("api"))
+        .unwrap()
+        .current()
+        .is_none());
     // A new call waits for an SVID that cannot come.
     let mut again = client.x509_svids().await.unwrap();
     assert!(
@@ -409,4 +436,127 @@ async fn a_revoked_agent_gets_nothing_new_and_serves_what_it_holds_until_expiry(
         "nothing is served once the SVIDs expired"
     );
     agent.bound.stop().await;
+}
+
+#[tokio::test]
+async fn jwt_svids_are_fetched_cached_and_validated_per_audience() {
+    let ca = ca(HOUR).await;
+    let me = my_uid();
+    let workloads = [
+        entry("api", &format!("uid = {me}")),
+        entry("web", &format!("uid = {me}")),
+    ]
+    .concat();
+    let agent = start_agent(&ca, "", &workloads).await;
+    agent.ready_for(&[id("api"), id("web")]).await;
+    let mut client = Client::connect(&agent.socket).await.unwrap();
+    let aud = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    // Every ID of the caller, the default (first entry) first.
+    let all = client
+        .jwt_svids(aud(&["https://pay.example"]), String::new())
+        .await
+        .expect("JWT-SVIDs");
+    let ids: Vec<&str> = all.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+    assert_eq!(ids, [id("api").to_string(), id("web").to_string()]);
+    // Asked for one ID: that one; from the cache while it has more than half its life left.
+    let one = client
+        .jwt_svids(aud(&["https://pay.example"]), id("api").to_string())
+        .await
+        .unwrap();
+    assert_eq!(one.svids.len(), 1);
+    assert_eq!(
+        one.svids[0].svid, all.svids[0].svid,
+        "served from the cache"
+    );
+    let other = client
+        .jwt_svids(aud(&["https://pay.example", "b"]), id("api").to_string())
+        .await
+        .unwrap();
+    assert_ne!(
+        other.svids[0].svid, one.svids[0].svid,
+        "another audience set"
+    );
+
+    // The agent validates for its callers: the subject and the claims, for the audience only.
+    let token = one.svids[0].svid.clone();
+    let v = client
+        .validate_jwt("https://pay.example".into(), token.clone())
+        .await
+        .expect("valid");
+    assert_eq!(v.spiffe_id, id("api").to_string());
+    let claims = v.claims.unwrap().fields;
+    assert_eq!(
+        claims["sub"].kind,
+        Some(prost_types::value::Kind::StringValue(id("api").to_string()))
+    );
+    assert!(claims.contains_key("region") && claims.contains_key("exp"));
+    let e = client
+        .validate_jwt("https://elsewhere.example".into(), token.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+
+    // FetchJWTBundles: our trust domain's JWKS, which validates the token with our own code.
+    let mut bundles = client.jwt_bundles().await.unwrap();
+    let b = bundles.next().await.unwrap().unwrap().bundles;
+    let jwks = &b[&format!("spiffe://{TD}")];
+    let jwt_bundle = trustline::jwt::parse_jwks(&ca.pki.td, jwks).expect("a JWKS");
+    let ok = trustline::jwt::validate(
+        &token,
+        &jwt_bundle.into(),
+        "https://pay.example",
+        SystemTime::now(),
+    )
+    .expect("the JWKS verifies the token");
+    assert_eq!(ok.sub, id("api"));
+
+    // Bad requests: no audience, too many, an ID not the caller's, a request too large.
+    let e = client.jwt_svids(vec![], String::new()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let many: Vec<String> = (0..17).map(|i| format!("a{i}")).collect();
+    let e = client.jwt_svids(many, String::new()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = client
+        .jwt_svids(aud(&["x"]), id("db").to_string())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = client
+        .jwt_svids(vec!["x".repeat(70 * 1024)], String::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+    let e = client
+        .clone()
+        .without_metadata()
+        .jwt_svids(aud(&["x"]), String::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    agent.bound.stop().await;
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let td = trustline::identity::parse_trust_domain("example.org").unwrap();
+    trustline::ca::authority::init_root(&td, &dir.path().join("root"), HOUR, false).unwrap();
+    std::fs::copy(
+        dir.path().join("root/bundle.pem"),
+        dir.path().join("bundle.pem"),
+    )
+    .unwrap();
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/agent.toml");
+    let file = dir.path().join("agent.toml");
+    std::fs::copy(example, &file).unwrap();
+    let c = AgentConfig::load(&file).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.socket, std::path::Path::new("/run/trustline/agent.sock"));
+    assert_eq!(c.workloads.len(), 2);
+    assert_eq!(c.workloads[1].uid, Some(1001));
+    assert!(c
+        .identity
+        .id
+        .to_string()
+        .starts_with("spiffe://example.org/trustline/agent/"));
 }

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use rustls::pki_types::CertificateDer;
 
-use tonic::codegen::http::uri::PathAndQuery;
 use tonic::codec::Streaming;
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 use tonic_prost::ProstCodec;
@@ -55,8 +55,10 @@ impl Client {
     fn request<T>(&self, msg: T) -> Request<T> {
         let mut r = Request::new(msg);
         if self.metadata {
-            r.metadata_mut()
-                .insert(SECURITY_HEADER, tonic::metadata::MetadataValue::from_static("true"));
+            r.metadata_mut().insert(
+                SECURITY_HEADER,
+                tonic::metadata::MetadataValue::from_static("true"),
+            );
         }
         r
     }

@@ -182,7 +182,9 @@ impl AgentConfig {
         if max_connections_per_uid > max_connections {
             return Err(ctx.err(
                 "max_connections_per_uid",
-                format!("{max_connections_per_uid} is more than max_connections ({max_connections})"),
+                format!(
+                    "{max_connections_per_uid} is more than max_connections ({max_connections})"
+                ),
             ));
         }
         Ok(AgentConfig {
@@ -259,7 +261,10 @@ fn workloads(
     for (i, w) in raw.iter().enumerate() {
         let at = |key: &str| format!("workload[{i}].{key}");
         let spiffe_id = ctx.id(&at("spiffe_id"), &w.spiffe_id, td)?;
-        if spiffe_id.path().starts_with(crate::identity::ids::RESERVED_PREFIX) {
+        if spiffe_id
+            .path()
+            .starts_with(crate::identity::ids::RESERVED_PREFIX)
+        {
             return Err(ctx.err(
                 at("spiffe_id"),
                 format!("{spiffe_id}: IDs under /trustline/ are trustline's own roles'"),
@@ -291,11 +296,13 @@ fn workloads(
             gid: w.gid,
             path: w.path.clone(),
         };
-        if !seen.insert((entry.spiffe_id.clone(), entry.uid, entry.gid, entry.path.clone())) {
-            return Err(ctx.err(
-                format!("workload[{i}]"),
-                "the same entry is given twice",
-            ));
+        if !seen.insert((
+            entry.spiffe_id.clone(),
+            entry.uid,
+            entry.gid,
+            entry.path.clone(),
+        )) {
+            return Err(ctx.err(format!("workload[{i}]"), "the same entry is given twice"));
         }
         out.push(entry);
     }

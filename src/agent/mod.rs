@@ -110,7 +110,9 @@ impl Bound {
         self.shutdown.send_replace(true);
         if let Some(server) = self.server.take() {
             if tokio::time::timeout(STOP_TIMEOUT, server).await.is_err() {
-                tracing::warn!("Workload API calls still open after {STOP_TIMEOUT:?}; stopping anyway");
+                tracing::warn!(
+                    "Workload API calls still open after {STOP_TIMEOUT:?}; stopping anyway"
+                );
             }
         }
         let _ = std::fs::remove_file(&self.socket);
@@ -195,7 +197,12 @@ pub async fn build(config: AgentConfig, clock: Clock) -> Result<Bound, AgentErro
             allow_unauthenticated_verifiers: config.allow_unauthenticated_verifiers,
             shutdown: stop.clone(),
             proc_root: PathBuf::from("/proc"),
-            jwt: jwt::JwtService::new(client, identity.clone(), stop.clone()),
+            jwt: jwt::JwtService::new(
+                client,
+                identity.clone(),
+                config.identity.refresh,
+                stop.clone(),
+            ),
         }),
     };
     let service = SpiffeWorkloadApiServer::new(api)

@@ -33,7 +33,7 @@ use crate::svid::Identity;
 /// The metadata every Workload API call must carry (SPIFFE Workload Endpoint spec, 4.3).
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
-type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+pub(super) type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 /// What the service reads.
 pub(super) struct Shared {
@@ -183,16 +183,19 @@ pub(super) enum Next<T> {
     End(Status),
 }
 
-/// A stream that sends `next()`'s message at once and again whenever it changes (on every
-/// change of the workloads' state), until the agent stops or the caller goes.
-pub(super) fn follow<T, F>(shared: &Arc<Shared>, mut next: F) -> Stream<T>
+/// A stream that sends `next()`'s message at once and again whenever it changes (looked at on
+/// every change of `changes`), until the agent stops or the caller goes.
+pub(super) fn follow<T, F>(
+    shared: &Arc<Shared>,
+    mut changes: watch::Receiver<u64>,
+    mut next: F,
+) -> Stream<T>
 where
     T: Clone + PartialEq + Send + 'static,
     F: FnMut(&Shared, bool) -> Next<T> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(2);
     let shared = shared.clone();
-    let mut changes = shared.workloads.changes();
     let mut stop = shared.shutdown.clone();
     tokio::spawn(async move {
         let mut last: Option<T> = None;
@@ -234,16 +237,21 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let rpc = "FetchX509SVID";
         let (caller, ids) = self.shared.entitled(&request, rpc)?;
         self.shared.grant(&caller, rpc, &ids);
-        Ok(Response::new(follow(&self.shared, move |s, sent| {
-            let r = s.x509_response(&ids);
-            match (r.svids.is_empty(), sent) {
+        let changes = self.shared.workloads.changes();
+        Ok(Response::new(follow(
+            &self.shared,
+            changes,
+            move |s, sent| {
+                let r = s.x509_response(&ids);
+                match (r.svids.is_empty(), sent) {
                 (false, _) => Next::Send(r),
                 (true, false) => Next::Wait,
                 (true, true) => Next::End(Status::permission_denied(
                     "no identity issued: every SVID of this caller expired (the CA is out of reach)",
                 )),
             }
-        })))
+            },
+        )))
     }
 
     async fn fetch_x509_bundles(
@@ -253,7 +261,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let rpc = "FetchX509Bundles";
         let caller = self.shared.verifier(&request, rpc)?;
         self.shared.grant(&caller, rpc, &[]);
-        Ok(Response::new(follow(&self.shared, |s, _| {
+        let changes = self.shared.workloads.changes();
+        Ok(Response::new(follow(&self.shared, changes, |s, _| {
             Next::Send(s.bundles_response())
         })))
     }
@@ -262,20 +271,20 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
-        self.shared.jwt.fetch_jwtsvid(&self.shared, request).await
+        super::jwt::fetch_jwtsvid(&self.shared, request).await
     }
 
     async fn fetch_jwt_bundles(
         &self,
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        self.shared.jwt.fetch_jwt_bundles(&self.shared, request)
+        super::jwt::fetch_jwt_bundles(&self.shared, request)
     }
 
     async fn validate_jwtsvid(
         &self,
         request: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
-        self.shared.jwt.validate_jwtsvid(&self.shared, request)
+        super::jwt::validate_jwtsvid(&self.shared, request)
     }
 }

@@ -53,7 +53,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     match (args.command, args.config) {
         (Some(AgentCommand::Fetch(f)), _) => fetch(f).await,
         (None, Some(config)) => serve(&config).await,
-        (None, None) => anyhow::bail!("give --config FILE to run the agent, or a subcommand (fetch)"),
+        (None, None) => {
+            anyhow::bail!("give --config FILE to run the agent, or a subcommand (fetch)")
+        }
     }
 }
 
@@ -100,10 +102,7 @@ async fn fetch_x509(client: &mut Client) -> anyhow::Result<()> {
         println!("spiffe_id: {}", s.spiffe_id);
         if let Some(leaf) = leaf {
             println!("  serial: {}", leaf.serial);
-            println!(
-                "  not_after: {}",
-                trustline::clock::rfc3339(leaf.not_after)
-            );
+            println!("  not_after: {}", trustline::clock::rfc3339(leaf.not_after));
         }
         println!("  certificates: {}", chain.len());
         println!("  bundle bytes: {}", s.bundle.len());

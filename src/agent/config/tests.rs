@@ -11,11 +11,16 @@ fn load(body: &str) -> Result<AgentConfig, ConfigError> {
         .unwrap();
     std::fs::copy(root.join("bundle.pem"), dir.path().join("bundle.pem")).unwrap();
     let file = dir.path().join("agent.toml");
-    std::fs::write(&file, format!("trust_domain = \"example.org\"\nbundle = \"bundle.pem\"\nnode = \"n1\"\n{body}")).unwrap();
+    std::fs::write(
+        &file,
+        format!("trust_domain = \"example.org\"\nbundle = \"bundle.pem\"\nnode = \"n1\"\n{body}"),
+    )
+    .unwrap();
     AgentConfig::load(&file)
 }
 
-const IDENTITY: &str = "[identity]\nsource = \"ca\"\nca_url = \"https://127.0.0.1:8443\"\ntoken_file = \"n1.token\"\n";
+const IDENTITY: &str =
+    "[identity]\nsource = \"ca\"\nca_url = \"https://127.0.0.1:8443\"\ntoken_file = \"n1.token\"\n";
 
 fn err(body: &str) -> String {
     load(body).unwrap_err().to_string()
@@ -39,7 +44,10 @@ fn a_whole_config_loads_with_its_defaults() {
     assert!(!c.allow_unauthenticated_verifiers);
     assert_eq!(c.workloads.len(), 2);
     assert_eq!(c.workloads[0].uid, Some(1000));
-    assert_eq!(c.workloads[1].path.as_deref(), Some(Path::new("/usr/bin/db")));
+    assert_eq!(
+        c.workloads[1].path.as_deref(),
+        Some(Path::new("/usr/bin/db"))
+    );
 }
 
 #[test]
@@ -54,7 +62,9 @@ fn an_entry_without_a_selector_is_refused_with_its_place() {
 #[test]
 fn bad_values_are_refused_with_the_file_the_key_and_the_reason() {
     let w = |extra: &str| {
-        format!("{IDENTITY}\n[[workload]]\nspiffe_id = \"spiffe://example.org/ns/a/sa/b\"\n{extra}\n")
+        format!(
+            "{IDENTITY}\n[[workload]]\nspiffe_id = \"spiffe://example.org/ns/a/sa/b\"\n{extra}\n"
+        )
     };
     for (body, key, why) in [
         (w("uid = 1\npath = \"bin/x\""), "workload[0].path", "absolute"),

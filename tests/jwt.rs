@@ -623,6 +623,13 @@ fn the_bundle_document_round_trips_with_ca_roots_and_jwt_keys() {
     assert_eq!(old, spiffe_bundle_json(&roots, &[], 7, 300));
 }
 
+/// The JWK of a fresh key, under `kid`.
+fn second_jwk(kid: &str) -> Value {
+    let mut k = SigningKey::generate().unwrap().public(None).to_jwk();
+    k["kid"] = json!(kid);
+    k
+}
+
 #[test]
 fn bad_bundle_documents_are_refused_with_the_key_named() {
     let pki = common::Pki::new("example.org");
@@ -661,12 +668,28 @@ fn bad_bundle_documents_are_refused_with_the_key_named() {
         "unknown uses are skipped"
     );
     let mut conflict = doc.clone();
-    let mut second = SigningKey::generate().unwrap().public(None).to_jwk();
-    second["kid"] = json!(key.kid());
-    conflict["keys"].as_array_mut().unwrap().push(second);
-    assert!(parse(&conflict)
+    conflict["keys"]
+        .as_array_mut()
+        .unwrap()
+        .push(second_jwk(key.kid()));
+    assert!(parse(&conflict).unwrap_err().contains("bundle key 2: kid"));
+    let mut twice = doc.clone();
+    let mut again = doc["keys"][1].clone();
+    again["region"] = json!("us-east");
+    twice["keys"].as_array_mut().unwrap().push(again);
+    assert!(parse(&twice).unwrap_err().contains("appears twice"));
+    // JwtBundle::insert: the same key again is fine, another key under its kid is not.
+    let mut b = JwtBundle::new(td());
+    b.insert(key.public(None)).unwrap();
+    b.insert(key.public(Some(region("eu-west")))).unwrap();
+    assert_eq!(b.len(), 1);
+    assert_eq!(b.get(key.kid()).unwrap().region(), Some(&region("eu-west")));
+    let other = PublicKey::from_jwk(&second_jwk(key.kid())).unwrap();
+    assert!(b
+        .insert(other)
         .unwrap_err()
-        .contains("bundle key 2: JWT bundle of \"example.org\": two different keys"));
+        .to_string()
+        .contains("two different keys"));
     let mut bad_b64 = doc.clone();
     bad_b64["keys"][0]["x5c"] = json!(["not base64!"]);
     assert!(parse(&bad_b64)

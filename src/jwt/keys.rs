@@ -349,23 +349,21 @@ impl PublicKey {
                 .verify(msg, sig)
                 .is_ok(),
             Material::Rsa { n, e } => {
-                let params = match alg {
-                    Alg::Rs256 => &signature::RSA_PKCS1_2048_8192_SHA256,
-                    Alg::Rs384 => &signature::RSA_PKCS1_2048_8192_SHA384,
-                    Alg::Rs512 => &signature::RSA_PKCS1_2048_8192_SHA512,
-                    Alg::Ps256 => &signature::RSA_PSS_2048_8192_SHA256,
-                    Alg::Ps384 => &signature::RSA_PSS_2048_8192_SHA384,
-                    Alg::Ps512 => &signature::RSA_PSS_2048_8192_SHA512,
-                    Alg::Es256 | Alg::Es384 => {
-                        return Err(JwtError::malformed("JWT", "unreachable alg"))
-                    }
+                let params: Option<&'static signature::RsaParameters> = match alg {
+                    Alg::Rs256 => Some(&signature::RSA_PKCS1_2048_8192_SHA256),
+                    Alg::Rs384 => Some(&signature::RSA_PKCS1_2048_8192_SHA384),
+                    Alg::Rs512 => Some(&signature::RSA_PKCS1_2048_8192_SHA512),
+                    Alg::Ps256 => Some(&signature::RSA_PSS_2048_8192_SHA256),
+                    Alg::Ps384 => Some(&signature::RSA_PSS_2048_8192_SHA384),
+                    Alg::Ps512 => Some(&signature::RSA_PSS_2048_8192_SHA512),
+                    // Refused by `fits` above.
+                    Alg::Es256 | Alg::Es384 => None,
                 };
-                RsaPublicKeyComponents {
+                let key = RsaPublicKeyComponents {
                     n: n.as_slice(),
                     e: e.as_slice(),
-                }
-                .verify(params, msg, sig)
-                .is_ok()
+                };
+                params.is_some_and(|p| key.verify(p, msg, sig).is_ok())
             }
         };
         if ok {

@@ -214,8 +214,17 @@ fn the_audience_must_be_named_as_a_string_or_in_an_array() {
         let e = f.refused(&craft(&f.key, &h, &payload(json!({ "aud": aud }))));
         assert!(e.contains(want), "{aud}: {e}");
     }
-    // Nor does the signer make a token without an audience.
+    // Nor does the signer make a token without an audience, or one expired when issued.
     assert!(f.key.sign(&claims(&[], None)).is_err());
+    assert!(f.key.sign(&claims(&[""], None)).is_err());
+    let mut dead = claims(&["orders"], None);
+    dead.exp = dead.iat;
+    assert!(f
+        .key
+        .sign(&dead)
+        .unwrap_err()
+        .to_string()
+        .contains("not after iat"));
 }
 
 #[test]
@@ -939,4 +948,17 @@ print(json.dumps({"sub": str(svid.spiffe_id), "doc_keys": sorted(doc.jwt_authori
     // The document's keys: the roots' (by thumbprint) and both JWT keys.
     let doc_keys = v["doc_keys"].as_array().unwrap();
     assert_eq!(doc_keys.len(), doc["keys"].as_array().unwrap().len(), "{v}");
+}
+
+#[test]
+fn a_jwt_bundle_holds_at_most_max_bundle_keys() {
+    let mut b = JwtBundle::new(td());
+    for _ in 0..MAX_BUNDLE_KEYS {
+        b.insert(SigningKey::generate().unwrap().public(None))
+            .unwrap();
+    }
+    let e = b
+        .insert(SigningKey::generate().unwrap().public(None))
+        .unwrap_err();
+    assert!(e.to_string().contains("more than 4096 JWT keys"), "{e}");
 }

@@ -316,21 +316,13 @@ async fn a_call_without_the_security_metadata_is_refused() {
     let agent = start_agent(&ca, "", &entry("api", &format!("uid = {}", my_uid()))).await;
     agent.ready_for(&[id("api")]).await;
     let client = Client::connect(&agent.socket).await.unwrap();
-    let e = client
-        .clone()
-        .without_metadata()
-        .x509_svids()
-        .await
-        .err()
-        .expect("refused");
+    let Err(e) = client.clone().without_metadata().x509_svids().await else {
+        panic!("served without the metadata")
+    };
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-    let e = client
-        .clone()
-        .without_metadata()
-        .x509_bundles()
-        .await
-        .err()
-        .expect("refused");
+    let Err(e) = client.clone().without_metadata().x509_bundles().await else {
+        panic!("served without the metadata")
+    };
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     // With it, the same caller is served.
     let mut s = client.clone().x509_svids().await.unwrap();
@@ -559,4 +551,33 @@ fn the_example_config_is_valid() {
         .id
         .to_string()
         .starts_with("spiffe://example.org/trustline/agent/"));
+}
+
+#[tokio::test]
+async fn a_revoked_workload_svid_is_withdrawn_and_replaced_at_once() {
+    let ca = ca(HOUR).await;
+    let agent = start_agent(&ca, "", &entry("api", &format!("uid = {}", my_uid()))).await;
+    let mut client = Client::connect(&agent.socket).await.unwrap();
+    let mut stream = client.x509_svids().await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    let revoked = serial_of(&first.svids[0]);
+    ca.revoke(&revoked).await;
+    // The agent sees the serial on the CA's list (refreshed every 200 ms here): it stops
+    // serving it (its only SVID: the stream ends with PermissionDenied, so the client stops
+    // using it) and obtains a new one at once, not at the next renewal half an hour away.
+    let end = tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .expect("the stream ends after the revocation")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(end.code(), tonic::Code::PermissionDenied, "{end:?}");
+    let mut again = client.x509_svids().await.unwrap();
+    let next = tokio::time::timeout(PATIENCE, again.next())
+        .await
+        .expect("a new SVID after the revocation")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.svids.len(), 1);
+    assert_ne!(serial_of(&next.svids[0]), revoked);
+    agent.bound.stop().await;
 }

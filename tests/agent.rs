@@ -581,3 +581,59 @@ async fn a_revoked_workload_svid_is_withdrawn_and_replaced_at_once() {
     assert_ne!(serial_of(&next.svids[0]), revoked);
     agent.bound.stop().await;
 }
+
+#[tokio::test]
+async fn a_caller_with_no_identity_gets_no_bundles_unless_verifiers_are_allowed() {
+    let ca = ca(HOUR).await;
+    // The only entry is another uid's: this process is a stranger to the agent.
+    let agent = start_agent(&ca, "", &entry("api", "uid = 4242")).await;
+    agent.ready_for(&[id("api")]).await;
+    let mut client = Client::connect(&agent.socket).await.unwrap();
+    let Err(e) = client.x509_bundles().await else {
+        panic!("bundles served to a stranger")
+    };
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let Err(e) = client.jwt_bundles().await else {
+        panic!("JWT bundles served to a stranger")
+    };
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = client
+        .validate_jwt("a".into(), "x.y.z".into())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = client
+        .jwt_svids(vec!["a".into()], String::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    agent.bound.stop().await;
+
+    // With allow_unauthenticated_verifiers, bundles and validation are served to anyone, and
+    // SVIDs still only to the callers they are registered for.
+    let ca2 = self::ca(HOUR).await;
+    let open = start_agent(
+        &ca2,
+        "allow_unauthenticated_verifiers = true",
+        &entry("api", "uid = 4242"),
+    )
+    .await;
+    open.ready_for(&[id("api")]).await;
+    let mut client = Client::connect(&open.socket).await.unwrap();
+    let mut b = client.x509_bundles().await.expect("bundles for a verifier");
+    assert!(!b.next().await.unwrap().unwrap().bundles.is_empty());
+    let e = client
+        .validate_jwt("a".into(), "x.y.z".into())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::InvalidArgument,
+        "validated, and refused: {e:?}"
+    );
+    let Err(e) = client.x509_svids().await else {
+        panic!("SVIDs served to a stranger")
+    };
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    open.bound.stop().await;
+}

@@ -7,6 +7,9 @@
 //! Every renewal is a new delegated issuance with the agent's SVID, never a renewal with the
 //! workload's own: so an agent the CA revoked (or whose registration was removed) obtains
 //! nothing more, and what it holds is served until it expires, then withdrawn.
+//!
+//! A workload SVID whose serial appears on the CA's revocation list (refreshed by the agent's
+//! identity task) is no longer served, and a new one is asked for at once.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,9 +6,10 @@
 //! Streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles) send the current state at once,
 //! then a whole new message whenever it changes (a rotation, a withdrawal at expiry, a new
 //! bundle); they end when the agent stops. A caller entitled to IDs whose SVIDs are not yet
-//! obtained waits for the first; when every SVID of a caller has expired (the CA out of reach
-//! for their whole lifetime) its stream ends with PermissionDenied, as the spec says for
-//! withdrawn identities, and a new call waits for the next SVID.
+//! obtained waits for the first; when no SVID of a caller may be served any more (all expired,
+//! the CA out of reach for their whole lifetime, or revoked) its stream ends with
+//! PermissionDenied, so the client stops using them as the spec says for withdrawn identities,
+//! and a new call waits for the next SVID.
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -151,8 +152,7 @@ impl Shared {
         let bundle = self.bundle_der();
         let svids = ids
             .iter()
-            .filter_map(|id| self.workloads.get(id)?.current())
-            .filter(|s| s.info.not_after > now)
+            .filter_map(|id| self.workloads.servable(id, now))
             .map(|s| pb::X509svid {
                 spiffe_id: s.id().to_string(),
                 x509_svid: s.chain.iter().flat_map(|c| c.as_ref().to_vec()).collect(),
@@ -244,12 +244,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
             move |s, sent| {
                 let r = s.x509_response(&ids);
                 match (r.svids.is_empty(), sent) {
-                (false, _) => Next::Send(r),
-                (true, false) => Next::Wait,
-                (true, true) => Next::End(Status::permission_denied(
-                    "no identity issued: every SVID of this caller expired (the CA is out of reach)",
-                )),
-            }
+                    (false, _) => Next::Send(r),
+                    (true, false) => Next::Wait,
+                    (true, true) => Next::End(Status::permission_denied(
+                        "no identity issued: every SVID of this caller expired or was revoked",
+                    )),
+                }
             },
         )))
     }

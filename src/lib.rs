@@ -28,6 +28,7 @@ pub mod copy;
 pub mod crypto;
 pub mod demo;
 pub mod drain;
+pub mod federation;
 pub mod identity;
 pub mod lab;
 pub mod limits;

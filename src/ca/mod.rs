@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod api;
 pub mod authority;
+pub mod bundle_endpoint;
 pub mod bundle_json;
 pub mod config;
 pub mod error;

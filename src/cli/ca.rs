@@ -88,6 +88,19 @@ pub struct ServeArgs {
     /// Audit log file [default: DATA/audit.log].
     #[arg(long)]
     audit_log: Option<PathBuf>,
+    /// Serve this trust domain's SPIFFE bundle at ADDR (SPIFFE Federation bundle endpoint).
+    #[arg(long)]
+    bundle_endpoint: Option<String>,
+    /// The bundle endpoint's profile: https_spiffe (the CA's server SVID) or https_web
+    /// [default: https_spiffe].
+    #[arg(long)]
+    bundle_endpoint_profile: Option<String>,
+    /// https_web: the endpoint's WebPKI certificate chain (PEM).
+    #[arg(long)]
+    bundle_endpoint_cert: Option<PathBuf>,
+    /// https_web: the key of that certificate (PEM).
+    #[arg(long)]
+    bundle_endpoint_key: Option<PathBuf>,
     /// SVID requests per second per client IP, 0 for no limit [default: 50].
     #[arg(long)]
     rate_limit: Option<u32>,
@@ -335,6 +348,10 @@ async fn ca_serve(a: ServeArgs) -> anyhow::Result<()> {
         san: (!a.san.is_empty()).then_some(a.san),
         metrics_listen: a.metrics_listen,
         audit_log: a.audit_log,
+        bundle_endpoint: a.bundle_endpoint,
+        bundle_endpoint_profile: a.bundle_endpoint_profile,
+        bundle_endpoint_cert: a.bundle_endpoint_cert,
+        bundle_endpoint_key: a.bundle_endpoint_key,
         rate_limit: a.rate_limit,
         peers: (!a.peer_ca.is_empty()).then_some(a.peer_ca),
         peer_refresh: a.peer_refresh,
@@ -346,6 +363,9 @@ async fn ca_serve(a: ServeArgs) -> anyhow::Result<()> {
     let config = CaServeConfig::resolve(flags, a.config.as_deref())?;
     let bound = trustline::ca::server::build(config, Clock::system()).await?;
     println!("trustline CA serving https://{}", bound.api);
+    if let Some(addr) = bound.bundle_endpoint {
+        println!("SPIFFE bundle endpoint https://{addr}");
+    }
     super::wait_for_signal().await?;
     tracing::info!("shutting down");
     // Stop accepting, let open requests finish (up to the per-connection grace), cut the rest.

@@ -33,6 +33,8 @@ pub(super) struct Setup {
     pub gateways: Option<Arc<Paths>>,
     /// The admin listener's address.
     pub admin: SocketAddr,
+    /// The `[[federation]]` bundles, fed to the identity's trust and refreshed until `stop`.
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 impl Setup {
@@ -45,6 +47,12 @@ impl Setup {
     ) -> Result<Self, ProxyError> {
         let identity = svid::start(config.identity.clone(), clock.clone(), stop.clone())
             .map_err(|e| ProxyError::Identity(e.into()))?;
+        let federation = crate::federation::Federation::new(
+            config.federation.clone(),
+            Some(identity.trust()),
+            clock.clone(),
+        )?;
+        federation.spawn(stop.clone());
         let mut registry = Registry::default();
         let metrics = ProxyMetrics::new(&mut registry);
         identity.register(&mut registry);
@@ -77,6 +85,7 @@ impl Setup {
             authz,
             gateways,
             admin,
+            federation,
         })
     }
 

@@ -164,6 +164,7 @@ pub async fn start_ca_with(svid_ttl: Duration, extra_roots: &[&Pki]) -> Ca {
         san: vec![],
         metrics_listen: None,
         audit_log: None,
+        bundle_endpoint: None,
         rate_limit: 0,
         peers: Default::default(),
         limits: Default::default(),

@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
-use serde_json::Value;
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -25,6 +24,7 @@ pub use config::{federation_config, Endpoint, FederatedDomain, FederationFile, P
 
 use crate::clock::Clock;
 use crate::identity::{Bundle, IdentityError, TrustDomain};
+use crate::jwt::JwtBundle;
 use crate::tls::mesh::{FederationTrustError, Trust};
 
 /// Shortest wait between two fetches the document's hint may ask for.
@@ -96,8 +96,8 @@ pub struct FederatedBundle {
     pub trust_domain: TrustDomain,
     /// The X.509 roots (the initial bundle until the first good fetch).
     pub roots: Vec<CertificateDer<'static>>,
-    /// The `jwt-svid` keys of the last good document, as JWKs.
-    pub jwt_keys: Vec<Value>,
+    /// The `jwt-svid` keys of the last good document (none before the first).
+    pub jwt: JwtBundle,
     /// The last good document's `spiffe_sequence`.
     pub sequence: Option<u64>,
     /// Good fetches so far.
@@ -143,9 +143,9 @@ impl Federation {
             }
             states.push(DomainState {
                 held: Mutex::new(FederatedBundle {
-                    trust_domain: td,
+                    trust_domain: td.clone(),
                     roots: d.bootstrap.clone(),
-                    jwt_keys: Vec::new(),
+                    jwt: JwtBundle::new(td.clone()),
                     sequence: None,
                     fetches: 0,
                     last_error: None,
@@ -169,8 +169,24 @@ impl Federation {
             .collect()
     }
 
-    /// Every federated trust domain's bundle as held now.
-    pub fn bundles(&self) -> Vec<FederatedBundle> {
+    /// Every federated trust domain's X.509 roots and JWT keys as held now (what the agent's
+    /// `FetchX509Bundles` and `FetchJWTBundles` serve beside our own).
+    pub fn bundles(&self) -> Vec<(TrustDomain, Vec<CertificateDer<'static>>, JwtBundle)> {
+        self.domains
+            .iter()
+            .map(|d| {
+                let held = lock(&d.held);
+                (
+                    held.trust_domain.clone(),
+                    held.roots.clone(),
+                    held.jwt.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Every federated trust domain's state (roots, keys, sequence, fetches, last error).
+    pub fn status(&self) -> Vec<FederatedBundle> {
         self.domains.iter().map(|d| lock(&d.held).clone()).collect()
     }
 
@@ -263,14 +279,14 @@ impl Federation {
                     });
                 }
             }
-            let changed = held.roots != doc.x509_roots || held.jwt_keys != doc.jwt_keys;
+            let changed = held.roots != doc.x509_roots || held.jwt.to_jwks() != doc.jwt.to_jwks();
             if held.roots != doc.x509_roots {
                 if let Some(t) = &self.trust {
                     t.set_federated(fresh)?;
                 }
             }
             held.roots = doc.x509_roots;
-            held.jwt_keys = doc.jwt_keys;
+            held.jwt = doc.jwt;
             held.sequence = doc.sequence.or(held.sequence);
             held.fetches += 1;
             changed

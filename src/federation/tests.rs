@@ -1,7 +1,6 @@
 use super::*;
 use crate::identity::parse_trust_domain;
-use base64::Engine as _;
-use serde_json::json;
+use serde_json::Value;
 
 fn td() -> TrustDomain {
     parse_trust_domain("other.test").unwrap()
@@ -16,50 +15,38 @@ fn cert(ca: bool) -> CertificateDer<'static> {
     p.self_signed(&key).unwrap().der().clone()
 }
 
-fn x509_key(c: &CertificateDer<'_>) -> Value {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(c.as_ref());
-    json!({"use": "x509-svid", "kty": "EC", "x5c": [b64]})
+fn doc(roots: &[CertificateDer<'static>], jwt: &[crate::jwt::PublicKey]) -> Value {
+    crate::jwt::spiffe_bundle_json(roots, jwt, 7, 60)
 }
 
-fn parse_json(v: Value) -> Result<doc::Document, FederationError> {
+fn parse_json(v: Value) -> Result<crate::jwt::SpiffeBundleDoc, FederationError> {
     doc::parse(&td(), v.to_string().as_bytes())
 }
 
 #[test]
 fn a_document_with_roots_and_jwt_keys_reads_with_its_sequence_and_hint() {
     let root = cert(true);
-    let d = parse_json(json!({
-        "keys": [x509_key(&root), {"use": "jwt-svid", "kty": "EC", "kid": "k1"}, {"use": "other"}],
-        "spiffe_sequence": 7,
-        "spiffe_refresh_hint": 60,
-    }))
-    .unwrap();
+    let key = crate::jwt::SigningKey::generate().unwrap().public(None);
+    let d = parse_json(doc(&[root.clone()], &[key])).unwrap();
     assert_eq!(d.x509_roots, vec![root]);
-    assert_eq!(d.jwt_keys.len(), 1);
+    assert_eq!(d.jwt.len(), 1);
     assert_eq!(d.sequence, Some(7));
     assert_eq!(d.refresh_hint, Some(Duration::from_secs(60)));
 }
 
 #[test]
 fn a_document_naming_no_roots_or_a_non_ca_root_is_refused() {
-    let no_roots = parse_json(json!({"keys": [{"use": "jwt-svid", "kid": "k"}]}));
+    let key = crate::jwt::SigningKey::generate().unwrap().public(None);
+    let no_roots = parse_json(doc(&[], &[key]));
     assert!(
         matches!(&no_roots, Err(FederationError::Document { reason, .. }) if reason.contains("no x509-svid roots")),
         "{no_roots:?}"
     );
-    let leaf = parse_json(json!({"keys": [x509_key(&cert(true)), x509_key(&cert(false))]}));
+    let leaf = parse_json(doc(&[cert(true), cert(false)], &[]));
     assert!(
         matches!(&leaf, Err(FederationError::Document { reason, .. }) if reason.contains("not a CA")),
         "{leaf:?}"
     );
-    let two = {
-        let mut k = x509_key(&cert(true));
-        k["x5c"] = json!([k["x5c"][0], k["x5c"][0]]);
-        parse_json(json!({"keys": [k]}))
-    };
-    assert!(two.is_err(), "x5c with two certificates");
-    let kidless = parse_json(json!({"keys": [x509_key(&cert(true)), {"use": "jwt-svid"}]}));
-    assert!(kidless.is_err(), "a jwt-svid key without kid");
     let big = vec![b' '; doc::MAX_DOCUMENT + 1];
     assert!(doc::parse(&td(), &big).is_err(), "over 1 MiB");
 }
@@ -107,7 +94,7 @@ fn initial_bundles_are_trusted_for_their_trust_domain_at_once() {
     };
     let f = Federation::new(vec![d.clone()], Some(trust.clone()), Clock::system()).unwrap();
     assert!(trust.is_federated(&td()));
-    assert_eq!(f.bundles()[0].roots, d.bootstrap);
+    assert_eq!(f.bundles()[0].1, d.bootstrap);
     let mut own = d;
     own.trust_domain = ours;
     assert!(

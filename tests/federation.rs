@@ -10,6 +10,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+fn now() -> SystemTime {
+    Clock::system().now()
+}
+
 use common::*;
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -163,23 +167,21 @@ async fn two_trust_domains_call_each_other_and_neither_root_vouches_beyond_its_o
     let inbound_a = api_a.inbound.unwrap();
     let a_api = id_in(TD, "api");
     let try_as = |cred: Cred| client_config(&a.pki.bundle(), &a_api, Some(cred));
-    let own = b.pki.leaf(&b_web_id, SystemTime::now(), HOUR);
+    let own = b.pki.leaf(&b_web_id, now(), HOUR);
     assert_eq!(probe(inbound_a, try_as(own)).await, b"ping", "control");
-    let rogue = b.pki.leaf(&id_in(TD, "web"), SystemTime::now(), HOUR);
+    let rogue = b.pki.leaf(&id_in(TD, "web"), now(), HOUR);
     assert!(
         probe(inbound_a, try_as(rogue)).await.is_empty(),
         "a federated root vouched for an ID of our trust domain"
     );
-    let third = b
-        .pki
-        .leaf(&id_in("third.test", "web"), SystemTime::now(), HOUR);
+    let third = b.pki.leaf(&id_in("third.test", "web"), now(), HOUR);
     assert!(
         probe(inbound_a, try_as(third)).await.is_empty(),
         "a federated root vouched for a third trust domain's ID"
     );
     // And outbound: a server of the federated domain presenting an ID of ours is refused too.
     let trust = api_a.identity.trust();
-    let roots_for_rogue = trust.roots_for(&b.pki.leaf(&a_api, SystemTime::now(), HOUR).chain[0]);
+    let roots_for_rogue = trust.roots_for(&b.pki.leaf(&a_api, now(), HOUR).chain[0]);
     assert!(
         roots_for_rogue
             .roots
@@ -189,7 +191,7 @@ async fn two_trust_domains_call_each_other_and_neither_root_vouches_beyond_its_o
     );
 
     // Both intermediates are named "eu": a federated peer's chain claims no region of ours.
-    let b_leaf = b.pki.leaf(&b_web_id, SystemTime::now(), HOUR);
+    let b_leaf = b.pki.leaf(&b_web_id, now(), HOUR);
     assert_eq!(
         trustline::identity::region_of_chain(&b_leaf.chain).as_deref(),
         Some("eu")
@@ -198,7 +200,7 @@ async fn two_trust_domains_call_each_other_and_neither_root_vouches_beyond_its_o
         trustline::identity::peer_region(&b_leaf.chain, &a.pki.td),
         None
     );
-    let a_leaf = a.pki.leaf(&id_in(TD, "web"), SystemTime::now(), HOUR);
+    let a_leaf = a.pki.leaf(&id_in(TD, "web"), now(), HOUR);
     assert_eq!(
         trustline::identity::peer_region(&a_leaf.chain, &a.pki.td).as_deref(),
         Some("eu")
@@ -431,7 +433,7 @@ async fn https_web_documents_must_not_go_back_name_ca_roots_and_stay_small() {
     );
     assert_eq!(held(&fed, &td), p1.roots());
     // A leaf among the roots, or no roots at all: refused.
-    let leaf = p1.leaf(&id_in(OTHER, "x"), SystemTime::now(), HOUR).chain[0].clone();
+    let leaf = p1.leaf(&id_in(OTHER, "x"), now(), HOUR).chain[0].clone();
     serve(&[p2.roots()[0].clone(), leaf], 6);
     assert!(fed.refresh(&td).await.is_err(), "a non-CA root was taken");
     serve(&[], 6);
@@ -488,4 +490,115 @@ async fn https_web_documents_must_not_go_back_name_ca_roots_and_stay_small() {
         ),
         "a certificate for another name was accepted"
     );
+}
+
+#[tokio::test]
+async fn the_ca_serves_https_web_with_its_own_certificate_and_the_configs_say_what_is_missing() {
+    use trustline::ca::config::CaServeFile;
+    // A WebPKI-style certificate for localhost, under a web root.
+    let dir = tempfile::tempdir().unwrap();
+    let root_key = rcgen::KeyPair::generate().unwrap();
+    let mut rp = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    rp.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let web_root = rp.self_signed(&root_key).unwrap();
+    let issuer = rcgen::Issuer::new(rp, root_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let (cert_file, key_file) = (dir.path().join("web.crt"), dir.path().join("web.key"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+
+    let pki = Pki::new(OTHER);
+    std::fs::write(pki.region.join("bundle.pem"), chain_to_pem(&pki.roots())).unwrap();
+    let flags = |profile: Option<&str>, with_files: bool| CaServeFile {
+        ca: Some(pki.region.clone()),
+        data: Some(pki.dir.path().join("data")),
+        listen: Some("127.0.0.1:0".into()),
+        metrics_listen: Some("off".into()),
+        rate_limit: Some(0),
+        bundle_endpoint: Some("127.0.0.1:0".into()),
+        bundle_endpoint_profile: profile.map(str::to_string),
+        bundle_endpoint_cert: with_files.then(|| cert_file.clone()),
+        bundle_endpoint_key: with_files.then(|| key_file.clone()),
+        ..Default::default()
+    };
+    let config = CaServeConfig::resolve(flags(None, false), None).unwrap();
+    assert_eq!(
+        config.bundle_endpoint.unwrap().profile,
+        BundleEndpointProfile::HttpsSpiffe,
+        "the default profile"
+    );
+    let no_files = CaServeConfig::resolve(flags(Some("https_web"), false), None);
+    assert!(no_files
+        .unwrap_err()
+        .to_string()
+        .contains("bundle_endpoint_cert"));
+    let unknown = CaServeConfig::resolve(flags(Some("https"), false), None);
+    assert!(unknown.unwrap_err().to_string().contains("https_spiffe"));
+    let spiffe_with_files = CaServeConfig::resolve(flags(Some("https_spiffe"), true), None);
+    assert!(
+        spiffe_with_files.is_err(),
+        "cert and key are for https_web only"
+    );
+
+    let config = CaServeConfig::resolve(flags(Some("https_web"), true), None).unwrap();
+    let bound = trustline::ca::server::build(config, Clock::system())
+        .await
+        .expect("CA starts");
+    let addr = bound.bundle_endpoint.unwrap();
+    let d = FederatedDomain {
+        trust_domain: pki.td.clone(),
+        endpoint: Endpoint::parse(&format!("https://localhost:{}", addr.port())).unwrap(),
+        profile: Profile::HttpsWeb {
+            web_roots: vec![web_root.der().clone()],
+        },
+        bootstrap: vec![],
+        refresh: None,
+    };
+    let fed = Federation::new(vec![d], None, Clock::system()).unwrap();
+    fed.refresh(&pki.td).await.expect("fetched over https_web");
+    assert_eq!(held(&fed, &pki.td), pki.roots());
+    bound.shutdown();
+
+    // The sidecar config: federated IDs may be named, others not; https_spiffe needs its
+    // initial bundle and endpoint ID.
+    let a = start_td(TD).await;
+    let fed_section = federation_with(&a).replace(TD, OTHER).replace(
+        &format!("{:?}", a.pki.root.join("bundle.pem")),
+        &format!("{:?}", pki.root.join("bundle.pem")),
+    );
+    let app = echo_app().await;
+    let named = |who: &str| inbound(app, &[trustline::identity::parse_id(who).unwrap()]);
+    let load = |sections: String| {
+        let file = a.pki.dir.path().join("check.toml");
+        let toml = format!(
+            "trust_domain = \"{TD}\"\nspiffe_id = \"{}\"\nbundle = {:?}\n[identity]\nsource = \"ca\"\nca_url = \"https://127.0.0.1:1\"\ntoken_file = \"t\"\n\n{sections}",
+            id_in(TD, "api"),
+            a.pki.root.join("bundle.pem")
+        );
+        std::fs::write(&file, toml).unwrap();
+        SidecarConfig::load(&file)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    load(named("spiffe://other.test/ns/shop/sa/web") + &fed_section).expect("a federated ID");
+    let unknown = load(named("spiffe://third.test/ns/shop/sa/web") + &fed_section);
+    assert!(unknown.unwrap_err().contains("nor in a [[federation]] one"));
+    let unfederated = load(named("spiffe://other.test/ns/shop/sa/web"));
+    assert!(unfederated.is_err(), "an ID of a domain not federated");
+    let no_bundle = load(
+        named("spiffe://mesh.test/ns/shop/sa/web")
+            + &fed_section.replace("bundle = ", "# bundle = "),
+    );
+    assert!(no_bundle.unwrap_err().contains("federation[0].bundle"));
+    let no_id = load(
+        named("spiffe://mesh.test/ns/shop/sa/web")
+            + &fed_section.replace("endpoint_spiffe_id = ", "# endpoint_spiffe_id = "),
+    );
+    assert!(no_id.unwrap_err().contains("endpoint_spiffe_id"));
+    let own = load(named("spiffe://mesh.test/ns/shop/sa/web") + &federation_with(&a));
+    assert!(own.unwrap_err().contains("own trust domain"));
 }

@@ -23,7 +23,7 @@ pub enum CaCommand {
     #[command(
         after_help = "Examples:\n  trustline ca serve --ca ca/eu-west --data /var/lib/trustline-ca --listen 0.0.0.0:8443 --san ca.eu-west.internal\n  trustline ca serve --config ca.toml"
     )]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Prints a single-use join token bound to one SPIFFE ID (talks to the running server).
     #[command(
         after_help = "Example:\n  trustline ca token --data ca/data --spiffe-id spiffe://example.org/ns/shop/sa/web --ttl 15m"
@@ -190,7 +190,7 @@ pub struct RotateArgs {
 pub async fn run(command: CaCommand) -> anyhow::Result<()> {
     match command {
         CaCommand::Init(a) => ca_init(a),
-        CaCommand::Serve(a) => ca_serve(a).await,
+        CaCommand::Serve(a) => ca_serve(*a).await,
         CaCommand::Token(a) => ca_token(a).await,
         CaCommand::Revoke(a) => ca_revoke(a).await,
         CaCommand::Rotate(a) => ca_rotate(a).await,

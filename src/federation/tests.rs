@@ -27,7 +27,7 @@ fn parse_json(v: Value) -> Result<crate::jwt::SpiffeBundleDoc, FederationError> 
 fn a_document_with_roots_and_jwt_keys_reads_with_its_sequence_and_hint() {
     let root = cert(true);
     let key = crate::jwt::SigningKey::generate().unwrap().public(None);
-    let d = parse_json(doc(&[root.clone()], &[key])).unwrap();
+    let d = parse_json(doc(std::slice::from_ref(&root), &[key])).unwrap();
     assert_eq!(d.x509_roots, vec![root]);
     assert_eq!(d.jwt.len(), 1);
     assert_eq!(d.sequence, Some(7));

@@ -239,6 +239,12 @@ async fn two_trust_domains_call_each_other_and_neither_root_vouches_beyond_its_o
     })
     .await;
 
+    let (status, body) = http_get(api_a.admin, "/federation").await;
+    assert_eq!(status, 200);
+    let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(state["federation"][0]["trust_domain"], OTHER);
+    assert_eq!(state["federation"][0]["roots"], 2, "{state}");
+
     // B's CA goes away: A keeps B's last bundle, and calls still go through.
     let before = held(fed, &other_td);
     b.bound.shutdown();

@@ -195,6 +195,29 @@ impl Federation {
         self.domain(td).ok().map(|d| lock(&d.held).clone())
     }
 
+    /// Each federated trust domain's state for the admin listener's `/federation`: endpoint,
+    /// profile, roots and keys held, sequence, good fetches and the last error.
+    pub fn status_json(&self) -> serde_json::Value {
+        let domains: Vec<serde_json::Value> = self
+            .domains
+            .iter()
+            .map(|d| {
+                let held = lock(&d.held);
+                serde_json::json!({
+                    "trust_domain": held.trust_domain.to_string(),
+                    "bundle_endpoint": d.config.endpoint.url,
+                    "profile": d.config.profile.name(),
+                    "roots": held.roots.len(),
+                    "jwt_keys": held.jwt.len(),
+                    "sequence": held.sequence,
+                    "fetches": held.fetches,
+                    "last_error": held.last_error,
+                })
+            })
+            .collect();
+        serde_json::json!({ "federation": domains })
+    }
+
     /// Changes whenever a federated bundle changes (the value counts the changes).
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()

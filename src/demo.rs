@@ -83,6 +83,9 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         limits: Default::default(),
         ledger: None,
         ledger_options: Default::default(),
+        jwt_ttl: std::time::Duration::from_secs(300),
+        agents: Vec::new(),
+        file: None,
     };
     let ca = crate::ca::server::build(config, Clock::system()).await?;
     println!(

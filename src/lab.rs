@@ -108,6 +108,9 @@ impl Lab {
                     limits: Default::default(),
                     ledger: None,
                     ledger_options: Default::default(),
+                    jwt_ttl: std::time::Duration::from_secs(300),
+                    agents: Vec::new(),
+                    file: None,
                 },
                 Clock::system(),
             )

@@ -94,6 +94,9 @@ async fn start_with(rate_limit: u32) -> Ca {
         limits: Default::default(),
         ledger: None,
         ledger_options: Default::default(),
+        jwt_ttl: std::time::Duration::from_secs(300),
+        agents: Vec::new(),
+        file: None,
     };
     let bound = build(config, clock.clone()).await.expect("CA starts");
     let bundle = Bundle::from_pem(

@@ -134,6 +134,9 @@ async fn start_ca(pki: &Pki, data: &Path) -> trustline::ca::server::Bound {
         limits: Default::default(),
         ledger: None,
         ledger_options: Default::default(),
+        jwt_ttl: std::time::Duration::from_secs(300),
+        agents: Vec::new(),
+        file: None,
     };
     trustline::ca::server::build(config, Clock::system())
         .await

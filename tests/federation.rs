@@ -51,6 +51,9 @@ async fn start_td(td: &str) -> Ca {
         limits: Default::default(),
         ledger: None,
         ledger_options: Default::default(),
+        jwt_ttl: Duration::from_secs(300),
+        agents: Vec::new(),
+        file: None,
     };
     let bound = trustline::ca::server::build(config, Clock::system())
         .await
@@ -213,6 +216,10 @@ async fn two_trust_domains_call_each_other_and_neither_root_vouches_beyond_its_o
         fed.bundle(&other_td).is_some_and(|f| f.fetches > 0)
     })
     .await;
+    // B's JWT keys came with its roots, without the region B labels them with.
+    let jwt = fed.bundle(&other_td).unwrap().jwt;
+    assert!(!jwt.is_empty(), "B's bundle document carries its JWT key");
+    assert!(jwt.keys().all(|k| k.region().is_none()));
     let root2 = b.pki.dir.path().join("root-2");
     trustline::ca::authority::init_root(&b.pki.td, &root2, HOUR, false).expect("second root");
     let added = admin::call(

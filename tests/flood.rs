@@ -93,6 +93,9 @@ async fn ca_with_metrics() -> Ca {
         limits: Default::default(),
         ledger: None,
         ledger_options: Default::default(),
+        jwt_ttl: std::time::Duration::from_secs(300),
+        agents: Vec::new(),
+        file: None,
         peers: Default::default(),
     };
     let bound = trustline::ca::server::build(config, Clock::system())

@@ -21,8 +21,8 @@ fn layer(module: &str) -> Option<u8> {
         "jwt" => 1,
         // SPIFFE Federation: other trust domains' bundles, fetched and fed to `tls`.
         "federation" => 1,
-        // Roles: the CA, the sidecar, the gateway and its transport, the WAN relay.
-        "ca" | "proxy" | "tunnel" | "wan" => 2,
+        // Roles: the CA, the host agent, the sidecar, the gateway and its transport, the WAN relay.
+        "ca" | "agent" | "proxy" | "tunnel" | "wan" => 2,
         // Whole meshes built from the roles (demo, tests, benchmark).
         "lab" | "demo" => 3,
         // The binary: CLI parsing and dispatch.

@@ -7,7 +7,7 @@ use serde::Serialize;
 #[derive(Clone, Debug, Serialize)]
 pub struct CaEvent {
     pub time: String,
-    /// `issue`, `renew` or `deny` (API); `token`, `revoke`, `revoke_id` or `lift_id` (admin).
+    /// `issue`, `renew`, `jwt` or `deny` (API); `token`, `revoke`, `revoke_id` or `lift_id` (admin).
     pub event: &'static str,
     /// The SPIFFE ID asked for or acted on.
     pub spiffe_id: Option<String>,
@@ -19,6 +19,10 @@ pub struct CaEvent {
     pub outcome: &'static str,
     /// Why it was refused.
     pub reason: Option<String>,
+    /// The host agent that asked on the workload's behalf (`trustline agent`), if one did.
+    pub agent: Option<String>,
+    /// The audiences of a JWT-SVID (`jwt` events).
+    pub audience: Option<Vec<String>>,
 }
 
 #[cfg(test)]
@@ -35,10 +39,12 @@ mod tests {
             client: "admin-socket".into(),
             outcome: "error",
             reason: Some("serial 0a was not issued by this CA".into()),
+            agent: None,
+            audience: None,
         };
         assert_eq!(
             serde_json::to_string(&e).unwrap(),
-            r#"{"time":"2026-01-02T03:04:05Z","event":"revoke","spiffe_id":null,"serial":"0a","client":"admin-socket","outcome":"error","reason":"serial 0a was not issued by this CA"}"#
+            r#"{"time":"2026-01-02T03:04:05Z","event":"revoke","spiffe_id":null,"serial":"0a","client":"admin-socket","outcome":"error","reason":"serial 0a was not issued by this CA","agent":null,"audience":null}"#
         );
     }
 }

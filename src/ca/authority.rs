@@ -442,6 +442,9 @@ fn check_role_id(authority: &impl CaScope, id: &SpiffeId) -> Result<(), Workload
             region: r.to_string(),
             ours: authority.region().cloned(),
         }),
+        // A host's agent (`/trustline/agent/NODE`), which joins like a workload and then
+        // obtains only what `[[agent]]` registers for it (super::agents).
+        (None, _) if super::agents::is_agent_id(id) => Ok(()),
         (None, _) => Err(WorkloadIdError::ReservedForRoles(id.clone())),
     }
 }

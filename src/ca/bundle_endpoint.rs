@@ -239,9 +239,13 @@ fn handle<B>(state: &CaState, addr: SocketAddr, req: &Request<B>) -> Response<Fu
     respond(StatusCode::OK, document(state))
 }
 
-/// The SPIFFE bundle document, as `GET /v1/bundle` serves it with `Accept: application/json`.
+/// The SPIFFE bundle document, as `GET /v1/bundle` serves it with `Accept: application/json`:
+/// the published roots, this region's JWT keys and every peer region's.
 fn document(state: &CaState) -> String {
     let keys = state.authority.current();
     let hint = super::rotation::REFRESH_HINT_SECS;
-    super::bundle_json::spiffe_bundle_at(&keys.published, keys.sequence, hint).to_string()
+    let mut jwt_keys = state.jwt.published(state.clock.unix());
+    jwt_keys.extend(state.peers.jwt_keys());
+    crate::jwt::spiffe_bundle_json(&keys.published.roots, &jwt_keys, keys.sequence, hint)
+        .to_string()
 }

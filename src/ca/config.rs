@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::agents::AgentFile;
 use super::error::PeerConfigError;
 use super::ledger::{LedgerUrl, PgOptions};
 use crate::config::{load_toml, ConfigError};
@@ -58,6 +59,12 @@ pub struct CaServeFile {
     pub ledger_pool: Option<usize>,
     /// `[limits]`: connection caps and timeouts of the API listener (file only).
     pub limits: Option<CaLimitsFile>,
+    /// Lifetime of issued JWT-SVIDs, e.g. `5m`.
+    pub jwt_ttl: Option<String>,
+    /// `[[agent]]`: the IDs each `trustline agent` may obtain for its host (file only;
+    /// [`super::agents`]).
+    #[serde(default)]
+    pub agent: Vec<AgentFile>,
 }
 
 /// The `[limits]` table of a CA config file.
@@ -186,6 +193,13 @@ pub struct CaServeConfig {
     pub ledger: Option<LedgerUrl>,
     /// How a shared ledger is used (ignored for redb).
     pub ledger_options: PgOptions,
+    /// Lifetime of issued JWT-SVIDs.
+    pub jwt_ttl: Duration,
+    /// The `[[agent]]` tables as written, checked against the CA's trust domain when it loads
+    /// ([`super::agents::AgentRegistry::from_file`]).
+    pub agents: Vec<AgentFile>,
+    /// The config file, for the agents' error messages.
+    pub file: Option<PathBuf>,
 }
 
 /// Defaults of `ca serve`.
@@ -193,6 +207,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
 pub const DEFAULT_METRICS: &str = "127.0.0.1:15021";
 pub const DEFAULT_SVID_TTL: &str = "24h";
 pub const DEFAULT_RATE_LIMIT: u32 = 50;
+pub const DEFAULT_JWT_TTL: &str = "5m";
+/// Accepted JWT-SVID lifetimes: short enough that a stolen token is soon useless.
+pub const JWT_TTL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(2)..=Duration::from_secs(24 * 3600);
 
 impl CaServeConfig {
     /// Where the ledger lives.
@@ -230,6 +248,7 @@ impl CaServeConfig {
         let listen = parse_listen(flags.listen.or(from_file.listen), listen_src)?;
         let ttl_src = src(flags.svid_ttl.is_some());
         let svid_ttl = parse_svid_ttl(flags.svid_ttl.or(from_file.svid_ttl), ttl_src)?;
+        let jwt_src = src(flags.jwt_ttl.is_some());
         let metrics_src = src(flags.metrics_listen.is_some());
         let metrics_listen = parse_metrics(
             flags.metrics_listen.or(from_file.metrics_listen),
@@ -268,8 +287,29 @@ impl CaServeConfig {
             limits: CaLimits::from_file(from_file.limits, file)?,
             ledger,
             ledger_options,
+            jwt_ttl: parse_jwt_ttl(flags.jwt_ttl.or(from_file.jwt_ttl), jwt_src)?,
+            agents: from_file.agent,
+            file: file.map(Path::to_path_buf),
         })
     }
+}
+
+fn parse_jwt_ttl(text: Option<String>, file: Option<&Path>) -> Result<Duration, ConfigError> {
+    let text = text.unwrap_or_else(|| DEFAULT_JWT_TTL.to_string());
+    let ttl =
+        parse_duration(&text).map_err(|e| ConfigError::field(file, "jwt_ttl", e.to_string()))?;
+    if !JWT_TTL_RANGE.contains(&ttl) {
+        return Err(ConfigError::field(
+            file,
+            "jwt_ttl",
+            format!(
+                "{text} is outside {:?}..={:?}",
+                JWT_TTL_RANGE.start(),
+                JWT_TTL_RANGE.end()
+            ),
+        ));
+    }
+    Ok(ttl)
 }
 
 /// Accepted refresh intervals of a shared ledger's revocations.

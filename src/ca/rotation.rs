@@ -1064,5 +1064,7 @@ pub(super) fn audit(
         client: client.to_string(),
         outcome,
         reason,
+        agent: None,
+        audience: None,
     });
 }

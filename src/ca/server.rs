@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use super::agents::AgentRegistry;
 use super::api::{self, CaState, Peer, RateLimiter};
 use super::config::{CaLimits, CaServeConfig};
 pub use super::error::ServeError;
@@ -196,6 +197,17 @@ async fn open_state(
             dir: config.ca_dir.clone(),
             source,
         })?;
+    let agents = AgentRegistry::from_file(
+        config.agents.clone(),
+        &authority.trust_domain,
+        config.file.as_deref(),
+    )?;
+    let jwt = super::jwt::JwtKeys::open(
+        &config.ca_dir,
+        authority.region.clone(),
+        config.jwt_ttl,
+        clock.unix(),
+    )?;
     let data = &config.data_dir;
     std::fs::create_dir_all(data).map_err(io("creating data dir", data))?;
     set_mode(data, 0o700).map_err(io("securing data dir", data))?;
@@ -229,6 +241,9 @@ async fn open_state(
         revoked_cache: Default::default(),
         peers: Arc::new(super::peers::Peers::default()),
         body_timeout: config.limits.body_timeout,
+        agents,
+        jwt_ttl: config.jwt_ttl,
+        jwt,
     });
     Ok((state, resolver))
 }

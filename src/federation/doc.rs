@@ -23,7 +23,15 @@ pub fn parse(td: &TrustDomain, json: &[u8]) -> Result<SpiffeBundleDoc, Federatio
             json.len()
         )));
     }
-    let doc = crate::jwt::parse_spiffe_bundle(td, json).map_err(|e| bad(e.to_string()))?;
+    let mut doc = crate::jwt::parse_spiffe_bundle(td, json).map_err(|e| bad(e.to_string()))?;
+    // A region is ours to vouch for: the `region` member of another trust domain's keys means
+    // nothing here, and a JWT-SVID it signed never passes for one of our regions.
+    let mut jwt = crate::jwt::JwtBundle::new(td.clone());
+    for key in doc.jwt.keys() {
+        jwt.insert(key.clone().with_region(None))
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    doc.jwt = jwt;
     if doc.x509_roots.is_empty() {
         return Err(bad("the document names no x509-svid roots".into()));
     }

@@ -26,10 +26,17 @@ fn parse_json(v: Value) -> Result<crate::jwt::SpiffeBundleDoc, FederationError> 
 #[test]
 fn a_document_with_roots_and_jwt_keys_reads_with_its_sequence_and_hint() {
     let root = cert(true);
-    let key = crate::jwt::SigningKey::generate().unwrap().public(None);
+    let signing = crate::jwt::SigningKey::generate().unwrap();
+    let eu = crate::region::Region::new("eu").unwrap();
+    let key = signing.public(Some(eu));
     let d = parse_json(doc(std::slice::from_ref(&root), &[key])).unwrap();
     assert_eq!(d.x509_roots, vec![root]);
     assert_eq!(d.jwt.len(), 1);
+    assert_eq!(
+        d.jwt.get(signing.kid()).unwrap().region(),
+        None,
+        "another trust domain's region label is dropped"
+    );
     assert_eq!(d.sequence, Some(7));
     assert_eq!(d.refresh_hint, Some(Duration::from_secs(60)));
 }

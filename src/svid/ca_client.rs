@@ -401,6 +401,57 @@ impl CaClient {
         })
     }
 
+    /// A workload's SVID obtained by a host agent: a fresh key made here and a CSR for `id`,
+    /// sent with the agent's own SVID as client certificate (the CA's `[[agent]]` registration
+    /// of the agent must allow `id`).
+    pub async fn issue_for(&self, agent: &Svid, id: &SpiffeId) -> Result<Svid, ClientError> {
+        let mut conn = self.connect(Some(agent)).await?;
+        self.request(&mut conn, id, None).await
+    }
+
+    /// A JWT-SVID for `id` with `audience`, asked for with `caller`'s SVID (its own ID, or a
+    /// host agent's for a workload it is registered for). The token and its `exp` (Unix
+    /// seconds), as the CA answered: callers validate it before handing it out.
+    pub async fn fetch_jwt(
+        &self,
+        caller: &Svid,
+        id: &SpiffeId,
+        audience: &[String],
+    ) -> Result<(String, u64), ClientError> {
+        let mut conn = self.connect(Some(caller)).await?;
+        let body = serde_json::json!({"spiffe_id": id.to_string(), "audience": audience});
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri("/v1/jwt")
+            .header(HOST, &conn.host)
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let (status, body) = conn.send(req).await?;
+        if status != StatusCode::OK {
+            return Err(refusal(status, &body));
+        }
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            token: String,
+            expires_at: u64,
+        }
+        let a: Answer = serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Http(format!("the CA's JWT answer: {e}")))?;
+        Ok((a.token, a.expires_at))
+    }
+
+    /// The SPIFFE bundle document (`GET /v1/bundle`, JSON): the roots and every region's JWT
+    /// keys, optionally asked with a client certificate.
+    pub async fn fetch_bundle_json(&self, client: Option<&Svid>) -> Result<Bytes, ClientError> {
+        let mut conn = self.connect(client).await?;
+        let (status, body) = conn.get("/v1/bundle", Some("application/json")).await?;
+        if status != StatusCode::OK {
+            return Err(refusal(status, &body));
+        }
+        Ok(body)
+    }
+
     /// Fetches the PEM trust bundle.
     pub async fn fetch_bundle_pem(&self) -> Result<Bytes, ClientError> {
         let mut conn = self.connect(None).await?;

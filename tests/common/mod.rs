@@ -149,6 +149,16 @@ pub async fn start_ca(svid_ttl: Duration) -> Ca {
 
 /// [`start_ca`] whose published bundle (the one sidecars refresh to) also holds `extra_roots`.
 pub async fn start_ca_with(svid_ttl: Duration, extra_roots: &[&Pki]) -> Ca {
+    start_ca_tuned(svid_ttl, extra_roots, |_| {}).await
+}
+
+/// [`start_ca_with`], with `tune` changing the configuration first (agent registrations, the
+/// JWT lifetime, ...).
+pub async fn start_ca_tuned(
+    svid_ttl: Duration,
+    extra_roots: &[&Pki],
+    tune: impl FnOnce(&mut CaServeConfig),
+) -> Ca {
     let pki = Pki::new(TD);
     let mut roots = pki.roots();
     for other in extra_roots {
@@ -170,7 +180,12 @@ pub async fn start_ca_with(svid_ttl: Duration, extra_roots: &[&Pki]) -> Ca {
         limits: Default::default(),
         ledger: None,
         ledger_options: Default::default(),
+        jwt_ttl: std::time::Duration::from_secs(300),
+        agents: Vec::new(),
+        file: None,
     };
+    let mut config = config;
+    tune(&mut config);
     let bound = trustline::ca::server::build(config, Clock::system())
         .await
         .expect("CA starts");
@@ -189,10 +204,14 @@ impl Ca {
             .unwrap_or_else(|e| panic!("no token: {e}"))
     }
 
+    /// A client of the running CA trusting its roots.
+    pub fn client(&self) -> CaClient {
+        CaClient::new(&self.url(), self.pki.bundle(), Clock::system()).expect("CA client")
+    }
+
     /// An SVID issued by the running CA (so it is in the ledger and can be revoked).
     pub async fn issue(&self, id: &SpiffeId) -> Svid {
-        let client =
-            CaClient::new(&self.url(), self.pki.bundle(), Clock::system()).expect("CA client");
+        let client = self.client();
         client
             .issue_with_token(id, &self.token(id).await)
             .await

@@ -172,6 +172,10 @@ pub enum Authorisation {
     Svid { serial: String },
     /// The CA server's own certificate.
     CaServer,
+    /// Asked for by a host's agent (its ID and SVID serial), which the CA's `[[agent]]`
+    /// registrations allow to obtain this ID. Starts a lineage of its own: an agent's workload
+    /// SVIDs are each obtained this way, never renewed by the workload.
+    Agent { agent: String, serial: String },
 }
 
 /// One issued certificate.

@@ -174,6 +174,7 @@ pub async fn start_ca_tuned(
         san: vec![],
         metrics_listen: None,
         audit_log: None,
+        bundle_endpoint: None,
         rate_limit: 0,
         peers: Default::default(),
         limits: Default::default(),

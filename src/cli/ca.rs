@@ -12,8 +12,6 @@ use trustline::clock::Clock;
 use trustline::identity::parse_trust_domain;
 use trustline::util::parse_duration;
 
-// Parsed once at start and matched once: the size of the `serve` variant costs nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum CaCommand {
     /// Makes a root CA, or a regional intermediate signed by a root.

@@ -637,3 +637,73 @@ async fn a_caller_with_no_identity_gets_no_bundles_unless_verifiers_are_allowed(
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     open.bound.stop().await;
 }
+
+#[tokio::test]
+async fn federated_trust_domains_bundles_reach_callers_and_their_jwt_svids_validate() {
+    use trustline::ca::bundle_endpoint::{BundleEndpointConfig, BundleEndpointProfile};
+    let ca = ca(HOUR).await;
+    // Another trust domain's CA, with its bundle endpoint.
+    let other = start_ca_in("other.test", HOUR, &[], |c| {
+        c.bundle_endpoint = Some(BundleEndpointConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            profile: BundleEndpointProfile::HttpsSpiffe,
+        })
+    })
+    .await;
+    let federation = format!(
+        "[[federation]]\ntrust_domain = \"other.test\"\nbundle_endpoint = \"https://{}\"\n\
+         endpoint_spiffe_id = \"spiffe://other.test/trustline/ca\"\nbundle = {:?}\nrefresh = \"200ms\"\n",
+        other.bound.bundle_endpoint.unwrap(),
+        other.pki.root.join("bundle.pem"),
+    );
+    let me = my_uid();
+    let agent = start_agent(&ca, &federation, &entry("api", &format!("uid = {me}"))).await;
+    agent.ready_for(&[id("api")]).await;
+    let mut client = Client::connect(&agent.socket).await.unwrap();
+    // FetchX509Bundles: ours and the federated one (its roots, as its endpoint serves them).
+    let mut bundles = client.x509_bundles().await.unwrap();
+    let first = bundles.next().await.unwrap().unwrap();
+    let theirs = split_certs(&first.bundles["spiffe://other.test"]).unwrap();
+    assert_eq!(theirs, other.pki.roots());
+    assert!(first.bundles.contains_key(&format!("spiffe://{TD}")));
+    // FetchX509SVID: the federated bundle beside the SVID.
+    let mut svids = client.x509_svids().await.unwrap();
+    let msg = svids.next().await.unwrap().unwrap();
+    assert!(
+        msg.federated_bundles.contains_key("spiffe://other.test"),
+        "{:?}",
+        msg.federated_bundles.keys()
+    );
+    // A JWT-SVID of the other trust domain validates at our agent; its region is not ours to
+    // vouch for, so none is reported as verified.
+    let peer_id = SpiffeId::new("spiffe://other.test/ns/shop/sa/partner").unwrap();
+    let partner = other.issue(&peer_id).await;
+    let (token, _) = other
+        .client()
+        .fetch_jwt(&partner, &peer_id, &["api".to_string()])
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let v = loop {
+        match client.validate_jwt("api".into(), token.clone()).await {
+            Ok(v) => break v,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never validated: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(v.spiffe_id, peer_id.to_string());
+    let jwt = client
+        .jwt_bundles()
+        .await
+        .unwrap()
+        .next()
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(jwt.bundles.contains_key("spiffe://other.test"));
+}

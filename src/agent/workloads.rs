@@ -105,6 +105,11 @@ impl Workloads {
             .filter(|s| !identity.revoked.load().contains(&s.info.serial))
     }
 
+    /// Makes `from`'s changes (a federated bundle, say) changes of what callers are sent.
+    pub fn follow(&self, from: watch::Receiver<u64>, shutdown: watch::Receiver<bool>) {
+        forward(from, self.changes.clone(), shutdown);
+    }
+
     /// Changes whenever what some caller would be sent changes.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()

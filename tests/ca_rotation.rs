@@ -149,6 +149,8 @@ impl Rig {
     }
 
     fn audit(&self) -> Vec<serde_json::Value> {
+        // The audit log is written by its own thread: what was recorded is out after a flush.
+        self.bound.state.audit.flush();
         let text =
             std::fs::read_to_string(self.pki.dir.path().join("data/audit.log")).unwrap_or_default();
         text.lines()

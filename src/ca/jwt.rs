@@ -331,12 +331,13 @@ fn make_key(path: &Path) -> Result<(), JwtKeyError> {
         source,
     })?;
     let pem = pem_of(&key.to_pkcs8());
+    // A name of this process's own (two replicas starting at once each write their own).
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let io = |source| JwtKeyError::Io {
-        path: path.to_path_buf(),
-        source,
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| JwtKeyError::Io { path: p, source }
     };
-    crate::util::write_secret(&tmp, pem.as_bytes()).map_err(io)?;
+    write_private(&tmp, pem.as_bytes()).map_err(io(&tmp))?;
     let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);
     match linked {
@@ -345,8 +346,22 @@ fn make_key(path: &Path) -> Result<(), JwtKeyError> {
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(io(e)),
+        Err(e) => Err(io(path)(e)),
     }
+}
+
+/// Writes a new file at `path` with mode 0600 from its creation (never an existing one).
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents)?;
+    f.sync_all()
 }
 
 fn pem_of(der: &[u8]) -> String {

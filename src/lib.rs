@@ -8,7 +8,8 @@
 //!   [`tunnel`] (the QUIC transport and the gateway), [`wan`] (the WAN relay); [`lab`] and
 //!   [`demo`] build whole meshes from them; the binary's `cli/` dispatches to them.
 //! - Mechanisms: [`svid`] (the SVID rotation task and the CA client), [`tls`] (rustls configs
-//!   and SPIFFE verifiers), [`policy`] (the sidecar and gateway engines), [`audit`] (one schema
+//!   and SPIFFE verifiers), [`jwt`] (JWT-SVIDs, their keys and the SPIFFE bundle document),
+//!   [`policy`] (the sidecar and gateway engines), [`audit`] (one schema
 //!   per event family), [`admin`] (the metrics listener), [`drain`], [`copy`], [`limits`].
 //! - Plain types: [`identity`] (SpiffeId, Serial, Svid, Bundle, certificate facts), [`region`]
 //!   (Region, ServiceName), [`refusal`] (failure reasons), [`crypto`] (the one provider),
@@ -29,6 +30,7 @@ pub mod crypto;
 pub mod demo;
 pub mod drain;
 pub mod identity;
+pub mod jwt;
 pub mod lab;
 pub mod limits;
 pub mod policy;

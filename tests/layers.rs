@@ -17,6 +17,8 @@ fn layer(module: &str) -> Option<u8> {
         // Mechanisms: SVID rotation, TLS and SPIFFE verifiers, policy, audit, the admin
         // listener, drain, copy loops, connection gates.
         "svid" | "tls" | "policy" | "audit" | "admin" | "drain" | "copy" | "limits" => 1,
+        // JWT-SVIDs, their keys and bundles (used by the CA, the sidecar's policy, the agent).
+        "jwt" => 1,
         // Roles: the CA, the sidecar, the gateway and its transport, the WAN relay.
         "ca" | "proxy" | "tunnel" | "wan" => 2,
         // Whole meshes built from the roles (demo, tests, benchmark).

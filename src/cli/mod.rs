@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 pub mod ca;
 pub mod demo;
 pub mod gateway;
+pub mod jwt;
 pub mod policy;
 pub mod redirect;
 pub mod sidecar;
@@ -51,6 +52,9 @@ pub enum Command {
         after_help = "Examples:\n  trustline redirect --proxy-uid 1337 --dry-run\n  trustline redirect --proxy-uid 1337 --exclude-inbound-ports 8443\n  trustline redirect --remove"
     )]
     Redirect(trustline::proxy::redirect::RedirectArgs),
+    /// JWT-SVIDs: validate.
+    #[command(subcommand)]
+    Jwt(jwt::JwtCommand),
     /// Policy files: check, explain.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -79,6 +83,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Redirect(a) => redirect::run(&a),
         Command::Policy(c) => policy::run(c),
+        Command::Jwt(c) => jwt::run(c),
         Command::WanRelay(a) => wan::run(a).await,
         Command::Ca(c) => ca::run(c).await,
     }

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use super::live::{close_audited, CloseReason, Entry, LiveConns};
@@ -25,13 +25,14 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use crate::audit::decision::DecisionEvent;
+use crate::audit::decision::{DecisionEvent, JwtAudit};
 use crate::audit::AuditLog;
 use crate::clock::{rfc3339, Clock};
 use crate::policy::anomaly::TravelDetector;
 use crate::policy::eval::Http;
-use crate::policy::{evaluate, Facts, Outcome, Policy};
+use crate::policy::{evaluate, evaluate_with, Facts, JwtFacts, Outcome, Policy, ServicePolicy};
 use crate::region::Region;
+use crate::svid::Identity;
 
 /// Impossible-travel settings.
 #[derive(Clone, Debug)]
@@ -143,6 +144,8 @@ pub struct Authz {
     refuse_anomalous: bool,
     /// Serials refused after impossible travel, with their certificate's `not_after`.
     refused_serials: Mutex<HashMap<String, SystemTime>>,
+    /// The identity whose JWT bundles verify requests' tokens ([`Authz::use_jwt_bundles_of`]).
+    jwt_identity: OnceLock<Arc<Identity>>,
 }
 
 /// What a connection learns from an L4 decision.
@@ -190,6 +193,7 @@ impl Authz {
             travel: Mutex::new(TravelDetector::new(anomaly.window, anomaly.single_region)),
             refuse_anomalous: anomaly.refuse,
             refused_serials: Mutex::new(Default::default()),
+            jwt_identity: OnceLock::new(),
         }))
     }
 
@@ -235,7 +239,19 @@ impl Authz {
         http: Option<Http<'_>>,
         audit_allow: bool,
     ) -> (Outcome, String) {
-        let policy = self.policy.load();
+        self.decide_on(&self.policy.load(), c, http, None, audit_allow)
+    }
+
+    /// [`Authz::decide`] on `policy` (the one a request was read for), with what the request's
+    /// token established when the service's rules read tokens.
+    pub fn decide_on(
+        &self,
+        policy: &Policy,
+        c: &Caller<'_>,
+        http: Option<Http<'_>>,
+        jwt: Option<&JwtFacts>,
+        audit_allow: bool,
+    ) -> (Outcome, String) {
         let Some(svc) = policy.service(&self.service) else {
             return (Outcome::Deny, "no-policy".into());
         };
@@ -246,14 +262,23 @@ impl Authz {
             http,
             at: self.now(),
         };
-        let d = evaluate(svc, &facts);
+        let d = match jwt {
+            Some(j) => evaluate_with(svc, &facts, j),
+            None => evaluate(svc, &facts),
+        };
         let outcome = match d.outcome {
             Outcome::Allow => "allow",
             Outcome::Deny => "deny",
         };
         self.count(d.rule, outcome, "enforced");
+        let record = |o, rule: &str, mode| {
+            let mut ev = self.event("decision", c, http);
+            (ev.outcome, ev.rule, ev.mode) = (o, rule.to_string(), mode);
+            ev.jwt = jwt.map(jwt_audit);
+            self.audit.record(&ev);
+        };
         if d.outcome == Outcome::Deny || audit_allow || d.audit {
-            self.record(c, http, outcome, d.rule, "enforced", None);
+            record(outcome, d.rule, "enforced");
         }
         for (rule, would) in &d.dry_run {
             let o = if *would == Outcome::Allow {
@@ -262,9 +287,33 @@ impl Authz {
                 "deny"
             };
             self.count(rule, o, "dry-run");
-            self.record(c, http, o, rule, "dry-run", None);
+            record(o, rule, "dry-run");
         }
         (d.outcome, d.rule.to_string())
+    }
+
+    /// Verifies requests' tokens with `identity`'s JWT bundles (the sidecar's own; without it,
+    /// no token is valid).
+    pub fn use_jwt_bundles_of(&self, identity: Arc<Identity>) {
+        let _ = self.jwt_identity.set(identity);
+    }
+
+    /// What a request's bearer token (or why it has none) establishes for `svc`'s jwt rules:
+    /// validated once, for one of the audiences its rules name.
+    pub fn check_jwt(&self, svc: &ServicePolicy, token: Result<&str, &str>) -> JwtFacts {
+        let token = match token {
+            Ok(t) => t,
+            Err(why) => return JwtFacts::Refused(why.to_string()),
+        };
+        let Some(identity) = self.jwt_identity.get() else {
+            return JwtFacts::Refused("this sidecar has no JWT bundles".into());
+        };
+        validate_for(
+            token,
+            &identity.jwt_bundles(),
+            &svc.jwt_audiences,
+            self.clock.now(),
+        )
     }
 
     /// Counts and audits a request refused before any rule saw it (a path or target no rule
@@ -440,6 +489,7 @@ impl Authz {
             rule: String::new(),
             mode: "enforced",
             detail: None,
+            jwt: None,
         }
     }
 
@@ -550,6 +600,72 @@ impl Authz {
                 seen = now;
                 let _ = self.reload();
             }
+        }
+    }
+}
+
+/// The audit fields of a request's token.
+fn jwt_audit(j: &JwtFacts) -> JwtAudit {
+    match j {
+        JwtFacts::Verified(v) => JwtAudit {
+            jwt_sub: Some(v.sub.clone()),
+            jwt_region: v.region.as_ref().map(Region::to_string),
+            jwt_error: None,
+        },
+        JwtFacts::Refused(why) => JwtAudit {
+            jwt_error: Some(why.clone()),
+            ..Default::default()
+        },
+    }
+}
+
+/// Longest `jwt_error` in an audit line (a claim the validator quotes can be long).
+const MAX_JWT_ERROR: usize = 300;
+
+/// Validates `token` for one of `audiences` (the service's, in file order): with the first,
+/// and when only the audience failed, once more with one the token names (the audience is
+/// checked after the signature, so its `aud` is then the signed one). Two validations at most.
+fn validate_for(
+    token: &str,
+    bundles: &crate::jwt::JwtBundles,
+    audiences: &[String],
+    now: SystemTime,
+) -> JwtFacts {
+    use crate::jwt::{validate, JwtError};
+    let Some(first) = audiences.first() else {
+        return JwtFacts::Refused("no rule of the service reads tokens".into());
+    };
+    let valid = match validate(token, bundles, first, now) {
+        Err(JwtError::Audience { got, .. }) => match audiences.iter().find(|a| got.contains(a)) {
+            Some(a) => validate(token, bundles, a, now),
+            None => return JwtFacts::Refused(format!("aud {got:?} has none of {audiences:?}")),
+        },
+        other => other,
+    };
+    match valid {
+        Ok(v) => JwtFacts::Verified(crate::policy::VerifiedJwt {
+            sub: v.sub.to_string(),
+            region: v.region,
+            aud: v.aud,
+        }),
+        Err(JwtError::Expired { exp, .. }) => {
+            let at = std::time::UNIX_EPOCH.checked_add(Duration::from_secs(exp));
+            JwtFacts::Refused(format!(
+                "expired at {}",
+                at.map_or_else(|| exp.to_string(), rfc3339)
+            ))
+        }
+        Err(e) => {
+            let mut why = e.to_string();
+            if why.len() > MAX_JWT_ERROR {
+                let mut cut = MAX_JWT_ERROR;
+                while !why.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                why.truncate(cut);
+                why.push_str("...");
+            }
+            JwtFacts::Refused(why)
         }
     }
 }

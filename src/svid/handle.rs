@@ -44,6 +44,8 @@ pub struct Identity {
     /// refreshing fails open for new revocations, so it is exported for alerting.
     pub(super) revocation_refreshed: prometheus_client::metrics::gauge::Gauge,
     pub(super) clock: Clock,
+    /// The JWT bundles that verify the tokens the policy reads ([`super::jwt_bundle`]).
+    pub(super) jwt: super::jwt_bundle::JwtBundleState,
 }
 
 impl Identity {
@@ -65,6 +67,7 @@ impl Identity {
             bundle_fetches: Default::default(),
             revocation_refreshed: Default::default(),
             clock,
+            jwt: Default::default(),
         }))
     }
 

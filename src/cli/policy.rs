@@ -20,7 +20,7 @@ pub enum PolicyCommand {
     #[command(
         after_help = "Examples:\n  trustline policy explain --policy config/policy.toml --from spiffe://example.org/ns/shop/sa/frontend \\\n      --to checkout --port 8080 --method GET --path /api/orders --region eu-west --at 2026-11-23T10:00:00+01:00\n  trustline policy explain --policy config/policy.toml --from spiffe://example.org/ns/edge/sa/gateway \\\n      --to checkout --port 8080 --method POST --path /api/orders --jwt-sub spiffe://example.org/ns/web/sa/portal --jwt-region eu-west\n  trustline policy explain --gateway config/gateway.toml --from-region us-east --to-region eu-west \\\n      --service checkout"
     )]
-    Explain(ExplainCommand),
+    Explain(Box<ExplainCommand>),
     /// Writes the least-privilege allow list covering the flows of an audit log.
     #[command(
         after_help = "Example (a sidecar ran with `default = \"audit\"` to map traffic first):\n  trustline policy suggest --audit checkout-audit.log --service checkout > checkout-policy.toml"

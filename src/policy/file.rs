@@ -619,7 +619,8 @@ const MAX_AUDIENCE_LEN: usize = 1024;
 /// Rules that can never match are errors: they are almost always a typo.
 fn never_matches(c: &mut Checker<'_>, svc: &str, r: &Rule, http_ports: &[u16]) {
     let n = Some(r.name.as_str());
-    if r.is_l7() {
+    // A rule with jwt never matches a bare connection (the jwt check below covers its ports).
+    if r.is_l7() && r.jwt.is_none() {
         let ports: Vec<u16> = if r.ports.is_empty() {
             http_ports.to_vec()
         } else {

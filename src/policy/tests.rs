@@ -703,6 +703,7 @@ fn verified(sub: &str, region: Option<&str>, aud: &[&str]) -> JwtFacts {
 #[test]
 fn jwt_conditions_decide_on_the_verified_sub_region_and_audience() {
     let p = parse(JWT_POLICY, Path::new("jwt.toml")).unwrap();
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
     let svc = p.service("api").unwrap();
     assert!(svc.reads_jwt());
     assert_eq!(svc.jwt_audiences, ["api", "api-v2", "batch"]);

@@ -35,6 +35,7 @@ pub const MIN_REFRESH: Duration = Duration::from_secs(1);
 pub(super) struct JwtBundleState {
     bundles: ArcSwap<JwtBundles>,
     fetches: AtomicU64,
+    failures: AtomicU64,
     /// The warning about an unchecked CA's key regions was logged.
     warned_unchecked: AtomicBool,
 }
@@ -57,6 +58,11 @@ impl Identity {
     /// How many times our trust domain's JWT bundle was fetched from the CA (successfully).
     pub fn jwt_bundle_fetches(&self) -> u64 {
         self.jwt.fetches.load(Ordering::Relaxed)
+    }
+
+    /// How many fetches of the JWT bundle failed (the last good bundle was kept each time).
+    pub fn jwt_bundle_failures(&self) -> u64 {
+        self.jwt.failures.load(Ordering::Relaxed)
     }
 }
 
@@ -115,6 +121,7 @@ pub(super) async fn refresh_loop(
                 }
             }
             Err(e) => {
+                identity.jwt.failures.fetch_add(1, Ordering::Relaxed);
                 // The first failure of a run is a warning, the retries are not.
                 if failing {
                     tracing::debug!(error = %e, "JWT bundle fetch failed again; keeping the last one");

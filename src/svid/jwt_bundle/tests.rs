@@ -147,6 +147,7 @@ async fn a_failed_or_unusable_fetch_keeps_the_last_good_bundle() {
         "a rotated key replaces the old"
     );
     assert_eq!(r.identity.jwt_bundle_fetches(), 2);
+    assert_eq!(r.identity.jwt_bundle_failures(), 2);
     let _ = r.stop.send(true);
 }
 
@@ -177,7 +178,7 @@ async fn a_refresh_hint_shortens_the_interval() {
 async fn key_regions_are_believed_only_from_a_ca_whose_region_was_checked() {
     let r = rig();
     let eu = key("eu-west");
-    r.start(false, vec![doc(&[eu.clone()], 0)]);
+    r.start(false, vec![doc(std::slice::from_ref(&eu), 0)]);
     wait(Duration::from_millis(1)).await;
     assert_eq!(r.keys(), vec![(eu.kid().to_string(), None)]);
     let _ = r.stop.send(true);

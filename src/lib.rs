@@ -4,9 +4,10 @@
 //! `tests/layers.rs` holds it there: arrows point down only and no two top-level modules import
 //! each other, directly or round a circle.
 //!
-//! - Roles: [`ca`] (the CA service), [`proxy`] (the sidecar, with its session protocol),
-//!   [`tunnel`] (the QUIC transport and the gateway), [`wan`] (the WAN relay); [`lab`] and
-//!   [`demo`] build whole meshes from them; the binary's `cli/` dispatches to them.
+//! - Roles: [`ca`] (the CA service), [`agent`] (the Workload API for a host's processes),
+//!   [`proxy`] (the sidecar, with its session protocol), [`tunnel`] (the QUIC transport and the
+//!   gateway), [`wan`] (the WAN relay); [`lab`] and [`demo`] build whole meshes from them; the
+//!   binary's `cli/` dispatches to them.
 //! - Mechanisms: [`svid`] (the SVID rotation task and the CA client), [`tls`] (rustls configs
 //!   and SPIFFE verifiers), [`jwt`] (JWT-SVIDs, their keys and the SPIFFE bundle document),
 //!   [`policy`] (the sidecar and gateway engines), [`audit`] (one schema
@@ -21,6 +22,7 @@
 #![deny(clippy::unwrap_used)]
 
 pub mod admin;
+pub mod agent;
 pub mod audit;
 pub mod ca;
 pub mod clock;

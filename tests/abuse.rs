@@ -42,6 +42,9 @@ async fn start_ca_limited(limits: CaLimits) -> Ca {
         ledger: None,
         ledger_options: Default::default(),
         peers: Default::default(),
+        jwt_ttl: Duration::from_secs(300),
+        agents: Vec::new(),
+        file: None,
     };
     let bound = trustline::ca::server::build(config, Clock::system())
         .await

@@ -48,6 +48,14 @@ fn example_ca_config_is_valid() {
     assert_eq!(c.svid_ttl, Duration::from_secs(24 * 3600));
     let peers = trustline::ca::config::parse_peers(&c.peers.urls).unwrap();
     assert_eq!(peers[0].region.as_deref(), Some("us-east"));
+    assert_eq!(c.jwt_ttl, Duration::from_secs(300));
+    let td = trustline::identity::parse_trust_domain("example.org").unwrap();
+    let agents =
+        trustline::ca::agents::AgentRegistry::from_file(c.agents, &td, c.file.as_deref()).unwrap();
+    let node =
+        trustline::identity::parse_id("spiffe://example.org/trustline/agent/node-1").unwrap();
+    let job = trustline::identity::parse_id("spiffe://example.org/ns/batch/sa/job").unwrap();
+    assert!(agents.allows(&node, &job));
 }
 
 #[test]

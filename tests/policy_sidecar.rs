@@ -88,6 +88,9 @@ impl Mesh {
                 limits: Default::default(),
                 ledger: None,
                 ledger_options: Default::default(),
+                jwt_ttl: std::time::Duration::from_secs(300),
+                agents: Vec::new(),
+                file: None,
             };
             let bound = trustline::ca::server::build(config, Clock::system())
                 .await

@@ -35,6 +35,7 @@ use std::thread::JoinHandle;
 
 use serde::Serialize;
 
+pub mod agent;
 pub mod ca;
 pub mod decision;
 pub mod tunnel;

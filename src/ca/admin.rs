@@ -42,6 +42,10 @@ pub enum AdminRequest {
     RetireRoot { path: PathBuf },
     /// The CA's keys now.
     RotationStatus,
+    /// Prepare the next JWT-SVID key: published now, may sign `wait_secs` later.
+    JwtPrepare { wait_secs: u64 },
+    /// Make the prepared JWT-SVID key the signing one.
+    JwtActivate,
 }
 
 /// The `client` of admin operations in the audit log.
@@ -72,6 +76,9 @@ pub struct AdminResponse {
     /// The CA's keys (`rotation_status`, and after every change of them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<super::rotation::Status>,
+    /// The JWT-SVID keys (with `keys`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<super::jwt::JwtStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -87,6 +94,7 @@ impl AdminResponse {
             revoked: None,
             detail: None,
             keys: None,
+            jwt: None,
             error: None,
         }
     }
@@ -206,6 +214,9 @@ async fn execute(state: &CaState, req: AdminRequest) -> AdminResponse {
         | AdminRequest::AddRoot { .. }
         | AdminRequest::RetireRoot { .. }
         | AdminRequest::RotationStatus) => return rotate(state, req),
+        req @ (AdminRequest::JwtPrepare { .. } | AdminRequest::JwtActivate) => {
+            return rotate_jwt(state, req, now)
+        }
     };
     let resp = AdminResponse::of(resp);
     state.audit.record(&CaEvent {
@@ -254,6 +265,7 @@ fn rotate(state: &CaState, req: AdminRequest) -> AdminResponse {
         _ => {
             return AdminResponse {
                 keys: Some(keys.status()),
+                jwt: Some(state.jwt.status()),
                 ..AdminResponse::ok()
             }
         }
@@ -273,6 +285,48 @@ fn rotate(state: &CaState, req: AdminRequest) -> AdminResponse {
             tracing::warn!(error = %e, "{event} refused; the CA keeps its keys");
             super::rotation::audit(state, ADMIN, event, None, "error", Some(e.to_string()));
             AdminResponse::err(e.into())
+        }
+    }
+}
+
+/// `ca rotate --jwt-prepare / --jwt-activate` ([`super::jwt::JwtKeys`]), audited like the
+/// other key changes (the kid in `serial`).
+fn rotate_jwt(state: &CaState, req: AdminRequest, now: std::time::SystemTime) -> AdminResponse {
+    use super::rotation::{MAX_PUBLISH_WAIT, MIN_PUBLISH_WAIT};
+    let unix = crate::clock::unix_secs(now);
+    let (event, result) = match req {
+        AdminRequest::JwtPrepare { wait_secs } => {
+            let wait = Duration::from_secs(wait_secs);
+            let r = if (MIN_PUBLISH_WAIT..=MAX_PUBLISH_WAIT).contains(&wait) {
+                state.jwt.prepare(wait, unix).map_err(|e| e.to_string())
+            } else {
+                Err(AdminError::Wait(format!("{wait_secs}s is outside 1s..=30days")).to_string())
+            };
+            ("jwt_prepare", r)
+        }
+        _ => (
+            "jwt_activate",
+            state.jwt.activate(unix).map_err(|e| e.to_string()),
+        ),
+    };
+    match result {
+        Ok(kid) => {
+            tracing::info!(%kid, "{event}");
+            super::rotation::audit(state, ADMIN, event, Some(kid.clone()), "ok", None);
+            AdminResponse {
+                detail: Some(format!("{event}: key {kid}")),
+                jwt: Some(state.jwt.status()),
+                ..AdminResponse::ok()
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "{event} refused; the CA keeps its JWT keys");
+            super::rotation::audit(state, ADMIN, event, None, "error", Some(e.clone()));
+            AdminResponse {
+                ok: false,
+                error: Some(e),
+                ..AdminResponse::ok()
+            }
         }
     }
 }

@@ -47,6 +47,8 @@ pub struct CaState {
     pub agents: super::agents::AgentRegistry,
     /// Lifetime of issued JWT-SVIDs.
     pub jwt_ttl: Duration,
+    /// The keys JWT-SVIDs are signed with and published under ([`super::jwt`]).
+    pub jwt: super::jwt::JwtKeys,
 }
 
 /// Facts about one client connection, taken once after the TLS handshake.
@@ -166,6 +168,23 @@ pub async fn handle(state: &CaState, peer: &Peer, req: Request<hyper::body::Inco
                 .observe(started.elapsed().as_secs_f64());
             resp
         }
+        (&Method::POST, "/v1/jwt") => match jwt(state, peer, req).await {
+            Ok(r) => r,
+            Err((e, id)) => {
+                state.metrics.count(e.outcome());
+                audit(
+                    state,
+                    peer,
+                    "deny",
+                    id.as_ref(),
+                    None,
+                    e.outcome(),
+                    Some(&e.detail),
+                );
+                tracing::info!(client = %peer.addr, status = %e.status, detail = %e.detail, "JWT-SVID request refused");
+                error_response(&e)
+            }
+        },
         (&Method::GET, "/v1/bundle" | "/v1/revoked") if !state.read_rate.allow(peer.addr.ip()) => {
             state.metrics.reads_rate_limited.inc();
             tracing::debug!(client = %peer.addr, "GET refused: over the per-client rate");
@@ -177,11 +196,13 @@ pub async fn handle(state: &CaState, peer: &Peer, req: Request<hyper::body::Inco
         }
         (&Method::GET, "/v1/bundle") => bundle(state, &req),
         (&Method::GET, "/v1/revoked") => revoked(state, &req).await,
-        (_, "/v1/svid" | "/v1/bundle" | "/v1/revoked") => error_response(&ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("{} is not allowed here", req.method()),
-        )),
+        (_, "/v1/svid" | "/v1/jwt" | "/v1/bundle" | "/v1/revoked") => {
+            error_response(&ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{} is not allowed here", req.method()),
+            ))
+        }
         (_, path) => error_response(&ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -512,6 +533,107 @@ async fn issue(state: &CaState, peer: &Peer, csr: Csr, auth: Auth) -> Result<Res
     ))
 }
 
+/// A `POST /v1/jwt` body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JwtRequest {
+    spiffe_id: String,
+    audience: Vec<String>,
+}
+
+/// `POST /v1/jwt`: a JWT-SVID for the caller's own ID, or for an ID its agent registration
+/// names, signed with this region's key ([`super::jwt`]).
+async fn jwt(
+    state: &CaState,
+    peer: &Peer,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Resp, (ApiError, Option<SpiffeId>)> {
+    let no_id = |e: ApiError| (e, None);
+    if !state.rate.allow(peer.addr.ip()) {
+        return Err(no_id(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests from this client; retry later",
+        )));
+    }
+    let info = match &peer.svid {
+        Some(Ok(info)) => info.clone(),
+        Some(Err(why)) => {
+            return Err(no_id(ApiError::unauthorized(format!(
+                "client certificate: {why}"
+            ))))
+        }
+        None => {
+            return Err(no_id(ApiError::unauthorized(
+                "a JWT-SVID is obtained with an SVID: present yours as client certificate",
+            )))
+        }
+    };
+    let body = read_body(req, state.body_timeout).await.map_err(no_id)?;
+    let asked: JwtRequest = serde_json::from_slice(&body)
+        .map_err(|e| no_id(ApiError::bad_request(format!("JWT request body: {e}"))))?;
+    let id = crate::identity::parse_workload_id(&asked.spiffe_id).map_err(|e| {
+        no_id(ApiError::bad_request(format!(
+            "spiffe_id {:?}: {e}",
+            asked.spiffe_id
+        )))
+    })?;
+    let with_id = |e: ApiError| (e, Some(id.clone()));
+    super::jwt::check_audience(&asked.audience).map_err(|e| with_id(ApiError::bad_request(e)))?;
+    if id == info.id {
+        authorise_renewal(state, &info).map_err(with_id)?;
+    } else if super::agents::is_agent_id(&info.id) {
+        authorise_agent(state, &info, &id).map_err(with_id)?;
+    } else {
+        return Err(with_id(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "{} may obtain JWT-SVIDs for itself only, not for {id}",
+                info.id
+            ),
+        )));
+    }
+    let iat = state.clock.unix();
+    let exp = iat + state.jwt_ttl.as_secs();
+    let signer = state.jwt.signer();
+    let claims = crate::jwt::Claims {
+        sub: id.clone(),
+        aud: asked.audience.clone(),
+        iat,
+        exp,
+        region: signer.region.clone(),
+    };
+    let token = signer.key.sign(&claims).map_err(|e| {
+        with_id(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e.to_string(),
+        ))
+    })?;
+    state.metrics.count("jwt_issued");
+    state.audit.record(&CaEvent {
+        time: rfc3339(state.clock.now()),
+        event: "jwt",
+        spiffe_id: Some(id.to_string()),
+        serial: None,
+        client: peer.addr.to_string(),
+        outcome: "ok",
+        reason: None,
+        agent: asking_agent(peer),
+        audience: Some(asked.audience),
+    });
+    let body = serde_json::json!({"token": token, "expires_at": exp}).to_string();
+    Ok(respond(StatusCode::OK, "application/json", body))
+}
+
+/// Whether a GET asks for this CA's own entries only (`?scope=local`, what peer CAs ask).
+fn local_scope(req: &Request<hyper::body::Incoming>) -> bool {
+    req.uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "scope=local"))
+}
+
 fn wants_json(req: &Request<hyper::body::Incoming>) -> bool {
     req.headers()
         .get(ACCEPT)
@@ -519,12 +641,21 @@ fn wants_json(req: &Request<hyper::body::Incoming>) -> bool {
         .is_some_and(|v| v.contains("application/json"))
 }
 
-/// `GET /v1/bundle`: every root published now (old and new ones during a root rotation).
+/// `GET /v1/bundle`: every root published now (old and new ones during a root rotation); as
+/// JSON (`Accept: application/json`) the SPIFFE bundle document, with this region's JWT key and
+/// every peer region's. `?scope=local` (what peer CAs ask) is that document with this CA's own
+/// JWT key only, so keys never echo between CAs.
 fn bundle(state: &CaState, req: &Request<hyper::body::Incoming>) -> Resp {
     let keys = state.authority.current();
-    if wants_json(req) {
+    let local = local_scope(req);
+    if wants_json(req) || local {
         let hint = super::rotation::REFRESH_HINT_SECS;
-        let doc = super::bundle_json::spiffe_bundle_at(&keys.published, keys.sequence, hint);
+        let mut jwt_keys = state.jwt.published(state.clock.unix());
+        if !local {
+            jwt_keys.extend(state.peers.jwt_keys());
+        }
+        let doc =
+            crate::jwt::spiffe_bundle_json(&keys.published.roots, &jwt_keys, keys.sequence, hint);
         respond(StatusCode::OK, "application/json", doc.to_string())
     } else {
         respond(
@@ -540,11 +671,11 @@ fn bundle(state: &CaState, req: &Request<hyper::body::Incoming>) -> Resp {
 /// counts this CA's own changes. The peers' state (URLs, errors) is not told to anyone who asks:
 /// it is on the metrics listener's `/peers`.
 async fn revoked(state: &CaState, req: &Request<hyper::body::Incoming>) -> Resp {
-    let local_only = req
-        .uri()
-        .query()
-        .is_some_and(|q| q.split('&').any(|p| p == "scope=local"));
-    let scope = if local_only { Scope::Local } else { Scope::All };
+    let scope = if local_scope(req) {
+        Scope::Local
+    } else {
+        Scope::All
+    };
     // A replica cut off from its shared ledger cannot know what the others revoked since: it
     // says so rather than serve an old list as current (clients keep the list they have).
     if let Some(why) = state.ledger.stale() {

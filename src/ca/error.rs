@@ -190,6 +190,8 @@ pub enum ServeError {
     Ledger(#[from] LedgerError),
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
+    #[error("JWT-SVID key: {0}")]
+    JwtKey(#[from] super::jwt::JwtKeyError),
     #[error("TLS configuration: {0}")]
     ServerCert(#[from] ServerCertError),
     #[error("TLS configuration: {0}")]

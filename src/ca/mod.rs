@@ -13,6 +13,7 @@ pub mod authority;
 pub mod bundle_json;
 pub mod config;
 pub mod error;
+pub mod jwt;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;

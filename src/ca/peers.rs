@@ -66,6 +66,11 @@ pub struct PeerList {
     pub error: Option<String>,
     /// The region of the CA that issued the peer's certificate at the last good fetch.
     pub region: Option<Region>,
+    /// The peer's own JWT-SVID keys (from `GET /v1/bundle?scope=local`), each labelled with
+    /// `region`, the verified one, whatever the document says.
+    pub jwt_keys: Vec<crate::jwt::PublicKey>,
+    /// Why the last fetch of its JWT keys failed (the last good ones are kept).
+    pub jwt_error: Option<String>,
 }
 
 /// The published revocation view: this CA's own and its peers' entries.
@@ -144,7 +149,33 @@ pub fn parse_list(body: &[u8], now: u64) -> Result<PeerList, PeerError> {
         banned,
         error: None,
         region: None,
+        jwt_keys: Vec::new(),
+        jwt_error: None,
     })
+}
+
+/// Most JWT keys taken from one peer (its current and next key, with room to spare).
+pub const MAX_PEER_JWT_KEYS: usize = 16;
+
+/// A peer's JWT keys from its `GET /v1/bundle?scope=local` document, labelled with `region`,
+/// the region of the CA that issued the peer's certificate (verified in the handshake).
+pub fn parse_jwt_keys(
+    td: &crate::identity::TrustDomain,
+    body: &[u8],
+    region: Option<&Region>,
+) -> Result<Vec<crate::jwt::PublicKey>, String> {
+    let doc = crate::jwt::parse_spiffe_bundle(td, body).map_err(|e| e.to_string())?;
+    if doc.jwt.len() > MAX_PEER_JWT_KEYS {
+        return Err(format!(
+            "{} JWT keys; at most {MAX_PEER_JWT_KEYS} are taken from a peer",
+            doc.jwt.len()
+        ));
+    }
+    Ok(doc
+        .jwt
+        .keys()
+        .map(|k| k.clone().with_region(region.cloned()))
+        .collect())
 }
 
 impl Peers {
@@ -179,7 +210,9 @@ impl Peers {
             .map(|(url, p)| {
                 serde_json::json!({"url": url, "region": p.region, "sequence": p.sequence,
                     "fetched_at": p.fetched_at, "revoked": p.revoked.len(),
-                    "spiffe_ids": p.banned.len(), "error": p.error})
+                    "spiffe_ids": p.banned.len(), "error": p.error,
+                    "jwt_keys": p.jwt_keys.iter().map(|k| k.kid()).collect::<Vec<_>>(),
+                    "jwt_error": p.jwt_error})
             })
             .collect();
         serde_json::json!({ "peers": peers })
@@ -191,6 +224,14 @@ impl Peers {
             .get(url)
             .map(|l| l.banned.iter().map(|(id, _)| id.clone()).collect())
             .unwrap_or_default()
+    }
+
+    /// Every peer's JWT keys (its last good ones), for the published bundle.
+    pub fn jwt_keys(&self) -> Vec<crate::jwt::PublicKey> {
+        self.read()
+            .values()
+            .flat_map(|l| l.jwt_keys.iter().cloned())
+            .collect()
     }
 
     /// Whether a peer bans `spiffe_id`.
@@ -252,7 +293,16 @@ impl Peers {
                         "peer CA's revocation list is fetched again"
                     );
                 }
-                let same = cur.revoked == list.revoked && cur.banned == list.banned;
+                let mut list = list;
+                if let Some(e) = &list.jwt_error {
+                    if cur.jwt_error.is_none() {
+                        tracing::warn!(peer = url, error = %e, "fetching a peer CA's JWT keys failed; keeping its last good ones");
+                    }
+                    list.jwt_keys = std::mem::take(&mut cur.jwt_keys);
+                }
+                let same = cur.revoked == list.revoked
+                    && cur.banned == list.banned
+                    && cur.jwt_keys == list.jwt_keys;
                 *cur = list;
                 if !same {
                     self.index_bans(&lists);
@@ -314,7 +364,9 @@ async fn pull_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let fetched = tokio::time::timeout(PEER_FETCH_TIMEOUT, fetch(&client, &state.clock)).await;
+        let td = &state.authority.trust_domain;
+        let fetched =
+            tokio::time::timeout(PEER_FETCH_TIMEOUT, fetch(&client, &state.clock, td)).await;
         let outcome = match fetched {
             Ok(Ok(list)) => revoke_local_of_banned(&state, &url, &list)
                 .await
@@ -340,11 +392,28 @@ async fn pull_loop(
     }
 }
 
-async fn fetch(client: &CaClient, clock: &Clock) -> Result<PeerList, PeerError> {
+async fn fetch(
+    client: &CaClient,
+    clock: &Clock,
+    td: &crate::identity::TrustDomain,
+) -> Result<PeerList, PeerError> {
     let (body, region) = client
         .get_limited_from("/v1/revoked?scope=local", MAX_PEER_BODY)
         .await?;
     let mut list = parse_list(&body, clock.unix())?;
+    // The JWT keys ride along; a peer that cannot give them still gives its revocations.
+    let keys = match client
+        .get_limited_from("/v1/bundle?scope=local", MAX_PEER_BODY)
+        .await
+    {
+        // Labelled with the region of the certificate this answer came over.
+        Ok((body, r)) => parse_jwt_keys(td, &body, r.as_ref()),
+        Err(e) => Err(e.to_string()),
+    };
+    match keys {
+        Ok(k) => list.jwt_keys = k,
+        Err(e) => list.jwt_error = Some(e),
+    }
     list.region = region;
     Ok(list)
 }
@@ -417,6 +486,29 @@ pub fn clients(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peers_jwt_keys_take_the_verified_region_whatever_its_document_says() {
+        let td = crate::identity::parse_trust_domain("x.test").unwrap();
+        let r = |n: &str| Region::new(n).unwrap();
+        let key = crate::jwt::SigningKey::generate().unwrap();
+        // The peer's document says its key is region b's; its certificate was issued by c's CA.
+        let doc = crate::jwt::spiffe_bundle_json(&[], &[key.public(Some(r("b")))], 1, 300);
+        let keys = parse_jwt_keys(&td, doc.to_string().as_bytes(), Some(&r("c"))).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].kid(), key.kid());
+        assert_eq!(keys[0].region(), Some(&r("c")));
+        // A root CA peer (no region) gives keys of no region: its tokens never match `regions`.
+        let keys = parse_jwt_keys(&td, doc.to_string().as_bytes(), None).unwrap();
+        assert_eq!(keys[0].region(), None);
+        // A peer cannot flood the published bundle with keys.
+        let many: Vec<_> = (0..=MAX_PEER_JWT_KEYS)
+            .map(|_| crate::jwt::SigningKey::generate().unwrap().public(None))
+            .collect();
+        let doc = crate::jwt::spiffe_bundle_json(&[], &many, 1, 300);
+        let e = parse_jwt_keys(&td, doc.to_string().as_bytes(), Some(&r("c"))).unwrap_err();
+        assert!(e.contains("at most"), "{e}");
+    }
 
     #[test]
     fn a_peer_list_keeps_unexpired_entries_and_caps_far_expiries() {

@@ -181,6 +181,12 @@ async fn open_state(
         &authority.trust_domain,
         config.file.as_deref(),
     )?;
+    let jwt = super::jwt::JwtKeys::open(
+        &config.ca_dir,
+        authority.region.clone(),
+        config.jwt_ttl,
+        clock.unix(),
+    )?;
     let data = &config.data_dir;
     std::fs::create_dir_all(data).map_err(io("creating data dir", data))?;
     set_mode(data, 0o700).map_err(io("securing data dir", data))?;
@@ -216,6 +222,7 @@ async fn open_state(
         body_timeout: config.limits.body_timeout,
         agents,
         jwt_ttl: config.jwt_ttl,
+        jwt,
     });
     Ok((state, resolver))
 }

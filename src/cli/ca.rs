@@ -12,6 +12,8 @@ use trustline::clock::Clock;
 use trustline::identity::parse_trust_domain;
 use trustline::util::parse_duration;
 
+// Parsed once at start and matched once: the size of the `serve` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum CaCommand {
     /// Makes a root CA, or a regional intermediate signed by a root.
@@ -38,7 +40,7 @@ pub enum CaCommand {
     /// Rotates the running CA's own keys: activates its next intermediate, publishes a new
     /// root beside the old one, or withdraws an old root (talks to the running server).
     #[command(
-        after_help = "Examples (README, \"Rotating the CA's keys\"):\n  trustline ca rotate --data ca/data --next ca/eu-west-2\n  trustline ca rotate --data ca/data --add-root ca/root-2/bundle.pem --wait 5m\n  trustline ca rotate --data ca/data --retire-root ca/root/bundle.pem\n  trustline ca rotate --data ca/data --status"
+        after_help = "Examples (README, \"Rotating the CA's keys\"):\n  trustline ca rotate --data ca/data --next ca/eu-west-2\n  trustline ca rotate --data ca/data --add-root ca/root-2/bundle.pem --wait 5m\n  trustline ca rotate --data ca/data --retire-root ca/root/bundle.pem\n  trustline ca rotate --data ca/data --jwt-prepare --wait 10m\n  trustline ca rotate --data ca/data --jwt-activate\n  trustline ca rotate --data ca/data --status"
     )]
     Rotate(RotateArgs),
 }
@@ -165,8 +167,17 @@ pub struct RotateArgs {
     add_root: Option<PathBuf>,
     /// With --add-root: how long the root must be published before an intermediate it signed
     /// may be activated (at least the sidecars' and gateways' bundle refresh interval).
-    #[arg(long, default_value = "5m", requires = "add_root")]
+    #[arg(long, default_value = "5m")]
     wait: String,
+    /// Prepares the next JWT-SVID signing key (`DATA/../CA_DIR/jwt-next.key`, made unless
+    /// already there: copy one key to every replica of the region first): published at once,
+    /// signing only after --wait.
+    #[arg(long)]
+    jwt_prepare: bool,
+    /// Makes the prepared JWT key the signing one (refused before its --wait is over); the old
+    /// one stays published until its last token expired.
+    #[arg(long)]
+    jwt_activate: bool,
     /// An old root (its `bundle.pem`) to withdraw from /v1/bundle (refused while the active or
     /// previous intermediate chains to it).
     #[arg(long, value_name = "FILE")]
@@ -205,6 +216,15 @@ async fn ca_rotate(a: RotateArgs) -> anyhow::Result<()> {
             path: absolute(path, "--add-root")?,
             wait_secs: wait.as_secs(),
         }
+    } else if a.jwt_prepare {
+        let wait = parse_duration(&a.wait)
+            .map_err(anyhow::Error::msg)
+            .context("--wait")?;
+        AdminRequest::JwtPrepare {
+            wait_secs: wait.as_secs(),
+        }
+    } else if a.jwt_activate {
+        AdminRequest::JwtActivate
     } else if let Some(path) = &a.retire_root {
         AdminRequest::RetireRoot {
             path: absolute(path, "--retire-root")?,
@@ -237,7 +257,23 @@ async fn ca_rotate(a: RotateArgs) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(j) = resp.jwt {
+        println!("JWT-SVID signing key: {}", j.active_kid);
+        if let (Some(k), Some(at)) = (j.next_kid, j.next_usable_from) {
+            println!(
+                "  next key {k} (published; may sign from {})",
+                rfc3339_of(at)
+            );
+        }
+        for (k, until) in j.retired {
+            println!("  retired key {k} (published until {})", rfc3339_of(until));
+        }
+    }
     Ok(())
+}
+
+fn rfc3339_of(unix: u64) -> String {
+    trustline::clock::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix))
 }
 
 async fn ca_token(a: TokenArgs) -> anyhow::Result<()> {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod agent;
 pub mod ca;
 pub mod demo;
 pub mod gateway;
@@ -34,6 +35,12 @@ pub enum Command {
     /// The certificate authority: init, serve, token, revoke, rotate.
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// The SPIFFE Workload API for the processes of this host: attests each caller by its
+    /// kernel credentials and serves the SVIDs its registration entries grant.
+    #[command(
+        after_help = "Examples:\n  trustline agent --config /etc/trustline/agent.toml\n  trustline agent fetch --socket /run/trustline/agent.sock\n\nSee config/agent.toml for an annotated example."
+    )]
+    Agent(agent::AgentArgs),
     /// Runs a whole mesh on loopback and prints what happens.
     Demo,
     /// The per-workload proxy: inbound and outbound mTLS 1.3 with SPIFFE identities.
@@ -86,6 +93,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Jwt(c) => jwt::run(c),
         Command::WanRelay(a) => wan::run(a).await,
         Command::Ca(c) => ca::run(c).await,
+        Command::Agent(a) => agent::run(a).await,
     }
 }
 

@@ -59,23 +59,61 @@ impl Issuer for CaClient {
     }
 }
 
-/// Obtains and renews the SVID until `shutdown` changes: renewal at `jitter`'s point of 50 %
-/// ±10 % of the remaining lifetime; on failure the current SVID keeps serving while retries back
-/// off from [`BACKOFF_START`] to [`BACKOFF_CAP`] (and at most half the remaining lifetime apart,
-/// [`retry_wait`]), and it is withdrawn at its expiry.
+/// One way of obtaining an SVID for an identity: the first one (`current` is `None`) or the
+/// successor of `current`. The `ca` source is one ([`CaSteps`]); a host agent obtaining its
+/// workloads' SVIDs with its own is another (`crate::agent`).
+pub trait Obtain: Send + Sync + 'static {
+    fn obtain(
+        &self,
+        current: Option<Arc<Svid>>,
+    ) -> impl Future<Output = Result<Svid, Error>> + Send;
+}
+
+/// The `ca` source's steps: a join token for the first SVID, mTLS renewals after.
+struct CaSteps<I> {
+    issuer: I,
+    id: SpiffeId,
+    token_file: PathBuf,
+}
+
+impl<I: Issuer> Obtain for CaSteps<I> {
+    async fn obtain(&self, current: Option<Arc<Svid>>) -> Result<Svid, Error> {
+        match current {
+            None => first_svid(&self.id, &self.issuer, &self.token_file).await,
+            Some(cur) => self.issuer.renew(&cur).await,
+        }
+    }
+}
+
+/// Obtains and renews the SVID until `shutdown` changes (the `ca` source, [`rotation_loop`]).
 pub(super) async fn ca_loop(
     identity: Arc<Identity>,
     issuer: impl Issuer,
     token_file: PathBuf,
     jitter: Jitter,
+    shutdown: watch::Receiver<bool>,
+) {
+    let steps = CaSteps {
+        issuer,
+        id: identity.id().clone(),
+        token_file,
+    };
+    rotation_loop(identity, steps, jitter, shutdown).await
+}
+
+/// Obtains and renews `identity`'s SVID through `source` until `shutdown` changes: renewal at
+/// `jitter`'s point of 50 % ±10 % of the remaining lifetime; on failure the current SVID keeps
+/// serving while retries back off from [`BACKOFF_START`] to [`BACKOFF_CAP`] (and at most half
+/// the remaining lifetime apart, [`retry_wait`]), and it is withdrawn at its expiry.
+pub async fn rotation_loop(
+    identity: Arc<Identity>,
+    source: impl Obtain,
+    jitter: Jitter,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF_START;
     loop {
-        let attempt = match identity.current() {
-            None => first_svid(&identity, &issuer, &token_file).await,
-            Some(cur) => issuer.renew(&cur).await,
-        };
+        let attempt = source.obtain(identity.current()).await;
         let wait = match attempt.and_then(|svid| {
             let not_after = svid.info.not_after;
             let serial = svid.info.serial.clone();
@@ -114,16 +152,12 @@ fn retry_wait(backoff: Duration, until_expiry: Option<Duration>) -> Duration {
     }
 }
 
-async fn first_svid(
-    identity: &Identity,
-    issuer: &impl Issuer,
-    token_file: &Path,
-) -> Result<Svid, Error> {
+async fn first_svid(id: &SpiffeId, issuer: &impl Issuer, token_file: &Path) -> Result<Svid, Error> {
     let token = std::fs::read_to_string(token_file).map_err(|source| Error::TokenFile {
         path: token_file.to_path_buf(),
         source,
     })?;
-    issuer.issue(identity.id(), token.trim()).await
+    issuer.issue(id, token.trim()).await
 }
 
 /// Refreshes the revocation list and the trust bundle from the CA every `every`.
@@ -185,6 +219,7 @@ async fn refresh_bundle(identity: &Identity, issuer: &impl Issuer) -> Result<(),
     identity.bundle_fetches.fetch_add(1, Ordering::Relaxed);
     if fresh.roots != current.roots {
         identity.trust.set_bundle(fresh).map_err(Error::SetBundle)?;
+        identity.bundle_changed();
         tracing::info!("trust bundle updated from the CA");
     }
     Ok(())

@@ -35,6 +35,13 @@ pub enum Error {
     #[error(transparent)]
     SetBundle(rustls::Error),
 
+    /// A host agent holds no SVID of its own (not yet, or it expired), so it cannot ask the CA
+    /// for its workloads'.
+    #[error(
+        "the agent holds no valid SVID of its own ({0}); its workloads' SVIDs cannot be obtained"
+    )]
+    NoAgentSvid(&'static str),
+
     /// The join token file (CA source) cannot be read.
     #[error("join token file {}: {source}", path.display())]
     TokenFile {

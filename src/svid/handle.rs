@@ -29,6 +29,8 @@ pub struct Identity {
     rotations: watch::Sender<u64>,
     /// Bumped when the revocation list changes, so live connections are re-checked at once.
     revocations: watch::Sender<u64>,
+    /// Bumped when the trust bundle in force changes (a refresh from the CA).
+    bundle_updates: watch::Sender<u64>,
     id: SpiffeId,
     pub(super) trust: Arc<Trust>,
     /// The roots from the sidecar's own configuration, kept across bundle refreshes unless
@@ -59,6 +61,7 @@ impl Identity {
             current: ArcSwapOption::empty(),
             rotations: watch::channel(0).0,
             revocations: watch::channel(0).0,
+            bundle_updates: watch::channel(0).0,
             id,
             trust,
             configured_roots,
@@ -71,9 +74,36 @@ impl Identity {
         }))
     }
 
+    /// An identity for `id` with nothing published yet that shares `other`'s trust state
+    /// (bundle, revocation list) and clock: a host agent's workloads, whose SVIDs chain to the
+    /// bundle the agent's own identity task keeps fresh.
+    pub fn sharing(id: SpiffeId, other: &Identity) -> Arc<Self> {
+        Arc::new(Identity {
+            resolver: Arc::new(SvidResolver::default()),
+            revoked: other.revoked.clone(),
+            current: ArcSwapOption::empty(),
+            rotations: watch::channel(0).0,
+            revocations: watch::channel(0).0,
+            bundle_updates: watch::channel(0).0,
+            id,
+            trust: other.trust.clone(),
+            configured_roots: other.configured_roots.clone(),
+            last_published: Default::default(),
+            withdrawn: Default::default(),
+            bundle_fetches: Default::default(),
+            revocation_refreshed: Default::default(),
+            clock: other.clock.clone(),
+        })
+    }
+
     /// The SVID in use, if any.
     pub fn current(&self) -> Option<Arc<Svid>> {
         self.current.load_full()
+    }
+
+    /// The clock this identity's expiry is judged by.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// The bundle in force (refreshed from the CA).
@@ -139,6 +169,16 @@ impl Identity {
     /// A receiver that changes on every rotation (the value counts them).
     pub fn rotations(&self) -> watch::Receiver<u64> {
         self.rotations.subscribe()
+    }
+
+    /// A receiver that changes whenever the trust bundle in force changes.
+    pub fn bundle_updates(&self) -> watch::Receiver<u64> {
+        self.bundle_updates.subscribe()
+    }
+
+    /// Announces a change of the trust bundle in force.
+    pub(super) fn bundle_changed(&self) {
+        self.bundle_updates.send_modify(|n| *n += 1);
     }
 
     /// A receiver that changes whenever the revocation list changes.

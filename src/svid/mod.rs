@@ -35,7 +35,7 @@ mod workload_api;
 #[cfg(test)]
 mod tests;
 
-pub use ca::{fetch_revoked, parse_revoked, Issuer};
+pub use ca::{fetch_revoked, parse_revoked, rotation_loop, Issuer, Obtain};
 pub use error::Error;
 pub use files::load_svid_files;
 pub use handle::{renewal_delay, renewal_delay_with, Identity, Jitter};

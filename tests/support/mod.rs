@@ -12,9 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 
-#[allow(clippy::all, unreachable_pub)]
-#[rustfmt::skip]
-pub mod pb;
+pub use trustline::agent::pb;
 
 use pb::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
 

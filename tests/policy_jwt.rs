@@ -1,10 +1,13 @@
-//! Sidecar policy with `jwt` rules, on real sidecars: real sockets, TLS 1.3 with SVIDs from a
-//! running CA (region `eu`), the JWT bundle fetched from that CA's bundle document. `checkout`
-//! is protected; `gateway` (the mTLS peer the rules name) and `stranger` call it through their
-//! own sidecars' explicit listeners with `Authorization: Bearer <JWT-SVID>` headers. Tokens are
-//! signed here with `trustline::jwt::SigningKey`s whose public keys are in checkout's JWT
-//! bundle. Each case is checked from the caller's side (status), the app's side (did the
-//! header arrive) and in checkout's audit log (the mTLS peer and the token's sub and region).
+//! Sidecar policy with `jwt` rules, on real sidecars: real sockets, TLS 1.3 with SVIDs from
+//! two peered regional CAs (`a` and `b`, [`trustline::lab::Lab`]), JWT-SVIDs from those CAs'
+//! `POST /v1/jwt`, and the JWT bundle each sidecar fetches from its own CA's bundle document
+//! (which carries both regions' keys). `checkout` (region `a`) is protected; `gateway` (the
+//! mTLS peer the rules name) and `stranger` call it through their own sidecars' explicit
+//! listeners with `Authorization: Bearer <JWT-SVID>` headers. Tokens no CA would issue
+//! (expired, a region claim that is not the key's) are signed here with CA a's own key file,
+//! and an unknown key's with a fresh `SigningKey`. Each case is checked from the caller's side
+//! (status), the app's side (did the header arrive) and in checkout's audit log (the mTLS peer
+//! and the token's sub and region).
 
 // Tokens are minted against the wall clock the sidecars run on (`Clock::system()`), so this
 // file reads it too (clippy.toml bans it elsewhere).
@@ -13,24 +16,33 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::PrivatePkcs8KeyDer;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use trustline::identity::SpiffeId;
-use trustline::jwt::{Claims, JwtBundle, SigningKey};
+use trustline::clock::Clock;
+use trustline::identity::{Bundle, SpiffeId};
+use trustline::jwt::{Claims, SigningKey};
+use trustline::lab::{Lab, LabOptions, TD};
 use trustline::proxy::Bound;
 use trustline::region::Region;
+use trustline::svid::ca_client::CaClient;
 
-use common::{eventually, start_ca, Ca, PATIENCE, TD};
+use common::{eventually, PATIENCE};
 
-const DAY: Duration = Duration::from_secs(86400);
 const FIVE_MIN: Duration = Duration::from_secs(300);
 
 fn sid(path: &str) -> SpiffeId {
     SpiffeId::new(format!("spiffe://{TD}/{path}")).expect("SPIFFE ID")
+}
+
+/// `spiffe://TD/ns/shop/sa/NAME`, the IDs of the lab's sidecars.
+fn shop(name: &str) -> SpiffeId {
+    sid(&format!("ns/shop/sa/{name}"))
 }
 
 fn portal() -> SpiffeId {
@@ -75,24 +87,104 @@ async fn http_app() -> SocketAddr {
     addr
 }
 
-/// The CA, the protected `checkout` and its callers.
+/// The policy of the tests: the gateway's requests need a token of a web workload from region
+/// `a`, for audience `checkout`; `/open` needs none; `/refunds/*` refuses region `b` tokens
+/// even though a later allow would take them.
+fn policy(app_port: u16, extra: &str) -> String {
+    format!(
+        r#"
+[service.checkout]
+http_ports = [{app_port}]
+{extra}
+
+[[service.checkout.rule]]
+name = "no-b-refunds"
+action = "deny"
+paths = ["/refunds/*"]
+jwt = {{ audiences = ["checkout"], regions = ["b"] }}
+
+[[service.checkout.rule]]
+name = "web-via-gateway"
+action = "allow"
+from = ["{gateway}"]
+jwt = {{ audiences = ["checkout", "checkout-v2"], regions = ["a"], from = ["spiffe://{TD}/ns/web/*"] }}
+
+[[service.checkout.rule]]
+name = "refunds-any-region"
+action = "allow"
+from = ["{gateway}"]
+paths = ["/refunds/*"]
+jwt = {{ audiences = ["checkout"], from = ["spiffe://{TD}/ns/web/*"] }}
+
+[[service.checkout.rule]]
+name = "open"
+action = "allow"
+paths = ["/open"]
+"#,
+        gateway = shop("gateway"),
+    )
+}
+
+/// Two peered regional CAs, an app, `checkout` (region a) protected by [`policy`] (with
+/// `extra` service keys), and its callers.
 struct World {
-    ca: Ca,
-    app: SocketAddr,
+    lab: Lab,
+    _dir: tempfile::TempDir,
     checkout: Bound,
     gateway: Bound,
     stranger: Bound,
+    bundle: Bundle,
+}
+
+async fn world(extra: &str) -> World {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = LabOptions {
+        refresh_interval: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let lab = Lab::new(dir.path(), options).await.expect("lab");
+    let app = http_app().await;
+    let policy_file = dir.path().join("checkout-policy.toml");
+    std::fs::write(&policy_file, policy(app.port(), extra)).expect("policy file");
+    let inbound = format!(
+        "[inbound]\nlisten = \"127.0.0.1:0\"\napp_address = \"{app}\"\npolicy = {policy_file:?}\nservice = \"checkout\"\n"
+    );
+    let checkout = lab
+        .sidecar("a", "checkout", &inbound)
+        .await
+        .expect("checkout");
+    let c = &checkout;
+    eventually("checkout holds both regions' JWT keys", || {
+        c.identity
+            .jwt_bundles()
+            .get(c.identity.id().trust_domain())
+            .is_some_and(|b| b.len() >= 2)
+    })
+    .await;
+    let to = common::listener(
+        "checkout",
+        checkout.inbound.expect("inbound"),
+        &[shop("checkout")],
+    );
+    let gateway = lab.sidecar("a", "gateway", &to).await.expect("gateway");
+    let stranger = lab.sidecar("a", "stranger", &to).await.expect("stranger");
+    let pem = std::fs::read(lab.bundle()).expect("bundle");
+    let bundle = Bundle::from_pem(lab.td.clone(), &pem, "bundle").expect("bundle");
+    World {
+        lab,
+        _dir: dir,
+        checkout,
+        gateway,
+        stranger,
+        bundle,
+    }
 }
 
 impl World {
-    fn path(&self, name: &str) -> PathBuf {
-        self.ca.pki.dir.path().join(name)
-    }
-
     /// Every line of checkout's audit log, parsed, once written out.
     fn audit(&self) -> Vec<Value> {
         self.checkout.audit.flush();
-        std::fs::read_to_string(self.path("checkout-audit.log"))
+        std::fs::read_to_string(self.lab.dir.join("checkout-audit.log"))
             .unwrap_or_default()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}")))
@@ -106,156 +198,47 @@ impl World {
             .filter(|l| l["path"] == path)
             .collect()
     }
-}
 
-/// Writes and loads the config of workload `name`'s sidecar (region `eu`, its CA's), with
-/// `sections` after the common ones, and starts it; returns once it holds an SVID.
-async fn sidecar(ca: &Ca, name: &str, refresh: &str, sections: &str) -> Bound {
-    let dir = ca.pki.dir.path();
-    let id = common::id(name);
-    let token_file = dir.join(format!("{name}.token"));
-    std::fs::write(&token_file, ca.token(&id).await).expect("token file");
-    let toml = format!(
-        r#"trust_domain = "{TD}"
-spiffe_id = "{id}"
-region = "eu"
-bundle = {bundle:?}
-drain_timeout = "1s"
-handshake_timeout = "5s"
-audit_log = {audit:?}
+    fn client(&self, region: &str) -> CaClient {
+        let url = format!("https://{}", self.lab.region(region).ca.api);
+        CaClient::new(&url, self.bundle.clone(), Clock::system()).expect("CA client")
+    }
 
-[identity]
-source = "ca"
-ca_url = "{url}"
-token_file = {token_file:?}
-refresh_interval = "{refresh}"
+    /// A JWT-SVID of `sub` for `aud` from `region`'s CA (`POST /v1/jwt` with `sub`'s SVID).
+    async fn issued(&self, region: &str, sub: &SpiffeId, aud: &[&str]) -> String {
+        let client = self.client(region);
+        let join = self
+            .lab
+            .token(region, &sub.to_string())
+            .await
+            .expect("join token");
+        let svid = client.issue_with_token(sub, &join).await.expect("SVID");
+        let aud: Vec<String> = aud.iter().map(|a| a.to_string()).collect();
+        client
+            .fetch_jwt(&svid, sub, &aud)
+            .await
+            .expect("JWT-SVID")
+            .0
+    }
 
-[admin]
-listen = "127.0.0.1:0"
-
-{sections}"#,
-        bundle = ca.pki.root.join("bundle.pem"),
-        audit = dir.join(format!("{name}-audit.log")),
-        url = ca.url(),
-    );
-    let file = dir.join(format!("{name}.toml"));
-    std::fs::write(&file, toml).expect("sidecar config");
-    let config = trustline::proxy::config::SidecarConfig::load(&file)
-        .unwrap_or_else(|e| panic!("{name} config: {e}"));
-    common::start_ready(config).await
-}
-
-/// A caller with an explicit listener to checkout.
-async fn caller(ca: &Ca, name: &str, checkout: &Bound) -> Bound {
-    let to = common::listener(
-        "checkout",
-        checkout.inbound.expect("inbound"),
-        &[common::id("checkout")],
-    );
-    sidecar(ca, name, "1s", &to).await
-}
-
-/// The policy of the tests: the gateway's requests need a token of a web workload from region
-/// `eu`, for audience `checkout`; `/open` needs none; `/refunds/*` refuses `us` tokens.
-fn policy(app_port: u16, extra: &str) -> String {
-    format!(
-        r#"
-[service.checkout]
-http_ports = [{app_port}]
-{extra}
-
-[[service.checkout.rule]]
-name = "no-us-refunds"
-action = "deny"
-paths = ["/refunds/*"]
-jwt = {{ audiences = ["checkout"], regions = ["us"] }}
-
-[[service.checkout.rule]]
-name = "web-via-gateway"
-action = "allow"
-from = ["{gateway}"]
-jwt = {{ audiences = ["checkout", "checkout-v2"], regions = ["eu"], from = ["spiffe://{TD}/ns/web/*"] }}
-
-[[service.checkout.rule]]
-name = "us-refunds-would-be-allowed"
-action = "allow"
-from = ["{gateway}"]
-paths = ["/refunds/*"]
-jwt = {{ audiences = ["checkout"], from = ["spiffe://{TD}/ns/web/*"] }}
-
-[[service.checkout.rule]]
-name = "open"
-action = "allow"
-paths = ["/open"]
-"#,
-        gateway = common::id("gateway"),
-    )
-}
-
-/// The CA, an app, checkout protected by [`policy`] (with `extra` service keys), and callers.
-/// checkout's bundle refresh is hourly, so the JWT keys the test sets after the first fetch
-/// stay (until the CA publishes keys of its own, this is how the test's keys get there).
-async fn world(extra: &str) -> World {
-    let ca = start_ca(DAY).await;
-    let app = http_app().await;
-    let policy_file = ca.pki.dir.path().join("checkout-policy.toml");
-    std::fs::write(&policy_file, policy(app.port(), extra)).expect("policy file");
-    let inbound = format!(
-        "[inbound]\nlisten = \"127.0.0.1:0\"\napp_address = \"{app}\"\npolicy = {policy_file:?}\nservice = \"checkout\"\n"
-    );
-    let checkout = sidecar(&ca, "checkout", "1h", &inbound).await;
-    let c = &checkout;
-    eventually("checkout fetched its CA's JWT bundle", || {
-        c.identity.jwt_bundle_fetches() >= 1
-    })
-    .await;
-    let gateway = caller(&ca, "gateway", &checkout).await;
-    let stranger = caller(&ca, "stranger", &checkout).await;
-    World {
-        ca,
-        app,
-        checkout,
-        gateway,
-        stranger,
+    /// The key CA a signs its JWT-SVIDs with (`CA_DIR/jwt.key`).
+    fn ca_a_key(&self) -> SigningKey {
+        let path = self.lab.dir.join("ca-a").join("jwt.key");
+        let pem = std::fs::read(&path).expect("jwt.key");
+        let der = PrivatePkcs8KeyDer::from_pem_slice(&pem).expect("PKCS#8 PEM");
+        SigningKey::from_pkcs8(der.secret_pkcs8_der()).expect("signing key")
     }
 }
 
-/// The test's regional JWT keys: `eu` and `us` ones in checkout's bundle, and one that is not.
-struct Keys {
-    eu: SigningKey,
-    us: SigningKey,
-    rogue: SigningKey,
-}
-
-impl Keys {
-    /// Fresh keys, the `eu` and `us` ones put into `sidecar`'s JWT bundle for our trust domain.
-    fn trusted_by(sidecar: &Bound) -> Keys {
-        let k = Keys {
-            eu: SigningKey::generate().expect("key"),
-            us: SigningKey::generate().expect("key"),
-            rogue: SigningKey::generate().expect("key"),
-        };
-        let td = sidecar.identity.id().trust_domain().clone();
-        let mut b = JwtBundle::new(td);
-        b.insert(k.eu.public(Some(region("eu")))).expect("eu key");
-        b.insert(k.us.public(Some(region("us")))).expect("us key");
-        sidecar.identity.set_jwt_bundle(b);
-        k
-    }
-}
-
-fn region(r: &str) -> Region {
-    Region::new(r).expect("region")
-}
-
-/// A token of `sub` for `aud`, region `reg`, signed by `key`, issued `ago` before now for `ttl`.
-fn token(key: &SigningKey, sub: &SpiffeId, aud: &[&str], reg: &str, ago: Duration) -> String {
+/// A token of `sub` for `aud` with the `region` claim `reg`, signed by `key`, issued `ago`
+/// before now for five minutes.
+fn signed(key: &SigningKey, sub: &SpiffeId, aud: &[&str], reg: &str, ago: Duration) -> String {
     let claims = Claims::new(
         sub.clone(),
         aud.iter().map(|a| a.to_string()).collect(),
         SystemTime::now() - ago,
         FIVE_MIN,
-        Some(region(reg)),
+        Some(Region::new(reg).expect("region")),
     );
     key.sign(&claims).expect("signed")
 }
@@ -335,8 +318,7 @@ fn one(w: &World, path: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_valid_token_of_an_allowed_sub_and_region_is_allowed_and_audited_with_the_peer() {
     let w = world("").await;
-    let k = Keys::trusted_by(&w.checkout);
-    let t = token(&k.eu, &portal(), &["checkout"], "eu", Duration::ZERO);
+    let t = w.issued("a", &portal(), &["checkout"]).await;
     let r = get(&w.gateway, "/ok", &[bearer(&t)]).await;
     assert_eq!(r.status, 200, "{}", r.body);
     // The sidecar consumed the token: the app never sees it.
@@ -344,19 +326,13 @@ async fn a_valid_token_of_an_allowed_sub_and_region_is_allowed_and_audited_with_
     let line = one(&w, "/ok");
     assert_eq!(line["outcome"], "allow");
     assert_eq!(line["rule"], "web-via-gateway");
-    assert_eq!(line["source_id"], common::id("gateway").to_string());
-    assert_eq!(line["source_region"], "eu");
+    assert_eq!(line["source_id"], shop("gateway").to_string());
+    assert_eq!(line["source_region"], "a");
     assert_eq!(line["jwt_sub"], portal().to_string());
-    assert_eq!(line["jwt_region"], "eu");
+    assert_eq!(line["jwt_region"], "a");
     assert!(line.get("jwt_error").is_none(), "{line}");
     // Another audience of the rule, listed second in the token.
-    let t2 = token(
-        &k.eu,
-        &portal(),
-        &["other", "checkout-v2"],
-        "eu",
-        Duration::ZERO,
-    );
+    let t2 = w.issued("a", &portal(), &["other", "checkout-v2"]).await;
     assert_eq!(get(&w.gateway, "/ok2", &[bearer(&t2)]).await.status, 200);
     // The scheme is case-insensitive.
     let lower = format!("authorization: bearer {t}");
@@ -368,83 +344,74 @@ async fn a_valid_token_of_an_allowed_sub_and_region_is_allowed_and_audited_with_
         (r.status, r.body.as_str()),
         (200, "got \"GET /open HTTP/1.1\" auth=Basic dTpw\n")
     );
-    let _ = w.app;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_bad_token_is_denied_and_the_audit_line_says_why() {
     let w = world("").await;
-    let k = Keys::trusted_by(&w.checkout);
-    let now = Duration::ZERO;
-    let web = portal();
+    let (key, web) = (w.ca_a_key(), portal());
+    let rogue = SigningKey::generate().expect("key");
+    let good = w.issued("a", &web, &["checkout"]).await;
+    let late = FIVE_MIN + Duration::from_secs(5);
     let cases: Vec<(&str, Vec<String>, &str, &str)> = vec![
         (
             "/wrong-audience",
-            vec![bearer(&token(&k.eu, &web, &["billing"], "eu", now))],
+            vec![bearer(&w.issued("a", &web, &["billing"]).await)],
             "jwt_error",
             "aud [\"billing\"] has none of [\"checkout\", \"checkout-v2\"]",
         ),
         (
             "/expired",
-            vec![bearer(&token(
-                &k.eu,
-                &web,
-                &["checkout"],
-                "eu",
-                FIVE_MIN + Duration::from_secs(5),
-            ))],
+            vec![bearer(&signed(&key, &web, &["checkout"], "a", late))],
             "jwt_error",
             "expired at ",
         ),
         (
             "/wrong-region",
-            vec![bearer(&token(&k.us, &web, &["checkout"], "us", now))],
+            vec![bearer(&w.issued("b", &web, &["checkout"]).await)],
             "jwt_region",
-            "us",
+            "b",
         ),
         (
             "/region-claim-not-the-keys",
-            vec![bearer(&token(&k.us, &web, &["checkout"], "eu", now))],
+            vec![bearer(&signed(
+                &key,
+                &web,
+                &["checkout"],
+                "b",
+                Duration::ZERO,
+            ))],
             "jwt_error",
-            "region \"eu\", but key",
+            "region \"b\", but key",
         ),
         (
             "/sub-not-in-from",
-            vec![bearer(&token(
-                &k.eu,
-                &common::id("batch"),
-                &["checkout"],
-                "eu",
-                now,
-            ))],
+            vec![bearer(&w.issued("a", &shop("batch"), &["checkout"]).await)],
             "jwt_sub",
-            "spiffe://mesh.test/ns/shop/sa/batch",
+            "/ns/shop/sa/batch",
         ),
         ("/missing", vec![], "jwt_error", "no Authorization header"),
         (
             "/unknown-key",
-            vec![bearer(&token(&k.rogue, &web, &["checkout"], "eu", now))],
+            vec![bearer(&signed(
+                &rogue,
+                &web,
+                &["checkout"],
+                "a",
+                Duration::ZERO,
+            ))],
             "jwt_error",
             "is not in the JWT bundle of",
         ),
         (
             "/tampered",
-            vec![bearer(&tamper(&token(
-                &k.eu,
-                &web,
-                &["checkout"],
-                "eu",
-                now,
-            )))],
+            vec![bearer(&tamper(&good))],
             "jwt_error",
-            "JWT signature: does not verify",
+            "JWT signature",
         ),
         (
             "/two-headers",
-            vec![
-                bearer(&token(&k.eu, &web, &["checkout"], "eu", now)),
-                bearer(&token(&k.eu, &web, &["checkout"], "eu", now)),
-            ],
+            vec![bearer(&good), bearer(&good)],
             "jwt_error",
             "more than one Authorization header",
         ),
@@ -462,25 +429,49 @@ async fn each_bad_token_is_denied_and_the_audit_line_says_why() {
         let line = one(&w, path);
         assert_eq!(line["outcome"], "deny", "{path}: {line}");
         assert_eq!(line["rule"], "default", "{path}: {line}");
-        assert_eq!(
-            line["source_id"],
-            common::id("gateway").to_string(),
-            "{path}"
-        );
+        assert_eq!(line["source_id"], shop("gateway").to_string(), "{path}");
         let got = line[field]
             .as_str()
             .unwrap_or_else(|| panic!("{path}: no {field}: {line}"));
         assert!(got.contains(want), "{path}: {field} {got:?} lacks {want:?}");
     }
+    // The same good token passes (the cases failed for their own reason).
+    assert_eq!(get(&w.gateway, "/good", &[bearer(&good)]).await.status, 200);
     // A valid token through the wrong mTLS peer: the rule's own `from` still applies.
-    let t = token(&k.eu, &web, &["checkout"], "eu", now);
     assert_eq!(
-        get(&w.stranger, "/wrong-peer", &[bearer(&t)]).await.status,
+        get(&w.stranger, "/wrong-peer", &[bearer(&good)])
+            .await
+            .status,
         403
     );
     let line = one(&w, "/wrong-peer");
-    assert_eq!(line["source_id"], common::id("stranger").to_string());
+    assert_eq!(line["source_id"], shop("stranger").to_string());
     assert_eq!(line["jwt_sub"], web.to_string());
+    // An error quoting a long claim is cut short in the audit line.
+    let b64 = |v: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
+    };
+    let sub = format!("spiffe://{TD}/{}%", "a".repeat(5000));
+    let long = format!(
+        "{}.{}.{}",
+        b64(r#"{"alg":"ES256","kid":"k","typ":"JWT"}"#),
+        b64(
+            &serde_json::json!({"sub": sub, "aud": "checkout", "exp": 4_000_000_000u64})
+                .to_string()
+        ),
+        "A".repeat(86)
+    );
+    assert_eq!(get(&w.gateway, "/long", &[bearer(&long)]).await.status, 403);
+    let e = one(&w, "/long")["jwt_error"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        e.len() <= 303 && e.ends_with("..."),
+        "jwt_error of {} bytes: {e}",
+        e.len()
+    );
 }
 
 /// `t` with one character of its signature changed.
@@ -494,76 +485,67 @@ fn tamper(t: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deny_with_jwt_matches_only_a_valid_token_of_its_region() {
     let w = world("").await;
-    let k = Keys::trusted_by(&w.checkout);
-    let web = portal();
-    let us = token(&k.us, &web, &["checkout"], "us", Duration::ZERO);
-    let r = get(&w.gateway, "/refunds/1", &[bearer(&us)]).await;
+    let from_b = w.issued("b", &portal(), &["checkout"]).await;
+    let r = get(&w.gateway, "/refunds/1", &[bearer(&from_b)]).await;
     assert_eq!(r.status, 403);
     let line = one(&w, "/refunds/1");
+    assert_eq!(line["rule"], "no-b-refunds");
+    assert_eq!(line["jwt_region"], "b");
+    // A region b token elsewhere is taken by the allow without regions ...
+    let from_a = w.issued("a", &portal(), &["checkout"]).await;
     assert_eq!(
-        (&line["rule"], &line["jwt_region"]),
-        (&"no-us-refunds".into(), &"us".into())
-    );
-    // The deny's region does not match an eu token: the allow rule without regions decides.
-    let eu = token(&k.eu, &web, &["checkout"], "eu", Duration::ZERO);
-    assert_eq!(
-        get(&w.gateway, "/refunds/2", &[bearer(&eu)]).await.status,
+        get(&w.gateway, "/refunds/2", &[bearer(&from_a)])
+            .await
+            .status,
         200
     );
     assert_eq!(one(&w, "/refunds/2")["rule"], "web-via-gateway");
+    // ... and an invalid one does not make the deny match: the allow rules still need a token.
+    let expired = signed(&w.ca_a_key(), &portal(), &["checkout"], "b", FIVE_MIN * 2);
+    assert_eq!(
+        get(&w.gateway, "/refunds/3", &[bearer(&expired)])
+            .await
+            .status,
+        403
+    );
+    assert_eq!(one(&w, "/refunds/3")["rule"], "default");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_token_on_one_connection_is_decided_and_a_new_subject_audited() {
     let w = world("").await;
-    let k = Keys::trusted_by(&w.checkout);
     let tcp = TcpStream::connect(w.gateway.listeners[0])
         .await
         .expect("listener");
     let mut s = BufReader::new(tcp);
-    let a = token(&k.eu, &portal(), &["checkout"], "eu", Duration::ZERO);
-    let b = token(
-        &k.eu,
-        &sid("ns/web/sa/shop"),
-        &["checkout"],
-        "eu",
-        Duration::ZERO,
-    );
-    let bad = token(
-        &k.eu,
-        &common::id("batch"),
-        &["checkout"],
-        "eu",
-        Duration::ZERO,
-    );
+    let shop_web = sid("ns/web/sa/shop");
+    let a = w.issued("a", &portal(), &["checkout"]).await;
+    let b = w.issued("a", &shop_web, &["checkout"]).await;
+    let bad = w.issued("a", &shop("batch"), &["checkout"]).await;
     assert_eq!(get_on(&mut s, "/keep", &[bearer(&a)]).await.status, 200);
     assert_eq!(get_on(&mut s, "/keep", &[bearer(&a)]).await.status, 200);
     assert_eq!(get_on(&mut s, "/keep", &[bearer(&bad)]).await.status, 403);
     assert_eq!(get_on(&mut s, "/keep", &[bearer(&b)]).await.status, 200);
     assert_eq!(get_on(&mut s, "/keep", &[]).await.status, 403);
     let lines = w.audit_of("/keep");
-    let seen: Vec<(&str, &str)> = lines
+    let seen: Vec<(String, String)> = lines
         .iter()
         .map(|l| {
+            let who = l["jwt_sub"].as_str().or(l["jwt_error"].as_str());
             (
-                l["outcome"].as_str().unwrap_or(""),
-                l["jwt_sub"]
-                    .as_str()
-                    .or(l["jwt_error"].as_str())
-                    .unwrap_or(""),
+                l["outcome"].as_str().unwrap_or("").to_string(),
+                who.unwrap_or("").to_string(),
             )
         })
         .collect();
-    let batch = common::id("batch").to_string();
-    let shop = sid("ns/web/sa/shop").to_string();
-    let portal = portal().to_string();
+    let pair = |o: &str, w: String| (o.to_string(), w);
     assert_eq!(
         seen,
         [
-            ("allow", portal.as_str()),
-            ("deny", batch.as_str()),
-            ("allow", shop.as_str()),
-            ("deny", "no Authorization header"),
+            pair("allow", portal().to_string()),
+            pair("deny", shop("batch").to_string()),
+            pair("allow", shop_web.to_string()),
+            pair("deny", "no Authorization header".into()),
         ],
         "the repeated token is not audited twice; a new subject is"
     );
@@ -572,8 +554,7 @@ async fn every_token_on_one_connection_is_decided_and_a_new_subject_audited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_forward_keeps_the_header_for_the_app() {
     let w = world("jwt_forward = true").await;
-    let k = Keys::trusted_by(&w.checkout);
-    let t = token(&k.eu, &portal(), &["checkout"], "eu", Duration::ZERO);
+    let t = w.issued("a", &portal(), &["checkout"]).await;
     let r = get(&w.gateway, "/fwd", &[bearer(&t)]).await;
     assert_eq!(r.status, 200);
     assert_eq!(
@@ -583,34 +564,29 @@ async fn jwt_forward_keeps_the_header_for_the_app() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_jwt_bundle_comes_from_the_ca_and_a_cut_off_sidecar_keeps_it() {
-    let ca = start_ca(DAY).await;
-    let app = http_app().await;
-    let policy_file = ca.pki.dir.path().join("checkout-policy.toml");
-    std::fs::write(&policy_file, policy(app.port(), "")).expect("policy file");
-    let inbound = format!(
-        "[inbound]\nlisten = \"127.0.0.1:0\"\napp_address = \"{app}\"\npolicy = {policy_file:?}\nservice = \"checkout\"\n"
+async fn a_sidecar_cut_off_from_its_ca_keeps_validating_with_the_keys_it_has() {
+    let w = world("").await;
+    let from_a = w.issued("a", &portal(), &["checkout"]).await;
+    let from_b = w.issued("b", &portal(), &["checkout"]).await;
+    // checkout's own CA goes away; its fetches fail and the keys it has stay.
+    assert_eq!(w.lab.region("a").ca.drain(Duration::from_secs(2)).await, 0);
+    let id = &w.checkout.identity;
+    let failed = id.jwt_bundle_failures();
+    eventually("two more JWT bundle fetches failed", || {
+        id.jwt_bundle_failures() >= failed + 2
+    })
+    .await;
+    assert_eq!(
+        get(&w.gateway, "/cut-off", &[bearer(&from_a)]).await.status,
+        200
     );
-    let checkout = sidecar(&ca, "checkout", "200ms", &inbound).await;
-    let c = &checkout;
-    eventually("checkout fetched its CA's JWT bundle", || {
-        c.identity.jwt_bundle_fetches() >= 1
-    })
-    .await;
-    // The CA's document parsed and was published for our trust domain.
-    let bundles = c.identity.jwt_bundles();
-    assert!(bundles.get(c.identity.id().trust_domain()).is_some());
-    let gateway = caller(&ca, "gateway", &checkout).await;
-    // The CA goes away; the keys in hand survive the failed fetches and keep validating.
-    assert_eq!(ca.bound.drain(Duration::from_secs(2)).await, 0);
-    let k = Keys::trusted_by(&checkout);
-    let failed = c.identity.jwt_bundle_failures();
-    eventually("two more fetches failed", || {
-        c.identity.jwt_bundle_failures() >= failed + 2
-    })
-    .await;
-    let t = token(&k.eu, &portal(), &["checkout"], "eu", Duration::ZERO);
-    assert_eq!(get(&gateway, "/cut-off", &[bearer(&t)]).await.status, 200);
+    let r = get(&w.gateway, "/refunds/9", &[bearer(&from_b)]).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        one(&w, "/refunds/9")["rule"],
+        "no-b-refunds",
+        "b's key is still known"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -93,6 +93,7 @@ impl Identity {
             bundle_fetches: Default::default(),
             revocation_refreshed: Default::default(),
             clock: other.clock.clone(),
+            jwt: Default::default(),
         })
     }
 

@@ -25,7 +25,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use crate::audit::decision::{DecisionEvent, JwtAudit};
+use crate::audit::decision::DecisionEvent;
 use crate::audit::AuditLog;
 use crate::clock::{rfc3339, Clock};
 use crate::policy::anomaly::TravelDetector;
@@ -274,7 +274,7 @@ impl Authz {
         let record = |o, rule: &str, mode| {
             let mut ev = self.event("decision", c, http);
             (ev.outcome, ev.rule, ev.mode) = (o, rule.to_string(), mode);
-            ev.jwt = jwt.map(jwt_audit);
+            ev.jwt = jwt.map(super::jwt::audit);
             self.audit.record(&ev);
         };
         if d.outcome == Outcome::Deny || audit_allow || d.audit {
@@ -308,7 +308,7 @@ impl Authz {
         let Some(identity) = self.jwt_identity.get() else {
             return JwtFacts::Refused("this sidecar has no JWT bundles".into());
         };
-        validate_for(
+        super::jwt::validate_for(
             token,
             &identity.jwt_bundles(),
             &svc.jwt_audiences,
@@ -600,72 +600,6 @@ impl Authz {
                 seen = now;
                 let _ = self.reload();
             }
-        }
-    }
-}
-
-/// The audit fields of a request's token.
-fn jwt_audit(j: &JwtFacts) -> JwtAudit {
-    match j {
-        JwtFacts::Verified(v) => JwtAudit {
-            jwt_sub: Some(v.sub.clone()),
-            jwt_region: v.region.as_ref().map(Region::to_string),
-            jwt_error: None,
-        },
-        JwtFacts::Refused(why) => JwtAudit {
-            jwt_error: Some(why.clone()),
-            ..Default::default()
-        },
-    }
-}
-
-/// Longest `jwt_error` in an audit line (a claim the validator quotes can be long).
-const MAX_JWT_ERROR: usize = 300;
-
-/// Validates `token` for one of `audiences` (the service's, in file order): with the first,
-/// and when only the audience failed, once more with one the token names (the audience is
-/// checked after the signature, so its `aud` is then the signed one). Two validations at most.
-fn validate_for(
-    token: &str,
-    bundles: &crate::jwt::JwtBundles,
-    audiences: &[String],
-    now: SystemTime,
-) -> JwtFacts {
-    use crate::jwt::{validate, JwtError};
-    let Some(first) = audiences.first() else {
-        return JwtFacts::Refused("no rule of the service reads tokens".into());
-    };
-    let valid = match validate(token, bundles, first, now) {
-        Err(JwtError::Audience { got, .. }) => match audiences.iter().find(|a| got.contains(a)) {
-            Some(a) => validate(token, bundles, a, now),
-            None => return JwtFacts::Refused(format!("aud {got:?} has none of {audiences:?}")),
-        },
-        other => other,
-    };
-    match valid {
-        Ok(v) => JwtFacts::Verified(crate::policy::VerifiedJwt {
-            sub: v.sub.to_string(),
-            region: v.region,
-            aud: v.aud,
-        }),
-        Err(JwtError::Expired { exp, .. }) => {
-            let at = std::time::UNIX_EPOCH.checked_add(Duration::from_secs(exp));
-            JwtFacts::Refused(format!(
-                "expired at {}",
-                at.map_or_else(|| exp.to_string(), rfc3339)
-            ))
-        }
-        Err(e) => {
-            let mut why = e.to_string();
-            if why.len() > MAX_JWT_ERROR {
-                let mut cut = MAX_JWT_ERROR;
-                while !why.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                why.truncate(cut);
-                why.push_str("...");
-            }
-            JwtFacts::Refused(why)
         }
     }
 }

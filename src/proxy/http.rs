@@ -40,7 +40,7 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, AUTHORIZATION, HOST};
+use hyper::header::HOST;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -237,9 +237,9 @@ impl Conn {
         };
         let jwt = match svc {
             Some(s) if s.reads_jwt() => {
-                let facts = self.authz.check_jwt(s, bearer(req.headers()));
+                let facts = self.authz.check_jwt(s, super::jwt::bearer(req.headers()));
                 if !s.jwt_forward {
-                    strip_bearer(req.headers_mut());
+                    super::jwt::strip_bearer(req.headers_mut());
                 }
                 Some(facts)
             }
@@ -286,41 +286,6 @@ impl Conn {
         };
         self.pool.lock().unwrap_or_else(|e| e.into_inner()).push(up);
         Ok(resp.map(|b| b.boxed()))
-    }
-}
-
-/// The request's bearer token: exactly one `Authorization` header, scheme `Bearer` (any case),
-/// or why there is none.
-fn bearer(headers: &HeaderMap) -> Result<&str, &'static str> {
-    let mut all = headers.get_all(AUTHORIZATION).iter();
-    let value = match (all.next(), all.next()) {
-        (None, _) => return Err("no Authorization header"),
-        (Some(_), Some(_)) => return Err("more than one Authorization header"),
-        (Some(v), None) => v,
-    };
-    let value = value
-        .to_str()
-        .map_err(|_| "the Authorization header is not visible ASCII")?;
-    match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
-            match token.trim_matches(' ') {
-                "" => Err("an empty Bearer token"),
-                t => Ok(t),
-            }
-        }
-        _ => Err("the Authorization header is not a Bearer token"),
-    }
-}
-
-/// Removes the `Authorization` header when it holds a Bearer token (every value of it then).
-fn strip_bearer(headers: &mut HeaderMap) {
-    let is_bearer = |v: &hyper::header::HeaderValue| {
-        v.as_bytes()
-            .get(..7)
-            .is_some_and(|s| s.eq_ignore_ascii_case(b"bearer "))
-    };
-    if headers.get_all(AUTHORIZATION).iter().any(is_bearer) {
-        headers.remove(AUTHORIZATION);
     }
 }
 

@@ -214,8 +214,17 @@ fn the_audience_must_be_named_as_a_string_or_in_an_array() {
         let e = f.refused(&craft(&f.key, &h, &payload(json!({ "aud": aud }))));
         assert!(e.contains(want), "{aud}: {e}");
     }
-    // Nor does the signer make a token without an audience.
+    // Nor does the signer make a token without an audience, or one expired when issued.
     assert!(f.key.sign(&claims(&[], None)).is_err());
+    assert!(f.key.sign(&claims(&[""], None)).is_err());
+    let mut dead = claims(&["orders"], None);
+    dead.exp = dead.iat;
+    assert!(f
+        .key
+        .sign(&dead)
+        .unwrap_err()
+        .to_string()
+        .contains("not after iat"));
 }
 
 #[test]
@@ -623,6 +632,13 @@ fn the_bundle_document_round_trips_with_ca_roots_and_jwt_keys() {
     assert_eq!(old, spiffe_bundle_json(&roots, &[], 7, 300));
 }
 
+/// The JWK of a fresh key, under `kid`.
+fn second_jwk(kid: &str) -> Value {
+    let mut k = SigningKey::generate().unwrap().public(None).to_jwk();
+    k["kid"] = json!(kid);
+    k
+}
+
 #[test]
 fn bad_bundle_documents_are_refused_with_the_key_named() {
     let pki = common::Pki::new("example.org");
@@ -661,12 +677,28 @@ fn bad_bundle_documents_are_refused_with_the_key_named() {
         "unknown uses are skipped"
     );
     let mut conflict = doc.clone();
-    let mut second = SigningKey::generate().unwrap().public(None).to_jwk();
-    second["kid"] = json!(key.kid());
-    conflict["keys"].as_array_mut().unwrap().push(second);
-    assert!(parse(&conflict)
+    conflict["keys"]
+        .as_array_mut()
+        .unwrap()
+        .push(second_jwk(key.kid()));
+    assert!(parse(&conflict).unwrap_err().contains("bundle key 2: kid"));
+    let mut twice = doc.clone();
+    let mut again = doc["keys"][1].clone();
+    again["region"] = json!("us-east");
+    twice["keys"].as_array_mut().unwrap().push(again);
+    assert!(parse(&twice).unwrap_err().contains("appears twice"));
+    // JwtBundle::insert: the same key again is fine, another key under its kid is not.
+    let mut b = JwtBundle::new(td());
+    b.insert(key.public(None)).unwrap();
+    b.insert(key.public(Some(region("eu-west")))).unwrap();
+    assert_eq!(b.len(), 1);
+    assert_eq!(b.get(key.kid()).unwrap().region(), Some(&region("eu-west")));
+    let other = PublicKey::from_jwk(&second_jwk(key.kid())).unwrap();
+    assert!(b
+        .insert(other)
         .unwrap_err()
-        .contains("bundle key 2: JWT bundle of \"example.org\": two different keys"));
+        .to_string()
+        .contains("two different keys"));
     let mut bad_b64 = doc.clone();
     bad_b64["keys"][0]["x5c"] = json!(["not base64!"]);
     assert!(parse(&bad_b64)
@@ -916,4 +948,17 @@ print(json.dumps({"sub": str(svid.spiffe_id), "doc_keys": sorted(doc.jwt_authori
     // The document's keys: the roots' (by thumbprint) and both JWT keys.
     let doc_keys = v["doc_keys"].as_array().unwrap();
     assert_eq!(doc_keys.len(), doc["keys"].as_array().unwrap().len(), "{v}");
+}
+
+#[test]
+fn a_jwt_bundle_holds_at_most_max_bundle_keys() {
+    let mut b = JwtBundle::new(td());
+    for _ in 0..MAX_BUNDLE_KEYS {
+        b.insert(SigningKey::generate().unwrap().public(None))
+            .unwrap();
+    }
+    let e = b
+        .insert(SigningKey::generate().unwrap().public(None))
+        .unwrap_err();
+    assert!(e.to_string().contains("more than 4096 JWT keys"), "{e}");
 }

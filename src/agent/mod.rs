@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod pb;
 pub mod service;
 pub mod socket;
+pub mod uds_authority;
 pub mod workloads;
 
 use std::net::SocketAddr;

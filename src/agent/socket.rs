@@ -177,7 +177,8 @@ impl Drop for Slot {
 /// An accepted connection: the stream, its peer's credentials, and its slot (freed when the
 /// connection is dropped).
 pub struct Conn {
-    io: UnixStream,
+    /// With the `:authority` gRPC C-core clients send fixed ([`super::uds_authority`]).
+    io: super::uds_authority::UdsAuthority<UnixStream>,
     cred: PeerCred,
     _slot: Slot,
 }
@@ -274,7 +275,7 @@ pub fn incoming(
                 }
             };
             let conn = Conn {
-                io: stream,
+                io: super::uds_authority::UdsAuthority::new(stream),
                 cred,
                 _slot: slot,
             };

@@ -24,7 +24,7 @@ pub enum JwtCommand {
                       holds it), null when the key's region is not known; \"claims\" holds every claim as signed.\n\n\
                       Examples:\n  \
                       trustline jwt validate --bundle bundle.json --audience orders \"$TOKEN\"\n  \
-                      curl -s ... | trustline jwt validate --bundle bundle.json --audience orders --trust-domain example.org"
+                      trustline jwt validate --bundle jwks.json --audience orders --trust-domain example.org < token.txt"
     )]
     Validate(ValidateArgs),
 }

@@ -181,10 +181,7 @@ pub fn parse_spiffe_bundle(td: &TrustDomain, json: &[u8]) -> Result<SpiffeBundle
                 out.x509_roots.push(x509_root(key, &place)?);
             }
             Some(Value::String(u)) if u == "jwt-svid" => {
-                let k = PublicKey::from_jwk_at(key, &place)?;
-                out.jwt
-                    .insert(k)
-                    .map_err(|e| JwtError::key(&place, e.to_string()))?;
+                insert_new(&mut out.jwt, PublicKey::from_jwk_at(key, &place)?, &place)?;
             }
             // Section 4.2.1: elements not understood are ignored.
             Some(Value::String(_)) => {}
@@ -209,11 +206,22 @@ pub fn parse_jwks(td: &TrustDomain, json: &[u8]) -> Result<JwtBundle, JwtError> 
             Some(Value::String(_)) => continue,
             Some(_) => return Err(JwtError::key(&place, "use is not a string")),
         }
-        let k = PublicKey::from_jwk_at(key, &place)?;
-        out.insert(k)
-            .map_err(|e| JwtError::key(&place, e.to_string()))?;
+        insert_new(&mut out, PublicKey::from_jwk_at(key, &place)?, &place)?;
     }
     Ok(out)
+}
+
+/// A document's key: a kid seen before is refused even for the same key (two entries that may
+/// differ in region or alg have no one reading).
+fn insert_new(b: &mut JwtBundle, key: PublicKey, place: &str) -> Result<(), JwtError> {
+    if b.get(key.kid()).is_some() {
+        return Err(JwtError::key(
+            place,
+            format!("kid {:?} appears twice in the bundle", key.kid()),
+        ));
+    }
+    b.insert(key)
+        .map_err(|e| JwtError::key(place, e.to_string()))
 }
 
 /// An `x509-svid` key: exactly one certificate in `x5c` (standard base64 DER) whose key is the

@@ -349,23 +349,21 @@ impl PublicKey {
                 .verify(msg, sig)
                 .is_ok(),
             Material::Rsa { n, e } => {
-                let params = match alg {
-                    Alg::Rs256 => &signature::RSA_PKCS1_2048_8192_SHA256,
-                    Alg::Rs384 => &signature::RSA_PKCS1_2048_8192_SHA384,
-                    Alg::Rs512 => &signature::RSA_PKCS1_2048_8192_SHA512,
-                    Alg::Ps256 => &signature::RSA_PSS_2048_8192_SHA256,
-                    Alg::Ps384 => &signature::RSA_PSS_2048_8192_SHA384,
-                    Alg::Ps512 => &signature::RSA_PSS_2048_8192_SHA512,
-                    Alg::Es256 | Alg::Es384 => {
-                        return Err(JwtError::malformed("JWT", "unreachable alg"))
-                    }
+                let params: Option<&'static signature::RsaParameters> = match alg {
+                    Alg::Rs256 => Some(&signature::RSA_PKCS1_2048_8192_SHA256),
+                    Alg::Rs384 => Some(&signature::RSA_PKCS1_2048_8192_SHA384),
+                    Alg::Rs512 => Some(&signature::RSA_PKCS1_2048_8192_SHA512),
+                    Alg::Ps256 => Some(&signature::RSA_PSS_2048_8192_SHA256),
+                    Alg::Ps384 => Some(&signature::RSA_PSS_2048_8192_SHA384),
+                    Alg::Ps512 => Some(&signature::RSA_PSS_2048_8192_SHA512),
+                    // Refused by `fits` above.
+                    Alg::Es256 | Alg::Es384 => None,
                 };
-                RsaPublicKeyComponents {
+                let key = RsaPublicKeyComponents {
                     n: n.as_slice(),
                     e: e.as_slice(),
-                }
-                .verify(params, msg, sig)
-                .is_ok()
+                };
+                params.is_some_and(|p| key.verify(p, msg, sig).is_ok())
             }
         };
         if ok {
@@ -608,5 +606,27 @@ mod tests {
             json!({"kty": "RSA", "kid": "r", "e": "AQAB", "n": b64url_encode(&[0xc1; 128])});
         let e = PublicKey::from_jwk(&short).unwrap_err().to_string();
         assert!(e.contains("1024 bits"), "{e}");
+        let rsa = |n: Vec<u8>, e: &[u8]| {
+            let j =
+                json!({"kty": "RSA", "kid": "r", "e": b64url_encode(e), "n": b64url_encode(&n)});
+            PublicKey::from_jwk(&j).map_err(|e| e.to_string())
+        };
+        let n = vec![0xc1; 256];
+        assert!(rsa(n.clone(), &[1, 0, 1]).is_ok());
+        let mut zero = vec![0];
+        zero.extend_from_slice(&n);
+        assert!(rsa(zero, &[1, 0, 1]).unwrap_err().contains("leading zero"));
+        assert!(rsa(n.clone(), &[0, 1, 0, 1])
+            .unwrap_err()
+            .contains("leading zero"));
+        assert!(rsa(n.clone(), &[1, 0, 0]).unwrap_err().contains("exponent"));
+        assert!(rsa(n.clone(), &[1]).unwrap_err().contains("exponent"));
+        assert!(rsa(n.clone(), &[1; 5]).unwrap_err().contains("exponent"));
+        assert!(rsa(vec![0xc1; 1025], &[3])
+            .unwrap_err()
+            .contains("8200 bits"));
+        assert!(with(&|j| j["kid"] = json!("k".repeat(MAX_KID_LEN + 1))).contains("longer than"));
+        assert!(with(&|j| j["kid"] = json!("")).contains("kid is empty"));
+        assert!(with(&|j| j["x"] = json!("AAAA")).contains("32 bytes each"));
     }
 }

@@ -77,6 +77,7 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         san: vec![],
         metrics_listen: None,
         audit_log: None,
+        bundle_endpoint: None,
         rate_limit: 50,
         peers: Default::default(),
         limits: Default::default(),
@@ -232,6 +233,7 @@ async fn sidecar(
         })
         .collect();
     let config = SidecarConfig {
+        federation: Vec::new(),
         trust_domain: td.clone(),
         identity: IdentityConfig {
             id,

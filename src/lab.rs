@@ -99,6 +99,7 @@ impl Lab {
                     san: vec![],
                     metrics_listen: None,
                     audit_log: Some(dir.join(format!("ca-{name}-audit.log"))),
+                    bundle_endpoint: None,
                     rate_limit: 0,
                     peers: crate::ca::config::PeerConfig {
                         urls: Vec::new(),

@@ -31,6 +31,7 @@ pub mod copy;
 pub mod crypto;
 pub mod demo;
 pub mod drain;
+pub mod federation;
 pub mod identity;
 pub mod jwt;
 pub mod lab;

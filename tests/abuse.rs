@@ -37,6 +37,7 @@ async fn start_ca_limited(limits: CaLimits) -> Ca {
         san: vec![],
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         audit_log: None,
+        bundle_endpoint: None,
         rate_limit: 0,
         limits,
         ledger: None,

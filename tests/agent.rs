@@ -316,21 +316,13 @@ async fn a_call_without_the_security_metadata_is_refused() {
     let agent = start_agent(&ca, "", &entry("api", &format!("uid = {}", my_uid()))).await;
     agent.ready_for(&[id("api")]).await;
     let client = Client::connect(&agent.socket).await.unwrap();
-    let e = client
-        .clone()
-        .without_metadata()
-        .x509_svids()
-        .await
-        .err()
-        .expect("refused");
+    let Err(e) = client.clone().without_metadata().x509_svids().await else {
+        panic!("served without the metadata")
+    };
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-    let e = client
-        .clone()
-        .without_metadata()
-        .x509_bundles()
-        .await
-        .err()
-        .expect("refused");
+    let Err(e) = client.clone().without_metadata().x509_bundles().await else {
+        panic!("served without the metadata")
+    };
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     // With it, the same caller is served.
     let mut s = client.clone().x509_svids().await.unwrap();
@@ -559,4 +551,159 @@ fn the_example_config_is_valid() {
         .id
         .to_string()
         .starts_with("spiffe://example.org/trustline/agent/"));
+}
+
+#[tokio::test]
+async fn a_revoked_workload_svid_is_withdrawn_and_replaced_at_once() {
+    let ca = ca(HOUR).await;
+    let agent = start_agent(&ca, "", &entry("api", &format!("uid = {}", my_uid()))).await;
+    let mut client = Client::connect(&agent.socket).await.unwrap();
+    let mut stream = client.x509_svids().await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    let revoked = serial_of(&first.svids[0]);
+    ca.revoke(&revoked).await;
+    // The agent sees the serial on the CA's list (refreshed every 200 ms here): it stops
+    // serving it (its only SVID: the stream ends with PermissionDenied, so the client stops
+    // using it) and obtains a new one at once, not at the next renewal half an hour away.
+    let end = tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .expect("the stream ends after the revocation")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(end.code(), tonic::Code::PermissionDenied, "{end:?}");
+    let mut again = client.x509_svids().await.unwrap();
+    let next = tokio::time::timeout(PATIENCE, again.next())
+        .await
+        .expect("a new SVID after the revocation")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.svids.len(), 1);
+    assert_ne!(serial_of(&next.svids[0]), revoked);
+    agent.bound.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_with_no_identity_gets_no_bundles_unless_verifiers_are_allowed() {
+    let ca = ca(HOUR).await;
+    // The only entry is another uid's: this process is a stranger to the agent.
+    let agent = start_agent(&ca, "", &entry("api", "uid = 4242")).await;
+    agent.ready_for(&[id("api")]).await;
+    let mut client = Client::connect(&agent.socket).await.unwrap();
+    let Err(e) = client.x509_bundles().await else {
+        panic!("bundles served to a stranger")
+    };
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let Err(e) = client.jwt_bundles().await else {
+        panic!("JWT bundles served to a stranger")
+    };
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = client
+        .validate_jwt("a".into(), "x.y.z".into())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = client
+        .jwt_svids(vec!["a".into()], String::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    agent.bound.stop().await;
+
+    // With allow_unauthenticated_verifiers, bundles and validation are served to anyone, and
+    // SVIDs still only to the callers they are registered for.
+    let ca2 = self::ca(HOUR).await;
+    let open = start_agent(
+        &ca2,
+        "allow_unauthenticated_verifiers = true",
+        &entry("api", "uid = 4242"),
+    )
+    .await;
+    open.ready_for(&[id("api")]).await;
+    let mut client = Client::connect(&open.socket).await.unwrap();
+    let mut b = client.x509_bundles().await.expect("bundles for a verifier");
+    assert!(!b.next().await.unwrap().unwrap().bundles.is_empty());
+    let e = client
+        .validate_jwt("a".into(), "x.y.z".into())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::InvalidArgument,
+        "validated, and refused: {e:?}"
+    );
+    let Err(e) = client.x509_svids().await else {
+        panic!("SVIDs served to a stranger")
+    };
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    open.bound.stop().await;
+}
+
+#[tokio::test]
+async fn federated_trust_domains_bundles_reach_callers_and_their_jwt_svids_validate() {
+    use trustline::ca::bundle_endpoint::{BundleEndpointConfig, BundleEndpointProfile};
+    let ca = ca(HOUR).await;
+    // Another trust domain's CA, with its bundle endpoint.
+    let other = start_ca_in("other.test", HOUR, &[], |c| {
+        c.bundle_endpoint = Some(BundleEndpointConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            profile: BundleEndpointProfile::HttpsSpiffe,
+        })
+    })
+    .await;
+    let federation = format!(
+        "[[federation]]\ntrust_domain = \"other.test\"\nbundle_endpoint = \"https://{}\"\n\
+         endpoint_spiffe_id = \"spiffe://other.test/trustline/ca\"\nbundle = {:?}\nrefresh = \"200ms\"\n",
+        other.bound.bundle_endpoint.unwrap(),
+        other.pki.root.join("bundle.pem"),
+    );
+    let me = my_uid();
+    let agent = start_agent(&ca, &federation, &entry("api", &format!("uid = {me}"))).await;
+    agent.ready_for(&[id("api")]).await;
+    let mut client = Client::connect(&agent.socket).await.unwrap();
+    // FetchX509Bundles: ours and the federated one (its roots, as its endpoint serves them).
+    let mut bundles = client.x509_bundles().await.unwrap();
+    let first = bundles.next().await.unwrap().unwrap();
+    let theirs = split_certs(&first.bundles["spiffe://other.test"]).unwrap();
+    assert_eq!(theirs, other.pki.roots());
+    assert!(first.bundles.contains_key(&format!("spiffe://{TD}")));
+    // FetchX509SVID: the federated bundle beside the SVID.
+    let mut svids = client.x509_svids().await.unwrap();
+    let msg = svids.next().await.unwrap().unwrap();
+    assert!(
+        msg.federated_bundles.contains_key("spiffe://other.test"),
+        "{:?}",
+        msg.federated_bundles.keys()
+    );
+    // A JWT-SVID of the other trust domain validates at our agent; its region is not ours to
+    // vouch for, so none is reported as verified.
+    let peer_id = SpiffeId::new("spiffe://other.test/ns/shop/sa/partner").unwrap();
+    let partner = other.issue(&peer_id).await;
+    let (token, _) = other
+        .client()
+        .fetch_jwt(&partner, &peer_id, &["api".to_string()])
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let v = loop {
+        match client.validate_jwt("api".into(), token.clone()).await {
+            Ok(v) => break v,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never validated: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(v.spiffe_id, peer_id.to_string());
+    let jwt = client
+        .jwt_bundles()
+        .await
+        .unwrap()
+        .next()
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(jwt.bundles.contains_key("spiffe://other.test"));
 }

@@ -88,6 +88,7 @@ async fn start_with(rate_limit: u32) -> Ca {
         san: vec![],
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         audit_log: None,
+        bundle_endpoint: None,
         rate_limit,
         peers: Default::default(),
         limits: Default::default(),

@@ -128,6 +128,7 @@ async fn start_ca(pki: &Pki, data: &Path) -> trustline::ca::server::Bound {
         san: vec![],
         metrics_listen: None,
         audit_log: None,
+        bundle_endpoint: None,
         rate_limit: 0,
         peers: Default::default(),
         limits: Default::default(),

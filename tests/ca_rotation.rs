@@ -841,7 +841,13 @@ async fn a_whole_intermediate_and_root_cycle_under_traffic_fails_no_request() {
     );
     let doc = spiffe_bundle(ca.bound.api, &two_roots).await;
     assert_eq!(doc["spiffe_sequence"], 3);
-    assert_eq!(doc["keys"].as_array().unwrap().len(), 1);
+    let x509_keys = doc["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["use"] == "x509-svid")
+        .count();
+    assert_eq!(x509_keys, 1, "the old root is withdrawn: {doc}");
 
     // Traffic still flows on the new root alone.
     let until = tokio::time::Instant::now() + Duration::from_secs(1);

@@ -88,6 +88,7 @@ async fn ca_with_metrics() -> Ca {
         san: vec![],
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         audit_log: None,
+        bundle_endpoint: None,
         rate_limit: 0,
         limits: Default::default(),
         ledger: None,

@@ -19,6 +19,8 @@ fn layer(module: &str) -> Option<u8> {
         "svid" | "tls" | "policy" | "audit" | "admin" | "drain" | "copy" | "limits" => 1,
         // JWT-SVIDs, their keys and bundles (used by the CA, the sidecar's policy, the agent).
         "jwt" => 1,
+        // SPIFFE Federation: other trust domains' bundles, fetched and fed to `tls`.
+        "federation" => 1,
         // Roles: the CA, the host agent, the sidecar, the gateway and its transport, the WAN relay.
         "ca" | "agent" | "proxy" | "tunnel" | "wan" => 2,
         // Whole meshes built from the roles (demo, tests, benchmark).

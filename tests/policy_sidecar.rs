@@ -83,6 +83,7 @@ impl Mesh {
                 san: vec![],
                 metrics_listen: None,
                 audit_log: None,
+                bundle_endpoint: None,
                 rate_limit: 0,
                 peers: Default::default(),
                 limits: Default::default(),

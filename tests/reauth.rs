@@ -165,7 +165,13 @@ async fn a_reauthenticated_session_outlives_its_first_certificate_until_revoked(
     let theirs = Proof::decode(&answer).expect("the sidecar's proof");
     let region = trustline::identity::region_of_chain(&theirs.chain);
     theirs
-        .accept(Role::Server, &exporter, &id("api"), region.as_ref())
+        .accept(
+            Role::Server,
+            &exporter,
+            &id("api"),
+            region.as_ref(),
+            &ca.pki.td,
+        )
         .expect("the sidecar's proof verifies");
     assert!(
         theirs.check_signature(Role::Client, &exporter).is_err(),

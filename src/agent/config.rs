@@ -60,6 +60,9 @@ struct AgentFile {
     identity: IdentityFile,
     #[serde(default, rename = "workload")]
     workloads: Vec<WorkloadFile>,
+    /// Other trust domains whose bundles callers get (SPIFFE Federation).
+    #[serde(default)]
+    federation: Vec<crate::federation::config::FederationFile>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +128,9 @@ pub struct AgentConfig {
     pub allow_unauthenticated_verifiers: bool,
     /// Registration entries, in file order (the first matching one is the default identity).
     pub workloads: Vec<Entry>,
+    /// Federated trust domains: their X.509 and JWT bundles go to callers with ours
+    /// (`federated_bundles`, FetchX509Bundles, FetchJWTBundles, ValidateJWTSVID).
+    pub federation: Vec<crate::federation::config::FederatedDomain>,
 }
 
 impl AgentConfig {
@@ -187,7 +193,9 @@ impl AgentConfig {
                 ),
             ));
         }
+        let federation = crate::federation::config::federation_config(&ctx, &raw.federation, &td)?;
         Ok(AgentConfig {
+            federation,
             workloads: workloads(&ctx, &raw.workloads, &td)?,
             trust_domain: td,
             identity,

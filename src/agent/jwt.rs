@@ -312,11 +312,13 @@ pub(super) fn fetch_jwt_bundles(
     // The JWT bundles' own signal, as a counter the stream follows.
     let (tx, rx) = watch::channel(0u64);
     let mut bundles = shared.jwt.bundles.subscribe();
+    let mut federated = shared.federation.changes();
     let mut stop = shared.shutdown.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 r = bundles.changed() => if r.is_err() { return },
+                r = federated.changed() => if r.is_err() { return },
                 _ = stop.changed() => return,
                 _ = tx.closed() => return,
             }
@@ -324,7 +326,7 @@ pub(super) fn fetch_jwt_bundles(
         }
     });
     Ok(Response::new(follow(shared, rx, |s, _| {
-        let held = s.jwt.bundles();
+        let held = s.jwt_bundles();
         let bundles: HashMap<String, Vec<u8>> = held
             .iter()
             .map(|b| {
@@ -359,7 +361,7 @@ pub(super) fn validate_jwtsvid(
         )));
     }
     let now = shared.agent.clock().now();
-    let v = crate::jwt::validate(&req.svid, &shared.jwt.bundles(), &req.audience, now).map_err(
+    let v = crate::jwt::validate(&req.svid, &shared.jwt_bundles(), &req.audience, now).map_err(
         |e| {
             shared.metrics.call(rpc, "invalid_token");
             Status::invalid_argument(e.to_string())

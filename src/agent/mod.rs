@@ -77,6 +77,8 @@ pub enum AgentError {
     Ca(#[from] crate::svid::ca_client::ClientError),
     #[error("Workload API socket: {0}")]
     Socket(#[from] socket::SocketError),
+    #[error("federation: {0}")]
+    Federation(crate::federation::FederationError),
     #[error("audit log {}: {source}", path.display())]
     Audit {
         path: PathBuf,
@@ -188,6 +190,15 @@ pub async fn build(config: AgentConfig, clock: Clock) -> Result<Bound, AgentErro
         metrics.connections.clone(),
     );
     let incoming = socket::incoming(listener, slots, metrics.refusals.clone(), stop.clone());
+    // Federated trust domains: fetched from their bundle endpoints, handed to callers.
+    let federation = crate::federation::Federation::new(
+        config.federation.clone(),
+        None,
+        identity.clock().clone(),
+    )
+    .map_err(AgentError::Federation)?;
+    federation.spawn(stop.clone());
+    workloads.follow(federation.changes(), stop.clone());
     let api = WorkloadApi {
         shared: Arc::new(Shared {
             entries: config.workloads.clone(),
@@ -198,6 +209,7 @@ pub async fn build(config: AgentConfig, clock: Clock) -> Result<Bound, AgentErro
             allow_unauthenticated_verifiers: config.allow_unauthenticated_verifiers,
             shutdown: stop.clone(),
             proc_root: PathBuf::from("/proc"),
+            federation,
             jwt: jwt::JwtService::new(
                 client,
                 identity.clone(),

@@ -6,10 +6,12 @@
 //! Streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles) send the current state at once,
 //! then a whole new message whenever it changes (a rotation, a withdrawal at expiry, a new
 //! bundle); they end when the agent stops. A caller entitled to IDs whose SVIDs are not yet
-//! obtained waits for the first; when every SVID of a caller has expired (the CA out of reach
-//! for their whole lifetime) its stream ends with PermissionDenied, as the spec says for
-//! withdrawn identities, and a new call waits for the next SVID.
+//! obtained waits for the first; when no SVID of a caller may be served any more (all expired,
+//! the CA out of reach for their whole lifetime, or revoked) its stream ends with
+//! PermissionDenied, so the client stops using them as the spec says for withdrawn identities,
+//! and a new call waits for the next SVID.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -46,6 +48,8 @@ pub(super) struct Shared {
     pub shutdown: watch::Receiver<bool>,
     pub proc_root: PathBuf,
     pub jwt: JwtService,
+    /// The federated trust domains' bundles (none configured: an empty federation).
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 /// The SpiffeWorkloadAPI service of `trustline agent`.
@@ -145,14 +149,40 @@ impl Shared {
             .collect()
     }
 
+    /// Each federated trust domain's roots, concatenated DER, keyed by `spiffe://TD`.
+    fn federated_der(&self) -> HashMap<String, Vec<u8>> {
+        self.federation
+            .bundles()
+            .into_iter()
+            .map(|(td, roots, _)| {
+                let der = roots.iter().flat_map(|c| c.as_ref().to_vec()).collect();
+                (format!("spiffe://{td}"), der)
+            })
+            .collect()
+    }
+
+    /// The JWT bundles callers validate with: our trust domain's (every region's keys, from
+    /// the CA) and each federated trust domain's.
+    pub(super) fn jwt_bundles(&self) -> Arc<crate::jwt::JwtBundles> {
+        let ours = self.jwt.bundles();
+        let federated = self.federation.bundles();
+        if federated.is_empty() {
+            return ours;
+        }
+        let mut all = (*ours).clone();
+        for (_, _, jwt) in federated {
+            all.insert(jwt);
+        }
+        Arc::new(all)
+    }
+
     /// The X.509 answer for `ids`: their SVIDs that are held and not expired, in order.
     fn x509_response(&self, ids: &[SpiffeId]) -> pb::X509svidResponse {
         let now = self.agent.clock().now();
         let bundle = self.bundle_der();
         let svids = ids
             .iter()
-            .filter_map(|id| self.workloads.get(id)?.current())
-            .filter(|s| s.info.not_after > now)
+            .filter_map(|id| self.workloads.servable(id, now))
             .map(|s| pb::X509svid {
                 spiffe_id: s.id().to_string(),
                 x509_svid: s.chain.iter().flat_map(|c| c.as_ref().to_vec()).collect(),
@@ -163,15 +193,18 @@ impl Shared {
             .collect();
         pb::X509svidResponse {
             svids,
+            federated_bundles: self.federated_der(),
             ..Default::default()
         }
     }
 
     fn bundles_response(&self) -> pb::X509BundlesResponse {
         let td = self.agent.id().trust_domain();
+        let mut bundles = self.federated_der();
+        bundles.insert(format!("spiffe://{td}"), self.bundle_der());
         pb::X509BundlesResponse {
             crl: vec![],
-            bundles: [(format!("spiffe://{td}"), self.bundle_der())].into(),
+            bundles,
         }
     }
 }
@@ -244,12 +277,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
             move |s, sent| {
                 let r = s.x509_response(&ids);
                 match (r.svids.is_empty(), sent) {
-                (false, _) => Next::Send(r),
-                (true, false) => Next::Wait,
-                (true, true) => Next::End(Status::permission_denied(
-                    "no identity issued: every SVID of this caller expired (the CA is out of reach)",
-                )),
-            }
+                    (false, _) => Next::Send(r),
+                    (true, false) => Next::Wait,
+                    (true, true) => Next::End(Status::permission_denied(
+                        "no identity issued: every SVID of this caller expired or was revoked",
+                    )),
+                }
             },
         )))
     }

@@ -7,6 +7,9 @@
 //! Every renewal is a new delegated issuance with the agent's SVID, never a renewal with the
 //! workload's own: so an agent the CA revoked (or whose registration was removed) obtains
 //! nothing more, and what it holds is served until it expires, then withdrawn.
+//!
+//! A workload SVID whose serial appears on the CA's revocation list (refreshed by the agent's
+//! identity task) is no longer served, and a new one is asked for at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::identity::{SpiffeId, Svid};
+use crate::identity::{Serial, SpiffeId, Svid};
 use crate::svid::ca_client::CaClient;
 use crate::svid::{rotation_loop, Error, Identity, Jitter, Obtain};
 
@@ -27,6 +30,7 @@ pub struct Workloads {
 }
 
 /// Obtains one workload ID's SVID with the agent's.
+#[derive(Clone)]
 struct Delegated {
     client: CaClient,
     agent: Arc<Identity>,
@@ -68,7 +72,7 @@ impl Workloads {
             tokio::spawn(
                 async move {
                     if wait_for_svid(&a, stop.clone()).await {
-                        rotation_loop(i, steps, jitter, stop).await;
+                        renew_until_stop(i, &a, steps, jitter, stop).await;
                     }
                 }
                 .instrument(span),
@@ -76,7 +80,9 @@ impl Workloads {
             forward(identity.rotations(), changes.clone(), shutdown.clone());
             svids.push(identity);
         }
-        forward(agent.bundle_updates(), changes.clone(), shutdown);
+        forward(agent.bundle_updates(), changes.clone(), shutdown.clone());
+        // A revoked serial is no longer served (see `Workloads::servable`).
+        forward(agent.revocations(), changes.clone(), shutdown);
         Arc::new(Workloads { svids, changes })
     }
 
@@ -90,9 +96,61 @@ impl Workloads {
         &self.svids
     }
 
+    /// The SVID of `id` that may be handed out at `now`: held, not expired, not revoked.
+    pub fn servable(&self, id: &SpiffeId, now: std::time::SystemTime) -> Option<Arc<Svid>> {
+        let identity = self.get(id)?;
+        identity
+            .current()
+            .filter(|s| s.info.not_after > now)
+            .filter(|s| !identity.revoked.load().contains(&s.info.serial))
+    }
+
+    /// Makes `from`'s changes (a federated bundle, say) changes of what callers are sent.
+    pub fn follow(&self, from: watch::Receiver<u64>, shutdown: watch::Receiver<bool>) {
+        forward(from, self.changes.clone(), shutdown);
+    }
+
     /// Changes whenever what some caller would be sent changes.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+}
+
+/// Runs `identity`'s rotation task; when the CA revokes the SVID it holds (the agent's
+/// revocation list names its serial), starts it over at once, so a new SVID is obtained now
+/// rather than at the next renewal.
+async fn renew_until_stop(
+    identity: Arc<Identity>,
+    agent: &Identity,
+    steps: Delegated,
+    jitter: Jitter,
+    stop: watch::Receiver<bool>,
+) {
+    let mut seen: Option<Serial> = None;
+    loop {
+        tokio::select! {
+            () = rotation_loop(identity.clone(), steps.clone(), jitter, stop.clone()) => return,
+            serial = revoked(&identity, agent, seen.as_ref()) => {
+                tracing::warn!(%serial, "the CA revoked this workload's SVID; obtaining a new one");
+                seen = Some(serial);
+            }
+        }
+    }
+}
+
+/// Resolves with the serial of the SVID `identity` holds once it is on `agent`'s revocation
+/// list (`seen`, already acted on, excepted).
+async fn revoked(identity: &Identity, agent: &Identity, seen: Option<&Serial>) -> Serial {
+    let mut changes = agent.revocations();
+    loop {
+        if let Some(s) = identity.current().filter(|s| {
+            Some(&s.info.serial) != seen && agent.revoked.load().contains(&s.info.serial)
+        }) {
+            return s.info.serial.clone();
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 

@@ -36,6 +36,13 @@ pub struct CaServeFile {
     pub metrics_listen: Option<String>,
     /// Audit log file (default `DATA/audit.log`).
     pub audit_log: Option<PathBuf>,
+    /// The SPIFFE bundle endpoint's address (none: not served).
+    pub bundle_endpoint: Option<String>,
+    /// `https_spiffe` (default) or `https_web`.
+    pub bundle_endpoint_profile: Option<String>,
+    /// `https_web`: certificate chain and key, PEM files.
+    pub bundle_endpoint_cert: Option<PathBuf>,
+    pub bundle_endpoint_key: Option<PathBuf>,
     /// SVID requests per second per client IP (0 = unlimited).
     pub rate_limit: Option<u32>,
     /// The other regions' CAs (`https://HOST:PORT`, or `REGION=https://HOST:PORT` to require
@@ -176,6 +183,8 @@ pub struct CaServeConfig {
     pub san: Vec<String>,
     pub metrics_listen: Option<SocketAddr>,
     pub audit_log: Option<PathBuf>,
+    /// The SPIFFE bundle endpoint, if served.
+    pub bundle_endpoint: Option<super::bundle_endpoint::BundleEndpointConfig>,
     pub rate_limit: u32,
     pub peers: PeerConfig,
     /// Connection caps and timeouts of the API listener.
@@ -215,6 +224,7 @@ impl CaServeConfig {
     pub fn resolve(flags: CaServeFile, file: Option<&Path>) -> Result<Self, ConfigError> {
         let from_file = read_file(file)?;
         let ledger_options = ledger_options(&flags, &from_file, file)?;
+        let bundle_endpoint = bundle_endpoint(&flags, &from_file, file)?;
         // Where each value came from, for error messages.
         let src = |flag_set: bool| if flag_set { None } else { file };
         let ca_src = src(flags.ca.is_some());
@@ -268,6 +278,7 @@ impl CaServeConfig {
             san,
             metrics_listen,
             audit_log: flags.audit_log.or(from_file.audit_log),
+            bundle_endpoint,
             rate_limit: flags
                 .rate_limit
                 .or(from_file.rate_limit)
@@ -362,6 +373,82 @@ fn read_file(file: Option<&Path>) -> Result<CaServeFile, ConfigError> {
         }
     }
     Ok(f)
+}
+
+/// `bundle_endpoint` with its profile, flags over the file: `https_web` needs a certificate and
+/// key, `https_spiffe` (the CA's own server SVID) takes neither.
+fn bundle_endpoint(
+    flags: &CaServeFile,
+    from_file: &CaServeFile,
+    file: Option<&Path>,
+) -> Result<Option<super::bundle_endpoint::BundleEndpointConfig>, ConfigError> {
+    use super::bundle_endpoint::{BundleEndpointConfig, BundleEndpointProfile};
+    let pick = |f: &Option<String>, g: &Option<String>| {
+        f.clone()
+            .map(|v| (v, None))
+            .or_else(|| g.clone().map(|v| (v, file)))
+    };
+    let pick_path = |f: &Option<PathBuf>, g: &Option<PathBuf>| f.clone().or_else(|| g.clone());
+    let cert = pick_path(&flags.bundle_endpoint_cert, &from_file.bundle_endpoint_cert);
+    let key = pick_path(&flags.bundle_endpoint_key, &from_file.bundle_endpoint_key);
+    let Some((listen, src)) = pick(&flags.bundle_endpoint, &from_file.bundle_endpoint) else {
+        if cert.is_some()
+            || key.is_some()
+            || pick(
+                &flags.bundle_endpoint_profile,
+                &from_file.bundle_endpoint_profile,
+            )
+            .is_some()
+        {
+            return Err(ConfigError::field(
+                file,
+                "bundle_endpoint",
+                "missing: the bundle endpoint's profile, cert or key is set but not its address",
+            ));
+        }
+        return Ok(None);
+    };
+    let listen = listen.parse().map_err(|_| {
+        ConfigError::field(
+            src,
+            "bundle_endpoint",
+            format!("{listen:?} is not an address like 0.0.0.0:8444"),
+        )
+    })?;
+    let profile = pick(
+        &flags.bundle_endpoint_profile,
+        &from_file.bundle_endpoint_profile,
+    );
+    let profile = match profile.as_ref().map(|(p, src)| (p.as_str(), *src)) {
+        None | Some(("https_spiffe", _)) => {
+            if cert.is_some() || key.is_some() {
+                return Err(ConfigError::field(
+                    file,
+                    "bundle_endpoint_cert",
+                    "only for bundle_endpoint_profile = \"https_web\" (https_spiffe serves the CA's own server certificate)",
+                ));
+            }
+            BundleEndpointProfile::HttpsSpiffe
+        }
+        Some(("https_web", src)) => match (cert, key) {
+            (Some(cert), Some(key)) => BundleEndpointProfile::HttpsWeb { cert, key },
+            _ => {
+                return Err(ConfigError::field(
+                    src,
+                    "bundle_endpoint_cert",
+                    "https_web needs bundle_endpoint_cert and bundle_endpoint_key (a WebPKI certificate chain for the endpoint's DNS name, and its key, PEM)",
+                ))
+            }
+        },
+        Some((other, src)) => {
+            return Err(ConfigError::field(
+                src,
+                "bundle_endpoint_profile",
+                format!("{other:?}: expected \"https_spiffe\" or \"https_web\""),
+            ))
+        }
+    };
+    Ok(Some(BundleEndpointConfig { listen, profile }))
 }
 
 fn parse_listen(text: Option<String>, src: Option<&Path>) -> Result<SocketAddr, ConfigError> {

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod agents;
 pub mod api;
 pub mod authority;
+pub mod bundle_endpoint;
 pub mod bundle_json;
 pub mod config;
 pub mod error;

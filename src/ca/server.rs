@@ -40,6 +40,8 @@ pub struct Bound {
     pub api: SocketAddr,
     /// The metrics listener, if enabled.
     pub metrics: Option<SocketAddr>,
+    /// The SPIFFE bundle endpoint, if served.
+    pub bundle_endpoint: Option<SocketAddr>,
     /// The admin Unix socket.
     pub admin_socket: PathBuf,
     /// Shared state (tests read the ledger through it).
@@ -133,7 +135,11 @@ pub async fn build(config: CaServeConfig, clock: Clock) -> Result<Bound, ServeEr
     super::admin::serve(&admin_socket, state.clone(), tasks)
         .map_err(io("binding admin socket", &admin_socket))?;
     let metrics_addr = serve_metrics(&config, &state, registry, tasks).await?;
-    tasks.spawn(resolver.renew(state.clone(), tasks.shutdown.clone()));
+    tasks.spawn(
+        resolver
+            .clone()
+            .renew(state.clone(), tasks.shutdown.clone()),
+    );
     tasks.spawn(prune_loop(state.clone(), tasks.shutdown.clone()));
     tasks.spawn(super::rotation::retire_loop(
         state.clone(),
@@ -147,11 +153,26 @@ pub async fn build(config: CaServeConfig, clock: Clock) -> Result<Bound, ServeEr
         tasks: tasks.clone(),
     });
     tasks.spawn(accept_loop(listener, listen, state.clone()));
+    let bundle_endpoint = match &config.bundle_endpoint {
+        Some(be) => Some(
+            super::bundle_endpoint::serve(
+                be,
+                state.clone(),
+                resolver,
+                config.limits,
+                tasks,
+                &clock,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     tracing::info!(api = %api_addr, admin = %admin_socket.display(), metrics = ?metrics_addr,
         trust_domain = %state.authority.trust_domain, region = ?state.authority.region, "CA serving");
     let bound = Bound {
         api: api_addr,
         metrics: metrics_addr,
+        bundle_endpoint,
         admin_socket,
         state,
         peer_refresh: config.peers.refresh,

@@ -12,8 +12,6 @@ use trustline::clock::Clock;
 use trustline::identity::parse_trust_domain;
 use trustline::util::parse_duration;
 
-// Parsed once at start and matched once: the size of the `serve` variant costs nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum CaCommand {
     /// Makes a root CA, or a regional intermediate signed by a root.
@@ -25,7 +23,7 @@ pub enum CaCommand {
     #[command(
         after_help = "Examples:\n  trustline ca serve --ca ca/eu-west --data /var/lib/trustline-ca --listen 0.0.0.0:8443 --san ca.eu-west.internal\n  trustline ca serve --config ca.toml"
     )]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Prints a single-use join token bound to one SPIFFE ID (talks to the running server).
     #[command(
         after_help = "Example:\n  trustline ca token --data ca/data --spiffe-id spiffe://example.org/ns/shop/sa/web --ttl 15m"
@@ -90,6 +88,19 @@ pub struct ServeArgs {
     /// Audit log file [default: DATA/audit.log].
     #[arg(long)]
     audit_log: Option<PathBuf>,
+    /// Serve this trust domain's SPIFFE bundle at ADDR (SPIFFE Federation bundle endpoint).
+    #[arg(long)]
+    bundle_endpoint: Option<String>,
+    /// The bundle endpoint's profile: https_spiffe (the CA's server SVID) or https_web
+    /// [default: https_spiffe].
+    #[arg(long)]
+    bundle_endpoint_profile: Option<String>,
+    /// https_web: the endpoint's WebPKI certificate chain (PEM).
+    #[arg(long)]
+    bundle_endpoint_cert: Option<PathBuf>,
+    /// https_web: the key of that certificate (PEM).
+    #[arg(long)]
+    bundle_endpoint_key: Option<PathBuf>,
     /// SVID requests per second per client IP, 0 for no limit [default: 50].
     #[arg(long)]
     rate_limit: Option<u32>,
@@ -191,7 +202,7 @@ pub struct RotateArgs {
 pub async fn run(command: CaCommand) -> anyhow::Result<()> {
     match command {
         CaCommand::Init(a) => ca_init(a),
-        CaCommand::Serve(a) => ca_serve(a).await,
+        CaCommand::Serve(a) => ca_serve(*a).await,
         CaCommand::Token(a) => ca_token(a).await,
         CaCommand::Revoke(a) => ca_revoke(a).await,
         CaCommand::Rotate(a) => ca_rotate(a).await,
@@ -374,6 +385,10 @@ async fn ca_serve(a: ServeArgs) -> anyhow::Result<()> {
         san: (!a.san.is_empty()).then_some(a.san),
         metrics_listen: a.metrics_listen,
         audit_log: a.audit_log,
+        bundle_endpoint: a.bundle_endpoint,
+        bundle_endpoint_profile: a.bundle_endpoint_profile,
+        bundle_endpoint_cert: a.bundle_endpoint_cert,
+        bundle_endpoint_key: a.bundle_endpoint_key,
         rate_limit: a.rate_limit,
         peers: (!a.peer_ca.is_empty()).then_some(a.peer_ca),
         peer_refresh: a.peer_refresh,
@@ -387,6 +402,9 @@ async fn ca_serve(a: ServeArgs) -> anyhow::Result<()> {
     let config = CaServeConfig::resolve(flags, a.config.as_deref())?;
     let bound = trustline::ca::server::build(config, Clock::system()).await?;
     println!("trustline CA serving https://{}", bound.api);
+    if let Some(addr) = bound.bundle_endpoint {
+        println!("SPIFFE bundle endpoint https://{addr}");
+    }
     super::wait_for_signal().await?;
     tracing::info!("shutting down");
     // Stop accepting, let open requests finish (up to the per-connection grace), cut the rest.

@@ -138,6 +138,17 @@ pub fn region_of_chain(chain: &[CertificateDer<'_>]) -> Option<Region> {
     Region::new(name).ok()
 }
 
+/// The region of a peer's verified chain, for a peer of our trust domain `ours` only: a
+/// federated trust domain's CA names its intermediates as it likes, and its
+/// `trustline/region/NAME` means nothing here (it must never pass for one of our regions).
+pub fn peer_region(chain: &[CertificateDer<'_>], ours: &super::TrustDomain) -> Option<Region> {
+    let leaf = inspect_cert(chain.first()?).ok()?;
+    if leaf.id.trust_domain() != ours {
+        return None;
+    }
+    region_of_chain(chain)
+}
+
 /// Whether a certificate may sign certificates: basic constraints CA:TRUE, and keyCertSign if
 /// it has a key usage (RFC 5280 4.2.1.3 and 6.1.4 (n); X509-SVID spec 4.3). webpki checks the CA
 /// flag of intermediates but not their key usage, nor anything of a trust anchor.

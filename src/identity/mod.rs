@@ -7,7 +7,9 @@
 mod cert;
 pub mod ids;
 
-pub use cert::{can_sign_certificates, inspect_cert, region_of_chain, CertInfo, BACKDATE};
+pub use cert::{
+    can_sign_certificates, inspect_cert, peer_region, region_of_chain, CertInfo, BACKDATE,
+};
 pub use ids::REGION_PATH_PREFIX;
 
 pub use spiffe::{SpiffeId, TrustDomain};

@@ -33,6 +33,8 @@ pub(super) struct Setup {
     pub gateways: Option<Arc<Paths>>,
     /// The admin listener's address.
     pub admin: SocketAddr,
+    /// The `[[federation]]` bundles, fed to the identity's trust and refreshed until `stop`.
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 impl Setup {
@@ -45,6 +47,12 @@ impl Setup {
     ) -> Result<Self, ProxyError> {
         let identity = svid::start(config.identity.clone(), clock.clone(), stop.clone())
             .map_err(|e| ProxyError::Identity(e.into()))?;
+        let federation = crate::federation::Federation::new(
+            config.federation.clone(),
+            Some(identity.trust()),
+            clock.clone(),
+        )?;
+        federation.spawn(stop.clone());
         let mut registry = Registry::default();
         let metrics = ProxyMetrics::new(&mut registry);
         identity.register(&mut registry);
@@ -65,7 +73,7 @@ impl Setup {
             )?),
             None => None,
         };
-        let state = admin_state(registry, &identity, clock);
+        let state = admin_state(registry, &identity, &federation, clock);
         let admin = crate::admin::serve(config.admin, state, stop.clone())
             .await
             .map_err(|source| ProxyError::Bind {
@@ -80,6 +88,7 @@ impl Setup {
             authz,
             gateways,
             admin,
+            federation,
         })
     }
 
@@ -238,6 +247,7 @@ pub(super) fn warn_of_footguns(config: &SidecarConfig) {
 fn admin_state(
     registry: Registry,
     identity: &Arc<Identity>,
+    federation: &Arc<crate::federation::Federation>,
     clock: &Clock,
 ) -> Arc<crate::admin::AdminState> {
     let ready_id = identity.clone();
@@ -246,28 +256,36 @@ fn admin_state(
     Arc::new(crate::admin::AdminState {
         registry,
         ready: Box::new(move || ready_id.ready()),
-        json: vec![(
-            "/identity",
-            Box::new(move || match info_id.current() {
-                None => serde_json::json!({"spiffe_id": info_id.id().to_string(), "ready": false}),
-                Some(s) => {
-                    let left = s
-                        .info
-                        .not_after
-                        .duration_since(clock.now())
-                        .unwrap_or_default();
-                    serde_json::json!({
-                        "spiffe_id": s.id().to_string(),
-                        "serial": s.info.serial.to_string(),
-                        "not_after": crate::clock::rfc3339(s.info.not_after),
-                        "region": crate::identity::region_of_chain(&s.chain),
-                        // How long traffic can go on if the CA stayed down from now.
-                        "seconds_left_if_ca_down": left.as_secs(),
-                        "ready": left > Duration::ZERO,
-                    })
-                }
-            }),
-        )],
+        json: vec![
+            (
+                "/identity",
+                Box::new(move || match info_id.current() {
+                    None => {
+                        serde_json::json!({"spiffe_id": info_id.id().to_string(), "ready": false})
+                    }
+                    Some(s) => {
+                        let left = s
+                            .info
+                            .not_after
+                            .duration_since(clock.now())
+                            .unwrap_or_default();
+                        serde_json::json!({
+                            "spiffe_id": s.id().to_string(),
+                            "serial": s.info.serial.to_string(),
+                            "not_after": crate::clock::rfc3339(s.info.not_after),
+                            "region": crate::identity::region_of_chain(&s.chain),
+                            // How long traffic can go on if the CA stayed down from now.
+                            "seconds_left_if_ca_down": left.as_secs(),
+                            "ready": left > Duration::ZERO,
+                        })
+                    }
+                }),
+            ),
+            {
+                let federation = federation.clone();
+                ("/federation", Box::new(move || federation.status_json()))
+            },
+        ],
     })
 }
 

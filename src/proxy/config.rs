@@ -19,6 +19,12 @@
 //! name = "checkout"
 //! addresses = ["10.0.0.7:8080"]
 //! spiffe_ids = ["spiffe://example.org/ns/shop/sa/checkout"]
+//!
+//! [[federation]]                 # another trust domain whose IDs peers may hold
+//! trust_domain = "other.org"
+//! bundle_endpoint = "https://ca.other.org:8444"
+//! endpoint_spiffe_id = "spiffe://other.org/trustline/ca"
+//! bundle = "other-bundle.pem"
 //! ```
 
 use std::collections::HashMap;
@@ -29,7 +35,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::{load_toml, ConfigError, Ctx};
-use crate::identity::{parse_trust_domain, SpiffeId, TrustDomain};
+use crate::federation::{federation_config, FederatedDomain, FederationFile};
+use crate::identity::{parse_trust_domain, parse_workload_id, SpiffeId, TrustDomain};
 use crate::region::{Region, ServiceName};
 use crate::svid::config::{identity_config, IdentityFile};
 use crate::svid::IdentityConfig;
@@ -70,6 +77,8 @@ struct SidecarFile {
     #[serde(default, rename = "listener")]
     listeners: Vec<ListenerFile>,
     tunnel: Option<TunnelFile>,
+    #[serde(default)]
+    federation: Vec<FederationFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,6 +173,8 @@ pub struct SidecarConfig {
     pub listeners: Vec<Listener>,
     /// Set when a service is in another region.
     pub tunnel: Option<TunnelSide>,
+    /// `[[federation]]`: other trust domains whose IDs peers may hold.
+    pub federation: Vec<FederatedDomain>,
 }
 
 impl SidecarConfig {
@@ -182,7 +193,12 @@ impl SidecarConfig {
             None => None,
         };
         let identity = identity_config(&ctx, &td, id, &raw.bundle, region.as_ref(), &raw.identity)?;
-        let services = services(&ctx, &raw.services, &td, region.as_ref())?;
+        let federation = federation_config(&ctx, &raw.federation, &td)?;
+        let members = Members {
+            own: &td,
+            federated: &federation,
+        };
+        let services = services(&ctx, &raw.services, &members, region.as_ref())?;
         let tunnel = tunnel_side(&ctx, raw.tunnel.as_ref(), &services)?;
         let listeners = listeners(&ctx, &raw.listeners, &services)?;
         let outbound = match &raw.outbound {
@@ -195,7 +211,7 @@ impl SidecarConfig {
         )?;
         let inbound = match &raw.inbound {
             None => None,
-            Some(i) => Some(inbound::inbound(&ctx, i, &td)?),
+            Some(i) => Some(inbound::inbound(&ctx, i, &members)?),
         };
         check_listeners(&ctx, admin, inbound.as_ref(), outbound, &listeners)?;
         let pool_idle_timeout = pool_idle_timeout(&ctx, raw.pool_idle_timeout.as_deref())?;
@@ -223,7 +239,37 @@ impl SidecarConfig {
             services,
             listeners,
             tunnel,
+            federation,
         })
+    }
+}
+
+/// The trust domains whose workload IDs a sidecar's config may name: its own and the
+/// `[[federation]]` ones.
+pub(super) struct Members<'a> {
+    pub own: &'a TrustDomain,
+    pub federated: &'a [FederatedDomain],
+}
+
+impl Members<'_> {
+    /// A workload ID of our trust domain or of a federated one.
+    pub fn id(&self, ctx: &Ctx<'_>, field: &str, v: &str) -> Result<SpiffeId, ConfigError> {
+        let id = parse_workload_id(v).map_err(|e| ctx.err(field, e.to_string()))?;
+        let federated = || {
+            self.federated
+                .iter()
+                .any(|f| id.is_member_of(&f.trust_domain))
+        };
+        if !id.is_member_of(self.own) && !federated() {
+            return Err(ctx.err(
+                field,
+                format!(
+                    "{id} is not in trust domain {} nor in a [[federation]] one",
+                    self.own
+                ),
+            ));
+        }
+        Ok(id)
     }
 }
 
@@ -317,7 +363,7 @@ fn tunnel_side(
 fn services(
     ctx: &Ctx<'_>,
     raw: &[ServiceFile],
-    td: &TrustDomain,
+    members: &Members<'_>,
     own_region: Option<&Region>,
 ) -> Result<Vec<Service>, ConfigError> {
     let mut seen: HashMap<SocketAddr, &str> = HashMap::new();
@@ -361,7 +407,7 @@ fn services(
                 .spiffe_ids
                 .iter()
                 .enumerate()
-                .map(|(n, v)| ctx.id(&f(&format!("spiffe_ids[{n}]")), v, td))
+                .map(|(n, v)| members.id(ctx, &f(&format!("spiffe_ids[{n}]")), v))
                 .collect::<Result<_, _>>()?,
         });
     }

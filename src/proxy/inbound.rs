@@ -31,7 +31,7 @@ use super::session::SESSION_ALPN;
 use super::{accept_loop, original_dst, Common, ProxyError};
 use crate::clock::Clock;
 use crate::copy::splice;
-use crate::identity::{inspect_cert, region_of_chain, SpiffeId};
+use crate::identity::{inspect_cert, peer_region, SpiffeId};
 use crate::refusal::Refusal;
 use crate::svid::Identity;
 use crate::tls::mesh::{self, failure_reason, SpiffeClientVerifier};
@@ -267,7 +267,7 @@ impl Inbound {
             return None;
         };
         Some(Arc::new(PeerCert {
-            region: region_of_chain(chain),
+            region: peer_region(chain, self.common.identity.id().trust_domain()),
             info,
         }))
     }

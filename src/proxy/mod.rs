@@ -74,6 +74,9 @@ pub enum ProxyError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// The `[[federation]]` bundles could not be set up.
+    #[error("federation: {0}")]
+    Federation(#[from] crate::federation::FederationError),
 }
 
 // Not a `source`: the message already carries it, and `{:#}` would print it twice.
@@ -129,6 +132,8 @@ pub struct Bound {
     pub live: Arc<live::LiveConns>,
     /// The decision audit log ([`Bound::drain`] flushes it).
     pub audit: Arc<crate::audit::AuditLog>,
+    /// The `[[federation]]` trust domains' bundles (empty without).
+    pub federation: Arc<crate::federation::Federation>,
     tracker: Arc<Tracker>,
     stop_accepting: watch::Sender<bool>,
     stop_all: watch::Sender<bool>,
@@ -202,6 +207,7 @@ pub async fn build(config: SidecarConfig, clock: Clock) -> Result<Bound, ProxyEr
         sessions,
         live,
         audit,
+        federation: setup.federation,
         tracker: common.tracker.clone(),
         stop_accepting,
         stop_all,

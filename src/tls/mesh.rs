@@ -44,10 +44,17 @@ pub fn unexpected_identity(detail: String) -> rustls::Error {
     reject(Refusal::UnexpectedIdentity, detail)
 }
 
-/// The trust bundle in force, replaceable while connections run (bundle refresh). Verifiers read
-/// it on every handshake.
+/// The trust bundles in force, replaceable while connections run (bundle refresh, federation).
+/// Verifiers read them on every handshake.
+///
+/// Roots are kept per trust domain: our own bundle, and one per federated trust domain (SPIFFE
+/// Federation). A peer's chain is verified against the roots of the trust domain of its leaf's
+/// SPIFFE ID only ([`Trust::roots_for`]), so a federated trust domain's root never vouches for
+/// an ID of ours or of a third trust domain.
 pub struct Trust {
     bundle: ArcSwap<Bundle>,
+    /// The federated trust domains (never ours), each with the roots last fetched for it.
+    federated: ArcSwap<FxHashMap<TrustDomain, Arc<Bundle>>>,
     /// Bumped by every bundle change: chains verified against an older bundle are checked again.
     generation: AtomicU64,
     verified: Mutex<FxHashMap<ChainKey, Window>>,
@@ -115,6 +122,7 @@ impl std::fmt::Debug for Trust {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Trust")
             .field("roots", &self.bundle.load().roots.len())
+            .field("federated", &self.federated.load().len())
             .finish()
     }
 }
@@ -124,6 +132,7 @@ impl Trust {
     pub fn new(bundle: Bundle) -> Result<Arc<Self>, rustls::Error> {
         Ok(Arc::new(Trust {
             bundle: ArcSwap::from_pointee(bundle),
+            federated: ArcSwap::from_pointee(FxHashMap::default()),
             generation: AtomicU64::new(0),
             verified: Mutex::new(FxHashMap::default()),
         }))
@@ -140,6 +149,54 @@ impl Trust {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.lock_verified().clear();
         Ok(())
+    }
+
+    /// Trusts `bundle`'s roots for the identities of its trust domain, a federated one (it
+    /// replaces the roots held for that trust domain). Our own trust domain is refused: its
+    /// roots come from our own CA only.
+    pub fn set_federated(&self, bundle: Bundle) -> Result<(), FederationTrustError> {
+        let td = bundle.trust_domain.clone();
+        if td == self.bundle.load().trust_domain {
+            return Err(FederationTrustError::OwnTrustDomain(td));
+        }
+        let mut map = (**self.federated.load()).clone();
+        map.insert(td, Arc::new(bundle));
+        self.federated.store(Arc::new(map));
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.lock_verified().clear();
+        Ok(())
+    }
+
+    /// Whether `td` is a federated trust domain (whose IDs peers may hold).
+    pub fn is_federated(&self, td: &TrustDomain) -> bool {
+        self.federated.load().contains_key(td)
+    }
+
+    /// The bundle held for federated trust domain `td`.
+    pub fn federated_bundle(&self, td: &TrustDomain) -> Option<Arc<Bundle>> {
+        self.federated.load().get(td).cloned()
+    }
+
+    /// The federated trust domains.
+    pub fn federated_domains(&self) -> Vec<TrustDomain> {
+        let mut tds: Vec<_> = self.federated.load().keys().cloned().collect();
+        tds.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        tds
+    }
+
+    /// The roots that may vouch for `leaf`: those of the federated trust domain its SPIFFE ID
+    /// names, if it names one; our own otherwise (an ID of ours, of an unknown trust domain, or
+    /// a leaf whose ID does not parse: the SPIFFE checks after the path refuse the last two).
+    pub fn roots_for(&self, leaf: &CertificateDer<'_>) -> Arc<rustls::RootCertStore> {
+        let federated = self.federated.load();
+        if !federated.is_empty() {
+            if let Ok(info) = inspect_cert(leaf) {
+                if let Some(b) = federated.get(info.id.trust_domain()) {
+                    return b.store();
+                }
+            }
+        }
+        self.bundle.load().store()
     }
 
     fn lock_verified(&self) -> std::sync::MutexGuard<'_, FxHashMap<ChainKey, Window>> {
@@ -230,17 +287,29 @@ pub fn tls_reason(e: &rustls::Error) -> Refusal {
     }
 }
 
+/// Why a federated bundle was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum FederationTrustError {
+    #[error("trust domain {0} is this mesh's own: its roots come from its own CA, never from federation")]
+    OwnTrustDomain(TrustDomain),
+}
+
 /// The SPIFFE checks both ends apply to a peer's leaf after the path check.
 #[derive(Clone, Debug)]
 pub struct PeerChecks {
-    /// The trust domain every peer must belong to.
+    /// Our trust domain. A peer must belong to it or to a federated trust domain of the
+    /// [`Trust`] the chain was verified with.
     pub trust_domain: TrustDomain,
     /// Serials that must be refused.
     pub revoked: RevokedSet,
 }
 
 impl PeerChecks {
-    fn check(&self, leaf: &CertificateDer<'_>) -> Result<crate::identity::CertInfo, rustls::Error> {
+    fn check(
+        &self,
+        leaf: &CertificateDer<'_>,
+        trust: &Trust,
+    ) -> Result<crate::identity::CertInfo, rustls::Error> {
         let info = inspect_cert(leaf).map_err(|e| reject(Refusal::BadSpiffeId, e.to_string()))?;
         match info.check_leaf_profile() {
             Ok(()) => {}
@@ -250,10 +319,14 @@ impl PeerChecks {
             }
             Err(e) => return Err(reject(Refusal::BadKeyUsage, format!("{}: {e}", info.id))),
         }
-        if !info.id.is_member_of(&self.trust_domain) {
+        let td = info.id.trust_domain();
+        if !info.id.is_member_of(&self.trust_domain) && !trust.is_federated(td) {
             return Err(reject(
                 Refusal::WrongTrustDomain,
-                format!("{} is not in trust domain {}", info.id, self.trust_domain),
+                format!(
+                    "{} is not in trust domain {} nor in a federated one",
+                    info.id, self.trust_domain
+                ),
             ));
         }
         if self.revoked.load().contains(&info.serial) {
@@ -295,7 +368,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         let path = self
             .trust
             .verify_path_cached(by, end_entity, intermediates, now, || {
-                let roots = self.trust.bundle.load().store();
+                let roots = self.trust.roots_for(end_entity);
                 super::verify_path(&roots, by, end_entity, intermediates, now)
             });
         if let Err(e) = path {
@@ -311,7 +384,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             }
             return Err(e);
         }
-        self.checks.check(end_entity)?;
+        self.checks.check(end_entity, &self.trust)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -369,12 +442,12 @@ impl ServerCertVerifier for MeshServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         self.trust
             .verify_path_cached(Presenter::Server, end_entity, intermediates, now, || {
-                let roots = self.trust.bundle.load().store();
+                let roots = self.trust.roots_for(end_entity);
                 super::verify_path(&roots, Presenter::Server, end_entity, intermediates, now)
             })?;
         super::check_server_identity(&self.expected, end_entity)?;
         // Trust domain and revocation after the path, so an unknown issuer is reported as such.
-        self.checks.check(end_entity)?;
+        self.checks.check(end_entity, &self.trust)?;
         Ok(ServerCertVerified::assertion())
     }
 

@@ -67,6 +67,8 @@ struct GatewayFile {
     rules: Vec<RuleFile>,
     #[serde(default)]
     limits: LimitsFile,
+    #[serde(default)]
+    federation: Vec<crate::federation::FederationFile>,
 }
 
 /// `[limits]`: per-peer quotas of a gateway.
@@ -197,6 +199,8 @@ pub struct GatewayConfig {
     pub connect_timeout: Duration,
     /// Per-peer quotas.
     pub limits: GatewayLimits,
+    /// `[[federation]]`: other trust domains whose bundles the gateway trusts for their IDs.
+    pub federation: Vec<crate::federation::FederatedDomain>,
 }
 
 fn names<T: FromStr<Err = NameError>>(
@@ -372,6 +376,7 @@ impl GatewayConfig {
             policy,
             connect_timeout: Duration::from_secs(5),
             limits: limits(&ctx, &raw.limits)?,
+            federation: crate::federation::federation_config(&ctx, &raw.federation, &td)?,
         })
     }
 }

@@ -159,7 +159,17 @@ pub async fn start_ca_tuned(
     extra_roots: &[&Pki],
     tune: impl FnOnce(&mut CaServeConfig),
 ) -> Ca {
-    let pki = Pki::new(TD);
+    start_ca_in(TD, svid_ttl, extra_roots, tune).await
+}
+
+/// [`start_ca_tuned`] for trust domain `td` (its own root).
+pub async fn start_ca_in(
+    td: &str,
+    svid_ttl: Duration,
+    extra_roots: &[&Pki],
+    tune: impl FnOnce(&mut CaServeConfig),
+) -> Ca {
+    let pki = Pki::new(td);
     let mut roots = pki.roots();
     for other in extra_roots {
         roots.extend(other.roots());
@@ -174,6 +184,7 @@ pub async fn start_ca_tuned(
         san: vec![],
         metrics_listen: None,
         audit_log: None,
+        bundle_endpoint: None,
         rate_limit: 0,
         peers: Default::default(),
         limits: Default::default(),

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::DEFAULT_INBOUND;
 use crate::config::{ConfigError, Ctx};
-use crate::identity::{SpiffeId, TrustDomain};
+use crate::identity::SpiffeId;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,12 +126,13 @@ fn session_limits(ctx: &Ctx<'_>, f: &SessionLimitsFile) -> Result<SessionLimits,
     })
 }
 
-/// `[inbound]` of a sidecar of trust domain `td`.
+/// `[inbound]` of a sidecar whose peers are `members` (its trust domain and federated ones).
 pub(super) fn inbound(
     ctx: &Ctx<'_>,
     i: &InboundFile,
-    td: &TrustDomain,
+    members: &super::Members<'_>,
 ) -> Result<Inbound, ConfigError> {
+    let td = members.own;
     Ok(Inbound {
         policy: inbound_policy(ctx, i)?,
         sessions: session_limits(ctx, &i.sessions)?,
@@ -165,7 +166,7 @@ pub(super) fn inbound(
             .allow
             .iter()
             .enumerate()
-            .map(|(n, v)| ctx.id(&format!("inbound.allow[{n}]"), v, td))
+            .map(|(n, v)| members.id(ctx, &format!("inbound.allow[{n}]"), v))
             .collect::<Result<_, _>>()?,
         app_address: i
             .app_address

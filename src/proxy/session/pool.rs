@@ -484,7 +484,7 @@ impl SessionPool {
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(crate::identity::region_of_chain);
+            .and_then(|c| crate::identity::peer_region(c, self.identity.id().trust_domain()));
         let (term_tx, term_rx) = watch::channel(Term::of(&peer, &self.clock));
         let known = entry.max_streams.load(Ordering::Relaxed);
         let (send, conn) = h2::client::Builder::new()

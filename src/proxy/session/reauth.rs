@@ -19,7 +19,7 @@ use rustls::sign::CertifiedKey;
 use rustls::SignatureScheme;
 
 use crate::crypto::provider;
-use crate::identity::{inspect_cert, region_of_chain, CertInfo};
+use crate::identity::{inspect_cert, peer_region, CertInfo};
 use crate::refusal::Refusal;
 use crate::region::Region;
 
@@ -203,13 +203,15 @@ impl Proof {
     }
 
     /// After the chain passed the handshake's verifier: the leaf's facts, required to be the
-    /// session's SPIFFE ID and region, and the signature checked.
+    /// session's SPIFFE ID and region (read as the handshake read it: none for a peer outside
+    /// our trust domain `ours`), and the signature checked.
     pub fn accept(
         &self,
         role: Role,
         exporter: &Exporter,
         id: &crate::identity::SpiffeId,
         region: Option<&Region>,
+        ours: &crate::identity::TrustDomain,
     ) -> Result<(CertInfo, Option<Region>), Refused> {
         let leaf = self
             .chain
@@ -222,7 +224,7 @@ impl Proof {
                 format!("the proof is for {}, the session for {id}", info.id),
             ));
         }
-        let proved = region_of_chain(&self.chain);
+        let proved = peer_region(&self.chain, ours);
         if proved.as_ref() != region {
             return Err(refused(
                 Refusal::WrongRegion,

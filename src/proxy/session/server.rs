@@ -439,8 +439,13 @@ async fn verify_caller(
             detail: format!("the session's certificate {} is revoked", cur.info.serial),
         });
     }
-    let (info, region) =
-        proof.accept(Role::Client, &exporter, &cur.info.id, cur.region.as_ref())?;
+    let (info, region) = proof.accept(
+        Role::Client,
+        &exporter,
+        &cur.info.id,
+        cur.region.as_ref(),
+        common.identity.id().trust_domain(),
+    )?;
     Ok(PeerCert { info, region })
 }
 

@@ -119,6 +119,13 @@ pub async fn build(config: GatewayConfig, clock: Clock) -> Result<Bound, Error> 
     let (stop, stop_rx) = watch::channel(false);
     let identity = svid::start(config.identity.clone(), clock.clone(), stop_rx.clone())
         .map_err(|e| Error::Identity(e.to_string()))?;
+    let federation = crate::federation::Federation::new(
+        config.federation.clone(),
+        Some(identity.trust()),
+        clock.clone(),
+    )
+    .map_err(|e| Error::Identity(format!("federation: {e}")))?;
+    federation.spawn(stop_rx.clone());
     let audit = open_audit(&config)?;
     let (endpoint, listen) = bind_quic(&config, &identity, &clock)?;
     let metrics = TunnelMetrics::default();

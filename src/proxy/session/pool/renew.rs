@@ -213,6 +213,7 @@ impl Renewer {
             &self.exporter,
             &self.peer_id,
             self.peer_region.as_ref(),
+            self.identity.id().trust_domain(),
         )?;
         Ok(info)
     }

@@ -25,4 +25,23 @@ pub struct DecisionEvent {
     /// Extra words for anomalies and closures.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The request's JWT-SVID, on services whose rules read tokens (`jwt_sub`, `jwt_region`,
+    /// `jwt_error`); absent otherwise.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtAudit>,
+}
+
+/// What a request's `Authorization: Bearer` token established: its verified subject and
+/// region, or why it was not valid. Never the token itself.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct JwtAudit {
+    /// The verified `sub`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_sub: Option<String>,
+    /// The verified region (the signing key's); absent for a valid token of unknown region.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_region: Option<String>,
+    /// Why no valid token was found ("no Authorization header", "expired at ...").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_error: Option<String>,
 }

@@ -159,3 +159,44 @@ fn a_disabled_log_records_and_flushes_nothing() {
     assert_eq!(log.lost(), 0);
     assert!(log.path().is_none());
 }
+
+#[test]
+fn decision_events_carry_the_token_facts_flat_and_only_when_read() {
+    use super::decision::{DecisionEvent, JwtAudit};
+    let mut ev = DecisionEvent {
+        time: "2026-12-02T14:00:00Z".into(),
+        event: "decision",
+        source_id: "spiffe://t.test/ns/edge/sa/gateway".into(),
+        source_serial: "01".into(),
+        source_region: Some("eu-west".into()),
+        destination_service: "api".into(),
+        destination_region: None,
+        port: 8080,
+        method: Some("GET".into()),
+        path: Some("/x".into()),
+        outcome: "allow",
+        rule: "r".into(),
+        mode: "enforced",
+        detail: None,
+        jwt: None,
+    };
+    let plain = serde_json::to_value(&ev).unwrap();
+    assert!(
+        plain
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.starts_with("jwt")),
+        "{plain}"
+    );
+    ev.jwt = Some(JwtAudit {
+        jwt_sub: Some("spiffe://t.test/ns/web/sa/portal".into()),
+        jwt_region: Some("us-east".into()),
+        jwt_error: None,
+    });
+    let v = serde_json::to_value(&ev).unwrap();
+    assert_eq!(v["jwt_sub"], "spiffe://t.test/ns/web/sa/portal");
+    assert_eq!(v["jwt_region"], "us-east");
+    assert_eq!(v["source_id"], "spiffe://t.test/ns/edge/sa/gateway");
+    assert!(v.get("jwt_error").is_none(), "{v}");
+}

@@ -18,9 +18,9 @@ pub enum PolicyCommand {
     /// Prints the decision for a caller (or, with --gateway, a cross-region stream), the deciding
     /// rule, and why each rule matched or not.
     #[command(
-        after_help = "Examples:\n  trustline policy explain --policy config/policy.toml --from spiffe://example.org/ns/shop/sa/frontend \\\n      --to checkout --port 8080 --method GET --path /api/orders --region eu-west --at 2026-11-23T10:00:00+01:00\n  trustline policy explain --gateway config/gateway.toml --from-region us-east --to-region eu-west \\\n      --service checkout"
+        after_help = "Examples:\n  trustline policy explain --policy config/policy.toml --from spiffe://example.org/ns/shop/sa/frontend \\\n      --to checkout --port 8080 --method GET --path /api/orders --region eu-west --at 2026-11-23T10:00:00+01:00\n  trustline policy explain --policy config/policy.toml --from spiffe://example.org/ns/edge/sa/gateway \\\n      --to checkout --port 8080 --method POST --path /api/orders --jwt-sub spiffe://example.org/ns/web/sa/portal --jwt-region eu-west\n  trustline policy explain --gateway config/gateway.toml --from-region us-east --to-region eu-west \\\n      --service checkout"
     )]
-    Explain(ExplainCommand),
+    Explain(Box<ExplainCommand>),
     /// Writes the least-privilege allow list covering the flows of an audit log.
     #[command(
         after_help = "Example (a sidecar ran with `default = \"audit\"` to map traffic first):\n  trustline policy suggest --audit checkout-audit.log --service checkout > checkout-policy.toml"
@@ -111,6 +111,17 @@ pub struct ExplainArgs {
     /// When (RFC 3339); default now.
     #[arg(long, requires = "policy")]
     at: Option<String>,
+    /// The `sub` of the request's JWT-SVID, taken as verified (for rules with `jwt`); without
+    /// it the request carries no token.
+    #[arg(long, value_name = "ID", requires_all = ["policy", "method"])]
+    jwt_sub: Option<String>,
+    /// The token's verified region (none: its signing key's region is unknown).
+    #[arg(long, value_name = "REGION", requires = "jwt_sub")]
+    jwt_region: Option<trustline::region::Region>,
+    /// An audience of the token (repeat for more); default: every audience the service's
+    /// rules name.
+    #[arg(long, value_name = "AUD", requires = "jwt_sub")]
+    jwt_aud: Vec<String>,
 }
 
 /// Runs one `policy` subcommand.
@@ -200,10 +211,24 @@ fn policy_explain(a: ExplainArgs) -> anyhow::Result<()> {
             .map(|(method, path)| Http { method, path }),
         at,
     };
-    print!(
-        "{}",
-        trustline::policy::eval::render(&trustline::policy::explain(svc, &facts))
-    );
+    let jwt = match a.jwt_sub {
+        Some(sub) => trustline::policy::JwtFacts::Verified(trustline::policy::VerifiedJwt {
+            sub: trustline::identity::parse_id(&sub)
+                .context("--jwt-sub")?
+                .to_string(),
+            region: a.jwt_region,
+            aud: if a.jwt_aud.is_empty() {
+                svc.jwt_audiences.clone()
+            } else {
+                a.jwt_aud
+            },
+        }),
+        None => trustline::policy::JwtFacts::Refused(
+            "no Authorization header (give --jwt-sub for a request with a valid token)".into(),
+        ),
+    };
+    let e = trustline::policy::explain_with(svc, &facts, &jwt);
+    print!("{}", trustline::policy::eval::render(&e));
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 use jiff::Timestamp;
 use rustc_hash::FxHashMap;
 
+use super::jwt::JwtFacts;
 use super::matchers::Principal;
 use super::{Action, DefaultAction, Mode, Rule, ServicePolicy};
 
@@ -95,14 +96,14 @@ impl Bucket {
     }
 
     /// The first rule (in file order) that matches.
-    fn first(&self, rules: &[Rule], facts: &Facts<'_>) -> Option<u32> {
+    fn first(&self, rules: &[Rule], facts: &Facts<'_>, jwt: &JwtFacts) -> Option<u32> {
         let mut best: Option<u32> = None;
         self.candidates(facts.peer, |list| {
             for &i in list {
                 if best.is_some_and(|b| b <= i) {
                     break;
                 }
-                if matches_rest(&rules[i as usize], facts) {
+                if matches_rest(&rules[i as usize], facts, jwt) {
                     best = Some(i);
                     break;
                 }
@@ -111,12 +112,12 @@ impl Bucket {
         best
     }
 
-    fn all(&self, rules: &[Rule], facts: &Facts<'_>, out: &mut Vec<u32>) {
+    fn all(&self, rules: &[Rule], facts: &Facts<'_>, jwt: &JwtFacts, out: &mut Vec<u32>) {
         self.candidates(facts.peer, |list| {
             out.extend(
                 list.iter()
                     .copied()
-                    .filter(|&i| matches_rest(&rules[i as usize], facts)),
+                    .filter(|&i| matches_rest(&rules[i as usize], facts, jwt)),
             );
         });
         out.sort_unstable();
@@ -154,12 +155,12 @@ impl Index {
 }
 
 /// Everything but `from` (which the index already matched).
-fn matches_rest(r: &Rule, f: &Facts<'_>) -> bool {
-    mismatch_rest(r, f).is_none()
+fn matches_rest(r: &Rule, f: &Facts<'_>, jwt: &JwtFacts) -> bool {
+    mismatch_rest(r, f, jwt).is_none()
 }
 
 /// Why a rule does not match, ignoring `from`; `None` if it matches.
-fn mismatch_rest(r: &Rule, f: &Facts<'_>) -> Option<String> {
+fn mismatch_rest(r: &Rule, f: &Facts<'_>, jwt: &JwtFacts) -> Option<String> {
     if let Some(p) = r.not_from.iter().find(|p| p.matches(f.peer)) {
         return Some(format!("caller is excluded by not_from {p}"));
     }
@@ -203,6 +204,14 @@ fn mismatch_rest(r: &Rule, f: &Facts<'_>) -> Option<String> {
         let list: Vec<String> = r.hours.iter().map(|w| w.to_string()).collect();
         return Some(format!("{} is outside {list:?}", f.at));
     }
+    if let Some(j) = &r.jwt {
+        // Whatever the action: a jwt rule is about a request's token, and a connection has
+        // none (so a deny with jwt matches only a valid token, never a bare connection).
+        if f.http.is_none() {
+            return Some("jwt: the rule is about HTTP requests; this is a connection".into());
+        }
+        return j.mismatch(jwt);
+    }
     None
 }
 
@@ -215,21 +224,31 @@ fn method_matches(r: &Rule, method: &str) -> bool {
     }
 }
 
-fn mismatch(r: &Rule, f: &Facts<'_>) -> Option<String> {
+fn mismatch(r: &Rule, f: &Facts<'_>, jwt: &JwtFacts) -> Option<String> {
     if !r.from.is_empty() && !r.from.iter().any(|p| p.matches(f.peer)) {
         let list: Vec<String> = r.from.iter().map(|p| p.to_string()).collect();
         return Some(format!("caller {} not in from {list:?}", f.peer));
     }
-    mismatch_rest(r, f)
+    mismatch_rest(r, f, jwt)
 }
 
-/// Decides: enforced DENY rules first, then enforced ALLOW rules, then the default.
+/// Decides: enforced DENY rules first, then enforced ALLOW rules, then the default. No token
+/// was read: rules with `jwt` do not match (see [`evaluate_with`]).
 pub fn evaluate<'p>(policy: &'p ServicePolicy, facts: &Facts<'_>) -> Decision<'p> {
+    evaluate_with(policy, facts, &JwtFacts::not_read())
+}
+
+/// [`evaluate`] with what the request's JWT-SVID established, for the rules with `jwt`.
+pub fn evaluate_with<'p>(
+    policy: &'p ServicePolicy,
+    facts: &Facts<'_>,
+    jwt: &JwtFacts,
+) -> Decision<'p> {
     let ix = &policy.index;
     let rules = &policy.rules;
-    let (outcome, rule) = if let Some(i) = ix.deny.first(rules, facts) {
+    let (outcome, rule) = if let Some(i) = ix.deny.first(rules, facts, jwt) {
         (Outcome::Deny, rules[i as usize].name.as_str())
-    } else if let Some(i) = ix.allow.first(rules, facts) {
+    } else if let Some(i) = ix.allow.first(rules, facts, jwt) {
         (Outcome::Allow, rules[i as usize].name.as_str())
     } else {
         match policy.default {
@@ -245,7 +264,7 @@ pub fn evaluate<'p>(policy: &'p ServicePolicy, facts: &Facts<'_>) -> Decision<'p
     };
     if ix.has_report {
         let mut hits = Vec::new();
-        ix.report.all(rules, facts, &mut hits);
+        ix.report.all(rules, facts, jwt, &mut hits);
         for i in hits {
             let r = &rules[i as usize];
             match (r.mode, r.action) {
@@ -286,7 +305,12 @@ pub struct Explanation {
 
 /// Evaluates and explains: which rules matched and why the others did not.
 pub fn explain(policy: &ServicePolicy, facts: &Facts<'_>) -> Explanation {
-    let d = evaluate(policy, facts);
+    explain_with(policy, facts, &JwtFacts::not_read())
+}
+
+/// [`explain`] with what the request's JWT-SVID established.
+pub fn explain_with(policy: &ServicePolicy, facts: &Facts<'_>, jwt: &JwtFacts) -> Explanation {
+    let d = evaluate_with(policy, facts, jwt);
     Explanation {
         outcome: d.outcome,
         rule: d.rule.to_string(),
@@ -300,7 +324,7 @@ pub fn explain(policy: &ServicePolicy, facts: &Facts<'_>) -> Explanation {
                 action: r.action,
                 mode: r.mode,
                 line: r.line,
-                mismatch: mismatch(r, facts),
+                mismatch: mismatch(r, facts, jwt),
             })
             .collect(),
     }

@@ -18,7 +18,29 @@
 //! regions = ["eu-west"]
 //! hours = ["Mon-Fri 07:00-19:00 Europe/Berlin"]
 //! mode = "dry-run"           # optional: evaluated and logged, not enforced
+//!
+//! [[service.checkout.rule]]
+//! name = "orders-with-token"
+//! action = "allow"
+//! from = ["spiffe://example.org/ns/shop/*"]  # the mTLS peer (often a gateway or a proxy)
+//! ports = [8080]
+//! jwt = { audiences = ["checkout"], regions = ["eu-west"], from = ["spiffe://example.org/ns/web/*"] }
 //! ```
+//!
+//! `jwt`: the request must carry `Authorization: Bearer <JWT-SVID>` valid against the sidecar's
+//! JWT bundles (signature, `exp`, `nbf`) for one of `audiences` (required); `regions`, if given,
+//! must contain its verified region (a token whose signing key's region is unknown, such as a
+//! federated one, never matches a non-empty `regions`); `from`, if given, must match its `sub`
+//! (exact, `prefix/*` or `*`, as the rule's own `from`). The rule's other fields still apply to
+//! the mTLS peer and the request. A missing, malformed, expired or wrongly signed token makes
+//! the condition false, for every action: a deny rule with `jwt` matches only requests with a
+//! valid token, so to *require* a token, put `jwt` on the allow rules (and leave the default
+//! deny). A `jwt` rule needs HTTP: its `ports` (or, when it names none, the service) must be
+//! in `http_ports`; on other ports it never matches. Tokens are validated once per request, and
+//! only for services with a `jwt` rule. The sidecar consumes the header: it is removed before
+//! the request is forwarded, unless the service sets `jwt_forward = true` (Istio's
+//! `forwardOriginalToken`). Audit lines of such services carry `jwt_sub` and `jwt_region`, or
+//! `jwt_error` saying why no token was valid.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,7 +51,7 @@ use toml::Spanned;
 
 use super::matchers::{PathPattern, Principal, TimeWindow};
 use super::path::{PathOptions, Semicolons, Slashes};
-use super::{Action, DefaultAction, Mode, Rule, ServicePolicy};
+use super::{Action, DefaultAction, JwtRule, Mode, Rule, ServicePolicy};
 use crate::region::{NameError, Region};
 
 #[derive(Debug, Deserialize)]
@@ -47,6 +69,8 @@ struct RawService {
     http_ports: Vec<u16>,
     path_slashes: Option<String>,
     path_semicolons: Option<String>,
+    #[serde(default)]
+    jwt_forward: bool,
     #[serde(default)]
     rule: Vec<Spanned<RawRule>>,
 }
@@ -71,6 +95,17 @@ struct RawRule {
     regions: Vec<String>,
     #[serde(default)]
     hours: Vec<String>,
+    jwt: Option<RawJwt>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    audiences: Option<Vec<String>>,
+    #[serde(default)]
+    regions: Vec<String>,
+    #[serde(default)]
+    from: Vec<String>,
 }
 
 /// How bad an issue is: errors make the file unusable, warnings do not.
@@ -275,6 +310,16 @@ fn service_policy(
         raw.path_slashes.as_deref(),
         raw.path_semicolons.as_deref(),
     );
+    let mut jwt_audiences: Vec<String> = Vec::new();
+    for a in rules
+        .iter()
+        .filter_map(|r| r.jwt.as_ref())
+        .flat_map(|j| &j.audiences)
+    {
+        if !jwt_audiences.contains(a) {
+            jwt_audiences.push(a.clone());
+        }
+    }
     (c.errors() == before).then(|| ServicePolicy {
         index: super::eval::Index::build(&rules),
         name: name.to_string(),
@@ -282,6 +327,8 @@ fn service_policy(
         http_ports: raw.http_ports,
         paths,
         rules,
+        jwt_audiences,
+        jwt_forward: raw.jwt_forward,
     })
 }
 
@@ -502,6 +549,7 @@ fn rule(
     let hours = each(c, svc, n, line, "hours", &r.hours, TimeWindow::parse);
     let methods = each(c, svc, n, line, "methods", &r.methods, method);
     let regions = each(c, svc, n, line, "regions", &r.regions, region);
+    let jwt = r.jwt.map(|j| jwt_rule(c, svc, n, line, j));
     if r.ports.contains(&0) {
         c.push(
             Severity::Error,
@@ -523,6 +571,7 @@ fn rule(
         paths,
         regions,
         hours,
+        jwt,
         line,
     };
     never_matches(c, svc, &rule, http_ports);
@@ -532,10 +581,46 @@ fn rule(
     .then_some(rule)
 }
 
+/// A rule's `jwt` table: `audiences` required, `regions` and `from` parsed as the rule's own.
+fn jwt_rule(c: &mut Checker<'_>, svc: &str, n: &str, line: usize, j: RawJwt) -> JwtRule {
+    let audiences = match j.audiences {
+        Some(a) if !a.is_empty() => a,
+        _ => {
+            let msg = "required: the audiences a token may be for (at least one; a token is valid for the rule when its aud names one of them)".into();
+            c.push(Severity::Error, line, svc, Some(n), "jwt.audiences", msg);
+            Vec::new()
+        }
+    };
+    for (i, a) in audiences.iter().enumerate() {
+        if a.is_empty() || a.len() > MAX_AUDIENCE_LEN || a.chars().any(char::is_control) {
+            let msg = format!(
+                "{a:?}: an audience is 1 to {MAX_AUDIENCE_LEN} bytes without control characters"
+            );
+            c.push(
+                Severity::Error,
+                line,
+                svc,
+                Some(n),
+                &format!("jwt.audiences[{i}]"),
+                msg,
+            );
+        }
+    }
+    JwtRule {
+        audiences,
+        regions: each(c, svc, n, line, "jwt.regions", &j.regions, region),
+        from: each(c, svc, n, line, "jwt.from", &j.from, Principal::parse),
+    }
+}
+
+/// Longest audience a `jwt` condition names.
+const MAX_AUDIENCE_LEN: usize = 1024;
+
 /// Rules that can never match are errors: they are almost always a typo.
 fn never_matches(c: &mut Checker<'_>, svc: &str, r: &Rule, http_ports: &[u16]) {
     let n = Some(r.name.as_str());
-    if r.is_l7() {
+    // A rule with jwt never matches a bare connection (the jwt check below covers its ports).
+    if r.is_l7() && r.jwt.is_none() {
         let ports: Vec<u16> = if r.ports.is_empty() {
             http_ports.to_vec()
         } else {
@@ -562,6 +647,23 @@ fn never_matches(c: &mut Checker<'_>, svc: &str, r: &Rule, http_ports: &[u16]) {
                 };
                 c.push(Severity::Warning, r.line, svc, n, "methods/paths", format!("on {on} requests are not parsed, so this rule refuses whole connections of the callers it names (fail closed); set ports to scope it to http_ports"));
             }
+        }
+    }
+    if r.jwt.is_some() {
+        // Tokens are read only from HTTP requests: a jwt rule elsewhere could never match.
+        let outside: Vec<u16> = r
+            .ports
+            .iter()
+            .copied()
+            .filter(|p| !http_ports.contains(p))
+            .collect();
+        if http_ports.is_empty() || !outside.is_empty() {
+            let why = if http_ports.is_empty() {
+                "the service has no http_ports".to_string()
+            } else {
+                format!("ports {outside:?} are not in http_ports {http_ports:?}")
+            };
+            c.push(Severity::Error, r.line, svc, n, "jwt", format!("jwt needs an HTTP port: add the port to http_ports ({why}; tokens are only read from HTTP requests)"));
         }
     }
     for (i, p) in r.from.iter().enumerate() {
@@ -609,6 +711,7 @@ fn shadowing(c: &mut Checker<'_>, svc: &str, rules: &[Rule]) {
                 || (!a.methods.is_empty() && a.methods.iter().all(|m| d.methods.contains(m))))
             && d.paths.is_empty()
             && d.hours.is_empty()
+            && d.jwt.is_none()
             && (d.regions.is_empty()
                 || (!a.regions.is_empty() && a.regions.iter().all(|r| d.regions.contains(r))))
     };

@@ -7,8 +7,9 @@ use std::fmt::Write as _;
 
 use serde::Deserialize;
 
-use super::eval::{evaluate, Facts, Http, Outcome};
-use super::Policy;
+use super::eval::{evaluate_with, Facts, Http, Outcome};
+use super::jwt::{JwtFacts, VerifiedJwt};
+use super::{Policy, ServicePolicy};
 
 /// One recorded decision, as written by the sidecar's audit log (`event = "decision"`).
 #[derive(Clone, Debug, Deserialize)]
@@ -26,6 +27,34 @@ pub struct Flow {
     pub rule: String,
     #[serde(default)]
     pub mode: String,
+    /// The request's verified token, on services whose rules read tokens.
+    #[serde(default)]
+    pub jwt_sub: Option<String>,
+    #[serde(default)]
+    pub jwt_region: Option<String>,
+    /// Why the request had no valid token.
+    #[serde(default)]
+    pub jwt_error: Option<String>,
+}
+
+impl Flow {
+    /// The token facts recorded with the flow. The audit line does not keep the token's
+    /// audiences: a recorded valid token is replayed as valid for every audience `svc`'s rules
+    /// name (it was valid for one of the recording policy's).
+    fn jwt(&self, svc: &ServicePolicy) -> JwtFacts {
+        match (&self.jwt_sub, &self.jwt_error) {
+            (Some(sub), _) => JwtFacts::Verified(VerifiedJwt {
+                sub: sub.clone(),
+                region: self
+                    .jwt_region
+                    .as_deref()
+                    .and_then(|r| crate::region::Region::new(r).ok()),
+                aud: svc.jwt_audiences.clone(),
+            }),
+            (None, Some(why)) => JwtFacts::Refused(why.clone()),
+            (None, None) => JwtFacts::Refused("no token was recorded".into()),
+        }
+    }
 }
 
 /// Parses audit-log lines, keeping enforced decisions; reports lines that are not JSON decisions.
@@ -225,7 +254,7 @@ pub fn replay(flows: &[Flow], candidate: &Policy) -> Replay {
                 .map(|(method, path)| Http { method, path }),
             at,
         };
-        let d = evaluate(svc, &facts);
+        let d = evaluate_with(svc, &facts, &f.jwt(svc));
         let was_allowed = f.outcome == "allow";
         let now_allowed = d.outcome == Outcome::Allow;
         if was_allowed == now_allowed {
@@ -293,5 +322,40 @@ mod tests {
         assert!(bad.is_empty(), "{bad:?}");
         let text = suggest(&flows, "checkout");
         assert!(!text.contains("ZET"), "{text}");
+    }
+
+    #[test]
+    fn replay_decides_on_the_recorded_token() {
+        let line = |sub: &str, region: &str| {
+            format!(
+                r#"{{"time":"2026-12-01T10:00:00Z","event":"decision","source_id":"spiffe://example.org/ns/edge/sa/gw","source_region":"eu","destination_service":"api","port":8080,"method":"GET","path":"/x","outcome":"allow","rule":"t","mode":"enforced"{sub}{region}}}"#
+            )
+        };
+        let log = [
+            line(
+                r#","jwt_sub":"spiffe://example.org/ns/web/sa/a""#,
+                r#","jwt_region":"eu""#,
+            ),
+            line(
+                r#","jwt_sub":"spiffe://example.org/ns/web/sa/a""#,
+                r#","jwt_region":"us""#,
+            ),
+            line(r#","jwt_error":"no Authorization header""#, ""),
+        ]
+        .join("\n");
+        let (flows, bad) = parse_flows(&log);
+        assert!(bad.is_empty(), "{bad:?}");
+        let candidate = r#"
+[service.api]
+http_ports = [8080]
+[[service.api.rule]]
+name = "eu-web"
+action = "allow"
+jwt = { audiences = ["api"], regions = ["eu"], from = ["spiffe://example.org/ns/web/*"] }
+"#;
+        let p = crate::policy::parse(candidate, std::path::Path::new("c.toml")).unwrap();
+        let r = replay(&flows, &p);
+        assert_eq!(r.unchanged, 1, "{r:?}");
+        assert_eq!(r.by_rule["api/default"].newly_denied, 2, "{r:?}");
     }
 }

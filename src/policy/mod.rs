@@ -17,13 +17,17 @@ pub mod anomaly;
 pub mod eval;
 pub mod file;
 pub mod flows;
+pub mod jwt;
 pub mod matchers;
 pub mod path;
 pub mod reach;
 pub mod region;
 
-pub use eval::{evaluate, explain, Decision, Explanation, Facts, Outcome};
+pub use eval::{
+    evaluate, evaluate_with, explain, explain_with, Decision, Explanation, Facts, Outcome,
+};
 pub use file::{load, parse, Issue, Policy, PolicyError, Severity};
+pub use jwt::{JwtFacts, JwtRule, VerifiedJwt};
 
 use matchers::{PathPattern, Principal, TimeWindow};
 
@@ -74,6 +78,8 @@ pub struct Rule {
     pub paths: Vec<PathPattern>,
     pub regions: Vec<Region>,
     pub hours: Vec<TimeWindow>,
+    /// A JWT-SVID the request must carry (HTTP ports only; see [`jwt`]).
+    pub jwt: Option<JwtRule>,
     /// Line of the rule in its file.
     pub line: usize,
 }
@@ -82,6 +88,13 @@ impl Rule {
     /// Whether the rule says anything about HTTP (so only matches requests, not connections).
     pub fn is_l7(&self) -> bool {
         !self.methods.is_empty() || !self.paths.is_empty()
+    }
+}
+
+impl ServicePolicy {
+    /// Whether some rule has a `jwt` condition: only then are requests' tokens validated.
+    pub fn reads_jwt(&self) -> bool {
+        !self.jwt_audiences.is_empty()
     }
 }
 
@@ -95,6 +108,12 @@ pub struct ServicePolicy {
     /// How request paths are normalised before any rule sees them (and forwarded so).
     pub paths: path::PathOptions,
     pub rules: Vec<Rule>,
+    /// Every audience of the rules' `jwt` conditions, in file order, once each: the ones a
+    /// request's token is validated for. Empty when no rule has `jwt` (tokens are not read).
+    pub jwt_audiences: Vec<String>,
+    /// Whether a request's `Authorization: Bearer` header reaches the app (`jwt_forward`);
+    /// by default the sidecar consumes it.
+    pub jwt_forward: bool,
     /// The compiled index used by [`evaluate`].
     pub(crate) index: eval::Index,
 }

@@ -18,9 +18,11 @@ pub fn could_admit(svc: &ServicePolicy, peer: &str, region: Option<&str>, port: 
             && (r.regions.is_empty() || region.is_some_and(|g| r.regions.iter().any(|x| x == g)))
     };
     // An HTTP condition only narrows a deny on a port where requests are parsed; elsewhere the
-    // deny refuses the whole connection (fail closed).
-    let unconditional =
-        |r: &Rule| r.hours.is_empty() && (!r.is_l7() || !svc.http_ports.contains(&port));
+    // deny refuses the whole connection (fail closed). A jwt condition always narrows: such a
+    // deny matches only requests with a valid token.
+    let unconditional = |r: &Rule| {
+        r.hours.is_empty() && r.jwt.is_none() && (!r.is_l7() || !svc.http_ports.contains(&port))
+    };
     let always_denied = svc
         .rules
         .iter()

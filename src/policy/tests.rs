@@ -657,3 +657,292 @@ regions = ["EU WEST"]
     let why = crate::region::Region::new("EU WEST").unwrap_err();
     assert_eq!(message("regions[0]"), format!("region \"EU WEST\": {why}"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// `jwt` conditions
+// ---------------------------------------------------------------------------------------------
+
+const GATEWAY: &str = "spiffe://example.org/ns/edge/sa/gateway";
+
+const JWT_POLICY: &str = r#"
+[service.api]
+http_ports = [8080, 8081]
+
+[[service.api.rule]]
+name = "no-us-tokens-on-admin"
+action = "deny"
+paths = ["/admin/*"]
+jwt = { audiences = ["api"], regions = ["us-east"] }
+
+[[service.api.rule]]
+name = "web-via-gateway"
+action = "allow"
+from = ["spiffe://example.org/ns/edge/sa/gateway"]
+jwt = { audiences = ["api", "api-v2"], regions = ["eu-west", "eu-north"], from = ["spiffe://example.org/ns/web/*"] }
+
+[[service.api.rule]]
+name = "batch-any-region"
+action = "allow"
+ports = [8081]
+jwt = { audiences = ["batch"], from = ["spiffe://example.org/ns/ops/sa/batch"] }
+
+[[service.api.rule]]
+name = "health"
+action = "allow"
+paths = ["/healthz"]
+"#;
+
+fn verified(sub: &str, region: Option<&str>, aud: &[&str]) -> JwtFacts {
+    JwtFacts::Verified(VerifiedJwt {
+        sub: sub.to_string(),
+        region: region.map(|r| crate::region::Region::new(r).unwrap()),
+        aud: aud.iter().map(|a| a.to_string()).collect(),
+    })
+}
+
+#[test]
+fn jwt_conditions_decide_on_the_verified_sub_region_and_audience() {
+    let p = parse(JWT_POLICY, Path::new("jwt.toml")).unwrap();
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    let svc = p.service("api").unwrap();
+    assert!(svc.reads_jwt());
+    assert_eq!(svc.jwt_audiences, ["api", "api-v2", "batch"]);
+    assert!(!svc.jwt_forward);
+    let mon = monday_10_berlin();
+    let decide = |peer: &str, port: u16, path: &str, jwt: JwtFacts| {
+        let f = facts(peer, port, Some(("GET", path)), None, mon);
+        let d = evaluate_with(svc, &f, &jwt);
+        (d.outcome, d.rule.to_string())
+    };
+    let allow = |r: &str| (Outcome::Allow, r.to_string());
+    let deny = |r: &str| (Outcome::Deny, r.to_string());
+    let good = || verified(WEB, Some("eu-west"), &["api"]);
+    assert_eq!(
+        decide(GATEWAY, 8080, "/x", good()),
+        allow("web-via-gateway")
+    );
+    // any of the rule's audiences, whichever the token names first
+    let v2 = verified(WEB, Some("eu-north"), &["other", "api-v2"]);
+    assert_eq!(decide(GATEWAY, 8080, "/x", v2), allow("web-via-gateway"));
+    // the mTLS peer still has to be the gateway
+    assert_eq!(decide(FRONT, 8080, "/x", good()), deny("default"));
+    // wrong audience, region, none, subject
+    let table = [
+        verified(WEB, Some("eu-west"), &["batch"]),
+        verified(WEB, Some("us-east"), &["api"]),
+        verified(WEB, None, &["api"]),
+        verified(FRONT, Some("eu-west"), &["api"]),
+        JwtFacts::Refused("no Authorization header".into()),
+        JwtFacts::Refused("expired at 2026-11-23T08:00:00Z".into()),
+    ];
+    for jwt in table {
+        assert_eq!(
+            decide(GATEWAY, 8080, "/x", jwt.clone()),
+            deny("default"),
+            "{jwt:?}"
+        );
+    }
+    // a rule without a jwt condition does not care about tokens
+    let none = JwtFacts::Refused("no Authorization header".into());
+    assert_eq!(decide(FRONT, 8080, "/healthz", none), allow("health"));
+    // regions empty: a token without a verified region (a federated key) matches
+    let batch = verified(BATCH_ID, None, &["batch"]);
+    assert_eq!(
+        decide(FRONT, 8081, "/run", batch.clone()),
+        allow("batch-any-region")
+    );
+    assert_eq!(
+        decide(FRONT, 8080, "/run", batch),
+        deny("default"),
+        "ports still apply"
+    );
+    // evaluate without facts: no token was read, jwt rules never match
+    let f = facts(GATEWAY, 8080, Some(("GET", "/x")), None, mon);
+    assert_eq!(evaluate(svc, &f).rule, "default");
+}
+
+const BATCH_ID: &str = "spiffe://example.org/ns/ops/sa/batch";
+
+#[test]
+fn a_deny_with_jwt_matches_only_a_valid_token_and_never_a_connection() {
+    let p = parse(JWT_POLICY, Path::new("jwt.toml")).unwrap();
+    let svc = p.service("api").unwrap();
+    let mon = monday_10_berlin();
+    let us = verified(WEB, Some("us-east"), &["api"]);
+    let d = evaluate_with(
+        svc,
+        &facts(GATEWAY, 8080, Some(("GET", "/admin/x")), None, mon),
+        &us,
+    );
+    assert_eq!(
+        (d.outcome, d.rule),
+        (Outcome::Deny, "no-us-tokens-on-admin")
+    );
+    // an invalid token does not make the deny match (the allow rules then decide: default deny)
+    let bad = JwtFacts::Refused("JWT signature: does not verify".into());
+    let d = evaluate_with(
+        svc,
+        &facts(GATEWAY, 8080, Some(("GET", "/admin/x")), None, mon),
+        &bad,
+    );
+    assert_eq!((d.outcome, d.rule), (Outcome::Deny, "default"));
+    // a connection (no request) matches no jwt rule, deny or allow
+    let d = evaluate_with(svc, &facts(GATEWAY, 8080, None, None, mon), &us);
+    assert_eq!(d.rule, "default");
+    let e = explain_with(svc, &facts(GATEWAY, 8080, None, None, mon), &us);
+    let deny = e
+        .rules
+        .iter()
+        .find(|r| r.name == "no-us-tokens-on-admin")
+        .unwrap();
+    assert!(
+        deny.mismatch
+            .as_deref()
+            .unwrap()
+            .contains("this is a connection"),
+        "{deny:?}"
+    );
+    // so a jwt deny does not refuse the caller's connections up front
+    assert!(reach::could_admit(svc, GATEWAY, None, 8080));
+}
+
+#[test]
+fn explain_says_why_the_jwt_condition_failed() {
+    let p = parse(JWT_POLICY, Path::new("jwt.toml")).unwrap();
+    let svc = p.service("api").unwrap();
+    let f = facts(GATEWAY, 8080, Some(("GET", "/x")), None, monday_10_berlin());
+    let why = |jwt: JwtFacts| {
+        let e = explain_with(svc, &f, &jwt);
+        let r = e
+            .rules
+            .iter()
+            .find(|r| r.name == "web-via-gateway")
+            .unwrap();
+        r.mismatch.clone().unwrap_or_default()
+    };
+    let expired = JwtFacts::Refused("expired at 2026-11-23T08:00:00Z".into());
+    assert_eq!(why(expired), "jwt: expired at 2026-11-23T08:00:00Z");
+    let missing = JwtFacts::Refused("no Authorization header".into());
+    assert_eq!(why(missing), "jwt: no Authorization header");
+    assert_eq!(
+        why(verified(WEB, Some("us-east"), &["api"])),
+        "jwt: region us-east not in [\"eu-west\", \"eu-north\"]"
+    );
+    assert!(why(verified(WEB, None, &["api"])).contains("no verified region"));
+    assert_eq!(
+        why(verified(WEB, Some("eu-west"), &["batch"])),
+        "jwt: aud [\"batch\"] has none of [\"api\", \"api-v2\"]"
+    );
+    assert_eq!(
+        why(verified(FRONT, Some("eu-west"), &["api"])),
+        format!("jwt: sub {FRONT} not in from [\"spiffe://example.org/ns/web/*\"]")
+    );
+    assert_eq!(why(verified(WEB, Some("eu-west"), &["api"])), "");
+    let e = explain_with(svc, &f, &verified(WEB, Some("eu-west"), &["api"]));
+    assert!(super::eval::render(&e).contains("\"web-via-gateway\": MATCHED"));
+}
+
+#[test]
+fn jwt_conditions_are_checked_when_the_file_is() {
+    let text = r#"
+[service.a]
+http_ports = [8080]
+
+[[service.a.rule]]
+name = "no-audiences"
+action = "allow"
+jwt = { regions = ["eu-west"] }
+
+[[service.a.rule]]
+name = "empty-audiences"
+action = "allow"
+jwt = { audiences = [] }
+
+[[service.a.rule]]
+name = "blank-audience"
+action = "allow"
+jwt = { audiences = [""] }
+
+[[service.a.rule]]
+name = "on-tcp"
+action = "deny"
+ports = [8080, 5432]
+jwt = { audiences = ["a"] }
+
+[[service.a.rule]]
+name = "bad-entries"
+action = "allow"
+jwt = { audiences = ["a"], regions = ["EU West"], from = ["spiffe://example.org/ns/*/x"] }
+
+[service.b]
+
+[[service.b.rule]]
+name = "no-http"
+action = "allow"
+jwt = { audiences = ["b"] }
+"#;
+    let err = parse(text, Path::new("j.toml")).unwrap_err();
+    let find = |rule: &str, field: &str| {
+        err.issues
+            .iter()
+            .find(|i| i.rule.as_deref() == Some(rule) && i.field == field)
+            .unwrap_or_else(|| panic!("no issue for {rule}/{field}: {err}"))
+            .message
+            .clone()
+    };
+    assert!(find("no-audiences", "jwt.audiences").contains("required"));
+    assert!(find("empty-audiences", "jwt.audiences").contains("at least one"));
+    assert!(find("blank-audience", "jwt.audiences[0]").contains("1 to 1024 bytes"));
+    let tcp = find("on-tcp", "jwt");
+    assert!(
+        tcp.starts_with("jwt needs an HTTP port: add the port to http_ports"),
+        "{tcp}"
+    );
+    assert!(tcp.contains("[5432]"), "{tcp}");
+    assert!(find("bad-entries", "jwt.regions[0]").contains("EU West"));
+    assert!(find("bad-entries", "jwt.from[0]").contains('*'));
+    let none = find("no-http", "jwt");
+    assert!(none.contains("no http_ports"), "{none}");
+    assert!(
+        err.to_string()
+            .contains("j.toml:20: error: service a, rule \"on-tcp\", jwt: jwt needs an HTTP port"),
+        "{err}"
+    );
+
+    let unknown = "[service.a]\nhttp_ports = [80]\n[[service.a.rule]]\nname = \"x\"\naction = \"allow\"\njwt = { audience = [\"a\"] }\n";
+    let err = parse(unknown, Path::new("u.toml")).unwrap_err();
+    assert!(err.to_string().contains("audience"), "{err}");
+    assert_eq!(err.issues[0].line, 6, "{err}");
+}
+
+#[test]
+fn services_without_jwt_rules_read_no_tokens() {
+    let p = policy();
+    for svc in p.services.values() {
+        assert!(!svc.reads_jwt(), "{}", svc.name);
+    }
+    let fwd = "[service.a]\nhttp_ports = [80]\njwt_forward = true\n[[service.a.rule]]\nname = \"x\"\naction = \"allow\"\njwt = { audiences = [\"a\", \"a\"] }\n";
+    let p = parse(fwd, Path::new("f.toml")).unwrap();
+    let svc = p.service("a").unwrap();
+    assert!(svc.jwt_forward);
+    assert_eq!(svc.jwt_audiences, ["a"]);
+}
+
+#[test]
+fn a_deny_with_jwt_does_not_shadow_an_allow() {
+    let text = r#"
+[service.a]
+http_ports = [80]
+
+[[service.a.rule]]
+name = "deny-us-tokens"
+action = "deny"
+jwt = { audiences = ["a"], regions = ["us-east"] }
+
+[[service.a.rule]]
+name = "allow-all"
+action = "allow"
+"#;
+    let p = parse(text, Path::new("s.toml")).unwrap();
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+}

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use super::live::{close_audited, CloseReason, Entry, LiveConns};
@@ -30,8 +30,9 @@ use crate::audit::AuditLog;
 use crate::clock::{rfc3339, Clock};
 use crate::policy::anomaly::TravelDetector;
 use crate::policy::eval::Http;
-use crate::policy::{evaluate, Facts, Outcome, Policy};
+use crate::policy::{evaluate, evaluate_with, Facts, JwtFacts, Outcome, Policy, ServicePolicy};
 use crate::region::Region;
+use crate::svid::Identity;
 
 /// Impossible-travel settings.
 #[derive(Clone, Debug)]
@@ -143,6 +144,8 @@ pub struct Authz {
     refuse_anomalous: bool,
     /// Serials refused after impossible travel, with their certificate's `not_after`.
     refused_serials: Mutex<HashMap<String, SystemTime>>,
+    /// The identity whose JWT bundles verify requests' tokens ([`Authz::use_jwt_bundles_of`]).
+    jwt_identity: OnceLock<Arc<Identity>>,
 }
 
 /// What a connection learns from an L4 decision.
@@ -190,6 +193,7 @@ impl Authz {
             travel: Mutex::new(TravelDetector::new(anomaly.window, anomaly.single_region)),
             refuse_anomalous: anomaly.refuse,
             refused_serials: Mutex::new(Default::default()),
+            jwt_identity: OnceLock::new(),
         }))
     }
 
@@ -235,7 +239,19 @@ impl Authz {
         http: Option<Http<'_>>,
         audit_allow: bool,
     ) -> (Outcome, String) {
-        let policy = self.policy.load();
+        self.decide_on(&self.policy.load(), c, http, None, audit_allow)
+    }
+
+    /// [`Authz::decide`] on `policy` (the one a request was read for), with what the request's
+    /// token established when the service's rules read tokens.
+    pub fn decide_on(
+        &self,
+        policy: &Policy,
+        c: &Caller<'_>,
+        http: Option<Http<'_>>,
+        jwt: Option<&JwtFacts>,
+        audit_allow: bool,
+    ) -> (Outcome, String) {
         let Some(svc) = policy.service(&self.service) else {
             return (Outcome::Deny, "no-policy".into());
         };
@@ -246,14 +262,23 @@ impl Authz {
             http,
             at: self.now(),
         };
-        let d = evaluate(svc, &facts);
+        let d = match jwt {
+            Some(j) => evaluate_with(svc, &facts, j),
+            None => evaluate(svc, &facts),
+        };
         let outcome = match d.outcome {
             Outcome::Allow => "allow",
             Outcome::Deny => "deny",
         };
         self.count(d.rule, outcome, "enforced");
+        let record = |o, rule: &str, mode| {
+            let mut ev = self.event("decision", c, http);
+            (ev.outcome, ev.rule, ev.mode) = (o, rule.to_string(), mode);
+            ev.jwt = jwt.map(super::jwt::audit);
+            self.audit.record(&ev);
+        };
         if d.outcome == Outcome::Deny || audit_allow || d.audit {
-            self.record(c, http, outcome, d.rule, "enforced", None);
+            record(outcome, d.rule, "enforced");
         }
         for (rule, would) in &d.dry_run {
             let o = if *would == Outcome::Allow {
@@ -262,9 +287,33 @@ impl Authz {
                 "deny"
             };
             self.count(rule, o, "dry-run");
-            self.record(c, http, o, rule, "dry-run", None);
+            record(o, rule, "dry-run");
         }
         (d.outcome, d.rule.to_string())
+    }
+
+    /// Verifies requests' tokens with `identity`'s JWT bundles (the sidecar's own; without it,
+    /// no token is valid).
+    pub fn use_jwt_bundles_of(&self, identity: Arc<Identity>) {
+        let _ = self.jwt_identity.set(identity);
+    }
+
+    /// What a request's bearer token (or why it has none) establishes for `svc`'s jwt rules:
+    /// validated once, for one of the audiences its rules name.
+    pub fn check_jwt(&self, svc: &ServicePolicy, token: Result<&str, &str>) -> JwtFacts {
+        let token = match token {
+            Ok(t) => t,
+            Err(why) => return JwtFacts::Refused(why.to_string()),
+        };
+        let Some(identity) = self.jwt_identity.get() else {
+            return JwtFacts::Refused("this sidecar has no JWT bundles".into());
+        };
+        super::jwt::validate_for(
+            token,
+            &identity.jwt_bundles(),
+            &svc.jwt_audiences,
+            self.clock.now(),
+        )
     }
 
     /// Counts and audits a request refused before any rule saw it (a path or target no rule
@@ -440,6 +489,7 @@ impl Authz {
             rule: String::new(),
             mode: "enforced",
             detail: None,
+            jwt: None,
         }
     }
 

@@ -58,6 +58,9 @@ impl Setup {
         identity.register(&mut registry);
         let audit = open_audit(config)?;
         let authz = inbound::load_policy(config, &audit, clock, &mut registry, stop)?;
+        if let Some(a) = &authz {
+            a.use_jwt_bundles_of(identity.clone());
+        }
         let gateways = match &config.tunnel {
             Some(t) => Some(outbound::gateway_paths(
                 config,

@@ -16,6 +16,16 @@
 //! - Methods are tokens (hyper refuses others); allows match them case-sensitively.
 //! - A caller has `handshake_timeout` to send each request head (for HTTP/1.1 also counted
 //!   while a keep-alive connection is idle); HTTP/2 peers must answer pings.
+//!
+//! JWT-SVIDs, only for a service some rule of which has `jwt` (others pay nothing): the token
+//! is exactly one `Authorization` header with the `Bearer` scheme (case-insensitive, RFC 6750
+//! §2.1), validated once per request against the sidecar's JWT bundles for one of the
+//! audiences the rules name ([`Authz::check_jwt`]). Two `Authorization` headers are no token
+//! (which one would the app read?). Unless the service sets `jwt_forward = true`, the header is
+//! removed before the request is forwarded when it holds a Bearer token (valid or not), as
+//! Istio does by default: the app gets the request the sidecar decided on, not a credential it
+//! might replay; other schemes (`Basic`) are the app's and are left alone. Allows are audited
+//! once per connection and again whenever the token's subject or region changes.
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -40,7 +50,7 @@ use tracing::Instrument;
 use super::authz::{Authz, Caller};
 use crate::policy::eval::Http;
 use crate::policy::path::{normalise, PathError, PathOptions};
-use crate::policy::Outcome;
+use crate::policy::{JwtFacts, Outcome};
 use crate::region::Region;
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -71,6 +81,8 @@ struct Conn {
     allow_logged: AtomicBool,
     /// A first request head has arrived (see [`HeadDeadline`]).
     started: AtomicBool,
+    /// The token facts of the last allow audited on this connection.
+    jwt_logged: Mutex<Option<JwtFacts>>,
 }
 
 /// Why a request was refused before any rule saw it.
@@ -214,30 +226,45 @@ impl Conn {
             region: self.peer.region.as_deref(),
             port: self.peer.port,
         };
-        let opts = self
-            .authz
-            .policy()
-            .service(&self.authz.service)
-            .map(|s| s.paths)
-            .unwrap_or_default();
+        // One policy for the whole request: the token is read for the rules that decide it.
+        let policy = self.authz.policy();
+        let svc = policy.service(&self.authz.service);
+        let opts = svc.map(|s| s.paths).unwrap_or_default();
         let method = req.method().as_str().to_string();
         let (path, authority) = match target(&req, &opts) {
             Ok(t) => (t.path.into_owned(), t.authority.map(str::to_string)),
             Err(why) => return Ok(self.refuse(&caller, &method, req.uri().path(), &why)),
         };
+        let jwt = match svc {
+            Some(s) if s.reads_jwt() => {
+                let facts = self.authz.check_jwt(s, super::jwt::bearer(req.headers()));
+                if !s.jwt_forward {
+                    super::jwt::strip_bearer(req.headers_mut());
+                }
+                Some(facts)
+            }
+            _ => None,
+        };
         let first = !self.allow_logged.swap(true, Ordering::Relaxed);
-        let (outcome, rule) = self.authz.decide(
+        let new_token = jwt.as_ref().is_some_and(|j| self.new_token(j));
+        let http = Http {
+            method: &method,
+            path: &path,
+        };
+        let (outcome, rule) = self.authz.decide_on(
+            &policy,
             &caller,
-            Some(Http {
-                method: &method,
-                path: &path,
-            }),
-            first,
+            Some(http),
+            jwt.as_ref(),
+            first || new_token,
         );
         if outcome == Outcome::Deny {
             self.allow_logged.store(!first, Ordering::Relaxed);
             tracing::info!(peer_id = %self.peer.id, %method, %path, %rule, "request denied");
             return Ok(text(StatusCode::FORBIDDEN, "forbidden\n"));
+        }
+        if new_token {
+            *self.jwt_logged.lock().unwrap_or_else(|e| e.into_inner()) = jwt;
         }
         if let Err(e) = origin_form(&mut req, &path, authority.as_deref()) {
             tracing::warn!(error = %e, %path, "cannot forward the normalised target");
@@ -263,6 +290,16 @@ impl Conn {
 }
 
 impl Conn {
+    /// Whether `jwt` differs from the token facts of the last allow audited on this
+    /// connection (a new subject or region is audited even on a connection already logged).
+    fn new_token(&self, jwt: &JwtFacts) -> bool {
+        self.jwt_logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            != Some(jwt)
+    }
+
     /// `400` for a request no rule can decide on safely; counted and audited with the raw path.
     fn refuse(&self, c: &Caller<'_>, method: &str, raw: &str, why: &BadRequest) -> Response<Body> {
         tracing::info!(peer_id = %self.peer.id, %method, path = ?raw, error = %why, "request refused");
@@ -369,6 +406,7 @@ where
         pool: Mutex::new(Vec::new()),
         allow_logged: AtomicBool::new(false),
         started: AtomicBool::new(false),
+        jwt_logged: Mutex::new(None),
     });
     let io = HeadDeadline {
         io,

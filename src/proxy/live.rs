@@ -297,6 +297,7 @@ pub(crate) fn close_audited(
         port: entry.port,
         method: None,
         path: None,
+        jwt: None,
         outcome: "deny",
         rule,
         mode: "enforced",

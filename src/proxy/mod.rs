@@ -19,6 +19,7 @@ mod bind;
 pub mod config;
 mod http;
 mod inbound;
+mod jwt;
 pub mod live;
 pub mod metrics;
 mod outbound;

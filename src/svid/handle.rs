@@ -46,6 +46,8 @@ pub struct Identity {
     /// refreshing fails open for new revocations, so it is exported for alerting.
     pub(super) revocation_refreshed: prometheus_client::metrics::gauge::Gauge,
     pub(super) clock: Clock,
+    /// The JWT bundles that verify the tokens the policy reads ([`super::jwt_bundle`]).
+    pub(super) jwt: super::jwt_bundle::JwtBundleState,
 }
 
 impl Identity {
@@ -68,6 +70,7 @@ impl Identity {
             bundle_fetches: Default::default(),
             revocation_refreshed: Default::default(),
             clock,
+            jwt: Default::default(),
         }))
     }
 
@@ -90,6 +93,7 @@ impl Identity {
             bundle_fetches: Default::default(),
             revocation_refreshed: Default::default(),
             clock: other.clock.clone(),
+            jwt: Default::default(),
         })
     }
 

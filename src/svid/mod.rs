@@ -29,6 +29,7 @@ pub mod config;
 mod error;
 mod files;
 mod handle;
+mod jwt_bundle;
 mod workload_api;
 
 #[cfg(test)]
@@ -120,6 +121,13 @@ pub fn start(
                         )
                         .instrument(span.clone()),
                     );
+                    let jwt = jwt_bundle::refresh_loop(
+                        identity.clone(),
+                        client.clone(),
+                        config.refresh,
+                        shutdown.clone(),
+                    );
+                    tokio::spawn(jwt.instrument(span.clone()));
                     tokio::spawn(
                         ca::refresh_loop(identity.clone(), client, config.refresh, shutdown)
                             .instrument(span),

@@ -220,6 +220,15 @@ async fn two_trust_domains_call_each_other_and_neither_root_vouches_beyond_its_o
     let jwt = fed.bundle(&other_td).unwrap().jwt;
     assert!(!jwt.is_empty(), "B's bundle document carries its JWT key");
     assert!(jwt.keys().all(|k| k.region().is_none()));
+    // ... and are what A's api validates B's JWT-SVIDs with (its policies' `jwt` rules).
+    eventually("A's api holds B's JWT keys", || {
+        api_a
+            .identity
+            .jwt_bundles()
+            .get(&other_td)
+            .is_some_and(|held| held.keys().all(|k| jwt.get(k.kid()).is_some()) && !held.is_empty())
+    })
+    .await;
     let root2 = b.pki.dir.path().join("root-2");
     trustline::ca::authority::init_root(&b.pki.td, &root2, HOUR, false).expect("second root");
     let added = admin::call(

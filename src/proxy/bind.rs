@@ -53,6 +53,7 @@ impl Setup {
             clock.clone(),
         )?;
         federation.spawn(stop.clone());
+        feed_federated_jwt_keys(&federation, &identity, stop.clone());
         let mut registry = Registry::default();
         let metrics = ProxyMetrics::new(&mut registry);
         identity.register(&mut registry);
@@ -306,4 +307,30 @@ pub(super) async fn watch_rotations(
         }
         metrics.rotations.inc();
     }
+}
+
+/// Hands each federated trust domain's JWT keys (no region: only our own CAs' regions are
+/// vouched for) to the identity's JWT bundles, now and on every change, until `stop`.
+fn feed_federated_jwt_keys(
+    federation: &Arc<crate::federation::Federation>,
+    identity: &Arc<crate::svid::Identity>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let feed = |f: &crate::federation::Federation, id: &crate::svid::Identity| {
+        for (_, _, jwt) in f.bundles() {
+            id.set_jwt_bundle(jwt);
+        }
+    };
+    feed(federation, identity);
+    let mut changes = federation.changes();
+    let (federation, identity) = (federation.clone(), identity.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = stop.changed() => return,
+            }
+            feed(&federation, &identity);
+        }
+    });
 }

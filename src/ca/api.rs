@@ -140,6 +140,20 @@ fn error_response(e: &ApiError) -> Resp {
     respond(e.status, "application/json", body)
 }
 
+/// A refused SVID or JWT-SVID request: counted, audited (`deny`), logged, answered.
+fn refused(
+    state: &CaState,
+    peer: &Peer,
+    e: &ApiError,
+    id: Option<&SpiffeId>,
+    what: &'static str,
+) -> Resp {
+    state.metrics.count(e.outcome());
+    audit(state, peer, "deny", id, None, e.outcome(), Some(&e.detail));
+    tracing::info!(client = %peer.addr, status = %e.status, detail = %e.detail, "{what} request refused");
+    error_response(e)
+}
+
 /// Routes one request.
 pub async fn handle(state: &CaState, peer: &Peer, req: Request<hyper::body::Incoming>) -> Resp {
     match (req.method(), req.uri().path()) {
@@ -147,20 +161,7 @@ pub async fn handle(state: &CaState, peer: &Peer, req: Request<hyper::body::Inco
             let started = Instant::now();
             let resp = match svid(state, peer, req).await {
                 Ok(r) => r,
-                Err((e, id)) => {
-                    state.metrics.count(e.outcome());
-                    audit(
-                        state,
-                        peer,
-                        "deny",
-                        id.as_ref(),
-                        None,
-                        e.outcome(),
-                        Some(&e.detail),
-                    );
-                    tracing::info!(client = %peer.addr, status = %e.status, detail = %e.detail, "SVID request refused");
-                    error_response(&e)
-                }
+                Err((e, id)) => refused(state, peer, &e, id.as_ref(), "SVID"),
             };
             state
                 .metrics
@@ -170,20 +171,7 @@ pub async fn handle(state: &CaState, peer: &Peer, req: Request<hyper::body::Inco
         }
         (&Method::POST, "/v1/jwt") => match jwt(state, peer, req).await {
             Ok(r) => r,
-            Err((e, id)) => {
-                state.metrics.count(e.outcome());
-                audit(
-                    state,
-                    peer,
-                    "deny",
-                    id.as_ref(),
-                    None,
-                    e.outcome(),
-                    Some(&e.detail),
-                );
-                tracing::info!(client = %peer.addr, status = %e.status, detail = %e.detail, "JWT-SVID request refused");
-                error_response(&e)
-            }
+            Err((e, id)) => refused(state, peer, &e, id.as_ref(), "JWT-SVID"),
         },
         (&Method::GET, "/v1/bundle" | "/v1/revoked") if !state.read_rate.allow(peer.addr.ip()) => {
             state.metrics.reads_rate_limited.inc();

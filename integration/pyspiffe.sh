@@ -85,6 +85,7 @@ trust_domain = "$TD"
 bundle = "$BUNDLE"
 socket = "$SOCK"
 node = "n1"
+region = "r1"
 
 [identity]
 source = "ca"

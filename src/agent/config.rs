@@ -52,6 +52,9 @@ struct AgentFile {
     socket_mode: Option<String>,
     socket_group: Option<u32>,
     node: Option<String>,
+    /// The region of the CA at `ca_url`: its certificate must be that region's CA, which makes
+    /// the regions of the JWT keys it publishes trusted.
+    region: Option<String>,
     admin: Option<String>,
     audit_log: Option<PathBuf>,
     max_connections: Option<usize>,
@@ -153,7 +156,11 @@ impl AgentConfig {
             })?,
         };
         let id = agent_id(&td, &node).map_err(|e| ctx.err("node", e))?;
-        let identity = identity_config(&ctx, &td, id, &raw.bundle, None, &raw.identity)?;
+        let region = match &raw.region {
+            Some(r) => Some(ctx.region("region", r)?),
+            None => None,
+        };
+        let identity = identity_config(&ctx, &td, id, &raw.bundle, region.as_ref(), &raw.identity)?;
         if !matches!(identity.source, IdentitySource::Ca { .. }) {
             return Err(ctx.err(
                 "identity.source",
@@ -284,6 +291,17 @@ fn workloads(
                 format!(
                     "{spiffe_id} has no selector: give uid, gid and/or path (an entry matching \
                      every process would hand this identity to any local user)"
+                ),
+            ));
+        }
+        if w.path.is_some() && w.uid.is_none() && w.gid.is_none() {
+            // A process of any user can exec the binary, or hold a connection opened before
+            // it exec'd into it (the socket stays with its children): the path narrows a uid
+            // or gid, it is never an identity of its own.
+            return Err(ctx.err(
+                at("path"),
+                format!(
+                    "{spiffe_id}: path alone would hand this identity to any user who can run                      that executable; give uid or gid too"
                 ),
             ));
         }

@@ -196,7 +196,16 @@ async fn refresh_loop(
             Ok(json) => match crate::jwt::parse_spiffe_bundle(&td, &json) {
                 Ok(doc) => {
                     retry = RETRY_START;
-                    let fresh = JwtBundles::from(doc.jwt);
+                    // A key's region is vouched for only by a CA whose region was checked in
+                    // the handshake (the config's `region`), as for the sidecar.
+                    let checked =
+                        matches!(client.region(), crate::svid::ca_client::CaRegion::Is(_));
+                    let jwt = if checked {
+                        doc.jwt
+                    } else {
+                        without_regions(doc.jwt)
+                    };
+                    let fresh = JwtBundles::from(jwt);
                     bundles.send_if_modified(|held| {
                         let changed = **held != fresh;
                         if changed {
@@ -228,6 +237,16 @@ async fn refresh_loop(
             _ = stop.changed() => return,
         }
     }
+}
+
+/// `jwt` with every key's region dropped (tokens it validates have no verified region).
+fn without_regions(jwt: crate::jwt::JwtBundle) -> crate::jwt::JwtBundle {
+    let mut plain = crate::jwt::JwtBundle::new(jwt.trust_domain.clone());
+    for k in jwt.keys() {
+        // Same kids as the document, which had each once.
+        let _ = plain.insert(k.clone().with_region(None));
+    }
+    plain
 }
 
 /// The audiences of a request, checked, sorted and deduplicated.
@@ -370,11 +389,28 @@ pub(super) fn validate_jwtsvid(
     shared.grant(&caller, rpc, std::slice::from_ref(&v.sub));
     Ok(Response::new(pb::ValidateJwtsvidResponse {
         spiffe_id: v.sub.to_string(),
-        claims: Some(to_struct(v.claims)),
+        claims: Some(to_struct(verified_claims(v.claims, v.region.as_ref()))),
     }))
 }
 
 /// JSON claims as a `google.protobuf.Struct`.
+/// The claims as signed, except `region`: the verified one, or none (a claim no key vouched
+/// for is not handed on as if it were).
+fn verified_claims(
+    mut claims: serde_json::Map<String, serde_json::Value>,
+    region: Option<&crate::region::Region>,
+) -> serde_json::Map<String, serde_json::Value> {
+    match region {
+        Some(r) => {
+            claims.insert("region".into(), serde_json::Value::String(r.to_string()));
+        }
+        None => {
+            claims.remove("region");
+        }
+    }
+    claims
+}
+
 fn to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
     prost_types::Struct {
         fields: map.into_iter().map(|(k, v)| (k, to_value(v))).collect(),

@@ -26,6 +26,10 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub const MAX_FRAME: usize = 16_384;
 /// Largest header block accepted (h2's default is 16 KiB of decoded headers; tonic's larger).
 pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
+/// The HPACK dynamic table size both sides of this layer use: the SETTINGS_HEADER_TABLE_SIZE
+/// h2 advertises (its default; the agent never changes it). A client's size update beyond it
+/// is refused (without the cap the decoder would keep up to 2^28 bytes per connection).
+pub const HEADER_TABLE_SIZE: usize = 4096;
 
 const HEADERS: u8 = 0x1;
 const CONTINUATION: u8 = 0x9;
@@ -59,8 +63,16 @@ impl<S> UdsAuthority<S> {
             out_pos: 0,
             preface_done: false,
             pending: None,
-            decoder: fluke_hpack::Decoder::new(),
-            encoder: fluke_hpack::Encoder::new(),
+            decoder: {
+                let mut d = fluke_hpack::Decoder::new();
+                d.set_max_allowed_table_size(HEADER_TABLE_SIZE);
+                d
+            },
+            encoder: {
+                let mut e = fluke_hpack::Encoder::new();
+                e.set_max_table_size(HEADER_TABLE_SIZE);
+                e
+            },
             broken: None,
         }
     }
@@ -170,15 +182,23 @@ impl<S> UdsAuthority<S> {
         let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut size = 0usize;
         let mut too_big = false;
-        self.decoder
-            .decode_with_cb(block, |name, value| {
+        // fluke-hpack panics on some malformed integers (`decode_integer(..).ok().unwrap()` in
+        // a size update): a panic is a malformed block like any other.
+        let decoder = &mut self.decoder;
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decoder.decode_with_cb(block, |name, value| {
                 size += name.len() + value.len() + 32;
                 too_big |= size > MAX_HEADER_BLOCK;
                 if !too_big {
                     headers.push((name.into_owned(), value.into_owned()));
                 }
             })
-            .map_err(|e| format!("HPACK: {e:?}"))?;
+        }));
+        match decoded {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("HPACK: {e:?}")),
+            Err(_) => return Err("HPACK: malformed integer".into()),
+        }
         if too_big {
             return Err(format!("a header list over {MAX_HEADER_BLOCK} bytes"));
         }
@@ -380,6 +400,29 @@ mod tests {
                 &[0, 0, 2, HEADERS, END_HEADERS, 0, 0, 0, 1, 0xff, 0xff],
             ]
             .concat(),
+            // A dynamic table size update to about 2^28: refused, not honoured.
+            [
+                PREFACE,
+                &[
+                    0,
+                    0,
+                    5,
+                    HEADERS,
+                    END_HEADERS,
+                    0,
+                    0,
+                    0,
+                    1,
+                    0x3f,
+                    0xe1,
+                    0xff,
+                    0xff,
+                    0x7f,
+                ],
+            ]
+            .concat(),
+            // A size update cut short (the library panics on it).
+            [PREFACE, &[0, 0, 1, HEADERS, END_HEADERS, 0, 0, 0, 1, 0x3f]].concat(),
         ] {
             assert!(through(bad.clone()).await.is_err(), "{bad:?}");
         }

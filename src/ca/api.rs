@@ -615,6 +615,28 @@ async fn jwt(
     Ok(respond(StatusCode::OK, "application/json", body))
 }
 
+/// The SPIFFE bundle document: the published roots, this region's JWT keys and (unless
+/// `local`) every peer region's. Each kid once, ours first: a peer key whose kid is already
+/// there is left out (one duplicate kid would make every consumer refuse the whole document).
+pub(super) fn bundle_document(state: &CaState, local: bool) -> serde_json::Value {
+    let keys = state.authority.current();
+    let hint = super::rotation::REFRESH_HINT_SECS;
+    let mut jwt_keys = state.jwt.published(state.clock.unix());
+    if !local {
+        for k in state.peers.jwt_keys() {
+            if jwt_keys.iter().any(|held| held.kid() == k.kid()) {
+                tracing::debug!(
+                    kid = k.kid(),
+                    "a peer's JWT key repeats a kid already published; left out"
+                );
+            } else {
+                jwt_keys.push(k);
+            }
+        }
+    }
+    crate::jwt::spiffe_bundle_json(&keys.published.roots, &jwt_keys, keys.sequence, hint)
+}
+
 /// Whether a GET asks for this CA's own entries only (`?scope=local`, what peer CAs ask).
 fn local_scope(req: &Request<hyper::body::Incoming>) -> bool {
     req.uri()
@@ -637,14 +659,11 @@ fn bundle(state: &CaState, req: &Request<hyper::body::Incoming>) -> Resp {
     let keys = state.authority.current();
     let local = local_scope(req);
     if wants_json(req) || local {
-        let hint = super::rotation::REFRESH_HINT_SECS;
-        let mut jwt_keys = state.jwt.published(state.clock.unix());
-        if !local {
-            jwt_keys.extend(state.peers.jwt_keys());
-        }
-        let doc =
-            crate::jwt::spiffe_bundle_json(&keys.published.roots, &jwt_keys, keys.sequence, hint);
-        respond(StatusCode::OK, "application/json", doc.to_string())
+        respond(
+            StatusCode::OK,
+            "application/json",
+            bundle_document(state, local).to_string(),
+        )
     } else {
         respond(
             StatusCode::OK,

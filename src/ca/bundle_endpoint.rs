@@ -242,10 +242,5 @@ fn handle<B>(state: &CaState, addr: SocketAddr, req: &Request<B>) -> Response<Fu
 /// The SPIFFE bundle document, as `GET /v1/bundle` serves it with `Accept: application/json`:
 /// the published roots, this region's JWT keys and every peer region's.
 fn document(state: &CaState) -> String {
-    let keys = state.authority.current();
-    let hint = super::rotation::REFRESH_HINT_SECS;
-    let mut jwt_keys = state.jwt.published(state.clock.unix());
-    jwt_keys.extend(state.peers.jwt_keys());
-    crate::jwt::spiffe_bundle_json(&keys.published.roots, &jwt_keys, keys.sequence, hint)
-        .to_string()
+    super::api::bundle_document(state, false).to_string()
 }

@@ -171,6 +171,15 @@ pub fn parse_jwt_keys(
             doc.jwt.len()
         ));
     }
+    // A kid is the key's own thumbprint (as ours are): a peer cannot take another key's kid
+    // (ours, or another region's) and so shadow it in the documents we publish.
+    if let Some(k) = doc.jwt.keys().find(|k| k.kid() != k.thumbprint()) {
+        return Err(format!(
+            "JWT key {:?}: its kid is not its RFC 7638 thumbprint {:?}",
+            k.kid(),
+            k.thumbprint()
+        ));
+    }
     Ok(doc
         .jwt
         .keys()
@@ -501,6 +510,13 @@ mod tests {
         // A root CA peer (no region) gives keys of no region: its tokens never match `regions`.
         let keys = parse_jwt_keys(&td, doc.to_string().as_bytes(), None).unwrap();
         assert_eq!(keys[0].region(), None);
+        // A key under another key's kid (ours, say) is refused.
+        let mut jwk = key.public(None).to_jwk();
+        jwk["kid"] = serde_json::json!(crate::jwt::SigningKey::generate().unwrap().kid());
+        let forged = crate::jwt::PublicKey::from_jwk(&jwk).unwrap();
+        let doc = crate::jwt::spiffe_bundle_json(&[], &[forged], 1, 300);
+        let e = parse_jwt_keys(&td, doc.to_string().as_bytes(), Some(&r("c"))).unwrap_err();
+        assert!(e.contains("thumbprint"), "{e}");
         // A peer cannot flood the published bundle with keys.
         let many: Vec<_> = (0..=MAX_PEER_JWT_KEYS)
             .map(|_| crate::jwt::SigningKey::generate().unwrap().public(None))

@@ -68,6 +68,7 @@ fn bad_values_are_refused_with_the_file_the_key_and_the_reason() {
     };
     for (body, key, why) in [
         (w("uid = 1\npath = \"bin/x\""), "workload[0].path", "absolute"),
+        (w("path = \"/usr/bin/x\""), "workload[0].path", "give uid or gid too"),
         (w("uid = 1\ncolour = 3"), "colour", "unknown field"),
         (
             format!("{IDENTITY}\n[[workload]]\nspiffe_id = \"spiffe://other.org/x\"\nuid = 1\n"),

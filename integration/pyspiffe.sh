@@ -54,6 +54,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo "FAIL: line $LINENO: $BASH_COMMAND (exit $?)"' ERR
 
+# The checker runs as another uid too: from the temporary directory, which that uid can read
+# (a clone may sit in a directory only root can enter).
+CHECK=$D/pyspiffe_check.py
+install -m 0644 "$HERE/lib/pyspiffe_check.py" "$CHECK"
+
 "$TRUSTLINE" ca init --trust-domain "$TD" --out "$D/root" >/dev/null
 "$TRUSTLINE" ca init --root "$D/root" --region r1 --out "$D/r1" >/dev/null
 BUNDLE=$D/root/bundle.pem
@@ -113,7 +118,7 @@ curl -sS --cacert "$BUNDLE" -H 'Accept: application/json' "https://$ADDR/v1/bund
 # The workload's SVIDs are obtained at the agent's start; py-spiffe's first fetch may come first.
 out=
 for _ in $(seq 1 50); do
-    if out=$("$PY" "$HERE/lib/pyspiffe_check.py" "$SOCK" "$ID" r1 "$D/bundle.json" 2>&1); then
+    if out=$("$PY" "$CHECK" "$SOCK" "$ID" r1 "$D/bundle.json" 2>&1); then
         break
     fi
     sleep 0.2
@@ -126,7 +131,7 @@ else
 fi
 
 # uid 65534 matches no registration (4242 would): PermissionDenied, and an audit line.
-out=$(setpriv --reuid 65534 --regid 65534 --clear-groups "$PY" "$HERE/lib/pyspiffe_check.py" --refused "$SOCK" 2>&1 || true)
+out=$(setpriv --reuid 65534 --regid 65534 --clear-groups "$PY" "$CHECK" --refused "$SOCK" 2>&1 || true)
 echo "$out"
 check "a caller of another uid is refused with PermissionDenied" grep -q '^ok: a caller matching no registration is refused' <<<"$out"
 

@@ -408,19 +408,25 @@ fn bearer(req: &Request<hyper::body::Incoming>) -> Result<Option<String>, ApiErr
     }
 }
 
+/// The per-client rate of SVID and JWT-SVID requests (one bucket for both).
+fn within_rate(state: &CaState, peer: &Peer) -> Result<(), ApiError> {
+    if state.rate.allow(peer.addr.ip()) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "too many requests from this client; retry later",
+    ))
+}
+
 async fn svid(
     state: &CaState,
     peer: &Peer,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Resp, (ApiError, Option<SpiffeId>)> {
     let no_id = |e: ApiError| (e, None);
-    if !state.rate.allow(peer.addr.ip()) {
-        return Err(no_id(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many requests from this client; retry later",
-        )));
-    }
+    within_rate(state, peer).map_err(no_id)?;
     let bearer = bearer(&req).map_err(no_id)?;
     let body = read_body(req, state.body_timeout).await.map_err(no_id)?;
     let csr = parse_csr(&body).map_err(|e| no_id(e.into()))?;
@@ -537,13 +543,7 @@ async fn jwt(
     req: Request<hyper::body::Incoming>,
 ) -> Result<Resp, (ApiError, Option<SpiffeId>)> {
     let no_id = |e: ApiError| (e, None);
-    if !state.rate.allow(peer.addr.ip()) {
-        return Err(no_id(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many requests from this client; retry later",
-        )));
-    }
+    within_rate(state, peer).map_err(no_id)?;
     let info = match &peer.svid {
         Some(Ok(info)) => info.clone(),
         Some(Err(why)) => {
